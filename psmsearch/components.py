@@ -1,0 +1,222 @@
+"""Component contracts: Encoder, Aggregator, Head (DESIGN.md §3) and their hyperparameters.
+
+A PSM layer cuts a sequence into chunks of ``c`` tokens. The encoder turns each chunk into a state,
+the aggregator combines two states (``forward(older, newer)``) and the head predicts a chunk's
+outputs from the exclusive prefix state of all earlier chunks. Components are ``torch.nn.Module``
+subclasses that declare, as class attributes, what the registry, the composer and the search
+need to know about them: ``name``, ``state_kind``, ``hyperparameters`` and (aggregators)
+``associative``.
+
+Every component is constructed as ``Component(context, **hyperparameters)``: the
+:class:`ComponentContext` carries the layer's width and chunk size and, for aggregators and heads,
+the already-built encoder, whose ``state_shape`` tells them what states look like.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+from torch import nn
+
+from psmsearch.states import State, nbytes
+
+ParamType = Literal["int", "float", "categorical", "bool"]
+
+
+@dataclass(frozen=True)
+class HyperParameter:
+    """One hyperparameter a component declares: its type, default and search range.
+
+    ``low``/``high`` (and ``log``) bound numeric parameters; ``choices`` lists categorical ones.
+    The search space samples inside these bounds unless the user narrows them.
+    """
+
+    name: str
+    type: ParamType
+    default: Any
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type in ("int", "float") and (self.low is None or self.high is None):
+            raise ValueError(f"hyperparameter {self.name!r}: numeric types need low and high")
+        if self.type == "categorical" and not self.choices:
+            raise ValueError(f"hyperparameter {self.name!r}: categorical needs choices")
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values, for error messages."""
+        if self.type == "categorical":
+            return "one of " + ", ".join(repr(c) for c in self.choices or ())
+        if self.type == "bool":
+            return "true or false"
+        scale = ", log scale" if self.log else ""
+        return f"{self.type} in [{self.low}, {self.high}]{scale}"
+
+    def validate(self, value: Any) -> Any:
+        """Return ``value`` coerced to this parameter's type, or raise ``ValueError`` saying why."""
+        if self.type == "categorical":
+            if value not in (self.choices or ()):
+                raise ValueError(f"{value!r} is not allowed; expected {self.allowed()}")
+            return value
+        if self.type == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{value!r} is not a bool; expected {self.allowed()}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{value!r} is not a number; expected {self.allowed()}")
+        if self.type == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value!r} is not an integer; expected {self.allowed()}")
+            value = int(value)
+        else:
+            value = float(value)
+        if not (self.low <= value <= self.high):  # type: ignore[operator]
+            raise ValueError(f"{value!r} is out of range; expected {self.allowed()}")
+        return value
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready description (used by ``psmsearch plugins --json``)."""
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "default": self.default}
+        if self.type in ("int", "float"):
+            out["range"] = [self.low, self.high]
+            out["log"] = self.log
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        if self.help:
+            out["help"] = self.help
+        return out
+
+
+@dataclass
+class ComponentContext:
+    """What a component needs to know about the layer it is built into."""
+
+    d_model: int
+    chunk_size: int
+    encoder: "Encoder | None" = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Component(nn.Module):
+    """Base of all PSM components: metadata shared by encoders, aggregators and heads."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    state_kind: ClassVar[str] = ""
+    hyperparameters: ClassVar[Sequence[HyperParameter]] = ()
+    description: ClassVar[str] = ""
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__()
+        self.context = context
+        self.hparams = self.resolve_hyperparameters(hparams)
+
+    @classmethod
+    def resolve_hyperparameters(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in, values validated; unknown names are an error naming the allowed ones."""
+        declared = {hp.name: hp for hp in cls.hyperparameters}
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            allowed = ", ".join(sorted(declared)) or "none"
+            raise ValueError(
+                f"{cls.kind} {cls.name!r} has no hyperparameter {unknown[0]!r}; allowed: {allowed}"
+            )
+        resolved: dict[str, Any] = {}
+        for name, hp in declared.items():
+            value = given.get(name, hp.default)
+            try:
+                resolved[name] = hp.validate(value)
+            except ValueError as err:
+                raise ValueError(f"{cls.kind} {cls.name!r} hyperparameter {name!r}: {err}") from None
+        return resolved
+
+
+class Encoder(Component):
+    """``Enc = summarize ∘ features``.
+
+    ``features(x[*, c', d], offset) -> f[*, c', ...]`` is token-local: output ``j`` depends only on
+    input ``j`` and its chunk-local position ``offset + j``, so streaming can compute it one token
+    at a time. ``summarize(f[*, c, ...]) -> state[*]`` reduces a complete chunk to one state.
+    """
+
+    kind: ClassVar[str] = "encoder"
+
+    def features(self, x: torch.Tensor, offset: int = 0) -> Any:
+        raise NotImplementedError
+
+    def summarize(self, f: Any) -> State:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> State:
+        return self.summarize(self.features(x))
+
+    @property
+    def state_shape(self) -> Any:
+        """Shape of one state without batch dims: a tuple of ints, or a tuple of such tuples."""
+        raise NotImplementedError
+
+    def state_nbytes(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes one state occupies for ``batch_size`` sequences: the component's own accounting.
+
+        The contract suite compares it with the bytes of the tensors streaming really holds.
+        """
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shape = self.state_shape
+        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        return sum(batch_size * math.prod(s) * itemsize for s in shapes)
+
+
+class Aggregator(Component):
+    """``forward(older, newer) -> state``: combines two states (operand order is fixed).
+
+    ``associative`` lets the engine use any parenthesization and a single running state while
+    streaming. ``initial_state(batch_shape)`` is what the head sees before any chunk (the prefix of
+    chunk 0); the scan never passes it to ``forward``: the identity is a bypass.
+    """
+
+    kind: ClassVar[str] = "aggregator"
+    associative: ClassVar[bool] = False
+
+    def forward(self, older: State, newer: State) -> State:  # noqa: D102
+        raise NotImplementedError
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> State:
+        raise NotImplementedError
+
+    def scan(self, states: State) -> State | None:
+        """Optional fast exclusive scan over dim 1 of ``states[B, N]`` (used only if associative).
+
+        Returns ``None`` to fall back to the generic tree scan.
+        """
+        return None
+
+
+class Head(Component):
+    """``forward(prefix[*], f[*, c', ...]) -> y[*, c', d]``, causal within the chunk.
+
+    Output ``j`` may depend on ``prefix`` and chunk positions ``<= j`` only, and any ``c' <= c``
+    must work (streaming feeds partial chunks).
+    """
+
+    kind: ClassVar[str] = "head"
+
+    def forward(self, prefix: State, f: Any) -> torch.Tensor:  # noqa: D102
+        raise NotImplementedError
+
+
+def state_bytes(state: State) -> int:
+    """Logical bytes of a state (re-exported for component authors)."""
+    return nbytes(state)
+
+
+COMPONENT_KINDS: dict[str, type[Component]] = {
+    "encoder": Encoder,
+    "aggregator": Aggregator,
+    "head": Head,
+}

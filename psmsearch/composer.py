@@ -1,0 +1,200 @@
+"""Compose a PSM layer from registered components, and run it in parallel or streaming mode.
+
+``PSMLayer.forward`` is the training path: all chunks are encoded at once, the prefix states come
+from the tree scan, and the head reads every chunk against its prefix in one batched call.
+``PSMLayer.stream(batch_size)`` is the inference path: tokens arrive one at a time (or in whole
+chunks), features are computed token-locally, the head reads the partial chunk, and complete chunks
+are pushed into an :class:`~psmsearch.scan.OnlineScan`. Both paths compute the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from psmsearch import states as S
+from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
+from psmsearch.config import ComponentSpec, ModelConfig
+from psmsearch.errors import ConfigError, IncompatibleComponentsError, PSMSearchError
+from psmsearch.registry import Registry, get_registry
+from psmsearch.scan import OnlineScan, prefix_scan
+
+
+def check_compatible(registry: Registry, encoder: str, aggregator: str, head: str) -> None:
+    """Raise :class:`IncompatibleComponentsError` unless all three share one ``state_kind``."""
+    infos = [registry.get("encoder", encoder), registry.get("aggregator", aggregator), registry.get("head", head)]
+    kinds = {info.state_kind for info in infos}
+    if len(kinds) > 1:
+        described = ", ".join(f"{i.kind} {i.name!r} has state_kind {i.state_kind!r}" for i in infos)
+        raise IncompatibleComponentsError(
+            f"incompatible components: {described}; encoder, aggregator and head must share one state_kind"
+        )
+
+
+def compatible_combinations(registry: Registry | None = None) -> list[tuple[str, str, str]]:
+    """Every (encoder, aggregator, head) triple of registered components that share a state kind."""
+    registry = registry or get_registry()
+    return [
+        (e, a, h)
+        for e in registry.names("encoder")
+        for a in registry.names("aggregator")
+        for h in registry.names("head")
+        if len(
+            {
+                registry.get("encoder", e).state_kind,
+                registry.get("aggregator", a).state_kind,
+                registry.get("head", h).state_kind,
+            }
+        )
+        == 1
+    ]
+
+
+def _build(registry: Registry, kind: str, spec: ComponentSpec, context: ComponentContext) -> Any:
+    info = registry.get(kind, spec.name)
+    try:
+        return info.cls(context, **spec.params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err), field=f"model.{kind}") from None
+
+
+class PSMLayer(nn.Module):
+    """``x[B, T, d] -> y[B, T, d]``: one prefix-scannable sequence-mixing layer."""
+
+    def __init__(self, encoder: Encoder, aggregator: Aggregator, head: Head, chunk_size: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.aggregator = aggregator
+        self.head = head
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, registry: Registry | None = None) -> "PSMLayer":
+        """Build the layer named by ``config`` (components looked up in the registry)."""
+        registry = registry or get_registry()
+        check_compatible(registry, config.encoder.name, config.aggregator.name, config.head.name)
+        context = ComponentContext(d_model=config.d_model, chunk_size=config.chunk_size)
+        encoder = _build(registry, "encoder", config.encoder, context)
+        context = ComponentContext(d_model=config.d_model, chunk_size=config.chunk_size, encoder=encoder)
+        aggregator = _build(registry, "aggregator", config.aggregator, context)
+        head = _build(registry, "head", config.head, context)
+        return cls(encoder, aggregator, head, config.chunk_size)
+
+    def forward(self, x: torch.Tensor, scan_mode: str = "auto") -> torch.Tensor:
+        batch, length, d = x.shape
+        c = self.chunk_size
+        n_chunks = math.ceil(length / c)
+        padded = F.pad(x, (0, 0, 0, n_chunks * c - length))  # [B, N*c, d]
+        chunks = padded.view(batch, n_chunks, c, d)  # [B, N, c, d]
+        f = self.encoder.features(chunks)  # [B, N, c, ...]
+        chunk_states = self.encoder.summarize(f)  # [B, N, ...]
+        prefixes = prefix_scan(self.aggregator, chunk_states, mode=scan_mode)  # [B, N, ...]
+        y = self.head(prefixes, f)  # [B, N, c, d]
+        return y.reshape(batch, n_chunks * c, d)[:, :length]
+
+    def stream(self, batch_size: int) -> "LayerStream":
+        """A fresh streaming state for ``batch_size`` sequences."""
+        return LayerStream(self, batch_size)
+
+
+class LayerStream:
+    """Online evaluation of a :class:`PSMLayer`: O(log n) states (O(1) if associative) plus one partial chunk."""
+
+    def __init__(self, layer: PSMLayer, batch_size: int) -> None:
+        self.layer = layer
+        self.batch_size = batch_size
+        self.scan = OnlineScan(layer.aggregator, (batch_size,))
+        self.prefix = self.scan.prefix()
+        self.buffer: Any = None  # features of the current partial chunk, [B, j, ...]
+        self.position = 0  # tokens in the current partial chunk
+        self.tokens_seen = 0
+
+    def _complete_chunk(self, f: Any) -> None:
+        self.scan.push(self.layer.encoder.summarize(f))  # state [B, ...]
+        self.prefix = self.scan.prefix()
+        self.buffer = None
+        self.position = 0
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One token ``x[B, d] -> y[B, d]``."""
+        f_token = self.layer.encoder.features(x[:, None, :], offset=self.position)  # [B, 1, ...]
+        self.buffer = f_token if self.buffer is None else S.cat([self.buffer, f_token], dim=1)
+        y = self.layer.head(self.prefix, self.buffer)[:, -1]  # [B, d]
+        self.position += 1
+        self.tokens_seen += 1
+        if self.position == self.layer.chunk_size:
+            self._complete_chunk(self.buffer)
+        return y
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        """Many tokens ``x[B, m, d] -> y[B, m, d]``; whole aligned chunks go through in one call."""
+        c = self.layer.chunk_size
+        outputs, start, m = [], 0, x.shape[1]
+        while start < m:
+            if self.position == 0 and m - start >= c:
+                chunk = x[:, start : start + c]  # [B, c, d]
+                f = self.layer.encoder.features(chunk, offset=0)  # [B, c, ...]
+                outputs.append(self.layer.head(self.prefix, f))  # [B, c, d]
+                self.tokens_seen += c
+                self._complete_chunk(f)
+                start += c
+            else:
+                outputs.append(self.step(x[:, start])[:, None])  # [B, 1, d]
+                start += 1
+        return torch.cat(outputs, dim=1)
+
+    def retained(self) -> list[Any]:
+        """Every state tensor this stream keeps alive (not the layer's parameters)."""
+        held = list(self.scan.retained())
+        if self.scan.count > 0:
+            held.append(self.prefix)
+        if self.buffer is not None:
+            held.append(self.buffer)
+        return held
+
+    def state_nbytes(self) -> int:
+        """Bytes this stream's retained tensors really occupy (each storage once)."""
+        return S.retained_nbytes(self.retained())
+
+    def expected_nbytes(self) -> int:
+        """The components' own accounting of what this stream should hold right now.
+
+        Retained chunk states times ``encoder.state_nbytes`` plus the partial chunk's features.
+        """
+        per_state = self.layer.encoder.state_nbytes(self.batch_size, _dtype_of(self.layer))
+        n_states = len({id(s) for s in self.scan.retained()})
+        return n_states * per_state + (S.nbytes(self.buffer) if self.buffer is not None else 0)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+def validate_model_config(config: ModelConfig, registry: Registry | None = None) -> None:
+    """Check names, hyperparameters and compatibility without building anything big.
+
+    Raises a :class:`PSMSearchError` naming the field, the value and what is allowed.
+    """
+    if config.kind != "psm":
+        return
+    registry = registry or get_registry()
+    for kind in ("encoder", "aggregator", "head"):
+        spec: ComponentSpec = getattr(config, kind)
+        try:
+            info = registry.get(kind, spec.name)
+        except PSMSearchError as err:
+            raise ConfigError(str(err), field=f"model.{kind}") from None
+        try:
+            info.cls.resolve_hyperparameters(spec.params)
+        except ValueError as err:
+            raise ConfigError(str(err), field=f"model.{kind}") from None
+    try:
+        check_compatible(registry, config.encoder.name, config.aggregator.name, config.head.name)
+    except IncompatibleComponentsError as err:
+        raise ConfigError(str(err), field="model") from None

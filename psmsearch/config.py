@@ -1,0 +1,68 @@
+"""Typed model configuration: which components, their hyperparameters, the chunk size and widths.
+
+A component is named either by a bare string (``aggregator: attention``) or by a mapping that
+holds its name and its own hyperparameters (``aggregator: {name: attention, layers: 2}``).
+Validation against the registry (unknown names, hyperparameter ranges, compatible state kinds)
+happens in :func:`psmsearch.composer.validate_model_config`, where the plugins are known.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelKind = Literal["psm", "gpt", "swa"]
+
+
+class ComponentSpec(BaseModel):
+    """A registered component by name plus its hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short_forms(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "params" not in value:
+            rest = {k: v for k, v in value.items() if k != "name"}
+            return {"name": value.get("name"), "params": rest}
+        return value
+
+    def flat(self) -> dict[str, Any]:
+        """``{"name": ..., **params}``: the short form, for logging and YAML."""
+        return {"name": self.name, **self.params}
+
+
+class ModelConfig(BaseModel):
+    """A model: a PSM (``kind: psm``) or a baseline (``gpt``: full causal attention, ``swa``: sliding window)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ModelKind = "psm"
+    d_model: int = Field(64, ge=4, le=8192)
+    n_layers: int = Field(1, ge=1, le=64)
+    mlp_ratio: int = Field(4, ge=1, le=16)
+    chunk_size: int = Field(8, ge=1, le=65536)
+    encoder: ComponentSpec = ComponentSpec(name="embed")
+    aggregator: ComponentSpec = ComponentSpec(name="attention")
+    head: ComponentSpec = ComponentSpec(name="attention")
+    n_heads: int = Field(4, ge=1, le=256, description="attention heads of the gpt / swa baselines")
+    window: int = Field(64, ge=1, description="attention window of the swa baseline")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def flat_params(self) -> dict[str, Any]:
+        """Flat ``{"model.aggregator": "attention", "model.aggregator.layers": 2, ...}`` for tracking."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump().items():
+            if isinstance(value, dict) and "name" in value:
+                out[f"model.{key}"] = value["name"]
+                for pk, pv in value["params"].items():
+                    out[f"model.{key}.{pk}"] = pv
+            else:
+                out[f"model.{key}"] = value
+        return out

@@ -1,0 +1,297 @@
+"""Plugin loading and the component registry.
+
+Plugins come from four places, loaded in this order through one pluggy manager:
+
+1. the built-in default plugins (:data:`DEFAULT_PLUGINS`, ordinary modules under ``psmsearch.plugins``);
+2. installed packages exposing an entry point in the group ``psmsearch``;
+3. ``PSMSEARCH_PLUGINS``: comma-separated module names or paths to ``.py`` files / package folders;
+4. paths or module names passed explicitly (the CLI's ``--plugin PATH``).
+
+A plugin that fails to import, or whose hook raises, is recorded in :attr:`Registry.failures`
+with its name and error; everything else still loads. A component name registered twice for the
+same kind is a failure naming both plugins (the first registration is kept).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable, Sequence
+
+import pluggy
+
+from psmsearch import hookspecs
+from psmsearch.components import COMPONENT_KINDS, Component, HyperParameter
+from psmsearch.errors import PluginError, UnknownComponentError
+
+PROJECT = "psmsearch"
+ENV_VAR = "PSMSEARCH_PLUGINS"
+DEFAULT_PLUGINS: tuple[str, ...] = ("psmsearch.plugins.token_state",)
+KINDS: tuple[str, ...] = ("encoder", "aggregator", "head", "task")
+HOOK_FOR_KIND = {
+    "encoder": "register_encoders",
+    "aggregator": "register_aggregators",
+    "head": "register_heads",
+    "task": "register_tasks",
+}
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A registered component (or task) and where it came from."""
+
+    name: str
+    kind: str
+    plugin: str
+    cls: type
+    state_kind: str | None
+    associative: bool | None
+    hyperparameters: tuple[HyperParameter, ...]
+    description: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape printed by ``psmsearch plugins --json``."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "plugin": self.plugin,
+            "state_kind": self.state_kind,
+            "associative": self.associative,
+            "hyperparameters": [hp.as_dict() for hp in self.hyperparameters],
+            "description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be loaded or registered something invalid."""
+
+    plugin: str
+    error: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r}: {self.error}"
+
+
+@dataclass
+class Registry:
+    """All registered components by kind and name, the loaded plugins and the failures."""
+
+    components: dict[str, dict[str, ComponentInfo]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    plugins: list[str] = field(default_factory=list)
+    failures: list[PluginFailure] = field(default_factory=list)
+    local_plugins: list[str] = field(default_factory=list)
+
+    def get(self, kind: str, name: str) -> ComponentInfo:
+        """The component ``name`` of ``kind``; an unknown name raises with close-match suggestions."""
+        if kind not in self.components:
+            raise UnknownComponentError("component kind", kind, self.components)
+        try:
+            return self.components[kind][name]
+        except (KeyError, TypeError):
+            raise UnknownComponentError(kind, name, self.components[kind]) from None
+
+    def names(self, kind: str) -> list[str]:
+        """Registered names of one kind, sorted."""
+        return sorted(self.components[kind])
+
+    def all(self) -> list[ComponentInfo]:
+        """Every registered component, by kind then name."""
+        return [self.components[k][n] for k in KINDS for n in sorted(self.components[k])]
+
+    def find(self, name: str) -> list[ComponentInfo]:
+        """Components called ``name`` of any kind; ``kind:name`` selects one kind."""
+        if ":" in name:
+            kind, _, bare = name.partition(":")
+            return [self.get(kind, bare)]
+        return [self.components[k][name] for k in KINDS if name in self.components[k]]
+
+
+def _plugin_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+def _import_path(path: Path) -> ModuleType:
+    """Import a ``.py`` file or a package folder that is not installed."""
+    path = path.resolve()
+    if path.is_dir():
+        parent, name = str(path.parent), path.name
+        if parent not in sys.path:
+            sys.path.insert(0, parent)
+        return importlib.import_module(name)
+    module_name = f"psmsearch_local_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith(".py") or os.sep in spec or Path(spec).exists()
+
+
+def env_plugin_specs() -> list[str]:
+    """Plugin specs named by ``PSMSEARCH_PLUGINS`` (comma-separated, blanks ignored)."""
+    return [s.strip() for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
+
+
+class _Loader:
+    """Loads plugin modules into a pluggy manager, recording failures instead of raising."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.manager = _plugin_manager()
+
+    def add_module(self, label: str, load: Callable[[], Any]) -> None:
+        try:
+            module = load()
+        except BaseException as err:  # noqa: BLE001 - a broken plugin must not stop the others
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            self.fail(label, err)
+            return
+        if self.manager.is_registered(module):
+            return
+        try:
+            self.manager.register(module, name=label)
+        except Exception as err:  # noqa: BLE001
+            self.fail(label, err)
+            return
+        self.registry.plugins.append(label)
+
+    def fail(self, label: str, err: BaseException) -> None:
+        detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        self.registry.failures.append(PluginFailure(label, f"{type(err).__name__}: {err}", detail))
+
+    def add_spec(self, spec: str) -> None:
+        if _looks_like_path(spec):
+            path = Path(spec).expanduser()
+            if not path.exists():
+                self.fail(spec, FileNotFoundError(f"no such plugin file or folder: {path}"))
+                return
+            self.registry.local_plugins.append(str(path.resolve()))
+            self.add_module(str(path), lambda: _import_path(path))
+        else:
+            self.registry.local_plugins.append(spec)
+            self.add_module(spec, lambda: importlib.import_module(spec))
+
+    def collect(self) -> None:
+        for kind in KINDS:
+            hook = getattr(self.manager.hook, HOOK_FOR_KIND[kind])
+            for impl in hook.get_hookimpls():
+                callback = self._register_callback(kind, impl.plugin_name)
+                try:
+                    impl.function(register=callback)
+                except Exception as err:  # noqa: BLE001
+                    self.fail(impl.plugin_name, err)
+
+    def _register_callback(self, kind: str, plugin: str) -> Callable[..., None]:
+        def register(cls: type, name: str | None = None) -> None:
+            try:
+                info = _describe(kind, cls, plugin, name)
+            except PluginError as err:
+                self.registry.failures.append(PluginFailure(plugin, str(err)))
+                return
+            existing = self.registry.components[kind].get(info.name)
+            if existing is not None:
+                self.registry.failures.append(
+                    PluginFailure(
+                        plugin,
+                        f"{kind} {info.name!r} is registered twice: by plugin {existing.plugin!r} "
+                        f"and by plugin {plugin!r}; keeping the one from {existing.plugin!r}",
+                    )
+                )
+                return
+            self.registry.components[kind][info.name] = info
+
+        return register
+
+
+def _describe(kind: str, cls: type, plugin: str, name: str | None) -> ComponentInfo:
+    """Validate a registered class and describe it, or raise a PluginError saying what is wrong."""
+    if kind in COMPONENT_KINDS:
+        base = COMPONENT_KINDS[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"register_{kind}s registered {cls!r}, which is not a subclass of psmsearch.{base.__name__}")
+    else:
+        from psmsearch.tasks import Task
+
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise PluginError(f"register_tasks registered {cls!r}, which is not a subclass of psmsearch.tasks.Task")
+    name = name or getattr(cls, "name", "")
+    if not name or not isinstance(name, str):
+        raise PluginError(f"{kind} class {cls.__name__} has no name (set the class attribute `name`)")
+    hyperparameters = tuple(getattr(cls, "hyperparameters", ()))
+    if not all(isinstance(hp, HyperParameter) for hp in hyperparameters):
+        raise PluginError(f"{kind} {name!r}: hyperparameters must be psmsearch.HyperParameter instances")
+    state_kind = getattr(cls, "state_kind", None) if kind in COMPONENT_KINDS else None
+    if kind in COMPONENT_KINDS and not state_kind:
+        raise PluginError(f"{kind} {name!r} declares no state_kind")
+    associative = bool(getattr(cls, "associative", False)) if kind == "aggregator" else None
+    doc = (getattr(cls, "description", "") or (cls.__doc__ or "")).strip().splitlines()
+    return ComponentInfo(name, kind, plugin, cls, state_kind, associative, hyperparameters, doc[0] if doc else "")
+
+
+def load_registry(extra_plugins: Sequence[str] = (), defaults: Iterable[str] = DEFAULT_PLUGINS) -> Registry:
+    """Build a fresh registry from all plugin sources (never raises for a broken plugin)."""
+    registry = Registry()
+    loader = _Loader(registry)
+    for module_name in defaults:
+        loader.add_module(module_name, lambda m=module_name: importlib.import_module(m))
+    for entry_point in importlib.metadata.entry_points(group=PROJECT):
+        loader.add_module(entry_point.name, entry_point.load)
+    for spec in [*env_plugin_specs(), *extra_plugins]:
+        loader.add_spec(spec)
+    loader.collect()
+    return registry
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded on first use (respects ``PSMSEARCH_PLUGINS``)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = load_registry()
+    return _REGISTRY
+
+
+def use_plugins(specs: Sequence[str]) -> Registry:
+    """Add plugin paths/modules for this process and its children, and reload the registry.
+
+    Paths are made absolute and appended to ``PSMSEARCH_PLUGINS`` so that subprocesses and Ray
+    workers load the same plugins.
+    """
+    resolved = [str(Path(s).expanduser().resolve()) if _looks_like_path(s) else s for s in specs]
+    current = env_plugin_specs()
+    os.environ[ENV_VAR] = ",".join(dict.fromkeys([*current, *resolved]))
+    return reset_registry()
+
+
+def reset_registry() -> Registry:
+    """Reload the process-wide registry (after installing a plugin or changing the environment)."""
+    global _REGISTRY
+    _REGISTRY = load_registry()
+    return _REGISTRY

@@ -1,0 +1,225 @@
+"""The scan engine: exclusive prefix states with one fixed parenthesization (DESIGN.md §2).
+
+Operand order is always ``agg(older, newer)``. The exclusive prefix ``p_i`` of chunk ``i`` is the
+left fold, from the largest dyadic block to the smallest, of the complete power-of-two blocks that
+make up ``[0, i)``, each block reduced as a balanced binary tree. For 8 chunks:
+
+    p0 = e            p1 = x0            p2 = (x0 x1)         p3 = ((x0 x1) x2)
+    p4 = ((x0 x1)(x2 x3))                p5 = (((x0 x1)(x2 x3)) x4)
+    p6 = (((x0 x1)(x2 x3))(x4 x5))       p7 = ((((x0 x1)(x2 x3))(x4 x5)) x6)
+
+Three independent implementations compute exactly these expressions:
+
+* :func:`prefix_scan` with ``mode="tree"``: Blelloch's upsweep/downsweep, one batched ``agg``
+  call per tree level (training);
+* :func:`prefix_scan` with ``mode="sequential"``: the definition above, evaluated literally per
+  chunk (a slow reference);
+* :class:`OnlineScan`: the binary-counter scan that streams one chunk at a time in O(log n) memory
+  (inference).
+
+The identity ``e`` is structural: it is never passed to ``agg``; ``agg(e, x) = x`` by bypass and
+the prefix of chunk 0 is ``agg.initial_state(batch_shape)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Protocol
+
+from psmsearch import states as S
+from psmsearch.states import State
+
+ScanMode = Literal["auto", "tree", "sequential"]
+
+
+class AggregatorLike(Protocol):
+    """What the engine needs of an aggregator (a :class:`psmsearch.Aggregator` or a test double)."""
+
+    associative: bool
+
+    def __call__(self, older: State, newer: State) -> State: ...
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> State: ...
+
+
+def _batch_shape(states: State) -> tuple[int, ...]:
+    return tuple(S.leaves(states)[0].shape[:1])
+
+
+def _with_initial(agg: AggregatorLike, prefixes: State | None, batch_shape: tuple[int, ...]) -> State:
+    """Prepend ``initial_state`` (the prefix of chunk 0) to the prefixes of chunks 1..N-1."""
+    first = S.unsqueeze(agg.initial_state(batch_shape), 1)  # [B, 1, ...]
+    if prefixes is None:
+        return first
+    return S.cat([first, prefixes], dim=1)
+
+
+def _tree_scan(agg: Callable[[State, State], State], states: State) -> State | None:
+    """Prefixes of chunks 1..N-1 (``p_0 = e`` is left out), in 2·ceil(log2 N) batched calls.
+
+    Upsweep: level ``k+1`` node ``j`` is ``agg(T_k[2j], T_k[2j+1])`` (an unpaired last node is
+    carried up unchanged: ``agg(x, e) = x``). Downsweep, with ``D_k[j]`` the prefix of node ``j``
+    at level ``k`` and ``R_k = D_k[1:]`` (``D_k[0] = e`` always):
+    ``D_k[2j] = D_{k+1}[j]`` and ``D_k[2j+1] = agg(D_{k+1}[j], T_k[2j])``, parent prefix first.
+    """
+    n = S.size(states, 1)
+    if n == 1:
+        return None
+    levels = [states]  # levels[k]: [B, n_k, ...]
+    while S.size(levels[-1], 1) > 1:
+        level = levels[-1]
+        pairs = S.size(level, 1) // 2
+        older = S.take(level, 1, slice(0, 2 * pairs, 2))  # [B, pairs, ...]
+        newer = S.take(level, 1, slice(1, 2 * pairs, 2))  # [B, pairs, ...]
+        parents = agg(older, newer)
+        if S.size(level, 1) % 2:
+            parents = S.cat([parents, S.take(level, 1, slice(2 * pairs, None))], dim=1)
+        levels.append(parents)
+
+    rest: State | None = None  # R_{k+1}: prefixes of nodes 1.. at the level above
+    for k in range(len(levels) - 2, -1, -1):
+        level = levels[k]
+        n_k = S.size(level, 1)
+        first = S.take(level, 1, slice(0, 1))  # D_k[1] = T_k[0]
+        if rest is None:
+            rest = S.take(first, 1, slice(0, n_k - 1))
+            continue
+        m = (n_k - 2) // 2  # odd nodes 2j+1 (j >= 1) that exist at this level
+        if m > 0:
+            lefts = S.take(level, 1, slice(2, 2 * m + 1, 2))  # T_k[2j], j = 1..m
+            combined = agg(S.take(rest, 1, slice(0, m)), lefts)
+            even = S.cat([first, combined], dim=1)
+        else:
+            even = first
+        rest = S.interleave(even, rest, dim=1, length=n_k - 1)
+    return rest
+
+
+def _block_reducer(
+    agg: Callable[[State, State], State], chunks: list[State]
+) -> Callable[[int, int], State]:
+    """``reduce(start, width)``: the balanced tree over ``chunks[start:start+width]``, memoised."""
+    memo: dict[tuple[int, int], State] = {}
+
+    def reduce(start: int, width: int) -> State:
+        if width == 1:
+            return chunks[start]
+        key = (start, width)
+        if key not in memo:
+            half = width // 2
+            memo[key] = agg(reduce(start, half), reduce(start + half, half))
+        return memo[key]
+
+    return reduce
+
+
+def _sequential_scan(agg: Callable[[State, State], State], states: State) -> State | None:
+    """Prefixes of chunks 1..N-1 by the literal definition: dyadic blocks, largest first."""
+    n = S.size(states, 1)
+    chunks = [S.take(states, 1, i) for i in range(n)]  # each [B, ...]
+    reduce = _block_reducer(agg, chunks)
+    prefixes = []
+    for i in range(1, n):
+        start, acc = 0, None
+        for bit in reversed(range(i.bit_length())):
+            width = 1 << bit
+            if i & width:
+                block = reduce(start, width)
+                acc = block if acc is None else agg(acc, block)
+                start += width
+        prefixes.append(S.unsqueeze(acc, 1))
+    return S.cat(prefixes, dim=1) if prefixes else None
+
+
+def prefix_scan(agg: AggregatorLike, states: State, mode: ScanMode = "auto") -> State:
+    """Exclusive prefix states of ``states[B, N, ...]`` -> ``[B, N, ...]``.
+
+    ``p_0`` is ``agg.initial_state((B,))``; ``p_i`` combines chunks ``0..i-1`` with the
+    parenthesization of DESIGN.md §2. ``mode="auto"`` uses the aggregator's own ``scan`` when it is
+    associative and provides one, else the tree; ``"tree"`` and ``"sequential"`` force the generic
+    engines (the latter is a slow literal reference).
+    """
+    if mode not in ("auto", "tree", "sequential"):
+        raise ValueError(f"prefix_scan mode {mode!r} is not allowed; use 'auto', 'tree' or 'sequential'")
+    if S.size(states, 1) < 1:
+        raise ValueError(f"prefix_scan needs at least one chunk; got states of shape {S.describe(states)}")
+    batch_shape = _batch_shape(states)
+    if mode == "auto" and getattr(agg, "associative", False):
+        fast = getattr(agg, "scan", None)
+        result = fast(states) if fast is not None else None
+        if result is not None:
+            return result
+    engine = _sequential_scan if mode == "sequential" else _tree_scan
+    return _with_initial(agg, engine(agg, states), batch_shape)
+
+
+class OnlineScan:
+    """Streaming binary-counter scan: push chunk states one at a time, read the exclusive prefix.
+
+    ``roots[k]`` holds a complete balanced subtree over ``2**k`` chunks; pushing is a binary
+    increment (``cur = agg(roots[k], cur)`` while ``roots[k]`` is occupied). ``folds[k]`` caches the
+    fold of the occupied roots ``>= k`` (highest first), so after a push that lands in slot ``j``
+    (all lower slots empty) the prefix is ``folds[j] = agg(folds[j'], roots[j])``, ``j'`` the next
+    occupied slot above: one call per emitted prefix plus amortised one per carry. Memory is at
+    most ``ceil(log2(n + 1))`` roots and as many folds.
+
+    For an associative aggregator the parenthesization does not matter and a single running state
+    is kept (``num_roots == 1``).
+    """
+
+    def __init__(self, agg: AggregatorLike, batch_shape: tuple[int, ...] | None = None) -> None:
+        self.agg = agg
+        self.batch_shape = batch_shape
+        self.associative = bool(getattr(agg, "associative", False))
+        self.roots: list[State | None] = []
+        self.folds: list[State | None] = []
+        self.running: State | None = None
+        self.count = 0
+
+    def push(self, state: State) -> None:
+        """Append the state of the next complete chunk (leading dims: batch only)."""
+        if self.batch_shape is None:
+            self.batch_shape = tuple(S.leaves(state)[0].shape[:1])
+        self.count += 1
+        if self.associative:
+            self.running = state if self.running is None else self.agg(self.running, state)
+            return
+        cur, k = state, 0
+        while k < len(self.roots) and self.roots[k] is not None:
+            cur = self.agg(self.roots[k], cur)
+            self.roots[k] = None
+            self.folds[k] = None
+            k += 1
+        if k == len(self.roots):
+            self.roots.append(None)
+            self.folds.append(None)
+        self.roots[k] = cur
+        above = next((j for j in range(k + 1, len(self.roots)) if self.roots[j] is not None), None)
+        self.folds[k] = cur if above is None else self.agg(self.folds[above], cur)
+
+    def prefix(self) -> State:
+        """The exclusive prefix state for the next chunk (``initial_state`` before any push)."""
+        if self.count == 0:
+            if self.batch_shape is None:
+                raise ValueError("OnlineScan.prefix() before any push needs batch_shape at construction")
+            return self.agg.initial_state(self.batch_shape)
+        if self.associative:
+            return self.running  # type: ignore[return-value]
+        lowest = next(k for k, root in enumerate(self.roots) if root is not None)
+        return self.folds[lowest]  # type: ignore[return-value]
+
+    @property
+    def num_roots(self) -> int:
+        """Occupied subtree roots (1 for an associative aggregator once anything was pushed)."""
+        if self.associative:
+            return int(self.running is not None)
+        return sum(root is not None for root in self.roots)
+
+    def retained(self) -> list[Any]:
+        """Every state this scan keeps alive (roots and cached folds, or the running state)."""
+        if self.associative:
+            return [self.running] if self.running is not None else []
+        return [s for s in self.roots + self.folds if s is not None]
+
+    def state_nbytes(self) -> int:
+        """Bytes of memory the retained states really hold (each storage counted once)."""
+        return S.retained_nbytes(self.retained())
