@@ -1,0 +1,274 @@
+"""First-order linear recurrence ``h_t = a_t * h_{t-1} + b_t`` as an inclusive scan.
+
+This is the state update of the associative (affine) family of Prefix-Scannable
+Models: the pairs ``(a, b)`` compose with ``(a2, b2) ⊕ (a1, b1) = (a2 a1, b2 + a2 b1)``.
+
+Two implementations share one signature and one autograd rule:
+
+* the PyTorch *reference* (this module), a blocked scan that runs on any device
+  and dtype and costs a few passes over memory instead of one Python step per
+  token, and
+* the Triton kernels in :mod:`.first_order_scan_triton` (CUDA, or the CPU under
+  ``TRITON_INTERPRET=1``).
+
+Gradients never go through a Python loop: the backward of a scan is a scan in
+the opposite direction (``g_t = dh_t + a_{t+1} g_{t+1}``), which both backends
+run with their own forward machinery.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import _dispatch
+
+GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+# Below this many time steps the blocked scan is not worth its extra passes.
+_MIN_BLOCKED_STEPS = 64
+
+
+def first_order_scan(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    *,
+    reverse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Inclusive scan of ``h_t = a_t * h_{t-1} + b_t`` over dim 1.
+
+    Args:
+        a: gates, same rank as ``b``; every dim broadcastable to ``b``'s, e.g. a
+            scalar gate per head ``[B, T, H, 1, 1]``, a diagonal gate
+            ``[B, T, H, dk, 1]`` or a full one ``[B, T, *S]``.
+        b: inputs ``[B, T, *S]``; the scan runs over ``T`` (dim 1).
+        h0: optional initial state, broadcastable to ``[B, *S]``; zero if None.
+        reverse: scan from the end: ``h_t = a_t * h_{t+1} + b_t``, ``h_T = h0``.
+        backend: ``"triton"``, ``"reference"`` or None (see :mod:`._dispatch`).
+
+    Returns:
+        ``h`` of shape ``[B, T, *S]`` and ``b``'s dtype. The recurrence is
+        accumulated in float32 (float64 for float64 inputs on the reference).
+        Differentiable in ``a``, ``b`` and ``h0``.
+    """
+    _check_shapes(a, b, h0)
+    tensors = [t for t in (a, b, h0) if t is not None]
+    chosen = _dispatch.select_backend(backend, *tensors)
+    return _FirstOrderScan.apply(a, b, h0, reverse, chosen)
+
+
+def _check_shapes(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
+    if b.dim() < 2:
+        raise ValueError(f"b must be [B, T, *S], got shape {tuple(b.shape)}")
+    if a.dim() != b.dim():
+        raise ValueError(f"a must have b's rank {b.dim()}, got shape {tuple(a.shape)}")
+    if torch.broadcast_shapes(a.shape, b.shape) != b.shape:
+        raise ValueError(f"a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
+    state_shape = b.shape[:1] + b.shape[2:]
+    if h0 is not None and torch.broadcast_shapes(h0.shape, state_shape) != state_shape:
+        raise ValueError(f"h0 {tuple(h0.shape)} does not broadcast to [B, *S] {tuple(state_shape)}")
+    if a.device != b.device or (h0 is not None and h0.device != b.device):
+        raise ValueError("a, b and h0 must be on the same device")
+
+
+def _implementation(backend: str) -> Any:
+    if backend == "triton":
+        from . import first_order_scan_triton
+
+        return first_order_scan_triton
+    return _Reference
+
+
+class _FirstOrderScan(torch.autograd.Function):
+    """Autograd rule shared by both backends; ``backend`` picks the kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
+                reverse: bool, backend: str) -> torch.Tensor:
+        impl = _implementation(backend)
+        h = impl.scan_forward(a, b, h0, reverse)
+        ctx.save_for_backward(a, h, h0)
+        ctx.reverse = reverse
+        ctx.backend = backend
+        ctx.b_dtype = b.dtype
+        return h
+
+    @staticmethod
+    def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, h, h0 = ctx.saved_tensors
+        impl = _implementation(ctx.backend)
+        need_a, need_b, need_h0 = ctx.needs_input_grad[:3]
+        da, db, dh0 = impl.scan_backward(a, h, h0, dh, ctx.reverse, need_a)
+        da = _sum_to(da, a) if need_a else None
+        db = db.to(ctx.b_dtype) if need_b else None
+        dh0 = _sum_to(dh0, h0) if (need_h0 and h0 is not None) else None
+        return da, db, dh0, None, None
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reduce a gradient over the dims that ``like`` broadcast, in ``like``'s dtype."""
+    return grad.sum_to_size(like.shape).to(like.dtype)
+
+
+def reference_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
+                      reverse: bool) -> torch.Tensor:
+    """The reference scan without autograd; returns ``h`` in ``b``'s dtype."""
+    return _Reference.scan_forward(a, b, h0, reverse)
+
+
+class _Reference:
+    """PyTorch implementation: a blocked scan (see :func:`_scan_into`)."""
+
+    @staticmethod
+    def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
+                     reverse: bool) -> torch.Tensor:
+        dtype = _dispatch.compute_dtype(a, b)
+        b_c = b.to(dtype)                                   # [B, T, *S]
+        a_c = a.to(dtype).expand(b.shape[:2] + a.shape[2:])  # [B, T, *Sa]
+        h0_c = None if h0 is None else h0.to(dtype)
+        out = torch.empty(b.shape, dtype=dtype, device=b.device)
+        _scan_into(a_c, b_c, h0_c, out, reverse)
+        return out.to(b.dtype)
+
+    @staticmethod
+    def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
+                      dh: torch.Tensor, reverse: bool, need_da: bool) -> GradTriple:
+        """Gradients of the scan, unreduced: ``da`` and ``dh0`` have ``h``'s full shape.
+
+        In scan order ``p`` (time ``t = p``, or ``T-1-p`` when ``reverse``):
+        ``g_p = dh_p + a_{p+1} g_{p+1}``, ``db = g``, ``da_p = g_p h_{p-1}`` with
+        ``h_{-1} = h0`` (or 0) and ``dh0 = a_0 g_0``.
+        """
+        dtype = _dispatch.compute_dtype(a, h, dh)
+        steps = h.shape[1]
+        a_c = a.to(dtype).expand(h.shape[:2] + a.shape[2:])  # [B, T, *Sa]
+        g = _reverse_gradient_scan(a_c, dh.to(dtype), reverse)  # [B, T, *S]
+        first = steps - 1 if reverse else 0
+        dh0 = a_c[:, first] * g[:, first]                      # [B, *S]
+        da = _gate_gradient(g, h.to(dtype), h0, reverse) if need_da else None
+        return da, g, dh0
+
+
+def _reverse_gradient_scan(a: torch.Tensor, dh: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``g_p = dh_p + a_{p+1} g_{p+1}``: a scan against the forward direction, gates shifted by one."""
+    steps = dh.shape[1]
+    g = torch.empty_like(dh)  # [B, T, *S]
+    if not reverse:
+        g[:, -1] = dh[:, -1]
+        if steps > 1:
+            _scan_into(a[:, 1:], dh[:, :-1], g[:, -1], g[:, :-1], reverse=True)
+    else:
+        g[:, 0] = dh[:, 0]
+        if steps > 1:
+            _scan_into(a[:, :-1], dh[:, 1:], g[:, 0], g[:, 1:], reverse=False)
+    return g
+
+
+def _gate_gradient(g: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
+                   reverse: bool) -> torch.Tensor:
+    """``da_p = g_p * h_{p-1}`` with ``h_{-1} = h0`` (or 0), full shape ``[B, T, *S]``."""
+    da = torch.empty_like(g)
+    first, rest, prev = (-1, slice(None, -1), slice(1, None)) if reverse else (0, slice(1, None), slice(None, -1))
+    torch.mul(g[:, rest], h[:, prev], out=da[:, rest])
+    if h0 is None:
+        da[:, first] = 0
+    else:
+        torch.mul(g[:, first], h0.to(g.dtype), out=da[:, first])
+    return da
+
+
+def _block_length(steps: int) -> int:
+    """Block length ``L`` of the blocked scan: a power of two near ``steps ** (1/3)``, in [8, 128].
+
+    Each block step is one vectorised op over all blocks and the carry scan
+    recurses, so a scan costs about ``2 L`` ops per level over ``log_L(T)``
+    levels; on a 2-core CPU the op overhead, not memory, decides, and the cube
+    root measured best (``benchmarks/scan.py``) at the three benchmark shapes.
+    """
+    return int(min(128, max(8, 2 ** round(math.log2(max(steps, 1)) / 3))))
+
+
+def _scan_into(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor,
+               reverse: bool) -> None:
+    """Write the scan of ``(a, b)`` into ``out`` (all in the compute dtype).
+
+    ``a`` is ``[B, T, *Sa]`` broadcastable to ``b``'s ``[B, T, *S]``; ``out`` may be
+    a strided view. The time axis is split into ``nb`` blocks of ``L`` steps:
+
+    1. block totals: scan every block from a zero state, all blocks at once,
+       keeping only the running state (one op per block step);
+    2. carries: the state at each block end, a scan of length ``nb`` of the
+       pairs (product of the block's gates, block total) — done recursively;
+    3. rescan every block from its true start state, writing ``out``.
+
+    Only products of gates appear (no division by cumulative products), so gates
+    in (0, 1] of any size are stable. Steps that do not fill a block are a tail
+    scanned token by token.
+    """
+    steps = b.shape[1]
+    length = _block_length(steps)
+    if steps < max(_MIN_BLOCKED_STEPS, 4 * length):
+        _loop_scan(a, b, h0, out, reverse)
+        return
+    n_blocks = steps // length
+    blocked = n_blocks * length
+    body, tail = (slice(steps - blocked, steps), slice(0, steps - blocked)) if reverse else \
+        (slice(0, blocked), slice(blocked, steps))
+    a_blk = a[:, body].unflatten(1, (n_blocks, length))    # [B, nb, L, *Sa]
+    b_blk = b[:, body].unflatten(1, (n_blocks, length))    # [B, nb, L, *S]
+    h_blk = out[:, body].unflatten(1, (n_blocks, length))  # [B, nb, L, *S]
+    order = _step_order(length, reverse)
+    totals = _block_totals(a_blk, b_blk, order)  # [B, nb, *S]
+    ends = torch.empty_like(totals)              # [B, nb, *S]
+    _scan_into(a_blk.prod(dim=2), totals, h0, ends, reverse)
+    _rescan_blocks(a_blk, b_blk, _block_starts(ends, h0, reverse), h_blk, order)
+    tail_start = out[:, steps - blocked] if reverse else out[:, blocked - 1]
+    _loop_scan(a[:, tail], b[:, tail], tail_start, out[:, tail], reverse)
+
+
+def _step_order(length: int, reverse: bool) -> Sequence[int]:
+    return range(length - 1, -1, -1) if reverse else range(length)
+
+
+def _loop_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor,
+               reverse: bool) -> None:
+    """Token-by-token scan, each step vectorised over batch and state."""
+    prev = h0
+    for t in _step_order(b.shape[1], reverse):
+        if prev is None:
+            out[:, t] = b[:, t]
+        else:
+            torch.addcmul(b[:, t], a[:, t], prev, out=out[:, t])
+        prev = out[:, t]
+
+
+def _block_totals(a_blk: torch.Tensor, b_blk: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """State at the end of every block when each starts from zero: ``[B, nb, *S]``."""
+    first, *rest = order
+    acc = b_blk[:, :, first].clone()  # [B, nb, *S]
+    for step in rest:
+        torch.addcmul(b_blk[:, :, step], a_blk[:, :, step], acc, out=acc)
+    return acc
+
+
+def _block_starts(ends: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """State entering each block: the previous block's end, or ``h0`` (0) for the first."""
+    first = torch.zeros_like(ends[:, 0]) if h0 is None else h0.expand_as(ends[:, 0])
+    first = first.unsqueeze(1)  # [B, 1, *S]
+    if reverse:
+        return torch.cat([ends[:, 1:], first], dim=1)
+    return torch.cat([first, ends[:, :-1]], dim=1)  # [B, nb, *S]
+
+
+def _rescan_blocks(a_blk: torch.Tensor, b_blk: torch.Tensor, starts: torch.Tensor,
+                   h_blk: torch.Tensor, order: Sequence[int]) -> None:
+    """Scan every block again from its true start state, writing all steps."""
+    prev = starts
+    for step in order:
+        torch.addcmul(b_blk[:, :, step], a_blk[:, :, step], prev, out=h_blk[:, :, step])
+        prev = h_blk[:, :, step]

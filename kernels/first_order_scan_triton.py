@@ -1,0 +1,259 @@
+"""Triton kernels for :func:`psmsearch.kernels.first_order_scan`.
+
+Layout: the state ``[*S]`` is flattened to ``N`` columns, so ``b`` and ``h`` are
+``[B, T, N]`` (contiguous, a row of ``N`` per step). Every program owns one batch
+entry and ``BLOCK_N`` columns and walks the time axis in tiles of ``BLOCK_T``
+steps: it loads a ``[BLOCK_T, BLOCK_N]`` tile of gates and inputs, scans the tile
+with ``tl.associative_scan`` over the affine combine, applies the carry from the
+previous tile and stores. Each element is read and written once, with float32
+arithmetic whatever the storage dtype.
+
+A gate that broadcasts over the state (one per head, one per key channel) is
+read through a per-column offset table (``a_cols``), so no broadcast copy of the
+gates is made. Its gradient is written per state element and reduced in
+PyTorch by the caller.
+
+Backward (both directions): in scan order ``p``,
+``g_p = dh_p + a_{p+1} g_{p+1}`` runs the same tile scan from the end,
+and the same kernel writes ``db = g``, ``da_p = g_p h_{p-1}`` and ``dh0 = a_0 g_0``.
+
+On CUDA the tile shape is tuned once per problem class (see :func:`_config`);
+under ``TRITON_INTERPRET=1`` a small fixed tile keeps the interpreter fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _dispatch
+
+
+@triton.jit
+def _affine_combine(a_left, x_left, a_right, x_right):
+    """``(a2, x2) ⊕ (a1, x1) = (a2 a1, a2 x1 + x2)``: left is the earlier element."""
+    return a_right * a_left, a_right * x_left + x_right
+
+
+@triton.jit
+def _last_row(tile, rows, BLOCK_T: tl.constexpr):
+    """Row ``BLOCK_T - 1`` of a ``[BLOCK_T, BLOCK_N]`` tile, as ``[BLOCK_N]``."""
+    return tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, tile, 0.0), axis=0)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    A, X, H0, OUT, A_COLS,
+    T, N, stride_ab, stride_at,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out_t = a_t out_{t-1} + x_t`` (or from the end when REVERSE) for one batch entry and column block."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    col_ok = cols < N
+    a_cols = tl.load(A_COLS + cols, mask=col_ok, other=0)  # [BLOCK_N]
+    rows = tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    A += pid_b * stride_ab
+    X += pid_b * T * N
+    OUT += pid_b * T * N
+    if HAS_H0:
+        carry = tl.load(H0 + pid_b * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        pos = start + rows  # [BLOCK_T] scan order
+        t = (T - 1 - pos) if REVERSE else pos
+        t = t.to(tl.int64)
+        ok = (pos < T)[:, None] & col_ok[None, :]  # [BLOCK_T, BLOCK_N]
+        a = tl.load(A + t[:, None] * stride_at + a_cols[None, :], mask=ok, other=1.0).to(tl.float32)
+        x = tl.load(X + t[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        a_cum, x_cum = tl.associative_scan((a, x), 0, _affine_combine)
+        h = x_cum + a_cum * carry[None, :]  # [BLOCK_T, BLOCK_N]
+        tl.store(OUT + t[:, None] * N + cols[None, :], h, mask=ok)
+        carry = _last_row(h, rows, BLOCK_T)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    A, H, H0, DH, DB, DA, DH0, A_COLS,
+    T, N, stride_ab, stride_at,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, NEED_DA: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Gradients of the scan for one batch entry and column block (see the module docstring)."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    col_ok = cols < N
+    a_cols = tl.load(A_COLS + cols, mask=col_ok, other=0)
+    rows = tl.arange(0, BLOCK_T)
+    A += pid_b * stride_ab
+    H += pid_b * T * N
+    DH += pid_b * T * N
+    DB += pid_b * T * N
+    DA += pid_b * T * N
+    step = -1 if REVERSE else 1  # time of scan position p + 1 minus time of p
+    if HAS_H0:
+        h_init = tl.load(H0 + pid_b * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        h_init = tl.zeros([BLOCK_N], dtype=tl.float32)
+    carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        pos = T - 1 - (start + rows)  # [BLOCK_T] scan positions, descending
+        t = (T - 1 - pos) if REVERSE else pos
+        t = t.to(tl.int64)
+        ok = (pos >= 0)[:, None] & col_ok[None, :]
+        next_ok = ((pos + 1) < T)[:, None] & ok
+        a_next = tl.load(A + (t + step)[:, None] * stride_at + a_cols[None, :], mask=next_ok, other=0.0)
+        a_next = tl.where(ok, a_next.to(tl.float32), 1.0)
+        dh = tl.load(DH + t[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        a_cum, x_cum = tl.associative_scan((a_next, dh), 0, _affine_combine)
+        g = x_cum + a_cum * carry[None, :]  # [BLOCK_T, BLOCK_N]
+        tl.store(DB + t[:, None] * N + cols[None, :], g, mask=ok)
+        if NEED_DA:
+            prev_ok = (pos >= 1)[:, None] & ok
+            h_prev = tl.load(H + (t - step)[:, None] * N + cols[None, :], mask=prev_ok, other=0.0)
+            h_prev = tl.where((pos == 0)[:, None], h_init[None, :], h_prev.to(tl.float32))
+            tl.store(DA + t[:, None] * N + cols[None, :], g * h_prev, mask=ok)
+        carry = _last_row(g, rows, BLOCK_T)
+    if HAS_H0:
+        t_first = (T - 1) if REVERSE else 0
+        a_first = tl.load(A + t_first * stride_at + a_cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(DH0 + pid_b * N + cols, a_first * carry, mask=col_ok)
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_t: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 1
+
+
+_INTERPRET_CONFIG = _Config(block_t=8, block_n=16, num_warps=1)
+_DEFAULT_CONFIG = _Config(block_t=64, block_n=64, num_warps=4, num_stages=2)
+_CANDIDATES = (
+    _DEFAULT_CONFIG,
+    _Config(32, 64, 4, 2),
+    _Config(64, 32, 4, 2),
+    _Config(128, 32, 4, 2),
+    _Config(128, 64, 8, 2),
+    _Config(32, 128, 4, 2),
+    _Config(64, 64, 4, 3),
+)
+_TUNE_MIN_ELEMENTS = 1 << 22
+_tuned: dict[tuple, _Config] = {}
+
+
+def _config(key: tuple, elements: int, launch: Callable[[_Config], None], device: torch.device) -> _Config:
+    """Tile shape for a launch: fixed for small problems and the interpreter, else tuned once per ``key``.
+
+    Tuning times every candidate with CUDA events on the real arguments (the
+    kernels only overwrite their outputs, so repeating a launch is harmless).
+    """
+    if _dispatch.interpret_enabled() or device.type != "cuda":
+        return _INTERPRET_CONFIG
+    if elements < _TUNE_MIN_ELEMENTS:
+        return _DEFAULT_CONFIG
+    if key not in _tuned:
+        _tuned[key] = min(_CANDIDATES, key=lambda cfg: _time_config(launch, cfg))
+    return _tuned[key]
+
+
+def _time_config(launch: Callable[[_Config], None], cfg: _Config) -> float:
+    try:
+        launch(cfg)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            launch(cfg)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    except Exception:  # a candidate that does not compile or fit is skipped
+        return math.inf
+
+
+def _gate_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Gates as stored plus the per-column offsets into one ``[*Sa]`` slice.
+
+    Returns ``(a_contiguous, a_cols [N] int64, stride over B, stride over T)``;
+    a batch or time dim of size 1 gets stride 0 (broadcast).
+    """
+    a_c = a.contiguous()
+    trailing = a.shape[2:]
+    n_trailing = math.prod(trailing)
+    a_cols = torch.arange(n_trailing, device=a.device).view(trailing).expand(b.shape[2:]).reshape(-1)
+    stride_b = a_c.stride(0) if a.shape[0] > 1 else 0
+    stride_t = a_c.stride(1) if a.shape[1] > 1 else 0
+    return a_c, a_cols, stride_b, stride_t
+
+
+def _state_width(b: torch.Tensor) -> int:
+    return math.prod(b.shape[2:])
+
+
+def _grid(cfg: _Config, n: int, batch: int) -> tuple[int, int]:
+    return triton.cdiv(n, cfg.block_n), batch
+
+
+def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """Triton forward; same contract as the reference (``h`` in ``b``'s dtype)."""
+    batch, steps = b.shape[:2]
+    n = _state_width(b)
+    b_c = b.contiguous()                                          # [B, T, *S]
+    a_c, a_cols, stride_ab, stride_at = _gate_layout(a, b)
+    h0_c = None if h0 is None else h0.expand(b.shape[:1] + b.shape[2:]).contiguous()  # [B, *S]
+    out = _dispatch.new_output(b.shape, b.dtype, b.device)        # [B, T, *S]
+
+    def launch(cfg: _Config) -> None:
+        _scan_fwd_kernel[_grid(cfg, n, batch)](
+            a_c, b_c, h0_c if h0_c is not None else b_c, out, a_cols,
+            steps, n, stride_ab, stride_at,
+            HAS_H0=h0_c is not None, REVERSE=reverse,
+            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = ("fwd", n, batch, steps.bit_length(), a.shape[2:], b.dtype, a.dtype)
+    launch(_config(key, b.numel(), launch, b.device))
+    return out
+
+
+def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh: torch.Tensor,
+                  reverse: bool, need_da: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Triton backward: ``(da, db, dh0)`` with ``da``/``dh0`` per state element (unreduced).
+
+    ``db`` is float32; ``da`` is in ``a``'s dtype when ``a`` is a full gate and in
+    float32 when the caller still has to reduce it over broadcast dims.
+    """
+    batch, steps = h.shape[:2]
+    n = _state_width(h)
+    a_c, a_cols, stride_ab, stride_at = _gate_layout(a, h)
+    h_c, dh_c = h.contiguous(), dh.contiguous()
+    h0_c = None if h0 is None else h0.expand(h.shape[:1] + h.shape[2:]).contiguous()
+    da_dtype = a.dtype if a.shape == h.shape else torch.float32
+    db = _dispatch.new_output(h.shape, torch.float32, h.device)
+    da = _dispatch.new_output(h.shape, da_dtype, h.device) if need_da else None
+    dh0 = _dispatch.new_output(h0_c.shape, torch.float32, h.device) if h0_c is not None else None
+
+    def launch(cfg: _Config) -> None:
+        _scan_bwd_kernel[_grid(cfg, n, batch)](
+            a_c, h_c, h0_c if h0_c is not None else h_c, dh_c, db,
+            da if da is not None else db, dh0 if dh0 is not None else db, a_cols,
+            steps, n, stride_ab, stride_at,
+            HAS_H0=h0_c is not None, REVERSE=reverse, NEED_DA=need_da,
+            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = ("bwd", n, batch, steps.bit_length(), a.shape[2:], h.dtype, a.dtype, need_da)
+    launch(_config(key, h.numel(), launch, h.device))
+    return da, db, dh0

@@ -1,0 +1,440 @@
+"""Built-in tasks: the group word problem (``group``, ``s5``), associative recall (``mqar``), byte LM (``lm``).
+
+Synthetic tasks draw training data from the trainer's generator and evaluation data from a separate,
+seed-derived stream. Every whole sequence hashes to a bucket (:func:`psmsearch.tasks.sequence_bucket`);
+bucket 0 is evaluation-only and training rejects it, so the two sets cannot share a sequence. The LM
+task splits the file by byte offset instead: training windows lie wholly before the split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from psmsearch import HyperParameter, hookimpl
+from psmsearch.errors import ConfigError
+from psmsearch.tasks import (
+    Batch,
+    Direction,
+    Task,
+    batched,
+    derive_seed,
+    length_tag,
+    masked_scores,
+    perplexity,
+    sequence_bucket,
+)
+
+EVAL_BUCKETS = 10  # one sequence in ten (by content hash) is reserved for evaluation
+
+
+def _sample_disjoint(
+    draw: Callable[[int], torch.Tensor], n: int, want_eval: bool, what: str
+) -> torch.Tensor:
+    """``n`` rows from ``draw(k) -> [k, T]`` whose bucket is 0 (eval) or not 0 (train)."""
+    kept: list[torch.Tensor] = []
+    have = 0
+    for _ in range(1000):
+        rows = draw(max(n - have, 1) * (EVAL_BUCKETS + 1 if want_eval else 2))  # [k, T]
+        is_eval = sequence_bucket(rows, EVAL_BUCKETS) == 0  # [k]
+        rows = rows[is_eval if want_eval else ~is_eval]
+        kept.append(rows)
+        have += rows.shape[0]
+        if have >= n:
+            return torch.cat(kept)[:n]
+    raise RuntimeError(f"could not draw {n} {what} sequences outside the held-out set; the sequence space is too small")
+
+
+# -- the group word problem ------------------------------------------------------------------------
+
+
+def group_elements(group: str) -> list[tuple[int, ...]]:
+    """Elements of ``S_n``, ``A_n`` or ``Z_n`` as permutations of ``range(n)``, identity first."""
+    family, n = group[0], int(group[1:])
+    if family == "Z":
+        return [tuple((j + i) % n for j in range(n)) for i in range(n)]
+    perms = list(itertools.permutations(range(n)))
+    if family == "A":
+        perms = [p for p in perms if _parity(p) == 0]
+    return perms
+
+
+def _parity(p: tuple[int, ...]) -> int:
+    inversions = sum(1 for i in range(len(p)) for j in range(i + 1, len(p)) if p[i] > p[j])
+    return inversions % 2
+
+
+def multiplication_table(elements: list[tuple[int, ...]]) -> torch.Tensor:
+    """``table[a, b]`` = index of ``a · b`` where ``(a · b)(j) = a(b(j))``; ``[G, G]`` int64."""
+    index = {p: i for i, p in enumerate(elements)}
+    table = [[index[tuple(a[b[j]] for j in range(len(a)))] for b in elements] for a in elements]
+    return torch.tensor(table, dtype=torch.int64)
+
+
+GROUPS = ("S3", "S4", "S5", "A4", "A5", "Z2", "Z3", "Z5", "Z7", "Z11", "Z60")
+
+
+class GroupWordProblem(Task):
+    """Running products in a finite group: input ``g_1..g_T``, label at ``t`` = ``g_1 · ... · g_t``.
+
+    Trained on lengths up to ``train_length`` (with an optional length curriculum that starts at 2
+    and grows by one whenever a training batch's accuracy passes ``curriculum_threshold``), evaluated
+    at ``train_length`` times 1, 2, 4, ... up to ``eval_max_multiple``: ``acc_<m>x`` over all
+    positions and ``final_acc_<m>x`` at the last position.
+    """
+
+    name = "group"
+    fixed_group: ClassVar[str | None] = None
+    hyperparameters = (
+        HyperParameter("group", "categorical", "S3", choices=GROUPS, help="S_n, A_n (alternating) or Z_n (cyclic)"),
+        HyperParameter("train_length", "int", 16, low=2, high=1024, help="longest training sequence (L)"),
+        HyperParameter("curriculum", "bool", True, help="grow the training length from 2 to L"),
+        HyperParameter("curriculum_threshold", "float", 0.9, low=0.3, high=1.0, help="train accuracy that advances the curriculum"),
+        HyperParameter("eval_max_multiple", "int", 16, low=1, high=64, help="evaluate at L x 1, 2, 4, ... up to this"),
+        HyperParameter("eval_samples", "int", 256, low=8, high=100000, help="evaluation sequences per length"),
+    )
+
+    def __init__(self, seed: int = 0, **params: Any) -> None:
+        if self.fixed_group is not None and "group" in params:
+            raise ConfigError(f"task {self.name!r} fixes group={self.fixed_group}; use task 'group' to choose", field="task.group")
+        super().__init__(seed, **params)
+        self.group: str = self.fixed_group or self.hparams["group"]
+        self.elements = group_elements(self.group)
+        self.table = multiplication_table(self.elements)  # [G, G]
+        self.train_length: int = self.hparams["train_length"]
+        self.length = min(2, self.train_length) if self.hparams["curriculum"] else self.train_length
+        self._eval_sets: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.elements)
+
+    def running_products(self, words: torch.Tensor) -> torch.Tensor:
+        """``words[B, T] -> prefix products [B, T]`` by table lookup."""
+        out = torch.empty_like(words)
+        acc = words[:, 0]  # [B]
+        out[:, 0] = acc
+        for t in range(1, words.shape[1]):
+            acc = self.table[acc, words[:, t]]
+            out[:, t] = acc
+        return out
+
+    def _words(self, generator: torch.Generator, length: int) -> Callable[[int], torch.Tensor]:
+        return lambda k: torch.randint(self.vocab_size, (k, length), generator=generator)
+
+    def train_batch(self, step: int, batch_size: int, generator: torch.Generator) -> Batch:
+        words = _sample_disjoint(self._words(generator, self.length), batch_size, False, "training")  # [B, T]
+        targets = self.running_products(words)
+        return Batch(words, targets, torch.ones_like(words, dtype=torch.bool))
+
+    def observe_train(self, step: int, accuracy: float) -> None:
+        if self.length < self.train_length and accuracy >= self.hparams["curriculum_threshold"]:
+            self.length += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"length": self.length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.length = int(state["length"])
+
+    @property
+    def multiples(self) -> list[int]:
+        top = self.hparams["eval_max_multiple"]
+        out = [2**i for i in range(int(math.log2(top)) + 1)]
+        return out if out[-1] == top else [*out, top]
+
+    def eval_sets(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{multiple: (words[n, m*L], products[n, m*L])}`` from the evaluation seed stream."""
+        if self._eval_sets is None:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, f"eval:{self.group}"))
+            self._eval_sets = {}
+            for m in self.multiples:
+                words = _sample_disjoint(
+                    self._words(generator, m * self.train_length), self.hparams["eval_samples"], True, "evaluation"
+                )
+                self._eval_sets[m] = (words, self.running_products(words))
+        return self._eval_sets
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        metrics: dict[str, float] = {}
+        try:
+            for m, (words, targets) in self.eval_sets().items():
+                correct_all = correct_final = 0.0
+                for rows in batched(words.shape[0], batch_size):
+                    x, y = words[rows].to(device), targets[rows].to(device)
+                    hit = (model(x).argmax(-1) == y).float()  # [b, T]
+                    correct_all += hit.sum().item()
+                    correct_final += hit[:, -1].sum().item()
+                metrics[f"acc_{length_tag(m)}"] = correct_all / words.numel()
+                metrics[f"final_acc_{length_tag(m)}"] = correct_final / words.shape[0]
+        finally:
+            model.train(was_training)
+        metrics["curriculum_length"] = float(self.length)
+        return metrics
+
+    def metric_directions(self) -> dict[str, Direction]:
+        out: dict[str, Direction] = {}
+        for m in self.multiples:
+            out[f"acc_{length_tag(m)}"] = "maximize"
+            out[f"final_acc_{length_tag(m)}"] = "maximize"
+        out["curriculum_length"] = "maximize"
+        return out
+
+    @property
+    def default_objective(self) -> str:
+        m = 4 if 4 in self.multiples else self.multiples[-1]
+        return f"acc_{length_tag(m)}"
+
+
+class S5WordProblem(GroupWordProblem):
+    """The group word problem on S5 (non-solvable: needs depth growing with length)."""
+
+    name = "s5"
+    fixed_group = "S5"
+    hyperparameters = tuple(hp for hp in GroupWordProblem.hyperparameters if hp.name != "group")
+
+
+# -- multi-query associative recall ----------------------------------------------------------------
+
+
+class MQAR(Task):
+    """Multi-query associative recall (Zoology, Arora et al. 2023).
+
+    A sequence starts with ``num_kv_pairs`` key-value pairs (keys from the lower half of the
+    vocabulary, values from the upper half, token 0 reserved as filler), followed by queries: each
+    key reappears once, at a slot drawn uniformly or with a power law favouring early slots, and
+    the model must predict its value at the query position. Only query positions are scored.
+    """
+
+    name = "mqar"
+    hyperparameters = (
+        HyperParameter("vocab_size", "int", 64, low=8, high=65536, log=True, help="vocabulary, including filler 0"),
+        HyperParameter("num_kv_pairs", "int", 8, low=1, high=1024, log=True, help="key-value pairs per sequence"),
+        HyperParameter("seq_len", "int", 64, low=8, high=65536, log=True, help="sequence length"),
+        HyperParameter("placement", "categorical", "power_law", choices=("uniform", "power_law"), help="query slot distribution"),
+        HyperParameter("power_a", "float", 0.01, low=0.001, high=1.0, log=True, help="power-law exponent (slot i has weight (i+1)^(a-1))"),
+        HyperParameter("eval_samples", "int", 512, low=8, high=100000, help="evaluation sequences"),
+    )
+
+    def __init__(self, seed: int = 0, **params: Any) -> None:
+        super().__init__(seed, **params)
+        v, kv, t = self.hparams["vocab_size"], self.hparams["num_kv_pairs"], self.hparams["seq_len"]
+        if kv > (v - 1) // 2:
+            raise ConfigError(f"num_kv_pairs={kv} needs vocab_size >= {2 * kv + 1} (distinct keys and values); got {v}", field="task.num_kv_pairs")
+        if 4 * kv > t:
+            raise ConfigError(f"num_kv_pairs={kv} needs seq_len >= {4 * kv} (pairs plus one query slot each); got {t}", field="task.num_kv_pairs")
+        self.key_range = (1, 1 + (v - 1) // 2)  # keys in [1, 1 + half)
+        self.value_range = (1 + (v - 1) // 2, v)
+        slots = (t - 2 * kv) // 2  # query slots of two tokens (key, value) after the context
+        weights = torch.ones(slots) if self.hparams["placement"] == "uniform" else (
+            torch.arange(1, slots + 1, dtype=torch.float64) ** (self.hparams["power_a"] - 1)
+        )
+        self.slot_weights = (weights / weights.sum()).float()  # [S]
+        self._eval: Batch | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hparams["vocab_size"]
+
+    def _draw(self, generator: torch.Generator) -> Callable[[int], torch.Tensor]:
+        kv, t = self.hparams["num_kv_pairs"], self.hparams["seq_len"]
+        lo_k, hi_k = self.key_range
+        lo_v, hi_v = self.value_range
+
+        def draw(b: int) -> torch.Tensor:
+            keys = torch.rand(b, hi_k - lo_k, generator=generator).argsort(-1)[:, :kv] + lo_k  # [b, kv] distinct
+            values = torch.randint(lo_v, hi_v, (b, kv), generator=generator)  # [b, kv]
+            seq = torch.zeros(b, t, dtype=torch.int64)
+            seq[:, 0 : 2 * kv : 2] = keys
+            seq[:, 1 : 2 * kv : 2] = values
+            slots = torch.multinomial(self.slot_weights.expand(b, -1), kv, replacement=False, generator=generator)  # [b, kv]
+            positions = 2 * kv + 2 * slots  # [b, kv] query key positions
+            order = torch.rand(b, kv, generator=generator).argsort(-1)  # which key goes to which slot
+            rows = torch.arange(b)[:, None]
+            seq[rows, positions] = keys[rows, order]
+            seq[rows, positions + 1] = values[rows, order]
+            return seq
+
+        return draw
+
+    def _batch(self, seq: torch.Tensor) -> Batch:
+        """Inputs ``seq[:, :-1]``; the target at a query key is the next token, its value."""
+        kv = self.hparams["num_kv_pairs"]
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        lo_k, hi_k = self.key_range
+        is_key = (inputs >= lo_k) & (inputs < hi_k)
+        mask = is_key & (torch.arange(inputs.shape[1]) >= 2 * kv)  # [B, T-1] query positions only
+        return Batch(inputs, targets, mask)
+
+    def train_batch(self, step: int, batch_size: int, generator: torch.Generator) -> Batch:
+        return self._batch(_sample_disjoint(self._draw(generator), batch_size, False, "training"))
+
+    def eval_batch(self) -> Batch:
+        if self._eval is None:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "eval:mqar"))
+            self._eval = self._batch(_sample_disjoint(self._draw(generator), self.hparams["eval_samples"], True, "evaluation"))
+        return self._eval
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        data = self.eval_batch()
+        loss = correct = 0.0
+        try:
+            for rows in batched(data.inputs.shape[0], batch_size):
+                part = data.rows(rows).to(device)
+                ce, hit = masked_scores(model(part.inputs), part.targets, part.mask)
+                loss += ce.sum().item()
+                correct += hit.sum().item()
+        finally:
+            model.train(was_training)
+        count = data.mask.sum().item()
+        return {"acc": correct / count, "loss": loss / count}
+
+    def metric_directions(self) -> dict[str, Direction]:
+        return {"acc": "maximize", "loss": "minimize"}
+
+
+# -- byte-level language modelling -----------------------------------------------------------------
+
+DEFAULT_TEXT = "../shared/data/tinyshakespeare.txt"
+
+
+def resolve_text_path(path: str) -> Path:
+    """A relative path is tried against the working directory, then against the repository root."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    repo_root = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), repo_root):
+        if (base / candidate).is_file():
+            return (base / candidate).resolve()
+    return (Path.cwd() / candidate).resolve()
+
+
+def _load_hf_text(dataset: str) -> tuple[bytes, bytes]:
+    """Train and validation text of a Hugging Face dataset, or a ConfigError saying why not."""
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise ConfigError(
+            f"dataset {dataset!r} needs the optional package `datasets` (pip install 'psmsearch[hf]'); "
+            "or set task.path to a local text file",
+            field="task.dataset",
+        ) from None
+    family, config = (dataset.split("-", 1)[0], dataset) if dataset.startswith("wikitext-") else (dataset, None)
+    try:
+        data = datasets.load_dataset(family, config)
+    except Exception as err:  # noqa: BLE001 - network, unknown name: all are the user's to fix
+        raise ConfigError(f"could not load dataset {dataset!r}: {type(err).__name__}: {err}", field="task.dataset") from None
+    splits = {name: "\n".join(data[name]["text"]).encode() for name in data}
+    if "train" not in splits or not ({"validation", "test"} & set(splits)):
+        raise ConfigError(f"dataset {dataset!r} has splits {sorted(splits)}; need train and validation", field="task.dataset")
+    return splits["train"], splits.get("validation", splits.get("test", b""))
+
+
+class ByteLM(Task):
+    """Character-level (byte) language modelling of a text file or a Hugging Face dataset.
+
+    The file's last ``val_fraction`` of bytes is held out. Training draws random windows wholly
+    inside the training part; evaluation tiles the held-out part with consecutive windows so every
+    held-out byte (after the first) is predicted exactly once, every position of every chunk scored.
+    """
+
+    name = "lm"
+    hyperparameters = (
+        HyperParameter("seq_len", "int", 256, low=8, high=65536, log=True, help="training window (tokens)"),
+        HyperParameter("val_fraction", "float", 0.1, low=0.01, high=0.5, help="held-out tail of the file"),
+        HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="held-out tokens scored per evaluation (at most)"),
+    )
+    options = {"path": DEFAULT_TEXT, "dataset": None}
+
+    def __init__(self, seed: int = 0, **params: Any) -> None:
+        super().__init__(seed, **params)
+        self._data: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def splits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train bytes, validation bytes) as uint8 tensors, loaded once."""
+        if self._data is None:
+            dataset = self.settings["dataset"]
+            if dataset:
+                train, val = _load_hf_text(dataset)
+            else:
+                path = resolve_text_path(self.settings["path"])
+                if not path.is_file():
+                    raise ConfigError(
+                        f"text file {self.settings['path']!r} not found (tried {Path.cwd()} and the repository root); "
+                        "set task.path to a text file or task.dataset to a Hugging Face dataset",
+                        field="task.path",
+                    )
+                raw = path.read_bytes()
+                split = int(len(raw) * (1 - self.hparams["val_fraction"]))
+                train, val = raw[:split], raw[split:]
+            need = self.hparams["seq_len"] + 1
+            if len(train) < need or len(val) < need:
+                raise ConfigError(f"text too short for seq_len={need - 1}: {len(train)} train / {len(val)} held-out bytes", field="task.seq_len")
+            self._data = (
+                torch.frombuffer(bytearray(train), dtype=torch.uint8),
+                torch.frombuffer(bytearray(val), dtype=torch.uint8),
+            )
+        return self._data
+
+    def train_batch(self, step: int, batch_size: int, generator: torch.Generator) -> Batch:
+        train, _ = self.splits()
+        t = self.hparams["seq_len"]
+        starts = torch.randint(len(train) - t, (batch_size,), generator=generator)  # [B]
+        windows = train[starts[:, None] + torch.arange(t + 1)].long()  # [B, T+1]
+        x, y = windows[:, :-1], windows[:, 1:]
+        return Batch(x, y, torch.ones_like(x, dtype=torch.bool))
+
+    def eval_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consecutive held-out windows ``(inputs[n, T], targets[n, T])``: each target byte once."""
+        _, val = self.splits()
+        t = self.hparams["seq_len"]
+        n = min((len(val) - 1) // t, max(1, self.hparams["eval_tokens"] // t))
+        x = val[: n * t].long().view(n, t)
+        y = val[1 : n * t + 1].long().view(n, t)
+        return x, y
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        x, y = self.eval_windows()
+        total = 0.0
+        try:
+            for rows in batched(x.shape[0], batch_size):
+                xb, yb = x[rows].to(device), y[rows].to(device)
+                ce, _ = masked_scores(model(xb), yb, torch.ones_like(yb, dtype=torch.bool))
+                total += ce.sum().item()
+        finally:
+            model.train(was_training)
+        loss = total / y.numel()
+        return {"loss": loss, "perplexity": perplexity(loss), "bpc": loss / math.log(2)}
+
+    def metric_directions(self) -> dict[str, Direction]:
+        return {"bpc": "minimize", "loss": "minimize", "perplexity": "minimize"}
+
+
+@hookimpl
+def register_tasks(register: Callable[..., None]) -> None:
+    register(GroupWordProblem)
+    register(S5WordProblem)
+    register(MQAR)
+    register(ByteLM)
+
+
+__all__ = ["ByteLM", "GroupWordProblem", "MQAR", "S5WordProblem", "group_elements", "multiplication_table"]

@@ -1,0 +1,123 @@
+"""The ``psmsearch`` command line: plugins, check, train, search, compare.
+
+Errors caused by the user's input (:class:`psmsearch.errors.PSMSearchError`) are printed as one
+clear message and exit with code 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from psmsearch.errors import PSMSearchError
+from psmsearch.registry import Registry, get_registry, use_plugins
+
+err_console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns PSMSearchError into exit code 2 with a one-line message."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PSMSearchError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(err.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="PATH",
+    help="Load a plugin module (.py file, package folder or module name); repeatable. "
+    "Also shipped to subprocesses and Ray workers.",
+)
+@click.version_option(package_name="psmsearch")
+def main(plugins: Sequence[str]) -> None:
+    """Search the design space of Prefix-Scannable Models."""
+    if plugins:
+        use_plugins(plugins)
+
+
+def report_plugin_failures(registry: Registry) -> None:
+    """Print each plugin that failed to load (the rest of the tool keeps working)."""
+    for failure in registry.failures:
+        err_console.print(f"[yellow]warning:[/] {failure}", highlight=False, soft_wrap=True)
+
+
+@main.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of components instead of a table.")
+def plugins_command(as_json: bool) -> None:
+    """List registered components and tasks, and plugins that failed to load."""
+    registry = get_registry()
+    report_plugin_failures(registry)
+    rows = [info.as_dict() for info in registry.all()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="psmsearch components")
+    for column in ("kind", "name", "plugin", "state_kind", "associative", "hyperparameters"):
+        table.add_column(column)
+    for row in rows:
+        params = ", ".join(_describe_param(p) for p in row["hyperparameters"]) or "-"
+        assoc = "-" if row["associative"] is None else ("yes" if row["associative"] else "no")
+        table.add_row(row["kind"], row["name"], row["plugin"], row["state_kind"] or "-", assoc, params)
+    Console().print(table)
+
+
+def _describe_param(param: dict[str, Any]) -> str:
+    if "choices" in param:
+        allowed = "|".join(str(c) for c in param["choices"])
+    elif "range" in param:
+        allowed = f"{param['range'][0]}..{param['range'][1]}" + (" log" if param.get("log") else "")
+    else:
+        allowed = param["type"]
+    return f"{param['name']}={param['default']} ({allowed})"
+
+
+@main.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--all", "check_all", is_flag=True, help="Check every registered encoder, aggregator and head.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
+    """Run the contract suite on components (NAME or KIND:NAME); exit 0 only if all pass."""
+    from psmsearch.errors import UnknownComponentError
+    from psmsearch.testing import check_components
+
+    registry = get_registry()
+    report_plugin_failures(registry)
+    if check_all:
+        infos = [info for info in registry.all() if info.kind in ("encoder", "aggregator", "head")]
+    elif names:
+        infos = []
+        for name in names:
+            found = [i for i in registry.find(name) if i.kind in ("encoder", "aggregator", "head")]
+            if not found:
+                known = {i.name for i in registry.all() if i.kind != "task"}
+                raise UnknownComponentError("component", name, known)
+            infos.extend(found)
+    else:
+        raise click.UsageError("name at least one component, or pass --all")
+    results = check_components(infos, registry)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        for result in results:
+            style = "green" if result.passed else "bold red"
+            Console().print(f"[{style}]{result.line()}[/]", highlight=False, soft_wrap=True)
+    failed = sum(not r.passed for r in results)
+    click.echo(f"{len(results) - failed} passed, {failed} failed", err=as_json)
+    sys.exit(1 if failed else 0)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main()

@@ -1,0 +1,401 @@
+"""The component contract suite (``psmsearch check``), importable for plugin authors' own tests.
+
+Each check builds the component with its default hyperparameters next to compatible partners
+from the registry (same ``state_kind``), provokes the property it is about and reports pass or
+fail with the evidence. In a plugin's test suite::
+
+    from psmsearch.testing import assert_component_ok
+
+    def test_my_aggregator_keeps_the_contract():
+        assert_component_ok(MyAggregator)
+
+Checks: shapes, finite outputs, gradients, token-locality of encoder features, causality and
+partial chunks of heads, tree == sequential == online scans, associativity where claimed (and the
+fast ``scan`` against the tree), streaming == parallel for a whole layer, and ``state_nbytes``
+matching the bytes streaming really holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from psmsearch import states as S
+from psmsearch.components import Aggregator, Component, ComponentContext, Encoder, Head
+from psmsearch.composer import PSMLayer
+from psmsearch.registry import ComponentInfo, Registry, get_registry
+from psmsearch.scan import OnlineScan, prefix_scan
+
+D_MODEL = 32
+CHUNK = 4
+BATCH = 2
+ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check of one component: passed or not, and why."""
+
+    component: str
+    check: str
+    passed: bool
+    message: str = ""
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        detail = f": {self.message}" if self.message else ""
+        return f"{status}  {self.component:<28} {self.check}{detail}"
+
+
+class ContractViolation(AssertionError):
+    """A check found evidence that the component breaks its contract."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ContractViolation(message)
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    diffs = [(x.double() - y.double()).abs().max().item() for x, y in zip(S.leaves(a), S.leaves(b)) if x.numel()]
+    return max(diffs, default=0.0)
+
+
+def _shapes(state: Any) -> list[list[int]]:
+    return [list(leaf.shape) for leaf in S.leaves(state)]
+
+
+def _all_finite(state: Any) -> bool:
+    return all(torch.isfinite(leaf).all().item() for leaf in S.leaves(state))
+
+
+@dataclass
+class _Assembly:
+    """A component under test together with the partners it runs with."""
+
+    encoder: Encoder
+    aggregator: Aggregator
+    head: Head
+    layer: PSMLayer
+
+    def inputs(self, n_chunks: int, seed: int, width: int | None = None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        c = width or self.layer.chunk_size
+        return torch.randn(BATCH, n_chunks, c, D_MODEL, generator=generator)  # [B, N, c, d]
+
+    def chunk_states(self, n_chunks: int, seed: int) -> Any:
+        return self.encoder.summarize(self.encoder.features(self.inputs(n_chunks, seed)))  # [B, N, ...]
+
+
+def _partner(registry: Registry, kind: str, state_kind: str) -> type[Component]:
+    for name in registry.names(kind):
+        info = registry.get(kind, name)
+        if info.state_kind == state_kind:
+            return info.cls
+    raise ContractViolation(f"no registered {kind} has state_kind {state_kind!r} to test against")
+
+
+def _assemble(cls: type[Component], registry: Registry, seed: int) -> _Assembly:
+    torch.manual_seed(seed)
+    state_kind = cls.state_kind
+    classes = {kind: _partner(registry, kind, state_kind) if kind != cls.kind else cls for kind in ("encoder", "aggregator", "head")}
+    context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK)
+    encoder = classes["encoder"](context)
+    context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
+    aggregator = classes["aggregator"](context)
+    head = classes["head"](context)
+    layer = PSMLayer(encoder, aggregator, head, CHUNK)
+    return _Assembly(encoder, aggregator, head, layer)
+
+
+# --- encoder checks ---------------------------------------------------------------------------
+
+
+def _encoder_shapes(a: _Assembly) -> str:
+    x = a.inputs(3, 1)  # [B, 3, c, d]
+    f = a.encoder.features(x)
+    for leaf in S.leaves(f):
+        _require(list(leaf.shape[:3]) == [BATCH, 3, CHUNK], f"features leaf shape {list(leaf.shape)} does not start with [B, N, c] = {[BATCH, 3, CHUNK]}")
+    state = a.encoder.summarize(f)
+    shape = a.encoder.state_shape
+    expected = [[BATCH, 3, *s] for s in (shape if shape and isinstance(shape[0], tuple) else (shape,))]
+    _require(_shapes(state) == expected, f"summarize gave {_shapes(state)}, state_shape promises {expected}")
+    return f"state {_shapes(state)}"
+
+
+def _encoder_token_local(a: _Assembly) -> str:
+    x = a.inputs(1, 2)[:, 0]  # [B, c, d]
+    whole = a.encoder.features(x)
+    for j in range(CHUNK):
+        single = a.encoder.features(x[:, j : j + 1], offset=j)
+        diff = _max_diff(S.take(whole, 1, slice(j, j + 1)), single)
+        _require(diff <= ATOL, f"features of token {j} alone (offset={j}) differ from the whole chunk's by {diff:.3g}")
+    bumped = x.clone()
+    bumped[:, 0] += 1.0
+    diff = _max_diff(S.take(a.encoder.features(bumped), 1, slice(1, None)), S.take(whole, 1, slice(1, None)))
+    _require(diff <= ATOL, f"changing token 0 changed the features of later tokens by {diff:.3g}")
+    return f"{CHUNK} positions"
+
+
+def _encoder_gradients(a: _Assembly) -> str:
+    x = a.inputs(2, 3).requires_grad_(True)
+    state = a.encoder.summarize(a.encoder.features(x))
+    total = sum(leaf.double().square().sum() for leaf in S.leaves(state))
+    (grad,) = torch.autograd.grad(total, x)
+    _require(bool(torch.isfinite(grad).all()), "gradient w.r.t. the input has non-finite values")
+    _require(grad.abs().sum().item() > 0, "gradient w.r.t. the input is identically zero")
+    return "finite, non-zero"
+
+
+# --- aggregator checks ------------------------------------------------------------------------
+
+
+def _aggregator_shapes(a: _Assembly) -> str:
+    older, newer = a.chunk_states(3, 4), a.chunk_states(3, 5)
+    out = a.aggregator(older, newer)
+    _require(_shapes(out) == _shapes(newer), f"agg(older, newer) has shapes {_shapes(out)}, inputs have {_shapes(newer)}")
+    init = a.aggregator.initial_state((BATCH,))
+    expected = [s[:1] + s[2:] for s in _shapes(newer)]
+    _require(_shapes(init) == expected, f"initial_state((B,)) has shapes {_shapes(init)}, expected {expected}")
+    return f"{_shapes(out)}"
+
+
+def _aggregator_finite(a: _Assembly) -> str:
+    out = a.aggregator(a.chunk_states(5, 6), a.chunk_states(5, 7))
+    _require(_all_finite(out), "agg(older, newer) produced NaN or inf")
+    _require(_all_finite(a.aggregator.initial_state((BATCH,))), "initial_state produced NaN or inf")
+    return "all finite"
+
+
+def _aggregator_gradients(a: _Assembly) -> str:
+    older = tuple_requires_grad(a.chunk_states(2, 8))
+    newer = tuple_requires_grad(a.chunk_states(2, 9))
+    out = a.aggregator(older, newer)
+    total = sum(leaf.double().square().sum() for leaf in S.leaves(out))
+    grads = torch.autograd.grad(total, S.leaves(older) + S.leaves(newer), allow_unused=True)
+    n_older = len(S.leaves(older))
+    for side, part in (("older", grads[:n_older]), ("newer", grads[n_older:])):
+        present = [g for g in part if g is not None]
+        _require(bool(present) and all(torch.isfinite(g).all() for g in present), f"gradient w.r.t. {side} is missing or non-finite")
+        _require(sum(g.abs().sum().item() for g in present) > 0, f"gradient w.r.t. {side} is identically zero")
+    return "flows to both operands"
+
+
+def tuple_requires_grad(state: Any) -> Any:
+    """A detached copy of ``state`` whose leaves require grad."""
+    return S.tree_map(lambda leaf: leaf.detach().clone().requires_grad_(True), state)
+
+
+def _online_prefixes(agg: Aggregator, chunk_states: Any) -> list[Any]:
+    scan = OnlineScan(agg, (BATCH,))
+    out = []
+    for i in range(S.size(chunk_states, 1)):
+        out.append(scan.prefix())
+        scan.push(S.take(chunk_states, 1, i))
+    return out
+
+
+def _aggregator_scan_paths(a: _Assembly) -> str:
+    for n in (1, 2, 3, 5, 8, 13):
+        states = a.chunk_states(n, 10 + n)
+        tree = prefix_scan(a.aggregator, states, mode="tree")
+        sequential = prefix_scan(a.aggregator, states, mode="sequential")
+        online = _online_prefixes(a.aggregator, states)
+        diff = _max_diff(tree, sequential)
+        _require(diff <= ATOL, f"N={n}: tree and sequential prefixes differ by {diff:.3g}")
+        for i, p in enumerate(online):
+            diff = _max_diff(S.take(tree, 1, i), p)
+            _require(diff <= ATOL, f"N={n}: online prefix {i} differs from the tree's by {diff:.3g}")
+    states = tuple_requires_grad(a.chunk_states(6, 30))
+    grads = []
+    for prefixes in (prefix_scan(a.aggregator, states, mode="tree"), _online_prefixes(a.aggregator, states)):
+        total = sum(leaf.double().square().sum() for leaf in S.leaves(prefixes if not isinstance(prefixes, list) else tuple(prefixes)))
+        grads.append(torch.autograd.grad(total, S.leaves(states), allow_unused=True))
+    for g_tree, g_online in zip(*grads):
+        if g_tree is None or g_online is None:
+            _require(g_tree is None and g_online is None, "gradient reaches the states in one scan path only")
+            continue
+        diff = (g_tree - g_online).abs().max().item()
+        _require(diff <= ATOL * 10, f"tree and online gradients differ by {diff:.3g}")
+    return "N in 1,2,3,5,8,13; outputs and gradients"
+
+
+def _aggregator_associativity(a: _Assembly) -> str:
+    if not type(a.aggregator).associative:
+        return "not claimed"
+    agg = copy.deepcopy(a.aggregator).double()
+    x, y, z = (S.tree_map(lambda leaf: leaf.double(), a.chunk_states(2, s)) for s in (40, 41, 42))
+    left = agg(agg(x, y), z)
+    right = agg(x, agg(y, z))
+    diff = _max_diff(left, right)
+    scale = max(leaf.abs().max().item() for leaf in S.leaves(left)) or 1.0
+    _require(diff <= 1e-9 * max(scale, 1.0), f"claims associative but (xy)z and x(yz) differ by {diff:.3g} (float64)")
+    states = a.chunk_states(7, 43)
+    fast = a.aggregator.scan(states)
+    if fast is None:
+        return "(xy)z == x(yz) in float64; no fast scan"
+    diff = _max_diff(fast, prefix_scan(a.aggregator, states, mode="tree"))
+    _require(diff <= ATOL, f"its fast scan() differs from the tree scan by {diff:.3g}")
+    return "(xy)z == x(yz) in float64; fast scan == tree"
+
+
+# --- head checks ------------------------------------------------------------------------------
+
+
+def _head_inputs(a: _Assembly) -> tuple[Any, torch.Tensor]:
+    prefix = S.take(prefix_scan(a.aggregator, a.chunk_states(3, 50)), 1, slice(None))  # [B, 3, ...]
+    return prefix, a.inputs(3, 51)  # x [B, 3, c, d]
+
+
+def _head_shapes(a: _Assembly) -> str:
+    prefix, x = _head_inputs(a)
+    for width in (CHUNK, 1, max(1, CHUNK - 1)):
+        y = a.head(prefix, a.encoder.features(x[:, :, :width]))
+        _require(list(y.shape) == [BATCH, 3, width, D_MODEL], f"c'={width}: output shape {list(y.shape)}, expected {[BATCH, 3, width, D_MODEL]}")
+        _require(bool(torch.isfinite(y).all()), f"c'={width}: output has NaN or inf")
+    return "full and partial chunks"
+
+
+def _head_causal(a: _Assembly) -> str:
+    prefix, x = _head_inputs(a)
+    base = a.head(prefix, a.encoder.features(x))
+    for j in range(1, CHUNK):
+        bumped = x.clone()
+        bumped[:, :, j] += 1.0
+        y = a.head(prefix, a.encoder.features(bumped))
+        diff = (y[:, :, :j] - base[:, :, :j]).abs().max().item()
+        _require(diff <= ATOL, f"changing chunk token {j} changed outputs at positions < {j} by {diff:.3g}")
+    return f"{CHUNK - 1} perturbations"
+
+
+def _head_partial(a: _Assembly) -> str:
+    prefix, x = _head_inputs(a)
+    f = a.encoder.features(x)
+    full = a.head(prefix, f)
+    for width in range(1, CHUNK):
+        part = a.head(prefix, S.take(f, 2, slice(0, width)))
+        diff = (part - full[:, :, :width]).abs().max().item()
+        _require(diff <= ATOL, f"c'={width}: partial-chunk output differs from the full chunk's first {width} by {diff:.3g}")
+    return f"c' in 1..{CHUNK - 1}"
+
+
+def _head_gradients(a: _Assembly) -> str:
+    prefix, x = _head_inputs(a)
+    prefix = tuple_requires_grad(prefix)
+    x = x.requires_grad_(True)
+    y = a.head(prefix, a.encoder.features(x))
+    grads = torch.autograd.grad(y.double().square().sum(), [x, *S.leaves(prefix)], allow_unused=True)
+    _require(grads[0] is not None and grads[0].abs().sum().item() > 0, "no gradient reaches the chunk tokens")
+    prefix_grads = [g for g in grads[1:] if g is not None]
+    _require(bool(prefix_grads) and sum(g.abs().sum().item() for g in prefix_grads) > 0, "no gradient reaches the prefix state")
+    _require(all(torch.isfinite(g).all() for g in grads if g is not None), "gradients have NaN or inf")
+    return "reaches prefix and chunk"
+
+
+# --- layer checks (every kind) ----------------------------------------------------------------
+
+
+def _layer_stream_equals_parallel(a: _Assembly) -> str:
+    generator = torch.Generator().manual_seed(60)
+    length = 3 * CHUNK + 2
+    x = torch.randn(BATCH, length, D_MODEL, generator=generator)  # [B, T, d]
+    with torch.no_grad():
+        parallel = a.layer(x)
+        stream = a.layer.stream(BATCH)
+        streamed = torch.stack([stream.step(x[:, t]) for t in range(length)], dim=1)
+        chunked = a.layer.stream(BATCH).feed(x)
+    diff = (parallel - streamed).abs().max().item()
+    _require(diff <= ATOL, f"T={length}: token-by-token streaming differs from the parallel forward by {diff:.3g}")
+    diff = (parallel - chunked).abs().max().item()
+    _require(diff <= ATOL, f"T={length}: chunk-wise streaming differs from the parallel forward by {diff:.3g}")
+    return f"T={length}, c={CHUNK}"
+
+
+def _layer_state_nbytes(a: _Assembly) -> str:
+    stream = a.layer.stream(BATCH)
+    associative = type(a.aggregator).associative
+    seen: list[int] = []
+    with torch.no_grad():
+        for n_chunks in (1, 2, 3, 7, 8, 16):
+            while stream.scan.count < n_chunks:
+                stream.feed(torch.randn(BATCH, CHUNK, D_MODEL))
+            measured, expected = stream.state_nbytes(), stream.expected_nbytes()
+            _require(measured == expected, f"after {n_chunks} chunks streaming holds {measured} bytes but state_nbytes accounts for {expected}")
+            roots = stream.scan.num_roots
+            limit = 1 if associative else math.ceil(math.log2(n_chunks + 1))
+            _require(roots <= limit, f"after {n_chunks} chunks {roots} roots are held, at most {limit} allowed")
+            seen.append(measured)
+    if associative:
+        _require(len(set(seen)) == 1, f"associative aggregator but retained bytes grow with n: {seen}")
+    return f"bytes after 1..16 chunks: {seen}"
+
+
+Check = Callable[[_Assembly], str]
+
+CHECKS: dict[str, list[tuple[str, Check]]] = {
+    "encoder": [
+        ("shapes", _encoder_shapes),
+        ("token_local_features", _encoder_token_local),
+        ("gradients", _encoder_gradients),
+    ],
+    "aggregator": [
+        ("shapes", _aggregator_shapes),
+        ("finite_outputs", _aggregator_finite),
+        ("gradients", _aggregator_gradients),
+        ("tree_equals_online", _aggregator_scan_paths),
+        ("associativity", _aggregator_associativity),
+    ],
+    "head": [
+        ("shapes_and_finite", _head_shapes),
+        ("causal_within_chunk", _head_causal),
+        ("partial_chunks", _head_partial),
+        ("gradients", _head_gradients),
+    ],
+}
+LAYER_CHECKS: list[tuple[str, Check]] = [
+    ("stream_equals_parallel", _layer_stream_equals_parallel),
+    ("state_nbytes_matches_streaming", _layer_state_nbytes),
+]
+
+
+def check_component(component: type[Component] | ComponentInfo, registry: Registry | None = None, seed: int = 0) -> list[CheckResult]:
+    """Run every contract check for one encoder, aggregator or head class; never raises."""
+    registry = registry or get_registry()
+    cls = component.cls if isinstance(component, ComponentInfo) else component
+    label = f"{cls.kind}:{cls.name or cls.__name__}"
+    try:
+        assembly = _assemble(cls, registry, seed)
+    except Exception as err:  # noqa: BLE001 - report, do not crash the suite
+        return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}")]
+    results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}")]
+    for check_name, check in CHECKS[cls.kind] + LAYER_CHECKS:
+        try:
+            message = check(assembly)
+            results.append(CheckResult(label, check_name, True, message))
+        except ContractViolation as err:
+            results.append(CheckResult(label, check_name, False, str(err)))
+        except Exception as err:  # noqa: BLE001
+            results.append(CheckResult(label, check_name, False, f"raised {type(err).__name__}: {err}"))
+    return results
+
+
+def _partners(a: _Assembly, cls: type[Component]) -> str:
+    parts = [(k, type(getattr(a, k))) for k in ("encoder", "aggregator", "head") if k != cls.kind]
+    return ", ".join(f"{k} {c.name!r}" for k, c in parts)
+
+
+def check_components(infos: Iterable[ComponentInfo], registry: Registry | None = None) -> list[CheckResult]:
+    """Run the suite for several registered components."""
+    registry = registry or get_registry()
+    return [result for info in infos for result in check_component(info, registry)]
+
+
+def assert_component_ok(component: type[Component], registry: Registry | None = None) -> None:
+    """Raise ``AssertionError`` listing every failed check (for plugin authors' pytest suites)."""
+    failures = [r for r in check_component(component, registry) if not r.passed]
+    if failures:
+        raise AssertionError("contract violated:\n" + "\n".join(r.line() for r in failures))

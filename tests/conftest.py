@@ -1,0 +1,22 @@
+"""Shared fixtures: a fresh registry per test that changes plugins, and the repo paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch: pytest.MonkeyPatch):
+    """Reload plugins for one test and restore the process-wide registry afterwards."""
+    from psmsearch import registry
+
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    yield registry
+    os.environ.pop(registry.ENV_VAR, None)
+    registry.reset_registry()

@@ -1,0 +1,59 @@
+"""The ``plugins`` and ``check`` commands, run for real in a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clihelpers import run_cli
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_plugins_json_lists_components_with_their_metadata() -> None:
+    result = run_cli("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    by_key = {(r["kind"], r["name"]): r for r in rows}
+    attention = by_key[("aggregator", "attention")]
+    assert attention["plugin"] == "psmsearch.plugins.token_state"
+    assert attention["state_kind"] == "tokens"
+    assert attention["associative"] is False
+    layers = next(p for p in attention["hyperparameters"] if p["name"] == "layers")
+    assert layers == {"name": "layers", "type": "int", "default": 2, "range": [1, 6], "log": False, "help": "transformer layers"}
+    assert by_key[("encoder", "embed")]["associative"] is None
+    assert {"name", "kind", "plugin", "state_kind", "associative", "hyperparameters"} <= set(attention)
+
+
+def test_plugins_table_reports_a_broken_plugin_and_lists_the_rest() -> None:
+    result = run_cli("--plugin", str(FIXTURES / "broken_hook.py"), "plugins")
+    assert result.returncode == 0
+    assert "broken_hook.py" in result.stderr and "RuntimeError: the plugin's own bug" in result.stderr
+    assert "attention" in result.stdout and "pool" in result.stdout
+
+
+def test_check_all_passes_for_the_builtins() -> None:
+    result = run_cli("check", "--all")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+    assert result.stdout.strip().splitlines()[-1].endswith("passed, 0 failed")
+
+
+def test_check_fails_with_evidence_and_exit_1() -> None:
+    result = run_cli("--plugin", str(FIXTURES / "broken_components.py"), "check", "zz_peeking", "aggregator:mlp")
+    assert result.returncode == 1
+    assert "FAIL  head:zz_peeking" in result.stdout and "causal_within_chunk" in result.stdout
+    assert "PASS  aggregator:mlp" in result.stdout
+
+
+def test_check_unknown_name_exits_2_with_a_suggestion_and_no_traceback() -> None:
+    result = run_cli("check", "atention")
+    assert result.returncode == 2
+    assert "unknown component 'atention'. Did you mean 'attention'?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_cli_option_exits_2() -> None:
+    result = run_cli("plugins", "--jsn")
+    assert result.returncode == 2
+    assert "No such option '--jsn'. Did you mean '--json'?" in result.stderr

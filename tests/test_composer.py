@@ -1,0 +1,75 @@
+"""PSM layers and language models: streaming equals parallel for every compatible combination."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from psmsearch.composer import PSMLayer, compatible_combinations, validate_model_config
+from psmsearch.config import ModelConfig
+from psmsearch.errors import ConfigError
+from psmsearch.model import build_model
+from psmsearch.registry import get_registry
+
+COMBINATIONS = compatible_combinations(get_registry())
+
+
+def test_every_registered_component_is_in_some_combination() -> None:
+    registry = get_registry()
+    used = {("encoder", e) for e, _, _ in COMBINATIONS} | {("aggregator", a) for _, a, _ in COMBINATIONS} | {("head", h) for _, _, h in COMBINATIONS}
+    registered = {(i.kind, i.name) for i in registry.all() if i.kind != "task"}
+    assert registered == used
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8])
+@pytest.mark.parametrize("encoder, aggregator, head", COMBINATIONS)
+def test_streaming_logits_equal_parallel_logits(encoder: str, aggregator: str, head: str, chunk_size: int) -> None:
+    torch.manual_seed(chunk_size)
+    config = ModelConfig(d_model=32, n_layers=2, chunk_size=chunk_size, encoder=encoder, aggregator=aggregator, head=head)
+    model = build_model(config, vocab_size=13).eval()
+    length = 2 * chunk_size + 5 if chunk_size > 1 else 11  # never a multiple of c (for c > 1)
+    tokens = torch.randint(0, 13, (2, length))
+    with torch.no_grad():
+        parallel = model(tokens)  # [B, T, V]
+    stream = model.stream(2)
+    streamed = torch.stack([stream.step(tokens[:, t]) for t in range(length)], dim=1)
+    assert (parallel - streamed).abs().max().item() < 1e-4
+    chunked = model.stream(2).feed(tokens)
+    assert (parallel - chunked).abs().max().item() < 1e-4
+    assert stream.state_nbytes() == stream.expected_nbytes()
+
+
+def test_tree_and_auto_scan_modes_agree_in_a_layer() -> None:
+    torch.manual_seed(0)
+    layer = PSMLayer.from_config(ModelConfig(d_model=16, chunk_size=2, aggregator={"name": "attention", "heads": 2}, head={"name": "attention", "heads": 2}))
+    x = torch.randn(2, 9, 16)
+    assert torch.allclose(layer(x, scan_mode="tree"), layer(x, scan_mode="sequential"), atol=1e-6)
+
+
+def test_gradients_of_parallel_path_match_streaming_path() -> None:
+    torch.manual_seed(1)
+    layer = PSMLayer.from_config(ModelConfig(d_model=16, chunk_size=3, encoder="pool", aggregator="mlp", head={"name": "attention", "heads": 2}))
+    x = torch.randn(1, 10, 16, requires_grad=True)
+    (g_parallel,) = torch.autograd.grad(layer(x).square().sum(), x)
+    stream = layer.stream(1)
+    streamed = torch.stack([stream.step(x[:, t]) for t in range(10)], dim=1)
+    (g_stream,) = torch.autograd.grad(streamed.square().sum(), x)
+    assert torch.allclose(g_parallel, g_stream, atol=1e-5)
+
+
+def test_incompatible_state_kinds_are_refused_with_a_clear_message() -> None:
+    from psmsearch.registry import load_registry
+    from pathlib import Path
+
+    class_file = Path(__file__).parent / "fixtures" / "other_state_kind.py"
+    registry = load_registry(extra_plugins=[str(class_file)])
+    config = ModelConfig(encoder="embed", aggregator="sum_vec", head="attention")
+    with pytest.raises(ConfigError, match=r"aggregator 'sum_vec' has state_kind 'vector'.*must share one state_kind"):
+        validate_model_config(config, registry)
+
+
+def test_unknown_hyperparameter_and_bad_value_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"model.aggregator: aggregator 'attention' has no hyperparameter 'depth'; allowed: heads, layers, mlp_ratio"):
+        validate_model_config(ModelConfig(aggregator={"name": "attention", "depth": 3}))
+    with pytest.raises(ConfigError, match=r"hyperparameter 'layers': 9 is out of range; expected int in \[1, 6\]"):
+        validate_model_config(ModelConfig(aggregator={"name": "attention", "layers": 9}))

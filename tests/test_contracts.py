@@ -1,0 +1,48 @@
+"""The contract suite passes the built-ins and catches each kind of broken component, with evidence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from psmsearch.testing import assert_component_ok, check_component
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def registry():
+    from psmsearch.registry import load_registry
+
+    return load_registry(extra_plugins=[str(FIXTURES / "broken_components.py")])
+
+
+@pytest.mark.parametrize("kind, name", [("encoder", "embed"), ("encoder", "pool"), ("aggregator", "attention"), ("aggregator", "mlp"), ("head", "attention")])
+def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> None:
+    results = check_component(registry.get(kind, name), registry)
+    assert len(results) >= 6
+    assert all(r.passed for r in results), [r.line() for r in results if not r.passed]
+
+
+@pytest.mark.parametrize(
+    "kind, name, failing_check, evidence",
+    [
+        ("aggregator", "zz_wrong_shape", "shapes", "agg(older, newer) has shapes [[2, 3, 8, 32]], inputs have [[2, 3, 4, 32]]"),
+        ("aggregator", "zz_nan", "finite_outputs", "produced NaN or inf"),
+        ("aggregator", "zz_fake_assoc", "associativity", "claims associative but (xy)z and x(yz) differ"),
+        ("head", "zz_peeking", "causal_within_chunk", "changing chunk token 1 changed outputs at positions < 1"),
+        ("encoder", "zz_misreports", "state_nbytes_matches_streaming", "streaming holds 1024 bytes but state_nbytes accounts for 512"),
+    ],
+)
+def test_broken_component_fails_the_right_check(registry, kind, name, failing_check, evidence) -> None:
+    results = {r.check: r for r in check_component(registry.get(kind, name), registry)}
+    assert not results[failing_check].passed
+    assert evidence in results[failing_check].message
+    assert results["build"].passed
+
+
+def test_assert_component_ok_raises_with_the_failed_checks(registry) -> None:
+    with pytest.raises(AssertionError, match="FAIL  aggregator:zz_nan +finite_outputs"):
+        assert_component_ok(registry.get("aggregator", "zz_nan").cls, registry)
+    assert_component_ok(registry.get("aggregator", "mlp").cls, registry)

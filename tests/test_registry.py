@@ -1,0 +1,73 @@
+"""Plugin loading: built-ins as ordinary plugins, local paths, env var, failures isolated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from psmsearch.errors import UnknownComponentError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_builtins_load_through_the_default_plugin_list(fresh_registry) -> None:
+    registry = fresh_registry.load_registry()
+    assert registry.failures == []
+    assert "psmsearch.plugins.token_state" in registry.plugins
+    for kind, name in [("encoder", "embed"), ("encoder", "pool"), ("aggregator", "attention"), ("aggregator", "mlp"), ("head", "attention")]:
+        info = registry.get(kind, name)
+        assert info.plugin == "psmsearch.plugins.token_state"
+        assert info.state_kind == "tokens"
+
+
+def test_unknown_name_suggests_close_matches(fresh_registry) -> None:
+    registry = fresh_registry.load_registry()
+    with pytest.raises(UnknownComponentError, match=r"unknown aggregator 'atention'\. Did you mean 'attention'\?"):
+        registry.get("aggregator", "atention")
+
+
+@pytest.mark.parametrize(
+    "fixture, expected",
+    [
+        ("broken_import.py", "ModuleNotFoundError: No module named 'psmsearch_this_module_does_not_exist'"),
+        ("broken_hook.py", "RuntimeError: the plugin's own bug"),
+        ("not_a_component.py", "is not a subclass of psmsearch.Aggregator"),
+        ("missing_file.py", "no such plugin file or folder"),
+    ],
+)
+def test_a_broken_plugin_is_reported_and_the_rest_still_load(fresh_registry, fixture: str, expected: str) -> None:
+    path = FIXTURES / fixture
+    registry = fresh_registry.load_registry(extra_plugins=[str(path), str(FIXTURES / "broken_components.py")])
+    failures = [f for f in registry.failures if fixture in f.plugin]
+    assert len(failures) == 1, registry.failures
+    assert expected in failures[0].error
+    # everything else loaded: the built-ins and the other local plugin
+    assert registry.get("aggregator", "attention").plugin == "psmsearch.plugins.token_state"
+    assert registry.get("aggregator", "zz_nan").plugin.endswith("broken_components.py")
+
+
+def test_a_name_registered_twice_is_an_error_naming_both_plugins(fresh_registry) -> None:
+    registry = fresh_registry.load_registry(extra_plugins=[str(FIXTURES / "duplicate_name.py")])
+    (failure,) = registry.failures
+    assert "aggregator 'attention' is registered twice" in failure.error
+    assert "psmsearch.plugins.token_state" in failure.error
+    assert "duplicate_name.py" in failure.error
+    assert registry.get("aggregator", "attention").plugin == "psmsearch.plugins.token_state"
+
+
+def test_env_var_loads_modules_and_paths(fresh_registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    monkeypatch.setenv(fresh_registry.ENV_VAR, f"broken_components, {FIXTURES / 'duplicate_name.py'}")
+    registry = fresh_registry.load_registry()
+    assert registry.get("head", "zz_peeking").plugin == "broken_components"
+    assert any("duplicate_name.py" in f.plugin for f in registry.failures)
+
+
+def test_use_plugins_exports_absolute_paths_for_child_processes(fresh_registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(FIXTURES)
+    registry = fresh_registry.use_plugins(["broken_components.py"])
+    assert registry.get("aggregator", "zz_wrong_shape")
+    import os
+
+    assert os.environ[fresh_registry.ENV_VAR] == str(FIXTURES / "broken_components.py")

@@ -1,0 +1,248 @@
+"""The scan engine against DESIGN.md §2: exact parenthesization, three paths agree, complexity, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from psmsearch import states as S
+from psmsearch.scan import OnlineScan, prefix_scan
+
+DESIGN_TABLE_8 = [
+    "e",
+    "x0",
+    "(x0 x1)",
+    "((x0 x1) x2)",
+    "((x0 x1) (x2 x3))",
+    "(((x0 x1) (x2 x3)) x4)",
+    "(((x0 x1) (x2 x3)) (x4 x5))",
+    "((((x0 x1) (x2 x3)) (x4 x5)) x6)",
+]
+
+
+class Symbolic:
+    """Builds expression strings: ``agg(a, b) = "(a b)"``; counts batched calls and pairs."""
+
+    associative = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.pairs = 0
+
+    def __call__(self, older: np.ndarray, newer: np.ndarray) -> np.ndarray:
+        assert "e" not in set(older.ravel()) | set(newer.ravel()), "identity passed to agg"
+        self.calls += 1
+        self.pairs += older.shape[1] if older.ndim > 1 else 1
+        return np.vectorize(lambda a, b: f"({a} {b})", otypes=[object])(older, newer)
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> np.ndarray:
+        return np.full(batch_shape, "e", dtype=object)
+
+
+def symbols(n: int, batch: int = 1) -> np.ndarray:
+    return np.array([[f"x{i}" for i in range(n)]] * batch, dtype=object)  # [B, N]
+
+
+def expected_prefix(i: int) -> str:
+    """DESIGN.md's rule written independently: left fold of the dyadic blocks of [0, i)."""
+
+    def block(start: int, width: int) -> str:
+        if width == 1:
+            return f"x{start}"
+        half = width // 2
+        return f"({block(start, half)} {block(start + half, half)})"
+
+    if i == 0:
+        return "e"
+    acc, start = None, 0
+    for bit in reversed(range(i.bit_length())):
+        if i >> bit & 1:
+            b = block(start, 1 << bit)
+            acc = b if acc is None else f"({acc} {b})"
+            start += 1 << bit
+    return acc
+
+
+def online_prefixes(agg, states, batch_shape) -> list:
+    scan = OnlineScan(agg, batch_shape)
+    out = []
+    for i in range(S.size(states, 1)):
+        out.append(scan.prefix())
+        scan.push(S.take(states, 1, i))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["tree", "sequential"])
+def test_design_table_for_eight_chunks(mode: str) -> None:
+    prefixes = prefix_scan(Symbolic(), symbols(8), mode=mode)
+    assert list(prefixes[0]) == DESIGN_TABLE_8
+
+
+def test_online_reproduces_design_table() -> None:
+    assert [p[0] for p in online_prefixes(Symbolic(), symbols(8), (1,))] == DESIGN_TABLE_8
+
+
+@pytest.mark.parametrize("n", list(range(1, 41)) + [63, 64, 65, 100])
+def test_every_path_has_the_exact_parenthesization(n: int) -> None:
+    expected = [expected_prefix(i) for i in range(n)]
+    assert list(prefix_scan(Symbolic(), symbols(n, batch=2), mode="tree")[1]) == expected
+    assert list(prefix_scan(Symbolic(), symbols(n), mode="sequential")[0]) == expected
+    assert [p[0] for p in online_prefixes(Symbolic(), symbols(n), (1,))] == expected
+
+
+class Twisted(torch.nn.Module):
+    """Deliberately non-associative and non-commutative, element-wise (so batching is bitwise-neutral)."""
+
+    associative = False
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.calls = 0
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.tanh(older) * 0.9 + newer * 0.7 + older * newer.flip(-1) * 0.3 - newer.square() * 0.1
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(*batch_shape, self.width, dtype=torch.float64)
+
+
+def test_twisted_is_really_non_associative_and_non_commutative() -> None:
+    agg = Twisted(4)
+    x, y, z = torch.randn(3, 4, dtype=torch.float64).unbind(0)
+    assert (agg(agg(x, y), z) - agg(x, agg(y, z))).abs().max() > 1e-3
+    assert (agg(x, y) - agg(y, x)).abs().max() > 1e-3
+
+
+def test_tree_sequential_online_agree_bitwise_for_every_n_up_to_100() -> None:
+    torch.manual_seed(0)
+    agg = Twisted(5)
+    for n in range(1, 101):
+        states = torch.randn(2, n, 5, dtype=torch.float64)  # [B, N, d]
+        tree = prefix_scan(agg, states, mode="tree")
+        sequential = prefix_scan(agg, states, mode="sequential")
+        online = torch.stack(online_prefixes(agg, states, (2,)), dim=1)
+        assert torch.equal(tree, sequential), f"N={n}: tree != sequential"
+        assert torch.equal(tree, online), f"N={n}: tree != online"
+
+
+def test_tuple_states_are_scanned_leaf_wise() -> None:
+    class PairAgg:
+        associative = False
+
+        def __call__(self, older, newer):
+            return (older[0] * newer[0] + 1.0, torch.tanh(older[1]) + newer[1] * older[0][..., :1])
+
+        def initial_state(self, batch_shape):
+            return (torch.ones(*batch_shape, 2, dtype=torch.float64), torch.zeros(*batch_shape, 3, dtype=torch.float64))
+
+    torch.manual_seed(1)
+    states = (torch.randn(2, 11, 2, dtype=torch.float64), torch.randn(2, 11, 3, dtype=torch.float64))
+    tree = prefix_scan(PairAgg(), states, mode="tree")
+    sequential = prefix_scan(PairAgg(), states, mode="sequential")
+    online = online_prefixes(PairAgg(), states, (2,))
+    for leaf in range(2):
+        assert torch.equal(tree[leaf], sequential[leaf])
+        assert torch.equal(tree[leaf], torch.stack([p[leaf] for p in online], dim=1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 31, 64, 100, 1000])
+def test_tree_makes_about_2n_pair_evaluations_in_2log2n_batched_calls(n: int) -> None:
+    agg = Symbolic()
+    prefix_scan(agg, symbols(n), mode="tree")
+    levels = math.ceil(math.log2(n)) if n > 1 else 0
+    assert agg.calls <= 2 * levels
+    assert agg.pairs <= 2 * n
+    upsweep_pairs = n - 1
+    assert agg.pairs >= upsweep_pairs
+
+
+def test_online_scan_is_amortised_constant_calls_and_logarithmic_memory() -> None:
+    agg = Symbolic()
+    scan = OnlineScan(agg, (1,))
+    for t in range(1, 1025):
+        scan.push(symbols(t)[:, t - 1])
+        scan.prefix()
+        assert scan.num_roots <= math.ceil(math.log2(t + 1))
+        assert len(scan.retained()) <= 2 * math.ceil(math.log2(t + 1))
+        assert agg.calls <= 2 * t
+    assert agg.calls / 1024 <= 2.0
+
+
+def test_online_prefix_costs_no_extra_call() -> None:
+    agg = Symbolic()
+    scan = OnlineScan(agg, (1,))
+    for t in range(5):
+        scan.push(symbols(5)[:, t])
+    before = agg.calls
+    scan.prefix()
+    scan.prefix()
+    assert agg.calls == before
+
+
+def test_associative_aggregator_streams_a_single_running_state() -> None:
+    class Add:
+        associative = True
+
+        def __call__(self, a, b):
+            return a + b
+
+        def initial_state(self, batch_shape):
+            return torch.zeros(*batch_shape, 3)
+
+    scan = OnlineScan(Add(), (2,))
+    xs = torch.randn(2, 50, 3)
+    for t in range(50):
+        scan.push(xs[:, t])
+        assert scan.num_roots == 1
+    assert torch.allclose(scan.prefix(), xs.sum(1), atol=1e-5)
+    assert scan.state_nbytes() == 2 * 3 * 4
+
+
+def test_gradients_match_across_paths() -> None:
+    torch.manual_seed(2)
+    agg = Twisted(4)
+    base = torch.randn(2, 13, 4, dtype=torch.float64)
+    grads = []
+    for path in ("tree", "sequential", "online"):
+        states = base.clone().requires_grad_(True)
+        if path == "online":
+            prefixes = torch.stack(online_prefixes(agg, states, (2,)), dim=1)
+        else:
+            prefixes = prefix_scan(agg, states, mode=path)
+        weights = torch.linspace(-1, 1, prefixes.numel(), dtype=torch.float64).view_as(prefixes)
+        (grad,) = torch.autograd.grad((prefixes * weights).sum(), states)
+        grads.append(grad)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-12)
+    assert torch.allclose(grads[0], grads[2], atol=1e-12)
+    # the last chunk contributes to no exclusive prefix
+    assert torch.equal(grads[0][:, -1], torch.zeros_like(grads[0][:, -1]))
+
+
+def test_gradient_against_finite_differences() -> None:
+    agg = Twisted(3)
+    states = torch.randn(1, 6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: prefix_scan(agg, s, mode="tree"), (states,))
+
+
+def test_bad_arguments_are_named() -> None:
+    agg = Twisted(2)
+    with pytest.raises(ValueError, match="mode 'fast' is not allowed"):
+        prefix_scan(agg, torch.zeros(1, 3, 2, dtype=torch.float64), mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one chunk"):
+        prefix_scan(agg, torch.zeros(1, 0, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch_shape"):
+        OnlineScan(agg).prefix()
+
+
+def test_retained_bytes_count_a_pinned_storage_in_full() -> None:
+    big = torch.zeros(100, 8)
+    view = big[:1]
+    assert S.nbytes(view) == 32
+    assert S.retained_nbytes([view]) == big.numel() * 4
+    assert S.retained_nbytes([view, big]) == big.numel() * 4
