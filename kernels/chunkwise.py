@@ -27,8 +27,6 @@ forward is in :mod:`.chunkwise_triton`; its backward recomputes this reference.
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -218,7 +216,3 @@ def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     full = blocks[..., :, :, None, :] * eye[:, None, :, None]  # [..., m, s, m, s]
     return full.flatten(-4, -3).flatten(-2)
 
-
-def chunk_gla_reference_function() -> Any:
-    """The reference as a callable (used by the Triton backward to recompute)."""
-    return chunk_gla_reference

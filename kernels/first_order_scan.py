@@ -67,13 +67,19 @@ def _check_shapes(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> 
         raise ValueError(f"b must be [B, T, *S], got shape {tuple(b.shape)}")
     if a.dim() != b.dim():
         raise ValueError(f"a must have b's rank {b.dim()}, got shape {tuple(a.shape)}")
-    if torch.broadcast_shapes(a.shape, b.shape) != b.shape:
+    if not _broadcasts_to(a.shape, b.shape):
         raise ValueError(f"a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
     state_shape = b.shape[:1] + b.shape[2:]
-    if h0 is not None and torch.broadcast_shapes(h0.shape, state_shape) != state_shape:
+    if h0 is not None and not _broadcasts_to(h0.shape, state_shape):
         raise ValueError(f"h0 {tuple(h0.shape)} does not broadcast to [B, *S] {tuple(state_shape)}")
     if a.device != b.device or (h0 is not None and h0.device != b.device):
         raise ValueError("a, b and h0 must be on the same device")
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def _implementation(backend: str) -> Any:

@@ -321,8 +321,8 @@ def resolve_text_path(path: str) -> Path:
     return (Path.cwd() / candidate).resolve()
 
 
-def _load_hf_text(dataset: str) -> tuple[bytes, bytes]:
-    """Train and validation text of a Hugging Face dataset, or a ConfigError saying why not."""
+def _require_datasets(dataset: str) -> Any:
+    """The ``datasets`` module, or a ConfigError saying how to get it."""
     try:
         import datasets  # noqa: PLC0415 - optional dependency
     except ImportError:
@@ -331,6 +331,12 @@ def _load_hf_text(dataset: str) -> tuple[bytes, bytes]:
             "or set task.path to a local text file",
             field="task.dataset",
         ) from None
+    return datasets
+
+
+def _load_hf_text(dataset: str) -> tuple[bytes, bytes]:
+    """Train and validation text of a Hugging Face dataset, or a ConfigError saying why not."""
+    datasets = _require_datasets(dataset)
     family, config = (dataset.split("-", 1)[0], dataset) if dataset.startswith("wikitext-") else (dataset, None)
     try:
         data = datasets.load_dataset(family, config)
@@ -366,6 +372,20 @@ class ByteLM(Task):
     def vocab_size(self) -> int:
         return 256
 
+    def check(self) -> None:
+        """The text file exists, or the dataset's loader package imports (nothing is downloaded here)."""
+        if self.settings["dataset"]:
+            _require_datasets(self.settings["dataset"])
+        elif not resolve_text_path(self.settings["path"]).is_file():
+            raise self._missing_file()
+
+    def _missing_file(self) -> ConfigError:
+        return ConfigError(
+            f"text file {self.settings['path']!r} not found (tried {Path.cwd()} and the repository root); "
+            "set task.path to a text file or task.dataset to a Hugging Face dataset",
+            field="task.path",
+        )
+
     def splits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(train bytes, validation bytes) as uint8 tensors, loaded once."""
         if self._data is None:
@@ -375,11 +395,7 @@ class ByteLM(Task):
             else:
                 path = resolve_text_path(self.settings["path"])
                 if not path.is_file():
-                    raise ConfigError(
-                        f"text file {self.settings['path']!r} not found (tried {Path.cwd()} and the repository root); "
-                        "set task.path to a text file or task.dataset to a Hugging Face dataset",
-                        field="task.path",
-                    )
+                    raise self._missing_file()
                 raw = path.read_bytes()
                 split = int(len(raw) * (1 - self.hparams["val_fraction"]))
                 train, val = raw[:split], raw[split:]

@@ -227,8 +227,8 @@ class AttentionStream:
         return sum(cache.expected_nbytes() for cache in self.caches)
 
 
-def build_baseline(config: ModelConfig, vocab_size: int) -> AttentionLanguageModel:
-    """The ``gpt`` or ``swa`` baseline for ``config`` (``n_heads`` must divide ``d_model``)."""
+def validate_baseline_config(config: ModelConfig) -> None:
+    """Raise a ConfigError unless ``config`` describes a buildable ``gpt`` / ``swa`` baseline."""
     if config.kind not in ("gpt", "swa"):
         raise ConfigError(f"{config.kind!r} is not a baseline; expected 'gpt' or 'swa'", field="model.kind")
     if config.d_model % config.n_heads:
@@ -240,4 +240,9 @@ def build_baseline(config: ModelConfig, vocab_size: int) -> AttentionLanguageMod
         raise ConfigError(
             f"RoPE needs an even head width; d_model/n_heads = {config.d_model // config.n_heads}", field="model.n_heads"
         )
+
+
+def build_baseline(config: ModelConfig, vocab_size: int) -> AttentionLanguageModel:
+    """The ``gpt`` or ``swa`` baseline for ``config`` (``n_heads`` must divide ``d_model``)."""
+    validate_baseline_config(config)
     return AttentionLanguageModel(config, vocab_size, window=config.window if config.kind == "swa" else None)

@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from psmsearch.cli_search import compare, search
 from psmsearch.errors import PSMSearchError
 from psmsearch.registry import Registry, get_registry, use_plugins
 
@@ -116,6 +117,10 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
     failed = sum(not r.passed for r in results)
     click.echo(f"{len(results) - failed} passed, {failed} failed", err=as_json)
     sys.exit(1 if failed else 0)
+
+
+main.add_command(search)
+main.add_command(compare)
 
 
 def run() -> None:

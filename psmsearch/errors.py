@@ -18,6 +18,7 @@ class ConfigError(PSMSearchError):
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None) -> None:
         self.source = source
         self.field = field
+        self.detail = message
         where = ": ".join(part for part in (source, field) if part)
         super().__init__(f"{where}: {message}" if where else message)
 

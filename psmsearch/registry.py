@@ -33,7 +33,7 @@ from psmsearch.errors import PluginError, UnknownComponentError
 
 PROJECT = "psmsearch"
 ENV_VAR = "PSMSEARCH_PLUGINS"
-DEFAULT_PLUGINS: tuple[str, ...] = ("psmsearch.plugins.token_state", "psmsearch.plugins.tasks")
+DEFAULT_PLUGINS: tuple[str, ...] = ("psmsearch.plugins.token_state", "psmsearch.plugins.tasks", "psmsearch.plugins.affine")
 KINDS: tuple[str, ...] = ("encoder", "aggregator", "head", "task")
 HOOK_FOR_KIND = {
     "encoder": "register_encoders",

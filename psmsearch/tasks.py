@@ -107,6 +107,9 @@ class Task:
             resolved[key] = value
         return resolved
 
+    def check(self) -> None:
+        """Cheap checks that need the environment (a file exists, a package imports); ConfigError if not."""
+
     # -- data -----------------------------------------------------------------------------------
 
     @property

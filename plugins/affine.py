@@ -1,0 +1,513 @@
+"""Associative (affine) PSM components: linear attention, RetNet, Mamba2, GLA and DeltaNet.
+
+Every model here keeps, per head, a matrix state ``S ∈ R^{d_k × d_v}`` updated token by token as
+``S_t = E_t ▷ S_{t-1} + k_t v_tᵀ`` (DeltaNet: ``+ β_t k_t v_tᵀ``) and read out as ``o_t = S_tᵀ q_t``.
+The pairs ``(E, S)`` form a monoid under ``(E_old, S_old) ⊕ (E_new, S_new) =
+(E_new ∘ E_old, E_new ▷ S_old + S_new)`` with identity ``(I, 0)``, so the aggregators are
+associative and streaming keeps one running state. The gate type decides what ``E`` is and hence
+the state kind; only triples of one kind are compatible:
+
+==================  =====================  ================  ===================  ======================
+state kind          encoders               ``E_t``           aggregator           head
+==================  =====================  ================  ===================  ======================
+``affine-scalar``   ``linear_attention``,  ``a_t I``         ``affine_scalar``    ``linear_readout_scalar``
+                    ``retnet``, ``mamba2``
+``affine-diag``     ``gla``                ``diag(α_t)``     ``affine_diag``      ``linear_readout_diag``
+``affine-dense``    ``deltanet``           ``I - β k kᵀ``    ``affine_dense``     ``linear_readout_dense``
+==================  =====================  ================  ===================  ======================
+
+Representation. Encoder features are ``(q, k, v, gate)`` with the chunk axis right after the batch
+dims: ``q, k [*, c, H, dk]``, ``v [*, c, H, dv]``; the gate is the token's log-decay
+``[*, c, H, 1]`` (scalar kinds) or ``[*, c, H, dk]`` (diagonal), or DeltaNet's ``β [*, c, H]``.
+Scalar and diagonal decays are one code path: a scalar gate is a diagonal one of width 1 that
+broadcasts over ``dk``. Their states store ``E`` as its logarithm (``log E [*, H]`` or
+``[*, H, dk]``, identity 0) so that cumulative transitions are sums of log-decays, never products
+that underflow to 0 and then break ``log`` in a backward pass; DeltaNet stores ``E [*, H, dk, dk]``
+itself (identity ``I``). Chunk summaries and heads use intra-chunk matmuls: decay masks are
+``exp`` of differences of cumulative log-decays taken only where they are ``<= 0``; DeltaNet uses
+the WY/UT transform (one batched unit-triangular solve per chunk, no loop over tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from psmsearch import Aggregator, ComponentContext, Encoder, Head, HyperParameter, hookimpl
+from psmsearch.kernels.first_order_scan import first_order_scan
+
+SCALAR = "affine-scalar"
+DIAG = "affine-diag"
+DENSE = "affine-dense"
+
+Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (q, k, v, gate)
+AffineState = tuple[torch.Tensor, torch.Tensor]  # (log E or E, S)
+
+HEADS = HyperParameter("heads", "categorical", 4, choices=(1, 2, 4, 8, 16), help="heads, each with its own d_k × d_v state")
+KEY_DIM = HyperParameter("key_dim", "int", 16, low=4, high=256, log=True, help="d_k: key/query width per head")
+VALUE_DIM = HyperParameter("value_dim", "int", 16, low=4, high=256, log=True, help="d_v: value width per head")
+FEATURE_MAP = HyperParameter(
+    "feature_map", "categorical", "identity", choices=("identity", "elu1", "silu"),
+    help="elementwise map applied to queries and keys before scaling / normalisation",
+)
+SHARED_HYPERPARAMETERS = (HEADS, KEY_DIM, VALUE_DIM, FEATURE_MAP)
+NORM = HyperParameter("norm", "bool", True, help="per-head RMSNorm of the readout before the output projection")
+
+FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda t: t,
+    "elu1": lambda t: F.elu(t) + 1.0,
+    "silu": F.silu,
+}
+
+
+# --- shared math ------------------------------------------------------------------------------
+
+
+def _causal_mask(width: int, device: torch.device) -> torch.Tensor:
+    """``[t, s]`` True where ``s <= t``."""
+    return torch.ones(width, width, dtype=torch.bool, device=device).tril()  # [c', c']
+
+
+def _broadcast_transition(log_e: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """``exp(log E)`` shaped to scale ``memory[*, H, dk, dv]`` row-wise (``[*, H, 1|dk, 1]``)."""
+    trailing = (1,) * (memory.dim() - log_e.dim())
+    return log_e.exp().reshape(*log_e.shape, *trailing)  # [*, H, 1|dk, 1]
+
+
+def _decay_scores(q: torch.Tensor, k: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
+    """Causal intra-chunk scores ``A[t, s] = Σ_j q_tj k_sj exp(cum_tj - cum_sj)`` for ``s <= t``, else 0.
+
+    ``cum [*, c', H, g]`` are inclusive cumulative log-decays (non-increasing in t), so every
+    exponentiated difference is ``<= 0``; the others are masked to ``-inf`` before ``exp``. A scalar
+    gate (``g == 1``) factors out of the key sum, costing ``[c', c']`` per head instead of
+    ``[c', c', dk]``.
+    """
+    width = q.shape[-3]
+    causal = _causal_mask(width, q.device)[:, :, None, None]  # [t, s, 1, 1]
+    diff = cum.unsqueeze(-3) - cum.unsqueeze(-4)  # [*, t, s, H, g]: cum_t - cum_s
+    decay = diff.masked_fill(~causal, float("-inf")).exp()  # [*, t, s, H, g]
+    if cum.shape[-1] == 1:
+        dots = torch.einsum("...thk,...shk->...hts", q, k)  # [*, H, t, s]
+        return dots * decay.squeeze(-1).movedim(-1, -3)  # [*, H, t, s]
+    return torch.einsum("...thk,...shk,...tshk->...hts", q, k, decay)  # [*, H, t, s]
+
+
+def _decay_summary(k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor) -> AffineState:
+    """A complete chunk's ``(log E, S)`` for scalar/diagonal decays (``log E`` keeps the gate width)."""
+    total = log_a.sum(dim=-3)  # [*, H, g]: log of the chunk's transition
+    to_end = (total.unsqueeze(-3) - log_a.cumsum(dim=-3)).exp()  # [*, c, H, g]: decay from token s to the end
+    memory = torch.einsum("...shk,...shv->...hkv", k * to_end, v)  # [*, H, dk, dv]
+    return total, memory
+
+
+def _decay_readout(prefix: torch.Tensor, f: Features) -> torch.Tensor:
+    """``o_t = S_tᵀ q_t`` for scalar/diagonal decays: the decayed prefix plus the causal chunk part."""
+    q, k, v, log_a = f  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
+    cum = log_a.cumsum(dim=-3)  # [*, c', H, g]
+    inter = torch.einsum("...thk,...hkv->...thv", q * cum.exp(), prefix)  # [*, c', H, dv]
+    scores = _decay_scores(q, k, cum)  # [*, H, c', c']
+    intra = torch.einsum("...hts,...shv->...thv", scores, v)  # [*, c', H, dv]
+    return inter + intra
+
+
+def _wy(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """WY/UT form of a chunk of delta-rule steps ``S_t = (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``.
+
+    Returns ``W [*, H, c, dk]`` and ``U [*, H, c, dv]`` with ``Π_{s<=t}(I - β_s k_s k_sᵀ) =
+    I - Σ_{s<=t} k_s w_sᵀ`` and, from a zero state, ``S_t = Σ_{s<=t} k_s u_sᵀ``. Both follow
+    ``x_t = β_t (y_t - Σ_{s<t} (k_tᵀ k_s) x_s)``, i.e. ``(I + diag(β) tril₋₁(K Kᵀ)) [W U] = diag(β) [K V]``:
+    one unit-lower-triangular solve, rows depending only on earlier tokens (so partial chunks work).
+    """
+    kh = k.transpose(-3, -2)  # [*, H, c, dk]
+    vh = v.transpose(-3, -2)  # [*, H, c, dv]
+    bh = beta.transpose(-2, -1).unsqueeze(-1)  # [*, H, c, 1]
+    system = bh * (kh @ kh.transpose(-1, -2)).tril(-1)  # [*, H, c, c]; unit diagonal implied
+    rhs = bh * torch.cat([kh, vh], dim=-1)  # [*, H, c, dk + dv]
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)  # [*, H, c, dk + dv]
+    w, u = solved.split([kh.shape[-1], vh.shape[-1]], dim=-1)  # [*, H, c, dk], [*, H, c, dv]
+    return w, u
+
+
+def _delta_summary(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> AffineState:
+    """A complete chunk's ``(E, S)`` for the delta rule: ``E = I - Kᵀ W``, ``S = Kᵀ U``."""
+    w, u = _wy(k, v, beta)  # [*, H, c, dk], [*, H, c, dv]
+    kt = k.movedim(-3, -1)  # [*, H, dk, c]
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)  # [dk, dk]
+    return eye - kt @ w, kt @ u  # [*, H, dk, dk], [*, H, dk, dv]
+
+
+def _delta_readout(prefix: torch.Tensor, f: Features) -> torch.Tensor:
+    """``o_t = S_tᵀ q_t`` for the delta rule: ``O = Q S_p + tril(Q Kᵀ)(U - W S_p)``."""
+    q, k, v, beta = f  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H]
+    w, u = _wy(k, v, beta)  # [*, H, c', dk], [*, H, c', dv]
+    qh = q.transpose(-3, -2)  # [*, H, c', dk]
+    scores = (qh @ k.movedim(-3, -1)).tril()  # [*, H, c', c']
+    o = qh @ prefix + scores @ (u - w @ prefix)  # [*, H, c', dv]
+    return o.transpose(-3, -2)  # [*, c', H, dv]
+
+
+# --- encoders ---------------------------------------------------------------------------------
+
+
+class _AffineEncoder(Encoder):
+    """Per-head query/key/value projections shared by every gate type.
+
+    ``features`` is token-local (``offset`` is unused: these models carry no positions); the
+    subclass's ``_transition`` adds the token's gate and may rescale its key (Mamba2's ``Δ``).
+    Queries are scaled by ``d_k^-1/2``.
+    """
+
+    hyperparameters = SHARED_HYPERPARAMETERS
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        d = context.d_model
+        self.heads: int = self.hparams["heads"]
+        self.key_dim: int = self.hparams["key_dim"]
+        self.value_dim: int = self.hparams["value_dim"]
+        self.feature_map = FEATURE_MAPS[self.hparams["feature_map"]]
+        self.q_proj = nn.Linear(d, self.heads * self.key_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.heads * self.key_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.heads * self.value_dim, bias=False)
+
+    def _split_heads(self, t: torch.Tensor, width: int) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, width))  # [*, c', H, width]
+
+    def _queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mapped queries and keys ``[*, c', H, dk]`` (DeltaNet normalises them)."""
+        q = self.feature_map(self._split_heads(self.q_proj(x), self.key_dim))  # [*, c', H, dk]
+        k = self.feature_map(self._split_heads(self.k_proj(x), self.key_dim))  # [*, c', H, dk]
+        return q, k
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key, gate)`` of each token; the gate's meaning is the state kind's."""
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor, offset: int = 0) -> Features:
+        """``x[*, c', d] -> (q, k, v, gate)``, each with the chunk axis after the batch dims."""
+        q, k = self._queries_keys(x)  # [*, c', H, dk] each
+        v = self._split_heads(self.v_proj(x), self.value_dim)  # [*, c', H, dv]
+        k, gate = self._transition(x, k)  # [*, c', H, dk], [*, c', H, ...]
+        return q * self.key_dim**-0.5, k, v, gate
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int]:
+        """Shape of ``S`` per sequence: ``(H, dk, dv)``."""
+        return (self.heads, self.key_dim, self.value_dim)
+
+
+class _DecayEncoder(_AffineEncoder):
+    """Scalar (``gate_width == 1``) or diagonal (``gate_width == dk``) decays: gate = log-decay."""
+
+    diagonal: ClassVar[bool] = False
+
+    @property
+    def gate_width(self) -> int:
+        return self.key_dim if self.diagonal else 1
+
+    def summarize(self, f: Features) -> AffineState:
+        """``(log E [*, H] or [*, H, dk], S [*, H, dk, dv])`` of complete chunks ``f[*, c, ...]``."""
+        _, k, v, log_a = f
+        total, memory = _decay_summary(k, v, log_a)  # [*, H, g], [*, H, dk, dv]
+        return (total if self.diagonal else total.squeeze(-1)), memory
+
+    @property
+    def state_shape(self) -> tuple[tuple[int, ...], tuple[int, int, int]]:
+        transition = (self.heads, self.key_dim) if self.diagonal else (self.heads,)
+        return transition, self.memory_shape
+
+
+class LinearAttentionEncoder(_DecayEncoder):
+    """Linear attention: no forgetting (``E = I``; the log-decay gate is 0)."""
+
+    name = "linear_attention"
+    state_kind = SCALAR
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, k.new_zeros(*k.shape[:-1], 1)  # [*, c', H, dk], [*, c', H, 1]
+
+
+class RetNetEncoder(_DecayEncoder):
+    """RetNet retention: fixed per-head decays ``γ_h = 1 - 2^-(decay_exponent + h)``."""
+
+    name = "retnet"
+    state_kind = SCALAR
+    hyperparameters = (
+        *SHARED_HYPERPARAMETERS,
+        HyperParameter("decay_exponent", "int", 5, low=1, high=12, help="head h decays by 1 - 2^-(decay_exponent + h) per token"),
+    )
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        exponents = self.hparams["decay_exponent"] + torch.arange(self.heads, dtype=torch.float64)  # [H]
+        self.register_buffer("log_decay", torch.log1p(-(2.0**-exponents)).float())  # [H]
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = k.new_zeros(*k.shape[:-1], 1) + self.log_decay[:, None]  # [*, c', H, 1]: a fresh tensor
+        return k, gate
+
+
+class Mamba2Encoder(_DecayEncoder):
+    """Mamba2 / SSD-style data-dependent scalar decay per head.
+
+    ``Δ_t = softplus(w·x_t + b)``, ``log a_t = -Δ_t exp(A_log)`` and the input is discretised as
+    ``Δ_t k_t v_tᵀ`` (``k`` plays ``B``, ``q`` plays ``C``). ``b`` starts at softplus⁻¹ of a
+    log-uniform ``Δ`` in ``[dt_min, dt_max]`` and ``exp(A_log)`` uniform in ``[1, 16]``, as in Mamba2.
+    The block's convolution and output gate are not part of this sequence mixer.
+    """
+
+    name = "mamba2"
+    state_kind = SCALAR
+    hyperparameters = (
+        *SHARED_HYPERPARAMETERS,
+        HyperParameter("dt_min", "float", 1e-3, low=1e-4, high=1e-1, log=True, help="smallest initial step Δ"),
+        HyperParameter("dt_max", "float", 1e-1, low=1e-3, high=1.0, log=True, help="largest initial step Δ"),
+    )
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        dt_min, dt_max = self.hparams["dt_min"], self.hparams["dt_max"]
+        if dt_min > dt_max:
+            raise ValueError(f"encoder 'mamba2': dt_min={dt_min} exceeds dt_max={dt_max}")
+        self.dt_proj = nn.Linear(context.d_model, self.heads)
+        with torch.no_grad():
+            dt = torch.exp(torch.empty(self.heads).uniform_(math.log(dt_min), math.log(dt_max)))  # [H]
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+            self.dt_proj.weight.mul_(0.1)
+        self.a_log = nn.Parameter(torch.empty(self.heads).uniform_(1.0, 16.0).log())  # [H]
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = F.softplus(self.dt_proj(x)).unsqueeze(-1)  # [*, c', H, 1]
+        return k * dt, -dt * self.a_log.exp()[:, None]  # [*, c', H, dk], [*, c', H, 1]
+
+
+class GLAEncoder(_DecayEncoder):
+    """Gated linear attention: per-key-channel decay ``α_t = sigmoid(W₂ W₁ x_t)^(1/τ)``.
+
+    ``log α = logsigmoid(low-rank projection) / gate_temperature`` as in GLA (rank 16, τ = 16).
+    """
+
+    name = "gla"
+    state_kind = DIAG
+    diagonal = True
+    hyperparameters = (
+        *SHARED_HYPERPARAMETERS,
+        HyperParameter("gate_rank", "int", 16, low=1, high=128, log=True, help="rank of the gate projection"),
+        HyperParameter("gate_temperature", "float", 16.0, low=1.0, high=64.0, log=True, help="τ in log α = logsigmoid(·) / τ"),
+    )
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        self.gate_proj = nn.Sequential(
+            nn.Linear(context.d_model, self.hparams["gate_rank"], bias=False),
+            nn.Linear(self.hparams["gate_rank"], self.heads * self.key_dim),
+        )
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._split_heads(self.gate_proj(x), self.key_dim)  # [*, c', H, dk]
+        return k, F.logsigmoid(logits) / self.hparams["gate_temperature"]  # [*, c', H, dk] each
+
+
+class DeltaNetEncoder(_AffineEncoder):
+    """DeltaNet: ``E_t = I - β_t k_t k_tᵀ``, input ``β_t k_t v_tᵀ``; L2-normalised queries and keys.
+
+    ``β = sigmoid(w·x)``, or ``2 sigmoid`` with ``negative_eigenvalues`` (eigenvalues of ``E`` in
+    ``[-1, 1]``, which lets the state track parity-like structure). Chunks are summarised with the
+    WY/UT transform: one triangular solve per chunk, batched over all chunks and heads.
+    """
+
+    name = "deltanet"
+    state_kind = DENSE
+    hyperparameters = (
+        *SHARED_HYPERPARAMETERS,
+        HyperParameter("negative_eigenvalues", "bool", False, help="β in (0, 2) instead of (0, 1)"),
+    )
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        self.beta_proj = nn.Linear(context.d_model, self.heads)
+        self.beta_scale = 2.0 if self.hparams["negative_eigenvalues"] else 1.0
+
+    def _queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = super()._queries_keys(x)  # [*, c', H, dk] each
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, self.beta_scale * torch.sigmoid(self.beta_proj(x))  # [*, c', H, dk], [*, c', H]
+
+    def summarize(self, f: Features) -> AffineState:
+        """``(E [*, H, dk, dk], S [*, H, dk, dv])`` of complete chunks ``f[*, c, ...]``."""
+        _, k, v, beta = f
+        return _delta_summary(k, v, beta)
+
+    @property
+    def state_shape(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        return (self.heads, self.key_dim, self.key_dim), self.memory_shape
+
+
+# --- aggregators ------------------------------------------------------------------------------
+
+
+def _encoder_state_shape(context: ComponentContext, who: str) -> tuple[tuple[int, ...], tuple[int, int, int]]:
+    """``(transition shape, memory shape (H, dk, dv))`` from the encoder in ``context``."""
+    if context.encoder is None:
+        raise ValueError(f"{who} needs the encoder in its context to know the state shape")
+    transition, memory = context.encoder.state_shape
+    return tuple(transition), tuple(memory)  # type: ignore[return-value]
+
+
+class _AffineAggregator(Aggregator):
+    """``(E_old, S_old) ⊕ (E_new, S_new) = (E_new ∘ E_old, E_new ▷ S_old + S_new)``: associative.
+
+    The state's shapes come from the encoder; a non-persistent scalar buffer tracks the module's
+    dtype and device so that ``initial_state`` follows ``.to()`` / ``.double()``.
+    """
+
+    associative = True
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        self.transition_shape, self.memory_shape = _encoder_state_shape(context, f"aggregator {self.name!r}")
+        self.register_buffer("_like", torch.zeros(()), persistent=False)
+
+    def _identity_transition(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> AffineState:
+        """The zero state: identity transition, ``S = 0 [*, H, dk, dv]``."""
+        memory = self._like.new_zeros(*batch_shape, *self.memory_shape)  # [*, H, dk, dv]
+        return self._identity_transition(batch_shape), memory
+
+
+class _DecayAggregator(_AffineAggregator):
+    """Scalar/diagonal decays stored as ``log E``: ``log E = log E_old + log E_new``.
+
+    ``scan`` runs the shared first-order scan kernel over chunks for ``S`` and a cumulative sum for
+    ``log E``.
+    """
+
+    def _identity_transition(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return self._like.new_zeros(*batch_shape, *self.transition_shape)  # [*, H(, dk)]: log I = 0
+
+    def forward(self, older: AffineState, newer: AffineState) -> AffineState:
+        log_old, s_old = older  # [*, H(, dk)], [*, H, dk, dv]
+        log_new, s_new = newer
+        return log_old + log_new, _broadcast_transition(log_new, s_old) * s_old + s_new
+
+    def scan(self, states: AffineState) -> AffineState:
+        """Exclusive prefixes over dim 1 of ``states[B, N, ...]``; prefix 0 is the zero state."""
+        log_e, memory = states  # [B, N, H(, dk)], [B, N, H, dk, dv]
+        inclusive = first_order_scan(_broadcast_transition(log_e, memory), memory)  # [B, N, H, dk, dv]
+        log_first, memory_first = self.initial_state(log_e.shape[:1])  # [B, H(, dk)], [B, H, dk, dv]
+        log_prefix = torch.cat([log_first.unsqueeze(1), log_e.cumsum(dim=1)[:, :-1]], dim=1)  # [B, N, H(, dk)]
+        memory_prefix = torch.cat([memory_first.unsqueeze(1), inclusive[:, :-1]], dim=1)  # [B, N, H, dk, dv]
+        return log_prefix, memory_prefix
+
+
+class AffineScalarAggregator(_DecayAggregator):
+    """⊕ for one decay per head (linear attention, RetNet, Mamba2): state ``(log a [H], S)``."""
+
+    name = "affine_scalar"
+    state_kind = SCALAR
+
+
+class AffineDiagAggregator(_DecayAggregator):
+    """⊕ for per-key-channel decays (GLA): state ``(log α [H, dk], S)``."""
+
+    name = "affine_diag"
+    state_kind = DIAG
+
+
+class AffineDenseAggregator(_AffineAggregator):
+    """⊕ for dense transitions (DeltaNet): ``(E_new E_old, E_new S_old + S_new)`` by batched matmuls.
+
+    No fast ``scan``: the generic tree scan already does one batched matmul per level.
+    """
+
+    name = "affine_dense"
+    state_kind = DENSE
+
+    def _identity_transition(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        heads, dk, _ = self.transition_shape
+        eye = torch.eye(dk, dtype=self._like.dtype, device=self._like.device)  # [dk, dk]
+        return eye.repeat(*batch_shape, heads, 1, 1)  # [*, H, dk, dk]: materialised, not an expand()
+
+    def forward(self, older: AffineState, newer: AffineState) -> AffineState:
+        e_old, s_old = older  # [*, H, dk, dk], [*, H, dk, dv]
+        e_new, s_new = newer
+        return e_new @ e_old, e_new @ s_old + s_new
+
+
+# --- heads ------------------------------------------------------------------------------------
+
+
+class _ReadoutHead(Head):
+    """Reads ``o_t = S_tᵀ q_t`` from the prefix state and the chunk, then projects ``H·dv -> d``.
+
+    The queries, keys, values and gates come from the encoder's features; the head owns only the
+    optional per-head RMSNorm and the output projection (:meth:`project`).
+    """
+
+    hyperparameters = (NORM,)
+    readout: ClassVar[Callable[[torch.Tensor, Features], torch.Tensor]]
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        _, (heads, _, value_dim) = _encoder_state_shape(context, f"head {self.name!r}")
+        self.norm = nn.RMSNorm(value_dim, eps=1e-5) if self.hparams["norm"] else nn.Identity()
+        self.out = nn.Linear(heads * value_dim, context.d_model, bias=False)
+
+    def project(self, o: torch.Tensor) -> torch.Tensor:
+        """``o[*, c', H, dv] -> y[*, c', d]``."""
+        return self.out(self.norm(o).flatten(-2))  # [*, c', d]
+
+    def forward(self, prefix: AffineState, f: Features) -> torch.Tensor:
+        """``prefix (E, S [*, H, dk, dv])``, ``f[*, c', ...]`` -> ``y[*, c', d]``; ``E`` is not needed."""
+        _, memory = prefix
+        return self.project(type(self).readout(memory, f))  # [*, c', d]
+
+
+class ScalarReadoutHead(_ReadoutHead):
+    """Readout for one decay per head (linear attention, RetNet, Mamba2)."""
+
+    name = "linear_readout_scalar"
+    state_kind = SCALAR
+    readout = staticmethod(_decay_readout)
+
+
+class DiagReadoutHead(_ReadoutHead):
+    """Readout for per-key-channel decays (GLA); intra-chunk decay masks cost ``c² dk`` per head."""
+
+    name = "linear_readout_diag"
+    state_kind = DIAG
+    readout = staticmethod(_decay_readout)
+
+
+class DenseReadoutHead(_ReadoutHead):
+    """Readout for the delta rule (DeltaNet) through the WY/UT transform."""
+
+    name = "linear_readout_dense"
+    state_kind = DENSE
+    readout = staticmethod(_delta_readout)
+
+
+@hookimpl
+def register_encoders(register: Callable[..., None]) -> None:
+    for cls in (LinearAttentionEncoder, RetNetEncoder, Mamba2Encoder, GLAEncoder, DeltaNetEncoder):
+        register(cls)
+
+
+@hookimpl
+def register_aggregators(register: Callable[..., None]) -> None:
+    for cls in (AffineScalarAggregator, AffineDiagAggregator, AffineDenseAggregator):
+        register(cls)
+
+
+@hookimpl
+def register_heads(register: Callable[..., None]) -> None:
+    for cls in (ScalarReadoutHead, DiagReadoutHead, DenseReadoutHead):
+        register(cls)

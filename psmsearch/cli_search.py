@@ -1,0 +1,154 @@
+"""``psmsearch search`` and ``psmsearch compare``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from psmsearch.errors import ConfigError
+from psmsearch.report import TrialRow, objectives_from_parent, rank, rows_from_runs, write_plots
+from psmsearch.search import SearchOptions
+from psmsearch.space import Objective
+
+
+@click.command("search")
+@click.argument("space_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--driver", type=click.Choice(["optuna", "ray"]), default=None, help="Default: the space's driver.name (optuna).")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials the study should hold when done.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Trials run at once.")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///psmsearch.db in the working directory).")
+@click.option("--study", default=None, help="Study name (default: the space's name).")
+@click.option("--address", default=None, help="Ray cluster address (ray driver; default: start a local cluster).")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None)
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db).")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the space's name).")
+@click.option("--resume", is_flag=True, help="Continue (or join) an existing study without repeating completed trials.")
+@click.option("--no-progress", is_flag=True, help="No live display.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on the last line.")
+def search(space_file: Path, driver: str | None, trials: int | None, jobs: int | None, storage: str | None, study: str | None,
+           address: str | None, gpus_per_trial: float | None, cpus_per_trial: float | None, tracking_uri: str | None,
+           experiment: str | None, resume: bool, no_progress: bool, as_json: bool) -> None:
+    """Run a search over the space in SPACE_FILE and print the trials, best first."""
+    from psmsearch.space import load_space
+
+    space = load_space(space_file)
+    settings = space.header.driver
+    options = SearchOptions(
+        trials=trials or settings.trials, jobs=jobs or settings.jobs, storage=storage or settings.storage,
+        study=study or settings.study, resume=resume, tracking_uri=tracking_uri, experiment=experiment,
+        address=address or settings.address,
+        gpus_per_trial=settings.gpus_per_trial if gpus_per_trial is None else gpus_per_trial,
+        cpus_per_trial=cpus_per_trial or settings.cpus_per_trial, progress=not no_progress,
+    )
+    driver = driver or settings.name
+    try:
+        if driver == "ray":
+            from psmsearch.ray_driver import run_ray_search
+
+            result = run_ray_search(space, options)
+        else:
+            from psmsearch.optuna_driver import run_optuna_search
+
+            result = run_optuna_search(space, options)
+    except KeyboardInterrupt:
+        click.echo("interrupted: completed trials are kept; run the same command with --resume to continue", err=True)
+        sys.exit(130)
+    rows = [
+        TrialRow(f"trial-{o.number}", space.name, o.state, {k: str(v) for k, v in o.params.items()}, o.metrics, error=o.error)
+        for o in result.outcomes
+    ]
+    ranked = rank(rows, space.objectives)
+    summary = {
+        "study": result.study_name, "storage": result.storage, "experiment": result.experiment,
+        "parent_run": result.parent_run, "objectives": [o.model_dump() for o in space.objectives],
+        "trials": [_row_json(r, space.objectives) for r in ranked],
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        print_rows(ranked, space.objectives, title=f"search {space.name}: trials run by this process")
+
+
+def _row_json(row: TrialRow, objectives: Sequence[Objective]) -> dict[str, Any]:
+    return {
+        "name": row.name, "status": row.status, "pareto": row.pareto, "params": row.params,
+        "objectives": {o.metric: row.metrics.get(o.metric) for o in objectives}, "metrics": row.metrics,
+        **({"error": row.error} if row.error else {}),
+    }
+
+
+def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title: str) -> None:
+    """A table of trials: objectives, the Pareto mark, the searched parameters and the status."""
+    table = Table(title=title)
+    table.add_column("trial")
+    table.add_column("status")
+    table.add_column("front")
+    for objective in objectives:
+        table.add_column(f"{objective.metric} ({'max' if objective.direction == 'maximize' else 'min'})", justify="right")
+    table.add_column("parameters")
+    for row in rows:
+        values = [f"{row.metrics[o.metric]:.4g}" if o.metric in row.metrics else "-" for o in objectives]
+        searched = {k.removeprefix("search."): v for k, v in row.params.items() if k.startswith("search.")} or row.params
+        params = ", ".join(f"{k}={v}" for k, v in sorted(searched.items()))
+        table.add_row(row.name, row.status, "*" if row.pareto else "", *values, params)
+    Console(width=max(120, Console().width)).print(table)
+
+
+@click.command("compare")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the most recent psmsearch search's).")
+@click.option("--search", "search_name", default=None, help="Only trials of this search (study) name.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db).")
+@click.option("--objective", "objective_specs", multiple=True, metavar="METRIC:max|min", help="Override the objectives logged by the search.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("psmsearch_compare"), help="Where to write the PNG plots.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranked trials as JSON.")
+def compare(experiment: str | None, search_name: str | None, tracking_uri: str | None, objective_specs: Sequence[str], out_dir: Path, as_json: bool) -> None:
+    """Rank the trials of an MLflow experiment, mark the Pareto front and write plots."""
+    from psmsearch.tracking import Tracker, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    experiment = experiment or _latest_experiment(uri)
+    tracker = Tracker(uri, experiment)
+    parents = tracker.runs(search_name, kind="search")
+    if not parents:
+        raise ConfigError(f"no psmsearch search found in experiment {experiment!r} at {uri}", field="--experiment")
+    objectives = [_parse_objective(s) for s in objective_specs] or objectives_from_parent(parents[0])
+    rows = rank(rows_from_runs(tracker.runs(search_name or parents[0].data.tags.get("psmsearch.search"))), objectives)
+    plots = write_plots(rows, objectives, out_dir)
+    for path in plots:
+        tracker.log_artifact(parents[0].info.run_id, path)
+    if as_json:
+        click.echo(json.dumps({"experiment": experiment, "objectives": [o.model_dump() for o in objectives],
+                               "trials": [_row_json(r, objectives) for r in rows], "plots": [str(p) for p in plots]}))
+        return
+    print_rows(rows, objectives, title=f"experiment {experiment}")
+    for path in plots:
+        click.echo(f"plot: {path}")
+
+
+def _parse_objective(spec: str) -> Objective:
+    metric, _, direction = spec.rpartition(":")
+    names = {"max": "maximize", "min": "minimize", "maximize": "maximize", "minimize": "minimize"}
+    if not metric or direction not in names:
+        raise ConfigError(f"{spec!r} is not METRIC:max or METRIC:min", field="--objective")
+    return Objective(metric=metric, direction=names[direction])  # type: ignore[arg-type]
+
+
+def _latest_experiment(uri: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from psmsearch.tracking import KIND_TAG, retry_locked
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = retry_locked(lambda: client.search_experiments())
+    ids = [e.experiment_id for e in experiments]
+    runs = retry_locked(lambda: client.search_runs(ids, filter_string=f"tags.`{KIND_TAG}` = 'search'", max_results=1, order_by=["attributes.start_time DESC"])) if ids else []
+    if not runs:
+        raise ConfigError(f"no psmsearch search has been tracked at {uri}; run `psmsearch search SPACE.yaml` first", field="--experiment")
+    return client.get_experiment(runs[0].info.experiment_id).name

@@ -1,0 +1,87 @@
+"""``psmsearch train CONFIG.yaml [--set key=value ...] [--json]``: run one trial from a YAML file.
+
+Progress goes to stderr; stdout gets a metrics table, and with ``--json`` its last line is one JSON
+object of every metric (so scripts can ``tail -n 1``). Invalid input raises
+:class:`~psmsearch.errors.ConfigError`, which the main CLI turns into exit code 2 without a traceback;
+a diverged or pruned run exits with code 1 and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from psmsearch.trainer import TrialStopped
+from psmsearch.trial import load_trial_config, run_trial
+
+
+def _format(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    if value == int(value) and abs(value) >= 1:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def print_metrics(metrics: dict[str, float], title: str) -> None:
+    """A two-column rich table of metrics on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, _format(value))
+    Console(file=sys.stdout).print(table)
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field, e.g. --set model.chunk_size=4 (repeatable; values are YAML)")
+@click.option("--json", "as_json", is_flag=True, help="end stdout with one JSON object of all metrics")
+@click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr (only on a terminal)")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="checkpoint file (written every train.checkpoint_every steps)")
+@click.option("--resume", is_flag=True, help="continue from --checkpoint if it exists")
+@click.option("--eval-log/--no-eval-log", default=True, help="print each periodic evaluation to stderr")
+def train(
+    config: Path, overrides: tuple[str, ...], as_json: bool, progress: bool, checkpoint: Path | None, resume: bool, eval_log: bool
+) -> None:
+    """Train and evaluate one trial described by CONFIG (a trial YAML file)."""
+    trial = load_trial_config(config, overrides)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if eval_log:
+            shown = ", ".join(f"{k}={_format(v)}" for k, v in metrics.items())
+            click.echo(f"step {step}: {shown}", err=True)
+
+    try:
+        metrics = run_trial(trial, log, progress=progress, checkpoint_path=checkpoint, resume=resume)
+    except TrialStopped as err:
+        click.echo(f"trial stopped: {err}", err=True)
+        sys.exit(1)
+    print_metrics(metrics, f"{config.name}: {trial.task.name} / {trial.model.kind}")
+    if as_json:
+        click.echo(json.dumps(metrics, sort_keys=True))
+
+
+def main() -> None:
+    """Run ``train`` standalone (the package CLI adds it to ``psmsearch``)."""
+    from psmsearch.errors import PSMSearchError
+
+    try:
+        train.main(standalone_mode=False)
+    except PSMSearchError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

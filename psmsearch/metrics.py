@@ -1,0 +1,122 @@
+"""Inference metrics measured by actually streaming a model (DESIGN.md §6).
+
+For each length ``n`` the model's stream is driven to ``n`` tokens (whole chunks through ``feed``,
+since no per-token outputs are needed) and then asked what it holds:
+
+* ``state_bytes_<n>``: bytes the stream's state tensors keep alive (each storage once), and
+  ``expected_state_bytes_<n>``: the model's own accounting, which must agree;
+* ``latency_ms_<n>``: median wall time of one ``step`` over a few tokens after ``n``;
+* ``peak_alloc_bytes_<n>`` (CUDA only): the allocator's peak while streaming up to ``n``;
+* ``num_states_<n>`` for PSMs: chunk states held (roots plus cached folds).
+
+Lengths are counted as in :func:`psmsearch.tasks.count_tag` (``65536 -> 64k``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from psmsearch.tasks import count_tag
+
+
+class MetricsConfig(BaseModel):
+    """Which inference measurements a trial takes (the ``metrics:`` section of a trial YAML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    memory_lengths: list[int] = Field(default_factory=lambda: [1024, 4096], description="n for state bytes")
+    latency_lengths: list[int] = Field(default_factory=lambda: [1024], description="n for per-token latency")
+    latency_tokens: int = Field(16, ge=1, le=4096, description="steps timed per latency length")
+    feed_chunk: int = Field(256, ge=1, description="tokens per feed call while advancing the stream")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_streaming(
+    model: nn.Module,
+    vocab_size: int,
+    memory_lengths: Iterable[int] = (1024, 4096),
+    latency_lengths: Iterable[int] = (1024,),
+    latency_tokens: int = 16,
+    feed_chunk: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Stream random tokens through ``model.stream(1)`` and measure memory and latency at each ``n``.
+
+    Latency steps add tokens, so lengths after a latency point are reached ``latency_tokens`` later
+    than nominal; the reported memory is measured at exactly the nominal ``n`` where that comes first.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    memory = set(memory_lengths)
+    latency = set(latency_lengths)
+    generator = torch.Generator().manual_seed(seed)
+    stream = model.stream(1)
+    chunk = _aligned_chunk(model, feed_chunk)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out: dict[str, float] = {}
+    seen = 0
+    for n in sorted(memory | latency):
+        while seen < n:
+            m = min(chunk, n - seen)
+            stream.feed(torch.randint(vocab_size, (1, m), generator=generator).to(device))
+            seen += m
+        tag = count_tag(n)
+        if n in memory:
+            out[f"state_bytes_{tag}"] = float(stream.state_nbytes())
+            out[f"expected_state_bytes_{tag}"] = float(stream.expected_nbytes())
+            if hasattr(stream, "num_states"):
+                out[f"num_states_{tag}"] = float(stream.num_states)
+            if device.type == "cuda":
+                out[f"peak_alloc_bytes_{tag}"] = float(torch.cuda.max_memory_allocated(device))
+        if n in latency:
+            times = []
+            for _ in range(latency_tokens):
+                token = torch.randint(vocab_size, (1,), generator=generator).to(device)
+                _sync(device)
+                start = time.perf_counter()
+                stream.step(token)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            seen += latency_tokens
+            out[f"latency_ms_{tag}"] = 1000 * statistics.median(times)
+    return out
+
+
+def _aligned_chunk(model: nn.Module, feed_chunk: int) -> int:
+    """A feed size that is a multiple of the PSM chunk size, so ``feed`` takes whole-chunk calls."""
+    config = getattr(model, "config", None)
+    c = config.chunk_size if config is not None and config.kind == "psm" else 1
+    return max(c, feed_chunk // c * c)
+
+
+def inference_metrics(
+    model: nn.Module, vocab_size: int, config: MetricsConfig, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """All measured inference metrics of a trial, plus ``params``."""
+    out = {"params": float(parameter_count(model))}
+    if config.enabled:
+        out.update(
+            measure_streaming(
+                model, vocab_size, config.memory_lengths, config.latency_lengths,
+                config.latency_tokens, config.feed_chunk, device,
+            )
+        )
+    return out

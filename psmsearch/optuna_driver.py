@@ -1,0 +1,248 @@
+"""The embedded search driver: Optuna on SQLite in the working directory, resumable, with pruning.
+
+Trial bookkeeping that survives interruption:
+
+* SIGINT: the running trial is marked ``interrupted`` (Optuna state FAIL, MLflow run KILLED) and
+  the process exits; ``--resume`` enqueues the same parameters again as a new trial.
+* SIGKILL: the trial stays RUNNING with a stale heartbeat; on ``--resume`` Optuna's heartbeat check
+  fails it and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` enqueues it again; its MLflow run
+  is closed as KILLED.
+* Interrupted and retried trials do not count towards ``--trials``; completed, pruned and failed
+  ones do, so a resumed study ends with the number of trials asked for.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from psmsearch.errors import ConfigError
+from psmsearch.progress import SearchProgress
+from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values
+from psmsearch.space import SearchSpace
+from psmsearch.tracking import Tracker, default_tracking_uri
+
+INTERRUPTED = "interrupted"
+
+
+class TrialFailed(Exception):
+    """A trial failed; Optuna records it as FAIL and the search goes on."""
+
+
+@dataclass
+class SearchResult:
+    """What a finished (or stopped) search leaves behind."""
+
+    study_name: str
+    storage: str
+    experiment: str | None
+    parent_run: str | None
+    outcomes: list[TrialOutcome] = field(default_factory=list)
+
+
+def default_storage() -> str:
+    """SQLite file ``psmsearch.db`` in the working directory."""
+    return f"sqlite:///{Path.cwd() / 'psmsearch.db'}"
+
+
+def make_storage(url: str, options: SearchOptions) -> RDBStorage:
+    """An RDB storage with heartbeats (to detect killed trials) and a generous SQLite lock timeout."""
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=options.heartbeat_interval,
+            grace_period=options.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
+    except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database
+        raise ConfigError(f"cannot open the Optuna storage {url!r}: {err}", field="--storage") from None
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    settings = space.header.driver
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=settings.seed)
+    # TPE handles one objective and, as MOTPE, several.
+    return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials)
+
+
+def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
+    settings = space.header.driver
+    if settings.pruner == "none" or len(space.objectives) > 1:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=0)
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Trials that count towards the budget: finished, not interrupted, not retried by heartbeat."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    if trial.state != TrialState.FAIL:
+        return False
+    return trial.user_attrs.get("state") == "failed"
+
+
+def _requeue_interrupted(study: optuna.Study, tracker: Tracker | None) -> int:
+    """Enqueue interrupted or stale trials again (once each) and close their MLflow runs as KILLED."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials} | {
+        RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials
+    }
+    requeued = 0
+    for trial in trials:
+        if trial.state != TrialState.FAIL or counted(trial):
+            continue
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if tracker is not None and run_id:
+            run = tracker.client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                tracker.set_tags(run_id, {"psmsearch.status": INTERRUPTED})
+                tracker.finish(run_id, "KILLED")
+        if trial.number in retried or trial.user_attrs.get("state") not in (None, INTERRUPTED):
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        requeued += 1
+    return requeued
+
+
+def _wait_for_stale(study: optuna.Study, storage: RDBStorage, options: SearchOptions, progress: SearchProgress) -> None:
+    """Give trials left RUNNING by a killed process time to be detected as stale (heartbeat expired)."""
+    deadline = time.monotonic() + options.grace_period + options.heartbeat_interval
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running or time.monotonic() > deadline:
+            return
+        progress.note(f"waiting for {len(running)} running trial(s) to be confirmed alive or stale ...")
+        time.sleep(1.0)
+
+
+def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
+    """Run (or resume, or join) the study for ``space`` until it holds ``options.trials`` counted trials."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_url = options.storage or default_storage()
+    storage = make_storage(storage_url, options)
+    study_name = options.study or space.name
+    exists = study_name in optuna.get_all_study_names(storage)
+    if exists and not options.resume:
+        raise ConfigError(
+            f"study {study_name!r} already exists in {storage_url}; pass --resume to continue (or join) it, "
+            "or choose another name with driver.study / a new --storage",
+            field="--resume",
+        )
+    directions = [o.direction for o in space.objectives]
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, directions=directions,
+        sampler=make_sampler(space), pruner=make_pruner(space), load_if_exists=True,
+    )
+    _check_directions(study, space, study_name)
+    tracker, parent = _open_tracking(space, options)
+    study.set_user_attr("mlflow_parent_run", parent or "")
+    result = SearchResult(study_name, storage_url, tracker.experiment if tracker else None, parent)
+    with SearchProgress(space, options.trials, enabled=options.progress) as progress:
+        if options.resume and exists:
+            _wait_for_stale(study, storage, options, progress)
+            _requeue_interrupted(study, tracker)
+        progress.refresh(study)
+        try:
+            _optimize(space, options, study, tracker, parent, progress, result)
+        except KeyboardInterrupt:
+            if tracker is not None and parent is not None:
+                tracker.finish(parent, "KILLED")
+            raise
+    if tracker is not None and parent is not None:
+        tracker.finish(parent, "FINISHED")
+    return result
+
+
+def _check_directions(study: optuna.Study, space: SearchSpace, name: str) -> None:
+    expected = [optuna.study.StudyDirection.MAXIMIZE if o.direction == "maximize" else optuna.study.StudyDirection.MINIMIZE for o in space.objectives]
+    if list(study.directions) != expected:
+        raise ConfigError(
+            f"study {name!r} was created with directions {[d.name.lower() for d in study.directions]}, "
+            f"but the space's objectives ask for {[o.direction for o in space.objectives]}; use another study name",
+            field="objectives",
+        )
+
+
+def _open_tracking(space: SearchSpace, options: SearchOptions) -> tuple[Tracker | None, str | None]:
+    if not space.header.tracking.enabled:
+        return None, None
+    uri = options.tracking_uri or space.header.tracking.tracking_uri or default_tracking_uri()
+    experiment = options.experiment or space.header.tracking.experiment or space.name
+    tracker = Tracker(uri, experiment)
+    params = {"space": space.source.source, "objectives": [o.model_dump() for o in space.objectives], "trials": options.trials}
+    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": "optuna"}, params)
+    return tracker, parent
+
+
+def _optimize(
+    space: SearchSpace,
+    options: SearchOptions,
+    study: optuna.Study,
+    tracker: Tracker | None,
+    parent: str | None,
+    progress: SearchProgress,
+    result: SearchResult,
+) -> None:
+    single = len(space.objectives) == 1
+    metric = space.objectives[0].metric
+
+    def objective(trial: optuna.Trial) -> Any:
+        progress.started(trial.number)
+        sampled = space.sample(trial)
+
+        def report(step: int, metrics: dict[str, float]) -> None:
+            from psmsearch.trainer import TrialPruned
+
+            if single and metric in metrics:
+                trial.report(float(metrics[metric]), step)
+                if trial.should_prune():
+                    raise TrialPruned(f"pruned at step {step} with {metric}={metrics[metric]:.4g} (median rule)")
+
+        try:
+            outcome = execute_trial(
+                space, sampled, trial.number, trial.params, tracker, parent, "optuna", report,
+                on_run=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+            )
+        except KeyboardInterrupt:
+            trial.set_user_attr("state", INTERRUPTED)
+            raise
+        trial.set_user_attr("state", outcome.state)
+        result.outcomes.append(outcome)
+        progress.finished(outcome)
+        if outcome.state == "pruned":
+            trial.set_user_attr("reason", outcome.error)
+            raise optuna.TrialPruned(outcome.error)
+        if outcome.state == "failed":
+            trial.set_user_attr("error", outcome.error)
+            raise TrialFailed(outcome.error)
+        trial.set_user_attr("metrics", {k: float(v) for k, v in outcome.metrics.items()})
+        values = objective_values(space, outcome.metrics)
+        return values[0] if single else values
+
+    def stop_when_done(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        progress.refresh(study)
+        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= options.trials:
+            study.stop()
+
+    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
+    if done >= options.trials:
+        progress.note(f"study already holds {done} trials (asked for {options.trials}); nothing to run")
+        return
+    study.optimize(
+        objective, n_trials=None, n_jobs=options.jobs, catch=(TrialFailed,),
+        callbacks=[stop_when_done], gc_after_trial=False, show_progress_bar=False,
+    )

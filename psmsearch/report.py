@@ -1,0 +1,149 @@
+"""Comparing trials: sorting by objectives, the Pareto front, and the plots ``compare`` writes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from psmsearch.space import Objective
+
+LENGTH_METRIC = re.compile(r"^acc_(\d+(?:\.\d+)?)x$")
+MEMORY_METRIC = re.compile(r"^state_bytes_(\d+)(k?)$")
+
+
+@dataclass
+class TrialRow:
+    """One trial as ``compare`` sees it."""
+
+    name: str
+    search: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    pareto: bool = False
+    error: str = ""
+
+
+def pareto_front(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[bool]:
+    """For each point, whether no other point is at least as good in every objective and better in one."""
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
+    scored = [[s * v for s, v in zip(signs, point)] for point in values]
+    front = []
+    for i, a in enumerate(scored):
+        dominated = any(
+            all(bj >= aj for aj, bj in zip(a, b)) and any(bj > aj for aj, bj in zip(a, b))
+            for j, b in enumerate(scored)
+            if j != i
+        )
+        front.append(not dominated)
+    return front
+
+
+def rows_from_runs(runs: Sequence[Any]) -> list[TrialRow]:
+    """MLflow trial runs -> rows."""
+    return [
+        TrialRow(
+            name=run.info.run_name or run.info.run_id,
+            search=run.data.tags.get("psmsearch.search", ""),
+            status=run.data.tags.get("psmsearch.status", run.info.status.lower()),
+            params=dict(run.data.params),
+            metrics=dict(run.data.metrics),
+            error=run.data.tags.get("psmsearch.error", ""),
+        )
+        for run in runs
+    ]
+
+
+def objectives_from_parent(run: Any) -> list[Objective]:
+    """The objectives a search logged on its parent run."""
+    raw = run.data.params.get("objectives")
+    return [Objective.model_validate(o) for o in yaml.safe_load(raw)] if raw else []
+
+
+def rank(rows: list[TrialRow], objectives: Sequence[Objective]) -> list[TrialRow]:
+    """Completed trials first, sorted by the objectives (in order); marks the Pareto front."""
+    scored = [r for r in rows if all(o.metric in r.metrics for o in objectives)]
+    others = [r for r in rows if r not in scored]
+    front = pareto_front([[r.metrics[o.metric] for o in objectives] for r in scored], [o.direction for o in objectives])
+    for row, on_front in zip(scored, front):
+        row.pareto = on_front
+
+    def key(row: TrialRow) -> tuple:
+        return tuple(-row.metrics[o.metric] if o.direction == "maximize" else row.metrics[o.metric] for o in objectives)
+
+    return sorted(scored, key=lambda r: (not r.pareto, key(r))) + others
+
+
+def _length_curves(row: TrialRow, pattern: re.Pattern[str]) -> list[tuple[float, float]]:
+    points = []
+    for name, value in row.metrics.items():
+        match = pattern.match(name)
+        if match:
+            x = float(match.group(1)) * (1024 if len(match.groups()) > 1 and match.group(2) else 1)
+            points.append((x, value))
+    return sorted(points)
+
+
+def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: Path, top: int = 8) -> list[Path]:
+    """PNG plots: objective vs objective (with the front), accuracy vs length, memory vs n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    scored = [r for r in rows if all(o.metric in r.metrics for o in objectives)]
+    if scored:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        if len(objectives) >= 2:
+            x_obj, y_obj = objectives[0], objectives[1]
+            xs = [r.metrics[x_obj.metric] for r in scored]
+            ys = [r.metrics[y_obj.metric] for r in scored]
+            ax.scatter(xs, ys, c=["tab:red" if r.pareto else "tab:gray" for r in scored])
+            front = sorted((x, y) for x, y, r in zip(xs, ys, scored) if r.pareto)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "r--", label="Pareto front")
+            ax.set_xlabel(f"{x_obj.metric} ({x_obj.direction})")
+            ax.set_ylabel(f"{y_obj.metric} ({y_obj.direction})")
+            ax.legend()
+        else:
+            objective = objectives[0]
+            ax.bar(range(len(scored)), [r.metrics[objective.metric] for r in scored], color=["tab:red" if r.pareto else "tab:gray" for r in scored])
+            ax.set_xticks(range(len(scored)), [r.name.rsplit("-", 1)[-1] for r in scored], rotation=90)
+            ax.set_xlabel("trial (sorted)")
+            ax.set_ylabel(f"{objective.metric} ({objective.direction})")
+        ax.set_title("objectives")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "objectives.png"))
+    for pattern, filename, xlabel, ylabel, logy in (
+        (LENGTH_METRIC, "accuracy_vs_length.png", "evaluation length (x training length)", "accuracy", False),
+        (MEMORY_METRIC, "memory_vs_n.png", "tokens streamed n", "retained state bytes", True),
+    ):
+        curves = [(r, _length_curves(r, pattern)) for r in rows[:top]]
+        curves = [(r, c) for r, c in curves if c]
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for row, points in curves:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row.name.rsplit("-", 2)[-1] if "trial" in row.name else row.name)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / filename))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    from matplotlib import pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

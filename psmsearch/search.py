@@ -1,0 +1,156 @@
+"""What every search driver shares: the objectives, one trial's execution and its MLflow run.
+
+:func:`execute_trial` turns sampled parameters into a trial configuration, opens the trial's
+nested MLflow run, trains with a callback that logs step metrics and lets the driver prune, and
+closes the run as FINISHED, KILLED (pruned or interrupted) or FAILED with the error recorded.
+The Optuna and Ray drivers only differ in how they schedule calls to it.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from psmsearch.errors import ConfigError
+from psmsearch.space import SearchSpace
+from psmsearch.tracking import Tracker
+
+Report = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class SearchOptions:
+    """Resolved command-line and file settings of one search."""
+
+    trials: int
+    jobs: int = 1
+    storage: str | None = None
+    study: str | None = None
+    resume: bool = False
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    address: str | None = None
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    progress: bool = True
+    heartbeat_interval: int = 5
+    grace_period: int = 15
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrialOutcome:
+    """The end of one trial as the drivers and the summary see it."""
+
+    number: int
+    state: str  # complete, pruned, failed
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    error: str = ""
+    run_id: str | None = None
+
+
+def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[float]:
+    """The objective metrics of a finished trial, in the space's order; a missing or NaN one is an error."""
+    values = []
+    for objective in space.objectives:
+        value = metrics.get(objective.metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            raise ConfigError(f"trial reported no value for objective {objective.metric!r}", field="objectives")
+        values.append(float(value))
+    return values
+
+
+def trial_tags(config: Any, driver: str) -> dict[str, str]:
+    """Tags that let MLflow filter trials: driver, model kind, state kind, associativity."""
+    from psmsearch.registry import get_registry
+
+    tags = {"psmsearch.driver": driver, "psmsearch.model_kind": config.model.kind, "psmsearch.task": config.task.name}
+    if config.model.kind == "psm":
+        registry = get_registry()
+        aggregator = registry.get("aggregator", config.model.aggregator.name)
+        tags["psmsearch.state_kind"] = str(aggregator.state_kind)
+        tags["psmsearch.associative"] = str(aggregator.associative).lower()
+    return tags
+
+
+def build_trial_config(space: SearchSpace, sampled: dict[str, Any]) -> Any:
+    """Validate a sampled configuration dict as a TrialConfig (errors located in the space file)."""
+    from psmsearch.trial import TrialConfig
+
+    return TrialConfig.from_dict(sampled, source=space.source.source, registry=space.registry)
+
+
+def execute_trial(
+    space: SearchSpace,
+    sampled: dict[str, Any],
+    number: int,
+    params: Mapping[str, Any],
+    tracker: Tracker | None,
+    parent_run: str | None,
+    driver: str,
+    report: Report | None = None,
+    on_run: Callable[[str], None] | None = None,
+) -> TrialOutcome:
+    """Run one trial end to end; never raises for a failing trial (the outcome says what failed).
+
+    ``report(step, metrics)`` is called at each evaluation and may raise
+    :class:`psmsearch.trainer.TrialPruned`. KeyboardInterrupt is re-raised after the run is closed
+    as KILLED, so the caller can stop the search and resume later.
+    """
+    from psmsearch.trainer import TrialDiverged, TrialPruned
+    from psmsearch.trial import run_trial
+
+    run_id = None
+    try:
+        config = build_trial_config(space, sampled)
+        if tracker is not None and parent_run is not None:
+            run_id = tracker.trial_run(parent_run, space.name, number, {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver))
+            tracker.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "trial_config.yaml")
+            if on_run is not None:
+                on_run(run_id)
+
+        def callback(step: int, metrics: dict[str, float]) -> None:
+            if tracker is not None and run_id is not None:
+                tracker.log_metrics(run_id, metrics, step)
+            if report is not None:
+                report(step, metrics)
+
+        metrics = run_trial(config, callback=callback)
+        objective_values(space, metrics)
+        outcome = TrialOutcome(number, "complete", metrics, dict(params), run_id=run_id)
+    except TrialPruned as err:
+        outcome = TrialOutcome(number, "pruned", {}, dict(params), error=str(err) or "pruned", run_id=run_id)
+    except TrialDiverged as err:
+        outcome = TrialOutcome(number, "failed", {}, dict(params), error=str(err), run_id=run_id)
+    except KeyboardInterrupt:
+        _close(tracker, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": "interrupted by the user"})
+        raise
+    except Exception as err:  # noqa: BLE001 - a failing trial must not end the search
+        message = f"{type(err).__name__}: {err}"
+        outcome = TrialOutcome(number, "failed", {}, dict(params), error=message, run_id=run_id)
+        if tracker is not None and run_id is not None:
+            tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+    if outcome.metrics and tracker is not None and run_id is not None:
+        tracker.log_metrics(run_id, outcome.metrics)
+    status = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[outcome.state]
+    tags = {"psmsearch.status": outcome.state}
+    if outcome.error:
+        tags["psmsearch.error"] = outcome.error
+    _close(tracker, run_id, status, tags)
+    return outcome
+
+
+def _prefixed(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"search.{k}": v for k, v in params.items()}
+
+
+def _close(tracker: Tracker | None, run_id: str | None, status: str, tags: Mapping[str, str]) -> None:
+    if tracker is None or run_id is None:
+        return
+    tracker.set_tags(run_id, tags)
+    tracker.finish(run_id, status)

@@ -1,0 +1,400 @@
+"""Search spaces: a trial configuration template in which any value may be a search dimension.
+
+A dimension is a mapping with exactly one of these keys (plus ``log`` / ``step`` where they apply)::
+
+    chunk_size: {choice: [1, 2, 4, 8]}
+    lr: {float: [1.0e-4, 1.0e-2], log: true}
+    d_model: {int: [32, 128], step: 32}
+
+Components (``model.encoder``, ``model.aggregator``, ``model.head``) are special: a choice lists
+component specs, each a name or a mapping with the component's own hyperparameters, which may be
+dimensions themselves and are sampled only when that component is chosen (conditional parameters).
+``search: all`` in a spec makes every declared hyperparameter that the spec does not fix a
+dimension over its declared range. Aggregators and heads are only ever sampled among those
+compatible with the chosen encoder's ``state_kind``: incompatible combinations are never trained.
+
+Sampling goes through Optuna's define-by-run interface (``trial.suggest_*``), so the same
+:meth:`SearchSpace.sample` serves the Optuna driver, Ray Tune's ``OptunaSearch`` and
+``optuna.trial.FixedTrial`` (to rebuild a trial's configuration from its flat parameters).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from psmsearch.errors import ConfigError, PSMSearchError, suggest
+from psmsearch.registry import Registry, get_registry
+from psmsearch.yamlio import SourceMap, load_yaml
+
+DIMENSION_KEYS = ("choice", "int", "float")
+COMPONENT_KINDS = ("encoder", "aggregator", "head")
+PRIMITIVES = (str, int, float, bool, type(None))
+
+
+class Objective(BaseModel):
+    """One metric to optimise and its direction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class DriverSettings(BaseModel):
+    """How trials are scheduled; the CLI's flags override these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["optuna", "ray"] = "optuna"
+    trials: int = Field(8, ge=1)
+    jobs: int = Field(1, ge=1)
+    storage: str | None = None
+    study: str | None = None
+    seed: int = 0
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    pruner: Literal["median", "none"] = "median"
+    startup_trials: int = Field(4, ge=0, description="trials before TPE and pruning kick in")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    address: str | None = None
+
+
+class TrackingSettings(BaseModel):
+    """Where results go in MLflow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str | None = None
+    tracking_uri: str | None = None
+    enabled: bool = True
+
+
+class SpaceHeader(BaseModel):
+    """The parts of a search-space file that are not the trial template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    objectives: list[Objective] = Field(min_length=1)
+    driver: DriverSettings = DriverSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+
+@dataclass
+class Dimension:
+    """One search dimension at ``path`` (the Optuna parameter name)."""
+
+    path: str
+    kind: str
+    choices: list[Any] = field(default_factory=list)
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "choice":
+            labels = [_label(c) for c in self.choices]
+            picked = trial.suggest_categorical(self.path, labels)
+            return self.choices[labels.index(picked)]
+        if self.kind == "int":
+            return trial.suggest_int(self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.path, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+def _label(value: Any) -> Any:
+    """Optuna categorical values must be primitives; other choices are labelled by their JSON."""
+    return value if isinstance(value, PRIMITIVES) else json.dumps(value, sort_keys=True)
+
+
+def is_dimension(value: Any) -> bool:
+    """True for ``{choice: [...]}``, ``{int: [lo, hi]}``, ``{float: [lo, hi]}`` (with log/step)."""
+    return isinstance(value, dict) and len(set(value) & set(DIMENSION_KEYS)) == 1 and set(value) <= {*DIMENSION_KEYS, "log", "step"}
+
+
+def parse_dimension(path: str, spec: dict[str, Any], where: SourceMap) -> Dimension:
+    """Validate a dimension mapping; errors name the field and what is allowed."""
+    kind = next(k for k in DIMENSION_KEYS if k in spec)
+    value = spec[kind]
+    if kind == "choice":
+        if not isinstance(value, list) or not value:
+            raise where.error(path, f"choice must be a non-empty list, got {value!r}")
+        if set(spec) - {"choice"}:
+            raise where.error(path, "choice takes no log/step")
+        return Dimension(path, "choice", choices=value)
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise where.error(path, f"{kind} range must be [low, high] numbers, got {value!r}")
+    low, high = value
+    if kind == "int" and not all(float(v).is_integer() for v in value):
+        raise where.error(path, f"int range must hold integers, got {value!r}")
+    if not low < high:
+        raise where.error(path, f"{kind} range needs low < high, got [{low}, {high}]")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise where.error(f"{path}.log", f"log must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise where.error(path, f"a log-scale range needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or (log and step != 1)):
+        raise where.error(f"{path}.step", f"step must be a positive number (and unused with log), got {step!r}")
+    return Dimension(path, kind, low=low, high=high, log=log, step=step)
+
+
+@dataclass
+class SearchSpace:
+    """A validated search space: the header, the trial template and the registry it resolves against."""
+
+    header: SpaceHeader
+    template: dict[str, Any]
+    source: SourceMap
+    registry: Registry
+
+    @property
+    def name(self) -> str:
+        return self.header.name
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return self.header.objectives
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Resolve every dimension through ``trial.suggest_*``: a plain trial configuration dict."""
+        resolved = _resolve(self.template, "", trial, self.source)
+        model = self.template.get("model")
+        if isinstance(model, dict):
+            resolved["model"] = {**resolved.get("model", {}), **_sample_components(model, trial, self)}
+        return resolved
+
+    def dimensions(self) -> list[Dimension]:
+        """The non-component dimensions (for documentation and smoke tests)."""
+        found: list[Dimension] = []
+        _collect(self.template, "", self.source, found)
+        return found
+
+
+def _resolve(node: Any, path: str, trial: Any, where: SourceMap) -> Any:
+    if is_dimension(node):
+        return parse_dimension(path, node, where).suggest(trial)
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else key
+            if path == "model" and key in COMPONENT_KINDS:
+                continue
+            out[key] = _resolve(value, child, trial, where)
+        return out
+    if isinstance(node, list):
+        return [_resolve(v, f"{path}.{i}", trial, where) for i, v in enumerate(node)]
+    return node
+
+
+def _collect(node: Any, path: str, where: SourceMap, found: list[Dimension]) -> None:
+    if is_dimension(node):
+        found.append(parse_dimension(path, node, where))
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if not (path == "model" and key in COMPONENT_KINDS):
+                _collect(value, f"{path}.{key}" if path else key, where, found)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _collect(value, f"{path}.{i}", where, found)
+
+
+def _component_options(model: dict[str, Any], kind: str, where: SourceMap) -> list[tuple[str, dict[str, Any], str]]:
+    """``(name, params, path)`` for each option of a component field (a fixed spec is one option)."""
+    default = {"encoder": "embed", "aggregator": "attention", "head": "attention"}[kind]
+    value = model.get(kind, default)
+    path = f"model.{kind}"
+    if is_dimension(value):
+        if "choice" not in value:
+            raise where.error(path, f"a component can only be searched with choice, got {sorted(value)}")
+        entries = parse_dimension(path, value, where).choices
+        paths = [f"{path}.choice.{i}" for i in range(len(entries))]
+    else:
+        entries, paths = [value], [path]
+    options = []
+    for entry, entry_path in zip(entries, paths):
+        if isinstance(entry, str):
+            options.append((entry, {}, entry_path))
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            options.append((entry["name"], {k: v for k, v in entry.items() if k != "name"}, entry_path))
+        else:
+            raise where.error(entry_path, f"a component is a name or a mapping with 'name', got {entry!r}")
+    names = [name for name, _, _ in options]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise where.error(path, f"component {sorted(duplicates)[0]!r} is listed twice")
+    return options
+
+
+def _component_params(kind: str, name: str, params: dict[str, Any], path: str, trial: Any, space: SearchSpace) -> dict[str, Any]:
+    info = space.registry.get(kind, name)
+    search_all = params.get("search") == "all"
+    given = {k: v for k, v in params.items() if k != "search"}
+    out = {}
+    for hp in info.hyperparameters:
+        param_path = f"model.{kind}.{name}.{hp.name}"
+        if hp.name in given:
+            value = given[hp.name]
+            out[hp.name] = parse_dimension(param_path, value, space.source).suggest(trial) if is_dimension(value) else value
+        elif search_all:
+            out[hp.name] = _declared_dimension(param_path, hp).suggest(trial)
+    return out
+
+
+def _declared_dimension(path: str, hp: Any) -> Dimension:
+    if hp.type == "categorical":
+        return Dimension(path, "choice", choices=list(hp.choices))
+    if hp.type == "bool":
+        return Dimension(path, "choice", choices=[False, True])
+    return Dimension(path, hp.type, low=hp.low, high=hp.high, log=hp.log)
+
+
+def _pick(kind: str, options: list[tuple[str, dict[str, Any], str]], suffix: str, trial: Any) -> tuple[str, dict[str, Any], str]:
+    if len(options) == 1:
+        return options[0]
+    names = [name for name, _, _ in options]
+    chosen = trial.suggest_categorical(f"model.{kind}{suffix}", names)
+    return options[names.index(chosen)]
+
+
+def _sample_components(model: dict[str, Any], trial: Any, space: SearchSpace) -> dict[str, Any]:
+    """Sample encoder, then a compatible aggregator and head, each with its conditional parameters."""
+    registry = space.registry
+    encoders = _component_options(model, "encoder", space.source)
+    state_kinds = {registry.get("encoder", name).state_kind for name, _, _ in encoders}
+    viable = [e for e in encoders if all(_compatible(registry, k, model, space, registry.get("encoder", e[0]).state_kind) for k in ("aggregator", "head"))]
+    encoder = _pick("encoder", viable, "", trial)
+    state_kind = registry.get("encoder", encoder[0]).state_kind
+    suffix = f"[{state_kind}]" if len(state_kinds) > 1 else ""
+    out = {"encoder": {"name": encoder[0], **_component_params("encoder", encoder[0], encoder[1], encoder[2], trial, space)}}
+    for kind in ("aggregator", "head"):
+        options = _compatible(registry, kind, model, space, state_kind)
+        name, params, path = _pick(kind, options, suffix, trial)
+        out[kind] = {"name": name, **_component_params(kind, name, params, path, trial, space)}
+    return out
+
+
+def _compatible(registry: Registry, kind: str, model: dict[str, Any], space: SearchSpace, state_kind: str) -> list[tuple[str, dict[str, Any], str]]:
+    return [o for o in _component_options(model, kind, space.source) if registry.get(kind, o[0]).state_kind == state_kind]
+
+
+def load_space(path: str | Path, registry: Registry | None = None, smoke_samples: int = 8) -> SearchSpace:
+    """Load and validate a search-space file; every error names the file, line, field and what is allowed.
+
+    Validation resolves component names against the registry, checks every dimension, and
+    smoke-samples ``smoke_samples`` random configurations through the trial validator, so a space
+    that cannot produce a valid trial is rejected before anything trains.
+    """
+    data, where = load_yaml(path)
+    return space_from_data(data, where, registry, smoke_samples)
+
+
+def space_from_data(data: Any, where: SourceMap, registry: Registry | None = None, smoke_samples: int = 8) -> SearchSpace:
+    """Validate already-parsed search-space data (see :func:`load_space`)."""
+    registry = registry or get_registry()
+    if not isinstance(data, dict):
+        raise where.error("", f"a search space is a mapping with name, task, model, train and objectives; got {type(data).__name__}")
+    header_keys = set(SpaceHeader.model_fields)
+    try:
+        header = SpaceHeader.model_validate({k: v for k, v in data.items() if k in header_keys})
+    except ValidationError as err:
+        raise _pydantic_error(err, where, "") from None
+    template = {k: v for k, v in data.items() if k not in header_keys}
+    space = SearchSpace(header, template, where, registry)
+    _validate_components(space)
+    space.dimensions()  # parses every dimension: raises on a malformed one
+    smoke_sample(space, smoke_samples)
+    return space
+
+
+def _validate_components(space: SearchSpace) -> None:
+    model = space.template.get("model", {})
+    if not isinstance(model, dict):
+        raise space.source.error("model", f"model must be a mapping, got {model!r}")
+    for kind in COMPONENT_KINDS:
+        for name, params, path in _component_options(model, kind, space.source):
+            try:
+                info = space.registry.get(kind, name)
+            except PSMSearchError as err:
+                raise space.source.error(path, str(err)) from None
+            declared = {hp.name: hp for hp in info.hyperparameters}
+            for key, value in params.items():
+                if key == "search":
+                    if value != "all":
+                        raise space.source.error(f"{path}.search", f"search must be 'all', got {value!r}")
+                    continue
+                if key not in declared:
+                    raise space.source.error(f"{path}.{key}", f"{kind} {name!r} has no hyperparameter {key!r}; allowed: {', '.join(sorted(declared)) or 'none'}")
+                hp = declared[key]
+                values = _dimension_extremes(f"{path}.{key}", value, space.source)
+                for v in values:
+                    try:
+                        hp.validate(v)
+                    except ValueError as err:
+                        raise space.source.error(f"{path}.{key}", str(err)) from None
+    encoders = _component_options(model, "encoder", space.source)
+    if not any(all(_compatible(space.registry, k, model, space, space.registry.get("encoder", e[0]).state_kind) for k in ("aggregator", "head")) for e in encoders):
+        kinds = {k: sorted({space.registry.get(k, o[0]).state_kind for o in _component_options(model, k, space.source)}) for k in COMPONENT_KINDS}
+        raise space.source.error("model", f"no compatible encoder/aggregator/head combination: state kinds are {kinds}")
+
+
+def _dimension_extremes(path: str, value: Any, where: SourceMap) -> list[Any]:
+    if not is_dimension(value):
+        return [value]
+    dim = parse_dimension(path, value, where)
+    return dim.choices if dim.kind == "choice" else [dim.low, dim.high]
+
+
+def _pydantic_error(err: ValidationError, where: SourceMap, prefix: str) -> ConfigError:
+    first = err.errors()[0]
+    field_path = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return where.error(field_path, f"{first['msg']}{shown}")
+
+
+def validate_sample(space: SearchSpace, sampled: dict[str, Any]) -> Any:
+    """Validate one sampled configuration as a trial, and the objectives against what it reports.
+
+    Errors are located in the space file: ``space.yaml:14: model.chunk_size: ...``.
+    """
+    from psmsearch.trial import TrialConfig, metric_directions
+
+    try:
+        config = TrialConfig.from_dict(sampled, source=space.source.source, registry=space.registry)
+    except ConfigError as err:
+        field_path = err.field or ""
+        raise ConfigError(err.detail, source=space.source.where(field_path), field=field_path or None) from None
+    directions = metric_directions(config)
+    for index, objective in enumerate(space.objectives):
+        if objective.metric not in directions:
+            raise space.source.error(
+                f"objectives.{index}.metric",
+                f"unknown metric {objective.metric!r}.{suggest(objective.metric, directions)} "
+                f"Trials of this space report: {', '.join(sorted(directions))}",
+            )
+    return config
+
+
+def smoke_sample(space: SearchSpace, samples: int) -> list[dict[str, Any]]:
+    """Draw random configurations and validate each as a trial; returns them."""
+
+    sampler = optuna.samplers.RandomSampler(seed=space.header.driver.seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler)
+    drawn = []
+    for _ in range(samples):
+        trial = study.ask()
+        config = space.sample(trial)
+        validate_sample(space, config)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        drawn.append(config)
+    return drawn

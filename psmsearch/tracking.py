@@ -1,0 +1,171 @@
+"""MLflow tracking: one parent run per search, one nested run per trial, created by psmsearch itself.
+
+Runs are addressed by id through :class:`mlflow.tracking.MlflowClient` (never the fluent
+"active run" stack), so threads, Ray workers and a resumed process can all write to the right run.
+SQLite is shared by concurrent searches, so every write is retried while the database is locked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import yaml
+
+SEARCH_TAG = "psmsearch.search"
+TRIAL_TAG = "psmsearch.trial"
+KIND_TAG = "psmsearch.kind"
+T = TypeVar("T")
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own default (``sqlite:///mlflow.db`` in the working directory), made absolute.
+
+    An absolute URI lets Ray workers, whose working directory differs, write to the same store.
+    """
+    import mlflow
+
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri())
+
+
+def absolute_uri(uri: str) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def retry_locked(fn: Callable[[], T], attempts: int = 40, delay: float = 0.25) -> T:
+    """Call ``fn``, retrying while SQLite reports the database as locked or busy."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - narrowed by the message below
+            text = str(err).lower()
+            transient = "database is locked" in text or "database is busy" in text or "unique constraint failed: experiments" in text
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(delay * (1 + attempt % 4))
+    raise AssertionError("unreachable")
+
+
+def _flat_value(value: Any) -> str:
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return text[:6000]
+
+
+@dataclass
+class Tracker:
+    """Writes a search and its trials to one MLflow experiment."""
+
+    tracking_uri: str
+    experiment: str
+
+    def __post_init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_id = retry_locked(self._experiment_id)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception:  # another process created it first
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def parent_run(self, search: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
+        """The search's parent run: reopened on resume (matched by the search tag), else created."""
+        runs = retry_locked(
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{KIND_TAG}` = 'search'",
+                max_results=1,
+            )
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            retry_locked(lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        run = retry_locked(
+            lambda: self.client.create_run(
+                self.experiment_id, run_name=search, tags={SEARCH_TAG: search, KIND_TAG: "search", **tags}
+            )
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def trial_run(self, parent_id: str, search: str, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        """A nested run for one trial (``mlflow.parentRunId`` = the search's run)."""
+        run = retry_locked(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=f"{search}-trial-{number}",
+                tags={"mlflow.parentRunId": parent_id, SEARCH_TAG: search, KIND_TAG: "trial", TRIAL_TAG: str(number), **tags},
+            )
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k)[:250], _flat_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), 90):
+            batch = items[start : start + 90]
+            retry_locked(lambda: self.client.log_batch(run_id, params=batch))
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v == v and abs(float(v)) != float("inf")
+        ]
+        if items:
+            retry_locked(lambda: self.client.log_batch(run_id, metrics=items))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        retry_locked(lambda: self.client.log_batch(run_id, tags=items))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        retry_locked(lambda: self.client.log_text(run_id, text, artifact_file))
+
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        retry_locked(lambda: self.client.log_artifact(run_id, str(path)))
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a run: FINISHED, FAILED or KILLED."""
+        retry_locked(lambda: self.client.set_terminated(run_id, status=status))
+
+    def runs(self, search: str | None = None, kind: str = "trial") -> list[Any]:
+        """All runs of this experiment of one kind (``trial`` or ``search``), optionally of one search."""
+        query = f"tags.`{KIND_TAG}` = '{kind}'"
+        if search:
+            query += f" and tags.`{SEARCH_TAG}` = '{search}'"
+        out: list[Any] = []
+        token = None
+        while True:
+            page = retry_locked(
+                lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000, page_token=token)
+            )
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out

@@ -1,0 +1,286 @@
+"""A trial: task + model config + training budget -> flat metrics (DESIGN.md §6).
+
+:class:`TrialConfig` is loaded from YAML (``yaml.safe_load``) and validated; every error is a
+:class:`~psmsearch.errors.ConfigError` naming the file, the field path, the value and what is
+allowed. :func:`run_trial` is a pure function of the config (plus the evaluation callback), which
+is what the Optuna and Ray drivers call. Example::
+
+    task: {name: group, group: S3, train_length: 16}
+    model: {kind: psm, d_model: 64, chunk_size: 4, aggregator: {name: attention, layers: 1}}
+    train: {steps: 600, batch_size: 64, lr: 0.003}
+    metrics: {memory_lengths: [1024, 4096], latency_lengths: [1024]}
+    seed: 0
+    device: auto
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from psmsearch.composer import validate_model_config
+from psmsearch.config import ModelConfig
+from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
+from psmsearch.metrics import MetricsConfig, inference_metrics
+from psmsearch.registry import Registry, get_registry
+from psmsearch.tasks import Task
+from psmsearch.trainer import Callback, TrainConfig, Trainer
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class UnknownTaskError(UnknownComponentError, ConfigError):
+    """An unregistered task name: a ConfigError (file and field) with close-match suggestions."""
+
+    def __init__(self, name: str, known: Sequence[str], source: str | None) -> None:
+        UnknownComponentError.__init__(self, "task", name, known)
+        self.source, self.field = source, "task.name"
+        where = f"{source}: task.name" if source else "task.name"
+        self.args = (f"{where}: {self.args[0]}",)
+
+
+class TaskSpec(BaseModel):
+    """A registered task by name plus its parameters: ``task: {name: group, group: S5}`` or ``task: lm``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short_forms(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "params" not in value:
+            return {"name": value.get("name"), "params": {k: v for k, v in value.items() if k != "name"}}
+        return value
+
+
+class TrialConfig(BaseModel):
+    """Everything that defines a trial; see the module docstring for a YAML example."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskSpec
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    seed: int = Field(0, ge=0, lt=2**63)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (auto: cuda when available)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    def flat_params(self) -> dict[str, Any]:
+        """Flat ``{"task": ..., "task.group": ..., "model.d_model": ..., "train.lr": ...}`` for tracking."""
+        out: dict[str, Any] = {"task": self.task.name}
+        out.update({f"task.{k}": v for k, v in self.task.params.items()})
+        out.update(self.model.flat_params())
+        out.update({f"train.{k}": v for k, v in self.train.model_dump().items()})
+        out.update({f"metrics.{k}": v for k, v in self.metrics.model_dump().items()})
+        out.update({"seed": self.seed, "device": self.device})
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<config>", registry: Registry | None = None) -> "TrialConfig":
+        """Validate a parsed YAML mapping: schema, task name and parameters, model components."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping with keys task, model, train, ...; got {type(raw).__name__}", source=source)
+        try:
+            config = cls.model_validate(raw)
+        except ValidationError as err:
+            raise _config_error(err, source) from None
+        config.check(source, registry)
+        return config
+
+    def check(self, source: str = "<config>", registry: Registry | None = None) -> None:
+        """Registry-level validation: the task exists and accepts its parameters; the model composes."""
+        registry = registry or get_registry()
+        make_task(self, registry, source).check()
+        try:
+            validate_model_config(self.model, registry)
+            if self.model.kind != "psm":
+                from psmsearch.baselines import validate_baseline_config
+
+                validate_baseline_config(self.model)
+        except ConfigError as err:
+            raise ConfigError(str(err), source=source) from None
+        except PSMSearchError as err:
+            raise ConfigError(str(err), source=source, field="model") from None
+
+
+def make_task(config: TrialConfig, registry: Registry | None = None, source: str | None = None) -> Task:
+    """Instantiate the config's task (cheap: data loads lazily)."""
+    registry = registry or get_registry()
+    try:
+        info = registry.get("task", config.task.name)
+    except UnknownComponentError:
+        raise UnknownTaskError(config.task.name, registry.names("task"), source) from None
+    try:
+        return info.cls(seed=config.seed, **config.task.params)
+    except ConfigError as err:
+        raise ConfigError(str(err), source=source) from None
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """``["model.chunk_size=4"]`` -> ``[(["model", "chunk_size"], 4)]``; values are YAML scalars."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(f"{item!r} is not of the form dotted.key=value (e.g. model.chunk_size=4)", source="--set")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"value of {key!r} is not valid YAML: {err}", source="--set") from None
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a parsed config; a bare component name (``aggregator: mlp``) becomes a mapping."""
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if isinstance(child, str):  # short form `aggregator: attention` -> {name: attention}
+                child = {"name": child}
+            elif child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"cannot set {'.'.join(path)}: {where} is {child!r}, not a mapping", source="--set")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry: Registry | None = None) -> TrialConfig:
+    """Read, override and validate a trial YAML file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read the config file: {err.strerror or err}", source=source) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}", source=source) from None
+    raw = {} if raw is None else raw
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return TrialConfig.from_dict(raw, source, registry)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an unavailable CUDA device is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{name!r} requested but CUDA is not available here; use cpu or auto", field="device")
+    return device
+
+
+def run_trial(
+    config: TrialConfig,
+    callback: Callback | None = None,
+    *,
+    progress: bool = False,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    registry: Registry | None = None,
+) -> dict[str, float]:
+    """Train and evaluate one trial; returns every metric as a flat ``{name: float}``.
+
+    ``callback(step, metrics)`` receives each periodic evaluation and may raise
+    :class:`~psmsearch.trainer.TrialPruned`; a diverging run raises
+    :class:`~psmsearch.trainer.TrialDiverged`. With ``checkpoint_path`` (and
+    ``train.checkpoint_every``) checkpoints are written; ``resume=True`` continues from one.
+    """
+    from psmsearch.model import build_model  # the model module pulls in the composer and plugins
+
+    device = resolve_device(config.device)
+    task = make_task(config, registry)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, task.vocab_size, registry)
+    trainer = Trainer(
+        model, task, config.train, seed=config.seed, device=device, callback=callback,
+        progress=progress, checkpoint_path=checkpoint_path,
+    )
+    if resume and checkpoint_path and Path(checkpoint_path).is_file():
+        trainer.load_checkpoint(checkpoint_path)
+    result = trainer.fit()
+    metrics = dict(result.metrics)
+    metrics.update(
+        train_steps=float(result.steps), train_seconds=result.seconds, train_tokens_per_s=result.tokens_per_s
+    )
+    metrics.update(inference_metrics(model, task.vocab_size, config.metrics, device))
+    return metrics
+
+
+def metric_directions(config: TrialConfig) -> dict[str, str]:
+    """Every metric :func:`run_trial` reports for ``config`` that a search may optimise, with its direction."""
+    directions: dict[str, str] = dict(make_task(config).metric_directions())
+    directions.update(train_tokens_per_s="maximize", params="minimize")
+    if config.metrics.enabled:
+        from psmsearch.tasks import count_tag
+
+        for n in config.metrics.memory_lengths:
+            directions[f"state_bytes_{count_tag(n)}"] = "minimize"
+        for n in config.metrics.latency_lengths:
+            directions[f"latency_ms_{count_tag(n)}"] = "minimize"
+    return directions
+
+
+def _config_error(err: ValidationError, source: str) -> ConfigError:
+    """The first pydantic error as a ConfigError naming the field path, the value and what is allowed."""
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    field = ".".join(loc)
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        message = f"unknown field {loc[-1]!r}; allowed: {', '.join(allowed)}"
+    elif first["type"] == "missing":
+        message = "this field is required"
+    else:
+        message = f"{first.get('input')!r} is not allowed: {message}"
+    more = len(err.errors()) - 1
+    if more:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    return ConfigError(message, source=source, field=field)
+
+
+def _fields_at(loc: Sequence[str]) -> list[str]:
+    model: Any = TrialConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+__all__ = [
+    "TaskSpec",
+    "TrialConfig",
+    "UnknownTaskError",
+    "apply_overrides",
+    "load_trial_config",
+    "make_task",
+    "metric_directions",
+    "run_trial",
+]

@@ -1,0 +1,55 @@
+"""Triton kernels under TRITON_INTERPRET=1 (CPU), against the PyTorch reference.
+
+Not collected by default (no ``test_`` prefix): ``test_triton_interpret.py`` runs
+this file in a subprocess with the variable set, because Triton decides between
+compiling and interpreting when a kernel module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("run this file with TRITON_INTERPRET=1 (see test_triton_interpret.py)")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from triton_kernel_checks import check_chunk, check_scan  # noqa: E402
+
+pytestmark = pytest.mark.interpret
+
+
+@pytest.mark.parametrize(("steps", "gate", "with_h0", "reverse"), [
+    (1, "full", True, False),
+    (1, "scalar", False, True),
+    (13, "scalar", True, False),
+    (13, "diagonal", False, True),
+    (21, "full", False, False),
+    (21, "diagonal", True, True),
+    (21, "scalar", True, True),
+    (21, "full", True, True),
+])
+def test_scan_matches_reference(steps: int, gate: str, with_h0: bool, reverse: bool) -> None:
+    check_scan("cpu", steps, gate, with_h0, reverse)
+
+
+def test_scan_gate_broadcast_over_batch_and_time() -> None:
+    check_scan("cpu", 11, "diagonal", True, False, gate_shape=(1, 1, 2, 3, 1))
+
+
+@pytest.mark.parametrize(("steps", "diagonal", "with_h0"), [
+    (1, True, True),
+    (32, False, False),
+    (45, True, False),
+    (77, False, True),
+    (96, True, True),
+])
+def test_chunk_matches_reference(steps: int, diagonal: bool, with_h0: bool) -> None:
+    check_chunk("cpu", steps, diagonal, with_h0)
+
+
+def test_chunk_strong_decay_and_odd_head_dims() -> None:
+    check_chunk("cpu", 40, True, True, chunk_size=16, dk=20, dv=7, decay=40.0)

@@ -1,0 +1,148 @@
+"""The PyTorch reference of first_order_scan against a float64 token loop, plus dispatch rules."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scan_naive import naive_first_order_scan  # noqa: E402
+
+from psmsearch.kernels import first_order_scan  # noqa: E402
+from psmsearch.kernels import _dispatch  # noqa: E402
+
+BATCH, STATE = 2, (2, 3, 4)  # state [H, dk, dv]
+GATE_SHAPES = {
+    "scalar": (2, 1, 1),   # one gate per head
+    "diagonal": (2, 3, 1),  # one per key channel
+    "full": STATE,
+}
+# 1 step, a loop-only length, the shortest blocked length (8 blocks of 8) and a
+# blocked length with a tail; LONG also makes the carry scan over blocks recurse.
+STEPS = (1, 63, 64, 197)
+LONG = 600
+
+
+def _inputs(steps: int, gate: str, with_h0: bool, dtype: torch.dtype = torch.float64,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand((BATCH, steps, *GATE_SHAPES[gate]), generator=gen, dtype=dtype) * 0.6 + 0.4
+    b = torch.randn((BATCH, steps, *STATE), generator=gen, dtype=dtype)
+    h0 = torch.randn((BATCH, *STATE), generator=gen, dtype=dtype) if with_h0 else None
+    return a, b, h0
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, upstream)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("gate", list(GATE_SHAPES))
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reference_matches_loop(steps: int, gate: str, with_h0: bool, reverse: bool) -> None:
+    a, b, h0 = _inputs(steps, gate, with_h0)
+    inputs = [x.requires_grad_() for x in (a, b, h0) if x is not None]
+    got = first_order_scan(a, b, h0, reverse=reverse, backend="reference")
+    want = naive_first_order_scan(a, b, h0, reverse)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g_got, g_want in zip(_grads(got, inputs), _grads(want, inputs)):
+        assert g_got.shape == g_want.shape
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("gate", "with_h0", "reverse"),
+                         [("scalar", True, False), ("diagonal", False, True), ("full", True, True)])
+def test_reference_matches_loop_long(gate: str, with_h0: bool, reverse: bool) -> None:
+    test_reference_matches_loop(LONG, gate, with_h0, reverse)
+
+
+def test_gates_broadcast_over_batch_and_time() -> None:
+    a, b, h0 = _inputs(130, "diagonal", True)
+    a = a[:1, :1].clone().requires_grad_()
+    inputs = [a, b.requires_grad_(), h0.requires_grad_()]
+    got = first_order_scan(a, b, h0, backend="reference")
+    want = naive_first_order_scan(a.expand(b.shape[:2] + a.shape[2:]), b, h0, False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g_got, g_want in zip(_grads(got, inputs), _grads(want, inputs)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tiny_gates_are_stable(reverse: bool) -> None:
+    """Gates spread over 40 decades: products underflow, nothing divides by them."""
+    gen = torch.Generator().manual_seed(3)
+    a = 10.0 ** (-40 * torch.rand(3, 1500, 8, generator=gen))  # float32, many denormal or 0
+    b = torch.randn(3, 1500, 8, generator=gen)
+    got = first_order_scan(a, b, reverse=reverse, backend="reference")
+    assert torch.isfinite(got).all()
+    want = naive_first_order_scan(a.double(), b.double(), None, reverse)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unit_gates_give_a_cumulative_sum() -> None:
+    b = torch.randn(2, 5000, 3, dtype=torch.float64)
+    got = first_order_scan(torch.ones_like(b), b, backend="reference")
+    torch.testing.assert_close(got, b.cumsum(1), rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_close_to_float32(dtype: torch.dtype) -> None:
+    a, b, h0 = _inputs(700, "diagonal", True, dtype=torch.float32)
+    a16, b16, h016 = a.to(dtype), b.to(dtype), h0.to(dtype)
+    got = first_order_scan(a16, b16, h016, backend="reference")
+    assert got.dtype == dtype
+    want = first_order_scan(a16.float(), b16.float(), h016.float(), backend="reference")
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_output_keeps_b_dtype_and_shape() -> None:
+    a, b, _ = _inputs(70, "scalar", False, dtype=torch.float32)
+    out = first_order_scan(a, b)
+    assert out.shape == b.shape and out.dtype == torch.float32
+
+
+def test_default_backend_on_cpu_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    x = torch.zeros(1)
+    assert _dispatch.select_backend(None, x) == "reference"
+
+
+def test_env_var_selects_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    assert _dispatch.select_backend(None, torch.zeros(1)) == "reference"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        _dispatch.select_backend(None, torch.zeros(1))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not _dispatch.triton_available():
+        pytest.skip("triton is not installed")
+    a, b, _ = _inputs(4, "full", False, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        first_order_scan(a, b, backend="triton")
+
+
+def test_triton_refuses_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not _dispatch.triton_available():
+        pytest.skip("triton is not installed")
+    a, b, _ = _inputs(4, "full", False)
+    with pytest.raises(RuntimeError, match="float64"):
+        first_order_scan(a, b, backend="triton")
+
+
+def test_shape_errors() -> None:
+    b = torch.zeros(2, 5, 3, 4)
+    with pytest.raises(ValueError, match="rank"):
+        first_order_scan(torch.zeros(2, 5, 3), b)
+    with pytest.raises(ValueError, match="broadcast"):
+        first_order_scan(torch.zeros(2, 5, 2, 4), b)
+    with pytest.raises(ValueError, match="h0"):
+        first_order_scan(torch.zeros(2, 5, 3, 1), b, torch.zeros(2, 5, 4))

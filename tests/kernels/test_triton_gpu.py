@@ -1,0 +1,69 @@
+"""Compiled Triton kernels on CUDA against the PyTorch reference (marker ``gpu``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from triton_kernel_checks import check_chunk, check_scan, check_scan_half  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+]
+
+
+@pytest.mark.parametrize("gate", ["scalar", "diagonal", "full"])
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("steps", [1, 63, 1000])
+def test_scan_matches_reference(steps: int, gate: str, with_h0: bool, reverse: bool) -> None:
+    check_scan("cuda", steps, gate, with_h0, reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_tuned_large(reverse: bool) -> None:
+    """Above the tuning threshold: every candidate tile shape runs, the chosen one must be right."""
+    check_scan("cuda", 2049, "full", True, reverse, batch=4, state=(1030,), gate_shape=(4, 2049, 1030))
+
+
+def test_scan_gate_broadcast_over_batch_and_time() -> None:
+    check_scan("cuda", 77, "diagonal", True, False, gate_shape=(1, 1, 2, 3, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scan_half_inputs(dtype: torch.dtype) -> None:
+    check_scan_half("cuda", dtype)
+
+
+@pytest.mark.parametrize(("steps", "diagonal", "with_h0"), [
+    (1, True, True), (32, False, False), (77, True, False), (200, False, True), (200, True, True),
+])
+def test_chunk_matches_reference(steps: int, diagonal: bool, with_h0: bool) -> None:
+    check_chunk("cuda", steps, diagonal, with_h0)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_chunk_head_dims_64(diagonal: bool) -> None:
+    check_chunk("cuda", 300, diagonal, True, chunk_size=64, dk=64, dv=64, heads=3, tol=2e-4)
+
+
+def test_chunk_strong_decay() -> None:
+    check_chunk("cuda", 130, True, True, chunk_size=64, dk=20, dv=7, decay=40.0)
+
+
+def test_chunk_bfloat16_close_to_float32() -> None:
+    from psmsearch.kernels import chunk_gated_linear_attention
+
+    from triton_kernel_checks import chunk_inputs
+
+    q, k, v, log_gate, h0 = chunk_inputs("cuda", 150, True, True, dk=32, dv=32, dtype=torch.bfloat16)
+    o16, _ = chunk_gated_linear_attention(q, k, v, log_gate, initial_state=h0, backend="triton")
+    assert o16.dtype == torch.bfloat16
+    o32, _ = chunk_gated_linear_attention(q.float(), k.float(), v.float(), log_gate.float(),
+                                          initial_state=h0.float(), backend="reference")
+    torch.testing.assert_close(o16.float(), o32, rtol=3e-2, atol=3e-2)

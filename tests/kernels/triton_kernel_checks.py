@@ -1,0 +1,92 @@
+"""Triton-vs-reference checks shared by the interpreter run and the CUDA run.
+
+Every Triton launch here allocates its outputs through
+``_dispatch.poisoned_outputs()``, so a kernel that misses an element leaves a
+NaN that the comparison reports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from psmsearch.kernels import _dispatch, chunk_gated_linear_attention, first_order_scan
+
+STATE = (2, 3, 5)  # [H, dk, dv]
+GATE_SHAPES = {"scalar": (2, 1, 1), "diagonal": (2, 3, 1), "full": STATE}
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(device)
+
+
+def _grads(out: torch.Tensor | tuple[torch.Tensor, ...], inputs: list[torch.Tensor],
+           poisoned: bool) -> tuple[torch.Tensor, ...]:
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(7)
+    ups = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
+    if poisoned:
+        with _dispatch.poisoned_outputs():
+            return torch.autograd.grad(outs, inputs, ups)
+    return torch.autograd.grad(outs, inputs, ups)
+
+
+def scan_inputs(device: str, steps: int, gate: str, with_h0: bool, batch: int = 2,
+                state: tuple[int, ...] = STATE, gate_shape: tuple[int, ...] | None = None,
+                dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.Tensor | None]:
+    """``a, b, h0``; ``gate_shape`` (full rank) overrides ``(batch, steps, *GATE_SHAPES[gate])``."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = gate_shape if gate_shape is not None else (batch, steps, *GATE_SHAPES[gate])
+    a = (torch.rand(shape, generator=gen) * 0.7 + 0.3).to(device, dtype)
+    b = _randn((batch, steps, *state), gen, device).to(dtype)
+    h0 = _randn((batch, *state), gen, device).to(dtype) if with_h0 else None
+    return [a, b, h0]
+
+
+def check_scan(device: str, steps: int, gate: str, with_h0: bool, reverse: bool,
+               tol: float = 1e-5, **shape: object) -> None:
+    """Triton forward and gradients equal the reference's (float32)."""
+    a, b, h0 = scan_inputs(device, steps, gate, with_h0, **shape)
+    inputs = [x.requires_grad_() for x in (a, b, h0) if x is not None]
+    with _dispatch.poisoned_outputs():
+        got = first_order_scan(a, b, h0, reverse=reverse, backend="triton")
+    want = first_order_scan(a, b, h0, reverse=reverse, backend="reference")
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for g_got, g_want in zip(_grads(got, inputs, True), _grads(want, inputs, False)):
+        torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol)
+
+
+def check_scan_half(device: str, dtype: torch.dtype, steps: int = 300) -> None:
+    """16-bit inputs give the float32 result of the same (rounded) inputs, to 16-bit precision."""
+    a, b, h0 = scan_inputs(device, steps, "diagonal", True, dtype=dtype)
+    with _dispatch.poisoned_outputs():
+        got = first_order_scan(a, b, h0, backend="triton")
+    assert got.dtype == dtype
+    want = first_order_scan(a.float(), b.float(), h0.float(), backend="reference")
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def chunk_inputs(device: str, steps: int, diagonal: bool, with_h0: bool, dk: int = 8, dv: int = 12,
+                 heads: int = 2, decay: float = 2.0, dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> list[torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (_randn((1, heads, steps, dk), gen, device).to(dtype) for _ in range(2))
+    v = _randn((1, heads, steps, dv), gen, device).to(dtype)
+    gate_shape = (1, heads, steps, dk) if diagonal else (1, heads, steps)
+    log_gate = (-decay * torch.rand(gate_shape, generator=gen)).to(device, dtype)
+    h0 = _randn((1, heads, dk, dv), gen, device).to(dtype) if with_h0 else None
+    return [q, k, v, log_gate, h0]
+
+
+def check_chunk(device: str, steps: int, diagonal: bool, with_h0: bool, chunk_size: int = 32,
+                tol: float = 1e-4, **shape: object) -> None:
+    """Triton chunkwise GLA (forward, final state, gradients) equals the reference's."""
+    q, k, v, log_gate, h0 = chunk_inputs(device, steps, diagonal, with_h0, **shape)
+    inputs = [x.requires_grad_() for x in (q, k, v, log_gate, h0) if x is not None]
+    kwargs = dict(chunk_size=chunk_size, initial_state=h0, output_final_state=True)
+    with _dispatch.poisoned_outputs():
+        got = chunk_gated_linear_attention(q, k, v, log_gate, backend="triton", **kwargs)
+    want = chunk_gated_linear_attention(q, k, v, log_gate, backend="reference", **kwargs)
+    for x_got, x_want in zip(got, want):
+        torch.testing.assert_close(x_got, x_want, rtol=tol, atol=tol)
+    for g_got, g_want in zip(_grads(got, inputs, True), _grads(want, inputs, False)):
+        torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol)

@@ -1,0 +1,303 @@
+"""The affine (associative) plugin against a naive token-by-token recurrence written here.
+
+For every gate type (none, fixed and data-dependent scalar, diagonal, delta) the chunked layer must
+equal ``S_t = E_t S_{t-1} + f_t``, ``o_t = S_tᵀ q_t``, projected by the head, in outputs and
+gradients; streaming must equal the parallel forward and hold constant, correctly accounted bytes;
+⊕ must be associative with the identity as a two-sided unit, and the fast scans equal the tree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from psmsearch import states as S
+from psmsearch.composer import PSMLayer, check_compatible, compatible_combinations
+from psmsearch.config import ModelConfig
+from psmsearch.errors import ConfigError, IncompatibleComponentsError
+from psmsearch.kernels.chunkwise import chunk_gated_linear_attention
+from psmsearch.model import build_model
+from psmsearch.registry import get_registry
+from psmsearch.scan import prefix_scan
+
+D_MODEL = 24
+BATCH = 2
+LENGTH = 37
+SMALL = {"heads": 2, "key_dim": 8, "value_dim": 6}
+
+# encoder -> (aggregator, head, state kind)
+TRIPLES = {
+    "linear_attention": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
+    "retnet": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
+    "mamba2": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
+    "gla": ("affine_diag", "linear_readout_diag", "affine-diag"),
+    "deltanet": ("affine_dense", "linear_readout_dense", "affine-dense"),
+}
+ENCODERS = list(TRIPLES)
+AGGREGATORS = sorted({agg for agg, _, _ in TRIPLES.values()})
+DECAY_ENCODERS = [e for e in ENCODERS if TRIPLES[e][2] != "affine-dense"]
+
+
+def config(encoder: str, chunk_size: int, **extra: object) -> ModelConfig:
+    """A model config naming the affine triple of ``encoder`` with small widths."""
+    aggregator, head, _ = TRIPLES[encoder]
+    return ModelConfig(
+        d_model=D_MODEL,
+        chunk_size=chunk_size,
+        encoder={"name": encoder, **SMALL},
+        aggregator=aggregator,
+        head=head,
+        **extra,
+    )
+
+
+def make_layer(encoder: str, chunk_size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> PSMLayer:
+    torch.manual_seed(seed)
+    return PSMLayer.from_config(config(encoder, chunk_size)).to(dtype)
+
+
+def inputs(length: int = LENGTH, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, length, D_MODEL, generator=generator, dtype=dtype)  # [B, T, d]
+
+
+def naive_readout(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
+    """``o[B, T, H, dv]`` by the literal recurrence, one token at a time, from the layer's features."""
+    q, k, v, gate = layer.encoder.features(x)  # [B, T, H, dk], [B, T, H, dk], [B, T, H, dv], [B, T, H, ...]
+    heads, dk, dv = layer.encoder.state_shape[1]
+    dense = layer.encoder.state_kind == "affine-dense"
+    state = x.new_zeros(x.shape[0], heads, dk, dv)  # [B, H, dk, dv]
+    eye = torch.eye(dk, dtype=x.dtype)  # [dk, dk]
+    outputs = []
+    for t in range(x.shape[1]):
+        outer = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, dk, dv]
+        if dense:
+            beta = gate[:, t, :, None, None]  # [B, H, 1, 1]
+            transition = eye - beta * k[:, t, :, :, None] * k[:, t, :, None, :]  # [B, H, dk, dk]
+            state = transition @ state + beta * outer  # [B, H, dk, dv]
+        else:
+            state = gate[:, t, :, :, None].exp() * state + outer  # [B, H, dk, dv]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))  # [B, H, dv]
+    return torch.stack(outputs, dim=1)  # [B, T, H, dv]
+
+
+def naive_layer(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
+    return layer.head.project(naive_readout(layer, x))  # [B, T, d]
+
+
+def output_and_gradients(layer: PSMLayer, fn, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``fn(x)`` and the gradients of a fixed random projection of it w.r.t. ``x`` and every parameter."""
+    x = x.clone().requires_grad_(True)
+    y = fn(x)  # [B, T, d]
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)  # [B, T, d]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((y * weights).sum(), [x, *params], allow_unused=True)
+    return y.detach(), [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, [x, *params])]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
+    scale = expected.abs().max().item() or 1.0
+    diff = (actual - expected).abs().max().item()
+    assert diff <= rtol * max(scale, 1.0), f"{what}: max diff {diff:.3g} (scale {scale:.3g})"
+
+
+# --- registration and compatibility -----------------------------------------------------------
+
+
+def test_registered_with_declared_state_kinds_and_associativity() -> None:
+    registry = get_registry()
+    assert not [f for f in registry.failures if "affine" in f.plugin], registry.failures
+    for encoder, (aggregator, head, kind) in TRIPLES.items():
+        assert registry.get("encoder", encoder).state_kind == kind
+        assert registry.get("aggregator", aggregator).state_kind == kind
+        assert registry.get("aggregator", aggregator).associative
+        assert registry.get("head", head).state_kind == kind
+
+
+def test_only_matching_triples_are_compatible() -> None:
+    ours = set(ENCODERS) | set(AGGREGATORS) | {head for _, head, _ in TRIPLES.values()}
+    combos = {c for c in compatible_combinations() if set(c) & ours}
+    assert combos == {(e, a, h) for e, (a, h, _) in TRIPLES.items()}
+    with pytest.raises(IncompatibleComponentsError, match="state_kind"):
+        check_compatible(get_registry(), "gla", "affine_scalar", "linear_readout_scalar")
+
+
+def test_hyperparameters_are_declared_and_validated() -> None:
+    registry = get_registry()
+    for encoder in ENCODERS:
+        names = {hp.name for hp in registry.get("encoder", encoder).hyperparameters}
+        assert {"heads", "key_dim", "value_dim", "feature_map"} <= names
+    bad = config("mamba2", 4).model_dump()
+    bad["encoder"]["params"].update(dt_min=0.05, dt_max=0.01)
+    with pytest.raises(ConfigError, match="dt_min"):
+        PSMLayer.from_config(ModelConfig(**bad))
+
+
+# --- gate semantics ---------------------------------------------------------------------------
+
+
+def test_gates_have_their_documented_form() -> None:
+    x = inputs(5)
+    _, _, _, none = make_layer("linear_attention", 4).encoder.features(x)
+    assert torch.equal(none, torch.zeros_like(none))
+    retnet = make_layer("retnet", 4).encoder
+    expected = torch.log(1 - 2.0 ** -(5.0 + torch.arange(SMALL["heads"])))  # [H]
+    torch.testing.assert_close(retnet.features(x)[3][0, 0, :, 0], expected)
+    for name in ("mamba2", "gla"):
+        log_a = make_layer(name, 4).encoder.features(x)[3]
+        assert bool((log_a < 0).all()), f"{name}: decays must lie in (0, 1)"
+    gla_gate = make_layer("gla", 4).encoder.features(x)[3]
+    assert gla_gate.shape == (BATCH, 5, SMALL["heads"], SMALL["key_dim"])
+    q, k, _, beta = make_layer("deltanet", 4).encoder.features(x)
+    torch.testing.assert_close(k.norm(dim=-1), torch.ones_like(k.norm(dim=-1)))
+    assert bool(((beta > 0) & (beta < 1)).all())
+
+
+# --- the layer against the naive recurrence ---------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16])
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_layer_matches_naive_recurrence_outputs_and_gradients(encoder: str, chunk_size: int) -> None:
+    layer = make_layer(encoder, chunk_size)
+    x = inputs()
+    y, grads = output_and_gradients(layer, layer, x)
+    y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
+    assert_close(y, y_ref, f"{encoder} c={chunk_size} outputs")
+    names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"{encoder} c={chunk_size} gradient w.r.t. {name}")
+
+
+@pytest.mark.parametrize("encoder", DECAY_ENCODERS)
+def test_decay_readout_matches_chunkwise_kernel(encoder: str) -> None:
+    layer = make_layer(encoder, 8)
+    x = inputs()
+    with torch.no_grad():
+        q, k, v, log_a = layer.encoder.features(x)  # [B, T, H, dk], ..., [B, T, H, 1|dk]
+        gate = log_a.squeeze(-1) if log_a.shape[-1] == 1 else log_a
+        o, _ = chunk_gated_linear_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate.transpose(1, 2), chunk_size=16, scale=1.0
+        )  # [B, H, T, dv]
+        assert_close(layer(x), layer.head.project(o.transpose(1, 2)), f"{encoder} vs chunk_gated_linear_attention")
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_scan_modes_agree_in_the_layer(encoder: str) -> None:
+    layer = make_layer(encoder, 3)
+    x = inputs()
+    with torch.no_grad():
+        assert_close(layer(x, scan_mode="auto"), layer(x, scan_mode="tree"), f"{encoder} auto vs tree")
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_streaming_equals_parallel(encoder: str) -> None:
+    layer = make_layer(encoder, 7)
+    x = inputs()
+    with torch.no_grad():
+        parallel = layer(x)  # [B, T, d]
+        stream = layer.stream(BATCH)
+        stepped = torch.stack([stream.step(x[:, t]) for t in range(LENGTH)], dim=1)  # [B, T, d]
+        fed = layer.stream(BATCH).feed(x)  # [B, T, d]
+    assert_close(stepped, parallel, f"{encoder} token-by-token streaming")
+    assert_close(fed, parallel, f"{encoder} chunk-wise streaming")
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_streaming_state_bytes_constant_and_accounted(encoder: str) -> None:
+    chunk_size = 16
+    layer = make_layer(encoder, chunk_size)
+    stream = layer.stream(BATCH)
+    measured = []
+    with torch.no_grad():
+        for total in (16, 64, 256):
+            stream.feed(inputs(total - stream.tokens_seen, seed=total))
+            assert stream.state_nbytes() == stream.expected_nbytes(), f"{encoder} after {total} tokens"
+            assert stream.scan.num_roots == 1
+            measured.append(stream.state_nbytes())
+    expected = layer.encoder.state_nbytes(BATCH)
+    assert measured == [expected] * 3, f"{encoder}: retained bytes {measured}, one state is {expected}"
+
+
+# --- the aggregators --------------------------------------------------------------------------
+
+
+def random_states(encoder: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arbitrary float64 states ``[B, n, ...]`` of the encoder's kind (not only reachable ones)."""
+    layer = make_layer(encoder, 4)
+    generator = torch.Generator().manual_seed(seed)
+    transition, memory = layer.encoder.state_shape
+    e = torch.randn(BATCH, n, *transition, generator=generator, dtype=torch.float64)  # [B, n, ...]
+    if TRIPLES[encoder][2] != "affine-dense":
+        e = -e.abs()  # log-decays
+    s = torch.randn(BATCH, n, *memory, generator=generator, dtype=torch.float64)  # [B, n, H, dk, dv]
+    return e, s
+
+
+def max_diff(a: S.State, b: S.State) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(S.leaves(a), S.leaves(b)))
+
+
+@pytest.mark.parametrize("encoder", ["mamba2", "gla", "deltanet"])
+def test_aggregator_is_a_monoid_in_float64(encoder: str) -> None:
+    agg = make_layer(encoder, 4, dtype=torch.float64).aggregator
+    x, y, z = (random_states(encoder, 3, seed) for seed in (1, 2, 3))
+    assert max_diff(agg(agg(x, y), z), agg(x, agg(y, z))) < 1e-10
+    identity = agg.initial_state((BATCH, 3))
+    assert max_diff(agg(identity, x), x) == 0.0
+    assert max_diff(agg(x, identity), x) == 0.0
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 5, 13, 100])
+@pytest.mark.parametrize("encoder", ["mamba2", "gla"])
+def test_fast_scan_equals_tree_outputs_and_gradients(encoder: str, n_chunks: int) -> None:
+    agg = make_layer(encoder, 4, dtype=torch.float64).aggregator
+    states = tuple(t.requires_grad_(True) for t in random_states(encoder, n_chunks, seed=n_chunks))
+    fast = agg.scan(states)
+    tree = prefix_scan(agg, states, mode="tree")
+    assert max_diff(fast, tree) < 1e-10
+    if n_chunks == 1:
+        return  # the only prefix is the constant zero state
+    weights = [torch.randn_like(t) for t in S.leaves(tree)]
+
+    def grads(prefixes: S.State) -> tuple[torch.Tensor, ...]:
+        loss = sum((p * w).sum() for p, w in zip(S.leaves(prefixes), weights))
+        return torch.autograd.grad(loss, states)
+
+    for g_fast, g_tree in zip(grads(fast), grads(tree)):
+        assert (g_fast - g_tree).abs().max().item() < 1e-10
+
+
+def test_dense_aggregator_uses_the_generic_tree() -> None:
+    agg = make_layer("deltanet", 4).aggregator
+    assert agg.scan(random_states("deltanet", 4, seed=0)) is None
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_states_are_compact(encoder: str) -> None:
+    """Summaries and ⊕ results own exactly their bytes (no view pinning a larger buffer)."""
+    layer = make_layer(encoder, 5)
+    with torch.no_grad():
+        chunk = layer.encoder.summarize(layer.encoder.features(inputs(5)))  # [B, ...]
+        combined = layer.aggregator(chunk, chunk)
+    for state in (chunk, combined):
+        assert S.retained_nbytes([state]) == S.nbytes(state) == layer.encoder.state_nbytes(BATCH)
+
+
+# --- whole language models --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_language_model_streams_like_parallel(encoder: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(config(encoder, 4, n_layers=2), vocab_size=11).eval()
+    tokens = torch.randint(0, 11, (BATCH, 13), generator=torch.Generator().manual_seed(3))  # [B, T]
+    with torch.no_grad():
+        parallel = model(tokens)  # [B, T, V]
+        stream = model.stream(BATCH)
+        stepped = torch.stack([stream.step(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)  # [B, T, V]
+    assert_close(stepped, parallel, f"{encoder} language model streaming")
+    assert stream.state_nbytes() == stream.expected_nbytes()

@@ -1,0 +1,66 @@
+"""Measured inference metrics: retained bytes equal each model's accounting; T-PSM stays logarithmic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from psmsearch.config import ModelConfig
+from psmsearch.metrics import MetricsConfig, inference_metrics, measure_streaming, parameter_count
+from psmsearch.model import build_model
+from psmsearch.tasks import count_tag
+
+VOCAB = 11
+
+
+def psm(chunk_size: int, n_layers: int = 1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        d_model=16, n_layers=n_layers, chunk_size=chunk_size,
+        aggregator={"name": "attention", "layers": 1, "heads": 2}, head={"name": "attention", "layers": 1, "heads": 2},
+    )
+    return build_model(config, VOCAB)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_psm_bytes_match_accounting_and_stay_logarithmic(chunk_size: int) -> None:
+    model = psm(chunk_size, n_layers=2)
+    lengths = [1, 5, 64, 255, 1000, 2048]
+    out = measure_streaming(model, VOCAB, memory_lengths=lengths, latency_lengths=[], feed_chunk=64)
+    state_bytes = chunk_size * 16 * 4  # embed encoder: c vectors of d floats per state
+    for n in lengths:
+        tag = count_tag(n)
+        measured, expected, states = out[f"state_bytes_{tag}"], out[f"expected_state_bytes_{tag}"], out[f"num_states_{tag}"]
+        assert measured == expected
+        roots = math.ceil(math.log2(n // chunk_size + 1))
+        assert states <= 2 * roots * 2  # per layer: roots plus cached folds; two layers
+        partial = (n % chunk_size) * 16 * 4 * 2  # buffered features of the partial chunk, both layers
+        assert measured <= states * state_bytes + partial + 2 * state_bytes  # + the prefix fold per layer
+
+
+def test_psm_state_grows_much_slower_than_gpt_kv_cache() -> None:
+    gpt = build_model(ModelConfig(kind="gpt", d_model=16, n_layers=1, n_heads=2), VOCAB)
+    lengths = [256, 4096]
+    ours = measure_streaming(psm(1), VOCAB, lengths, [], feed_chunk=256)
+    theirs = measure_streaming(gpt, VOCAB, lengths, [], feed_chunk=256)
+    assert theirs["state_bytes_4k"] == theirs["expected_state_bytes_4k"]
+    assert theirs["state_bytes_4k"] >= 14 * theirs["state_bytes_256"]  # linear
+    assert ours["state_bytes_4k"] <= 2 * ours["state_bytes_256"]  # logarithmic
+    assert theirs["state_bytes_4k"] > 50 * ours["state_bytes_4k"]
+
+
+def test_swa_bytes_are_constant() -> None:
+    swa = build_model(ModelConfig(kind="swa", d_model=16, n_layers=1, n_heads=2, window=32), VOCAB)
+    out = measure_streaming(swa, VOCAB, [64, 1024, 2048], [], feed_chunk=100)
+    assert out["state_bytes_64"] == out["state_bytes_1k"] == out["state_bytes_2k"] == out["expected_state_bytes_2k"]
+
+
+def test_latency_and_params_reported() -> None:
+    model = psm(4)
+    out = inference_metrics(model, VOCAB, MetricsConfig(memory_lengths=[64], latency_lengths=[32, 64], latency_tokens=3))
+    assert out["params"] == parameter_count(model) == sum(p.numel() for p in model.parameters())
+    assert out["latency_ms_32"] > 0 and out["latency_ms_64"] > 0
+    assert "state_bytes_64" in out
+    assert set(inference_metrics(model, VOCAB, MetricsConfig(enabled=False))) == {"params"}

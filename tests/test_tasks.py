@@ -1,0 +1,242 @@
+"""Tasks: correct labels against independent references, disjoint train/eval data, metric protocol."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from psmsearch.errors import ConfigError
+from psmsearch.plugins.tasks import MQAR, ByteLM, GroupWordProblem, S5WordProblem, group_elements
+from psmsearch.registry import get_registry
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def perm_matrix(p: tuple[int, ...]) -> torch.Tensor:
+    """``M[p(j), j] = 1`` so that ``M_a @ M_b`` is the matrix of ``j -> a(b(j))``."""
+    n = len(p)
+    m = torch.zeros(n, n)
+    m[list(p), list(range(n))] = 1
+    return m
+
+
+def cycle_parity(p: tuple[int, ...]) -> int:
+    """Parity from the cycle decomposition (independent of the inversion count the task uses)."""
+    seen, transpositions = set(), 0
+    for start in range(len(p)):
+        length, j = 0, start
+        while j not in seen:
+            seen.add(j)
+            j = p[j]
+            length += 1
+        transpositions += max(0, length - 1)
+    return transpositions % 2
+
+
+@pytest.mark.parametrize("group,order", [("S3", 6), ("S4", 24), ("S5", 120), ("A4", 12), ("A5", 60), ("Z5", 5), ("Z7", 7)])
+def test_group_orders_closure_and_parity(group: str, order: int) -> None:
+    elements = group_elements(group)
+    assert len(elements) == order == len(set(elements))
+    assert elements[0] == tuple(range(len(elements[0])))  # identity first
+    if group.startswith("A"):
+        assert all(cycle_parity(p) == 0 for p in elements)
+
+
+@pytest.mark.parametrize("group", ["S3", "A4", "S5"])
+def test_running_products_match_permutation_matrices(group: str) -> None:
+    task = GroupWordProblem(group=group, train_length=12, curriculum=False)
+    batch = task.train_batch(0, 16, torch.Generator().manual_seed(1))
+    matrices = [perm_matrix(p) for p in task.elements]
+    lookup = {tuple(m.flatten().tolist()): i for i, m in enumerate(matrices)}
+    for word, labels in zip(batch.inputs.tolist(), batch.targets.tolist()):
+        acc = torch.eye(len(task.elements[0]))
+        for g, label in zip(word, labels):
+            acc = acc @ matrices[g]
+            assert lookup[tuple(acc.flatten().tolist())] == label
+    assert batch.mask.all()
+
+
+def test_cyclic_products_are_running_sums() -> None:
+    task = GroupWordProblem(group="Z7", train_length=20, curriculum=False)
+    batch = task.train_batch(0, 8, torch.Generator().manual_seed(2))
+    shifts = torch.tensor([p[0] for p in task.elements])  # element i maps 0 -> i
+    expected = torch.cumsum(shifts[batch.inputs], dim=1) % 7
+    assert torch.equal(shifts[batch.targets], expected)
+
+
+def test_group_train_and_eval_sequences_never_overlap() -> None:
+    # Z5 words of length 3: only 125 sequences exist, so without the held-out partition the
+    # 2000 training draws and the evaluation set would certainly share sequences.
+    task = GroupWordProblem(group="Z5", train_length=3, curriculum=False, eval_max_multiple=1, eval_samples=64)
+    generator = torch.Generator().manual_seed(0)
+    train = {tuple(row) for step in range(40) for row in task.train_batch(step, 50, generator).inputs.tolist()}
+    evaluation = {tuple(row) for row in task.eval_sets()[1][0].tolist()}
+    assert len(train) > 60 and len(evaluation) >= 3
+    assert train.isdisjoint(evaluation)
+    assert len(train | evaluation) <= 125
+
+
+def test_eval_stream_is_separate_from_training_seed() -> None:
+    a = GroupWordProblem(group="S3", seed=0, eval_samples=16)
+    b = GroupWordProblem(group="S3", seed=1, eval_samples=16)
+    assert not torch.equal(a.eval_sets()[4][0], b.eval_sets()[4][0])
+    assert torch.equal(a.eval_sets()[4][0], GroupWordProblem(group="S3", seed=0, eval_samples=16).eval_sets()[4][0])
+
+
+def test_curriculum_advances_on_accuracy_and_checkpoints() -> None:
+    task = GroupWordProblem(group="S3", train_length=5, curriculum_threshold=0.9)
+    assert task.train_batch(0, 4, torch.Generator()).inputs.shape == (4, 2)
+    task.observe_train(0, 0.5)
+    assert task.length == 2
+    for step in range(10):
+        task.observe_train(step, 0.95)
+    assert task.length == 5
+    fresh = GroupWordProblem(group="S3", train_length=5)
+    fresh.load_state_dict(task.state_dict())
+    assert fresh.length == 5
+
+
+class GroupOracle(nn.Module):
+    """Emits one-hot logits of the true running product: a model with perfect accuracy."""
+
+    def __init__(self, task: GroupWordProblem) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(self.task.running_products(tokens), self.task.vocab_size).float()
+
+
+def test_group_evaluation_metrics_and_directions() -> None:
+    task = GroupWordProblem(group="A4", train_length=4, eval_max_multiple=16, eval_samples=32)
+    metrics = task.evaluate(GroupOracle(task))
+    assert set(metrics) == set(task.metric_directions())
+    assert {"acc_1x", "acc_4x", "acc_16x", "final_acc_16x"} <= set(metrics)
+    assert all(metrics[f"acc_{m}x"] == 1.0 for m in (1, 2, 4, 8, 16))
+    assert task.eval_sets()[16][0].shape == (32, 64)
+    assert task.default_objective == "acc_4x"
+    chance = task.evaluate(nn.Sequential(nn.Embedding(12, 12)))  # untrained: far from perfect
+    assert chance["acc_16x"] < 0.5
+
+
+def test_s5_task_fixes_the_group() -> None:
+    task = S5WordProblem(train_length=4)
+    assert task.vocab_size == 120
+    with pytest.raises(ConfigError, match="fixes group"):
+        S5WordProblem(group="S3")
+
+
+def test_tasks_are_registered_and_validate_parameters() -> None:
+    registry = get_registry()
+    assert {"group", "s5", "mqar", "lm"} <= set(registry.names("task"))
+    with pytest.raises(ConfigError, match=r"task\.group.*'S9'.*one of"):
+        GroupWordProblem(group="S9")
+    with pytest.raises(ConfigError, match="no parameter 'lenght'"):
+        GroupWordProblem(lenght=3)
+
+
+class RecallOracle(nn.Module):
+    """Predicts, at each position, the token that followed the current token's first occurrence."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*tokens.shape, self.vocab)
+        for b, row in enumerate(tokens.tolist()):
+            follower: dict[int, int] = {}
+            for t, tok in enumerate(row):
+                if tok in follower:
+                    out[b, t, follower[tok]] = 1
+                if t + 1 < len(row) and tok not in follower:
+                    follower[tok] = row[t + 1]
+        return out
+
+
+def test_mqar_layout_and_oracle() -> None:
+    task = MQAR(vocab_size=64, num_kv_pairs=6, seq_len=48, eval_samples=64)
+    batch = task.train_batch(0, 32, torch.Generator().manual_seed(0))
+    assert batch.inputs.shape == (32, 47)
+    assert (batch.mask.sum(1) == 6).all()  # exactly one scored query per key
+    for row, target, mask in zip(batch.inputs.tolist(), batch.targets.tolist(), batch.mask.tolist()):
+        pairs = {row[i]: row[i + 1] for i in range(0, 12, 2)}
+        assert len(pairs) == 6
+        for t in range(47):
+            if mask[t]:
+                assert t >= 12 and target[t] == pairs[row[t]]
+    assert task.evaluate(RecallOracle(64))["acc"] == 1.0
+    assert set(task.evaluate(RecallOracle(64))) == set(task.metric_directions())
+
+
+def test_mqar_power_law_prefers_early_queries() -> None:
+    uniform = MQAR(num_kv_pairs=4, seq_len=256, placement="uniform")
+    power = MQAR(num_kv_pairs=4, seq_len=256, placement="power_law")
+
+    def mean_query_position(task: MQAR) -> float:
+        mask = task.train_batch(0, 256, torch.Generator().manual_seed(0)).mask
+        return mask.nonzero()[:, 1].float().mean().item()
+
+    assert mean_query_position(power) < 0.7 * mean_query_position(uniform)
+
+
+def test_mqar_train_and_eval_never_overlap() -> None:
+    task = MQAR(vocab_size=9, num_kv_pairs=1, seq_len=8, placement="uniform", eval_samples=40)
+    generator = torch.Generator().manual_seed(0)
+    train = {tuple(r) for s in range(20) for r in task.train_batch(s, 100, generator).inputs.tolist()}
+    evaluation = {tuple(r) for r in task.eval_batch().inputs.tolist()}
+    assert train.isdisjoint(evaluation) and len(evaluation) >= 2 and len(train) > 30
+
+
+def test_mqar_rejects_impossible_layouts() -> None:
+    with pytest.raises(ConfigError, match="num_kv_pairs"):
+        MQAR(vocab_size=16, num_kv_pairs=10)
+    with pytest.raises(ConfigError, match="seq_len"):
+        MQAR(num_kv_pairs=8, seq_len=16)
+
+
+needs_text = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"tiny Shakespeare not found at {SHAKESPEARE}")
+
+
+@needs_text
+def test_lm_reads_real_text_with_disjoint_split() -> None:
+    task = ByteLM(path=str(SHAKESPEARE), seq_len=64, eval_tokens=4096)
+    train, val = task.splits()
+    raw = SHAKESPEARE.read_bytes()
+    assert bytes(train.tolist()) + bytes(val.tolist()) == raw
+    assert len(val) == len(raw) - int(len(raw) * 0.9)
+    batch = task.train_batch(0, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(batch.targets[:, :-1], batch.inputs[:, 1:]) and batch.mask.all()
+    text = bytes(batch.inputs[0].tolist())
+    assert text in raw[: len(train)]
+    x, y = task.eval_windows()
+    assert x.shape == (64, 64) and torch.equal(x.flatten()[1:], y.flatten()[:-1])
+    assert bytes(y.flatten().tolist()) == raw[len(train) + 1 : len(train) + 1 + 4096]
+
+
+@needs_text
+def test_lm_metrics_of_a_uniform_model() -> None:
+    task = ByteLM(path=str(SHAKESPEARE), seq_len=32, eval_tokens=1024)
+
+    class Uniform(nn.Module):
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(*tokens.shape, 256)
+
+    metrics = task.evaluate(Uniform())
+    assert metrics["loss"] == pytest.approx(math.log(256))
+    assert metrics["bpc"] == pytest.approx(8.0)
+    assert metrics["perplexity"] == pytest.approx(256.0)
+
+
+def test_lm_missing_file_and_dataset_errors() -> None:
+    with pytest.raises(ConfigError, match=r"task\.path.*no/such\.txt"):
+        ByteLM(path="no/such.txt").check()
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"task\.dataset.*datasets"):
+            ByteLM(dataset="wikitext-103-raw-v1").check()
