@@ -5,7 +5,8 @@ Layout: the state ``[*S]`` is flattened to ``N`` columns, so ``b`` and ``h`` are
 entry and ``BLOCK_N`` columns and walks the time axis in tiles of ``BLOCK_T``
 steps: it loads a ``[BLOCK_T, BLOCK_N]`` tile of gates and inputs, scans the tile
 with ``tl.associative_scan`` over the affine combine, applies the carry from the
-previous tile and stores. Each element is read and written once, with float32
+previous tile and stores; the next tile's loads are issued before the current
+tile's scan. Each element is read and written once, with float32
 arithmetic whatever the storage dtype.
 
 A gate that broadcasts over the state (one per head, one per key channel) is
@@ -47,18 +48,53 @@ def _last_row(tile, rows, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _gate_columns(A_COLS, cols, col_ok, GATE_FULL: tl.constexpr):
+    """Offset of each state column inside one ``[*Sa]`` gate slice (``cols`` itself for full gates)."""
+    if GATE_FULL:
+        offsets = cols.to(tl.int64)
+    else:
+        offsets = tl.load(A_COLS + cols, mask=col_ok, other=0).to(tl.int64)
+    return offsets
+
+
+@triton.jit
+def _time_of(pos, T, REVERSE: tl.constexpr):
+    """Time index (int64) of scan positions ``pos``: ``pos`` or ``T - 1 - pos``."""
+    t = (T - 1 - pos) if REVERSE else pos
+    return t.to(tl.int64)
+
+
+@triton.jit
+def _load_fwd_tile(A, X, start, rows, cols, a_cols, col_ok, T, N, stride_at, REVERSE: tl.constexpr):
+    """Gates and inputs of scan positions ``start + rows`` as float32 ``[BLOCK_T, BLOCK_N]``.
+
+    Positions past the end read as the identity ``(a, x) = (1, 0)`` so they carry the state through.
+    """
+    pos = start + rows
+    t = _time_of(pos, T, REVERSE)
+    ok = (pos < T)[:, None] & col_ok[None, :]
+    a = tl.load(A + t[:, None] * stride_at + a_cols[None, :], mask=ok, other=1.0).to(tl.float32)
+    x = tl.load(X + t[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    return a, x
+
+
+@triton.jit
 def _scan_fwd_kernel(
     A, X, H0, OUT, A_COLS,
     T, N, stride_ab, stride_at,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, GATE_FULL: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``out_t = a_t out_{t-1} + x_t`` (or from the end when REVERSE) for one batch entry and column block."""
+    """``out_t = a_t out_{t-1} + x_t`` (or from the end when REVERSE) for one batch entry and column block.
+
+    The next tile is loaded before the current one is scanned, so its memory
+    latency overlaps the scan arithmetic.
+    """
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < N
-    a_cols = tl.load(A_COLS + cols, mask=col_ok, other=0)  # [BLOCK_N]
+    a_cols = _gate_columns(A_COLS, cols, col_ok, GATE_FULL)  # [BLOCK_N]
     rows = tl.arange(0, BLOCK_T)  # [BLOCK_T]
     A += pid_b * stride_ab
     X += pid_b * T * N
@@ -67,60 +103,85 @@ def _scan_fwd_kernel(
         carry = tl.load(H0 + pid_b * N + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    a_next, x_next = _load_fwd_tile(A, X, 0, rows, cols, a_cols, col_ok, T, N, stride_at, REVERSE)
     for start in range(0, T, BLOCK_T):
-        pos = start + rows  # [BLOCK_T] scan order
-        t = (T - 1 - pos) if REVERSE else pos
-        t = t.to(tl.int64)
-        ok = (pos < T)[:, None] & col_ok[None, :]  # [BLOCK_T, BLOCK_N]
-        a = tl.load(A + t[:, None] * stride_at + a_cols[None, :], mask=ok, other=1.0).to(tl.float32)
-        x = tl.load(X + t[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        a, x = a_next, x_next  # [BLOCK_T, BLOCK_N]
+        a_next, x_next = _load_fwd_tile(A, X, start + BLOCK_T, rows, cols, a_cols, col_ok, T, N,
+                                        stride_at, REVERSE)
         a_cum, x_cum = tl.associative_scan((a, x), 0, _affine_combine)
         h = x_cum + a_cum * carry[None, :]  # [BLOCK_T, BLOCK_N]
-        tl.store(OUT + t[:, None] * N + cols[None, :], h, mask=ok)
+        pos = start + rows
+        t = _time_of(pos, T, REVERSE)
+        tl.store(OUT + t[:, None] * N + cols[None, :], h, mask=(pos < T)[:, None] & col_ok[None, :])
         carry = _last_row(h, rows, BLOCK_T)
+
+
+@triton.jit
+def _load_bwd_tile(A, H, DH, start, rows, cols, a_cols, col_ok, h_init, T, N, stride_at,
+                   REVERSE: tl.constexpr, NEED_DA: tl.constexpr):
+    """For scan positions ``p = T-1-(start+rows)`` (descending): ``a_{p+1}``, ``dh_p``, ``h_{p-1}``.
+
+    ``a_{p+1}`` is 0 past the end (``g_{T-1} = dh_{T-1}``); rows before position 0
+    read as the identity ``(1, 0)``; ``h_{-1}`` is ``h_init``.
+    """
+    pos = T - 1 - (start + rows)  # [BLOCK_T]
+    t = _time_of(pos, T, REVERSE)
+    step = -1 if REVERSE else 1  # time of scan position p + 1 minus time of p
+    ok = (pos >= 0)[:, None] & col_ok[None, :]
+    next_ok = ((pos + 1) < T)[:, None] & ok
+    a_next = tl.load(A + (t + step)[:, None] * stride_at + a_cols[None, :], mask=next_ok, other=0.0)
+    a_next = tl.where(ok, a_next.to(tl.float32), 1.0)
+    dh = tl.load(DH + t[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if NEED_DA:
+        prev_ok = (pos >= 1)[:, None] & ok
+        h_prev = tl.load(H + (t - step)[:, None] * N + cols[None, :], mask=prev_ok, other=0.0)
+        h_prev = tl.where((pos == 0)[:, None], h_init[None, :], h_prev.to(tl.float32))
+    else:
+        h_prev = dh
+    return a_next, dh, h_prev
 
 
 @triton.jit
 def _scan_bwd_kernel(
     A, H, H0, DH, DB, DA, DH0, A_COLS,
     T, N, stride_ab, stride_at,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, NEED_DA: tl.constexpr,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, NEED_DA: tl.constexpr, GATE_FULL: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradients of the scan for one batch entry and column block (see the module docstring)."""
+    """Gradients of the scan for one batch entry and column block (see the module docstring).
+
+    Tiles run from the last scan position to the first, the next tile's loads
+    issued before the current tile's scan.
+    """
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < N
-    a_cols = tl.load(A_COLS + cols, mask=col_ok, other=0)
+    a_cols = _gate_columns(A_COLS, cols, col_ok, GATE_FULL)
     rows = tl.arange(0, BLOCK_T)
     A += pid_b * stride_ab
     H += pid_b * T * N
     DH += pid_b * T * N
     DB += pid_b * T * N
     DA += pid_b * T * N
-    step = -1 if REVERSE else 1  # time of scan position p + 1 minus time of p
     if HAS_H0:
         h_init = tl.load(H0 + pid_b * N + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
         h_init = tl.zeros([BLOCK_N], dtype=tl.float32)
     carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    a_nx, dh_nx, hp_nx = _load_bwd_tile(A, H, DH, 0, rows, cols, a_cols, col_ok, h_init, T, N,
+                                        stride_at, REVERSE, NEED_DA)
     for start in range(0, T, BLOCK_T):
-        pos = T - 1 - (start + rows)  # [BLOCK_T] scan positions, descending
-        t = (T - 1 - pos) if REVERSE else pos
-        t = t.to(tl.int64)
-        ok = (pos >= 0)[:, None] & col_ok[None, :]
-        next_ok = ((pos + 1) < T)[:, None] & ok
-        a_next = tl.load(A + (t + step)[:, None] * stride_at + a_cols[None, :], mask=next_ok, other=0.0)
-        a_next = tl.where(ok, a_next.to(tl.float32), 1.0)
-        dh = tl.load(DH + t[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        a_next, dh, h_prev = a_nx, dh_nx, hp_nx  # [BLOCK_T, BLOCK_N]
+        a_nx, dh_nx, hp_nx = _load_bwd_tile(A, H, DH, start + BLOCK_T, rows, cols, a_cols, col_ok,
+                                            h_init, T, N, stride_at, REVERSE, NEED_DA)
         a_cum, x_cum = tl.associative_scan((a_next, dh), 0, _affine_combine)
         g = x_cum + a_cum * carry[None, :]  # [BLOCK_T, BLOCK_N]
+        pos = T - 1 - (start + rows)
+        t = _time_of(pos, T, REVERSE)
+        ok = (pos >= 0)[:, None] & col_ok[None, :]
         tl.store(DB + t[:, None] * N + cols[None, :], g, mask=ok)
         if NEED_DA:
-            prev_ok = (pos >= 1)[:, None] & ok
-            h_prev = tl.load(H + (t - step)[:, None] * N + cols[None, :], mask=prev_ok, other=0.0)
-            h_prev = tl.where((pos == 0)[:, None], h_init[None, :], h_prev.to(tl.float32))
             tl.store(DA + t[:, None] * N + cols[None, :], g * h_prev, mask=ok)
         carry = _last_row(g, rows, BLOCK_T)
     if HAS_H0:
@@ -144,9 +205,8 @@ _CANDIDATES = (
     _Config(32, 64, 4, 2),
     _Config(64, 32, 4, 2),
     _Config(128, 32, 4, 2),
-    _Config(128, 64, 8, 2),
+    _Config(128, 16, 4, 2),
     _Config(32, 128, 4, 2),
-    _Config(64, 64, 4, 3),
 )
 _TUNE_MIN_ELEMENTS = 1 << 22
 _tuned: dict[tuple, _Config] = {}
@@ -217,7 +277,7 @@ def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reve
         _scan_fwd_kernel[_grid(cfg, n, batch)](
             a_c, b_c, h0_c if h0_c is not None else b_c, out, a_cols,
             steps, n, stride_ab, stride_at,
-            HAS_H0=h0_c is not None, REVERSE=reverse,
+            HAS_H0=h0_c is not None, REVERSE=reverse, GATE_FULL=a.shape[2:] == b.shape[2:],
             BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -250,6 +310,7 @@ def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh:
             da if da is not None else db, dh0 if dh0 is not None else db, a_cols,
             steps, n, stride_ab, stride_at,
             HAS_H0=h0_c is not None, REVERSE=reverse, NEED_DA=need_da,
+            GATE_FULL=a.shape[2:] == h.shape[2:],
             BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -121,7 +121,7 @@ class AttentionAggregator(Aggregator):
     def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         both = torch.cat([older + self.segment[0], newer + self.segment[1]], dim=-2)  # [*, 2k, d]
         mixed = self.mixer(both)  # [*, 2k, d]
-        return mixed[..., self.k :, :].contiguous()  # [*, k, d]: a compact copy, not a view pinning 2k
+        return mixed[..., self.k :, :].clone()  # [*, k, d]: a copy, so the state does not pin all 2k rows
 
     def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
         return self.initial.expand(*batch_shape, *self.initial.shape)  # [*, k, d]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from psmsearch.space import Objective
 
@@ -61,7 +61,7 @@ def rows_from_runs(runs: Sequence[Any]) -> list[TrialRow]:
 def objectives_from_parent(run: Any) -> list[Objective]:
     """The objectives a search logged on its parent run."""
     raw = run.data.params.get("objectives")
-    return [Objective.model_validate(o) for o in yaml.safe_load(raw)] if raw else []
+    return [Objective.model_validate(o) for o in json.loads(raw)] if raw else []
 
 
 def rank(rows: list[TrialRow], objectives: Sequence[Objective]) -> list[TrialRow]:

@@ -7,13 +7,12 @@ SQLite is shared by concurrent searches, so every write is retried while the dat
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
-
-import yaml
 
 SEARCH_TAG = "psmsearch.search"
 TRIAL_TAG = "psmsearch.trial"
@@ -56,7 +55,8 @@ def retry_locked(fn: Callable[[], T], attempts: int = 40, delay: float = 0.25) -
 
 
 def _flat_value(value: Any) -> str:
-    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    """MLflow param text: scalars as ``str``, containers as JSON (MLflow caps values at 6000 chars)."""
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
     return text[:6000]
 
 

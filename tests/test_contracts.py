@@ -32,7 +32,7 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
         ("aggregator", "zz_nan", "finite_outputs", "produced NaN or inf"),
         ("aggregator", "zz_fake_assoc", "associativity", "claims associative but (xy)z and x(yz) differ"),
         ("head", "zz_peeking", "causal_within_chunk", "changing chunk token 1 changed outputs at positions < 1"),
-        ("encoder", "zz_misreports", "state_nbytes_matches_streaming", "streaming holds 1024 bytes but state_nbytes accounts for 512"),
+        ("encoder", "zz_misreports", "state_nbytes_matches_streaming", "B=2, after 1 chunks streaming holds 1024 bytes but state_nbytes accounts for 512"),
     ],
 )
 def test_broken_component_fails_the_right_check(registry, kind, name, failing_check, evidence) -> None:

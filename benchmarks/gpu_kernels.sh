@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU check of psmsearch.kernels, meant for a CUDA machine, run from the repo root:
+#   bash benchmarks/gpu_kernels.sh
+# 1. prints the machine (nvidia-smi) and the torch / triton versions;
+# 2. runs the CUDA tests: pytest -m gpu tests/kernels;
+# 3. runs the CUDA benchmark: benchmarks/scan.py --cuda-only --json, then the table from it.
+# Results go to $OUT (default ./gpu_kernels_out): env.txt, pytest_gpu.txt,
+# scan_cuda.json, scan_cuda_table.txt, scan_cuda_progress.txt.
+#
+# The kernels are imported through a throw-away package shim (psmsearch/kernels ->
+# ./kernels), so the machine needs only torch, triton and pytest, not the rest of
+# psmsearch's dependencies; conftest files are not loaded for the same reason.
+set -u -o pipefail
+
+OUT="${OUT:-$PWD/gpu_kernels_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+
+{
+    nvidia-smi || echo "nvidia-smi failed"
+    if ! "$PY" -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available())'; then
+        echo "torch/triton missing: trying pip install"
+        "$PY" -m pip install -q torch triton pytest
+        "$PY" -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available())'
+    fi
+} 2>&1 | tee "$OUT/env.txt"
+
+SHIM="$(mktemp -d)"
+mkdir -p "$SHIM/psmsearch"
+: > "$SHIM/psmsearch/__init__.py"
+ln -s "$PWD/kernels" "$SHIM/psmsearch/kernels"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+unset PSMSEARCH_KERNEL_BACKEND TRITON_INTERPRET
+
+echo "== pytest -m gpu tests/kernels"
+timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -m gpu tests/kernels -q -rs --noconftest -p no:cacheprovider \
+    --durations=5 2>&1 | tee "$OUT/pytest_gpu.txt"
+echo "pytest exit: $?"
+
+echo "== benchmarks/scan.py --cuda-only --json"
+timeout "${BENCH_TIMEOUT:-230}" "$PY" benchmarks/scan.py --cuda-only --json ${BENCH_FLAGS:-} \
+    > "$OUT/scan_cuda.json" 2> >(tee "$OUT/scan_cuda_progress.txt" >&2)
+echo "benchmark exit: $?"
+"$PY" benchmarks/scan.py --from-json "$OUT/scan_cuda.json" | tee "$OUT/scan_cuda_table.txt"

@@ -1,0 +1,260 @@
+"""Benchmark of :func:`psmsearch.kernels.first_order_scan` with diagonal gates.
+
+"Diagonal" means one gate per state element: ``a`` has ``b``'s shape, i.e. the
+transition matrix of the flattened state is diagonal.
+
+CPU part, ``b = a = [1, T, rows]`` float32 at (rows, T) in
+{(16, 65536), (512, 16384), (2048, 4096)}: the PyTorch reference against
+
+* a Python token-by-token loop (timed on a prefix of T and extrapolated
+  linearly when T is long; the table says so),
+* ``torch._higher_order_ops.associative_scan(..., combine_mode="generic")``,
+* a plain copy of the same bytes (``b.clone()``, the memory floor; it pays for
+  a fresh allocation as the scan does), and, for reference, ``copy_`` into a
+  preallocated buffer.
+
+CUDA part (when available), ``b = a = [8, T, 1536]`` for T = 2^10 .. 2^16, float32
+and bfloat16, forward and forward+backward: Triton and the reference, timed with
+CUDA events, as GB/s of the bytes each pass must move and as a percentage of the
+measured device-to-device copy bandwidth.
+
+Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from psmsearch.kernels import first_order_scan
+
+CPU_SHAPES = ((16, 65536), (512, 16384), (2048, 4096))
+LOOP_PREFIX = 2048
+CUDA_BATCH, CUDA_WIDTH = 8, 1536
+CUDA_EXPONENTS, CUDA_EXPONENTS_QUICK = tuple(range(10, 17)), (10, 13, 16)
+Row = dict[str, Any]
+
+
+def _cpu_time(fn: Callable[[], object], reps: int) -> float:
+    """Best of ``reps`` wall-clock runs after one warm-up, in seconds."""
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _token_loop(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The naive baseline: one Python step per token, each vectorised over rows."""
+    state = torch.zeros_like(b[:, 0])
+    out = torch.empty_like(b)
+    for t in range(b.shape[1]):
+        state = a[:, t] * state + b[:, t]
+        out[:, t] = state
+    return out
+
+
+def _affine_combine(left: tuple[torch.Tensor, torch.Tensor],
+                    right: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return right[0] * left[0], right[0] * left[1] + right[1]
+
+
+def _torch_associative_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torch._higher_order_ops import associative_scan
+
+    return associative_scan(_affine_combine, (a, b), dim=1, combine_mode="generic")[1]
+
+
+def _time_associative_scan(a: torch.Tensor, b: torch.Tensor, reps: int) -> tuple[float | None, str]:
+    try:
+        return _cpu_time(lambda: _torch_associative_scan(a, b), reps), ""
+    except Exception as exc:  # report why it does not run instead of failing the benchmark
+        return None, f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def cpu_rows(quick: bool) -> list[Row]:
+    """Time the CPU variants at every CPU shape."""
+    reps = 2 if quick else 5
+    rows = []
+    for width, steps in CPU_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.rand(1, steps, width, generator=gen) * 0.5 + 0.5
+        b = torch.randn(1, steps, width, generator=gen)
+        prefix = min(steps, LOOP_PREFIX)
+        loop_s = _cpu_time(lambda: _token_loop(a[:, :prefix], b[:, :prefix]), 1) * steps / prefix
+        ref_s = _cpu_time(lambda: first_order_scan(a, b, backend="reference"), reps)
+        clone_s = _cpu_time(lambda: b.clone(), reps)
+        dst = torch.empty_like(b)
+        copy_s = _cpu_time(lambda: dst.copy_(b), reps)
+        assoc_s, assoc_note = _time_associative_scan(a, b, 1 if quick else 2)
+        rows.append({
+            "rows": width, "T": steps, "reference_ms": ref_s * 1e3,
+            "loop_ms": loop_s * 1e3, "loop_extrapolated_from": prefix if prefix < steps else None,
+            "assoc_scan_ms": None if assoc_s is None else assoc_s * 1e3, "assoc_scan_note": assoc_note,
+            "copy_clone_ms": clone_s * 1e3, "copy_prealloc_ms": copy_s * 1e3,
+            "loop_over_reference": loop_s / ref_s, "reference_over_copy": ref_s / clone_s,
+            "reference_over_prealloc_copy": ref_s / copy_s,
+        })
+    return rows
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_cpu_table(rows: list[Row]) -> None:
+    print(f"CPU, diagonal gates, float32, torch threads = {torch.get_num_threads()}")
+    header = ("rows", "T", "reference ms", "token loop ms", "assoc_scan ms", "copy (clone) ms",
+              "copy_ prealloc ms", "loop/ref", "ref/copy")
+    print(" | ".join(header))
+    for r in rows:
+        loop = _fmt(r["loop_ms"], ".1f") + ("*" if r["loop_extrapolated_from"] else "")
+        assoc = _fmt(r["assoc_scan_ms"], ".1f") if r["assoc_scan_ms"] is not None else r["assoc_scan_note"]
+        print(" | ".join([str(r["rows"]), str(r["T"]), _fmt(r["reference_ms"]), loop, assoc,
+                          _fmt(r["copy_clone_ms"]), _fmt(r["copy_prealloc_ms"]),
+                          _fmt(r["loop_over_reference"], ".1f") + "x",
+                          _fmt(r["reference_over_copy"], ".2f") + "x"]))
+    if any(r["loop_extrapolated_from"] for r in rows):
+        print(f"* token loop timed on the first {LOOP_PREFIX} steps and extrapolated linearly to T")
+
+
+def _cuda_time(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    """Median of ``reps`` CUDA-event timings after ``warmup`` runs, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _copy_bandwidth(x: torch.Tensor, reps: int) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read and written."""
+    dst = torch.empty_like(x)
+    ms = _cuda_time(lambda: dst.copy_(x), reps)
+    return 2 * x.numel() * x.element_size() / ms / 1e6
+
+
+def _cuda_case(a: torch.Tensor, b: torch.Tensor, backend: str, backward: bool) -> Callable[[], object]:
+    if not backward:
+        return lambda: first_order_scan(a, b, backend=backend)
+    leaves = (a.detach().requires_grad_(), b.detach().requires_grad_())
+    upstream = torch.randn_like(b)
+
+    def step() -> object:
+        h = first_order_scan(*leaves, backend=backend)
+        return torch.autograd.grad(h, leaves, upstream)
+
+    return step
+
+
+def cuda_rows(quick: bool) -> list[Row]:
+    """Time Triton and the reference on CUDA at every T and dtype, forward and forward+backward."""
+    exponents = CUDA_EXPONENTS_QUICK if quick else CUDA_EXPONENTS
+    reps = 3 if quick else 5
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for exp in exponents:
+            steps = 2 ** exp
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            shape = (CUDA_BATCH, steps, CUDA_WIDTH)
+            a = (torch.rand(shape, generator=gen, device="cuda") * 0.5 + 0.5).to(dtype)
+            b = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+            copy_gbs = _copy_bandwidth(b, reps)
+            tensor_bytes = b.numel() * b.element_size()
+            for backward, passes in ((False, 3), (True, 8)):  # tensors read or written: a, b, h (+ a, h, dh, da, db)
+                for backend in ("triton", "reference"):
+                    ms = _cuda_time(_cuda_case(a, b, backend, backward), reps)
+                    gbs = passes * tensor_bytes / ms / 1e6
+                    rows.append({
+                        "dtype": str(dtype).replace("torch.", ""), "T": steps, "rows": CUDA_BATCH * CUDA_WIDTH,
+                        "pass": "fwd+bwd" if backward else "fwd", "backend": backend, "ms": ms,
+                        "GB/s": gbs, "copy_GB/s": copy_gbs, "pct_of_copy": 100 * gbs / copy_gbs,
+                    })
+                    _progress(rows[-1])
+            del a, b
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _progress(row: Row) -> None:
+    print(f"# {row['dtype']} T={row['T']} {row['pass']} {row['backend']}: {row['ms']:.3f} ms "
+          f"{row['GB/s']:.0f} GB/s ({row['pct_of_copy']:.0f}% of copy)", file=sys.stderr, flush=True)
+
+
+def print_cuda_table(rows: list[Row], device: str) -> None:
+    print(f"CUDA ({device}), diagonal gates, b = a = [{CUDA_BATCH}, T, {CUDA_WIDTH}]; "
+          "bytes: fwd 3 tensors (a, b, h), fwd+bwd 8 (+ a, h, dh, da, db)")
+    print("dtype | T | pass | triton ms | triton GB/s | % of copy | reference ms | reference GB/s | "
+          "% of copy | triton speed-up | copy GB/s")
+    paired: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        paired.setdefault((r["dtype"], r["T"], r["pass"]), {})[r["backend"]] = r
+    for (dtype, steps, kind), by in paired.items():
+        tri, ref = by["triton"], by["reference"]
+        print(f"{dtype} | {steps} | {kind} | {tri['ms']:.3f} | {tri['GB/s']:.0f} | {tri['pct_of_copy']:.0f}% | "
+              f"{ref['ms']:.3f} | {ref['GB/s']:.0f} | {ref['pct_of_copy']:.0f}% | "
+              f"{ref['ms'] / tri['ms']:.1f}x | {tri['copy_GB/s']:.0f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--cpu-only", action="store_true", help="skip the CUDA part")
+    only.add_argument("--cuda-only", action="store_true", help="skip the CPU part")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as handle:
+            print_tables(json.load(handle), cpu_only=False)
+        return
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_tables(result, args.cpu_only)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the parts that the flags ask for; returns the JSON-able result."""
+    result: dict[str, Any] = {"torch": torch.__version__}
+    if not args.cuda_only:
+        result["cpu"] = cpu_rows(args.quick)
+    if not args.cpu_only:
+        if torch.cuda.is_available():
+            result["cuda_device"] = torch.cuda.get_device_name()
+            result["cuda"] = cuda_rows(args.quick)
+        else:
+            result["cuda_note"] = "n/a: torch.cuda.is_available() is False"
+    return result
+
+
+def print_tables(result: dict[str, Any], cpu_only: bool) -> None:
+    if "cpu" in result:
+        print_cpu_table(result["cpu"])
+    if "cuda" in result:
+        print_cuda_table(result["cuda"], result.get("cuda_device", "CUDA"))
+    elif not cpu_only and "cuda_note" in result:
+        print(f"CUDA part: {result['cuda_note']}")
+
+
+if __name__ == "__main__":
+    main()

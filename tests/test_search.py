@@ -1,0 +1,127 @@
+"""Real searches: Optuna on SQLite, MLflow on SQLite, started by the real command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from clihelpers import run_cli
+from searchhelpers import mlflow_runs, optuna_trials, write_space
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One real 3-trial search run through ``psmsearch search`` in a fresh directory."""
+    work = tmp_path_factory.mktemp("search")
+    space = write_space(work)
+    result = run_cli("search", str(space), "--json", "--no-progress", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_optuna_study_lives_in_sqlite_in_the_working_directory(finished_search) -> None:
+    work, summary = finished_search
+    trials = optuna_trials(work / "psmsearch.db")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert summary["storage"] == f"sqlite:///{work / 'psmsearch.db'}"
+    for trial in trials:
+        assert 0.0 <= trial.value <= 1.0
+        assert trial.user_attrs["metrics"]["acc_2x"] == trial.value
+
+
+def test_mlflow_holds_one_parent_and_one_nested_run_per_trial(finished_search) -> None:
+    work, summary = finished_search
+    runs = mlflow_runs(work / "mlflow.db")
+    parents = [r for r in runs if r.data.tags.get("psmsearch.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_id == summary["parent_run"]
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["psmsearch.driver"] == "optuna"
+        assert run.data.tags["psmsearch.state_kind"] == "tokens"
+        assert run.data.tags["psmsearch.associative"] == "false"
+        params = run.data.params
+        assert params["model.aggregator"] in {"mlp", "attention"}
+        assert params["model.chunk_size"] in {"1", "2", "4"}
+        assert params["model.head.layers"] == "1"
+        assert "acc_2x" in run.data.metrics and "state_bytes_64" in run.data.metrics and "params" in run.data.metrics
+
+
+def test_step_metrics_and_config_artifact_are_logged(finished_search) -> None:
+    from mlflow.tracking import MlflowClient
+
+    work, _ = finished_search
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    run = next(r for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc_1x")]
+    assert 3 in steps and 6 in steps
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "trial_config.yaml" in artifacts
+
+
+def test_summary_ranks_trials_best_first(finished_search) -> None:
+    _, summary = finished_search
+    values = [t["objectives"]["acc_2x"] for t in summary["trials"]]
+    assert values == sorted(values, reverse=True)
+    assert summary["trials"][0]["pareto"] is True
+
+
+def test_compare_reads_mlflow_ranks_and_writes_plots(finished_search) -> None:
+    work, summary = finished_search
+    result = run_cli("compare", "--experiment", "tiny", "--json", "--out", str(work / "plots"), cwd=work)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["trials"]) == 3
+    values = [t["objectives"]["acc_2x"] for t in report["trials"]]
+    assert values == sorted(values, reverse=True)
+    assert sorted(values) == sorted(t["objectives"]["acc_2x"] for t in summary["trials"])
+    assert (work / "plots" / "objectives.png").stat().st_size > 1000
+    assert (work / "plots" / "accuracy_vs_length.png").exists()
+    assert (work / "plots" / "memory_vs_n.png").exists()
+
+
+def test_rerunning_without_resume_is_refused(finished_search) -> None:
+    work, _ = finished_search
+    result = run_cli("search", "space.yaml", "--no-progress", cwd=work)
+    assert result.returncode == 2
+    assert "study 'tiny' already exists" in result.stderr and "--resume" in result.stderr
+
+
+def test_resume_of_a_finished_study_runs_nothing_more(finished_search) -> None:
+    work, _ = finished_search
+    result = run_cli("search", "space.yaml", "--resume", "--no-progress", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert len(optuna_trials(work / "psmsearch.db")) == 3
+    assert len([r for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]) == 3
+
+
+def test_resume_with_more_trials_adds_exactly_the_difference(tmp_path: Path) -> None:
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    assert run_cli("search", str(space), "--no-progress", cwd=tmp_path).returncode == 0
+    result = run_cli("search", str(space), "--resume", "--trials", "2", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE] * 2
+    runs = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert sorted(r.data.tags["psmsearch.trial"] for r in runs) == ["0", "1"]
+    assert len([r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]) == 1
+
+
+def test_multi_objective_search_marks_a_pareto_front(tmp_path: Path) -> None:
+    objectives = [{"metric": "acc_2x", "direction": "maximize"}, {"metric": "state_bytes_64", "direction": "minimize"}]
+    space = write_space(tmp_path, objectives=objectives)
+    result = run_cli("search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    trials = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
+    points = [(t["objectives"]["acc_2x"], t["objectives"]["state_bytes_64"]) for t in trials]
+    for t, (acc, mem) in zip(trials, points):
+        dominated = any(a >= acc and m <= mem and (a > acc or m < mem) for a, m in points)
+        assert t["pareto"] is (not dominated)
+    assert all(len(t.values) == 2 for t in optuna_trials(tmp_path / "psmsearch.db"))
