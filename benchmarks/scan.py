@@ -18,7 +18,9 @@ and bfloat16, forward and forward+backward: Triton and the reference, timed with
 CUDA events, as GB/s of the bytes each pass must move and as a percentage of the
 measured device-to-device copy bandwidth.
 
-Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--json]``.
+Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--json] [--threads N]``.
+On a CPU shared with other jobs, ``--threads 1`` gives steadier figures: two
+threads that wait on each other at every op suffer most from preemption.
 """
 
 from __future__ import annotations
@@ -221,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.from_json:
         with open(args.from_json) as handle:
             print_tables(json.load(handle), cpu_only=False)

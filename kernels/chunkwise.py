@@ -60,6 +60,8 @@ def chunk_gated_linear_attention(
         scale: multiplies the output; default ``dk ** -0.5``.
         output_final_state: also return the state after the last step.
         backend: ``"triton"``, ``"reference"`` or None (see :mod:`._dispatch`).
+            The Triton backend has a Triton forward only: its backward recomputes
+            and differentiates the PyTorch reference (reference speed and memory).
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, H, T, dv]`` in ``q``'s dtype;

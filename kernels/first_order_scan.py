@@ -148,19 +148,20 @@ class _Reference:
 
         In scan order ``p`` (time ``t = p``, or ``T-1-p`` when ``reverse``):
         ``g_p = dh_p + a_{p+1} g_{p+1}``, ``db = g``, ``da_p = g_p h_{p-1}`` with
-        ``h_{-1} = h0`` (or 0) and ``dh0 = a_0 g_0``.
+        ``h_{-1} = h0`` (or 0) and ``dh0 = a_0 g_0``. ``h`` is the saved output, so
+        for 16-bit inputs ``da`` uses the 16-bit rounded states.
         """
         dtype = _dispatch.compute_dtype(a, h, dh)
         steps = h.shape[1]
         a_c = a.to(dtype).expand(h.shape[:2] + a.shape[2:])  # [B, T, *Sa]
-        g = _reverse_gradient_scan(a_c, dh.to(dtype), reverse)  # [B, T, *S]
+        g = _state_gradients(a_c, dh.to(dtype), reverse)  # [B, T, *S]
         first = steps - 1 if reverse else 0
         dh0 = a_c[:, first] * g[:, first]                      # [B, *S]
         da = _gate_gradient(g, h.to(dtype), h0, reverse) if need_da else None
         return da, g, dh0
 
 
-def _reverse_gradient_scan(a: torch.Tensor, dh: torch.Tensor, reverse: bool) -> torch.Tensor:
+def _state_gradients(a: torch.Tensor, dh: torch.Tensor, reverse: bool) -> torch.Tensor:
     """``g_p = dh_p + a_{p+1} g_{p+1}``: a scan against the forward direction, gates shifted by one."""
     steps = dh.shape[1]
     g = torch.empty_like(dh)  # [B, T, *S]

@@ -46,6 +46,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         address=address or settings.address,
         gpus_per_trial=settings.gpus_per_trial if gpus_per_trial is None else gpus_per_trial,
         cpus_per_trial=cpus_per_trial or settings.cpus_per_trial, progress=not no_progress,
+        heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period,
     )
     driver = driver or settings.name
     try:
@@ -143,9 +144,10 @@ def _parse_objective(spec: str) -> Objective:
 def _latest_experiment(uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
-    from psmsearch.tracking import KIND_TAG, retry_locked
+    from psmsearch.tracking import KIND_TAG, retry_locked, sqlite_init_lock
 
-    client = MlflowClient(tracking_uri=uri)
+    with sqlite_init_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
     experiments = retry_locked(lambda: client.search_experiments())
     ids = [e.experiment_id for e in experiments]
     runs = retry_locked(lambda: client.search_runs(ids, filter_string=f"tags.`{KIND_TAG}` = 'search'", max_results=1, order_by=["attributes.start_time DESC"])) if ids else []

@@ -46,7 +46,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def measure_streaming(
     model: nn.Module,
     vocab_size: int,
@@ -56,13 +55,36 @@ def measure_streaming(
     feed_chunk: int = 256,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    threads: int | None = 1,
 ) -> dict[str, float]:
     """Stream random tokens through ``model.stream(1)`` and measure memory and latency at each ``n``.
 
     Latency steps add tokens, so lengths after a latency point are reached ``latency_tokens`` later
     than nominal; the reported memory is measured at exactly the nominal ``n`` where that comes first.
+    ``threads`` sets torch's intra-op threads for the measurement (restored afterwards): batch-1
+    streaming runs many tiny ops, and on a 2-core CPU OpenMP's fork/join made a 2x16 LayerNorm
+    8x slower with 2 threads than with 1, which would measure thread overhead instead of the model.
     """
-    device = torch.device(device)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(model, vocab_size, memory_lengths, latency_lengths, latency_tokens, feed_chunk, torch.device(device), seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def _measure(
+    model: nn.Module,
+    vocab_size: int,
+    memory_lengths: Iterable[int],
+    latency_lengths: Iterable[int],
+    latency_tokens: int,
+    feed_chunk: int,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
     model = model.to(device).eval()
     memory = set(memory_lengths)
     latency = set(latency_lengths)
@@ -110,13 +132,13 @@ def _aligned_chunk(model: nn.Module, feed_chunk: int) -> int:
 def inference_metrics(
     model: nn.Module, vocab_size: int, config: MetricsConfig, device: torch.device | str = "cpu"
 ) -> dict[str, float]:
-    """All measured inference metrics of a trial, plus ``params``."""
+    """All measured inference metrics of a trial, plus ``params`` (threads as the caller set them)."""
     out = {"params": float(parameter_count(model))}
     if config.enabled:
         out.update(
             measure_streaming(
                 model, vocab_size, config.memory_lengths, config.latency_lengths,
-                config.latency_tokens, config.feed_chunk, device,
+                config.latency_tokens, config.feed_chunk, device, threads=None,
             )
         )
     return out

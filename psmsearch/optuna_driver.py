@@ -27,7 +27,7 @@ from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, default_tracking_uri
+from psmsearch.tracking import Tracker, default_tracking_uri, retry_locked, sqlite_init_lock
 
 INTERRUPTED = "interrupted"
 
@@ -57,13 +57,16 @@ def make_storage(url: str, options: SearchOptions) -> RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=options.heartbeat_interval,
-            grace_period=options.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
+        with sqlite_init_lock(url):
+            return retry_locked(
+                lambda: RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=options.heartbeat_interval,
+                    grace_period=options.grace_period,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                )
+            )
     except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database
         raise ConfigError(f"cannot open the Optuna storage {url!r}: {err}", field="--storage") from None
 
@@ -131,7 +134,7 @@ def _wait_for_stale(study: optuna.Study, storage: RDBStorage, options: SearchOpt
 
 def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     """Run (or resume, or join) the study for ``space`` until it holds ``options.trials`` counted trials."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # psmsearch reports trial failures itself, without tracebacks
     storage_url = options.storage or default_storage()
     storage = make_storage(storage_url, options)
     study_name = options.study or space.name

@@ -63,6 +63,8 @@ class DriverSettings(BaseModel):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     address: str | None = None
+    heartbeat_interval: int = Field(5, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: int = Field(15, ge=2, description="a trial silent this long is stale (its process died)")
 
 
 class TrackingSettings(BaseModel):

@@ -7,17 +7,31 @@ SQLite is shared by concurrent searches, so every write is retried while the dat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+try:
+    import fcntl
+except ImportError:  # Windows: no schema-creation lock (concurrent first use is then unsupported)
+    fcntl = None  # type: ignore[assignment]
 
 SEARCH_TAG = "psmsearch.search"
 TRIAL_TAG = "psmsearch.trial"
 KIND_TAG = "psmsearch.kind"
 T = TypeVar("T")
+# Errors two processes provoke when they create or write the same SQLite store at once; a retry succeeds.
+TRANSIENT_SQLITE_ERRORS = (
+    "database is locked",
+    "database is busy",
+    "unique constraint failed: experiments",
+    "unique constraint failed: alembic_version",
+    "already exists",
+)
 
 
 def default_tracking_uri() -> str:
@@ -41,17 +55,38 @@ def absolute_uri(uri: str) -> str:
 
 
 def retry_locked(fn: Callable[[], T], attempts: int = 40, delay: float = 0.25) -> T:
-    """Call ``fn``, retrying while SQLite reports the database as locked or busy."""
+    """Call ``fn``, retrying while SQLite reports a transient conflict with another process."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - narrowed by the message below
             text = str(err).lower()
-            transient = "database is locked" in text or "database is busy" in text or "unique constraint failed: experiments" in text
+            transient = any(marker in text for marker in TRANSIENT_SQLITE_ERRORS)
             if not transient or attempt == attempts - 1:
                 raise
             time.sleep(delay * (1 + attempt % 4))
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive file lock beside a SQLite store while it is opened for the first time.
+
+    MLflow and Optuna create and migrate their schema on first use; two processes doing that at
+    once on one file collide (duplicate columns, half-written version tables). Other URIs pass.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or fcntl is None:
+        yield
+        return
+    lock_path = Path(uri[len(prefix) :] + ".init-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _flat_value(value: Any) -> str:
@@ -70,8 +105,9 @@ class Tracker:
     def __post_init__(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        self.experiment_id = retry_locked(self._experiment_id)
+        with sqlite_init_lock(self.tracking_uri):  # creating the client creates (migrates) the store
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.experiment_id = retry_locked(self._experiment_id)
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -104,7 +140,22 @@ class Tracker:
             )
         )
         self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        return self._settle_parent(search, run.info.run_id)
+
+    def _settle_parent(self, search: str, mine: str) -> str:
+        """Two processes starting the same search at once may both create a parent run: all of them
+        keep the oldest one (same rule everywhere, so they agree) and the others are deleted."""
+        parents = retry_locked(
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{KIND_TAG}` = 'search'",
+                max_results=100,
+            )
+        )
+        keep = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+        if keep != mine:
+            retry_locked(lambda: self.client.delete_run(mine))
+        return keep
 
     def trial_run(self, parent_id: str, search: str, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         """A nested run for one trial (``mlflow.parentRunId`` = the search's run)."""

@@ -184,14 +184,18 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def fit(self) -> TrainResult:
-        """Train until the budget is spent, evaluating every ``eval_every`` steps and at the end."""
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train until the budget is spent, evaluating every ``eval_every`` steps and at the end.
+
+        ``stop_at`` pauses after that step without changing the schedule (the run can be continued
+        later, e.g. from a checkpoint, exactly as if it had not stopped).
+        """
         cfg = self.config
         self.model.train()
         recent: list[float] = []
         evaluated_at = -1
         with _progress_bar(self.progress, cfg.steps, cfg.time_budget_s) as advance:
-            while self._budget_left():
+            while self._budget_left() and (stop_at is None or self.step < stop_at):
                 started = time.perf_counter()
                 loss, accuracy = self.train_step()
                 self.task.observe_train(self.step, accuracy)

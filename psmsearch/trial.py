@@ -73,6 +73,11 @@ class TrialConfig(BaseModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     seed: int = Field(0, ge=0, lt=2**63)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (auto: cuda when available)")
+    threads: int | None = Field(
+        1, ge=1, le=1024,
+        description="torch intra-op CPU threads during the trial (null: torch's default). Small models run "
+        "many tiny ops; on a 2-core CPU one thread trained a 100k-parameter T-PSM 4.4x faster than two.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -88,7 +93,7 @@ class TrialConfig(BaseModel):
         out.update(self.model.flat_params())
         out.update({f"train.{k}": v for k, v in self.train.model_dump().items()})
         out.update({f"metrics.{k}": v for k, v in self.metrics.model_dump().items()})
-        out.update({"seed": self.seed, "device": self.device})
+        out.update({"seed": self.seed, "device": self.device, "threads": self.threads})
         return out
 
     @classmethod
@@ -210,6 +215,23 @@ def run_trial(
     :class:`~psmsearch.trainer.TrialDiverged`. With ``checkpoint_path`` (and
     ``train.checkpoint_every``) checkpoints are written; ``resume=True`` continues from one.
     """
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, callback, progress, checkpoint_path, resume, registry)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(
+    config: TrialConfig,
+    callback: Callback | None,
+    progress: bool,
+    checkpoint_path: str | Path | None,
+    resume: bool,
+    registry: Registry | None,
+) -> dict[str, float]:
     from psmsearch.model import build_model  # the model module pulls in the composer and plugins
 
     device = resolve_device(config.device)

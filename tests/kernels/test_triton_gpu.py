@@ -9,11 +9,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from triton_kernel_checks import check_chunk, check_scan, check_scan_half  # noqa: E402
+from triton_kernel_checks import check_chunk, check_scan, check_scan_half, chunk_inputs  # noqa: E402
+
+from psmsearch.kernels import chunk_gated_linear_attention  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA device (torch.cuda.is_available() is False)"),
 ]
 
 
@@ -57,10 +60,6 @@ def test_chunk_strong_decay() -> None:
 
 
 def test_chunk_bfloat16_close_to_float32() -> None:
-    from psmsearch.kernels import chunk_gated_linear_attention
-
-    from triton_kernel_checks import chunk_inputs
-
     q, k, v, log_gate, h0 = chunk_inputs("cuda", 150, True, True, dk=32, dv=32, dtype=torch.bfloat16)
     o16, _ = chunk_gated_linear_attention(q, k, v, log_gate, initial_state=h0, backend="triton")
     assert o16.dtype == torch.bfloat16

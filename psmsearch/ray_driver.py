@@ -1,0 +1,494 @@
+"""The cluster search driver: Ray Tune runs :func:`psmsearch.search.execute_trial` on a Ray cluster.
+
+Optuna samples (``OptunaSearch`` over the same define-by-run :meth:`SearchSpace.sample` the embedded
+driver uses) and, for one objective, ASHA stops unpromising trials early from the objective reported
+at each evaluation. With several objectives there is no scheduler and Optuna gets metric lists.
+
+What crosses to the workers, and why:
+
+* the search space without its registry (:class:`PortableSpace`): plugin classes live in modules a
+  worker can only import after loading the plugins, so the worker rebuilds the space against its own
+  registry;
+* the plugins: ``PSMSEARCH_PLUGINS`` in the job's ``runtime_env``, with plugin files and folders
+  uploaded as ``py_modules`` and named by module, so remote nodes need no shared file system;
+* the absolute MLflow tracking URI, experiment and parent run: each worker opens its own nested
+  trial run, exactly as the embedded driver does.
+
+A Tune callback on the driver keeps the console progress, collects the outcomes and closes the
+MLflow runs of trials that Ray ended without the trial function finishing (ASHA stops, crashed
+workers, an interrupted search), so no trial run is left RUNNING.
+
+Without ``--address`` a private local cluster is started and bound to the loopback interface; with
+a loopback ``--address`` (``127.0.0.1:PORT``) the driver joins a single-machine cluster started with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address=127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import optuna
+
+from psmsearch.errors import ConfigError
+from psmsearch.optuna_driver import SearchResult, make_sampler
+from psmsearch.progress import SearchProgress
+from psmsearch.registry import ENV_VAR as PLUGINS_ENV_VAR
+from psmsearch.registry import env_plugin_specs, get_registry
+from psmsearch.report import TrialRow, rank
+from psmsearch.search import SearchOptions, TrialOutcome, execute_trial
+from psmsearch.space import SearchSpace
+from psmsearch.tracking import Tracker, absolute_uri, default_tracking_uri, retry_locked
+
+if TYPE_CHECKING:
+    from ray.tune import Callback, Tuner
+    from ray.tune.experiment import Trial
+
+DEFAULT_RESULTS_DIR = "psmsearch_ray_results"
+NUMBER_KEY = "psmsearch_trial_number"
+RUN_KEY = "psmsearch_run_id"
+STATE_KEY = "psmsearch_state"
+STEP_KEY = "psmsearch_step"
+METRICS_KEY = "psmsearch_metrics"
+# Ray's single-machine mode: node address 127.0.0.1 and every Ray server bound to loopback. Read when
+# ``ray`` is imported, so it is set before the first import.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+DB_SCHEMES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
+
+
+class TrialFailed(Exception):
+    """A trial failed (already recorded FAILED in MLflow); Ray marks it errored and the search goes on."""
+
+
+class PortableSpace:
+    """A :class:`SearchSpace` that pickles without its registry and rebuilds it where it is unpickled.
+
+    Called with an Optuna trial it is the define-by-run space of ``OptunaSearch``: it samples every
+    dimension and returns the trial number as a constant, so each Ray trial carries a stable number
+    (Optuna's, which survives a restored searcher) into its config.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self._parts = (space.header, space.template, space.source)
+        self._space: SearchSpace | None = space
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"parts": self._parts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._parts = state["parts"]
+        self._space = None
+
+    def get(self) -> SearchSpace:
+        """The space, resolved against this process's registry (plugins from ``PSMSEARCH_PLUGINS``)."""
+        if self._space is None:
+            header, template, source = self._parts
+            self._space = SearchSpace(header, template, source, get_registry())
+        return self._space
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, int]:
+        self.get().sample(trial)
+        return {NUMBER_KEY: int(trial.number)}
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every worker needs besides the sampled parameters (shipped once via ``tune.with_parameters``)."""
+
+    space: PortableSpace
+    tracking_uri: str | None
+    experiment: str | None
+    parent_run: str | None
+    step_metric: str | None  # the objective reported at each evaluation (one objective only)
+
+
+def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """The Tune function trainable: one trial through :func:`execute_trial`, reported to Tune.
+
+    With one objective, each evaluation reports it (ASHA decides on it; a stopped trial never
+    returns from ``tune.report``, and the driver closes its run). The final report carries every
+    metric. A failed trial raises :class:`TrialFailed` after its MLflow run is closed as FAILED.
+    """
+    from ray import tune
+
+    space = context.space.get()
+    number = int(config[NUMBER_KEY])
+    params = {k: v for k, v in _flat(config).items() if k != NUMBER_KEY}
+    tracker = Tracker(context.tracking_uri, context.experiment) if context.tracking_uri and context.experiment else None
+    run: dict[str, str] = {}
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        metric = context.step_metric
+        if metric is not None and metric in metrics:
+            tune.report({metric: float(metrics[metric]), STEP_KEY: step, NUMBER_KEY: number, RUN_KEY: run.get("id", "")})
+
+    sampled = space.sample(optuna.trial.FixedTrial(params))
+    outcome = execute_trial(
+        space, sampled, number, params, tracker, context.parent_run, "ray", report,
+        on_run=lambda run_id: run.update(id=run_id),
+    )
+    if outcome.state != "complete":
+        raise TrialFailed(outcome.error or outcome.state)
+    metrics = {k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
+    objectives = {o.metric: metrics[o.metric] for o in space.objectives}
+    tune.report({**objectives, METRICS_KEY: metrics, STATE_KEY: "complete", NUMBER_KEY: number, RUN_KEY: outcome.run_id or ""})
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Undo Tune's ``unflatten_dict`` (it splits parameter names on ``/``)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        out.update(_flat(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def trial_name(trial: "Trial") -> str:
+    """``trial-N`` with psmsearch's trial number (the MLflow run is ``<space>-trial-N``)."""
+    return f"trial-{trial.config.get(NUMBER_KEY, trial.trial_id)}"
+
+
+def trial_dirname(trial: "Trial") -> str:
+    """A short, filesystem-safe trial directory (Tune's default embeds parameter values)."""
+    return f"trial_{trial.config.get(NUMBER_KEY, 0):05d}_{trial.trial_id}"
+
+
+@dataclass
+class _Book:
+    """Driver-side bookkeeping of one search: progress, outcomes, and runs Ray ended early."""
+
+    space: SearchSpace
+    tracker: Tracker | None
+    parent: str | None
+    progress: SearchProgress
+    outcomes: dict[int, TrialOutcome] = field(default_factory=dict)
+    started: dict[str, int] = field(default_factory=dict)
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def on_start(self, trial: "Trial") -> None:
+        number = int(trial.config[NUMBER_KEY])
+        self.started[trial.trial_id] = number
+        self.progress.started(number)
+
+    def on_result(self, trial: "Trial", result: Mapping[str, Any]) -> None:
+        self.last[trial.trial_id] = dict(result)
+
+    def on_complete(self, trial: "Trial") -> None:
+        number = self._number(trial)
+        result = _flat(self.last.get(trial.trial_id) or trial.last_result or {})
+        params = _params(trial)
+        run_id = str(result.get(RUN_KEY) or "") or None
+        if result.get(STATE_KEY) == "complete":
+            prefix = f"{METRICS_KEY}/"
+            metrics = {k[len(prefix):]: float(v) for k, v in result.items() if k.startswith(prefix)}
+            self._finish(TrialOutcome(number, "complete", metrics, params, run_id=run_id))
+            return
+        step = result.get(STEP_KEY, "?")
+        reason = f"stopped by ASHA at step {step}"
+        self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "pruned", "psmsearch.error": reason})
+        self._finish(TrialOutcome(number, "pruned", {}, params, error=reason, run_id=run_id))
+
+    def on_error(self, trial: "Trial") -> None:
+        number = self._number(trial)
+        run_id = str(_flat(self.last.get(trial.trial_id) or {}).get(RUN_KEY) or "") or None
+        error = _error_text(trial)
+        recorded = self._close_runs(number, run_id, "FAILED", {"psmsearch.status": "failed", "psmsearch.error": error})
+        self._finish(TrialOutcome(number, "failed", {}, _params(trial), error=recorded or error, run_id=run_id))
+
+    def close_unfinished(self) -> None:
+        """Runs of trials that started but never ended here (an interrupted search) become KILLED."""
+        for trial_id, number in self.started.items():
+            if number in self.outcomes:
+                continue
+            run_id = str(_flat(self.last.get(trial_id) or {}).get(RUN_KEY) or "") or None
+            self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": "search stopped"})
+
+    def _number(self, trial: "Trial") -> int:
+        return self.started.get(trial.trial_id, int(trial.config.get(NUMBER_KEY, -1)))
+
+    def _finish(self, outcome: TrialOutcome) -> None:
+        self.outcomes[outcome.number] = outcome
+        self.progress.counts[outcome.state] = self.progress.counts.get(outcome.state, 0) + 1
+        self.progress.best = self._best()
+        self.progress.finished(outcome)
+
+    def _best(self) -> str:
+        complete = [o for o in self.outcomes.values() if o.state == "complete"]
+        if not complete:
+            return "-"
+        rows = [TrialRow(f"trial {o.number}", self.space.name, o.state, {}, o.metrics) for o in complete]
+        ranked = rank(rows, self.space.objectives)
+        if len(self.space.objectives) > 1:
+            return f"{sum(r.pareto for r in ranked)} on the Pareto front"
+        metric = self.space.objectives[0].metric
+        return f"{metric}={ranked[0].metrics[metric]:.4g} ({ranked[0].name})"
+
+    def _close_runs(self, number: int, run_id: str | None, status: str, tags: dict[str, str]) -> str:
+        """Close this trial's runs still RUNNING; returns the error the worker recorded, if any."""
+        if self.tracker is None or self.parent is None:
+            return ""
+        tracker = self.tracker
+        runs = [retry_locked(lambda: tracker.client.get_run(run_id))] if run_id else self._runs_of(number)
+        recorded = ""
+        for run in runs:
+            recorded = recorded or run.data.tags.get("psmsearch.error", "")
+            if run.info.status == "RUNNING":
+                tracker.set_tags(run.info.run_id, tags)
+                tracker.finish(run.info.run_id, status)
+        return recorded
+
+    def _runs_of(self, number: int) -> list[Any]:
+        tracker, parent = self.tracker, self.parent
+        assert tracker is not None and parent is not None
+        query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`psmsearch.trial` = '{number}'"
+        return retry_locked(lambda: tracker.client.search_runs([tracker.experiment_id], filter_string=query))
+
+
+def _params(trial: "Trial") -> dict[str, Any]:
+    return {k: v for k, v in _flat(trial.config).items() if k != NUMBER_KEY}
+
+
+def _error_text(trial: "Trial") -> str:
+    """The first line of a trial's error (``TrialFailed: ...`` or what killed the worker)."""
+    error = trial.get_pickled_error() or trial.get_error()
+    lines = [line.strip() for line in str(error or "unknown error").splitlines() if line.strip()]
+    ours = [line for line in lines if TrialFailed.__name__ in line]
+    return (ours or lines or ["unknown error"])[-1 if ours else 0][:2000]
+
+
+_ACTIVE: list[_Book] = []
+
+
+def _bridge_to_active() -> "Callback":
+    """Unpickling target of the callback: the bridge to the search running in this process."""
+    return make_bridge(_ACTIVE[-1])
+
+
+def make_bridge(book: _Book) -> "Callback":
+    """A Tune callback forwarding trial events to ``book``.
+
+    Tune pickles its run config (callbacks included) into the experiment directory and unpickles it
+    on restore; the bridge pickles as a reference to the search active at that moment.
+    """
+    from ray.tune import Callback
+
+    class _Bridge(Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
+            book.on_start(trial)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: "Trial", result: dict, **info: Any) -> None:
+            book.on_result(trial, result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
+            book.on_complete(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
+            book.on_error(trial)
+
+        def __reduce__(self) -> tuple[Any, tuple]:
+            return _bridge_to_active, ()
+
+    return _Bridge()
+
+
+def results_dir(options: SearchOptions) -> Path:
+    """Where Ray keeps the experiment: ``--storage`` (a folder) or ``./psmsearch_ray_results``, absolute."""
+    storage = options.storage
+    if storage and storage.lower().startswith(DB_SCHEMES):
+        raise ConfigError(
+            f"the ray driver keeps its state in a folder, not a database: got --storage {storage!r}; "
+            f"pass a folder (default ./{DEFAULT_RESULTS_DIR})",
+            field="--storage",
+        )
+    return Path(storage or DEFAULT_RESULTS_DIR).expanduser().resolve()
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for no address (a private local cluster) and for ``127.x.x.x:PORT`` / ``localhost:PORT``."""
+    if address is None:
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
+    """The job's ``runtime_env``: plugin files and folders uploaded as ``py_modules``, named by module.
+
+    A module name passes through unchanged: it must be installed on the cluster (as entry-point
+    plugins are).
+    """
+    modules: list[str] = []
+    names: list[str] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.exists():
+            path = path.resolve()
+            modules.append(str(path))
+            names.append(path.stem if path.is_file() else path.name)
+        else:
+            names.append(spec)
+    env: dict[str, Any] = {"env_vars": {PLUGINS_ENV_VAR: ",".join(names)}} if names else {}
+    if modules:
+        env["py_modules"] = modules
+    return env
+
+
+def _prepare_environment(options: SearchOptions) -> None:
+    """Quiet Ray and, for a local cluster, keep it on loopback; must run before ``ray`` is imported."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if is_loopback(options.address):
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
+def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
+    """Join ``options.address`` or start a private loopback cluster; True when this call connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = worker_runtime_env(env_plugin_specs())
+    common: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if options.address:
+            progress.note(f"joining the Ray cluster at {options.address}")
+            ray.init(address=options.address, **common)
+        else:
+            progress.note("starting a local Ray cluster (loopback only)")
+            ray.init(include_dashboard=False, **common)
+    except ConnectionError as err:
+        raise ConfigError(f"cannot reach a Ray cluster at {options.address!r}: {err}", field="--address") from None
+    return True
+
+
+def _open_tracking(space: SearchSpace, options: SearchOptions) -> tuple[Tracker | None, str | None]:
+    """The search's parent run (tag ``psmsearch.driver=ray``), as the embedded driver creates it."""
+    if not space.header.tracking.enabled:
+        return None, None
+    uri = absolute_uri(options.tracking_uri or space.header.tracking.tracking_uri or default_tracking_uri())
+    experiment = options.experiment or space.header.tracking.experiment or space.name
+    tracker = Tracker(uri, experiment)
+    params = {"space": space.source.source, "objectives": [o.model_dump() for o in space.objectives], "trials": options.trials}
+    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": "ray"}, params)
+    return tracker, parent
+
+
+def _searcher(space: SearchSpace, portable: PortableSpace) -> Any:
+    from ray.tune.search.optuna import OptunaSearch
+
+    metrics = [o.metric for o in space.objectives]
+    modes = ["max" if o.direction == "maximize" else "min" for o in space.objectives]
+    single = len(metrics) == 1
+    return OptunaSearch(
+        space=portable, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
+        sampler=make_sampler(space), study_name=space.name,
+    )
+
+
+def _scheduler(space: SearchSpace) -> Any:
+    """ASHA on the objective reported at each evaluation; none for several objectives or ``pruner: none``."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if len(space.objectives) > 1 or space.header.driver.pruner == "none":
+        return FIFOScheduler()
+    objective = space.objectives[0]
+    return ASHAScheduler(
+        metric=objective.metric, mode="max" if objective.direction == "maximize" else "min",
+        max_t=_max_reports(space), grace_period=1, reduction_factor=3,
+    )
+
+
+def _max_reports(space: SearchSpace) -> int:
+    """Reports a trial makes (evaluations plus the final one) when the step budget is fixed; else large."""
+    train = space.template.get("train", {})
+    steps, every = train.get("steps"), train.get("eval_every", 200)
+    if isinstance(steps, int) and isinstance(every, int) and train.get("time_budget_s") is None:
+        return math.ceil(steps / every) + 1
+    return 10_000
+
+
+def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
+    """Whether the Ray experiment exists; an existing one needs ``--resume`` (as an Optuna study does)."""
+    from ray import tune
+
+    exists = tune.Tuner.can_restore(str(experiment))
+    if exists and not options.resume:
+        raise ConfigError(
+            f"a Ray search {experiment.name!r} already exists in {experiment.parent}; pass --resume to continue it, "
+            "or choose another name with --study / another folder with --storage",
+            field="--resume",
+        )
+    return exists
+
+
+def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, experiment: Path, restore: bool) -> "Tuner":
+    """A new Tuner, or the experiment's restored one (unfinished and errored trials run again)."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(ray_trial, context=context),
+        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+    )
+    if restore:
+        return tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(space, context.space), scheduler=_scheduler(space), num_samples=options.trials,
+            max_concurrent_trials=options.jobs, reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment.name, storage_path=str(experiment.parent), verbose=0, callbacks=[make_bridge(_ACTIVE[-1])],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+
+
+def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
+    """Run (or, with ``options.resume``, continue) the search for ``space`` on a Ray cluster."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _prepare_environment(options)
+    name = options.study or space.name
+    experiment = results_dir(options) / name
+    restore = _check_new_or_resumed(experiment, options)
+    tracker, parent = _open_tracking(space, options)
+    context = TrialContext(
+        PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
+        parent, space.objectives[0].metric if len(space.objectives) == 1 else None,
+    )
+    result = SearchResult(name, str(experiment), tracker.experiment if tracker else None, parent)
+    with SearchProgress(space, options.trials, enabled=options.progress) as progress:
+        book = _Book(space, tracker, parent, progress)
+        _ACTIVE.append(book)
+        connected = False
+        status = "KILLED"
+        try:
+            connected = _connect(options, progress)
+            _tuner(space, options, context, experiment, restore).fit()
+            status = "FINISHED"
+        finally:
+            book.close_unfinished()
+            _ACTIVE.remove(book)
+            if tracker is not None and parent is not None:
+                tracker.finish(parent, status)
+            if connected:
+                import ray
+
+                ray.shutdown()
+    result.outcomes = [book.outcomes[n] for n in sorted(book.outcomes)]
+    return result

@@ -1,0 +1,68 @@
+"""Data parallelism: 2 gloo processes on loopback give the gradients of 1 process on the whole batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from psmsearch import distributed as dist
+from psmsearch.config import ModelConfig
+from psmsearch.model import build_model
+from psmsearch.plugins.tasks import GroupWordProblem
+from psmsearch.tasks import Batch
+from psmsearch.trainer import TrainConfig, Trainer
+
+MODEL = ModelConfig(kind="gpt", d_model=16, n_layers=1, n_heads=2)
+
+
+def make_trainer(steps: int) -> Trainer:
+    torch.manual_seed(0)
+    task = GroupWordProblem(group="S3", train_length=6, curriculum=False, eval_max_multiple=1, eval_samples=8)
+    return Trainer(build_model(MODEL, task.vocab_size), task, TrainConfig(steps=steps, batch_size=6, warmup_steps=1, eval_every=100))
+
+
+def uneven_batch() -> Batch:
+    """A batch whose scored positions differ per row, so per-rank token counts differ."""
+    g = torch.Generator().manual_seed(3)
+    inputs = torch.randint(6, (6, 9), generator=g)
+    mask = torch.rand(6, 9, generator=g) < torch.linspace(0.2, 0.9, 6)[:, None]
+    return Batch(inputs, torch.randint(6, (6, 9), generator=g), mask)
+
+
+def grads(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+
+def weights(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    trainer = make_trainer(steps=3)
+    trainer.backward(uneven_batch())
+    torch.save(grads(trainer), Path(out_dir) / f"grads{rank}.pt")
+    trainer.optimizer.zero_grad()
+    trainer.fit()
+    torch.save(weights(trainer), Path(out_dir) / f"weights{rank}.pt")
+
+
+def test_two_processes_match_one_process(tmp_path: Path) -> None:
+    dist.launch(worker, 2, str(tmp_path))
+    single = make_trainer(steps=3)
+    single.backward(uneven_batch())
+    reference = grads(single)
+    single.optimizer.zero_grad()
+    single.fit()
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(tmp_path / f"grads{rank}.pt"), reference, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(torch.load(tmp_path / f"weights{rank}.pt"), weights(single), atol=1e-5, rtol=1e-4)
+
+
+def test_helpers_are_identity_outside_a_process_group() -> None:
+    batch = uneven_batch()
+    assert dist.shard(batch) is batch and dist.world_size() == 1 and dist.rank() == 0
+    t = torch.ones(3)
+    assert dist.all_reduce_sum(t) is t
+    assert dist.default_backend("cpu") == "gloo"

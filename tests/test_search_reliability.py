@@ -1,0 +1,148 @@
+"""Searches survive failing trials, SIGINT, SIGKILL and a second process on the same stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from clihelpers import run_cli
+from searchhelpers import mlflow_runs, optuna_trials, write_space
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAILING = ["fail_raises", "fail_nan", "fail_shape"]
+
+
+def trial_runs(db: Path) -> list:
+    return [r for r in mlflow_runs(db) if r.data.tags.get("psmsearch.kind") == "trial"]
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path: Path, fresh_registry) -> None:
+    from psmsearch.optuna_driver import run_optuna_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    fresh_registry.use_plugins([str(FIXTURES / "failing_components.py")])
+    model = {"d_model": 16, "chunk_size": 2, "encoder": "embed", "head": {"name": "attention", "layers": 1, "heads": 2},
+             "aggregator": {"choice": [*FAILING, "mlp"]}}
+    space = load_space(write_space(tmp_path, model=model), smoke_samples=2)
+    storage = f"sqlite:///{tmp_path / 'psmsearch.db'}"
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    for name in [*FAILING, "mlp"]:
+        study.enqueue_trial({"model.aggregator": name})
+    options = SearchOptions(trials=4, storage=storage, resume=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    result = run_optuna_search(space, options)
+
+    by_name = {o.params["model.aggregator"]: o for o in result.outcomes}
+    assert by_name["mlp"].state == "complete"
+    assert by_name["fail_raises"].state == "failed" and "RuntimeError: boom from fail_raises" in by_name["fail_raises"].error
+    assert by_name["fail_nan"].state == "failed" and "diverged" in by_name["fail_nan"].error
+    assert by_name["fail_shape"].state == "failed" and by_name["fail_shape"].error
+    trials = {t.params["model.aggregator"]: t for t in optuna_trials(tmp_path / "psmsearch.db")}
+    assert trials["mlp"].state == TrialState.COMPLETE
+    for name in FAILING:
+        assert trials[name].state == TrialState.FAIL
+        assert trials[name].user_attrs["error"] == by_name[name].error
+    runs = {r.data.params["model.aggregator"]: r for r in trial_runs(tmp_path / "mlflow.db")}
+    assert runs["mlp"].info.status == "FINISHED"
+    for name in FAILING:
+        assert runs[name].info.status == "FAILED"
+        assert runs[name].data.tags["psmsearch.error"] == by_name[name].error
+
+
+def test_a_task_that_raises_fails_its_trial_not_the_search(tmp_path: Path) -> None:
+    task = {"name": "fail_task", "group": "Z5", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16}
+    space = write_space(tmp_path, task=task, driver={"trials": 2, "pruner": "none"})
+    result = run_cli("--plugin", str(FIXTURES / "failing_components.py"), "search", str(space), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ValueError: the task's data source is broken" in result.stderr
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.FAIL] * 2
+    assert [r.info.status for r in trial_runs(tmp_path / "mlflow.db")] == ["FAILED"] * 2
+
+
+def _start_search(space: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PSMSEARCH_PLUGINS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "psmsearch", "search", str(space), "--no-progress", *extra],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(condition, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except Exception:  # noqa: BLE001 - the stores may not exist yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError("condition not reached in time")
+
+
+def _one_done_one_running(db: Path) -> bool:
+    states = [t.state for t in optuna_trials(db)]
+    return states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.Signals) -> None:
+    driver = {"trials": 3, "pruner": "none", "startup_trials": 1, "heartbeat_interval": 1, "grace_period": 3}
+    train = {"steps": 30, "batch_size": 8, "eval_every": 10, "warmup_steps": 1, "eval_batch_size": 16}
+    space = write_space(tmp_path, driver=driver, train=train)
+    process = _start_search(space, tmp_path)
+    _wait_for(lambda: _one_done_one_running(tmp_path / "psmsearch.db"))
+    completed_before = {t.number for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.COMPLETE}
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert process.returncode == 130
+        assert "--resume" in stderr and "Traceback" not in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
+
+    result = run_cli("search", str(space), "--resume", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    trials = optuna_trials(tmp_path / "psmsearch.db")
+    complete = {t.number for t in trials if t.state == TrialState.COMPLETE}
+    assert completed_before <= complete
+    assert len(complete) == 3, [(t.number, t.state, t.user_attrs) for t in trials]
+    (interrupted,) = [t for t in trials if t.state == TrialState.FAIL]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == interrupted.number or t.system_attrs.get("failed_trial") == interrupted.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == interrupted.params
+
+    runs = trial_runs(tmp_path / "mlflow.db")
+    finished = sorted(int(r.data.tags["psmsearch.trial"]) for r in runs if r.info.status == "FINISHED")
+    assert finished == sorted(complete)  # same count as Optuna, no duplicates
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert [int(r.data.tags["psmsearch.trial"]) for r in killed] == [interrupted.number]
+    assert killed[0].data.tags["psmsearch.status"] == "interrupted"
+    assert len([r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]) == 1
+
+
+def test_two_processes_share_one_study_and_one_experiment(tmp_path: Path) -> None:
+    space = write_space(tmp_path, driver={"trials": 4, "pruner": "none", "startup_trials": 1})
+    first = _start_search(space, tmp_path, "--resume")
+    second = _start_search(space, tmp_path, "--resume")
+    outputs = [p.communicate(timeout=600) for p in (first, second)]
+    for process, (_, stderr) in zip((first, second), outputs):
+        assert process.returncode == 0, stderr
+        assert "locked" not in stderr.lower() and "Traceback" not in stderr
+    trials = optuna_trials(tmp_path / "psmsearch.db")
+    complete = sorted(t.number for t in trials if t.state == TrialState.COMPLETE)
+    assert len(complete) >= 4 and len(complete) == len(trials)  # at most one in flight per process overshoots
+    assert len(complete) <= 4 + 1
+    runs = trial_runs(tmp_path / "mlflow.db")
+    assert sorted(int(r.data.tags["psmsearch.trial"]) for r in runs) == complete
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parents = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}

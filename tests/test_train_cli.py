@@ -1,0 +1,118 @@
+"""Trial configs and ``psmsearch train``: validation messages, overrides, JSON output, example configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from psmsearch.cli_train import train
+from psmsearch.errors import ConfigError, UnknownComponentError
+from psmsearch.trial import TrialConfig, load_trial_config, metric_directions, run_trial
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+TINY = {
+    "task": {"name": "group", "group": "Z5", "train_length": 4, "eval_max_multiple": 2, "eval_samples": 16},
+    "model": {
+        "kind": "psm", "d_model": 16, "chunk_size": 2,
+        "aggregator": {"name": "attention", "layers": 1, "heads": 2}, "head": {"name": "attention", "layers": 1, "heads": 2},
+    },
+    "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "eval_every": 3},
+    "metrics": {"memory_lengths": [64], "latency_lengths": [64], "latency_tokens": 2},
+}
+
+
+def write(tmp_path: Path, data: object, name: str = "trial.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_train_prints_table_and_json_with_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, TINY)
+    result = CliRunner().invoke(
+        train, [str(path), "--set", "model.chunk_size=1", "--set", "task.group=S3", "--json", "--no-progress", "--no-eval-log"]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert {"acc_1x", "acc_2x", "final_acc_2x", "train_loss", "params", "state_bytes_64", "latency_ms_64"} <= set(metrics)
+    assert metrics["train_steps"] == 6
+    assert metrics["state_bytes_64"] == metrics["expected_state_bytes_64"]
+    table = "\n".join(result.output.strip().splitlines()[:-1])
+    assert "acc_1x" in table and "state_bytes_64" in table
+
+
+def test_run_trial_is_a_pure_function_of_the_config(tmp_path: Path) -> None:
+    config = TrialConfig.from_dict({**TINY, "metrics": {"enabled": False}})
+    steps: list[int] = []
+    first = run_trial(config, lambda step, m: steps.append(step))
+    second = run_trial(config)
+    assert steps == [3, 6]
+    drop = {"train_seconds", "train_tokens_per_s"}
+    assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
+    assert set(metric_directions(config)) - {"train_tokens_per_s", "params"} <= set(first)
+
+
+def test_bad_value_names_file_field_value_and_allowed(tmp_path: Path) -> None:
+    path = write(tmp_path, {**TINY, "task": {**TINY["task"], "group": "S9"}})
+    with pytest.raises(ConfigError) as info:
+        load_trial_config(path)
+    message = str(info.value)
+    assert str(path) in message and "task.group" in message and "'S9'" in message and "'S5'" in message
+
+
+def test_unknown_field_lists_allowed_fields(tmp_path: Path) -> None:
+    path = write(tmp_path, {**TINY, "train": {**TINY["train"], "stpes": 3}})
+    with pytest.raises(ConfigError, match=r"train\.stpes.*unknown field 'stpes'; allowed: .*steps"):
+        load_trial_config(path)
+
+
+def test_schema_error_names_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trial\.yaml: model\.chunk_size: 0 is not allowed"):
+        load_trial_config(write(tmp_path, {**TINY, "model": {**TINY["model"], "chunk_size": 0}}))
+
+
+def test_unknown_task_suggests_close_match(tmp_path: Path) -> None:
+    with pytest.raises(UnknownComponentError, match=r"task\.name.*unknown task 'gruop'. Did you mean 'group'") as info:
+        load_trial_config(write(tmp_path, {**TINY, "task": {"name": "gruop"}}))
+    assert isinstance(info.value, ConfigError)
+
+
+def test_model_components_are_validated(tmp_path: Path) -> None:
+    bad = {**TINY, "model": {**TINY["model"], "aggregator": {"name": "attention", "layers": 99}}}
+    with pytest.raises(ConfigError, match=r"model\.aggregator.*layers"):
+        load_trial_config(write(tmp_path, bad))
+    gpt = {**TINY, "model": {"kind": "gpt", "d_model": 16, "n_heads": 3}}
+    with pytest.raises(ConfigError, match=r"model\.n_heads"):
+        load_trial_config(write(tmp_path, gpt))
+
+
+def test_bad_override_and_missing_file(tmp_path: Path) -> None:
+    path = write(tmp_path, TINY)
+    with pytest.raises(ConfigError, match=r"--set.*'model.chunk_size'.*dotted.key=value"):
+        load_trial_config(path, ["model.chunk_size"])
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_trial_config(tmp_path / "missing.yaml")
+    result = CliRunner().invoke(train, [str(path), "--set", "=3"])
+    assert isinstance(result.exception, ConfigError)
+
+
+def test_override_expands_short_component_form(tmp_path: Path) -> None:
+    data = {**TINY, "model": {**TINY["model"], "aggregator": "mlp"}}
+    config = load_trial_config(write(tmp_path, data), ["model.aggregator.mlp_ratio=3"])
+    assert config.model.aggregator.name == "mlp" and config.model.aggregator.params == {"mlp_ratio": 3}
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(path: Path) -> None:
+    config = load_trial_config(path)
+    assert config.train.steps
+
+
+def test_there_are_example_configs_for_group_gpt_and_lm() -> None:
+    kinds = {(c.task.name, c.model.kind) for c in map(load_trial_config, EXAMPLES.glob("*.yaml"))}
+    assert {("group", "psm"), ("group", "gpt"), ("lm", "psm")} <= kinds

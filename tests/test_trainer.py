@@ -1,0 +1,130 @@
+"""Trainer: determinism, checkpoint resume, schedule, pruning and divergence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from psmsearch.config import ModelConfig
+from psmsearch.model import build_model
+from psmsearch.plugins.tasks import GroupWordProblem
+from psmsearch.trainer import TrainConfig, Trainer, TrialDiverged, TrialPruned
+
+MODEL = ModelConfig(
+    d_model=16, chunk_size=2, aggregator={"name": "attention", "layers": 1, "heads": 2},
+    head={"name": "attention", "layers": 1, "heads": 2},
+)
+
+
+def make_trainer(steps: int = 12, seed: int = 0, **train: object) -> Trainer:
+    torch.manual_seed(seed)
+    task = GroupWordProblem(group="S3", train_length=6, eval_max_multiple=2, eval_samples=16, curriculum_threshold=0.3)
+    model = build_model(MODEL, task.vocab_size)
+    config = TrainConfig(steps=steps, batch_size=8, warmup_steps=3, eval_every=5, **train)
+    return Trainer(model, task, config, seed=seed)
+
+
+def params(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_same_seed_same_metrics_and_weights() -> None:
+    a, b = make_trainer(), make_trainer()
+    ra, rb = a.fit(), b.fit()
+    assert ra.metrics == rb.metrics and ra.steps == rb.steps == 12
+    assert torch.equal(params(a), params(b))
+    c = make_trainer(seed=1)
+    c.fit()
+    assert not torch.equal(params(a), params(c))
+
+
+def test_restored_checkpoint_continues_identically(tmp_path: Path) -> None:
+    straight = make_trainer(steps=12)
+    straight_result = straight.fit()
+
+    first = make_trainer(steps=12, checkpoint_every=6)
+    first.checkpoint_path = tmp_path / "ckpt.pt"
+    first.fit(stop_at=6)
+    resumed = make_trainer(steps=12, seed=5)  # different init: everything must come from the file
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    assert resumed.step == 6 and resumed.task.length == first.task.length
+    result = resumed.fit()
+    assert torch.equal(params(resumed), params(straight))
+    assert result.metrics["acc_1x"] == straight_result.metrics["acc_1x"]
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+    trainer = make_trainer(steps=2)
+    trainer.fit()
+    trainer.save_checkpoint(tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["step"] == 2 and set(state) >= {"model", "optimizer", "generator", "task"}
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    trainer = make_trainer(steps=103, lr=1.0, min_lr_ratio=0.1)
+    assert trainer.lr_at(0, 0) == pytest.approx(1 / 3)
+    assert trainer.lr_at(2, 0) == pytest.approx(1.0)
+    assert trainer.lr_at(3, 0) == pytest.approx(1.0)
+    assert trainer.lr_at(53, 0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert trainer.lr_at(103, 0) == pytest.approx(0.1)
+
+
+def test_callback_sees_evaluations_and_can_prune() -> None:
+    seen: list[int] = []
+
+    def callback(step: int, metrics: dict[str, float]) -> None:
+        seen.append(step)
+        assert {"acc_1x", "acc_2x", "train_loss"} <= set(metrics)
+        if step >= 10:
+            raise TrialPruned(f"pruned at {step}")
+
+    trainer = make_trainer(steps=30)
+    trainer.callback = callback
+    with pytest.raises(TrialPruned, match="pruned at 10"):
+        trainer.fit()
+    assert seen == [5, 10]
+
+
+def test_evaluates_at_the_end_when_budget_is_not_a_multiple() -> None:
+    steps: list[int] = []
+    trainer = make_trainer(steps=7)
+    trainer.callback = lambda step, metrics: steps.append(step)
+    trainer.fit()
+    assert steps == [5, 7]
+
+
+def test_time_budget_stops_training() -> None:
+    trainer = make_trainer(steps=None, time_budget_s=0.5)
+    result = trainer.fit()
+    assert 0.5 <= result.seconds < 5 and result.steps >= 1 and result.tokens_per_s > 0
+
+
+class Exploding(nn.Module):
+    """Wraps a model and returns NaN logits from the given forward call on."""
+
+    def __init__(self, inner: nn.Module, after: int) -> None:
+        super().__init__()
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = self.inner(tokens)
+        return logits * float("nan") if self.training and self.calls > self.after else logits
+
+
+def test_divergence_raises_with_reason() -> None:
+    trainer = make_trainer(steps=10)
+    trainer.model = Exploding(trainer.model, after=3)
+    trainer.parallel = trainer.model
+    with pytest.raises(TrialDiverged) as info:
+        trainer.fit()
+    assert info.value.step == 3 and "loss is nan" in info.value.reason
+
+
+def test_needs_a_budget() -> None:
+    with pytest.raises(ValueError, match="budget"):
+        TrainConfig(steps=None, time_budget_s=None)
