@@ -3,7 +3,7 @@
 Both use rotary position embeddings (RoPE) and no learned absolute positions, so a model trained on
 length L runs on 16 L. Attention is plain matmul + softmax (see :mod:`psmsearch.layers`: faster than
 SDPA on CPU at these sizes). Streaming keeps a KV cache: for ``gpt`` one that grows with the sequence
-(over-allocated by a quarter to amortise copies), for ``swa`` a ring buffer of ``window`` entries.
+(allocated in blocks of 256 slots to amortise copies), for ``swa`` a ring buffer of ``window`` entries.
 Streaming and parallel evaluation compute the same function (the tests check it).
 """
 
@@ -115,11 +115,12 @@ class AttentionLanguageModel(nn.Module):
 class KVCache:
     """Keys and values of one layer: ``[B, H, capacity, dh]`` buffers plus each slot's position.
 
-    ``window=None``: a growing cache (capacity grows by 25%, rounded to 64 slots). Otherwise a ring
-    of exactly ``window`` slots; slot ``p % window`` holds position ``p``.
+    ``window=None``: a growing cache allocated in blocks of :attr:`BLOCK` slots (at most ``BLOCK - 1``
+    unused slots; the reallocation copy costs O(n / BLOCK) per token, far below attention's O(n)).
+    Otherwise a ring of exactly ``window`` slots; slot ``p % window`` holds position ``p``.
     """
 
-    GROW_ROUND = 64
+    BLOCK = 256
 
     def __init__(self, batch_size: int, n_heads: int, d_head: int, window: int | None, like: torch.Tensor) -> None:
         self.window = window
@@ -132,7 +133,7 @@ class KVCache:
     def _grow(self, needed: int) -> None:
         if needed <= self.k.shape[2]:
             return
-        capacity = math.ceil(needed * 1.25 / self.GROW_ROUND) * self.GROW_ROUND
+        capacity = math.ceil(needed / self.BLOCK) * self.BLOCK
         b, h, old, dh = self.k.shape
         for name in ("k", "v"):
             buffer = getattr(self, name).new_zeros(b, h, capacity, dh)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from psmsearch.cli_search import compare, search
@@ -28,7 +29,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PSMSearchError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)
 
 
@@ -51,7 +52,7 @@ def main(plugins: Sequence[str]) -> None:
 def report_plugin_failures(registry: Registry) -> None:
     """Print each plugin that failed to load (the rest of the tool keeps working)."""
     for failure in registry.failures:
-        err_console.print(f"[yellow]warning:[/] {failure}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(str(failure))}", highlight=False, soft_wrap=True)
 
 
 @main.command("plugins")
@@ -113,7 +114,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
     else:
         for result in results:
             style = "green" if result.passed else "bold red"
-            Console().print(f"[{style}]{result.line()}[/]", highlight=False, soft_wrap=True)
+            Console().print(f"[{style}]{escape(result.line())}[/]", highlight=False, soft_wrap=True)
     failed = sum(not r.passed for r in results)
     click.echo(f"{len(results) - failed} passed, {failed} failed", err=as_json)
     sys.exit(1 if failed else 0)

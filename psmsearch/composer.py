@@ -177,7 +177,7 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
 
 
 def validate_model_config(config: ModelConfig, registry: Registry | None = None) -> None:
-    """Check names, hyperparameters and compatibility without building anything big.
+    """Check names, hyperparameters and compatibility, and build the layer on the meta device.
 
     Raises a :class:`PSMSearchError` naming the field, the value and what is allowed.
     """
@@ -198,3 +198,10 @@ def validate_model_config(config: ModelConfig, registry: Registry | None = None)
         check_compatible(registry, config.encoder.name, config.aggregator.name, config.head.name)
     except IncompatibleComponentsError as err:
         raise ConfigError(str(err), field="model") from None
+    with torch.device("meta"):  # build for real, allocate nothing: catches constraints between values
+        try:
+            PSMLayer.from_config(config, registry)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a component rejecting its arguments
+            raise ConfigError(f"{type(err).__name__}: {err}", field="model") from None

@@ -54,7 +54,7 @@ class SearchProgress:
 
     def note(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, markup=False)
 
     def started(self, number: int) -> None:
         self.running.add(number)

@@ -345,7 +345,10 @@ def _validate_components(space: SearchSpace) -> None:
     encoders = _component_options(model, "encoder", space.source)
     if not any(all(_compatible(space.registry, k, model, space, space.registry.get("encoder", e[0]).state_kind) for k in ("aggregator", "head")) for e in encoders):
         kinds = {k: sorted({space.registry.get(k, o[0]).state_kind for o in _component_options(model, k, space.source)}) for k in COMPONENT_KINDS}
-        raise space.source.error("model", f"no compatible encoder/aggregator/head combination: state kinds are {kinds}")
+        raise space.source.error(
+            "model",
+            f"no compatible encoder/aggregator/head combination: they must share one state_kind, and the choices have {kinds}",
+        )
 
 
 def _dimension_extremes(path: str, value: Any, where: SourceMap) -> list[Any]:

@@ -80,7 +80,6 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
         yield
         return
     lock_path = Path(uri[len(prefix) :] + ".init-lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -1,0 +1,164 @@
+"""Bad input is caught before any training: exit code 2, one message naming file, field, value, allowed.
+
+Each case writes a search space derived from the tiny valid one, runs the real ``psmsearch``
+command line in-process (click's runner), and checks the message. No case may train anything.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from psmsearch.cli import main
+from searchhelpers import TINY_SPACE
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def _set(path: str, value: Any) -> Edit:
+    def edit(space: dict[str, Any]) -> None:
+        node = space
+        *parents, last = path.split(".")
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+    return edit
+
+
+def _drop(path: str) -> Edit:
+    def edit(space: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = space
+        for key in parents:
+            node = node[key]
+        del node[last]
+
+    return edit
+
+
+# (case id, edit of the valid space, field named in the message, fragments that must appear)
+CASES: list[tuple[str, Edit, str, list[str]]] = [
+    ("unknown aggregator", _set("model.aggregator", "atention"), "model.aggregator", ["unknown aggregator 'atention'", "Did you mean 'attention'?"]),
+    ("unknown choice entry", _set("model.aggregator.choice.0", {"name": "mlpp"}), "model.aggregator.choice.0", ["unknown aggregator 'mlpp'", "Did you mean 'mlp'?"]),
+    ("unknown encoder", _set("model.encoder", "embedd"), "model.encoder", ["unknown encoder 'embedd'", "Did you mean 'embed'?"]),
+    ("unknown head", _set("model.head", "attn"), "model.head", ["unknown head 'attn'", "Registered heads:"]),
+    ("wrong type d_model", _set("model.d_model", "big"), "model.d_model", ["'big'", "valid integer"]),
+    ("chunk size zero", _set("model.chunk_size", 0), "model.chunk_size", ["0", "greater than or equal to 1"]),
+    ("chunk size not an integer", _set("model.chunk_size", 2.5), "model.chunk_size", ["2.5", "integer"]),
+    ("chunk size beyond the sequence", _set("model.chunk_size", 64), "model.chunk_size", ["64", "train_length"]),
+    ("incompatible state kinds", _set("model.aggregator", "affine_diag"), "model", ["state_kind", "must share one state_kind"]),
+    ("unknown objective metric", _set("objectives.0.metric", "acc_5x"), "objectives.0.metric", ["unknown metric 'acc_5x'", "acc_2x"]),
+    ("objective direction typo", _set("objectives.0.direction", "maximise"), "objectives.0.direction", ["'maximise'", "'maximize' or 'minimize'"]),
+    ("no objectives", _set("objectives", []), "objectives", ["at least 1 item"]),
+    ("empty choice list", _set("model.chunk_size", {"choice": []}), "model.chunk_size", ["choice must be a non-empty list"]),
+    ("int range reversed", _set("model.d_model", {"int": [64, 16]}), "model.d_model", ["low < high", "[64, 16]"]),
+    ("int range of floats", _set("model.d_model", {"int": [16.5, 64]}), "model.d_model", ["int range must hold integers"]),
+    ("log range from zero", _set("train.lr", {"float": [0.0, 0.1], "log": True}), "train.lr", ["log-scale range needs low > 0"]),
+    ("range not numbers", _set("train.lr", {"float": ["a", "b"]}), "train.lr", ["range must be [low, high] numbers"]),
+    ("unknown component hyperparameter", _set("model.head", {"name": "attention", "depth": 2}), "model.head.depth", ["has no hyperparameter 'depth'", "allowed: heads, layers, mlp_ratio"]),
+    ("hyperparameter out of range", _set("model.head", {"name": "attention", "layers": 99}), "model.head.layers", ["99 is out of range", "int in [1, 6]"]),
+    ("hyperparameter not a choice", _set("model.head", {"name": "attention", "heads": 3}), "model.head.heads", ["3 is not allowed", "one of 1, 2, 4, 8"]),
+    ("heads do not divide width", lambda s: (_set("model.d_model", 12)(s), _set("model.head", {"name": "attention", "heads": 8})(s)), "model", ["heads=8 does not divide d_model=12"]),
+    ("unknown task", _set("task.name", "gruop"), "task.name", ["unknown task 'gruop'", "Did you mean 'group'?"]),
+    ("task parameter not allowed", _set("task.group", "S9"), "task.group", ["'S9' is not allowed", "'S3'"]),
+    ("unknown task parameter", _set("task.size", 3), "task.size", ["has no parameter 'size'"]),
+    ("negative steps", _set("train.steps", -5), "train.steps", ["-5", "greater than or equal to 1"]),
+    ("no training budget", _set("train", {"steps": None}), "train", ["needs a budget"]),
+    ("lr out of range", _set("train.lr", -0.1), "train.lr", ["-0.1", "greater than 0"]),
+    ("zero trials", _set("driver.trials", 0), "driver.trials", ["greater than or equal to 1"]),
+    ("unknown driver", _set("driver.name", "slurm"), "driver.name", ["'slurm'", "'optuna' or 'ray'"]),
+    ("unknown top-level key", _set("modle", {"d_model": 3}), "modle", ["unknown field 'modle'"]),
+    ("unknown model kind", _set("model.kind", "rnn"), "model.kind", ["'rnn'", "'psm', 'gpt' or 'swa'"]),
+    ("bad space name", _set("name", "my space"), "name", ["should match pattern"]),
+    ("duplicate component choice", _set("model.aggregator", {"choice": ["mlp", "mlp"]}), "model.aggregator", ["'mlp' is listed twice"]),
+    ("missing name", _drop("name"), "name", ["Field required"]),
+]
+
+
+def _run(args: list[str]) -> Any:
+    return CliRunner().invoke(main, args, catch_exceptions=True)
+
+
+def _assert_clean_error(result: Any, fragments: list[str]) -> str:
+    output = result.output
+    assert result.exit_code == 2, f"exit {result.exit_code}: {output}\n{result.exception!r}"
+    assert "Traceback" not in output
+    for fragment in fragments:
+        assert fragment in output, f"{fragment!r} missing from: {output}"
+    return output
+
+
+def test_the_table_holds_at_least_25_distinct_cases() -> None:
+    assert len({case[0] for case in CASES}) >= 25
+
+
+@pytest.mark.parametrize("case, edit, field, fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_search_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, edit: Edit, field: str, fragments: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    space = copy.deepcopy(TINY_SPACE)
+    edit(space)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    output = _assert_clean_error(_run(["search", str(path), "--no-progress"]), [*fragments, str(path), field])
+    assert output.count("error:") == 1
+    assert not (tmp_path / "psmsearch.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_malformed_yaml_reports_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodel:\n  d_model: [16\n  chunk_size: 2\n")
+    _assert_clean_error(_run(["search", str(path)]), [f"{path}:4", "malformed YAML"])
+
+
+def test_error_points_at_the_line_of_the_bad_field(tmp_path: Path) -> None:
+    space = copy.deepcopy(TINY_SPACE)
+    space["model"]["aggregator"] = "atention"
+    path = tmp_path / "bad.yaml"
+    text = yaml.safe_dump(space, sort_keys=False)
+    path.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "atention" in row)
+    _assert_clean_error(_run(["search", str(path)]), [f"{path}:{line}: model.aggregator"])
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _assert_clean_error(_run(["search", str(tmp_path / "nope.yaml")]), ["no such file", "nope.yaml"])
+
+
+def test_space_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    _assert_clean_error(_run(["search", str(path)]), ["a search space is a mapping", "list"])
+
+
+def test_unknown_cli_option(tmp_path: Path) -> None:
+    _assert_clean_error(_run(["search", "x.yaml", "--trails", "3"]), ["No such option '--trails'. Did you mean '--trials'?"])
+
+
+def test_cli_value_out_of_range(tmp_path: Path) -> None:
+    _assert_clean_error(_run(["search", "x.yaml", "--trials", "0"]), ["Invalid value for '--trials'", "0 is not in the range x>=1"])
+
+
+def test_unreachable_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(TINY_SPACE))
+    (tmp_path / "a-file").write_text("")
+    url = f"sqlite:///{tmp_path / 'a-file' / 'y.db'}"
+    _assert_clean_error(_run(["search", str(path), "--storage", url]), ["cannot open the Optuna storage", "--storage", url])
+
+
+def test_yaml_objects_are_never_constructed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
+    _assert_clean_error(_run(["search", str(path)]), ["malformed YAML", "python/object/apply"])
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,166 @@
+"""The Ray driver on a real single-machine Ray cluster: MLflow runs, nested trials and shipped plugins.
+
+The cluster is started with ``ray start --head --block`` in its own process group and stopped by
+terminating that process (never ``ray stop``, which would stop every Ray cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from clihelpers import run_cli
+
+PLUGIN = '''
+"""A test plugin: the MLP aggregator under a new name."""
+
+from psmsearch import hookimpl
+from psmsearch.plugins.token_state import MLPAggregator
+
+
+class ShippedMLP(MLPAggregator):
+    """Registered only by this file, so a worker that runs it has loaded the plugin."""
+
+    name = "shipped_mlp"
+
+
+@hookimpl
+def register_aggregators(register):
+    register(ShippedMLP)
+'''
+
+SPACE = """
+name: ray-tiny
+task: {name: group, group: Z5, train_length: 8, eval_max_multiple: 2, eval_samples: 32}
+model:
+  kind: psm
+  d_model: 16
+  n_layers: 1
+  chunk_size: {choice: [2, 4]}
+  encoder: embed
+  aggregator: {name: shipped_mlp, mlp_ratio: 1}
+  head: {name: attention, layers: 1, heads: 2}
+train: {steps: 20, batch_size: 8, eval_every: 10, eval_batch_size: 32, warmup_steps: 2}
+metrics: {enabled: false}
+objectives:
+  - {metric: acc_1x, direction: maximize}
+"""
+
+
+@dataclass
+class Cluster:
+    """A running single-machine Ray head: its address and the environment to reach it."""
+
+    address: str
+    env: dict[str, str]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_env() -> dict[str, str]:
+    """Loopback-only Ray with a private authentication token (nothing read from or written to ~/.ray)."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+
+
+def start_head(temp_dir: Path, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` bound to 127.0.0.1; returns once the runtime has started."""
+    port = free_port()
+    log_path = temp_dir / "head.log"
+    ray = Path(sys.executable).with_name("ray")
+    with log_path.open("w") as log:
+        head = subprocess.Popen(
+            [str(ray), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+             "--include-dashboard=false", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **env}, start_new_session=True,
+        )
+    deadline = time.monotonic() + 90
+    while "Ray runtime started" not in log_path.read_text():
+        if head.poll() is not None or time.monotonic() > deadline:
+            stop_head(head)
+            pytest.fail(f"ray start failed:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return head, f"127.0.0.1:{port}"
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """Terminate the head (it drains and stops its own processes), then kill whatever is left of its group."""
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=10)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    # Ray's Unix socket paths must stay short, so its temp dir is a short /tmp path, not tmp_path.
+    temp_dir = Path(tempfile.mkdtemp(prefix="psr"))
+    env = cluster_env()
+    head, address = start_head(temp_dir, tmp_path, env)
+    try:
+        yield Cluster(address, env)
+    finally:
+        stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_search_on_a_cluster_tracks_nested_runs_and_ships_plugins(cluster: Cluster, tmp_path: Path) -> None:
+    (tmp_path / "shipped_plugin.py").write_text(PLUGIN)
+    (tmp_path / "space.yaml").write_text(SPACE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(
+        "--plugin", str(tmp_path / "shipped_plugin.py"), "search", "space.yaml", "--driver", "ray",
+        "--address", cluster.address, "--trials", "2", "--tracking-uri", uri,
+        "--storage", str(tmp_path / "ray_results"), "--no-progress", "--json",
+        env=cluster.env, cwd=tmp_path, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [t["status"] for t in summary["trials"]] == ["complete", "complete"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("ray-tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("psmsearch.kind") == "search"]
+    trials = [r for r in runs if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert len(parents) == 1 and len(trials) == 2
+    parent = parents[0]
+    assert parent.info.run_id == summary["parent_run"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["psmsearch.driver"] == "ray"
+    assert sorted(r.data.tags["psmsearch.trial"] for r in trials) == ["0", "1"]
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["psmsearch.driver"] == "ray"
+        assert run.info.status == "FINISHED", run.data.tags.get("psmsearch.error")
+        assert run.data.params["model.aggregator"] == "shipped_mlp"
+        assert run.data.params["search.model.chunk_size"] in {"2", "4"}
+        assert {"acc_1x", "acc_2x", "train_seconds", "params"} <= set(run.data.metrics)
