@@ -45,7 +45,7 @@ def model_configs(d_model: int, n_layers: int) -> dict[str, ModelConfig]:
     for encoder, aggregator, head in compatible_combinations(registry):
         info = registry.get("aggregator", aggregator)
         if info.associative and info.state_kind != "tokens":
-            configs[f"affine ({info.state_kind}: {aggregator}) c=64"] = ModelConfig(
+            configs[f"affine {aggregator} c=64"] = ModelConfig(
                 kind="psm", chunk_size=64, encoder=encoder, aggregator=aggregator, head=head, **common
             )
             break
@@ -94,7 +94,7 @@ def print_table(records: list[dict[str, Any]]) -> None:
             r["model"], f"{r['n']:,}", f"{int(r['state_bytes']):,}", f"{r['bytes_ratio_vs_gpt']:.1f}x",
             f"{r['latency_ms']:.3f}", f"{r['latency_vs_first_n']:.2f}x",
         )
-    Console(file=sys.stdout).print(table)
+    Console(file=sys.stdout, width=120).print(table)
 
 
 def plot(records: list[dict[str, Any]], path: str) -> None:

@@ -47,7 +47,9 @@ DENSE = "affine-dense"
 Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (q, k, v, gate)
 AffineState = tuple[torch.Tensor, torch.Tensor]  # (log E or E, S)
 
-HEADS = HyperParameter("heads", "categorical", 4, choices=(1, 2, 4, 8, 16), help="heads, each with its own d_k × d_v state")
+HEADS = HyperParameter(
+    "heads", "categorical", 4, choices=(1, 2, 4, 8, 16), help="heads, each with its own d_k × d_v state"
+)
 KEY_DIM = HyperParameter("key_dim", "int", 16, low=4, high=256, log=True, help="d_k: key/query width per head")
 VALUE_DIM = HyperParameter("value_dim", "int", 16, low=4, high=256, log=True, help="d_v: value width per head")
 FEATURE_MAP = HyperParameter(
@@ -238,7 +240,10 @@ class RetNetEncoder(_DecayEncoder):
     state_kind = SCALAR
     hyperparameters = (
         *SHARED_HYPERPARAMETERS,
-        HyperParameter("decay_exponent", "int", 5, low=1, high=12, help="head h decays by 1 - 2^-(decay_exponent + h) per token"),
+        HyperParameter(
+            "decay_exponent", "int", 5, low=1, high=12,
+            help="head h decays by 1 - 2^-(decay_exponent + h) per token",
+        ),
     )
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
@@ -297,7 +302,10 @@ class GLAEncoder(_DecayEncoder):
     hyperparameters = (
         *SHARED_HYPERPARAMETERS,
         HyperParameter("gate_rank", "int", 16, low=1, high=128, log=True, help="rank of the gate projection"),
-        HyperParameter("gate_temperature", "float", 16.0, low=1.0, high=64.0, log=True, help="τ in log α = logsigmoid(·) / τ"),
+        HyperParameter(
+            "gate_temperature", "float", 16.0, low=1.0, high=64.0, log=True,
+            help="τ in log α = logsigmoid(·) / τ",
+        ),
     )
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:

@@ -31,7 +31,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import optuna
 
@@ -402,15 +402,65 @@ def _searcher(space: SearchSpace, portable: PortableSpace) -> Any:
 
 def _scheduler(space: SearchSpace) -> Any:
     """ASHA on the objective reported at each evaluation; none for several objectives or ``pruner: none``."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
-    if len(space.objectives) > 1 or space.header.driver.pruner == "none":
+    settings = space.header.driver
+    if len(space.objectives) > 1 or settings.pruner == "none":
         return FIFOScheduler()
     objective = space.objectives[0]
-    return ASHAScheduler(
-        metric=objective.metric, mode="max" if objective.direction == "maximize" else "min",
-        max_t=_max_reports(space), grace_period=1, reduction_factor=3,
+    return startup_asha(
+        settings.startup_trials, metric=objective.metric, mode="max" if objective.direction == "maximize" else "min",
+        max_t=_max_reports(space), grace_period=1, reduction_factor=3, stop_last_trials=False,
     )
+
+
+def startup_asha(startup_trials: int, **asha: Any) -> Any:
+    """ASHA that stops no trial before ``startup_trials`` trials have completed.
+
+    The embedded driver's median pruner waits for ``driver.startup_trials`` the same way; plain ASHA
+    would stop the second trial of a search on its first evaluation.
+    """
+    return __getattr__("StartupASHA")(startup_trials, **asha)
+
+
+def _build_startup_asha() -> type:
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class StartupASHA(ASHAScheduler):
+        """ASHA with a startup period (see :func:`startup_asha`)."""
+
+        def __init__(self, startup_trials: int, **asha: Any) -> None:
+            super().__init__(**asha)
+            self.startup_trials = startup_trials
+            self.completed = 0
+
+        def on_trial_result(self, tune_controller: Any, trial: "Trial", result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and self.completed < self.startup_trials:
+                return TrialScheduler.CONTINUE
+            return action
+
+        def on_trial_complete(self, tune_controller: Any, trial: "Trial", result: dict) -> None:
+            self.completed += 1
+            super().on_trial_complete(tune_controller, trial, result)
+
+    StartupASHA.__module__ = __name__
+    StartupASHA.__qualname__ = "StartupASHA"
+    return StartupASHA
+
+
+_LAZY_CLASSES: dict[str, Callable[[], type]] = {"StartupASHA": _build_startup_asha}
+_BUILT: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """Classes derived from Ray's, built on first use: importing this module must not import ``ray``
+    (the loopback setting is read when ``ray`` is imported). Pickles refer to them by this name."""
+    if name not in _LAZY_CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _BUILT:
+        _BUILT[name] = _LAZY_CLASSES[name]()
+    return _BUILT[name]
 
 
 def _max_reports(space: SearchSpace) -> int:

@@ -194,7 +194,7 @@ class Trainer:
         self.model.train()
         recent: list[float] = []
         evaluated_at = -1
-        with _progress_bar(self.progress, cfg.steps, cfg.time_budget_s) as advance:
+        with _ProgressBar(self.progress, cfg.steps, cfg.time_budget_s) as advance:
             while self._budget_left() and (stop_at is None or self.step < stop_at):
                 started = time.perf_counter()
                 loss, accuracy = self.train_step()
@@ -274,7 +274,7 @@ def _clip(model: nn.Module, max_norm: float | None) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-class _progress_bar:
+class _ProgressBar:
     """A rich progress bar on stderr when enabled, else a no-op; yields ``advance(step, seconds, loss)``."""
 
     def __init__(self, enabled: bool, steps: int | None, seconds: float | None) -> None:

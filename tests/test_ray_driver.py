@@ -23,6 +23,7 @@ from typing import Iterator
 import pytest
 
 from clihelpers import run_cli
+from psmsearch.ray_driver import DEFAULT_RESULTS_DIR as DEFAULT_RESULTS
 
 PLUGIN = '''
 """A test plugin: the MLP aggregator under a new name."""
@@ -164,3 +165,57 @@ def test_ray_search_on_a_cluster_tracks_nested_runs_and_ships_plugins(cluster: C
         assert run.data.params["model.aggregator"] == "shipped_mlp"
         assert run.data.params["search.model.chunk_size"] in {"2", "4"}
         assert {"acc_1x", "acc_2x", "train_seconds", "params"} <= set(run.data.metrics)
+
+
+FAILS_ONCE_PLUGIN = '''
+"""A test plugin whose aggregator fails the first trial that trains with it (marker file: {marker})."""
+
+from pathlib import Path
+
+from psmsearch import hookimpl
+from psmsearch.plugins.token_state import MLPAggregator
+
+MARKER = Path({marker!r})
+
+
+class FailsOnce(MLPAggregator):
+    name = "fails_once"
+
+    def forward(self, older, newer):
+        if older.device.type != "meta" and not MARKER.exists():
+            MARKER.touch()
+            raise RuntimeError("the first trial fails on purpose")
+        return super().forward(older, newer)
+
+
+@hookimpl
+def register_aggregators(register):
+    register(FailsOnce)
+'''
+
+
+def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_path: Path) -> None:
+    (tmp_path / "fails_once.py").write_text(FAILS_ONCE_PLUGIN.format(marker=str(tmp_path / "failed-once")))
+    (tmp_path / "space.yaml").write_text(SPACE.replace("shipped_mlp", "fails_once"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ("--plugin", str(tmp_path / "fails_once.py"), "search", "space.yaml", "--driver", "ray", "--trials", "2",
+            "--tracking-uri", uri, "--no-progress", "--json")
+    env = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="psr"), "RAY_AUTH_MODE": "disabled"}
+    result = run_cli(*args, env=env, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    statuses = {t["name"]: t["status"] for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
+    assert statuses == {"trial-0": "failed", "trial-1": "complete"}
+    assert (tmp_path / DEFAULT_RESULTS / "ray-tiny").is_dir()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("ray-tiny")
+    trials = {r.data.tags["psmsearch.trial"]: r for r in client.search_runs([experiment.experiment_id], "tags.`psmsearch.kind` = 'trial'")}
+    assert trials["0"].info.status == "FAILED"
+    assert "the first trial fails on purpose" in trials["0"].data.tags["psmsearch.error"]
+    assert trials["1"].info.status == "FINISHED"
+
+    again = run_cli(*args, env=env, cwd=tmp_path, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)

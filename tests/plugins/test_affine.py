@@ -169,6 +169,22 @@ def test_layer_matches_naive_recurrence_outputs_and_gradients(encoder: str, chun
         assert_close(g, g_ref, f"{encoder} c={chunk_size} gradient w.r.t. {name}")
 
 
+def test_strong_decays_stay_finite_and_exact() -> None:
+    """Per-token log-decays near -100 (cumulative -1600 per chunk) must not overflow anywhere."""
+    layers = {name: make_layer(name, 16) for name in ("mamba2", "gla")}
+    with torch.no_grad():
+        layers["mamba2"].encoder.a_log.fill_(torch.log(torch.tensor(1e3)).item())
+        layers["gla"].encoder.gate_proj[1].bias.fill_(-1600.0)  # logsigmoid(-1600) / 16 = -100
+    x = inputs()
+    for name, layer in layers.items():
+        y, grads = output_and_gradients(layer, layer, x)
+        y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
+        assert all(bool(torch.isfinite(g).all()) for g in [y, *grads]), f"{name}: non-finite output or gradient"
+        assert_close(y, y_ref, f"{name} strong decay outputs")
+        for g, g_ref in zip(grads, grads_ref):
+            assert_close(g, g_ref, f"{name} strong decay gradients")
+
+
 @pytest.mark.parametrize("encoder", DECAY_ENCODERS)
 def test_decay_readout_matches_chunkwise_kernel(encoder: str) -> None:
     layer = make_layer(encoder, 8)

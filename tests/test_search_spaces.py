@@ -1,0 +1,57 @@
+"""Every shipped search space is valid and smoke-samples into valid trials, and sampling is conditional."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from psmsearch.registry import get_registry
+from psmsearch.space import load_space, smoke_sample
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+
+def test_the_shipped_spaces_are_all_here() -> None:
+    assert {p.name for p in SPACES} >= {"quick.yaml", "s5_gpu.yaml", "mqar.yaml", "lm_chunk_size.yaml", "wikitext103.yaml"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_space_validates_and_smoke_samples(path: Path) -> None:
+    space = load_space(path, smoke_samples=2)
+    configs = smoke_sample(space, 16)
+    assert len(configs) == 16
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_sampled_components_are_always_compatible(path: Path) -> None:
+    registry = get_registry()
+    space = load_space(path, smoke_samples=1)
+    for config in smoke_sample(space, 24):
+        model = config["model"]
+        kinds = {registry.get(kind, model[kind]["name"]).state_kind for kind in ("encoder", "aggregator", "head")}
+        assert len(kinds) == 1, model
+
+
+def test_component_hyperparameters_are_conditional() -> None:
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "mqar.yaml", smoke_samples=1)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        config = space.sample(trial)
+        aggregator = config["model"]["aggregator"]
+        layers_param = [k for k in trial.params if k.endswith("attention.layers")]
+        assert bool(layers_param) == (aggregator["name"] == "attention"), (aggregator, trial.params)
+        seen.add(aggregator["name"])
+        study.tell(trial, 0.0)
+    assert len(seen) >= 3
+
+
+def test_fixed_trial_rebuilds_the_same_configuration() -> None:
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "s5_gpu.yaml", smoke_samples=1)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    sampled = space.sample(trial)
+    assert space.sample(optuna.trial.FixedTrial(trial.params)) == sampled
