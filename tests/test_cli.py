@@ -49,7 +49,7 @@ def test_check_fails_with_evidence_and_exit_1() -> None:
 def test_check_unknown_name_exits_2_with_a_suggestion_and_no_traceback() -> None:
     result = run_cli("check", "atention")
     assert result.returncode == 2
-    assert "unknown component 'atention'. Did you mean 'attention'?" in result.stderr
+    assert "unknown component 'atention'. Did you mean 'attention'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -200,7 +200,7 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ("--plugin", str(tmp_path / "fails_once.py"), "search", "space.yaml", "--driver", "ray", "--trials", "2",
             "--tracking-uri", uri, "--no-progress", "--json")
-    env = {"RAY_TMPDIR": tempfile.mkdtemp(prefix="psr"), "RAY_AUTH_MODE": "disabled"}
+    env = {**cluster_env(), "RAY_TMPDIR": tempfile.mkdtemp(prefix="psr")}
     result = run_cli(*args, env=env, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     statuses = {t["name"]: t["status"] for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
