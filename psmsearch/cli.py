@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from psmsearch.cli_search import compare, search
+from psmsearch.cli_train import train
 from psmsearch.errors import PSMSearchError
 from psmsearch.registry import Registry, get_registry, use_plugins
 
@@ -120,6 +121,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
+main.add_command(train)
 main.add_command(search)
 main.add_command(compare)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from psmsearch.trainer import TrialStopped
-from psmsearch.trial import load_trial_config, run_trial
+from psmsearch.trial import load_trial_config, run_trial, run_trial_data_parallel
 
 
 def _format(value: float) -> str:
@@ -48,8 +48,10 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="checkpoint file (written every train.checkpoint_every steps)")
 @click.option("--resume", is_flag=True, help="continue from --checkpoint if it exists")
 @click.option("--eval-log/--no-eval-log", default=True, help="print each periodic evaluation to stderr")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=1, help="data-parallel processes on this machine (gloo on CPU, NCCL on CUDA)")
 def train(
-    config: Path, overrides: tuple[str, ...], as_json: bool, progress: bool, checkpoint: Path | None, resume: bool, eval_log: bool
+    config: Path, overrides: tuple[str, ...], as_json: bool, progress: bool, checkpoint: Path | None,
+    resume: bool, eval_log: bool, nproc: int,
 ) -> None:
     """Train and evaluate one trial described by CONFIG (a trial YAML file)."""
     trial = load_trial_config(config, overrides)
@@ -60,7 +62,10 @@ def train(
             click.echo(f"step {step}: {shown}", err=True)
 
     try:
-        metrics = run_trial(trial, log, progress=progress, checkpoint_path=checkpoint, resume=resume)
+        if nproc > 1:
+            metrics = run_trial_data_parallel(trial, nproc)
+        else:
+            metrics = run_trial(trial, log, progress=progress, checkpoint_path=checkpoint, resume=resume)
     except TrialStopped as err:
         click.echo(f"trial stopped: {err}", err=True)
         sys.exit(1)

@@ -29,9 +29,10 @@ import ipaddress
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import optuna
 
@@ -201,7 +202,9 @@ class _Book:
     def on_error(self, trial: "Trial") -> None:
         number = self._number(trial)
         run_id = str(_flat(self.last.get(trial.trial_id) or {}).get(RUN_KEY) or "") or None
-        error = _error_text(trial)
+        error, trial_failure = _error_text(trial)
+        if not trial_failure:
+            self.progress.note(f"trial {number}: Ray reported an error outside the trial (full text in {trial.local_path}):")
         recorded = self._close_runs(number, run_id, "FAILED", {"psmsearch.status": "failed", "psmsearch.error": error})
         self._finish(TrialOutcome(number, "failed", {}, _params(trial), error=recorded or error, run_id=run_id))
 
@@ -248,22 +251,27 @@ class _Book:
         return recorded
 
     def _runs_of(self, number: int) -> list[Any]:
+        """This search's runs of trial ``number``, newest first (a resumed trial has several)."""
         tracker, parent = self.tracker, self.parent
         assert tracker is not None and parent is not None
         query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`psmsearch.trial` = '{number}'"
-        return retry_locked(lambda: tracker.client.search_runs([tracker.experiment_id], filter_string=query))
+        return retry_locked(
+            lambda: tracker.client.search_runs([tracker.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+        )
 
 
 def _params(trial: "Trial") -> dict[str, Any]:
     return {k: v for k, v in _flat(trial.config).items() if k != NUMBER_KEY}
 
 
-def _error_text(trial: "Trial") -> str:
-    """The first line of a trial's error (``TrialFailed: ...`` or what killed the worker)."""
+def _error_text(trial: "Trial") -> tuple[str, bool]:
+    """A trial's error as one line, and whether it is a trial failure (rather than Ray or a worker failing)."""
     error = trial.get_pickled_error() or trial.get_error()
     lines = [line.strip() for line in str(error or "unknown error").splitlines() if line.strip()]
-    ours = [line for line in lines if TrialFailed.__name__ in line]
-    return (ours or lines or ["unknown error"])[-1 if ours else 0][:2000]
+    ours = [line for line in lines if f"{TrialFailed.__name__}: " in line]
+    if ours:
+        return ours[-1].split(f"{TrialFailed.__name__}: ", 1)[1][:2000], True
+    return (lines[-1] if lines else "unknown error")[:2000], False
 
 
 _ACTIVE: list[_Book] = []
@@ -371,8 +379,12 @@ def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
         else:
             progress.note("starting a local Ray cluster (loopback only)")
             ray.init(include_dashboard=False, **common)
-    except ConnectionError as err:
-        raise ConfigError(f"cannot reach a Ray cluster at {options.address!r}: {err}", field="--address") from None
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+        hint = (
+            "; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for `ray start`"
+        )
+        raise ConfigError(f"cannot reach a Ray cluster at {options.address!r}: {err}{hint}", field="--address") from None
     return True
 
 
@@ -509,6 +521,18 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, ex
     )
 
 
+@contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Tune logs each failed trial's traceback; the progress line and MLflow's ``error.txt`` say it instead."""
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tune_logger.setLevel(level)
+
+
 def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     """Run (or, with ``options.resume``, continue) the search for ``space`` on a Ray cluster."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -529,7 +553,8 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
         status = "KILLED"
         try:
             connected = _connect(options, progress)
-            _tuner(space, options, context, experiment, restore).fit()
+            with _quiet_tune():
+                _tuner(space, options, context, experiment, restore).fit()
             status = "FINISHED"
         finally:
             book.close_unfinished()

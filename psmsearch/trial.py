@@ -15,7 +15,9 @@ is what the Optuna and Ray drivers call. Example::
 
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +25,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from psmsearch import distributed as dist
 from psmsearch.composer import validate_model_config
 from psmsearch.config import ModelConfig
 from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
@@ -249,8 +252,30 @@ def _run(
     metrics.update(
         train_steps=float(result.steps), train_seconds=result.seconds, train_tokens_per_s=result.tokens_per_s
     )
-    metrics.update(inference_metrics(model, task.vocab_size, config.metrics, device))
+    if dist.rank() == 0:  # one rank measures inference; the others would only repeat it
+        metrics.update(inference_metrics(model, task.vocab_size, config.metrics, device))
     return metrics
+
+
+def run_trial_data_parallel(config: TrialConfig, world_size: int) -> dict[str, float]:
+    """:func:`run_trial` in ``world_size`` local data-parallel processes; rank 0's metrics.
+
+    Gloo on CPU, NCCL on CUDA (rank ``r`` uses ``cuda:r``). The global batch is ``train.batch_size``
+    whatever the process count, so the result matches a single-process run up to float rounding.
+    """
+    backend = dist.default_backend(resolve_device(config.device))
+    with tempfile.TemporaryDirectory(prefix="psmsearch-ddp-") as tmp:
+        dist.launch(_data_parallel_worker, world_size, config.model_dump(mode="json"), tmp, backend=backend)
+        return json.loads((Path(tmp) / "metrics.json").read_text())
+
+
+def _data_parallel_worker(rank: int, raw: dict[str, Any], out_dir: str) -> None:
+    config = TrialConfig.model_validate(raw)
+    if resolve_device(config.device).type == "cuda":
+        config = config.model_copy(update={"device": f"cuda:{rank % torch.cuda.device_count()}"})
+    metrics = run_trial(config)
+    if rank == 0:
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
 
 
 def metric_directions(config: TrialConfig) -> dict[str, str]:
@@ -305,4 +330,5 @@ __all__ = [
     "make_task",
     "metric_directions",
     "run_trial",
+    "run_trial_data_parallel",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from psmsearch import distributed as dist
@@ -12,6 +13,7 @@ from psmsearch.model import build_model
 from psmsearch.plugins.tasks import GroupWordProblem
 from psmsearch.tasks import Batch
 from psmsearch.trainer import TrainConfig, Trainer
+from psmsearch.trial import TrialConfig, run_trial, run_trial_data_parallel
 
 MODEL = ModelConfig(kind="gpt", d_model=16, n_layers=1, n_heads=2)
 
@@ -58,6 +60,18 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     for rank in (0, 1):
         torch.testing.assert_close(torch.load(tmp_path / f"grads{rank}.pt"), reference, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(torch.load(tmp_path / f"weights{rank}.pt"), weights(single), atol=1e-5, rtol=1e-4)
+
+
+def test_data_parallel_trial_matches_single_process() -> None:
+    config = TrialConfig.from_dict({
+        "task": {"name": "group", "group": "Z5", "train_length": 4, "eval_max_multiple": 2, "eval_samples": 16},
+        "model": {"kind": "gpt", "d_model": 16, "n_layers": 1, "n_heads": 2},
+        "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "eval_every": 4},
+        "metrics": {"enabled": False},
+    })
+    parallel, single = run_trial_data_parallel(config, 2), run_trial(config)
+    for name in ("acc_1x", "acc_2x", "final_acc_2x", "train_loss"):
+        assert parallel[name] == pytest.approx(single[name], abs=1e-5)
 
 
 def test_helpers_are_identity_outside_a_process_group() -> None:
