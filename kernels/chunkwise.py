@@ -213,7 +213,7 @@ def _earlier_block_mask(n_sub: int, sub: int, device: torch.device) -> torch.Ten
 
 def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     """``[..., m, s, s]`` diagonal blocks -> ``[..., m*s, m*s]`` block-diagonal matrix."""
-    n_sub, sub = blocks.shape[-3], blocks.shape[-1]
+    n_sub = blocks.shape[-3]
     eye = torch.eye(n_sub, dtype=blocks.dtype, device=blocks.device)
     full = blocks[..., :, :, None, :] * eye[:, None, :, None]  # [..., m, s, m, s]
     return full.flatten(-4, -3).flatten(-2)

@@ -143,6 +143,10 @@ class GroupWordProblem(Task):
         self.length = int(state["length"])
 
     @property
+    def train_sequence_length(self) -> tuple[int, str]:
+        return self.train_length, "train_length"
+
+    @property
     def multiples(self) -> list[int]:
         top = self.hparams["eval_max_multiple"]
         out = [2**i for i in range(int(math.log2(top)) + 1)]
@@ -243,6 +247,10 @@ class MQAR(Task):
     @property
     def vocab_size(self) -> int:
         return self.hparams["vocab_size"]
+
+    @property
+    def train_sequence_length(self) -> tuple[int, str]:
+        return self.hparams["seq_len"], "seq_len"
 
     def _draw(self, generator: torch.Generator) -> Callable[[int], torch.Tensor]:
         kv, t = self.hparams["num_kv_pairs"], self.hparams["seq_len"]
@@ -371,6 +379,10 @@ class ByteLM(Task):
     @property
     def vocab_size(self) -> int:
         return 256
+
+    @property
+    def train_sequence_length(self) -> tuple[int, str]:
+        return self.hparams["seq_len"], "seq_len"
 
     def check(self) -> None:
         """The text file exists, or the dataset's loader package imports (nothing is downloaded here)."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from psmsearch import Aggregator, ComponentContext, Encoder, Head, HyperParameter, hookimpl
-from psmsearch.layers import MLP, MultiHeadAttention, Transformer
+from psmsearch.layers import MLP, Transformer
 
 HEADS = HyperParameter("heads", "categorical", 4, choices=(1, 2, 4, 8), help="attention heads (must divide d_model)")
 LAYERS = HyperParameter("layers", "int", 2, low=1, high=6, help="transformer layers")

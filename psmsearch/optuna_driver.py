@@ -75,6 +75,8 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
     settings = space.header.driver
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
+    if settings.sampler == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=settings.seed)
     if settings.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=settings.seed)
     # TPE handles one objective and, as MOTPE, several.

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pluggy
 
 from psmsearch import hookspecs
-from psmsearch.components import COMPONENT_KINDS, Component, HyperParameter
+from psmsearch.components import COMPONENT_KINDS, HyperParameter
 from psmsearch.errors import PluginError, UnknownComponentError
 
 PROJECT = "psmsearch"

@@ -57,7 +57,7 @@ class DriverSettings(BaseModel):
     storage: str | None = None
     study: str | None = None
     seed: int = 0
-    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    sampler: Literal["tpe", "random", "nsga2", "grid"] = "tpe"
     pruner: Literal["median", "none"] = "median"
     startup_trials: int = Field(4, ge=0, description="trials before TPE and pruning kick in")
     cpus_per_trial: float = Field(1.0, gt=0)
@@ -173,6 +173,29 @@ class SearchSpace:
         if isinstance(model, dict):
             resolved["model"] = {**resolved.get("model", {}), **_sample_components(model, trial, self)}
         return resolved
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Every parameter and its values, for exhaustive grid search of a finite space.
+
+        Only spaces whose dimensions are all choices, with no conditional component parameters and
+        a single state kind, have a grid; otherwise this names what stands in the way.
+        """
+        values: dict[str, list[Any]] = {}
+        for dim in self.dimensions():
+            if dim.kind != "choice":
+                raise self.source.error(dim.path, f"sampler 'grid' needs choice dimensions only; this is a {dim.kind} range")
+            values[dim.path] = [_label(c) for c in dim.choices]
+        model = self.template.get("model", {})
+        for kind in COMPONENT_KINDS:
+            options = _component_options(model, kind, self.source)
+            for _, params, path in options:
+                if params.get("search") == "all" or any(is_dimension(v) for v in params.values()):
+                    raise self.source.error(path, "sampler 'grid' needs fixed component hyperparameters (no dimensions, no search: all)")
+            if kind == "encoder" and len({self.registry.get("encoder", o[0]).state_kind for o in options}) > 1:
+                raise self.source.error(f"model.{kind}", "sampler 'grid' needs encoders of a single state kind")
+            if len(options) > 1:
+                values[f"model.{kind}"] = [name for name, _, _ in options]
+        return values
 
     def dimensions(self) -> list[Dimension]:
         """The non-component dimensions (for documentation and smoke tests)."""

@@ -142,6 +142,15 @@ class Task:
         raise NotImplementedError
 
     @property
+    def train_sequence_length(self) -> tuple[int, str] | None:
+        """The longest training sequence and the parameter that sets it (``(16, "train_length")``).
+
+        A PSM's chunk size may not exceed it: a chunk longer than every training sequence never
+        completes, so its aggregator would never be trained. ``None``: no fixed length.
+        """
+        return None
+
+    @property
     def default_objective(self) -> str:
         """The metric a search optimises when the user names none."""
         return next(iter(self.metric_directions()))

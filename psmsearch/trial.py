@@ -23,11 +23,11 @@ from typing import Any, Sequence
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from psmsearch import distributed as dist
 from psmsearch.composer import validate_model_config
-from psmsearch.config import ModelConfig
+from psmsearch.config import ComponentSpec, ModelConfig
 from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
@@ -47,22 +47,8 @@ class UnknownTaskError(UnknownComponentError, ConfigError):
         self.args = (f"{where}: {self.args[0]}",)
 
 
-class TaskSpec(BaseModel):
+class TaskSpec(ComponentSpec):
     """A registered task by name plus its parameters: ``task: {name: group, group: S5}`` or ``task: lm``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_short_forms(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"name": value}
-        if isinstance(value, dict) and "params" not in value:
-            return {"name": value.get("name"), "params": {k: v for k, v in value.items() if k != "name"}}
-        return value
 
 
 class TrialConfig(BaseModel):
@@ -114,7 +100,16 @@ class TrialConfig(BaseModel):
     def check(self, source: str = "<config>", registry: Registry | None = None) -> None:
         """Registry-level validation: the task exists and accepts its parameters; the model composes."""
         registry = registry or get_registry()
-        make_task(self, registry, source).check()
+        task = make_task(self, registry, source)
+        task.check()
+        length = task.train_sequence_length
+        if self.model.kind == "psm" and length is not None and self.model.chunk_size > length[0]:
+            raise ConfigError(
+                f"{self.model.chunk_size} exceeds the training sequence length {length[0]} (task.{length[1]}); "
+                f"allowed: 1..{length[0]}",
+                source=source,
+                field="model.chunk_size",
+            )
         try:
             validate_model_config(self.model, registry)
             if self.model.kind != "psm":

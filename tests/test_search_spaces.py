@@ -55,3 +55,17 @@ def test_fixed_trial_rebuilds_the_same_configuration() -> None:
     trial = study.ask()
     sampled = space.sample(trial)
     assert space.sample(optuna.trial.FixedTrial(trial.params)) == sampled
+
+
+def test_quick_space_has_a_complete_grid() -> None:
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml", smoke_samples=1)
+    assert space.grid() == {"model.chunk_size": [1, 4, 16], "model.aggregator": ["attention", "mlp"]}
+    assert space.header.driver.trials == 6
+
+
+def test_grid_refuses_continuous_dimensions() -> None:
+    from psmsearch.errors import ConfigError
+
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "mqar.yaml", smoke_samples=1)
+    with pytest.raises(ConfigError, match=r"mqar.yaml:\d+: train.lr: sampler 'grid' needs choice dimensions only"):
+        space.grid()
