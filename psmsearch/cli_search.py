@@ -75,6 +75,9 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         click.echo(json.dumps(summary))
     else:
         print_rows(ranked, space.objectives, title=f"search {space.name}: trials run by this process")
+        for row in ranked:
+            if row.error:
+                click.echo(f"{row.name} {row.status}: {row.error}")
 
 
 def _row_json(row: TrialRow, objectives: Sequence[Objective]) -> dict[str, Any]:

@@ -62,7 +62,7 @@ class SearchProgress:
 
     def finished(self, outcome: Any) -> None:
         self.running.discard(outcome.number)
-        if outcome.state == "failed" and self.enabled:
+        if outcome.state == "failed":  # reported even without the live display: it is the log of what went wrong
             self.console.print(f"trial {outcome.number} failed: {outcome.error}", highlight=False, markup=False)
         self._show()
 

@@ -208,6 +208,12 @@ class _Book:
         recorded = self._close_runs(number, run_id, "FAILED", {"psmsearch.status": "failed", "psmsearch.error": error})
         self._finish(TrialOutcome(number, "failed", {}, _params(trial), error=recorded or error, run_id=run_id))
 
+    def interrupted(self, trials: int, restored: bool) -> bool:
+        """Whether Tune stopped early on Ctrl-C (it returns normally): a started trial never ended here,
+        or, in a new search, fewer trials ended than were asked for."""
+        unfinished = any(number not in self.outcomes for number in self.started.values())
+        return unfinished or (not restored and len(self.outcomes) < trials)
+
     def close_unfinished(self) -> None:
         """Runs of trials that started but never ended here (an interrupted search) become KILLED."""
         for trial_id, number in self.started.items():
@@ -555,6 +561,8 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
             connected = _connect(options, progress)
             with _quiet_tune():
                 _tuner(space, options, context, experiment, restore).fit()
+            if book.interrupted(options.trials, restore):
+                raise KeyboardInterrupt
             status = "FINISHED"
         finally:
             book.close_unfinished()

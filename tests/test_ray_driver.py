@@ -201,7 +201,10 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
     args = ("--plugin", str(tmp_path / "fails_once.py"), "search", "space.yaml", "--driver", "ray", "--trials", "2",
             "--tracking-uri", uri, "--no-progress", "--json")
     env = {**cluster_env(), "RAY_TMPDIR": tempfile.mkdtemp(prefix="psr")}
-    result = run_cli(*args, env=env, cwd=tmp_path, timeout=240)
+    try:
+        result = run_cli(*args, env=env, cwd=tmp_path, timeout=240)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert result.returncode == 0, result.stderr[-4000:]
     statuses = {t["name"]: t["status"] for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
     assert statuses == {"trial-0": "failed", "trial-1": "complete"}
@@ -218,4 +221,3 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
 
     again = run_cli(*args, env=env, cwd=tmp_path, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr
-    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)

@@ -52,7 +52,7 @@ def smoke_space(out: Path) -> Path:
     """space.yaml shrunk to seconds per trial, searching only the plugin's aggregator."""
     data: dict[str, Any] = yaml.safe_load(SPACE.read_text())
     data["name"] = "gated-smoke"
-    data["task"].update(train_length=8, eval_max_multiple=4, eval_samples=32)
+    data["task"].update(train_length=16, eval_max_multiple=4, eval_samples=32)
     data["model"].update(d_model=16, aggregator={"name": "gated", "gate_bias": {"float": [-2.0, 2.0]}})
     data["model"]["head"]["heads"] = 2
     data["train"] = {"steps": 20, "batch_size": 8, "eval_every": 10, "eval_batch_size": 32, "warmup_steps": 2}
