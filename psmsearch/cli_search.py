@@ -22,7 +22,7 @@ from psmsearch.space import Objective
 @click.option("--driver", type=click.Choice(["optuna", "ray"]), default=None, help="Default: the space's driver.name (optuna).")
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials the study should hold when done.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Trials run at once.")
-@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///psmsearch.db in the working directory).")
+@click.option("--storage", default=None, help="optuna: storage URL (default sqlite:///psmsearch.db in the working directory); ray: results folder (default ./psmsearch_ray_results).")
 @click.option("--study", default=None, help="Study name (default: the space's name).")
 @click.option("--address", default=None, help="Ray cluster address (ray driver; default: start a local cluster).")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None)

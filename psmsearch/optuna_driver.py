@@ -25,9 +25,9 @@ from optuna.trial import TrialState
 
 from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
-from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values
+from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values, open_tracking
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, default_tracking_uri, retry_locked, sqlite_init_lock
+from psmsearch.tracking import Tracker, retry_locked, sqlite_init_lock
 
 INTERRUPTED = "interrupted"
 
@@ -153,7 +153,7 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
         sampler=make_sampler(space), pruner=make_pruner(space), load_if_exists=True,
     )
     _check_directions(study, space, study_name)
-    tracker, parent = _open_tracking(space, options)
+    tracker, parent = open_tracking(space, options, "optuna")
     study.set_user_attr("mlflow_parent_run", parent or "")
     result = SearchResult(study_name, storage_url, tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:
@@ -180,17 +180,6 @@ def _check_directions(study: optuna.Study, space: SearchSpace, name: str) -> Non
             f"but the space's objectives ask for {[o.direction for o in space.objectives]}; use another study name",
             field="objectives",
         )
-
-
-def _open_tracking(space: SearchSpace, options: SearchOptions) -> tuple[Tracker | None, str | None]:
-    if not space.header.tracking.enabled:
-        return None, None
-    uri = options.tracking_uri or space.header.tracking.tracking_uri or default_tracking_uri()
-    experiment = options.experiment or space.header.tracking.experiment or space.name
-    tracker = Tracker(uri, experiment)
-    params = {"space": space.source.source, "objectives": [o.model_dump() for o in space.objectives], "trials": options.trials}
-    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": "optuna"}, params)
-    return tracker, parent
 
 
 def _optimize(

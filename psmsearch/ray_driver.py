@@ -42,9 +42,9 @@ from psmsearch.progress import SearchProgress
 from psmsearch.registry import ENV_VAR as PLUGINS_ENV_VAR
 from psmsearch.registry import env_plugin_specs, get_registry
 from psmsearch.report import TrialRow, rank
-from psmsearch.search import SearchOptions, TrialOutcome, execute_trial
+from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, open_tracking
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, absolute_uri, default_tracking_uri, retry_locked
+from psmsearch.tracking import Tracker, retry_locked
 
 if TYPE_CHECKING:
     from ray.tune import Callback, Tuner
@@ -394,18 +394,6 @@ def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
     return True
 
 
-def _open_tracking(space: SearchSpace, options: SearchOptions) -> tuple[Tracker | None, str | None]:
-    """The search's parent run (tag ``psmsearch.driver=ray``), as the embedded driver creates it."""
-    if not space.header.tracking.enabled:
-        return None, None
-    uri = absolute_uri(options.tracking_uri or space.header.tracking.tracking_uri or default_tracking_uri())
-    experiment = options.experiment or space.header.tracking.experiment or space.name
-    tracker = Tracker(uri, experiment)
-    params = {"space": space.source.source, "objectives": [o.model_dump() for o in space.objectives], "trials": options.trials}
-    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": "ray"}, params)
-    return tracker, parent
-
-
 def _searcher(space: SearchSpace, portable: PortableSpace) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
@@ -546,7 +534,7 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     name = options.study or space.name
     experiment = results_dir(options) / name
     restore = _check_new_or_resumed(experiment, options)
-    tracker, parent = _open_tracking(space, options)
+    tracker, parent = open_tracking(space, options, "ray")
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
         parent, space.objectives[0].metric if len(space.objectives) == 1 else None,

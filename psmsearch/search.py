@@ -17,7 +17,7 @@ import yaml
 
 from psmsearch.errors import ConfigError
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker
+from psmsearch.tracking import Tracker, absolute_uri, default_tracking_uri
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -154,3 +154,15 @@ def _close(tracker: Tracker | None, run_id: str | None, status: str, tags: Mappi
         return
     tracker.set_tags(run_id, tags)
     tracker.finish(run_id, status)
+
+
+def open_tracking(space: SearchSpace, options: SearchOptions, driver: str) -> tuple[Tracker | None, str | None]:
+    """The MLflow tracker and the search's parent run (reopened on resume), unless tracking is off."""
+    if not space.header.tracking.enabled:
+        return None, None
+    uri = absolute_uri(options.tracking_uri or space.header.tracking.tracking_uri or default_tracking_uri())
+    experiment = options.experiment or space.header.tracking.experiment or space.name
+    tracker = Tracker(uri, experiment)
+    params = {"space": space.source.source, "objectives": [o.model_dump() for o in space.objectives], "trials": options.trials}
+    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": driver}, params)
+    return tracker, parent
