@@ -25,7 +25,8 @@ test-all: setup
 	$(PY) -m pytest -q -m "not gpu"
 
 demo: setup
-	$(VENV)/bin/psmsearch search search_spaces/quick.yaml
+	$(VENV)/bin/psmsearch search search_spaces/quick.yaml --resume
+	$(VENV)/bin/psmsearch compare --experiment quick-s3 --out psmsearch_compare
 
 check: setup
 	$(VENV)/bin/psmsearch check --all

@@ -74,7 +74,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        print_rows(ranked, space.objectives, title=f"search {space.name}: trials run by this process")
+        print_rows(ranked, space.objectives, title=f"search {result.study_name}: {len(ranked)} trials, best first")
         for row in ranked:
             if row.error:
                 click.echo(f"{row.name} {row.status}: {row.error}")

@@ -169,7 +169,21 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
             raise
     if tracker is not None and parent is not None:
         tracker.finish(parent, "FINISHED")
+    result.outcomes = study_outcomes(study)
     return result
+
+
+def study_outcomes(study: optuna.Study) -> list[TrialOutcome]:
+    """Every counted trial of the study (this process's and earlier or concurrent ones), by number."""
+    states = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    return [
+        TrialOutcome(
+            t.number, states[t.state], dict(t.user_attrs.get("metrics", {})), dict(t.params),
+            error=t.user_attrs.get("error", t.user_attrs.get("reason", "")), run_id=t.user_attrs.get("mlflow_run_id"),
+        )
+        for t in study.get_trials(deepcopy=False)
+        if counted(t)
+    ]
 
 
 def _check_directions(study: optuna.Study, space: SearchSpace, name: str) -> None:

@@ -147,3 +147,23 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_learning_curves(history: Sequence[tuple[int, dict[str, float]]], metrics: Sequence[str], path: Path) -> Path | None:
+    """One trial's evaluation metrics against training step (the trial run's ``curves.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = [m for m in metrics if any(m in values for _, values in history)]
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        points = [(step, values[name]) for step, values in history if name in values]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel("training step")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)

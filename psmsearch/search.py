@@ -9,8 +9,10 @@ The Optuna and Ray drivers only differ in how they schedule calls to it.
 from __future__ import annotations
 
 import math
+import tempfile
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
@@ -106,6 +108,7 @@ def execute_trial(
     from psmsearch.trial import run_trial
 
     run_id = None
+    history: list[tuple[int, dict[str, float]]] = []
     try:
         config = build_trial_config(space, sampled)
         if tracker is not None and parent_run is not None:
@@ -115,6 +118,7 @@ def execute_trial(
                 on_run(run_id)
 
         def callback(step: int, metrics: dict[str, float]) -> None:
+            history.append((step, dict(metrics)))
             if tracker is not None and run_id is not None:
                 tracker.log_metrics(run_id, metrics, step)
             if report is not None:
@@ -137,12 +141,25 @@ def execute_trial(
             tracker.log_text(run_id, traceback.format_exc(), "error.txt")
     if outcome.metrics and tracker is not None and run_id is not None:
         tracker.log_metrics(run_id, outcome.metrics)
+    if history and tracker is not None and run_id is not None:
+        _log_curves(tracker, run_id, history, [o.metric for o in space.objectives])
     status = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[outcome.state]
     tags = {"psmsearch.status": outcome.state}
     if outcome.error:
         tags["psmsearch.error"] = outcome.error
     _close(tracker, run_id, status, tags)
     return outcome
+
+
+def _log_curves(tracker: Tracker, run_id: str, history: list[tuple[int, dict[str, float]]], objectives: list[str]) -> None:
+    """Plot the trial's evaluations (objectives first, then every accuracy) and attach the PNG."""
+    from psmsearch.report import write_learning_curves
+
+    names = list(dict.fromkeys([*objectives, *sorted(k for k in history[-1][1] if k.startswith("acc"))]))
+    with tempfile.TemporaryDirectory() as directory:
+        path = write_learning_curves(history, names, Path(directory) / "curves.png")
+        if path is not None:
+            tracker.log_artifact(run_id, path)
 
 
 def _prefixed(params: Mapping[str, Any]) -> dict[str, Any]:

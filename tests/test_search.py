@@ -64,7 +64,7 @@ def test_step_metrics_and_config_artifact_are_logged(finished_search) -> None:
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc_1x")]
     assert 3 in steps and 6 in steps
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "trial_config.yaml" in artifacts
+    assert "trial_config.yaml" in artifacts and "curves.png" in artifacts
 
 
 def test_summary_ranks_trials_best_first(finished_search) -> None:
