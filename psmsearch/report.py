@@ -66,7 +66,7 @@ def objectives_from_parent(run: Any) -> list[Objective]:
 
 def rank(rows: list[TrialRow], objectives: Sequence[Objective]) -> list[TrialRow]:
     """Completed trials first, sorted by the objectives (in order); marks the Pareto front."""
-    scored = [r for r in rows if all(o.metric in r.metrics for o in objectives)]
+    scored = [r for r in rows if r.status == "complete" and all(o.metric in r.metrics for o in objectives)]
     others = [r for r in rows if r not in scored]
     front = pareto_front([[r.metrics[o.metric] for o in objectives] for r in scored], [o.direction for o in objectives])
     for row, on_front in zip(scored, front):
@@ -97,7 +97,7 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    scored = [r for r in rows if all(o.metric in r.metrics for o in objectives)]
+    scored = [r for r in rows if r.status == "complete" and all(o.metric in r.metrics for o in objectives)]
     if scored:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         if len(objectives) >= 2:
@@ -113,7 +113,7 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
         else:
             objective = objectives[0]
             ax.bar(range(len(scored)), [r.metrics[objective.metric] for r in scored], color=["tab:red" if r.pareto else "tab:gray" for r in scored])
-            ax.set_xticks(range(len(scored)), [r.name.rsplit("-", 1)[-1] for r in scored], rotation=90)
+            ax.set_xticks(range(len(scored)), [_short(r.name) for r in scored], rotation=90)
             ax.set_xlabel("trial (sorted)")
             ax.set_ylabel(f"{objective.metric} ({objective.direction})")
         ax.set_title("objectives")
@@ -129,7 +129,7 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
             continue
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for row, points in curves:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row.name.rsplit("-", 2)[-1] if "trial" in row.name else row.name)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_short(row.name))
         ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")
@@ -139,6 +139,12 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
         fig.tight_layout()
         written.append(_save(fig, out_dir / filename))
     return written
+
+
+def _short(name: str) -> str:
+    """``quick-s3-trial-4`` -> ``trial 4`` for plot labels."""
+    head, _, number = name.rpartition("trial-")
+    return f"trial {number}" if head is not None and number.isdigit() else name
 
 
 def _save(fig: Any, path: Path) -> Path:
