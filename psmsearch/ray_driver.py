@@ -18,6 +18,16 @@ A Tune callback on the driver keeps the console progress, collects the outcomes 
 MLflow runs of trials that Ray ended without the trial function finishing (ASHA stops, crashed
 workers, an interrupted search), so no trial run is left RUNNING.
 
+``--resume`` restores the Ray experiment (``Tuner.restore``): unfinished and errored trials run again
+with the same number and parameters. Tune saves the experiment's state only every ~10 s, so after
+the search process was killed (SIGKILL, a crash) the restored state may be older than MLflow:
+
+* a trial run left RUNNING by the killed process is closed as KILLED (``interrupted``) before any
+  trial starts;
+* a trial that completed after Tune's last snapshot is run again by Ray; the worker finds its
+  FINISHED run (same trial number, same parameters) and reports the recorded metrics instead of
+  training again, so MLflow keeps one FINISHED run per trial.
+
 Without ``--address`` a private local cluster is started and bound to the loopback interface; with
 a loopback ``--address`` (``127.0.0.1:PORT``) the driver joins a single-machine cluster started with
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address=127.0.0.1``.
@@ -44,7 +54,7 @@ from psmsearch.registry import env_plugin_specs, get_registry
 from psmsearch.report import TrialRow, rank
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, open_tracking
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, retry_locked
+from psmsearch.tracking import KIND_TAG, TRIAL_TAG, Tracker, param_text, retry_locked
 
 if TYPE_CHECKING:
     from ray.tune import Callback, Tuner
@@ -111,6 +121,7 @@ class TrialContext:
     experiment: str | None
     parent_run: str | None
     step_metric: str | None  # the objective reported at each evaluation (one objective only)
+    resumed: bool = False  # a restored experiment: a trial may already have a FINISHED run
 
 
 def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -119,6 +130,7 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
     With one objective, each evaluation reports it (ASHA decides on it; a stopped trial never
     returns from ``tune.report``, and the driver closes its run). The final report carries every
     metric. A failed trial raises :class:`TrialFailed` after its MLflow run is closed as FAILED.
+    In a restored experiment, a trial that already has a FINISHED run reports that run's metrics.
     """
     from ray import tune
 
@@ -126,6 +138,13 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
     number = int(config[NUMBER_KEY])
     params = {k: v for k, v in _flat(config).items() if k != NUMBER_KEY}
     tracker = Tracker(context.tracking_uri, context.experiment) if context.tracking_uri and context.experiment else None
+    if context.resumed and tracker is not None and context.parent_run is not None:
+        done = finished_run(tracker, context.parent_run, number, params)
+        recorded = {k: float(v) for k, v in done.data.metrics.items()} if done is not None else {}
+        if done is not None and all(o.metric in recorded for o in space.objectives):
+            objectives = {o.metric: recorded[o.metric] for o in space.objectives}
+            tune.report({**objectives, METRICS_KEY: recorded, STATE_KEY: "complete", NUMBER_KEY: number, RUN_KEY: done.info.run_id})
+            return
     run: dict[str, str] = {}
 
     def report(step: int, metrics: dict[str, float]) -> None:
@@ -143,6 +162,18 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
     metrics = {k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
     objectives = {o.metric: metrics[o.metric] for o in space.objectives}
     tune.report({**objectives, METRICS_KEY: metrics, STATE_KEY: "complete", NUMBER_KEY: number, RUN_KEY: outcome.run_id or ""})
+
+
+def finished_run(tracker: Tracker, parent: str, number: int, params: Mapping[str, Any]) -> Any | None:
+    """The search's FINISHED run of trial ``number`` with these sampled parameters, if there is one.
+
+    After the search process was killed, Tune's restored state can be older than MLflow (it is saved
+    every ~10 s) and Ray runs a trial again that had completed; its run is then reused, not repeated.
+    """
+    query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'FINISHED'"
+    runs = retry_locked(lambda: tracker.client.search_runs([tracker.experiment_id], filter_string=query))
+    wanted = {f"search.{k}"[:250]: param_text(v) for k, v in params.items()}
+    return next((r for r in runs if all(r.data.params.get(k) == v for k, v in wanted.items())), None)
 
 
 def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -221,6 +252,23 @@ class _Book:
                 continue
             run_id = str(_flat(self.last.get(trial_id) or {}).get(RUN_KEY) or "") or None
             self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": "search stopped"})
+
+    def close_stale(self) -> int:
+        """Close this search's trial runs still RUNNING as KILLED (``interrupted``); returns how many.
+
+        Called when a search is resumed, before any trial starts: such runs were left by a search
+        process that was killed (SIGKILL, a crash) and nothing else will close them. One Ray
+        experiment has one driver at a time, so no live trial owns them.
+        """
+        if self.tracker is None or self.parent is None:
+            return 0
+        tracker = self.tracker
+        query = f"tags.`mlflow.parentRunId` = '{self.parent}' and tags.`{KIND_TAG}` = 'trial' and attributes.status = 'RUNNING'"
+        runs = retry_locked(lambda: tracker.client.search_runs([tracker.experiment_id], filter_string=query))
+        for run in runs:
+            tracker.set_tags(run.info.run_id, {"psmsearch.status": "interrupted", "psmsearch.error": "the search process was killed"})
+            tracker.finish(run.info.run_id, "KILLED")
+        return len(runs)
 
     def _number(self, trial: "Trial") -> int:
         return self.started.get(trial.trial_id, int(trial.config.get(NUMBER_KEY, -1)))
@@ -537,7 +585,7 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     tracker, parent = open_tracking(space, options, "ray")
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
-        parent, space.objectives[0].metric if len(space.objectives) == 1 else None,
+        parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore,
     )
     result = SearchResult(name, str(experiment), tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:
@@ -546,6 +594,8 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
         connected = False
         status = "KILLED"
         try:
+            if options.resume and (stale := book.close_stale()):
+                progress.note(f"closed {stale} trial run(s) left RUNNING by a killed search (KILLED, interrupted)")
             connected = _connect(options, progress)
             with _quiet_tune():
                 _tuner(space, options, context, experiment, restore).fit()

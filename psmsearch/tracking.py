@@ -88,7 +88,7 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _flat_value(value: Any) -> str:
+def param_text(value: Any) -> str:
     """MLflow param text: scalars as ``str``, containers as JSON (MLflow caps values at 6000 chars)."""
     text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
     return text[:6000]
@@ -171,7 +171,7 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(str(k)[:250], _flat_value(v)) for k, v in params.items()]
+        items = [Param(str(k)[:250], param_text(v)) for k, v in params.items()]
         for start in range(0, len(items), 90):
             batch = items[start : start + 90]
             retry_locked(lambda: self.client.log_batch(run_id, params=batch))

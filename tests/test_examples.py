@@ -32,7 +32,10 @@ def test_custom_aggregator_search_trains_the_plugin_aggregator() -> None:
 def test_ray_cluster_runs_a_search_on_a_started_head_and_stops_it() -> None:
     result = run(str(EXAMPLES / "ray_cluster" / "run.py"), "--smoke-test")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("complete") == 2
+    # two trials through `--address`, two more through `ray job submit` (ray[default] is a dependency)
+    assert result.stdout.count("  complete  ") == 2, result.stdout[-3000:]
+    assert result.stdout.count('"status": "complete"') == 2, result.stdout[-3000:]
+    assert "Running entrypoint for job raysubmit_" in result.stdout
     assert "ray head stopped" in result.stdout
 
 
