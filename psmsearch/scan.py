@@ -54,7 +54,7 @@ def _with_initial(agg: AggregatorLike, prefixes: State | None, batch_shape: tupl
 
 
 def _tree_scan(agg: Callable[[State, State], State], states: State) -> State | None:
-    """Prefixes of chunks 1..N-1 (``p_0 = e`` is left out), in 2·ceil(log2 N) batched calls.
+    """Prefixes of chunks 1..N-1 (``p_0 = e`` is left out), in under 2·ceil(log2 N) batched calls.
 
     Upsweep: level ``k+1`` node ``j`` is ``agg(T_k[2j], T_k[2j+1])`` (an unpaired last node is
     carried up unchanged: ``agg(x, e) = x``). Downsweep, with ``D_k[j]`` the prefix of node ``j``
@@ -65,7 +65,7 @@ def _tree_scan(agg: Callable[[State, State], State], states: State) -> State | N
     if n == 1:
         return None
     levels = [states]  # levels[k]: [B, n_k, ...]
-    while S.size(levels[-1], 1) > 1:
+    while S.size(levels[-1], 1) > 2:  # the root (all N chunks) is no exclusive prefix: never built
         level = levels[-1]
         pairs = S.size(level, 1) // 2
         older = S.take(level, 1, slice(0, 2 * pairs, 2))  # [B, pairs, ...]
@@ -75,14 +75,11 @@ def _tree_scan(agg: Callable[[State, State], State], states: State) -> State | N
             parents = S.cat([parents, S.take(level, 1, slice(2 * pairs, None))], dim=1)
         levels.append(parents)
 
-    rest: State | None = None  # R_{k+1}: prefixes of nodes 1.. at the level above
+    rest = S.take(levels[-1], 1, slice(0, 1))  # R at the two-node top level: [T_top[0]]
     for k in range(len(levels) - 2, -1, -1):
         level = levels[k]
         n_k = S.size(level, 1)
         first = S.take(level, 1, slice(0, 1))  # D_k[1] = T_k[0]
-        if rest is None:
-            rest = S.take(first, 1, slice(0, n_k - 1))
-            continue
         m = (n_k - 2) // 2  # odd nodes 2j+1 (j >= 1) that exist at this level
         if m > 0:
             lefts = S.take(level, 1, slice(2, 2 * m + 1, 2))  # T_k[2j], j = 1..m

@@ -151,14 +151,13 @@ def test_tuple_states_are_scanned_leaf_wise() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 31, 64, 100, 1000])
-def test_tree_makes_about_2n_pair_evaluations_in_2log2n_batched_calls(n: int) -> None:
+def test_tree_makes_under_2n_pair_evaluations_in_under_2log2n_batched_calls(n: int) -> None:
     agg = Symbolic()
     prefix_scan(agg, symbols(n), mode="tree")
     levels = math.ceil(math.log2(n)) if n > 1 else 0
-    assert agg.calls <= 2 * levels
+    assert agg.calls <= max(0, 2 * levels - 1)  # the root is never built: it is no exclusive prefix
     assert agg.pairs <= 2 * n
-    upsweep_pairs = n - 1
-    assert agg.pairs >= upsweep_pairs
+    assert agg.pairs >= n - 2  # every chunk but the last two enters some pair on the way up
 
 
 def test_online_scan_is_amortised_constant_calls_and_logarithmic_memory() -> None:
