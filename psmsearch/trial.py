@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +35,7 @@ from psmsearch.registry import Registry, get_registry
 from psmsearch.tasks import Task
 from psmsearch.trainer import Callback, TrainConfig, Trainer
 
+_BUILD_LOCK = threading.Lock()
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -213,13 +215,11 @@ def run_trial(
     :class:`~psmsearch.trainer.TrialDiverged`. With ``checkpoint_path`` (and
     ``train.checkpoint_every``) checkpoints are written; ``resume=True`` continues from one.
     """
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
+    if config.threads is not None and torch.get_num_threads() != config.threads:
+        # Process-wide, and deliberately not restored: trials run as threads of one process
+        # (``--jobs N``) would otherwise reset each other's setting mid-run.
         torch.set_num_threads(config.threads)
-    try:
-        return _run(config, callback, progress, checkpoint_path, resume, registry)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return _run(config, callback, progress, checkpoint_path, resume, registry)
 
 
 def _run(
@@ -234,8 +234,11 @@ def _run(
 
     device = resolve_device(config.device)
     task = make_task(config, registry)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, task.vocab_size, registry)
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        # Seeded initialisation from the global generator, one trial at a time: concurrent trials
+        # (threads of one process) would otherwise draw from each other's random stream.
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, task.vocab_size, registry)
     trainer = Trainer(
         model, task, config.train, seed=config.seed, device=device, callback=callback,
         progress=progress, checkpoint_path=checkpoint_path,
