@@ -269,8 +269,9 @@ class Mamba2Encoder(_DecayEncoder):
     state_kind = SCALAR
     hyperparameters = (
         *SHARED_HYPERPARAMETERS,
-        HyperParameter("dt_min", "float", 1e-3, low=1e-4, high=1e-1, log=True, help="smallest initial step Δ"),
-        HyperParameter("dt_max", "float", 1e-1, low=1e-3, high=1.0, log=True, help="largest initial step Δ"),
+        # Disjoint ranges, so that every point a search can sample is valid (dt_min <= dt_max).
+        HyperParameter("dt_min", "float", 1e-3, low=1e-4, high=1e-2, log=True, help="smallest initial step Δ"),
+        HyperParameter("dt_max", "float", 1e-1, low=1e-2, high=1.0, log=True, help="largest initial step Δ"),
     )
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:

@@ -118,11 +118,13 @@ def compare(experiment: str | None, search_name: str | None, tracking_uri: str |
 
     uri = tracking_uri or default_tracking_uri()
     experiment = experiment or _latest_experiment(uri)
-    tracker = Tracker(uri, experiment)
+    tracker = Tracker(uri, experiment, create=False)
     parents = tracker.runs(search_name, kind="search")
     if not parents:
         raise ConfigError(f"no psmsearch search found in experiment {experiment!r} at {uri}", field="--experiment")
     objectives = [_parse_objective(s) for s in objective_specs] or objectives_from_parent(parents[0])
+    if not objectives:
+        raise ConfigError(f"the search in experiment {experiment!r} logged no objectives; pass --objective METRIC:max|min", field="--objective")
     rows = rank(rows_from_runs(tracker.runs(search_name or parents[0].data.tags.get("psmsearch.search"))), objectives)
     plots = write_plots(rows, objectives, out_dir)
     for path in plots:

@@ -9,6 +9,7 @@ are pushed into an :class:`~psmsearch.scan.OnlineScan`. Both paths compute the s
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -38,20 +39,14 @@ def check_compatible(registry: Registry, encoder: str, aggregator: str, head: st
 def compatible_combinations(registry: Registry | None = None) -> list[tuple[str, str, str]]:
     """Every (encoder, aggregator, head) triple of registered components that share a state kind."""
     registry = registry or get_registry()
-    return [
-        (e, a, h)
-        for e in registry.names("encoder")
-        for a in registry.names("aggregator")
-        for h in registry.names("head")
-        if len(
-            {
-                registry.get("encoder", e).state_kind,
-                registry.get("aggregator", a).state_kind,
-                registry.get("head", h).state_kind,
-            }
-        )
-        == 1
-    ]
+    combinations = []
+    for triple in itertools.product(registry.names("encoder"), registry.names("aggregator"), registry.names("head")):
+        try:
+            check_compatible(registry, *triple)
+        except IncompatibleComponentsError:
+            continue
+        combinations.append(triple)
+    return combinations
 
 
 def _build(registry: Registry, kind: str, spec: ComponentSpec, context: ComponentContext) -> Any:
@@ -134,6 +129,8 @@ class LayerStream:
         """Many tokens ``x[B, m, d] -> y[B, m, d]``; whole aligned chunks go through in one call."""
         c = self.layer.chunk_size
         outputs, start, m = [], 0, x.shape[1]
+        if m == 0:
+            return x.new_empty(x.shape[0], 0, x.shape[2])  # [B, 0, d]
         while start < m:
             if self.position == 0 and m - start >= c:
                 chunk = x[:, start : start + c]  # [B, c, d]

@@ -130,7 +130,14 @@ def _import_path(path: Path) -> ModuleType:
         parent, name = str(path.parent), path.name
         if parent not in sys.path:
             sys.path.insert(0, parent)
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
+        origin = Path(getattr(module, "__file__", "") or "").resolve().parent
+        if origin != path:
+            raise ImportError(
+                f"the package folder {path} is imported as {name!r}, but a module of that name is already "
+                f"loaded from {origin}; rename the folder"
+            )
+        return module
     module_name = f"psmsearch_local_{path.stem}_{abs(hash(str(path))) % 10**8}"
     if module_name in sys.modules:
         return sys.modules[module_name]

@@ -143,8 +143,8 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
 
 def _short(name: str) -> str:
     """``quick-s3-trial-4`` -> ``trial 4`` for plot labels."""
-    head, _, number = name.rpartition("trial-")
-    return f"trial {number}" if head is not None and number.isdigit() else name
+    _, _, number = name.rpartition("trial-")
+    return f"trial {number}" if number.isdigit() else name
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -18,6 +19,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from psmsearch.errors import ConfigError
+from psmsearch.registry import Registry
 from psmsearch.space import SearchSpace
 from psmsearch.tracking import Tracker, absolute_uri, default_tracking_uri
 
@@ -67,13 +69,10 @@ def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[f
     return values
 
 
-def trial_tags(config: Any, driver: str) -> dict[str, str]:
+def trial_tags(config: Any, driver: str, registry: Registry) -> dict[str, str]:
     """Tags that let MLflow filter trials: driver, model kind, state kind, associativity."""
-    from psmsearch.registry import get_registry
-
     tags = {"psmsearch.driver": driver, "psmsearch.model_kind": config.model.kind, "psmsearch.task": config.task.name}
     if config.model.kind == "psm":
-        registry = get_registry()
         aggregator = registry.get("aggregator", config.model.aggregator.name)
         tags["psmsearch.state_kind"] = str(aggregator.state_kind)
         tags["psmsearch.associative"] = str(aggregator.associative).lower()
@@ -109,11 +108,13 @@ def execute_trial(
 
     run_id = None
     history: list[tuple[int, dict[str, float]]] = []
+    failure_trace = ""
     try:
         config = build_trial_config(space, sampled)
         if tracker is not None and parent_run is not None:
-            run_id = tracker.trial_run(parent_run, space.name, number, {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver))
-            tracker.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "trial_config.yaml")
+            run_id = tracker.trial_run(parent_run, space.name, number, {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
+            config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+            _best_effort(number, "log its configuration", lambda: tracker.log_text(run_id, config_yaml, "trial_config.yaml"))
             if on_run is not None:
                 on_run(run_id)
 
@@ -124,7 +125,7 @@ def execute_trial(
             if report is not None:
                 report(step, metrics)
 
-        metrics = run_trial(config, callback=callback)
+        metrics = run_trial(config, callback=callback, registry=space.registry)
         objective_values(space, metrics)
         outcome = TrialOutcome(number, "complete", metrics, dict(params), run_id=run_id)
     except TrialPruned as err:
@@ -137,18 +138,41 @@ def execute_trial(
     except Exception as err:  # noqa: BLE001 - a failing trial must not end the search
         message = f"{type(err).__name__}: {err}"
         outcome = TrialOutcome(number, "failed", {}, dict(params), error=message, run_id=run_id)
-        if tracker is not None and run_id is not None:
-            tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-    if outcome.metrics and tracker is not None and run_id is not None:
-        tracker.log_metrics(run_id, outcome.metrics)
-    if history and tracker is not None and run_id is not None:
-        _log_curves(tracker, run_id, history, [o.metric for o in space.objectives])
+        failure_trace = traceback.format_exc()
+    if tracker is not None and run_id is not None:
+        _finish_run(tracker, run_id, outcome, history, [o.metric for o in space.objectives], failure_trace)
+    return outcome
+
+
+def _finish_run(
+    tracker: Tracker,
+    run_id: str,
+    outcome: TrialOutcome,
+    history: list[tuple[int, dict[str, float]]],
+    objectives: list[str],
+    failure_trace: str,
+) -> None:
+    """Final metrics, plots and the run's status. The trial's result exists already, so trouble
+    with the tracking store here is reported as a warning and never ends the search."""
     status = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[outcome.state]
     tags = {"psmsearch.status": outcome.state}
     if outcome.error:
         tags["psmsearch.error"] = outcome.error
-    _close(tracker, run_id, status, tags)
-    return outcome
+    if outcome.metrics:
+        _best_effort(outcome.number, "log its results", lambda: tracker.log_metrics(run_id, outcome.metrics))
+    if failure_trace:
+        _best_effort(outcome.number, "log its results", lambda: tracker.log_text(run_id, failure_trace, "error.txt"))
+    if history:
+        _best_effort(outcome.number, "log its results", lambda: _log_curves(tracker, run_id, history, objectives))
+    _best_effort(outcome.number, "close its run", lambda: _close(tracker, run_id, status, tags))
+
+
+def _best_effort(number: int, what: str, action: Callable[[], Any]) -> None:
+    """Run a tracking action; on failure warn (naming the trial) instead of failing the trial."""
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 - the tracking store's trouble is not the trial's
+        warnings.warn(f"trial {number}: could not {what} to MLflow: {type(err).__name__}: {err}", stacklevel=2)
 
 
 def _log_curves(tracker: Tracker, run_id: str, history: list[tuple[int, dict[str, float]]], objectives: list[str]) -> None:

@@ -144,8 +144,12 @@ def parse_dimension(path: str, spec: dict[str, Any], where: SourceMap) -> Dimens
     if log and low <= 0:
         raise where.error(path, f"a log-scale range needs low > 0, got {low}")
     step = spec.get("step")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or (log and step != 1)):
-        raise where.error(f"{path}.step", f"step must be a positive number (and unused with log), got {step!r}")
+    if step is not None:
+        numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
+        if kind == "int" and not (numeric and float(step).is_integer() and step >= 1 and not log):
+            raise where.error(f"{path}.step", f"an int range's step must be an integer >= 1 (and not used with log), got {step!r}")
+        if kind == "float" and not (numeric and step > 0 and not log):
+            raise where.error(f"{path}.step", f"a float range's step must be a number > 0 (and not used with log), got {step!r}")
     return Dimension(path, kind, low=low, high=high, log=log, step=step)
 
 
@@ -186,13 +190,17 @@ class SearchSpace:
                 raise self.source.error(dim.path, f"sampler 'grid' needs choice dimensions only; this is a {dim.kind} range")
             values[dim.path] = [_label(c) for c in dim.choices]
         model = self.template.get("model", {})
+        encoders = _component_options(model, "encoder", self.source)
+        state_kinds = {self.registry.get("encoder", o[0]).state_kind for o in encoders}
+        if len(state_kinds) > 1:
+            raise self.source.error("model.encoder", "sampler 'grid' needs encoders of a single state kind")
+        (state_kind,) = state_kinds
         for kind in COMPONENT_KINDS:
-            options = _component_options(model, kind, self.source)
+            # exactly the options sampling can pick: those of the encoders' state kind
+            options = _compatible(self.registry, kind, model, self, state_kind)
             for _, params, path in options:
                 if params.get("search") == "all" or any(is_dimension(v) for v in params.values()):
                     raise self.source.error(path, "sampler 'grid' needs fixed component hyperparameters (no dimensions, no search: all)")
-            if kind == "encoder" and len({self.registry.get("encoder", o[0]).state_kind for o in options}) > 1:
-                raise self.source.error(f"model.{kind}", "sampler 'grid' needs encoders of a single state kind")
             if len(options) > 1:
                 values[f"model.{kind}"] = [name for name, _, _ in options]
         return values
@@ -259,7 +267,7 @@ def _component_options(model: dict[str, Any], kind: str, where: SourceMap) -> li
     return options
 
 
-def _component_params(kind: str, name: str, params: dict[str, Any], path: str, trial: Any, space: SearchSpace) -> dict[str, Any]:
+def _component_params(kind: str, name: str, params: dict[str, Any], trial: Any, space: SearchSpace) -> dict[str, Any]:
     info = space.registry.get(kind, name)
     search_all = params.get("search") == "all"
     given = {k: v for k, v in params.items() if k != "search"}
@@ -299,11 +307,11 @@ def _sample_components(model: dict[str, Any], trial: Any, space: SearchSpace) ->
     encoder = _pick("encoder", viable, "", trial)
     state_kind = registry.get("encoder", encoder[0]).state_kind
     suffix = f"[{state_kind}]" if len(state_kinds) > 1 else ""
-    out = {"encoder": {"name": encoder[0], **_component_params("encoder", encoder[0], encoder[1], encoder[2], trial, space)}}
+    out = {"encoder": {"name": encoder[0], **_component_params("encoder", encoder[0], encoder[1], trial, space)}}
     for kind in ("aggregator", "head"):
         options = _compatible(registry, kind, model, space, state_kind)
-        name, params, path = _pick(kind, options, suffix, trial)
-        out[kind] = {"name": name, **_component_params(kind, name, params, path, trial, space)}
+        name, params, _ = _pick(kind, options, suffix, trial)
+        out[kind] = {"name": name, **_component_params(kind, name, params, trial, space)}
     return out
 
 
@@ -372,6 +380,16 @@ def _validate_components(space: SearchSpace) -> None:
             "model",
             f"no compatible encoder/aggregator/head combination: they must share one state_kind, and the choices have {kinds}",
         )
+    encoder_kinds = {space.registry.get("encoder", e[0]).state_kind for e in encoders}
+    for kind in ("aggregator", "head"):
+        for name, _, path in _component_options(model, kind, space.source):
+            state_kind = space.registry.get(kind, name).state_kind
+            if state_kind not in encoder_kinds:
+                raise space.source.error(
+                    path,
+                    f"{kind} {name!r} has state_kind {state_kind!r}, which no listed encoder produces "
+                    f"(encoder state kinds: {sorted(encoder_kinds)}); it would never be sampled",
+                )
 
 
 def _dimension_extremes(path: str, value: Any, where: SourceMap) -> list[Any]:

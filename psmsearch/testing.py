@@ -247,7 +247,7 @@ def _aggregator_associativity(a: _Assembly) -> str:
 
 
 def _head_inputs(a: _Assembly) -> tuple[Any, torch.Tensor]:
-    prefix = S.take(prefix_scan(a.aggregator, a.chunk_states(3, 50)), 1, slice(None))  # [B, 3, ...]
+    prefix = prefix_scan(a.aggregator, a.chunk_states(3, 50))  # [B, 3, ...]
     return prefix, a.inputs(3, 51)  # x [B, 3, c, d]
 
 
@@ -367,6 +367,8 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
     """Run every contract check for one encoder, aggregator or head class; never raises."""
     registry = registry or get_registry()
     cls = component.cls if isinstance(component, ComponentInfo) else component
+    if not (isinstance(cls, type) and issubclass(cls, (Encoder, Aggregator, Head))):
+        return [CheckResult(repr(cls), "build", False, "not a subclass of psmsearch.Encoder, Aggregator or Head")]
     label = f"{cls.kind}:{cls.name or cls.__name__}"
     try:
         assembly = _assemble(cls, registry, seed)

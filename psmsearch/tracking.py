@@ -100,6 +100,7 @@ class Tracker:
 
     tracking_uri: str
     experiment: str
+    create: bool = True
 
     def __post_init__(self) -> None:
         from mlflow.tracking import MlflowClient
@@ -112,6 +113,15 @@ class Tracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
+        if not self.create:
+            from psmsearch.errors import ConfigError, suggest
+
+            names = [e.name for e in self.client.search_experiments()]
+            raise ConfigError(
+                f"no MLflow experiment {self.experiment!r} at {self.tracking_uri}.{suggest(self.experiment, names)} "
+                f"Experiments there: {', '.join(sorted(names)) or 'none'}",
+                field="--experiment",
+            )
         try:
             return self.client.create_experiment(self.experiment)
         except Exception:  # another process created it first

@@ -79,6 +79,9 @@ CASES: list[tuple[str, Edit, str, list[str]]] = [
     ("unknown top-level key", _set("modle", {"d_model": 3}), "modle", ["unknown field 'modle'"]),
     ("unknown model kind", _set("model.kind", "rnn"), "model.kind", ["'rnn'", "'psm', 'gpt' or 'swa'"]),
     ("bad space name", _set("name", "my space"), "name", ["should match pattern"]),
+    ("int step not an integer", _set("model.d_model", {"int": [16, 64], "step": 0.5}), "model.d_model.step", ["an int range's step must be an integer >= 1", "0.5"]),
+    ("step with log scale", _set("train.lr", {"float": [0.001, 0.1], "log": True, "step": 1}), "train.lr.step", ["not used with log"]),
+    ("choice never sampleable", _set("model.aggregator", {"choice": ["mlp", "affine_scalar"]}), "model.aggregator.choice.1", ["'affine_scalar' has state_kind 'affine-scalar'", "never be sampled"]),
     ("duplicate component choice", _set("model.aggregator", {"choice": ["mlp", "mlp"]}), "model.aggregator", ["'mlp' is listed twice"]),
     ("missing name", _drop("name"), "name", ["Field required"]),
 ]

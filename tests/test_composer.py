@@ -39,11 +39,18 @@ def test_streaming_logits_equal_parallel_logits(encoder: str, aggregator: str, h
     assert stream.state_nbytes() == stream.expected_nbytes()
 
 
-def test_tree_and_auto_scan_modes_agree_in_a_layer() -> None:
+def test_tree_and_sequential_scan_modes_agree_in_a_layer() -> None:
     torch.manual_seed(0)
     layer = PSMLayer.from_config(ModelConfig(d_model=16, chunk_size=2, aggregator={"name": "attention", "heads": 2}, head={"name": "attention", "heads": 2}))
     x = torch.randn(2, 9, 16)
     assert torch.allclose(layer(x, scan_mode="tree"), layer(x, scan_mode="sequential"), atol=1e-6)
+
+
+def test_feeding_no_tokens_returns_an_empty_output_and_keeps_the_state() -> None:
+    layer = PSMLayer.from_config(ModelConfig(d_model=16, chunk_size=2, head={"name": "attention", "heads": 2}, aggregator={"name": "attention", "heads": 2}))
+    stream = layer.stream(3)
+    assert stream.feed(torch.zeros(3, 0, 16)).shape == (3, 0, 16)
+    assert stream.tokens_seen == 0 and stream.scan.count == 0
 
 
 def test_gradients_of_parallel_path_match_streaming_path() -> None:

@@ -71,3 +71,20 @@ def test_use_plugins_exports_absolute_paths_for_child_processes(fresh_registry, 
     import os
 
     assert os.environ[fresh_registry.ENV_VAR] == str(FIXTURES / "broken_components.py")
+
+
+def test_a_package_folder_shadowed_by_a_loaded_module_is_reported(fresh_registry, tmp_path: Path) -> None:
+    for index in (1, 2):
+        package = tmp_path / f"p{index}" / "plugins"
+        package.mkdir(parents=True)
+        package.joinpath("__init__.py").write_text(
+            "from psmsearch import hookimpl\n"
+            "from psmsearch.plugins.token_state import MLPAggregator\n"
+            f"class Agg(MLPAggregator):\n    name = 'agg_{index}'\n"
+            "@hookimpl\ndef register_aggregators(register):\n    register(Agg)\n"
+        )
+    registry = fresh_registry.load_registry(extra_plugins=[str(tmp_path / "p1" / "plugins"), str(tmp_path / "p2" / "plugins")])
+    assert registry.get("aggregator", "agg_1")
+    (failure,) = registry.failures
+    assert str(tmp_path / "p2" / "plugins") in failure.plugin
+    assert "already loaded from" in failure.error and "rename the folder" in failure.error

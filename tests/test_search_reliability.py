@@ -146,3 +146,22 @@ def test_two_processes_share_one_study_and_one_experiment(tmp_path: Path) -> Non
     parents = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
     assert len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+
+
+def test_an_unwritable_artifact_store_does_not_fail_trials_or_the_search(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from psmsearch.optuna_driver import run_optuna_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    (tmp_path / "a-file").write_text("")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).create_experiment("tiny", artifact_location=str(tmp_path / "a-file" / "artifacts"))
+    space = load_space(write_space(tmp_path, driver={"trials": 1, "pruner": "none"}), smoke_samples=1)
+    options = SearchOptions(trials=1, storage=f"sqlite:///{tmp_path / 'psmsearch.db'}", tracking_uri=uri, progress=False)
+    with pytest.warns(UserWarning, match="could not (log its configuration|log its results) to MLflow"):
+        result = run_optuna_search(space, options)
+    assert [o.state for o in result.outcomes] == ["complete"]
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE]
+    assert [r.info.status for r in trial_runs(tmp_path / "mlflow.db")] == ["FINISHED"]
