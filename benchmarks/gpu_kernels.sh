@@ -3,9 +3,11 @@
 #   bash benchmarks/gpu_kernels.sh
 # 1. prints the machine (nvidia-smi) and the torch / triton versions;
 # 2. runs the CUDA tests: pytest -m gpu tests/kernels;
-# 3. runs the CUDA benchmark: benchmarks/scan.py --cuda-only --json, then the table from it.
+# 3. runs the CUDA benchmarks: benchmarks/scan.py --cuda-only --json and
+#    benchmarks/chunkwise.py --cuda-only --quick --json, then the tables from them.
 # Results go to $OUT (default ./gpu_kernels_out): env.txt, pytest_gpu.txt,
-# scan_cuda.json, scan_cuda_table.txt, scan_cuda_progress.txt.
+# scan_cuda.json, scan_cuda_table.txt, scan_cuda_progress.txt, chunkwise_cuda.json,
+# chunkwise_cuda_table.txt, chunkwise_cuda_progress.txt.
 #
 # The kernels are imported through a throw-away package shim (psmsearch/kernels ->
 # ./kernels), so the machine needs only torch, triton and pytest, not the rest of
@@ -43,3 +45,9 @@ timeout "${BENCH_TIMEOUT:-230}" "$PY" benchmarks/scan.py --cuda-only --json ${BE
     > "$OUT/scan_cuda.json" 2> >(tee "$OUT/scan_cuda_progress.txt" >&2)
 echo "benchmark exit: $?"
 "$PY" benchmarks/scan.py --from-json "$OUT/scan_cuda.json" | tee "$OUT/scan_cuda_table.txt"
+
+echo "== benchmarks/chunkwise.py --cuda-only --quick --json"
+timeout "${CHUNK_BENCH_TIMEOUT:-120}" "$PY" benchmarks/chunkwise.py --cuda-only --quick --json \
+    > "$OUT/chunkwise_cuda.json" 2> >(tee "$OUT/chunkwise_cuda_progress.txt" >&2)
+echo "benchmark exit: $?"
+"$PY" benchmarks/chunkwise.py --from-json "$OUT/chunkwise_cuda.json" | tee "$OUT/chunkwise_cuda_table.txt"

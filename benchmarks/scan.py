@@ -13,12 +13,32 @@ CPU part, ``b = a = [1, T, rows]`` float32 at (rows, T) in
   a fresh allocation as the scan does), and, for reference, ``copy_`` into a
   preallocated buffer.
 
+Every CPU figure is a best-of: the reference and both copies over 15
+interleaved rounds (see :func:`_cpu_times`), the loop over 3 runs.
+
 CUDA part (when available), ``b = a = [8, T, 1536]`` for T = 2^10 .. 2^16, float32
 and bfloat16, forward and forward+backward: Triton and the reference, timed with
 CUDA events, as GB/s of the bytes each pass must move and as a percentage of the
 measured device-to-device copy bandwidth.
 
-Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--json] [--threads N]``.
+Huge pages: a fresh 32 MiB CPU tensor costs 8192 page faults of 4 KiB the first
+time it is written, which at (512, 16384) took about 8 ms, far more than
+copying the bytes. Both the scan and ``b.clone()`` pay it (they return new
+tensors), so the floor stays fair, but it hides what the scan itself costs.
+Run as a script, the benchmark therefore sets ``THP_MEM_ALLOC_ENABLE=1`` before
+importing torch, unless the variable is already set or ``--no-thp`` is given
+(which sets it to 0): PyTorch's CPU allocator then aligns allocations of 2 MiB
+or more to 2 MiB and ``madvise``-s them into transparent huge pages, which
+works where the kernel's THP mode is ``always`` or ``madvise``. The CPU table
+header says whether it is on, the kernel's mode, and how many MiB of huge
+pages a fresh 32 MiB tensor actually got (read from ``/proc/self/smaps_rollup``).
+Two side effects show in the table: allocations of 2 to 4 MiB (the whole
+tensor at 16 rows, the scan's carry buffers at 512 and 2048 rows) are no
+longer served again from malloc's heap but freshly mapped, so they cost more
+than without THP; and on a virtual machine a huge-page fault can stall for
+milliseconds, so the clone column varies more from run to run than without THP.
+
+Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--json] [--threads N] [--no-thp]``.
 On a CPU shared with other jobs, ``--threads 1`` gives steadier figures: two
 threads that wait on each other at every op suffer most from preemption.
 """
@@ -27,33 +47,44 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
+import os
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
-from psmsearch.kernels import first_order_scan
+
+def configure_thp(argv: list[str]) -> None:
+    """Ask PyTorch's CPU allocator for transparent huge pages unless told otherwise.
+
+    Torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first allocation, so this
+    must run before torch is imported. An explicit ``--no-thp`` sets it to 0; a
+    value the user already set is kept.
+    """
+    if "--no-thp" in argv:
+        os.environ[THP_ENV] = "0"
+    else:
+        os.environ.setdefault(THP_ENV, "1")
+
+
+if __name__ == "__main__":
+    configure_thp(sys.argv[1:])
+
+import torch  # noqa: E402
+
+from bench_timing import best_cpu_time as _cpu_time  # noqa: E402
+from bench_timing import best_cpu_times as _cpu_times  # noqa: E402
+from bench_timing import cuda_median_ms as _cuda_time  # noqa: E402
+
+from psmsearch.kernels import first_order_scan  # noqa: E402
 
 CPU_SHAPES = ((16, 65536), (512, 16384), (2048, 4096))
 LOOP_PREFIX = 2048
 CUDA_BATCH, CUDA_WIDTH = 8, 1536
 CUDA_EXPONENTS, CUDA_EXPONENTS_QUICK = tuple(range(10, 17)), (10, 13, 16)
 Row = dict[str, Any]
-
-
-def _cpu_time(fn: Callable[[], object], reps: int) -> float:
-    """Best of ``reps`` wall-clock runs after one warm-up, in seconds."""
-    fn()
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _token_loop(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -84,20 +115,71 @@ def _time_associative_scan(a: torch.Tensor, b: torch.Tensor, reps: int) -> tuple
         return None, f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
+def _kernel_thp_mode() -> str:
+    """The kernel's THP mode (``always``, ``madvise`` or ``never``), or ``unknown``."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    chosen = [word.strip("[]") for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else "unknown"
+
+
+def _anon_huge_kib() -> int | None:
+    """Anonymous huge-page memory of this process in KiB, or None where Linux does not say."""
+    try:
+        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return None
+
+
+def thp_status() -> dict[str, Any]:
+    """Whether huge pages were requested and whether a fresh 32 MiB tensor really got them."""
+    before = _anon_huge_kib()
+    probe = torch.empty(8 * 2 ** 20)  # 32 MiB of float32, like the benchmark's tensors
+    probe.fill_(1.0)  # fault every page in
+    after = _anon_huge_kib()
+    del probe
+    huge_mib = None if before is None or after is None else (after - before) / 1024
+    return {"env": os.environ.get(THP_ENV), "kernel_mode": _kernel_thp_mode(), "probe_huge_mib": huge_mib}
+
+
+def _thp_line(thp: dict[str, Any]) -> str:
+    """One line for the table header: is THP allocation on, and did it take effect."""
+    requested = (thp["env"] or "0").strip().lower() in ("1", "true", "on", "yes")
+    huge = thp["probe_huge_mib"]
+    if not requested:
+        state = "off"
+    elif huge is None:
+        state = "requested (not verifiable here)"
+    else:
+        state = "on" if huge > 0 else "requested but not in effect"
+    got = "n/a" if huge is None else f"{huge:.0f} MiB"
+    return (f"THP allocation {state} ({THP_ENV}={thp['env']}, kernel THP mode {thp['kernel_mode']}, "
+            f"huge pages in a fresh 32 MiB tensor: {got})")
+
+
 def cpu_rows(quick: bool) -> list[Row]:
     """Time the CPU variants at every CPU shape."""
-    reps = 2 if quick else 5
+    reps, loop_reps = (3, 1) if quick else (15, 3)
     rows = []
     for width, steps in CPU_SHAPES:
         gen = torch.Generator().manual_seed(0)
         a = torch.rand(1, steps, width, generator=gen) * 0.5 + 0.5
         b = torch.randn(1, steps, width, generator=gen)
         prefix = min(steps, LOOP_PREFIX)
-        loop_s = _cpu_time(lambda: _token_loop(a[:, :prefix], b[:, :prefix]), 1) * steps / prefix
-        ref_s = _cpu_time(lambda: first_order_scan(a, b, backend="reference"), reps)
-        clone_s = _cpu_time(lambda: b.clone(), reps)
+        loop_s = _cpu_time(lambda: _token_loop(a[:, :prefix], b[:, :prefix]), loop_reps) * steps / prefix
         dst = torch.empty_like(b)
-        copy_s = _cpu_time(lambda: dst.copy_(b), reps)
+        times = _cpu_times({
+            "reference": lambda: first_order_scan(a, b, backend="reference"),
+            "clone": lambda: b.clone(),
+            "prealloc": lambda: dst.copy_(b),
+        }, reps)
+        ref_s, clone_s, copy_s = times["reference"], times["clone"], times["prealloc"]
         assoc_s, assoc_note = _time_associative_scan(a, b, 1 if quick else 2)
         rows.append({
             "rows": width, "T": steps, "reference_ms": ref_s * 1e3,
@@ -114,10 +196,13 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def print_cpu_table(rows: list[Row]) -> None:
-    print(f"CPU, diagonal gates, float32, torch threads = {torch.get_num_threads()}")
+def print_cpu_table(rows: list[Row], threads: int | None = None, thp: dict[str, Any] | None = None) -> None:
+    threads = torch.get_num_threads() if threads is None else threads
+    print(f"CPU, diagonal gates, float32, torch threads = {threads}")
+    if thp is not None:
+        print(_thp_line(thp))
     header = ("rows", "T", "reference ms", "token loop ms", "assoc_scan ms", "copy (clone) ms",
-              "copy_ prealloc ms", "loop/ref", "ref/copy")
+              "copy_ prealloc ms", "loop/ref", "ref/copy", "ref/copy_")
     print(" | ".join(header))
     for r in rows:
         loop = _fmt(r["loop_ms"], ".1f") + ("*" if r["loop_extrapolated_from"] else "")
@@ -125,25 +210,12 @@ def print_cpu_table(rows: list[Row]) -> None:
         print(" | ".join([str(r["rows"]), str(r["T"]), _fmt(r["reference_ms"]), loop, assoc,
                           _fmt(r["copy_clone_ms"]), _fmt(r["copy_prealloc_ms"]),
                           _fmt(r["loop_over_reference"], ".1f") + "x",
-                          _fmt(r["reference_over_copy"], ".2f") + "x"]))
+                          _fmt(r["reference_over_copy"], ".2f") + "x",
+                          _fmt(r["reference_over_prealloc_copy"], ".2f") + "x"]))
     if any(r["loop_extrapolated_from"] for r in rows):
         print(f"* token loop timed on the first {LOOP_PREFIX} steps and extrapolated linearly to T")
-
-
-def _cuda_time(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
-    """Median of ``reps`` CUDA-event timings after ``warmup`` runs, in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    print("ref/copy: reference over copy (clone), both allocating their result; "
+          "ref/copy_: over copy_ into a preallocated buffer")
 
 
 def _copy_bandwidth(x: torch.Tensor, reps: int) -> float:
@@ -224,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-thp", action="store_true",
+                        help=f"set {THP_ENV}=0 instead of 1 (read before torch is imported, when run as a script)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -242,6 +316,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the parts that the flags ask for; returns the JSON-able result."""
     result: dict[str, Any] = {"torch": torch.__version__}
     if not args.cuda_only:
+        result["cpu_threads"] = torch.get_num_threads()
+        result["cpu_thp"] = thp_status()
         result["cpu"] = cpu_rows(args.quick)
     if not args.cpu_only:
         if torch.cuda.is_available():
@@ -254,7 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_tables(result: dict[str, Any], cpu_only: bool) -> None:
     if "cpu" in result:
-        print_cpu_table(result["cpu"])
+        print_cpu_table(result["cpu"], result.get("cpu_threads"), result.get("cpu_thp"))
     if "cuda" in result:
         print_cuda_table(result["cuda"], result.get("cuda_device", "CUDA"))
     elif not cpu_only and "cuda_note" in result:

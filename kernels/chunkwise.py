@@ -21,7 +21,7 @@ scores use 16-step sub-blocks with a reference point between query and key
 (see :func:`_diagonal_gate_scores`) instead of ``e^{G_i} · e^{-G_j}``.
 
 The reference here is plain PyTorch and differentiable by autograd. The Triton
-forward is in :mod:`.chunkwise_triton`; its backward recomputes this reference.
+implementation (forward and backward kernels) is in :mod:`.chunkwise_triton`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def chunk_gated_linear_attention(
         scale: multiplies the output; default ``dk ** -0.5``.
         output_final_state: also return the state after the last step.
         backend: ``"triton"``, ``"reference"`` or None (see :mod:`._dispatch`).
-            The Triton backend has a Triton forward only: its backward recomputes
-            and differentiates the PyTorch reference (reference speed and memory).
+            The Triton backend saves only its inputs for backward and recomputes
+            the chunk states there.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, H, T, dv]`` in ``q``'s dtype;

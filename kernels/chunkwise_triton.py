@@ -1,26 +1,20 @@
-"""Triton forward for :func:`psmsearch.kernels.chunk_gated_linear_attention`.
+"""Triton forward and backward for :func:`psmsearch.kernels.chunk_gated_linear_attention`.
 
-Three steps, all with float32 arithmetic:
+Forward, all with float32 arithmetic:
 
-1. ``_chunk_state_kernel``: per (batch·head, chunk, dv block) the chunk's state
-   contribution ``Σ_j (k_j ⊙ e^{G_last - G_j}) v_jᵀ``, written as
-   ``[B, n_chunks, H, dk, dv]`` so that step 2 can scan it directly.
-2. :func:`first_order_scan` (Triton backend) over chunks with the diagonal
-   gates ``e^{G_last}``: the state at every chunk end.
-3. ``_chunk_output_kernel``: per (batch·head, chunk, dv block) the output, the
+1. :func:`.chunkwise_triton_common.chunk_states`: per (batch·head, chunk) the
+   chunk's state contribution ``Σ_j (k_j ⊙ e^{G_last - G_j}) v_jᵀ``, then
+   :func:`first_order_scan` (Triton backend) over chunks with the diagonal gates
+   ``e^{G_last}``: the state entering and leaving every chunk.
+2. ``_chunk_output_kernel``: per (batch·head, chunk, dv block) the output, the
    inter-chunk part ``(q ⊙ e^{G}) S_prev`` plus the intra-chunk part in 16-step
    sub-blocks: off-diagonal blocks as matmuls with a reference point between
    query and key, diagonal blocks exactly per channel (see
    :func:`psmsearch.kernels.chunkwise._diagonal_gate_scores`).
 
-``G`` (cumulative log gates inside each chunk) is computed by PyTorch and
-padded to whole chunks, so kernels read it without masks. Scalar gates are read
-with stride 0 over the key channels.
-
-Backward: there is no Triton backward kernel. :class:`_ChunkGLATriton` saves
-the inputs and, in backward, recomputes the PyTorch reference
-(:func:`psmsearch.kernels.chunkwise.chunk_gla_reference`) under autograd and
-differentiates that: correct, but with the reference's speed and memory.
+Backward: Triton kernels in :mod:`.chunkwise_triton_backward` (a reverse scan
+over chunks for the state gradients, then per-chunk ``dq``, ``dk``, ``dv`` and
+the gates); only the inputs are saved, chunk states are recomputed.
 """
 
 from __future__ import annotations
@@ -30,62 +24,20 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch
-from .chunkwise import SUB_BLOCK, chunk_cumulative_gates, chunk_gla_reference
-from .first_order_scan import first_order_scan
-
-
-@triton.jit
-def _load_tile(ptr, rows, cols, row_stride, col_stride, row_ok, col_ok):
-    """``ptr[rows, cols]`` as float32, zero outside the masks."""
-    offsets = rows[:, None].to(tl.int64) * row_stride + cols[None, :] * col_stride
-    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _chunk_state_kernel(
-    K, V, G, DELTA,
-    T, H, n_chunks, DK, DV, g_row, stride_gk,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """``DELTA[b, n, h] = Σ_j (k_j ⊙ e^{G_last - G_j}) v_jᵀ`` over chunk ``n``: ``[dk, BLOCK_V]``."""
-    pid_v, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    rows = pid_n * CHUNK + tl.arange(0, CHUNK)  # [C]
-    kk = tl.arange(0, BLOCK_K)
-    vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok, k_ok, v_ok = rows < T, kk < DK, vv < DV
-    all_rows = rows >= 0
-    G += bh * n_chunks * CHUNK * g_row
-    k = _load_tile(K + bh * T * DK, rows, kk, DK, 1, row_ok, k_ok)   # [C, BK]
-    v = _load_tile(V + bh * T * DV, rows, vv, DV, 1, row_ok, v_ok)   # [C, BV]
-    cum = _load_tile(G, rows, kk, g_row, stride_gk, all_rows, k_ok)  # [C, BK]
-    last_row = pid_n * CHUNK + CHUNK - 1
-    last = tl.load(G + last_row * g_row + kk * stride_gk, mask=k_ok, other=0.0)  # [BK]
-    k_decayed = k * tl.exp(last[None, :] - cum)  # exponent <= 0
-    delta = tl.dot(tl.trans(k_decayed), v, input_precision=PRECISION)  # [BK, BV]
-    b_idx, h_idx = bh // H, bh % H
-    DELTA += ((b_idx * n_chunks + pid_n) * H + h_idx) * DK * DV
-    tl.store(DELTA + kk[:, None] * DV + vv[None, :], delta, mask=k_ok[:, None] & v_ok[None, :])
-
-
-@triton.jit
-def _diagonal_block_scores(Q, K, G, rows, row_ok, DK, g_row, stride_gk,
-                           SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICE: tl.constexpr):
-    """Exact ``A_ij = Σ_c q_ic k_jc e^{G_ic - G_jc}`` (j <= i) inside one sub-block: ``[SUB, SUB]``."""
-    idx = tl.arange(0, SUB)
-    causal = idx[:, None] >= idx[None, :]  # [SUB, SUB]
-    all_rows = rows >= 0
-    scores = tl.zeros([SUB, SUB], dtype=tl.float32)
-    for c0 in tl.static_range(0, BLOCK_K, K_SLICE):
-        cc = c0 + tl.arange(0, K_SLICE)
-        c_ok = cc < DK
-        q = _load_tile(Q, rows, cc, DK, 1, row_ok, c_ok)                  # [SUB, KS]
-        k = _load_tile(K, rows, cc, DK, 1, row_ok, c_ok)                  # [SUB, KS]
-        cum = _load_tile(G, rows, cc, g_row, stride_gk, all_rows, c_ok)   # [SUB, KS]
-        lag = tl.where(causal[:, :, None], cum[:, None, :] - cum[None, :, :], float("-inf"))
-        scores += tl.sum(q[:, None, :] * k[None, :, :] * tl.exp(lag), axis=2)
-    return scores
+from .chunkwise import SUB_BLOCK
+from .chunkwise_triton_backward import chunk_gla_backward
+from .chunkwise_triton_common import (
+    block_sizes,
+    chunk_states,
+    dot_precision,
+    exact_block_scores,
+    gate_columns,
+    load_row,
+    load_tile,
+)
 
 
 @triton.jit
@@ -111,23 +63,23 @@ def _chunk_output_kernel(
     for qi in tl.static_range(CHUNK // SUB):
         q_rows = pid_n * CHUNK + qi * SUB + tl.arange(0, SUB)  # [SUB]
         q_ok = q_rows < T
-        q = _load_tile(Q, q_rows, kk, DK, 1, q_ok, k_ok)                   # [SUB, BK]
-        cum_q = _load_tile(G, q_rows, kk, g_row, stride_gk, q_rows >= 0, k_ok)
+        q = load_tile(Q, q_rows, kk, DK, 1, q_ok, k_ok)                   # [SUB, BK]
+        cum_q = load_tile(G, q_rows, kk, g_row, stride_gk, q_rows >= 0, k_ok)
         acc = tl.dot(q * tl.exp(cum_q), s_prev, input_precision=PRECISION)  # [SUB, BV]
         for kj in tl.static_range(qi):
             k_rows = pid_n * CHUNK + kj * SUB + tl.arange(0, SUB)
             k_ok_rows = k_rows < T
-            k = _load_tile(K, k_rows, kk, DK, 1, k_ok_rows, k_ok)
-            v = _load_tile(V, k_rows, vv, DV, 1, k_ok_rows, v_ok)
-            cum_k = _load_tile(G, k_rows, kk, g_row, stride_gk, k_rows >= 0, k_ok)
+            k = load_tile(K, k_rows, kk, DK, 1, k_ok_rows, k_ok)
+            v = load_tile(V, k_rows, vv, DV, 1, k_ok_rows, v_ok)
+            cum_k = load_tile(G, k_rows, kk, g_row, stride_gk, k_rows >= 0, k_ok)
             ref_row = pid_n * CHUNK + kj * SUB + SUB - 1
-            ref = tl.load(G + ref_row * g_row + kk * stride_gk, mask=k_ok, other=0.0)  # [BK]
+            ref = load_row(G + ref_row * g_row, kk, stride_gk, k_ok)  # [BK]
             q_ref = q * tl.exp(cum_q - ref[None, :])  # query after the reference: exponent <= 0
             k_ref = k * tl.exp(ref[None, :] - cum_k)  # key before the reference: exponent <= 0
             scores = tl.dot(q_ref, tl.trans(k_ref), input_precision=PRECISION)  # [SUB, SUB]
             acc += tl.dot(scores, v, input_precision=PRECISION)
-        v_diag = _load_tile(V, q_rows, vv, DV, 1, q_ok, v_ok)
-        diag = _diagonal_block_scores(Q, K, G, q_rows, q_ok, DK, g_row, stride_gk, SUB, BLOCK_K, K_SLICE)
+        v_diag = load_tile(V, q_rows, vv, DV, 1, q_ok, v_ok)
+        diag = exact_block_scores(Q, K, G, q_rows, q_ok, DK, g_row, stride_gk, SUB, BLOCK_K, K_SLICE)
         acc += tl.dot(diag, v_diag, input_precision=PRECISION)
         out_ptr = O + q_rows[:, None].to(tl.int64) * DV + vv[None, :]
         tl.store(out_ptr, acc * scale, mask=q_ok[:, None] & v_ok[None, :])
@@ -143,7 +95,7 @@ def chunk_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate
 
 
 class _ChunkGLATriton(torch.autograd.Function):
-    """Triton forward; backward by recomputing and differentiating the PyTorch reference."""
+    """Triton forward and backward; saves only the inputs."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,
@@ -155,28 +107,16 @@ class _ChunkGLATriton(torch.autograd.Function):
         return _forward(q, k, v, log_gate, initial_state, chunk_size, scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, d_out: torch.Tensor | None,
                  d_final: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:5]
-        leaves = [x.detach().requires_grad_(need) if x is not None else None for x, need in zip(saved, needs)]
-        with torch.enable_grad():
-            o, final = chunk_gla_reference(*leaves, ctx.chunk_size, ctx.scale)
-        pairs = [(y, dy) for y, dy in ((o, d_out), (final, d_final)) if dy is not None]
-        wanted = [x for x, need in zip(leaves, needs) if need and x is not None]
-        if not pairs or not wanted:
+        if d_out is None and d_final is None:
             return (None,) * 7
-        grads = iter(torch.autograd.grad([y for y, _ in pairs], wanted, [dy for _, dy in pairs],
-                                         allow_unused=True))
-        result = [next(grads) if (need and x is not None) else None for x, need in zip(leaves, needs)]
-        return (*result, None, None)
-
-
-def _block_sizes(dk: int, dv: int) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_V, K_SLICE)``: all of dk in one block, dv split across programs."""
-    block_k = max(16, triton.next_power_of_2(dk))
-    block_v = min(64, max(16, triton.next_power_of_2(dv)))
-    return block_k, block_v, min(block_k, 16)
+        q, k, v, log_gate, initial_state = ctx.saved_tensors
+        grads = chunk_gla_backward(q, k, v, log_gate, initial_state, ctx.chunk_size, ctx.scale,
+                                   d_out, d_final)
+        needed = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
+        return (*needed, None, None)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,
@@ -184,29 +124,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, steps, dk = q.shape
     dv = v.shape[-1]
-    cum = chunk_cumulative_gates(log_gate, chunk_size, torch.float32)  # [B, H, n, C, dg]
-    n_chunks, g_width = cum.shape[2], cum.shape[-1]
-    decay = cum[:, :, :, -1].exp().transpose(1, 2).unsqueeze(-1)       # [B, n, H, dg, 1]
-    cum = cum.flatten(2, 3).contiguous()                                 # [B, H, Tp, dg]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    block_k, block_v, k_slice = _block_sizes(dk, dv)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(dv, block_v), n_chunks, batch * heads)
-    g_cols = (g_width, 1 if g_width > 1 else 0)
-
-    delta = _dispatch.new_output((batch, n_chunks, heads, dk, dv), torch.float32, q.device)
-    _chunk_state_kernel[grid](
-        k, v, cum, delta, steps, heads, n_chunks, dk, dv, *g_cols,
-        CHUNK=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision,
-    )
-    ends = first_order_scan(decay, delta, initial_state, backend="triton")  # [B, n, H, dk, dv]
-    first = torch.zeros_like(ends[:, :1]) if initial_state is None else initial_state.float().unsqueeze(1)
-    starts = torch.cat([first, ends[:, :-1]], dim=1).contiguous()          # [B, n, H, dk, dv]
-
+    cum, _, starts, ends = chunk_states(k, v, log_gate, initial_state, chunk_size)
+    n_chunks = ends.shape[1]
+    block_k, block_v, k_slice = block_sizes(dk, dv)
     o = _dispatch.new_output((batch, heads, steps, dv), q.dtype, q.device)
-    _chunk_output_kernel[grid](
-        q, k, v, cum, starts, o, steps, heads, n_chunks, dk, dv, *g_cols, scale,
+    _chunk_output_kernel[(triton.cdiv(dv, block_v), n_chunks, batch * heads)](
+        q, k, v, cum, starts, o, steps, heads, n_chunks, dk, dv, *gate_columns(cum), scale,
         CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v,
-        K_SLICE=k_slice, PRECISION=precision,
+        K_SLICE=k_slice, PRECISION=dot_precision(q.dtype),
     )
     return o, ends[:, -1].contiguous()

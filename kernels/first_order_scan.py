@@ -190,14 +190,17 @@ def _gate_gradient(g: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
 
 
 def _block_length(steps: int) -> int:
-    """Block length ``L`` of the blocked scan: a power of two near ``steps ** (1/3)``, in [8, 128].
+    """Block length ``L`` of the blocked scan: a power of two near ``steps ** (1/3)``, in [8, 16].
 
-    Each block step is one vectorised op over all blocks and the carry scan
-    recurses, so a scan costs about ``2 L`` ops per level over ``log_L(T)``
-    levels; on a 2-core CPU the op overhead, not memory, decides, and the cube
-    root measured best (``benchmarks/scan.py``) at the three benchmark shapes.
+    A level costs about ``2 L`` ops (one per block step and pass) plus a carry
+    scan over ``T / L`` blocks, which recurses. Longer blocks shrink the carry
+    scan but make more, smaller ops, each a strided pass that memory latency
+    rather than arithmetic limits. On a 2-core CPU (``benchmarks/scan.py``, 1
+    and 2 threads) 16 was as fast as 32 at 512 and 2048 rows and clearly faster
+    at 16 rows (T = 65536); shorter scans such as the carry levels keep the cube
+    root, 8, which measured best for T of a few hundred.
     """
-    return int(min(128, max(8, 2 ** round(math.log2(max(steps, 1)) / 3))))
+    return int(min(16, max(8, 2 ** round(math.log2(max(steps, 1)) / 3))))
 
 
 def _scan_into(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor,
@@ -205,12 +208,15 @@ def _scan_into(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: t
     """Write the scan of ``(a, b)`` into ``out`` (all in the compute dtype).
 
     ``a`` is ``[B, T, *Sa]`` broadcastable to ``b``'s ``[B, T, *S]``; ``out`` may be
-    a strided view. The time axis is split into ``nb`` blocks of ``L`` steps:
+    a strided view, and may be ``b`` itself (an in-place scan: every step reads
+    ``b_t`` in the op that writes ``out_t``), but must not otherwise overlap
+    ``a``, ``b`` or ``h0``. The time axis is split into ``nb`` blocks of ``L`` steps:
 
     1. block totals: scan every block from a zero state, all blocks at once,
        keeping only the running state (one op per block step);
     2. carries: the state at each block end, a scan of length ``nb`` of the
-       pairs (product of the block's gates, block total) — done recursively;
+       pairs (product of the block's gates, block total), done recursively
+       and in place in the buffer that holds the totals;
     3. rescan every block from its true start state, writing ``out``.
 
     Only products of gates appear (no division by cumulative products), so gates
@@ -226,56 +232,78 @@ def _scan_into(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: t
     blocked = n_blocks * length
     body, tail = (slice(steps - blocked, steps), slice(0, steps - blocked)) if reverse else \
         (slice(0, blocked), slice(blocked, steps))
-    a_blk = a[:, body].unflatten(1, (n_blocks, length))    # [B, nb, L, *Sa]
-    b_blk = b[:, body].unflatten(1, (n_blocks, length))    # [B, nb, L, *S]
-    h_blk = out[:, body].unflatten(1, (n_blocks, length))  # [B, nb, L, *S]
-    order = _step_order(length, reverse)
-    totals = _block_totals(a_blk, b_blk, order)  # [B, nb, *S]
-    ends = torch.empty_like(totals)              # [B, nb, *S]
-    _scan_into(a_blk.prod(dim=2), totals, h0, ends, reverse)
-    _rescan_blocks(a_blk, b_blk, _block_starts(ends, h0, reverse), h_blk, order)
+    a_steps = _block_steps(a[:, body], n_blocks, reverse)    # L x [B, nb, *Sa], in scan order
+    b_steps = _block_steps(b[:, body], n_blocks, reverse)    # L x [B, nb, *S]
+    h_steps = _block_steps(out[:, body], n_blocks, reverse)  # L x [B, nb, *S]
+    starts, ends, first_start = _carry_buffers(b, n_blocks, h0, reverse)  # [B, nb, *S], [B, nb, *S], [B, *S]
+    _block_totals(a_steps, b_steps, ends)
+    block_gates = a[:, body].unflatten(1, (n_blocks, length)).prod(dim=2)  # [B, nb, *Sa]
+    _scan_into(block_gates, ends, first_start, ends, reverse)
+    _rescan_blocks(a_steps, b_steps, starts, h_steps)
     tail_start = out[:, steps - blocked] if reverse else out[:, blocked - 1]
     _loop_scan(a[:, tail], b[:, tail], tail_start, out[:, tail], reverse)
 
 
-def _step_order(length: int, reverse: bool) -> Sequence[int]:
-    return range(length - 1, -1, -1) if reverse else range(length)
+def _in_scan_order(steps: Sequence[torch.Tensor], reverse: bool) -> Sequence[torch.Tensor]:
+    return steps[::-1] if reverse else steps
+
+
+def _block_steps(x: torch.Tensor, n_blocks: int, reverse: bool) -> Sequence[torch.Tensor]:
+    """Cut ``x [B, nb * L, *S]`` into blocks and return its ``L`` step views ``[B, nb, *S]`` in scan order.
+
+    ``unbind`` makes all the views in one call, cheaper than indexing at every step.
+    """
+    return _in_scan_order(x.unflatten(1, (n_blocks, -1)).unbind(2), reverse)
 
 
 def _loop_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor,
                reverse: bool) -> None:
     """Token-by-token scan, each step vectorised over batch and state."""
     prev = h0
-    for t in _step_order(b.shape[1], reverse):
+    for a_t, b_t, h_t in zip(*(_in_scan_order(x.unbind(1), reverse) for x in (a, b, out))):
         if prev is None:
-            out[:, t] = b[:, t]
+            h_t.copy_(b_t)
         else:
-            torch.addcmul(b[:, t], a[:, t], prev, out=out[:, t])
-        prev = out[:, t]
+            torch.addcmul(b_t, a_t, prev, out=h_t)
+        prev = h_t
 
 
-def _block_totals(a_blk: torch.Tensor, b_blk: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-    """State at the end of every block when each starts from zero: ``[B, nb, *S]``."""
-    first, *rest = order
-    acc = b_blk[:, :, first].clone()  # [B, nb, *S]
-    for step in rest:
-        torch.addcmul(b_blk[:, :, step], a_blk[:, :, step], acc, out=acc)
-    return acc
+def _carry_buffers(b: torch.Tensor, n_blocks: int, h0: torch.Tensor | None,
+                   reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views ``(starts, ends, first_start)`` of one ``[B, nb + 1, *S]`` buffer of block boundary states.
 
-
-def _block_starts(ends: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
-    """State entering each block: the previous block's end, or ``h0`` (0) for the first."""
-    first = torch.zeros_like(ends[:, 0]) if h0 is None else h0.expand_as(ends[:, 0])
-    first = first.unsqueeze(1)  # [B, 1, *S]
+    In scan order block ``k`` starts from the state the previous block ends
+    with, so the two views are one slot apart; ``first_start`` (the state
+    entering the first block: ``h0`` or zero) is the slot only ``starts`` holds.
+    Writing the carries into ``ends`` thus also fills ``starts``, with no copy.
+    """
+    edges = b.new_empty(b.shape[:1] + (n_blocks + 1,) + b.shape[2:])  # [B, nb + 1, *S]
     if reverse:
-        return torch.cat([ends[:, 1:], first], dim=1)
-    return torch.cat([first, ends[:, :-1]], dim=1)  # [B, nb, *S]
+        starts, ends, first_start = edges[:, 1:], edges[:, :-1], edges[:, -1]
+    else:
+        starts, ends, first_start = edges[:, :-1], edges[:, 1:], edges[:, 0]
+    if h0 is None:
+        first_start.zero_()
+    else:
+        first_start.copy_(h0)
+    return starts, ends, first_start
 
 
-def _rescan_blocks(a_blk: torch.Tensor, b_blk: torch.Tensor, starts: torch.Tensor,
-                   h_blk: torch.Tensor, order: Sequence[int]) -> None:
-    """Scan every block again from its true start state, writing all steps."""
+def _block_totals(a_steps: Sequence[torch.Tensor], b_steps: Sequence[torch.Tensor],
+                  out: torch.Tensor) -> None:
+    """Write into ``out [B, nb, *S]`` the state at the end of every block when each starts from zero.
+
+    From a zero state the first step's state is ``b_0``, so the loop starts at step 1.
+    """
+    torch.addcmul(b_steps[1], a_steps[1], b_steps[0], out=out)
+    for a_j, b_j in zip(a_steps[2:], b_steps[2:]):
+        torch.addcmul(b_j, a_j, out, out=out)
+
+
+def _rescan_blocks(a_steps: Sequence[torch.Tensor], b_steps: Sequence[torch.Tensor],
+                   starts: torch.Tensor, h_steps: Sequence[torch.Tensor]) -> None:
+    """Scan every block again from its true start state ``starts [B, nb, *S]``, writing all steps."""
     prev = starts
-    for step in order:
-        torch.addcmul(b_blk[:, :, step], a_blk[:, :, step], prev, out=h_blk[:, :, step])
-        prev = h_blk[:, :, step]
+    for a_j, b_j, h_j in zip(a_steps, b_steps, h_steps):
+        torch.addcmul(b_j, a_j, prev, out=h_j)
+        prev = h_j

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -87,9 +89,29 @@ def _wait_for(condition, timeout: float = 240) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def _one_done_one_running(db: Path) -> bool:
-    states = [t.state for t in optuna_trials(db)]
-    return states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states
+def _one_done_one_running(folder: Path) -> bool:
+    """One trial complete and another running, in Optuna *and* with its MLflow run open.
+
+    Waiting for the MLflow run too means the signal lands where both stores know
+    the running trial, so the test can check how each marks it afterwards.
+    """
+    trials = optuna_trials(folder / "psmsearch.db")
+    running = {t.number for t in trials if t.state == TrialState.RUNNING}
+    if not running or not any(t.state == TrialState.COMPLETE for t in trials):
+        return False
+    return bool(running & _open_mlflow_trials(folder / "mlflow.db"))
+
+
+def _open_mlflow_trials(db: Path) -> set[int]:
+    """Trial numbers whose MLflow run is RUNNING, read with plain SQL.
+
+    A poll must take milliseconds (trials here last seconds); building an
+    MlflowClient per poll does not. Raises while MLflow has not created its schema.
+    """
+    query = ("SELECT t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+             "WHERE t.key = 'psmsearch.trial' AND r.status = 'RUNNING'")
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as connection:
+        return {int(value) for (value,) in connection.execute(query)}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
@@ -98,7 +120,7 @@ def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.S
     train = {"steps": 30, "batch_size": 8, "eval_every": 10, "warmup_steps": 1, "eval_batch_size": 16}
     space = write_space(tmp_path, driver=driver, train=train)
     process = _start_search(space, tmp_path)
-    _wait_for(lambda: _one_done_one_running(tmp_path / "psmsearch.db"))
+    _wait_for(lambda: _one_done_one_running(tmp_path))
     completed_before = {t.number for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.COMPLETE}
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)

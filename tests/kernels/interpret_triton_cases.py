@@ -17,7 +17,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("run this file with TRITON_INTERPRET=1 (see test_triton_interpret.py)")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from triton_kernel_checks import check_chunk, check_scan  # noqa: E402
+import torch  # noqa: E402
+from triton_kernel_checks import check_chunk, check_chunk_half, check_scan  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 
@@ -53,3 +54,17 @@ def test_chunk_matches_reference(steps: int, diagonal: bool, with_h0: bool) -> N
 
 def test_chunk_strong_decay_and_odd_head_dims() -> None:
     check_chunk("cpu", 40, True, True, chunk_size=16, dk=20, dv=7, decay=40.0)
+
+
+@pytest.mark.parametrize(("used", "diagonal"), [("output", True), ("final_state", False)])
+def test_chunk_gradients_of_one_output(used: str, diagonal: bool) -> None:
+    check_chunk("cpu", 50, diagonal, True, chunk_size=16, used=used)
+
+
+def test_chunk_63_steps_dv_split_across_programs() -> None:
+    """T = 63 in one 64-step chunk; dv = 70 spans two dv blocks of 64."""
+    check_chunk("cpu", 63, True, False, chunk_size=64, dk=5, dv=70, heads=1)
+
+
+def test_chunk_bfloat16_outputs_and_gradients() -> None:
+    check_chunk_half("cpu", torch.bfloat16, True, steps=70)

@@ -61,6 +61,18 @@ def test_reference_matches_loop_long(gate: str, with_h0: bool, reverse: bool) ->
     test_reference_matches_loop(LONG, gate, with_h0, reverse)
 
 
+@pytest.mark.parametrize("steps", [63, 197, LONG])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_in_place_scan_into_b(steps: int, reverse: bool) -> None:
+    """``_scan_into`` with ``out`` = ``b``, as the carry levels run it: the result overwrites the inputs."""
+    from psmsearch.kernels.first_order_scan import _scan_into
+
+    a, b, h0 = _inputs(steps, "diagonal", True)
+    want = naive_first_order_scan(a, b, h0, reverse)
+    _scan_into(a, b, h0, b, reverse)
+    torch.testing.assert_close(b, want, rtol=1e-10, atol=1e-10)
+
+
 def test_gates_broadcast_over_batch_and_time() -> None:
     a, b, h0 = _inputs(130, "diagonal", True)
     a = a[:1, :1].clone().requires_grad_()

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from triton_kernel_checks import check_chunk, check_scan, check_scan_half, chunk_inputs  # noqa: E402
-
-from psmsearch.kernels import chunk_gated_linear_attention  # noqa: E402
+from triton_kernel_checks import (  # noqa: E402
+    check_chunk,
+    check_chunk_half,
+    check_scan,
+    check_scan_half,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -59,10 +62,12 @@ def test_chunk_strong_decay() -> None:
     check_chunk("cuda", 130, True, True, chunk_size=64, dk=20, dv=7, decay=40.0)
 
 
-def test_chunk_bfloat16_close_to_float32() -> None:
-    q, k, v, log_gate, h0 = chunk_inputs("cuda", 150, True, True, dk=32, dv=32, dtype=torch.bfloat16)
-    o16, _ = chunk_gated_linear_attention(q, k, v, log_gate, initial_state=h0, backend="triton")
-    assert o16.dtype == torch.bfloat16
-    o32, _ = chunk_gated_linear_attention(q.float(), k.float(), v.float(), log_gate.float(),
-                                          initial_state=h0.float(), backend="reference")
-    torch.testing.assert_close(o16.float(), o32, rtol=3e-2, atol=3e-2)
+@pytest.mark.parametrize("used", ["output", "final_state"])
+def test_chunk_gradients_of_one_output(used: str) -> None:
+    check_chunk("cuda", 150, True, True, chunk_size=32, used=used)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_chunk_half_inputs_with_gradients(dtype: torch.dtype, diagonal: bool) -> None:
+    check_chunk_half("cuda", dtype, diagonal)

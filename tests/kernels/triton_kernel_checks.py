@@ -26,8 +26,8 @@ def _grads(out: torch.Tensor | tuple[torch.Tensor, ...], inputs: list[torch.Tens
     ups = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
     if poisoned:
         with _dispatch.poisoned_outputs():
-            return torch.autograd.grad(outs, inputs, ups)
-    return torch.autograd.grad(outs, inputs, ups)
+            return torch.autograd.grad(outs, inputs, ups, materialize_grads=True)
+    return torch.autograd.grad(outs, inputs, ups, materialize_grads=True)
 
 
 def scan_inputs(device: str, steps: int, gate: str, with_h0: bool, batch: int = 2,
@@ -78,8 +78,12 @@ def chunk_inputs(device: str, steps: int, diagonal: bool, with_h0: bool, dk: int
 
 
 def check_chunk(device: str, steps: int, diagonal: bool, with_h0: bool, chunk_size: int = 32,
-                tol: float = 1e-4, **shape: object) -> None:
-    """Triton chunkwise GLA (forward, final state, gradients) equals the reference's."""
+                tol: float = 1e-4, used: str = "both", **shape: object) -> None:
+    """Triton chunkwise GLA (forward, final state, gradients) equals the reference's.
+
+    ``used`` picks the outputs the loss depends on: ``"both"``, ``"output"`` (the
+    final state gets no gradient) or ``"final_state"`` (the outputs get none).
+    """
     q, k, v, log_gate, h0 = chunk_inputs(device, steps, diagonal, with_h0, **shape)
     inputs = [x.requires_grad_() for x in (q, k, v, log_gate, h0) if x is not None]
     kwargs = dict(chunk_size=chunk_size, initial_state=h0, output_final_state=True)
@@ -88,5 +92,24 @@ def check_chunk(device: str, steps: int, diagonal: bool, with_h0: bool, chunk_si
     want = chunk_gated_linear_attention(q, k, v, log_gate, backend="reference", **kwargs)
     for x_got, x_want in zip(got, want):
         torch.testing.assert_close(x_got, x_want, rtol=tol, atol=tol)
-    for g_got, g_want in zip(_grads(got, inputs, True), _grads(want, inputs, False)):
-        torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol)
+    pick = {"both": slice(0, 2), "output": slice(0, 1), "final_state": slice(1, 2)}[used]
+    grads_got = _grads(tuple(got[pick]), inputs, True)
+    grads_want = _grads(tuple(want[pick]), inputs, False)
+    for name, g_got, g_want in zip(("q", "k", "v", "log_gate", "h0"), grads_got, grads_want):
+        torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def check_chunk_half(device: str, dtype: torch.dtype, diagonal: bool, steps: int = 150) -> None:
+    """16-bit inputs: outputs and gradients close to float32 on the same (rounded) inputs."""
+    inputs16 = [x for x in chunk_inputs(device, steps, diagonal, True, dtype=dtype, dk=32, dv=32)]
+    inputs32 = [x.float() for x in inputs16]
+    results = []
+    for inputs, backend in ((inputs16, "triton"), (inputs32, "reference")):
+        leaves = [x.requires_grad_() for x in inputs]
+        o, final = chunk_gated_linear_attention(*leaves[:4], chunk_size=64, initial_state=leaves[4],
+                                                output_final_state=True, backend=backend)
+        results.append((o, *_grads((o, final), leaves, False)))
+    assert results[0][0].dtype == dtype
+    for got, want in zip(*results):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * scale)

@@ -1,0 +1,195 @@
+"""Benchmark of :func:`psmsearch.kernels.chunk_gated_linear_attention` (chunkwise GLA / SSD).
+
+CPU part: the PyTorch reference (chunk size 64) against a token-by-token
+recurrence of the matrix state (the naive baseline, one Python step per token,
+vectorised over batch and heads), forward and forward+backward, scalar and
+per-channel gates, at ``B=1, H=4, dk=dv=32`` for T in {1024, 4096}. The loop is
+timed on a prefix and extrapolated linearly (it is linear in T).
+
+CUDA part (when available): Triton against the reference, float32 and bfloat16,
+forward and forward+backward, at ``B=4, H=8`` with ``dk=dv`` in {64, 128} and
+T in {2048, 8192}: milliseconds, tokens per second, the speed-up, and the peak
+memory that a forward+backward allocates beyond its inputs (the Triton
+backward saves only the inputs; the reference keeps autograd's intermediates).
+
+Usage: ``python benchmarks/chunkwise.py [--cpu-only | --cuda-only] [--quick] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from bench_timing import best_cpu_time as _cpu_time
+from bench_timing import cuda_median_ms
+
+from psmsearch.kernels import chunk_gated_linear_attention
+
+CHUNK = 64
+CPU_SHAPE = {"batch": 1, "heads": 4, "dk": 32, "dv": 32}
+CPU_STEPS, CPU_STEPS_QUICK = (1024, 4096), (1024,)
+LOOP_PREFIX = 256
+CUDA_BATCH, CUDA_HEADS = 4, 8
+CUDA_STEPS, CUDA_STEPS_QUICK = (2048, 8192), (8192,)
+CUDA_WIDTHS = (64, 128)
+Row = dict[str, Any]
+
+
+def _inputs(batch: int, heads: int, steps: int, dk: int, dv: int, diagonal: bool, device: str,
+            dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, heads, steps, dk, generator=gen, device=device)
+    k = torch.randn(batch, heads, steps, dk, generator=gen, device=device) * dk ** -0.5
+    v = torch.randn(batch, heads, steps, dv, generator=gen, device=device)
+    gate_shape = (batch, heads, steps, dk) if diagonal else (batch, heads, steps)
+    log_gate = -0.1 * torch.rand(gate_shape, generator=gen, device=device)
+    return [x.to(dtype) for x in (q, k, v, log_gate)]
+
+
+def token_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor) -> torch.Tensor:
+    """``S_t = diag(e^{g_t}) S_{t-1} + k_t v_tᵀ``, ``o_t = dk^-1/2 S_tᵀ q_t``, one step per token."""
+    batch, heads, steps, dk = q.shape
+    gates = log_gate.exp()
+    gates = gates.unsqueeze(-1).expand(batch, heads, steps, dk) if gates.dim() == 3 else gates
+    state = q.new_zeros(batch, heads, dk, v.shape[-1])  # [B, H, dk, dv]
+    outputs = []
+    for t in range(steps):
+        state = gates[:, :, t, :, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], state) * dk ** -0.5)
+    return torch.stack(outputs, dim=2)  # [B, H, T, dv]
+
+
+def _with_backward(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def step() -> object:
+        o = fn(*leaves)
+        return torch.autograd.grad(o, leaves, torch.ones_like(o))
+
+    return step
+
+
+def _reference(*inputs: torch.Tensor) -> torch.Tensor:
+    return chunk_gated_linear_attention(*inputs, chunk_size=CHUNK, backend="reference")[0]
+
+
+def _triton(*inputs: torch.Tensor) -> torch.Tensor:
+    return chunk_gated_linear_attention(*inputs, chunk_size=CHUNK, backend="triton")[0]
+
+
+def cpu_rows(quick: bool) -> list[Row]:
+    """Reference vs token loop on the CPU."""
+    rows = []
+    for steps in CPU_STEPS_QUICK if quick else CPU_STEPS:
+        for diagonal in (False, True):
+            inputs = _inputs(**CPU_SHAPE, steps=steps, diagonal=diagonal, device="cpu")
+            prefix = [x[:, :, :LOOP_PREFIX] for x in inputs]
+            for backward in (False, True):
+                ref = _with_backward(_reference, inputs) if backward else (lambda: _reference(*inputs))
+                loop = _with_backward(token_loop, prefix) if backward else (lambda: token_loop(*prefix))
+                ref_s = _cpu_time(ref, 2 if quick else 3)
+                loop_s = _cpu_time(loop, 1) * steps / LOOP_PREFIX
+                rows.append({"T": steps, "gate": "diagonal" if diagonal else "scalar",
+                             "pass": "fwd+bwd" if backward else "fwd", "reference_ms": ref_s * 1e3,
+                             "loop_ms": loop_s * 1e3, "loop_over_reference": loop_s / ref_s})
+                _progress(f"T={steps} {rows[-1]['gate']} {rows[-1]['pass']}: reference {ref_s * 1e3:.1f} ms, "
+                          f"loop {loop_s * 1e3:.0f} ms")
+    return rows
+
+
+def _cuda_measure(fn: Callable[[], object], reps: int) -> tuple[float, int]:
+    """Median CUDA-event milliseconds and peak bytes allocated during one call, beyond what was live."""
+    ms = cuda_median_ms(fn, reps)
+    torch.cuda.reset_peak_memory_stats()
+    live = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() - live
+
+
+def cuda_rows(quick: bool) -> list[Row]:
+    """Triton vs reference on CUDA."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for width in CUDA_WIDTHS:
+            for steps in CUDA_STEPS_QUICK if quick else CUDA_STEPS:
+                for diagonal in (False, True):
+                    inputs = _inputs(CUDA_BATCH, CUDA_HEADS, steps, width, width, diagonal, "cuda", dtype)
+                    for backward in (False, True):
+                        row: Row = {"dtype": str(dtype).replace("torch.", ""), "d": width, "T": steps,
+                                    "gate": "diagonal" if diagonal else "scalar",
+                                    "pass": "fwd+bwd" if backward else "fwd"}
+                        for name, fn in (("triton", _triton), ("reference", _reference)):
+                            case = _with_backward(fn, inputs) if backward else (lambda fn=fn, xs=inputs: fn(*xs))
+                            ms, peak = _cuda_measure(case, 3 if quick else 5)
+                            row[f"{name}_ms"], row[f"{name}_peak_bytes"] = ms, peak
+                        row["speedup"] = row["reference_ms"] / row["triton_ms"]
+                        row["triton_tokens_per_s"] = CUDA_BATCH * steps / row["triton_ms"] * 1e3
+                        rows.append(row)
+                        _progress(f"{row['dtype']} d={width} T={steps} {row['gate']} {row['pass']}: "
+                                  f"triton {row['triton_ms']:.3f} ms, reference {row['reference_ms']:.3f} ms")
+                    del inputs
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _progress(line: str) -> None:
+    print(f"# {line}", file=sys.stderr, flush=True)
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    if "cpu" in result:
+        print(f"CPU, float32, B={CPU_SHAPE['batch']} H={CPU_SHAPE['heads']} dk=dv={CPU_SHAPE['dk']}, "
+              f"chunk {CHUNK}, torch threads = {result.get('threads')}")
+        print("T | gate | pass | reference ms | token loop ms* | loop/ref")
+        for r in result["cpu"]:
+            print(f"{r['T']} | {r['gate']} | {r['pass']} | {r['reference_ms']:.1f} | {r['loop_ms']:.0f} | "
+                  f"{r['loop_over_reference']:.1f}x")
+        print(f"* token loop timed on the first {LOOP_PREFIX} steps and extrapolated linearly to T")
+    if "cuda" in result:
+        print(f"CUDA ({result.get('cuda_device')}), B={CUDA_BATCH} H={CUDA_HEADS}, chunk {CHUNK}; "
+              "peak = bytes allocated by one call beyond its inputs")
+        print("dtype | d | T | gate | pass | triton ms | reference ms | speed-up | triton Mtok/s | "
+              "triton peak MiB | reference peak MiB")
+        for r in result["cuda"]:
+            print(f"{r['dtype']} | {r['d']} | {r['T']} | {r['gate']} | {r['pass']} | {r['triton_ms']:.3f} | "
+                  f"{r['reference_ms']:.3f} | {r['speedup']:.1f}x | {r['triton_tokens_per_s'] / 1e6:.2f} | "
+                  f"{r['triton_peak_bytes'] / 2**20:.0f} | {r['reference_peak_bytes'] / 2**20:.0f}")
+    elif "cuda_note" in result:
+        print(f"CUDA part: {result['cuda_note']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--cpu-only", action="store_true", help="skip the CUDA part")
+    only.add_argument("--cuda-only", action="store_true", help="skip the CPU part")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as handle:
+            print_tables(json.load(handle))
+        return
+    result: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if not args.cuda_only:
+        result["cpu"] = cpu_rows(args.quick)
+    if not args.cpu_only:
+        if torch.cuda.is_available():
+            result["cuda_device"] = torch.cuda.get_device_name()
+            result["cuda"] = cuda_rows(args.quick)
+        else:
+            result["cuda_note"] = "n/a: torch.cuda.is_available() is False"
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_tables(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The benchmark scripts run, and their baselines compute what the kernels compute.
+
+A speed-up is only meaningful if the baseline does the same work: each token
+loop is checked against the kernel it is compared with (and so, transitively,
+against the float64 loops of ``tests/kernels``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from psmsearch.kernels import chunk_gated_linear_attention, first_order_scan
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_scan_token_loop_is_the_same_scan() -> None:
+    scan = _load("scan")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 300, 7, generator=gen) * 0.5 + 0.5
+    b = torch.randn(1, 300, 7, generator=gen)
+    torch.testing.assert_close(scan._token_loop(a, b), first_order_scan(a, b, backend="reference"))
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_chunkwise_token_loop_is_the_same_attention(diagonal: bool) -> None:
+    chunkwise = _load("chunkwise")
+    q, k, v, log_gate = chunkwise._inputs(1, 2, 150, 8, 5, diagonal, "cpu")
+    want, _ = chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=64, backend="reference")
+    torch.testing.assert_close(chunkwise.token_loop(q, k, v, log_gate), want, rtol=1e-4, atol=1e-4)
+
+
+def test_scan_benchmark_asks_for_huge_pages_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = _load("scan")
+    monkeypatch.delenv(scan.THP_ENV, raising=False)
+    scan.configure_thp([])
+    assert os.environ[scan.THP_ENV] == "1"
+    scan.configure_thp(["--no-thp"])
+    assert os.environ[scan.THP_ENV] == "0"
+    monkeypatch.setenv(scan.THP_ENV, "0")
+    scan.configure_thp([])
+    assert os.environ[scan.THP_ENV] == "0", "a value the user set is kept"
+
+
+def test_chunkwise_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
+    script = BENCHMARKS / "chunkwise.py"
+    run = subprocess.run([sys.executable, str(script), "--cpu-only", "--quick", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(run.stdout)
+    rows = result["cpu"]
+    assert {(r["gate"], r["pass"]) for r in rows} == {
+        (gate, kind) for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
+    assert all(r["reference_ms"] > 0 and r["loop_ms"] > 0 for r in rows)
+    saved = tmp_path / "chunkwise.json"
+    saved.write_text(run.stdout)
+    table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "T | gate | pass | reference ms" in table and "loop/ref" in table
