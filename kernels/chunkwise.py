@@ -55,7 +55,7 @@ def chunk_gated_linear_attention(
         log_gate: ``[B, H, T]`` (scalar gate per head) or ``[B, H, T, dk]``
             (diagonal, per key channel), values ``<= 0``.
         chunk_size: steps per chunk; ``T`` need not be a multiple. The Triton
-            backend needs a power of two ``>= 16``.
+            backend needs a power of two from 16 to 128.
         initial_state: optional ``[B, H, dk, dv]`` state before step 0.
         scale: multiplies the output; default ``dk ** -0.5``.
         output_final_state: also return the state after the last step.
@@ -87,6 +87,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: t
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, H, T, dk], got {tuple(q.shape)} and {tuple(k.shape)}")
     batch, heads, steps, dk = q.shape
+    if steps == 0 or dk == 0:
+        raise ValueError(f"q and k need at least one time step and one key channel, got {tuple(q.shape)}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, H, T, dv] = {(batch, heads, steps)} + (dv,), got {tuple(v.shape)}")
     if log_gate.shape not in (q.shape[:3], q.shape):

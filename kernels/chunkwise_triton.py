@@ -31,6 +31,7 @@ from .chunkwise import SUB_BLOCK
 from .chunkwise_triton_backward import chunk_gla_backward
 from .chunkwise_triton_common import (
     block_sizes,
+    chunk_and_head,
     chunk_states,
     dot_precision,
     exact_block_scores,
@@ -38,6 +39,8 @@ from .chunkwise_triton_common import (
     load_row,
     load_tile,
 )
+
+MAX_CHUNK = 128
 
 
 @triton.jit
@@ -48,7 +51,8 @@ def _chunk_output_kernel(
     K_SLICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Outputs of one chunk and dv block: inter-chunk term plus the causal intra-chunk sum."""
-    pid_v, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    pid_n, bh = chunk_and_head(n_chunks)
+    pid_v = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
     vv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     k_ok, v_ok = kk < DK, vv < DV
@@ -89,8 +93,9 @@ def chunk_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate
                      initial_state: torch.Tensor | None, chunk_size: int,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton chunkwise GLA: ``(o [B, H, T, dv] in q's dtype, final state [B, H, dk, dv] float32)``."""
-    if chunk_size < SUB_BLOCK or chunk_size & (chunk_size - 1):
-        raise ValueError(f"the Triton backend needs chunk_size a power of two >= {SUB_BLOCK}, got {chunk_size}")
+    if not SUB_BLOCK <= chunk_size <= MAX_CHUNK or chunk_size & (chunk_size - 1):
+        raise ValueError(f"the Triton backend needs chunk_size a power of two from {SUB_BLOCK} to {MAX_CHUNK} "
+                         f"(a [C, C] score tile per chunk must fit in shared memory), got {chunk_size}")
     return _ChunkGLATriton.apply(q, k, v, log_gate, initial_state, chunk_size, scale)
 
 
@@ -129,7 +134,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.
     n_chunks = ends.shape[1]
     block_k, block_v, k_slice = block_sizes(dk, dv)
     o = _dispatch.new_output((batch, heads, steps, dv), q.dtype, q.device)
-    _chunk_output_kernel[(triton.cdiv(dv, block_v), n_chunks, batch * heads)](
+    _chunk_output_kernel[(n_chunks * batch * heads, triton.cdiv(dv, block_v))](
         q, k, v, cum, starts, o, steps, heads, n_chunks, dk, dv, *gate_columns(cum), scale,
         CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v,
         K_SLICE=k_slice, PRECISION=dot_precision(q.dtype),

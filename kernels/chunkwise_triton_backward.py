@@ -44,6 +44,7 @@ from . import _dispatch
 from .chunkwise import SUB_BLOCK
 from .chunkwise_triton_common import (
     block_sizes,
+    chunk_and_head,
     chunk_outer,
     chunk_states,
     dot_precision,
@@ -65,7 +66,7 @@ def _chunk_scores_kernel(
     K_SLICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (chunk, batch·head): ``A`` (forward scores) and ``dA = scale dO Vᵀ``, both causal ``[C, C]``."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_n, bh = chunk_and_head(n_chunks)
     Q += bh * T * DK
     K += bh * T * DK
     V += bh * T * DV
@@ -119,7 +120,7 @@ def _chunk_dqk_kernel(
     PRECISION: tl.constexpr,
 ):
     """Per (chunk, batch·head): ``dq`` and ``dk`` of the chunk's rows, ``[C, dk]`` each."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_n, bh = chunk_and_head(n_chunks)
     Q += bh * T * DK
     K += bh * T * DK
     V += bh * T * DV
@@ -205,7 +206,8 @@ def _chunk_dv_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (dv block, chunk, batch·head): ``dv = scale Aᵀ dO + (k ⊙ e^{G_last - G}) D``, ``[C, BV]``."""
-    pid_v, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    pid_n, bh = chunk_and_head(n_chunks)
+    pid_v = tl.program_id(1)
     rows = pid_n * CHUNK + tl.arange(0, CHUNK)  # [C]
     row_ok = rows < T
     idx = tl.arange(0, CHUNK)
@@ -253,20 +255,20 @@ def chunk_gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_ga
     device = q.device
     scores = _dispatch.new_output((batch, heads, n_chunks, chunk_size, chunk_size), torch.float32, device)
     d_scores = _dispatch.new_output(scores.shape, torch.float32, device)
-    _chunk_scores_kernel[(n_chunks, batch * heads)](
+    _chunk_scores_kernel[(n_chunks * batch * heads,)](
         q, k, v, d_out, cum, scores, d_scores, steps, n_chunks, dk, dv, *g_cols, scale,
         CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v,
         K_SLICE=k_slice, PRECISION=precision,
     )
     dq = _dispatch.new_output((batch, heads, steps, dk), torch.float32, device)
     dk_out = _dispatch.new_output((batch, heads, steps, dk), torch.float32, device)
-    _chunk_dqk_kernel[(n_chunks, batch * heads)](
+    _chunk_dqk_kernel[(n_chunks * batch * heads,)](
         q, k, v, d_out, cum, starts, d_end, d_scores, dq, dk_out,
         steps, heads, n_chunks, dk, dv, *g_cols, scale,
         CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision,
     )
     dv_out = _dispatch.new_output((batch, heads, steps, dv), torch.float32, device)
-    _chunk_dv_kernel[(triton.cdiv(dv, block_v), n_chunks, batch * heads)](
+    _chunk_dv_kernel[(n_chunks * batch * heads, triton.cdiv(dv, block_v))](
         k, d_out, cum, scores, d_end, dv_out, steps, heads, n_chunks, dk, dv, *g_cols, scale,
         CHUNK=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision,
     )

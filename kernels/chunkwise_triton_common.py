@@ -38,6 +38,17 @@ def load_row(ptr, cols, col_stride, ok):
 
 
 @triton.jit
+def chunk_and_head(n_chunks):
+    """``(chunk, batch·head)`` of this program: grid axis 0 enumerates chunks × batch·heads.
+
+    One flat axis (up to 2^31 programs) instead of two, because CUDA caps grid
+    axes 1 and 2 at 65,535: many heads or very long sequences would not launch.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    return (pid % n_chunks).to(tl.int32), pid // n_chunks
+
+
+@triton.jit
 def exact_block_scores(Q, K, G, rows, row_ok, DK, g_row, stride_gk,
                        SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICE: tl.constexpr):
     """``A_ij = Σ_c q_ic k_jc e^{G_ic - G_jc}`` (j <= i, else 0) inside one sub-block: ``[SUB, SUB]``.
@@ -68,7 +79,8 @@ def _chunk_outer_kernel(
     DECAY_TO_END: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``OUT[b, n, h] = Σ_j (x_j ⊙ w_j) y_jᵀ`` over chunk ``n``, one ``[DX, BLOCK_Y]`` block."""
-    pid_y, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    pid_n, bh = chunk_and_head(n_chunks)
+    pid_y = tl.program_id(1)
     rows = pid_n * CHUNK + tl.arange(0, CHUNK)  # [C]
     xx = tl.arange(0, BLOCK_X)
     yy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
@@ -117,7 +129,7 @@ def chunk_outer(x: torch.Tensor, y: torch.Tensor, cum: torch.Tensor, n_chunks: i
     chunk = cum.shape[2] // n_chunks
     block_x, block_y, _ = block_sizes(dx, dy)
     out = _dispatch.new_output((batch, n_chunks, heads, dx, dy), torch.float32, x.device)
-    _chunk_outer_kernel[(triton.cdiv(dy, block_y), n_chunks, batch * heads)](
+    _chunk_outer_kernel[(n_chunks * batch * heads, triton.cdiv(dy, block_y))](
         x, y, cum, out, steps, heads, n_chunks, dx, dy, *gate_columns(cum),
         CHUNK=chunk, BLOCK_X=block_x, BLOCK_Y=block_y, DECAY_TO_END=decay_to_end,
         PRECISION=dot_precision(x.dtype),

@@ -250,7 +250,8 @@ def _gate_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     a_c = a.contiguous()
     trailing = a.shape[2:]
     n_trailing = math.prod(trailing)
-    a_cols = torch.arange(n_trailing, device=a.device).view(trailing).expand(b.shape[2:]).reshape(-1)
+    # contiguous: the kernels index the table as a plain array (an expanded one-element view has stride 0)
+    a_cols = torch.arange(n_trailing, device=a.device).view(trailing).expand(b.shape[2:]).contiguous().view(-1)
     stride_b = a_c.stride(0) if a.shape[0] > 1 else 0
     stride_t = a_c.stride(1) if a.shape[1] > 1 else 0
     return a_c, a_cols, stride_b, stride_t

@@ -18,7 +18,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from triton_kernel_checks import check_chunk, check_chunk_half, check_scan  # noqa: E402
+from triton_kernel_checks import check_chunk, check_chunk_half, check_scan, chunk_inputs  # noqa: E402
+
+from psmsearch.kernels import chunk_gated_linear_attention  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 
@@ -39,6 +41,22 @@ def test_scan_matches_reference(steps: int, gate: str, with_h0: bool, reverse: b
 
 def test_scan_gate_broadcast_over_batch_and_time() -> None:
     check_scan("cpu", 11, "diagonal", True, False, gate_shape=(1, 1, 2, 3, 1))
+
+
+def test_scan_one_gate_for_the_whole_state() -> None:
+    """A gate of one element per step broadcast over a vector state (its column table is all zeros)."""
+    check_scan("cpu", 9, "scalar", True, False, state=(7,), gate_shape=(2, 9, 1))
+
+
+@pytest.mark.parametrize("chunk_size", [8, 24, 256])
+def test_triton_chunk_size_out_of_range_is_a_clear_error(chunk_size: int) -> None:
+    q, k, v, log_gate, _ = chunk_inputs("cpu", 20, False, False)
+    with pytest.raises(ValueError, match="power of two from 16 to 128"):
+        chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=chunk_size, backend="triton")
+
+
+def test_chunk_one_head_scalar_gate() -> None:
+    check_chunk("cpu", 20, False, True, chunk_size=16, heads=1)
 
 
 @pytest.mark.parametrize(("steps", "diagonal", "with_h0"), [

@@ -98,3 +98,5 @@ def test_shape_errors() -> None:
         chunk_gated_linear_attention(q, k, v[:, :, :4], log_gate)
     with pytest.raises(ValueError, match="initial_state"):
         chunk_gated_linear_attention(q, k, v, log_gate, initial_state=torch.zeros(B, H, DV, DK))
+    with pytest.raises(ValueError, match="at least one time step"):
+        chunk_gated_linear_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], log_gate[:, :, :0])

@@ -41,6 +41,15 @@ def test_scan_gate_broadcast_over_batch_and_time() -> None:
     check_scan("cuda", 77, "diagonal", True, False, gate_shape=(1, 1, 2, 3, 1))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_one_gate_for_the_whole_state(reverse: bool) -> None:
+    check_scan("cuda", 300, "scalar", True, reverse, state=(1030,), gate_shape=(2, 300, 1))
+
+
+def test_chunk_one_head_scalar_gate() -> None:
+    check_chunk("cuda", 200, False, True, chunk_size=64, heads=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scan_half_inputs(dtype: torch.dtype) -> None:
     check_scan_half("cuda", dtype)
