@@ -4,7 +4,8 @@
 transition matrix of the flattened state is diagonal.
 
 CPU part, ``b = a = [1, T, rows]`` float32 at (rows, T) in
-{(16, 65536), (512, 16384), (2048, 4096)}: the PyTorch reference against
+{(16, 65536), (512, 16384), (2048, 4096)}: the PyTorch reference and the
+compiled CPU kernels (numba, the CPU default from 64 steps on) against
 
 * a Python token-by-token loop (timed on a prefix of T and extrapolated
   linearly when T is long; the table says so),
@@ -13,8 +14,17 @@ CPU part, ``b = a = [1, T, rows]`` float32 at (rows, T) in
   a fresh allocation as the scan does), and, for reference, ``copy_`` into a
   preallocated buffer.
 
-Every CPU figure is a best-of: the reference and both copies over 15
-interleaved rounds (see :func:`_cpu_times`), the loop over 3 runs.
+The numba kernels are also timed writing into a preallocated output ("numba
+kernel"): the difference to the numba column is what a fresh output costs,
+mostly the page faults of its first write. Every CPU figure is a best-of: the
+scans and both copies over 15 interleaved rounds (see :func:`_cpu_times`), the
+loop over 3 runs.
+
+``--model-sizes`` adds a second CPU table: numba against the reference at the
+shapes an affine aggregator scans in training (``[B, T, H, dk, dv]`` states with
+scalar or per-key-channel gates, T = number of chunks), forward and
+forward+backward. It is what ``MIN_COMPILED_CPU_STEPS`` in
+:mod:`psmsearch.kernels.first_order_scan` rests on.
 
 CUDA part (when available), ``b = a = [8, T, 1536]`` for T = 2^10 .. 2^16, float32
 and bfloat16, forward and forward+backward: Triton and the reference, timed with
@@ -23,9 +33,10 @@ measured device-to-device copy bandwidth.
 
 Huge pages: a fresh 32 MiB CPU tensor costs 8192 page faults of 4 KiB the first
 time it is written, which at (512, 16384) took about 8 ms, far more than
-copying the bytes. Both the scan and ``b.clone()`` pay it (they return new
-tensors), so the floor stays fair, but it hides what the scan itself costs.
-Run as a script, the benchmark therefore sets ``THP_MEM_ALLOC_ENABLE=1`` before
+copying the bytes. Both the scans and ``b.clone()`` pay for a fresh result, so
+the floor stays fair only if both get the same pages. The kernels advise their
+own outputs into huge pages (:func:`psmsearch.kernels._dispatch.advise_huge_pages`),
+``clone`` does not. Run as a script, the benchmark therefore sets ``THP_MEM_ALLOC_ENABLE=1`` before
 importing torch, unless the variable is already set or ``--no-thp`` is given
 (which sets it to 0): PyTorch's CPU allocator then aligns allocations of 2 MiB
 or more to 2 MiB and ``madvise``-s them into transparent huge pages, which
@@ -38,7 +49,7 @@ longer served again from malloc's heap but freshly mapped, so they cost more
 than without THP; and on a virtual machine a huge-page fault can stall for
 milliseconds, so the clone column varies more from run to run than without THP.
 
-Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--json] [--threads N] [--no-thp]``.
+Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--model-sizes] [--json] [--threads N] [--no-thp]``.
 On a CPU shared with other jobs, ``--threads 1`` gives steadier figures: two
 threads that wait on each other at every op suffer most from preemption.
 """
@@ -78,10 +89,11 @@ from bench_timing import best_cpu_time as _cpu_time  # noqa: E402
 from bench_timing import best_cpu_times as _cpu_times  # noqa: E402
 from bench_timing import cuda_median_ms as _cuda_time  # noqa: E402
 
-from psmsearch.kernels import first_order_scan  # noqa: E402
+from psmsearch.kernels import _dispatch, first_order_scan  # noqa: E402
 
 CPU_SHAPES = ((16, 65536), (512, 16384), (2048, 4096))
 LOOP_PREFIX = 2048
+MODEL_SHAPES = ((16, 16, 4, 32, 32), (16, 32, 4, 32, 32), (32, 64, 4, 16, 16), (8, 256, 2, 16, 16))  # B, T, H, dk, dv
 CUDA_BATCH, CUDA_WIDTH = 8, 1536
 CUDA_EXPONENTS, CUDA_EXPONENTS_QUICK = tuple(range(10, 17)), (10, 13, 16)
 Row = dict[str, Any]
@@ -113,6 +125,16 @@ def _time_associative_scan(a: torch.Tensor, b: torch.Tensor, reps: int) -> tuple
         return _cpu_time(lambda: _torch_associative_scan(a, b), reps), ""
     except Exception as exc:  # report why it does not run instead of failing the benchmark
         return None, f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def _numba_kernel_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> Callable[[], object]:
+    """The numba forward kernel alone, writing into the preallocated ``out`` (no allocation, no dispatch)."""
+    from psmsearch.kernels import first_order_scan_numba as compiled
+
+    start = torch.zeros(b.shape[0], b.shape[2])
+    args = (a.numpy(), b.numpy(), start.numpy(), out.numpy(), False, compiled._block_rows(b.shape[2]),
+            0, b.shape[0])
+    return lambda: compiled._forward_items(*args)
 
 
 def _kernel_thp_mode() -> str:
@@ -173,23 +195,72 @@ def cpu_rows(quick: bool) -> list[Row]:
         b = torch.randn(1, steps, width, generator=gen)
         prefix = min(steps, LOOP_PREFIX)
         loop_s = _cpu_time(lambda: _token_loop(a[:, :prefix], b[:, :prefix]), loop_reps) * steps / prefix
-        dst = torch.empty_like(b)
-        times = _cpu_times({
+        dst, kernel_out = torch.empty_like(b), torch.empty_like(b)
+        fns: dict[str, Callable[[], object]] = {
             "reference": lambda: first_order_scan(a, b, backend="reference"),
             "clone": lambda: b.clone(),
             "prealloc": lambda: dst.copy_(b),
-        }, reps)
+        }
+        if _dispatch.numba_available():
+            fns["numba"] = lambda: first_order_scan(a, b, backend="numba")
+            fns["numba_kernel"] = _numba_kernel_into(a, b, kernel_out)
+        times = _cpu_times(fns, reps)
         ref_s, clone_s, copy_s = times["reference"], times["clone"], times["prealloc"]
+        numba_s, kernel_s = times.get("numba"), times.get("numba_kernel")
         assoc_s, assoc_note = _time_associative_scan(a, b, 1 if quick else 2)
         rows.append({
             "rows": width, "T": steps, "reference_ms": ref_s * 1e3,
+            "numba_ms": _ms(numba_s), "numba_kernel_ms": _ms(kernel_s),
             "loop_ms": loop_s * 1e3, "loop_extrapolated_from": prefix if prefix < steps else None,
             "assoc_scan_ms": None if assoc_s is None else assoc_s * 1e3, "assoc_scan_note": assoc_note,
             "copy_clone_ms": clone_s * 1e3, "copy_prealloc_ms": copy_s * 1e3,
             "loop_over_reference": loop_s / ref_s, "reference_over_copy": ref_s / clone_s,
             "reference_over_prealloc_copy": ref_s / copy_s,
+            "loop_over_numba": _ratio(loop_s, numba_s), "numba_over_copy": _ratio(numba_s, clone_s),
+            "loop_over_numba_kernel": _ratio(loop_s, kernel_s),
         })
     return rows
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, None where either was not measured."""
+    return None if num is None or den is None else num / den
+
+
+def model_rows(quick: bool) -> list[Row]:
+    """Numba against the reference at aggregator-sized scans, forward and forward+backward."""
+    reps = 3 if quick else 10
+    rows = []
+    for batch, steps, heads, dk, dv in MODEL_SHAPES:
+        for gate, gate_shape in (("scalar", (heads, 1, 1)), ("diagonal", (heads, dk, 1))):
+            gen = torch.Generator().manual_seed(0)
+            a = (torch.rand(batch, steps, *gate_shape, generator=gen) * 0.5 + 0.5).requires_grad_()
+            b = torch.randn(batch, steps, heads, dk, dv, generator=gen).requires_grad_()
+            upstream = torch.randn(b.shape, generator=gen)
+            fns: dict[str, Callable[[], object]] = {}
+            for backend in ("reference", "numba"):
+                fns[f"{backend} fwd"] = lambda be=backend: first_order_scan(a.detach(), b.detach(), backend=be)
+                fns[f"{backend} fwd+bwd"] = lambda be=backend: torch.autograd.grad(
+                    first_order_scan(a, b, backend=be), (a, b), upstream)
+            times = _cpu_times(fns, reps)
+            for kind in ("fwd", "fwd+bwd"):
+                ref_s, numba_s = times[f"reference {kind}"], times[f"numba {kind}"]
+                rows.append({"B": batch, "T": steps, "state": f"{heads}x{dk}x{dv}", "gate": gate, "pass": kind,
+                             "reference_ms": ref_s * 1e3, "numba_ms": numba_s * 1e3,
+                             "reference_over_numba": ref_s / numba_s})
+    return rows
+
+
+def print_model_table(rows: list[Row]) -> None:
+    print("CPU, aggregator-sized scans [B, T, H, dk, dv], float32: numba against the reference")
+    print("B | T | state | gate | pass | reference ms | numba ms | ref/numba")
+    for r in rows:
+        print(f"{r['B']} | {r['T']} | {r['state']} | {r['gate']} | {r['pass']} | {r['reference_ms']:.2f} | "
+              f"{r['numba_ms']:.2f} | {r['reference_over_numba']:.2f}x")
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -201,21 +272,26 @@ def print_cpu_table(rows: list[Row], threads: int | None = None, thp: dict[str, 
     print(f"CPU, diagonal gates, float32, torch threads = {threads}")
     if thp is not None:
         print(_thp_line(thp))
-    header = ("rows", "T", "reference ms", "token loop ms", "assoc_scan ms", "copy (clone) ms",
-              "copy_ prealloc ms", "loop/ref", "ref/copy", "ref/copy_")
+    header = ("rows", "T", "reference ms", "numba ms", "numba kernel ms", "token loop ms", "assoc_scan ms",
+              "copy (clone) ms", "copy_ prealloc ms", "loop/ref", "loop/numba", "loop/numba kernel",
+              "ref/copy", "numba/copy", "ref/copy_")
     print(" | ".join(header))
     for r in rows:
         loop = _fmt(r["loop_ms"], ".1f") + ("*" if r["loop_extrapolated_from"] else "")
         assoc = _fmt(r["assoc_scan_ms"], ".1f") if r["assoc_scan_ms"] is not None else r["assoc_scan_note"]
-        print(" | ".join([str(r["rows"]), str(r["T"]), _fmt(r["reference_ms"]), loop, assoc,
+        print(" | ".join([str(r["rows"]), str(r["T"]), _fmt(r["reference_ms"]), _fmt(r.get("numba_ms")),
+                          _fmt(r.get("numba_kernel_ms")), loop, assoc,
                           _fmt(r["copy_clone_ms"]), _fmt(r["copy_prealloc_ms"]),
                           _fmt(r["loop_over_reference"], ".1f") + "x",
+                          _fmt(r.get("loop_over_numba"), ".1f") + "x",
+                          _fmt(r.get("loop_over_numba_kernel"), ".1f") + "x",
                           _fmt(r["reference_over_copy"], ".2f") + "x",
+                          _fmt(r.get("numba_over_copy"), ".2f") + "x",
                           _fmt(r["reference_over_prealloc_copy"], ".2f") + "x"]))
     if any(r["loop_extrapolated_from"] for r in rows):
         print(f"* token loop timed on the first {LOOP_PREFIX} steps and extrapolated linearly to T")
-    print("ref/copy: reference over copy (clone), both allocating their result; "
-          "ref/copy_: over copy_ into a preallocated buffer")
+    print("ref/copy, numba/copy: over copy (clone), all allocating their result; ref/copy_: over copy_ into "
+          "a preallocated buffer; numba kernel: the numba forward writing into a preallocated output")
 
 
 def _copy_bandwidth(x: torch.Tensor, reps: int) -> float:
@@ -293,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     only.add_argument("--cpu-only", action="store_true", help="skip the CUDA part")
     only.add_argument("--cuda-only", action="store_true", help="skip the CPU part")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
+    parser.add_argument("--model-sizes", action="store_true",
+                        help="also time numba against the reference at aggregator-sized scans (CPU)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -319,6 +397,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["cpu_threads"] = torch.get_num_threads()
         result["cpu_thp"] = thp_status()
         result["cpu"] = cpu_rows(args.quick)
+        if args.model_sizes and _dispatch.numba_available():
+            result["cpu_model_sizes"] = model_rows(args.quick)
     if not args.cpu_only:
         if torch.cuda.is_available():
             result["cuda_device"] = torch.cuda.get_device_name()
@@ -331,6 +411,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_tables(result: dict[str, Any], cpu_only: bool) -> None:
     if "cpu" in result:
         print_cpu_table(result["cpu"], result.get("cpu_threads"), result.get("cpu_thp"))
+    if "cpu_model_sizes" in result:
+        print_model_table(result["cpu_model_sizes"])
     if "cuda" in result:
         print_cuda_table(result["cuda"], result.get("cuda_device", "CUDA"))
     elif not cpu_only and "cuda_note" in result:

@@ -1,33 +1,44 @@
 """Backend selection and output allocation shared by the scan kernels.
 
-Every public kernel in :mod:`psmsearch.kernels` exists twice with the same
-signature: a readable PyTorch *reference* (runs on any device, any float dtype)
-and a *Triton* implementation (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
-This module decides which one a call uses, so that the rule is the same for all
-kernels:
+Every public kernel in :mod:`psmsearch.kernels` exists at least twice with the
+same signature: a readable PyTorch *reference* (runs on any device, any float
+dtype) and a *Triton* implementation (CUDA, or the CPU under
+``TRITON_INTERPRET=1``). :func:`.first_order_scan` also has compiled CPU
+kernels (*numba*), because on a CPU the reference's extra passes over memory
+cost several times one pass. This module decides which one a call uses, so
+that the rule is the same for all kernels:
 
 1. an explicit ``backend=`` argument wins;
-2. else the environment variable ``PSMSEARCH_KERNEL_BACKEND`` (``triton`` or
-   ``reference``);
-3. else Triton for CUDA tensors and the reference for everything else.
+2. else the environment variable ``PSMSEARCH_KERNEL_BACKEND`` (``triton``,
+   ``reference`` or ``numba``);
+3. else Triton for CUDA tensors; on the CPU the kernel's ``cpu_default`` (numba
+   for :func:`.first_order_scan` on long enough scans, where it measured faster)
+   when installed, else the reference.
 
-It also owns :func:`new_output`, the allocator the Triton launchers use for
-every buffer they return.  Tests swap it (:func:`poisoned_outputs`) for one that
+Naming a backend that a kernel does not have, or one that cannot run on the
+tensors given, is an error that says so; nothing falls back silently.
+
+It also owns :func:`new_output`, the allocator the kernels use for every
+buffer they return.  Tests swap it (:func:`poisoned_outputs`) for one that
 fills buffers with NaN, which proves that the kernels write every element.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import importlib.util
+import mmap
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 
-Backend = Literal["triton", "reference"]
-BACKENDS: tuple[Backend, ...] = ("triton", "reference")
+Backend = Literal["triton", "reference", "numba"]
+BACKENDS: tuple[Backend, ...] = ("triton", "reference", "numba")
 ENV_VAR = "PSMSEARCH_KERNEL_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,6 +60,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def numba_available() -> bool:
+    """Whether the ``numba`` package can be imported (a dependency, but possibly absent on new Pythons)."""
+    return importlib.util.find_spec("numba") is not None
+
+
 def _requested_backend(backend: str | None) -> str | None:
     if backend is not None:
         return backend
@@ -56,24 +72,48 @@ def _requested_backend(backend: str | None) -> str | None:
     return env or None
 
 
-def select_backend(backend: str | None, *tensors: torch.Tensor) -> Backend:
-    """Pick the implementation for a call on ``tensors`` (all on one device).
+def select_backend(backend: str | None, *tensors: torch.Tensor, kernel: str = "this kernel",
+                   available: tuple[Backend, ...] = ("triton", "reference"),
+                   cpu_default: Backend = "reference") -> Backend:
+    """Pick the implementation for a call of ``kernel`` on ``tensors`` (all on one device).
 
-    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when Triton is
-    asked for where it cannot run (CPU tensors without ``TRITON_INTERPRET=1``,
-    float64 data, or no triton package).
+    ``available`` lists the backends the kernel has; ``cpu_default`` is the one
+    a CPU call gets when nothing is requested (numba falls back to the
+    reference where the package is missing). Raises ``ValueError`` for an
+    unknown name or one the kernel lacks, and ``RuntimeError`` when the backend
+    cannot run here (Triton on CPU tensors without ``TRITON_INTERPRET=1``, on
+    float64 data or without the triton package; numba on non-CPU tensors or
+    without the numba package).
     """
-    device_is_cuda = tensors[0].is_cuda
+    device = tensors[0].device
     is_float64 = any(t.dtype == torch.float64 for t in tensors)
     requested = _requested_backend(backend)
     if requested is None:
-        use_triton = device_is_cuda and not is_float64 and triton_available()
-        return "triton" if use_triton else "reference"
+        if device.type == "cuda" and not is_float64 and "triton" in available and triton_available():
+            return "triton"
+        if device.type == "cpu" and cpu_default == "numba" and numba_available():
+            return "numba"
+        return "reference"
     if requested not in BACKENDS:
         raise ValueError(f"unknown kernel backend {requested!r}; expected one of {BACKENDS}")
+    if requested not in available:
+        source = "backend=" if backend is not None else f"{ENV_VAR}="
+        raise ValueError(
+            f"{source}{requested!r}: {kernel} has no {requested} implementation; it has {available}"
+        )
     if requested == "triton":
-        _check_triton_usable(device_is_cuda, tensors)
+        _check_triton_usable(device.type == "cuda", tensors)
+    if requested == "numba":
+        _check_numba_usable(device)
     return requested  # type: ignore[return-value]
+
+
+def _check_numba_usable(device: torch.device) -> None:
+    if not numba_available():
+        raise RuntimeError("backend='numba' needs the numba package, which is not installed")
+    if device.type != "cpu":
+        raise RuntimeError(f"backend='numba' runs on CPU tensors only, got tensors on {device}; "
+                           "use backend='triton' or 'reference'")
 
 
 def _check_triton_usable(device_is_cuda: bool, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -98,8 +138,58 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate an uninitialised buffer that a Triton kernel will fill completely."""
-    return _allocator(tuple(shape), dtype=dtype, device=device)
+    """Allocate an uninitialised buffer that a kernel will fill completely.
+
+    Large CPU buffers are advised into transparent huge pages first (see
+    :func:`advise_huge_pages`).
+    """
+    out = _allocator(tuple(shape), dtype=dtype, device=device)
+    if out.device.type == "cpu":
+        advise_huge_pages(out)
+    return out
+
+
+_HUGE_PAGE_BYTES = 2 << 20
+_MIN_HUGE_PAGE_BUFFER_BYTES = 4 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise`` on Linux, else None."""
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def advise_huge_pages(buffer: torch.Tensor) -> bool:
+    """Ask Linux to back the 2 MiB-aligned part of a fresh CPU buffer with transparent huge pages.
+
+    A fresh tensor's memory is mapped lazily: every 4 KiB page faults on its
+    first write and is zeroed by the kernel. For a 32 MiB output that cost
+    8.6 ms on the 2-core machine we measured, against 2.5 ms with huge pages
+    (``benchmarks/scan.py``), more than the scan itself. PyTorch asks for huge
+    pages only under ``THP_MEM_ALLOC_ENABLE=1``, which must be set before it
+    starts; this does it for the kernels' own outputs, where the kernel's THP
+    mode is ``always`` or ``madvise``. Buffers under 4 MiB and non-Linux
+    systems are left alone. Returns whether the advice was given.
+    """
+    nbytes = buffer.numel() * buffer.element_size()
+    madvise = _madvise()
+    if madvise is None or nbytes < _MIN_HUGE_PAGE_BUFFER_BYTES:
+        return False
+    start = buffer.data_ptr()
+    first = -(-start // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
+    last = (start + nbytes) // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
+    if last <= first:
+        return False
+    return madvise(first, last - first, mmap.MADV_HUGEPAGE) == 0
 
 
 def _nan_filled(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -108,7 +198,7 @@ def _nan_filled(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.dev
 
 @contextlib.contextmanager
 def poisoned_outputs() -> Iterator[None]:
-    """Test hook: inside the block, every Triton output buffer starts as NaN.
+    """Test hook: inside the block, every kernel output buffer starts as NaN.
 
     A kernel that skips an element then leaves a NaN that the comparison with the
     reference catches, where ``torch.empty`` could hide it behind stale memory.

@@ -72,7 +72,7 @@ def chunk_gated_linear_attention(
     _check_inputs(q, k, v, log_gate, initial_state, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = [t for t in (q, k, v, log_gate, initial_state) if t is not None]
-    chosen = _dispatch.select_backend(backend, *tensors)
+    chosen = _dispatch.select_backend(backend, *tensors, kernel="chunk_gated_linear_attention")
     if chosen == "triton":
         from .chunkwise_triton import chunk_gla_triton
 

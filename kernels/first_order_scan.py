@@ -3,13 +3,15 @@
 This is the state update of the associative (affine) family of Prefix-Scannable
 Models: the pairs ``(a, b)`` compose with ``(a2, b2) ⊕ (a1, b1) = (a2 a1, b2 + a2 b1)``.
 
-Two implementations share one signature and one autograd rule:
+Three implementations share one signature and one autograd rule:
 
 * the PyTorch *reference* (this module), a blocked scan that runs on any device
   and dtype and costs a few passes over memory instead of one Python step per
-  token, and
+  token,
 * the Triton kernels in :mod:`.first_order_scan_triton` (CUDA, or the CPU under
-  ``TRITON_INTERPRET=1``).
+  ``TRITON_INTERPRET=1``), and
+* the compiled CPU kernels in :mod:`.first_order_scan_numba`, one sequential
+  pass over memory, the default on CPU tensors.
 
 Gradients never go through a Python loop: the backward of a scan is a scan in
 the opposite direction (``g_t = dh_t + a_{t+1} g_{t+1}``), which both backends
@@ -30,6 +32,11 @@ GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
 
 # Below this many time steps the blocked scan is not worth its extra passes.
 _MIN_BLOCKED_STEPS = 64
+# From this many time steps on, CPU calls default to the compiled (numba) kernels.
+# Shorter scans run the reference's step loop, already one pass over memory, which
+# measured as fast (0.7-1.1x at T = 16 and 32 in model-sized batches, 1.5-2x
+# slower than numba from T = 64 on; benchmarks/scan.py --model-sizes).
+MIN_COMPILED_CPU_STEPS = _MIN_BLOCKED_STEPS
 
 
 def first_order_scan(
@@ -49,7 +56,9 @@ def first_order_scan(
         b: inputs ``[B, T, *S]``; the scan runs over ``T`` (dim 1).
         h0: optional initial state, broadcastable to ``[B, *S]``; zero if None.
         reverse: scan from the end: ``h_t = a_t * h_{t+1} + b_t``, ``h_T = h0``.
-        backend: ``"triton"``, ``"reference"`` or None (see :mod:`._dispatch`).
+        backend: ``"triton"``, ``"reference"``, ``"numba"`` or None (see :mod:`._dispatch`):
+            by default Triton on CUDA, numba on the CPU from ``MIN_COMPILED_CPU_STEPS``
+            steps on, else the reference.
 
     Returns:
         ``h`` of shape ``[B, T, *S]`` and ``b``'s dtype. The recurrence is
@@ -58,7 +67,9 @@ def first_order_scan(
     """
     _check_shapes(a, b, h0)
     tensors = [t for t in (a, b, h0) if t is not None]
-    chosen = _dispatch.select_backend(backend, *tensors)
+    cpu_default = "numba" if b.shape[1] >= MIN_COMPILED_CPU_STEPS else "reference"
+    chosen = _dispatch.select_backend(backend, *tensors, kernel="first_order_scan",
+                                      available=("triton", "reference", "numba"), cpu_default=cpu_default)
     return _FirstOrderScan.apply(a, b, h0, reverse, chosen)
 
 
@@ -87,6 +98,10 @@ def _implementation(backend: str) -> Any:
         from . import first_order_scan_triton
 
         return first_order_scan_triton
+    if backend == "numba":
+        from . import first_order_scan_numba
+
+        return first_order_scan_numba
     return _Reference
 
 
@@ -137,7 +152,7 @@ class _Reference:
         b_c = b.to(dtype)                                   # [B, T, *S]
         a_c = a.to(dtype).expand(b.shape[:2] + a.shape[2:])  # [B, T, *Sa]
         h0_c = None if h0 is None else h0.to(dtype)
-        out = torch.empty(b.shape, dtype=dtype, device=b.device)
+        out = _dispatch.new_output(b.shape, dtype, b.device)  # [B, T, *S]
         _scan_into(a_c, b_c, h0_c, out, reverse)
         return out.to(b.dtype)
 
@@ -164,7 +179,7 @@ class _Reference:
 def _state_gradients(a: torch.Tensor, dh: torch.Tensor, reverse: bool) -> torch.Tensor:
     """``g_p = dh_p + a_{p+1} g_{p+1}``: a scan against the forward direction, gates shifted by one."""
     steps = dh.shape[1]
-    g = torch.empty_like(dh)  # [B, T, *S]
+    g = _dispatch.new_output(dh.shape, dh.dtype, dh.device)  # [B, T, *S]
     if not reverse:
         g[:, -1] = dh[:, -1]
         if steps > 1:
@@ -179,7 +194,7 @@ def _state_gradients(a: torch.Tensor, dh: torch.Tensor, reverse: bool) -> torch.
 def _gate_gradient(g: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
                    reverse: bool) -> torch.Tensor:
     """``da_p = g_p * h_{p-1}`` with ``h_{-1} = h0`` (or 0), full shape ``[B, T, *S]``."""
-    da = torch.empty_like(g)
+    da = _dispatch.new_output(g.shape, g.dtype, g.device)  # [B, T, *S]
     first, rest, prev = (-1, slice(None, -1), slice(1, None)) if reverse else (0, slice(1, None), slice(None, -1))
     torch.mul(g[:, rest], h[:, prev], out=da[:, rest])
     if h0 is None:

@@ -18,7 +18,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from psmsearch.kernels import chunk_gated_linear_attention, first_order_scan
+from psmsearch.kernels import _dispatch, chunk_gated_linear_attention, first_order_scan
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -41,6 +41,37 @@ def test_scan_token_loop_is_the_same_scan() -> None:
     a = torch.rand(1, 300, 7, generator=gen) * 0.5 + 0.5
     b = torch.randn(1, 300, 7, generator=gen)
     torch.testing.assert_close(scan._token_loop(a, b), first_order_scan(a, b, backend="reference"))
+
+
+@pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
+def test_scan_numba_kernel_column_is_the_same_scan() -> None:
+    """The "numba kernel" column times the forward kernel alone; it must compute the scan."""
+    scan = _load("scan")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 300, 7, generator=gen) * 0.5 + 0.5
+    b = torch.randn(1, 300, 7, generator=gen)
+    out = torch.full_like(b, float("nan"))
+    scan._numba_kernel_into(a, b, out)()
+    torch.testing.assert_close(out, first_order_scan(a, b, backend="reference"))
+
+
+@pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
+def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
+    scan = _load("scan")
+    script = BENCHMARKS / "scan.py"
+    run = subprocess.run([sys.executable, str(script), "--cpu-only", "--quick", "--model-sizes", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(run.stdout)
+    assert [(r["rows"], r["T"]) for r in result["cpu"]] == [(16, 65536), (512, 16384), (2048, 4096)]
+    assert all(r["numba_ms"] > 0 and r["numba_kernel_ms"] > 0 and r["reference_ms"] > 0 for r in result["cpu"])
+    assert {(r["T"], r["gate"], r["pass"]) for r in result["cpu_model_sizes"]} == {
+        (shape[1], gate, kind) for shape in scan.MODEL_SHAPES
+        for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
+    saved = tmp_path / "scan.json"
+    saved.write_text(run.stdout)
+    table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "loop/numba" in table and "ref/numba" in table
 
 
 @pytest.mark.parametrize("diagonal", [False, True])

@@ -118,7 +118,7 @@ def test_output_keeps_b_dtype_and_shape() -> None:
     assert out.shape == b.shape and out.dtype == torch.float32
 
 
-def test_default_backend_on_cpu_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_cpu_backend_is_the_reference_unless_a_kernel_prefers_numba(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     x = torch.zeros(1)
     assert _dispatch.select_backend(None, x) == "reference"

@@ -1,0 +1,339 @@
+"""Compiled CPU kernels of :func:`.first_order_scan` (Numba), the CPU default from 64 steps on.
+
+The PyTorch reference is a blocked scan: it runs on any device but makes a few
+strided passes over memory, so on a CPU it stays several times slower than one
+pass over the bytes. These kernels make that one pass. A batch item is a
+``[T, R]`` slab whose rows (time steps) are contiguous; it is streamed row by
+row with the running state ``h [R]`` in a small buffer, so every load and store
+is sequential and LLVM vectorises the row loop.
+
+**Gate layouts** (:func:`_gate_groups`): *full*, one gate per state element,
+``a [B, T, R]``; or *grouped*, one gate per run of ``K`` consecutive state
+elements, ``a [B, T, G]`` with ``R = G K``. A scalar gate per head
+(``[B, T, H, 1, 1]`` against ``b [B, T, H, dk, dv]``) is ``G = H``; a diagonal
+gate (``[B, T, H, dk, 1]``) is ``G = H dk``. Any other broadcast (over batch or
+time, or one that skips a middle dim) is expanded to the full layout first.
+
+**Parallelism**: batch items run on up to ``torch.get_num_threads()`` threads
+(the kernels release the GIL). One item stays on one thread. On the 2-core
+machine we measured, both ways of splitting one item were slower than one
+sequential stream: columns across threads (each thread strides through every
+row) and time segments as a reduce-then-scan (segment totals first, then all
+segments from their true start states), which reads the inputs twice for a
+memory bandwidth that a second core barely raised.
+
+**Descending passes** (a ``reverse`` scan, or the backward of a forward one)
+walk memory from high to low addresses. The hardware prefetcher of the CPUs we
+measured follows ascending streams far better, so those passes go in blocks of
+about 128 KiB per array, read ascending once first (:func:`_touch`) and then
+computed descending from cache: 1.2-1.6x faster than a plain descending pass
+here (backward at 512 and 2048 state elements).
+
+Fresh outputs come from :func:`._dispatch.new_output`, which advises large CPU
+buffers into transparent huge pages: their page faults otherwise cost more
+than the scan.
+
+The accumulation dtype is float32 (float64 for float64 inputs), as in the
+reference; 16-bit inputs are converted up front because NumPy has no bfloat16.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+
+from . import _dispatch
+
+GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+# Below this many state elements times steps per thread, a thread costs more than it saves.
+_MIN_ELEMENTS_PER_THREAD = 1 << 16
+# Elements of one array read ahead, ascending, before a descending block is computed.
+_BLOCK_ELEMENTS = 1 << 15
+# Bytes between two touched elements: one cache line.
+_LINE_BYTES = 64
+
+
+@numba.njit(nogil=True, cache=True)
+def _touch(x: np.ndarray, t_lo: int, t_hi: int) -> float:  # pragma: no cover - compiled
+    """Read one element per cache line of rows ``t_lo .. t_hi-1`` of ``x [T, R]``, ascending.
+
+    Returns their sum only so that the loads cannot be optimised away.
+    """
+    flat = x.reshape(-1)
+    stride = max(1, _LINE_BYTES // flat.itemsize)
+    total = 0.0
+    for i in range(t_lo * x.shape[1], t_hi * x.shape[1], stride):
+        total += flat[i]
+    return total
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _advance(a_t: np.ndarray, b_t: np.ndarray, h: np.ndarray, out_t: np.ndarray) -> None:  # pragma: no cover
+    """One step ``h = a_t ▷ h + b_t``, copied to ``out_t`` (``out_t`` may be ``h``)."""
+    width, groups = h.shape[0], a_t.shape[0]
+    if groups == width:
+        for c in range(width):
+            value = a_t[c] * h[c] + b_t[c]
+            h[c] = value
+            out_t[c] = value
+    else:
+        size = np.uint64(width // groups)  # unsigned indices: no negative-index checks, so LLVM vectorises
+        for g in range(groups):
+            gate = a_t[g]
+            base = np.uint64(g) * size
+            for k in range(size):
+                value = gate * h[base + k] + b_t[base + k]
+                h[base + k] = value
+                out_t[base + k] = value
+
+
+@numba.njit(nogil=True, cache=True)
+def _forward_item(a: np.ndarray, b: np.ndarray, h: np.ndarray, out: np.ndarray,
+                  reverse: bool, rows: int) -> float:  # pragma: no cover - compiled
+    """Scan one batch item from state ``h [R]`` (advanced in place) into ``out [T, R]``.
+
+    ``a [T, G]``, ``b [T, R]``. A ``reverse`` scan walks memory downwards, so it
+    goes in blocks of ``rows`` time steps, each touched ascending first.
+    """
+    steps = b.shape[0]
+    touched = 0.0
+    if not reverse:
+        for t in range(steps):
+            _advance(a[t], b[t], h, out[t])
+        return touched
+    t_hi = steps
+    while t_hi > 0:
+        t_lo = max(0, t_hi - rows)
+        touched += _touch(a, t_lo, t_hi) + _touch(b, t_lo, t_hi) + _touch(out, t_lo, t_hi)
+        for t in range(t_hi - 1, t_lo - 1, -1):
+            _advance(a[t], b[t], h, out[t])
+        t_hi = t_lo
+    return touched
+
+
+@numba.njit(nogil=True, cache=True)
+def _forward_items(a: np.ndarray, b: np.ndarray, h: np.ndarray, out: np.ndarray, reverse: bool,
+                   rows: int, first: int, stop: int) -> float:  # pragma: no cover - compiled
+    """:func:`_forward_item` for batch items ``first .. stop-1`` (every array has the batch dim)."""
+    touched = 0.0
+    for i in range(first, stop):
+        touched += _forward_item(a[i], b[i], h[i], out[i], reverse, rows)
+    return touched
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _gate_gradient(g_t: np.ndarray, h_prev: np.ndarray, da_t: np.ndarray) -> None:  # pragma: no cover
+    """``da_t = g_t ⊙ h_prev``, summed over each gate's group of state elements."""
+    width, groups = g_t.shape[0], da_t.shape[0]
+    if groups == width:
+        for c in range(width):
+            da_t[c] = g_t[c] * h_prev[c]
+    else:
+        size = np.uint64(width // groups)
+        for g in range(groups):
+            base = np.uint64(g) * size
+            total = 0.0
+            for k in range(size):
+                total += g_t[base + k] * h_prev[base + k]
+            da_t[g] = total
+
+
+@numba.njit(nogil=True, cache=True)
+def _backward_item(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray, g_out: np.ndarray,
+                   da: np.ndarray, acc: np.ndarray, reverse: bool, need_da: bool,
+                   rows: int) -> float:  # pragma: no cover - compiled
+    """The backward of one batch item, walking scan positions ``p`` from last to first.
+
+    At position ``p`` (time ``t``): ``acc = g_p = dh_p + a_{p+1} ▷ g_{p+1}``,
+    stored in ``g_out [T, R]``, and ``da_p = g_p ⊙ h_{p-1}`` summed per gate into
+    ``da [T, G]`` (``h_{-1} = h0``). ``a [T, G]``, ``h``/``dh [T, R]``, ``acc [R]``
+    scratch. Unless ``reverse``, the walk descends in memory, so it goes in
+    blocks of ``rows`` positions, each touched ascending first.
+    """
+    steps = dh.shape[0]
+    step = -1 if reverse else 1                          # time offset of position p + 1
+    if reverse:
+        rows = max(steps, 1)                             # ascending in memory: one untouched block
+    touched = 0.0
+    p_hi = steps
+    while p_hi > 0:
+        p_lo = max(0, p_hi - rows)
+        if not reverse:
+            t_lo, t_hi = max(p_lo - 1, 0), min(p_hi + 1, steps)   # rows of a and h the block reads
+            touched += _touch(a, t_lo, t_hi) + _touch(dh, p_lo, p_hi) + _touch(g_out, p_lo, p_hi)
+            if need_da:
+                touched += _touch(h, t_lo, t_hi) + _touch(da, p_lo, p_hi)
+        for p in range(p_hi - 1, p_lo - 1, -1):
+            t = steps - 1 - p if reverse else p
+            if p == steps - 1:
+                acc[:] = dh[t]
+                g_out[t] = acc
+            else:
+                _advance(a[t + step], dh[t], acc, g_out[t])
+            if need_da:
+                _gate_gradient(acc, h[t - step] if p > 0 else h0, da[t])
+        p_hi = p_lo
+    return touched
+
+
+@numba.njit(nogil=True, cache=True)
+def _backward_items(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray, g_out: np.ndarray,
+                    da: np.ndarray, acc: np.ndarray, reverse: bool, need_da: bool, rows: int,
+                    first: int, stop: int) -> float:  # pragma: no cover - compiled
+    """:func:`_backward_item` for batch items ``first .. stop-1`` (every array has the batch dim)."""
+    touched = 0.0
+    for i in range(first, stop):
+        touched += _backward_item(a[i], h[i], h0[i], dh[i], g_out[i], da[i], acc[i], reverse, need_da, rows)
+    return touched
+
+
+class _Pool:
+    """A lazily made thread pool of ``torch.get_num_threads()`` threads, remade when that changes.
+
+    A forked child inherits the pool object but none of its threads, so the
+    pool is dropped in the child (``os.register_at_fork``) and made anew there.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._size = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._executor = None
+        self._size = 0
+
+    def run(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:
+        """Run ``calls`` concurrently and return their results (the first exception propagates)."""
+        if len(calls) == 1:
+            return [calls[0]()]
+        size = max(len(calls), torch.get_num_threads())
+        with self._lock:
+            if self._executor is None or self._size != size:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False)
+                self._executor = ThreadPoolExecutor(size, thread_name_prefix="psmsearch-scan")
+                self._size = size
+            executor = self._executor
+        return [future.result() for future in [executor.submit(call) for call in calls]]
+
+
+_POOL = _Pool()
+
+
+def _block_rows(width: int) -> int:
+    """Time steps per block of a descending pass: about ``_BLOCK_ELEMENTS`` elements of each array."""
+    return max(1, _BLOCK_ELEMENTS // max(width, 1))
+
+
+def _workers(batch: int, steps: int, width: int) -> int:
+    """Threads for a call: one per batch item, at most ``torch.get_num_threads()``, none for tiny work."""
+    by_size = max(1, batch * steps * width // _MIN_ELEMENTS_PER_THREAD)
+    return max(1, min(torch.get_num_threads(), batch, by_size))
+
+
+def _run_over_batch(kernel: Callable[..., float], args: tuple[Any, ...], batch: int, workers: int) -> None:
+    """Call ``kernel(*args, first, stop)`` on ``workers`` contiguous shares of the batch."""
+    bounds = [batch * k // workers for k in range(workers + 1)]
+    _POOL.run([functools.partial(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
+
+
+def _gate_groups(a_shape: torch.Size, b_shape: torch.Size) -> int | None:
+    """Number of gate groups ``G`` if ``a`` is full or grouped over ``b``, else None (expand it).
+
+    Grouped means ``a`` matches ``b`` on batch, time and a leading run of state
+    dims, and is 1 on every state dim after it.
+    """
+    if a_shape[:2] != b_shape[:2]:
+        return None
+    state_a, state_b = a_shape[2:], b_shape[2:]
+    split = 0
+    while split < len(state_b) and state_a[split] == state_b[split]:
+        split += 1
+    if any(size != 1 for size in state_a[split:]):
+        return None
+    return math.prod(state_b[:split])
+
+
+def _gate_table(a: torch.Tensor, b_shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Size]:
+    """``a`` as a contiguous ``[B, T, G]`` table, and the shape its gradient comes back in."""
+    groups = _gate_groups(a.shape, b_shape)
+    if groups is None:
+        a = a.expand(b_shape)
+        groups = math.prod(b_shape[2:])
+    table = a.to(dtype).contiguous().view(b_shape[0], b_shape[1], groups)  # [B, T, G]
+    return table, a.shape
+
+
+def _state_table(h0: torch.Tensor | None, state_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``h0`` broadcast to ``[B, *S]`` as a contiguous ``[B, R]`` table (zeros when None)."""
+    batch, width = state_shape[0], math.prod(state_shape[1:])
+    if h0 is None:
+        return torch.zeros(batch, width, dtype=dtype)
+    return h0.to(dtype).expand(state_shape).contiguous().view(batch, width)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy()
+
+
+def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
+                 reverse: bool) -> torch.Tensor:
+    """The scan of ``(a, b)`` from ``h0``, in ``b``'s dtype (see :func:`.first_order_scan`)."""
+    dtype = _dispatch.compute_dtype(a, b)
+    batch, steps = b.shape[:2]
+    width = math.prod(b.shape[2:])
+    gates, _ = _gate_table(a, b.shape, dtype)                                # [B, T, G]
+    inputs = b.to(dtype).contiguous().view(batch, steps, width)             # [B, T, R]
+    states = _state_table(h0, b.shape[:1] + b.shape[2:], dtype).clone()     # [B, R], advanced in place
+    out = _dispatch.new_output((batch, steps, width), dtype, b.device)     # [B, T, R]
+    if out.numel():
+        args = (_np(gates), _np(inputs), _np(states), _np(out), reverse, _block_rows(width))
+        _run_over_batch(_forward_items, args, batch, _workers(batch, steps, width))
+    return out.view(b.shape).to(b.dtype)
+
+
+def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh: torch.Tensor,
+                  reverse: bool, need_da: bool) -> GradTriple:
+    """``(da, db, dh0)`` in the compute dtype; ``da`` in the gate table's shape, ``dh0`` as ``[B, *S]``.
+
+    Like the reference, ``da`` uses the saved output ``h`` (16-bit rounded for
+    16-bit inputs). The caller reduces ``da`` and ``dh0`` to their inputs' shapes.
+    """
+    dtype = _dispatch.compute_dtype(a, h, dh)
+    batch, steps = h.shape[:2]
+    width = math.prod(h.shape[2:])
+    state_shape = h.shape[:1] + h.shape[2:]
+    gates, gate_shape = _gate_table(a, h.shape, dtype)                     # [B, T, G]
+    states = h.to(dtype).contiguous().view(batch, steps, width)           # [B, T, R]
+    grads = dh.to(dtype).contiguous().view(batch, steps, width)           # [B, T, R]
+    start = _state_table(h0, state_shape, dtype)                          # [B, R]
+    db = _dispatch.new_output((batch, steps, width), dtype, h.device)     # [B, T, R]
+    da = _dispatch.new_output(gates.shape if need_da else (batch, 0, gates.shape[2]), dtype, h.device)
+    accs = torch.empty(batch, width, dtype=dtype)                         # [B, R]: scratch for g_p
+    if not db.numel():
+        dh0 = torch.zeros(batch, width, dtype=dtype)
+        return (da.view(gate_shape) if need_da else None), db.view(h.shape), dh0.view(state_shape)
+    args = (*(_np(x) for x in (gates, states, start, grads, db, da, accs)), reverse, need_da, _block_rows(width))
+    _run_over_batch(_backward_items, args, batch, _workers(batch, steps, width))
+    dh0 = _first_gate(gates, width, reverse) * db[:, steps - 1 if reverse else 0]  # [B, R]
+    da_out = da.view(gate_shape) if need_da else None
+    return da_out, db.view(h.shape), dh0.view(state_shape)
+
+
+def _first_gate(gates: torch.Tensor, width: int, reverse: bool) -> torch.Tensor:
+    """The gate of scan position 0 per state element, ``[B, R]``."""
+    first = gates[:, -1 if reverse else 0]                                # [B, G]
+    return first.repeat_interleave(width // first.shape[1], dim=1)

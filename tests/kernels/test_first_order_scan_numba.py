@@ -1,0 +1,243 @@
+"""The compiled CPU (numba) backend of first_order_scan against a float64 token loop.
+
+Outputs and every gradient (a, b, h0) are compared with the independent loop
+in ``scan_naive``, with the kernels' output buffers NaN-filled so that a skipped
+element shows. Small block and thread thresholds force the code paths that
+large inputs take: descending passes in many touched blocks, and the batch
+split across threads, unevenly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scan_naive import naive_first_order_scan  # noqa: E402
+
+from psmsearch.kernels import _dispatch, chunk_gated_linear_attention, first_order_scan  # noqa: E402
+
+scan_module = importlib.import_module("psmsearch.kernels.first_order_scan")
+
+pytestmark = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
+
+STATE = (2, 3, 4)  # [H, dk, dv]
+GATE_SHAPES = {
+    "scalar": (2, 1, 1),      # grouped: one gate per head
+    "diagonal": (2, 3, 1),    # grouped: one per key channel
+    "full": STATE,            # one per element
+    "per_value": (1, 1, 4),   # skips the leading dims: expanded to full
+    "one": (1, 1, 1),         # one gate for the whole state
+}
+
+
+def _inputs(batch: int, steps: int, gate_shape: tuple[int, ...], with_h0: bool,
+            dtype: torch.dtype = torch.float64, seed: int = 0,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand((batch, steps, *gate_shape), generator=gen, dtype=dtype) * 0.6 + 0.4
+    b = torch.randn((batch, steps, *STATE), generator=gen, dtype=dtype)
+    h0 = torch.randn((batch, *STATE), generator=gen, dtype=dtype) if with_h0 else None
+    return a, b, h0
+
+
+def _check_against_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool,
+                        tol: float = 1e-10) -> None:
+    inputs = [x.requires_grad_() for x in (a, b, h0) if x is not None]
+    names = ["a", "b", "h0"][:len(inputs)]
+    with _dispatch.poisoned_outputs():
+        got = first_order_scan(a, b, h0, reverse=reverse, backend="numba")
+        upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=got.dtype)
+        grads = torch.autograd.grad(got, inputs, upstream)
+    want = naive_first_order_scan(a, b, h0, reverse)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for name, g_got, g_want in zip(names, grads, torch.autograd.grad(want, inputs, upstream)):
+        assert g_got.shape == g_want.shape, name
+        torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 63, 197])
+@pytest.mark.parametrize("gate", list(GATE_SHAPES))
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_numba_matches_loop(steps: int, gate: str, with_h0: bool, reverse: bool) -> None:
+    _check_against_loop(*_inputs(2, steps, GATE_SHAPES[gate], with_h0), reverse)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "diagonal", "full"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_many_blocks_and_an_uneven_thread_split(gate: str, reverse: bool, threads: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Descending passes in 5-step touched blocks (the last one partial); 5 items on 3 threads."""
+    from psmsearch.kernels import first_order_scan_numba as compiled
+
+    monkeypatch.setattr(compiled, "_BLOCK_ELEMENTS", 5 * 24)
+    monkeypatch.setattr(compiled, "_MIN_ELEMENTS_PER_THREAD", 1)
+    torch.set_num_threads(3)
+    assert compiled._block_rows(24) == 5 and compiled._workers(5, 63, 24) == 3
+    _check_against_loop(*_inputs(5, 63, GATE_SHAPES[gate], with_h0=True), reverse)
+
+
+def test_gates_broadcast_over_batch_and_time() -> None:
+    a, b, h0 = _inputs(3, 130, GATE_SHAPES["diagonal"], with_h0=True)
+    a = a[:1, :1].clone()
+    a_full = a.detach().expand(b.shape[:2] + a.shape[2:]).clone().requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    got = first_order_scan(a, b, h0, backend="numba")
+    want = naive_first_order_scan(a_full, b, h0, False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(got)
+    (da_got,) = torch.autograd.grad(got, [a], upstream)
+    (da_want,) = torch.autograd.grad(want, [a_full], upstream)
+    torch.testing.assert_close(da_got, da_want.sum(dim=(0, 1), keepdim=True), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_float32_long_scan_close_to_float64(reverse: bool) -> None:
+    a, b, h0 = _inputs(2, 3000, GATE_SHAPES["diagonal"], with_h0=True)
+    got = first_order_scan(a.float(), b.float(), h0.float(), reverse=reverse, backend="numba")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), naive_first_order_scan(a, b, h0, reverse), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_float32(dtype: torch.dtype) -> None:
+    a, b, h0 = (x.to(dtype) for x in _inputs(2, 700, GATE_SHAPES["diagonal"], with_h0=True))
+    got = first_order_scan(a, b, h0, backend="numba")
+    assert got.dtype == dtype
+    want = naive_first_order_scan(a.double(), b.double(), h0.double(), False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tiny_gates_are_stable(reverse: bool) -> None:
+    """Gates spread over 40 decades: products underflow, nothing divides by them."""
+    gen = torch.Generator().manual_seed(3)
+    a = 10.0 ** (-40 * torch.rand(3, 1500, 8, generator=gen))
+    b = torch.randn(3, 1500, 8, generator=gen)
+    got = first_order_scan(a, b, reverse=reverse, backend="numba")
+    assert torch.isfinite(got).all()
+    want = naive_first_order_scan(a.double(), b.double(), None, reverse)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_numba_and_reference_agree_on_float32() -> None:
+    """A second algorithm: the blocked reference, on a scan long enough to use its carries."""
+    a, b, h0 = (x.float() for x in _inputs(4, 2500, GATE_SHAPES["scalar"], with_h0=True, seed=5))
+    for reverse in (False, True):
+        torch.testing.assert_close(first_order_scan(a, b, h0, reverse=reverse, backend="numba"),
+                                   first_order_scan(a, b, h0, reverse=reverse, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _scan_in_child(queue: multiprocessing.Queue) -> None:
+    a, b, h0 = _inputs(4, 300, GATE_SHAPES["full"], with_h0=True)
+    got = first_order_scan(a, b, h0, backend="numba")
+    queue.put(float((got - naive_first_order_scan(a, b, h0, False)).abs().max()))
+
+
+def test_a_forked_child_gets_its_own_thread_pool(threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's pool threads do not exist in a forked child; the child must not wait on them."""
+    from psmsearch.kernels import first_order_scan_numba as compiled
+
+    monkeypatch.setattr(compiled, "_MIN_ELEMENTS_PER_THREAD", 1)
+    torch.set_num_threads(2)
+    _check_against_loop(*_inputs(4, 300, GATE_SHAPES["full"], with_h0=True), reverse=False)  # pool now running
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_scan_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("a scan in a forked child hung on the parent's thread pool")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) < 1e-10
+
+
+def test_default_cpu_backend_depends_on_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    long, short = scan_module.MIN_COMPILED_CPU_STEPS, scan_module.MIN_COMPILED_CPU_STEPS - 1
+    chosen = []
+    monkeypatch.setattr(scan_module._FirstOrderScan, "apply",
+                        lambda a, b, h0, reverse, backend: chosen.append(backend))
+    for steps in (long, short):
+        first_order_scan(torch.rand(1, steps, 3), torch.rand(1, steps, 3))
+    assert chosen == ["numba", "reference"]
+
+
+def test_env_var_forces_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_dispatch.ENV_VAR, "numba")
+    x = torch.zeros(1, 2, 3)
+    assert _dispatch.select_backend(None, x, available=("triton", "reference", "numba")) == "numba"
+
+
+def test_kernels_without_numba_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = torch.randn(1, 1, 16, 4)
+    with pytest.raises(ValueError, match=r"backend='numba': chunk_gated_linear_attention has no numba"):
+        chunk_gated_linear_attention(q, q, q, -torch.rand(1, 1, 16), chunk_size=16, backend="numba")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "numba")
+    with pytest.raises(ValueError, match=f"{_dispatch.ENV_VAR}='numba'"):
+        chunk_gated_linear_attention(q, q, q, -torch.rand(1, 1, 16), chunk_size=16)
+
+
+def test_numba_refuses_non_cpu_tensors() -> None:
+    x = torch.empty(1, 4, 3, device="meta")
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        _dispatch.select_backend("numba", x, available=("triton", "reference", "numba"))
+
+
+def _anon_huge_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError("no AnonHugePages line in /proc/self/smaps_rollup")
+
+
+def _thp_mode() -> str | None:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not path.exists():
+        return None
+    return next((word.strip("[]") for word in path.read_text().split() if word.startswith("[")), None)
+
+
+def test_small_outputs_are_not_advised() -> None:
+    assert not _dispatch.advise_huge_pages(torch.empty(1000))
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
+                    reason="needs Linux with transparent huge pages in mode always or madvise")
+def test_large_outputs_get_huge_pages() -> None:
+    """A fresh 16 MiB kernel output is backed by huge pages once written, whatever THP_MEM_ALLOC_ENABLE says."""
+    before = _anon_huge_kib()
+    out = _dispatch.new_output((4 << 20,), torch.float32, torch.device("cpu"))
+    out.fill_(1.0)
+    gained_mib = (_anon_huge_kib() - before) / 1024
+    assert gained_mib >= 2, f"only {gained_mib:.1f} MiB of huge pages after advising a 16 MiB buffer"
+    assert float(out.sum()) == 4 << 20
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3), (2, 5, 0), (0, 5, 3)])
+def test_empty_scans(shape: tuple[int, ...]) -> None:
+    a = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(shape[0], shape[2], dtype=torch.float64, requires_grad=True)
+    out = first_order_scan(a, b, h0, backend="numba")
+    assert out.shape == shape
+    da, db, dh0 = torch.autograd.grad(out.sum(), [a, b, h0], allow_unused=True)
+    assert da.shape == a.shape and db.shape == b.shape
+    assert torch.equal(dh0, torch.zeros_like(h0)), "h0 reaches no output of an empty scan"
