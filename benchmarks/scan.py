@@ -34,8 +34,8 @@ measured device-to-device copy bandwidth.
 Huge pages: a fresh 32 MiB CPU tensor costs 8192 page faults of 4 KiB the first
 time it is written, which at (512, 16384) took about 8 ms, far more than
 copying the bytes. Both the scans and ``b.clone()`` pay for a fresh result, so
-the floor stays fair only if both get the same pages. The kernels advise their
-own outputs into huge pages (:func:`psmsearch.kernels._dispatch.advise_huge_pages`),
+the floor stays fair only if both get the same pages. The kernels put their
+own large outputs in huge pages (:func:`psmsearch.kernels._dispatch.huge_page_buffer`),
 ``clone`` does not. Run as a script, the benchmark therefore sets ``THP_MEM_ALLOC_ENABLE=1`` before
 importing torch, unless the variable is already set or ``--no-thp`` is given
 (which sets it to 0): PyTorch's CPU allocator then aligns allocations of 2 MiB

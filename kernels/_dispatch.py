@@ -19,20 +19,18 @@ Naming a backend that a kernel does not have, or one that cannot run on the
 tensors given, is an error that says so; nothing falls back silently.
 
 It also owns :func:`new_output`, the allocator the kernels use for every
-buffer they return.  Tests swap it (:func:`poisoned_outputs`) for one that
-fills buffers with NaN, which proves that the kernels write every element.
+buffer they return. Tests make it fill buffers with NaN (:func:`poisoned_outputs`),
+which proves that the kernels write every element.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import importlib.util
+import math
 import mmap
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -42,8 +40,7 @@ BACKENDS: tuple[Backend, ...] = ("triton", "reference", "numba")
 ENV_VAR = "PSMSEARCH_KERNEL_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-Allocator = Callable[..., torch.Tensor]
-_allocator: Allocator = torch.empty
+_poison = False
 
 
 def interpret_enabled() -> bool:
@@ -65,11 +62,12 @@ def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-def _requested_backend(backend: str | None) -> str | None:
+def _requested_backend(backend: str | None) -> tuple[str | None, str]:
+    """The backend asked for (lower case) and where it was asked, for error messages."""
     if backend is not None:
-        return backend
-    env = os.environ.get(ENV_VAR, "").strip().lower()
-    return env or None
+        return backend.strip().lower(), f"backend={backend!r}"
+    env = os.environ.get(ENV_VAR, "").strip()
+    return (env.lower() or None), f"{ENV_VAR}={env!r}"
 
 
 def select_backend(backend: str | None, *tensors: torch.Tensor, kernel: str = "this kernel",
@@ -87,7 +85,7 @@ def select_backend(backend: str | None, *tensors: torch.Tensor, kernel: str = "t
     """
     device = tensors[0].device
     is_float64 = any(t.dtype == torch.float64 for t in tensors)
-    requested = _requested_backend(backend)
+    requested, source = _requested_backend(backend)
     if requested is None:
         if device.type == "cuda" and not is_float64 and "triton" in available and triton_available():
             return "triton"
@@ -95,39 +93,36 @@ def select_backend(backend: str | None, *tensors: torch.Tensor, kernel: str = "t
             return "numba"
         return "reference"
     if requested not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {requested!r}; expected one of {BACKENDS}")
+        raise ValueError(f"{source}: unknown kernel backend; expected one of {BACKENDS}")
     if requested not in available:
-        source = "backend=" if backend is not None else f"{ENV_VAR}="
-        raise ValueError(
-            f"{source}{requested!r}: {kernel} has no {requested} implementation; it has {available}"
-        )
+        raise ValueError(f"{source}: {kernel} has no {requested} implementation; it has {available}")
     if requested == "triton":
-        _check_triton_usable(device.type == "cuda", tensors)
+        _check_triton_usable(source, device.type == "cuda", tensors)
     if requested == "numba":
-        _check_numba_usable(device)
+        _check_numba_usable(source, device)
     return requested  # type: ignore[return-value]
 
 
-def _check_numba_usable(device: torch.device) -> None:
+def _check_numba_usable(source: str, device: torch.device) -> None:
     if not numba_available():
-        raise RuntimeError("backend='numba' needs the numba package, which is not installed")
+        raise RuntimeError(f"{source}: numba needs the numba package, which is not installed")
     if device.type != "cpu":
-        raise RuntimeError(f"backend='numba' runs on CPU tensors only, got tensors on {device}; "
-                           "use backend='triton' or 'reference'")
+        hint = "backend='triton' or 'reference'" if device.type == "cuda" else "backend='reference'"
+        raise RuntimeError(f"{source}: numba runs on CPU tensors only, got tensors on {device}; use {hint}")
 
 
-def _check_triton_usable(device_is_cuda: bool, tensors: tuple[torch.Tensor, ...]) -> None:
+def _check_triton_usable(source: str, device_is_cuda: bool, tensors: tuple[torch.Tensor, ...]) -> None:
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        raise RuntimeError(f"{source}: triton needs the triton package, which is not installed")
     if not device_is_cuda and not interpret_enabled():
         raise RuntimeError(
-            "backend='triton' on CPU tensors runs only in Triton's interpreter: set "
+            f"{source}: Triton on CPU tensors runs only in Triton's interpreter: set "
             "TRITON_INTERPRET=1 before importing psmsearch.kernels, or use backend='reference'"
         )
     bad = sorted({str(t.dtype) for t in tensors if t.dtype not in TRITON_DTYPES})
     if bad:
         raise RuntimeError(
-            f"backend='triton' supports float32/bfloat16/float16 inputs, got {bad}; "
+            f"{source}: Triton supports float32/bfloat16/float16 inputs, got {bad}; "
             "use backend='reference' for float64"
         )
 
@@ -137,15 +132,20 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate an uninitialised buffer that a kernel will fill completely.
+def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Allocate a buffer that a kernel will fill completely (uninitialised, or NaN under :func:`poisoned_outputs`).
 
-    Large CPU buffers are advised into transparent huge pages first (see
-    :func:`advise_huge_pages`).
+    CPU buffers of 4 MiB or more are their own memory mappings in transparent
+    huge pages (:func:`huge_page_buffer`).
     """
-    out = _allocator(tuple(shape), dtype=dtype, device=device)
-    if out.device.type == "cpu":
-        advise_huge_pages(out)
+    shape = tuple(shape)
+    out = None
+    if torch.device(device).type == "cpu":
+        out = huge_page_buffer(shape, dtype)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison:
+        out.fill_(float("nan"))
     return out
 
 
@@ -153,47 +153,31 @@ _HUGE_PAGE_BYTES = 2 << 20
 _MIN_HUGE_PAGE_BUFFER_BYTES = 4 << 20
 
 
-@functools.lru_cache(maxsize=1)
-def _madvise() -> Callable[[int, int, int], int] | None:
-    """libc's ``madvise`` on Linux, else None."""
-    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
-
-
-def advise_huge_pages(buffer: torch.Tensor) -> bool:
-    """Ask Linux to back the 2 MiB-aligned part of a fresh CPU buffer with transparent huge pages.
+def huge_page_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """A fresh CPU tensor in its own private anonymous mapping, advised into transparent huge pages.
 
     A fresh tensor's memory is mapped lazily: every 4 KiB page faults on its
     first write and is zeroed by the kernel. For a 32 MiB output that cost
-    8.6 ms on the 2-core machine we measured, against 2.5 ms with huge pages
-    (``benchmarks/scan.py``), more than the scan itself. PyTorch asks for huge
-    pages only under ``THP_MEM_ALLOC_ENABLE=1``, which must be set before it
-    starts; this does it for the kernels' own outputs, where the kernel's THP
-    mode is ``always`` or ``madvise``. Buffers under 4 MiB and non-Linux
-    systems are left alone. Returns whether the advice was given.
+    8.6 ms on the 2-core machine we measured, against 2.5 ms in huge pages, more
+    than the scan that fills it. PyTorch asks for huge pages only under
+    ``THP_MEM_ALLOC_ENABLE=1``, which must be set before it starts. A mapping of
+    our own, rather than advice on memory that PyTorch's allocator owns and
+    reuses, ends with the tensor: ``torch.frombuffer`` holds the mapping, which
+    is unmapped when the tensor's storage is freed, so the advice never
+    outlives the buffer. The data starts 2 MiB-aligned inside the mapping. Huge
+    pages are used where the kernel's THP mode is ``always`` or ``madvise``.
+
+    Returns None for buffers under 4 MiB and where ``madvise`` has no huge pages (not Linux).
     """
-    nbytes = buffer.numel() * buffer.element_size()
-    madvise = _madvise()
-    if madvise is None or nbytes < _MIN_HUGE_PAGE_BUFFER_BYTES:
-        return False
-    start = buffer.data_ptr()
-    first = -(-start // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
-    last = (start + nbytes) // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
-    if last <= first:
-        return False
-    return madvise(first, last - first, mmap.MADV_HUGEPAGE) == 0
-
-
-def _nan_filled(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if nbytes < _MIN_HUGE_PAGE_BUFFER_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    offset = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % _HUGE_PAGE_BYTES
+    region.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
+    return torch.frombuffer(region, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
 @contextlib.contextmanager
@@ -203,10 +187,10 @@ def poisoned_outputs() -> Iterator[None]:
     A kernel that skips an element then leaves a NaN that the comparison with the
     reference catches, where ``torch.empty`` could hide it behind stale memory.
     """
-    global _allocator
-    previous = _allocator
-    _allocator = _nan_filled
+    global _poison
+    previous = _poison
+    _poison = True
     try:
         yield
     finally:
-        _allocator = previous
+        _poison = previous

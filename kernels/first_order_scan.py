@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch
 
@@ -120,7 +121,10 @@ class _FirstOrderScan(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients from the backend's reverse scan. Not differentiable again: the numba and
+        Triton kernels build no graph, so a second derivative raises instead of coming out zero."""
         a, h, h0 = ctx.saved_tensors
         impl = _implementation(ctx.backend)
         need_a, need_b, need_h0 = ctx.needs_input_grad[:3]

@@ -29,9 +29,9 @@ about 128 KiB per array, read ascending once first (:func:`_touch`) and then
 computed descending from cache: 1.2-1.6x faster than a plain descending pass
 here (backward at 512 and 2048 state elements).
 
-Fresh outputs come from :func:`._dispatch.new_output`, which advises large CPU
-buffers into transparent huge pages: their page faults otherwise cost more
-than the scan.
+Fresh outputs come from :func:`._dispatch.new_output`, which puts large CPU
+buffers in transparent huge pages: their page faults otherwise cost more than
+the scan.
 
 The accumulation dtype is float32 (float64 for float64 inputs), as in the
 reference; 16-bit inputs are converted up front because NumPy has no bfloat16.
@@ -198,35 +198,33 @@ def _backward_items(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray
 
 
 class _Pool:
-    """A lazily made thread pool of ``torch.get_num_threads()`` threads, remade when that changes.
+    """Lazily made thread pools, one per size, kept for the life of the process.
 
-    A forked child inherits the pool object but none of its threads, so the
-    pool is dropped in the child (``os.register_at_fork``) and made anew there.
+    Threads of one process may use different thread counts (PyTorch's
+    ``set_num_threads`` is per thread once a thread has run an op), so a pool
+    is never replaced while another thread may be submitting to it. A forked
+    child inherits the pool objects but none of their threads, so they are
+    dropped in the child (``os.register_at_fork``) and made anew there.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._size = 0
+        self._executors: dict[int, ThreadPoolExecutor] = {}
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._lock = threading.Lock()
-        self._executor = None
-        self._size = 0
+        self._executors = {}
 
     def run(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:
         """Run ``calls`` concurrently and return their results (the first exception propagates)."""
         if len(calls) == 1:
             return [calls[0]()]
-        size = max(len(calls), torch.get_num_threads())
         with self._lock:
-            if self._executor is None or self._size != size:
-                if self._executor is not None:
-                    self._executor.shutdown(wait=False)
-                self._executor = ThreadPoolExecutor(size, thread_name_prefix="psmsearch-scan")
-                self._size = size
-            executor = self._executor
+            executor = self._executors.get(len(calls))
+            if executor is None:
+                executor = ThreadPoolExecutor(len(calls), thread_name_prefix="psmsearch-scan")
+                self._executors[len(calls)] = executor
         return [future.result() for future in [executor.submit(call) for call in calls]]
 
 

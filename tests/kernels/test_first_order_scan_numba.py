@@ -197,8 +197,18 @@ def test_kernels_without_numba_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_numba_refuses_non_cpu_tensors() -> None:
     x = torch.empty(1, 4, 3, device="meta")
-    with pytest.raises(RuntimeError, match="CPU tensors only"):
+    with pytest.raises(RuntimeError, match=r"backend='numba': numba runs on CPU tensors only, got tensors on "
+                                           r"meta; use backend='reference'"):
         _dispatch.select_backend("numba", x, available=("triton", "reference", "numba"))
+
+
+def test_backend_names_are_case_insensitive_and_errors_name_their_source(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(1, 70, 3)
+    assert _dispatch.select_backend(" Numba", x, available=("triton", "reference", "numba")) == "numba"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "Bogus")
+    with pytest.raises(ValueError, match=f"{_dispatch.ENV_VAR}='Bogus': unknown kernel backend"):
+        first_order_scan(x, x)
 
 
 def _anon_huge_kib() -> int:
@@ -215,20 +225,78 @@ def _thp_mode() -> str | None:
     return next((word.strip("[]") for word in path.read_text().split() if word.startswith("[")), None)
 
 
-def test_small_outputs_are_not_advised() -> None:
-    assert not _dispatch.advise_huge_pages(torch.empty(1000))
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+def test_small_outputs_are_ordinary_tensors() -> None:
+    assert _dispatch.huge_page_buffer((1000,), torch.float32) is None
 
 
 @pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
                     reason="needs Linux with transparent huge pages in mode always or madvise")
-def test_large_outputs_get_huge_pages() -> None:
-    """A fresh 16 MiB kernel output is backed by huge pages once written, whatever THP_MEM_ALLOC_ENABLE says."""
-    before = _anon_huge_kib()
-    out = _dispatch.new_output((4 << 20,), torch.float32, torch.device("cpu"))
+def test_large_outputs_get_huge_pages_and_give_them_back() -> None:
+    """A fresh 64 MiB kernel output is in huge pages once written, whatever THP_MEM_ALLOC_ENABLE
+    says, and its memory is returned when the tensor dies (the mapping ends with it)."""
+    huge_before, rss_before = _anon_huge_kib(), _rss_mib()
+    out = _dispatch.new_output((16 << 20,), torch.float32, torch.device("cpu"))
+    assert out.data_ptr() % (2 << 20) == 0
     out.fill_(1.0)
-    gained_mib = (_anon_huge_kib() - before) / 1024
-    assert gained_mib >= 2, f"only {gained_mib:.1f} MiB of huge pages after advising a 16 MiB buffer"
-    assert float(out.sum()) == 4 << 20
+    gained_mib = (_anon_huge_kib() - huge_before) / 1024
+    assert gained_mib >= 32, f"only {gained_mib:.1f} MiB of huge pages after writing a 64 MiB output"
+    assert float(out.sum()) == 16 << 20
+    del out
+    assert _rss_mib() - rss_before < 16, "the output's memory was not returned when the tensor died"
+
+
+def test_poisoned_outputs_fill_large_and_small_buffers() -> None:
+    with _dispatch.poisoned_outputs():
+        for shape in ((7,), (2 << 20,)):
+            assert torch.isnan(_dispatch.new_output(shape, torch.float32, "cpu")).all()
+
+
+def test_second_derivatives_raise_instead_of_vanishing() -> None:
+    """The kernels build no graph in backward; a second derivative must fail loudly, not come out zero."""
+    a, b, _ = _inputs(1, 70, GATE_SHAPES["full"], with_h0=False)
+    a.requires_grad_()
+    b.requires_grad_()
+    for backend in ("numba", "reference"):
+        (db,) = torch.autograd.grad(first_order_scan(a, b, backend=backend).square().sum(), [b],
+                                    create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(db.sum(), [a])
+
+
+def test_threads_with_different_thread_counts_share_the_kernels(threads: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials run as threads of one process, each with its own torch thread count, at the same time."""
+    import threading
+
+    from psmsearch.kernels import first_order_scan_numba as compiled
+
+    monkeypatch.setattr(compiled, "_MIN_ELEMENTS_PER_THREAD", 1)
+    a, b, h0 = _inputs(4, 80, GATE_SHAPES["diagonal"], with_h0=True)
+    want = naive_first_order_scan(a, b, h0, False)
+    errors: list[BaseException] = []
+
+    def trial(threads: int) -> None:
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(30):
+                torch.testing.assert_close(first_order_scan(a, b, h0, backend="numba"), want)
+        except BaseException as exc:  # collected and re-raised by the test thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=trial, args=(n,)) for n in (2, 3, 4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not any(worker.is_alive() for worker in workers), "a scan thread hung"
+    assert not errors, errors[0]
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 3), (2, 5, 0), (0, 5, 3)])
