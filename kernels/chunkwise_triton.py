@@ -36,6 +36,7 @@ from .chunkwise_triton_common import (
     dot_precision,
     exact_block_scores,
     gate_columns,
+    launch_options,
     load_row,
     load_tile,
 )
@@ -137,6 +138,6 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.
     _chunk_output_kernel[(n_chunks * batch * heads, triton.cdiv(dv, block_v))](
         q, k, v, cum, starts, o, steps, heads, n_chunks, dk, dv, *gate_columns(cum), scale,
         CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v,
-        K_SLICE=k_slice, PRECISION=dot_precision(q.dtype),
+        K_SLICE=k_slice, PRECISION=dot_precision(q.dtype), **launch_options(chunk_size),
     )
     return o, ends[:, -1].contiguous()

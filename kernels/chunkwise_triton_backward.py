@@ -50,6 +50,7 @@ from .chunkwise_triton_common import (
     dot_precision,
     exact_block_scores,
     gate_columns,
+    launch_options,
     load_row,
     load_tile,
 )
@@ -150,7 +151,7 @@ def _chunk_dqk_kernel(
             s_prev = load_tile(S_PREV, kk, vv, DV, 1, k_ok, v_ok)    # [BK, BV]
             inter += tl.dot(d_out, tl.trans(s_prev), input_precision=PRECISION)
         dq = inter * tl.exp(cum_q) * scale  # [SUB, BK]
-        for kj in tl.static_range(qi):
+        for kj in range(qi):
             k_rows = chunk_start + kj * SUB + sub
             k = load_tile(K, k_rows, kk, DK, 1, k_rows < T, k_ok)
             cum_k = load_tile(G, k_rows, kk, g_row, stride_gk, k_rows >= 0, k_ok)
@@ -158,7 +159,7 @@ def _chunk_dqk_kernel(
             d_scores = tl.load(DA + (qi * SUB + sub)[:, None] * CHUNK + (kj * SUB + sub)[None, :])
             k_ref = k * tl.exp(ref[None, :] - cum_k)  # exponent <= 0
             dq += tl.dot(d_scores, k_ref, input_precision=PRECISION) * tl.exp(cum_q - ref[None, :])
-        for jj in tl.static_range(SUB):
+        for jj in range(SUB):
             j_row = chunk_start + qi * SUB + jj
             k_j = load_row(K + j_row.to(tl.int64) * DK, kk, 1, k_ok & (kk * 0 + j_row < T))  # [BK]
             cum_j = load_row(G + j_row * g_row, kk, stride_gk, k_ok)                 # [BK]
@@ -181,14 +182,14 @@ def _chunk_dqk_kernel(
             from_state += tl.dot(v, tl.trans(d_end), input_precision=PRECISION)
         dk = from_state * tl.exp(last[None, :] - cum_k)  # exponent <= 0
         ref = load_row(G + (chunk_start + kj * SUB + SUB - 1) * g_row, kk, stride_gk, k_ok)
-        for qi in tl.static_range(kj + 1, CHUNK // SUB):
+        for qi in range(kj + 1, CHUNK // SUB):
             q_rows = chunk_start + qi * SUB + sub
             q = load_tile(Q, q_rows, kk, DK, 1, q_rows < T, k_ok)
             cum_q = load_tile(G, q_rows, kk, g_row, stride_gk, q_rows >= 0, k_ok)
             d_scores = tl.load(DA + (qi * SUB + sub)[:, None] * CHUNK + (kj * SUB + sub)[None, :])
             q_ref = q * tl.exp(cum_q - ref[None, :])  # exponent <= 0
             dk += tl.dot(tl.trans(d_scores), q_ref, input_precision=PRECISION) * tl.exp(ref[None, :] - cum_k)
-        for ii in tl.static_range(SUB):
+        for ii in range(SUB):
             i_row = chunk_start + kj * SUB + ii
             q_i = load_row(Q + i_row.to(tl.int64) * DK, kk, 1, k_ok & (kk * 0 + i_row < T))  # [BK]
             cum_i = load_row(G + i_row * g_row, kk, stride_gk, k_ok)                 # [BK]
@@ -252,25 +253,26 @@ def chunk_gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_ga
 
     block_k, block_v, k_slice = block_sizes(dk, dv)
     precision = dot_precision(q.dtype)
+    launch = launch_options(chunk_size)
     device = q.device
     scores = _dispatch.new_output((batch, heads, n_chunks, chunk_size, chunk_size), torch.float32, device)
     d_scores = _dispatch.new_output(scores.shape, torch.float32, device)
     _chunk_scores_kernel[(n_chunks * batch * heads,)](
         q, k, v, d_out, cum, scores, d_scores, steps, n_chunks, dk, dv, *g_cols, scale,
         CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v,
-        K_SLICE=k_slice, PRECISION=precision,
+        K_SLICE=k_slice, PRECISION=precision, **launch,
     )
     dq = _dispatch.new_output((batch, heads, steps, dk), torch.float32, device)
     dk_out = _dispatch.new_output((batch, heads, steps, dk), torch.float32, device)
     _chunk_dqk_kernel[(n_chunks * batch * heads,)](
         q, k, v, d_out, cum, starts, d_end, d_scores, dq, dk_out,
         steps, heads, n_chunks, dk, dv, *g_cols, scale,
-        CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision,
+        CHUNK=chunk_size, SUB=SUB_BLOCK, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision, **launch,
     )
     dv_out = _dispatch.new_output((batch, heads, steps, dv), torch.float32, device)
     _chunk_dv_kernel[(n_chunks * batch * heads, triton.cdiv(dv, block_v))](
         k, d_out, cum, scores, d_end, dv_out, steps, heads, n_chunks, dk, dv, *g_cols, scale,
-        CHUNK=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision,
+        CHUNK=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision, **launch,
     )
     d_gate = _log_gate_gradient(q, k, dq, dk_out, d_end, ends, chunk_size, log_gate.dim() == 3)
     d_initial = None if initial_state is None else into_chunk[:, 0].to(initial_state.dtype)

@@ -106,6 +106,23 @@ def block_sizes(dk: int, dv: int) -> tuple[int, int, int]:
     return block_k, block_v, min(block_k, 16)
 
 
+def launch_options(chunk_size: int) -> dict[str, int]:
+    """``num_warps`` / ``num_stages`` of every chunkwise kernel launch at ``chunk_size``.
+
+    Chosen from what ``ptxas -v`` reports for sm_90 (``tests/kernels/test_triton_compile.py``
+    checks it), not from timings: no GPU was available to measure them. With
+    Triton's default of 4 warps and 3 stages, the ``[C, C]`` and ``[C, dk]``
+    tiles of chunks of 64 and 128 spill registers to local memory. Spill stores
+    per thread at C = 128 with float32 inputs, defaults -> these options: scores
+    kernel 66,904 -> 536 B, ``dv`` 54,668 -> 16,244 B, chunk states 15,216 -> 0 B,
+    output 4,988 -> 1,296 B, ``dq``/``dk`` 3,840 -> 588 B; at C = 64 with bfloat16:
+    ``dq``/``dk`` 2,120 -> 0 B, output 748 -> 92 B, scores 0 -> 40 B. With 8 warps
+    each thread holds half as much of each tile, and one stage keeps no
+    prefetched tiles in registers. Smaller chunks keep Triton's defaults.
+    """
+    return {"num_warps": 8, "num_stages": 1} if chunk_size >= 64 else {}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision: exact IEEE products for float32 inputs, tf32 for 16-bit ones."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -132,7 +149,7 @@ def chunk_outer(x: torch.Tensor, y: torch.Tensor, cum: torch.Tensor, n_chunks: i
     _chunk_outer_kernel[(n_chunks * batch * heads, triton.cdiv(dy, block_y))](
         x, y, cum, out, steps, heads, n_chunks, dx, dy, *gate_columns(cum),
         CHUNK=chunk, BLOCK_X=block_x, BLOCK_Y=block_y, DECAY_TO_END=decay_to_end,
-        PRECISION=dot_precision(x.dtype),
+        PRECISION=dot_precision(x.dtype), **launch_options(chunk),
     )
     return out
 

@@ -1,4 +1,8 @@
-"""The PyTorch reference of first_order_scan against a float64 token loop, plus dispatch rules."""
+"""The PyTorch reference of first_order_scan against a float64 token loop, plus dispatch rules.
+
+The numba backend has its own file, ``test_first_order_scan_numba.py``; tests here that
+hold for any CPU backend are parametrised over both.
+"""
 
 from __future__ import annotations
 
@@ -85,12 +89,16 @@ def test_gates_broadcast_over_batch_and_time() -> None:
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_tiny_gates_are_stable(reverse: bool) -> None:
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("numba", marks=pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")),
+])
+def test_tiny_gates_are_stable(reverse: bool, backend: str) -> None:
     """Gates spread over 40 decades: products underflow, nothing divides by them."""
     gen = torch.Generator().manual_seed(3)
     a = 10.0 ** (-40 * torch.rand(3, 1500, 8, generator=gen))  # float32, many denormal or 0
     b = torch.randn(3, 1500, 8, generator=gen)
-    got = first_order_scan(a, b, reverse=reverse, backend="reference")
+    got = first_order_scan(a, b, reverse=reverse, backend=backend)
     assert torch.isfinite(got).all()
     want = naive_first_order_scan(a.double(), b.double(), None, reverse)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
