@@ -11,6 +11,10 @@ forward and forward+backward, at ``B=4, H=8`` with ``dk=dv`` in {64, 128} and
 T in {2048, 8192}: milliseconds, tokens per second, the speed-up, and the peak
 memory that a forward+backward allocates beyond its inputs (the Triton
 backward saves only the inputs; the reference keeps autograd's intermediates).
+Triton is also timed with Triton's default launch (4 warps, 3 stages) instead
+of :func:`psmsearch.kernels.chunkwise_triton_common.launch_options`, which
+were chosen from compiler spill figures without a GPU: ``default/options`` > 1
+means the options are faster.
 
 Usage: ``python benchmarks/chunkwise.py [--cpu-only | --cuda-only] [--quick] [--json]``.
 """
@@ -18,9 +22,10 @@ Usage: ``python benchmarks/chunkwise.py [--cpu-only | --cuda-only] [--quick] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,6 +86,32 @@ def _triton(*inputs: torch.Tensor) -> torch.Tensor:
     return chunk_gated_linear_attention(*inputs, chunk_size=CHUNK, backend="triton")[0]
 
 
+@contextlib.contextmanager
+def _triton_default_launch() -> Iterator[None]:
+    """Launch the chunkwise kernels with Triton's default warps and stages instead of ``launch_options``.
+
+    The options were chosen from ptxas spill figures without a GPU; this A/B is
+    what times them. The launchers import ``launch_options`` by name, so it is
+    replaced in each of their modules for the duration.
+    """
+    from psmsearch.kernels import chunkwise_triton, chunkwise_triton_backward, chunkwise_triton_common
+
+    modules = (chunkwise_triton, chunkwise_triton_backward, chunkwise_triton_common)
+    saved = [module.launch_options for module in modules]
+    for module in modules:
+        module.launch_options = lambda chunk_size: {}
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.launch_options = original
+
+
+def _triton_default(*inputs: torch.Tensor) -> torch.Tensor:
+    with _triton_default_launch():
+        return _triton(*inputs)
+
+
 def cpu_rows(quick: bool) -> list[Row]:
     """Reference vs token loop on the CPU."""
     rows = []
@@ -99,6 +130,15 @@ def cpu_rows(quick: bool) -> list[Row]:
                 _progress(f"T={steps} {rows[-1]['gate']} {rows[-1]['pass']}: reference {ref_s * 1e3:.1f} ms, "
                           f"loop {loop_s * 1e3:.0f} ms")
     return rows
+
+
+def _in_default_launch(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` (forward and backward) with the default launch in force for both passes."""
+    def run() -> object:
+        with _triton_default_launch():
+            return step()
+
+    return run
 
 
 def _cuda_measure(fn: Callable[[], object], reps: int) -> tuple[float, int]:
@@ -123,11 +163,15 @@ def cuda_rows(quick: bool) -> list[Row]:
                         row: Row = {"dtype": str(dtype).replace("torch.", ""), "d": width, "T": steps,
                                     "gate": "diagonal" if diagonal else "scalar",
                                     "pass": "fwd+bwd" if backward else "fwd"}
-                        for name, fn in (("triton", _triton), ("reference", _reference)):
+                        for name, fn in (("triton", _triton), ("triton_default_launch", _triton_default),
+                                         ("reference", _reference)):
                             case = _with_backward(fn, inputs) if backward else (lambda fn=fn, xs=inputs: fn(*xs))
+                            if name == "triton_default_launch" and backward:
+                                case = _in_default_launch(case)
                             ms, peak = _cuda_measure(case, 3 if quick else 5)
                             row[f"{name}_ms"], row[f"{name}_peak_bytes"] = ms, peak
                         row["speedup"] = row["reference_ms"] / row["triton_ms"]
+                        row["default_launch_over_options"] = row["triton_default_launch_ms"] / row["triton_ms"]
                         row["triton_tokens_per_s"] = CUDA_BATCH * steps / row["triton_ms"] * 1e3
                         rows.append(row)
                         _progress(f"{row['dtype']} d={width} T={steps} {row['gate']} {row['pass']}: "
@@ -153,11 +197,15 @@ def print_tables(result: dict[str, Any]) -> None:
     if "cuda" in result:
         print(f"CUDA ({result.get('cuda_device')}), B={CUDA_BATCH} H={CUDA_HEADS}, chunk {CHUNK}; "
               "peak = bytes allocated by one call beyond its inputs")
-        print("dtype | d | T | gate | pass | triton ms | reference ms | speed-up | triton Mtok/s | "
-              "triton peak MiB | reference peak MiB")
+        print("dtype | d | T | gate | pass | triton ms | triton, default launch ms | default/options | "
+              "reference ms | speed-up | triton Mtok/s | triton peak MiB | reference peak MiB")
         for r in result["cuda"]:
+            default_ms = r.get("triton_default_launch_ms")
+            default = "n/a" if default_ms is None else f"{default_ms:.3f}"
+            ratio = "n/a" if default_ms is None else f"{r['default_launch_over_options']:.2f}x"
             print(f"{r['dtype']} | {r['d']} | {r['T']} | {r['gate']} | {r['pass']} | {r['triton_ms']:.3f} | "
-                  f"{r['reference_ms']:.3f} | {r['speedup']:.1f}x | {r['triton_tokens_per_s'] / 1e6:.2f} | "
+                  f"{default} | {ratio} | {r['reference_ms']:.3f} | {r['speedup']:.1f}x | "
+                  f"{r['triton_tokens_per_s'] / 1e6:.2f} | "
                   f"{r['triton_peak_bytes'] / 2**20:.0f} | {r['reference_peak_bytes'] / 2**20:.0f}")
     elif "cuda_note" in result:
         print(f"CUDA part: {result['cuda_note']}")

@@ -47,7 +47,7 @@ echo "benchmark exit: $?"
 "$PY" benchmarks/scan.py --from-json "$OUT/scan_cuda.json" | tee "$OUT/scan_cuda_table.txt"
 
 echo "== benchmarks/chunkwise.py --cuda-only --quick --json"
-timeout "${CHUNK_BENCH_TIMEOUT:-120}" "$PY" benchmarks/chunkwise.py --cuda-only --quick --json \
+timeout "${CHUNK_BENCH_TIMEOUT:-150}" "$PY" benchmarks/chunkwise.py --cuda-only --quick --json \
     > "$OUT/chunkwise_cuda.json" 2> >(tee "$OUT/chunkwise_cuda_progress.txt" >&2)
 echo "benchmark exit: $?"
 "$PY" benchmarks/chunkwise.py --from-json "$OUT/chunkwise_cuda.json" | tee "$OUT/chunkwise_cuda_table.txt"

@@ -108,3 +108,16 @@ def test_chunkwise_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert "T | gate | pass | reference ms" in table and "loop/ref" in table
+
+
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="triton is not installed")
+def test_chunkwise_default_launch_ab_swaps_and_restores_the_launch_options() -> None:
+    """The GPU A/B times Triton's default launch; it must reach every launcher and undo itself."""
+    from psmsearch.kernels import chunkwise_triton, chunkwise_triton_backward, chunkwise_triton_common
+
+    chunkwise = _load("chunkwise")
+    modules = (chunkwise_triton, chunkwise_triton_backward, chunkwise_triton_common)
+    assert all(module.launch_options(64) == {"num_warps": 8, "num_stages": 1} for module in modules)
+    with chunkwise._triton_default_launch():
+        assert all(module.launch_options(64) == {} for module in modules)
+    assert all(module.launch_options(64) == {"num_warps": 8, "num_stages": 1} for module in modules)

@@ -117,7 +117,9 @@ def _open_mlflow_trials(db: Path) -> set[int]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.Signals) -> None:
     driver = {"trials": 3, "pruner": "none", "startup_trials": 1, "heartbeat_interval": 1, "grace_period": 3}
-    train = {"steps": 30, "batch_size": 8, "eval_every": 10, "warmup_steps": 1, "eval_batch_size": 16}
+    # Trials of about 1.5 s, so that the signal cannot miss the running one: at 30 steps (0.3 s)
+    # a trial once ended between the poll that saw it running and the kill.
+    train = {"steps": 300, "batch_size": 8, "eval_every": 100, "warmup_steps": 1, "eval_batch_size": 16}
     space = write_space(tmp_path, driver=driver, train=train)
     process = _start_search(space, tmp_path)
     _wait_for(lambda: _one_done_one_running(tmp_path))
@@ -129,6 +131,8 @@ def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.S
         assert "--resume" in stderr and "Traceback" not in stderr
     else:
         assert process.returncode == -signal.SIGKILL
+        left_running = [t.number for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.RUNNING]
+        assert len(left_running) == 1, f"the kill did not land inside a trial (running after it: {left_running})"
 
     result = run_cli("search", str(space), "--resume", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
