@@ -35,8 +35,8 @@ GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
 _MIN_BLOCKED_STEPS = 64
 # From this many time steps on, CPU calls default to the compiled (numba) kernels.
 # Shorter scans run the reference's step loop, already one pass over memory, which
-# measured as fast (0.7-1.1x at T = 16 and 32 in model-sized batches, 1.5-2x
-# slower than numba from T = 64 on; benchmarks/scan.py --model-sizes).
+# measured as fast or faster in aggregator-sized batches (numba 0.6-1.1x the
+# reference's speed at T = 16 and 32, 1.1-2.0x at T = 64; benchmarks/scan.py --model-sizes).
 MIN_COMPILED_CPU_STEPS = _MIN_BLOCKED_STEPS
 
 
