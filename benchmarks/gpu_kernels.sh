@@ -4,10 +4,13 @@
 # 1. prints the machine (nvidia-smi) and the torch / triton versions;
 # 2. runs the CUDA tests: pytest -m gpu tests/kernels;
 # 3. runs the CUDA benchmarks: benchmarks/scan.py --cuda-only --json and
-#    benchmarks/chunkwise.py --cuda-only --quick --json, then the tables from them.
+#    benchmarks/chunkwise.py --cuda-only --quick --json, then the tables from them;
+# 4. where psmsearch itself is installed, the decay layers' fused training path:
+#    pytest -m gpu tests/plugins/test_affine.py and benchmarks/affine_layers.py --cuda-only --quick.
 # Results go to $OUT (default ./gpu_kernels_out): env.txt, pytest_gpu.txt,
 # scan_cuda.json, scan_cuda_table.txt, scan_cuda_progress.txt, chunkwise_cuda.json,
-# chunkwise_cuda_table.txt, chunkwise_cuda_progress.txt.
+# chunkwise_cuda_table.txt, chunkwise_cuda_progress.txt, and pytest_gpu_layers.txt,
+# affine_layers_cuda.txt (or layers_skipped.txt).
 #
 # The kernels are imported through a throw-away package shim (psmsearch/kernels ->
 # ./kernels), so the machine needs only torch, triton and pytest, not the rest of
@@ -51,3 +54,15 @@ timeout "${CHUNK_BENCH_TIMEOUT:-150}" "$PY" benchmarks/chunkwise.py --cuda-only 
     > "$OUT/chunkwise_cuda.json" 2> >(tee "$OUT/chunkwise_cuda_progress.txt" >&2)
 echo "benchmark exit: $?"
 "$PY" benchmarks/chunkwise.py --from-json "$OUT/chunkwise_cuda.json" | tee "$OUT/chunkwise_cuda_table.txt"
+
+# 4. Only where psmsearch itself is installed (its plugins need pydantic, pluggy, ...): the decay
+#    layers' fused training path on CUDA, tested and timed against the generic path.
+if PYTHONPATH="${PYTHONPATH#"$SHIM"}" "$PY" -c 'import psmsearch.plugins.affine' 2>/dev/null; then
+    echo "== pytest -m gpu tests/plugins/test_affine.py; benchmarks/affine_layers.py --cuda-only --quick"
+    PYTHONPATH="${PYTHONPATH#"$SHIM"}" timeout "${LAYER_TIMEOUT:-45}" "$PY" -m pytest -m gpu tests/plugins/test_affine.py \
+        -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu_layers.txt"
+    PYTHONPATH="${PYTHONPATH#"$SHIM"}" timeout "${LAYER_TIMEOUT:-45}" "$PY" benchmarks/affine_layers.py --cuda-only \
+        --quick 2>&1 | tee "$OUT/affine_layers_cuda.txt"
+else
+    echo "== psmsearch is not installed here: the layer checks (step 4) did not run" | tee "$OUT/layers_skipped.txt"
+fi

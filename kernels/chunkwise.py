@@ -34,6 +34,8 @@ from . import _dispatch
 from .first_order_scan import first_order_scan
 
 SUB_BLOCK = 16
+KERNEL = "chunk_gated_linear_attention"
+TRITON_CHUNK_SIZES = (16, 32, 64, 128)  # a [C, C] score tile per chunk must fit in shared memory
 
 
 def chunk_gated_linear_attention(
@@ -72,7 +74,7 @@ def chunk_gated_linear_attention(
     _check_inputs(q, k, v, log_gate, initial_state, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = [t for t in (q, k, v, log_gate, initial_state) if t is not None]
-    chosen = _dispatch.select_backend(backend, *tensors, kernel="chunk_gated_linear_attention")
+    chosen = _dispatch.select_backend(backend, *tensors, kernel=KERNEL)
     if chosen == "triton":
         from .chunkwise_triton import chunk_gla_triton
 
@@ -80,6 +82,22 @@ def chunk_gated_linear_attention(
     else:
         o, final = chunk_gla_reference(q, k, v, log_gate, initial_state, chunk_size, scale)
     return o, (final if output_final_state else None)
+
+
+def default_backend_is_triton(q: torch.Tensor, chunk_size: int) -> bool:
+    """Whether a call on ``q``'s device and dtype with ``backend=None`` would run the Triton kernels.
+
+    For callers that have an equivalent unfused path (the affine plugin's heads) and should take
+    this kernel only where it pays. It honours ``PSMSEARCH_KERNEL_BACKEND``, and answers False,
+    not an error, where that names a backend this kernel lacks or that cannot run here: the
+    caller's other path then applies or reports it.
+    """
+    if chunk_size not in TRITON_CHUNK_SIZES:
+        return False
+    try:
+        return _dispatch.select_backend(None, q, kernel=KERNEL) == "triton"
+    except (ValueError, RuntimeError):
+        return False
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,
@@ -129,7 +147,7 @@ def chunk_gla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g
     ends = _chunk_end_states(k_c, v_c, cum, h0)                 # [B, H, n, dk, dv]
     starts = _chunk_start_states(ends, h0)                      # [B, H, n, dk, dv]
     inter = (q_c * cum.exp()) @ starts                          # [B, H, n, C, dv]
-    intra = _intra_chunk_scores(q_c, k_c, cum) @ v_c            # [B, H, n, C, dv]
+    intra = intra_chunk_scores(q_c, k_c, cum) @ v_c            # [B, H, n, C, dv]
     o = (scale * (inter + intra)).flatten(2, 3)[:, :, :steps]   # [B, H, T, dv]
     return o.to(q.dtype), ends[:, :, -1]
 
@@ -158,8 +176,13 @@ def _chunk_start_states(ends: torch.Tensor, h0: torch.Tensor | None) -> torch.Te
     return torch.cat([first, ends[:, :, :-1]], dim=2)
 
 
-def _intra_chunk_scores(q_c: torch.Tensor, k_c: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
-    """Causal decayed scores ``A_ij = Σ_c q_ic k_jc e^{G_ic - G_jc}`` (j <= i), ``[B, H, n, C, C]``."""
+def intra_chunk_scores(q_c: torch.Tensor, k_c: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
+    """Causal decayed scores ``A_ij = Σ_c q_ic k_jc e^{G_ic - G_jc}`` (j <= i), ``[..., C, C]``.
+
+    ``q_c, k_c [..., C, dk]``, ``cum [..., C, dg]`` (cumulative log gates from the chunk's start,
+    ``dg`` 1 or ``dk``). Any leading dims; ``C`` may be a partial chunk. Shared with the affine
+    plugin's readout head, so the training kernel and the streaming head use one formula.
+    """
     if cum.shape[-1] == 1:
         return _scalar_gate_scores(q_c, k_c, cum[..., 0])
     return _diagonal_gate_scores(q_c, k_c, cum)

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from . import _dispatch
-from .chunkwise import SUB_BLOCK
+from .chunkwise import SUB_BLOCK, TRITON_CHUNK_SIZES
 from .chunkwise_triton_backward import chunk_gla_backward
 from .chunkwise_triton_common import (
     block_sizes,
@@ -40,8 +40,6 @@ from .chunkwise_triton_common import (
     load_row,
     load_tile,
 )
-
-MAX_CHUNK = 128
 
 
 @triton.jit
@@ -94,8 +92,8 @@ def chunk_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate
                      initial_state: torch.Tensor | None, chunk_size: int,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton chunkwise GLA: ``(o [B, H, T, dv] in q's dtype, final state [B, H, dk, dv] float32)``."""
-    if not SUB_BLOCK <= chunk_size <= MAX_CHUNK or chunk_size & (chunk_size - 1):
-        raise ValueError(f"the Triton backend needs chunk_size a power of two from {SUB_BLOCK} to {MAX_CHUNK} "
+    if chunk_size not in TRITON_CHUNK_SIZES:
+        raise ValueError(f"the Triton backend needs chunk_size in {TRITON_CHUNK_SIZES} "
                          f"(a [C, C] score tile per chunk must fit in shared memory), got {chunk_size}")
     return _ChunkGLATriton.apply(q, k, v, log_gate, initial_state, chunk_size, scale)
 

@@ -26,6 +26,11 @@ that underflow to 0 and then break ``log`` in a backward pass; DeltaNet stores `
 itself (identity ``I``). Chunk summaries and heads use intra-chunk matmuls: decay masks are
 ``exp`` of differences of cumulative log-decays taken only where they are ``<= 0``; DeltaNet uses
 the WY/UT transform (one batched unit-triangular solve per chunk, no loop over tokens).
+
+Training on Triton. For scalar and diagonal decays, summaries + scan + readout together are exactly
+chunkwise gated linear attention at chunk size ``c``; the decay heads hand the whole training pass to
+:func:`~psmsearch.kernels.chunk_gated_linear_attention` where its Triton kernels run
+(:meth:`_DecayReadoutHead.fused_forward`). Streaming always uses the components one by one.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from psmsearch import Aggregator, ComponentContext, Encoder, Head, HyperParameter, hookimpl
+from psmsearch.kernels.chunkwise import chunk_gated_linear_attention, default_backend_is_triton, intra_chunk_scores
 from psmsearch.kernels.first_order_scan import first_order_scan
 
 SCALAR = "affine-scalar"
@@ -69,33 +75,10 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # --- shared math ------------------------------------------------------------------------------
 
 
-def _causal_mask(width: int, device: torch.device) -> torch.Tensor:
-    """``[t, s]`` True where ``s <= t``."""
-    return torch.ones(width, width, dtype=torch.bool, device=device).tril()  # [c', c']
-
-
 def _broadcast_transition(log_e: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``exp(log E)`` shaped to scale ``memory[*, H, dk, dv]`` row-wise (``[*, H, 1|dk, 1]``)."""
     trailing = (1,) * (memory.dim() - log_e.dim())
     return log_e.exp().reshape(*log_e.shape, *trailing)  # [*, H, 1|dk, 1]
-
-
-def _decay_scores(q: torch.Tensor, k: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
-    """Causal intra-chunk scores ``A[t, s] = Σ_j q_tj k_sj exp(cum_tj - cum_sj)`` for ``s <= t``, else 0.
-
-    ``cum [*, c', H, g]`` are inclusive cumulative log-decays (non-increasing in t), so every
-    exponentiated difference is ``<= 0``; the others are masked to ``-inf`` before ``exp``. A scalar
-    gate (``g == 1``) factors out of the key sum, costing ``[c', c']`` per head instead of
-    ``[c', c', dk]``.
-    """
-    width = q.shape[-3]
-    causal = _causal_mask(width, q.device)[:, :, None, None]  # [t, s, 1, 1]
-    diff = cum.unsqueeze(-3) - cum.unsqueeze(-4)  # [*, t, s, H, g]: cum_t - cum_s
-    decay = diff.masked_fill(~causal, float("-inf")).exp()  # [*, t, s, H, g]
-    if cum.shape[-1] == 1:
-        dots = torch.einsum("...thk,...shk->...hts", q, k)  # [*, H, t, s]
-        return dots * decay.squeeze(-1).movedim(-1, -3)  # [*, H, t, s]
-    return torch.einsum("...thk,...shk,...tshk->...hts", q, k, decay)  # [*, H, t, s]
 
 
 def _decay_summary(k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor) -> AffineState:
@@ -111,7 +94,7 @@ def _decay_readout(prefix: torch.Tensor, f: Features) -> torch.Tensor:
     q, k, v, log_a = f  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
     cum = log_a.cumsum(dim=-3)  # [*, c', H, g]
     inter = torch.einsum("...thk,...hkv->...thv", q * cum.exp(), prefix)  # [*, c', H, dv]
-    scores = _decay_scores(q, k, cum)  # [*, H, c', c']
+    scores = intra_chunk_scores(*(t.transpose(-3, -2) for t in (q, k, cum)))  # [*, H, c', c']
     intra = torch.einsum("...hts,...shv->...thv", scores, v)  # [*, c', H, dv]
     return inter + intra
 
@@ -480,20 +463,64 @@ class _ReadoutHead(Head):
         return self.project(type(self).readout(memory, f))  # [*, c', d]
 
 
-class ScalarReadoutHead(_ReadoutHead):
+def _is_plain_decay_pair(encoder: Encoder, aggregator: Aggregator) -> bool:
+    """Whether ``encoder`` summarises and ``aggregator`` combines exactly as this module's decay classes.
+
+    A plugin subclass that overrides ``summarize``, ``forward``, ``scan`` or ``initial_state`` computes
+    something else, which the fused kernel would silently ignore; such pairs take the generic path.
+    """
+    return (
+        isinstance(encoder, _DecayEncoder)
+        and type(encoder).summarize is _DecayEncoder.summarize
+        and isinstance(aggregator, _DecayAggregator)
+        and type(aggregator).forward is _DecayAggregator.forward
+        and type(aggregator).scan is _DecayAggregator.scan
+        and type(aggregator).initial_state is _AffineAggregator.initial_state
+    )
+
+
+class _DecayReadoutHead(_ReadoutHead):
+    """Scalar/diagonal readout, with the whole training pass fused into chunkwise gated linear attention.
+
+    Summaries, scan and readout of a decay triple are together exactly
+    :func:`~psmsearch.kernels.chunk_gated_linear_attention` at chunk size ``c`` (the kernel's chunk
+    states are the PSM's chunk states), whose Triton kernels save only their inputs and recompute
+    states in the backward. ``fused_forward`` uses it by default where it runs on Triton (CUDA, ``c``
+    in 16..128, a power of two). On the CPU its reference measured as fast as the generic path, not
+    faster (``benchmarks/affine_layers.py``), so CPU training keeps the generic path unless
+    asked.
+    """
+
+    readout = staticmethod(_decay_readout)
+
+    def fused_forward(self, encoder: Encoder, aggregator: Aggregator, f: Features, *,
+                      required: bool = False) -> torch.Tensor | None:
+        """``f[B, N, c, ...] -> y[B, N, c, d]`` in one chunkwise kernel call, or ``None``."""
+        if type(self).readout is not _decay_readout or not _is_plain_decay_pair(encoder, aggregator):
+            return None
+        q, k, v, log_a = f  # [B, N, c, H, dk], [B, N, c, H, dk], [B, N, c, H, dv], [B, N, c, H, g]
+        chunk = q.shape[2]
+        if not required and not default_backend_is_triton(q, chunk):
+            return None
+        q, k, v, log_a = (t.flatten(1, 2).transpose(1, 2) for t in (q, k, v, log_a))  # [B, H, N*c, width]
+        gate = log_a.squeeze(-1) if log_a.shape[-1] == 1 else log_a  # [B, H, N*c(, dk)]
+        o, _ = chunk_gated_linear_attention(q, k, v, gate, chunk_size=chunk, scale=1.0)  # [B, H, N*c, dv]
+        o = o.transpose(1, 2).unflatten(1, f[0].shape[1:3])  # [B, N, c, H, dv]
+        return self.project(o)  # [B, N, c, d]
+
+
+class ScalarReadoutHead(_DecayReadoutHead):
     """Readout for one decay per head (linear attention, RetNet, Mamba2)."""
 
     name = "linear_readout_scalar"
     state_kind = SCALAR
-    readout = staticmethod(_decay_readout)
 
 
-class DiagReadoutHead(_ReadoutHead):
-    """Readout for per-key-channel decays (GLA); intra-chunk decay masks cost ``c² dk`` per head."""
+class DiagReadoutHead(_DecayReadoutHead):
+    """Readout for per-key-channel decays (GLA); exact intra-chunk decay masks in 16-step sub-blocks."""
 
     name = "linear_readout_diag"
     state_kind = DIAG
-    readout = staticmethod(_decay_readout)
 
 
 class DenseReadoutHead(_ReadoutHead):

@@ -209,6 +209,20 @@ class Head(Component):
     def forward(self, prefix: State, f: Any) -> torch.Tensor:  # noqa: D102
         raise NotImplementedError
 
+    def fused_forward(self, encoder: Encoder, aggregator: Aggregator, f: Any, *,
+                      required: bool = False) -> torch.Tensor | None:
+        """Optional: the whole training pass in one fused computation, or ``None``.
+
+        ``f[B, N, c, ...]`` are ``encoder``'s features of every chunk; the result ``y[B, N, c, d]``
+        must equal ``forward(prefix_scan(aggregator, encoder.summarize(f)), f)``. A head that
+        recognises its encoder and aggregator and knows a kernel computing summaries, scan and
+        readout at once (the affine heads: chunkwise gated linear attention) returns it; ``None``
+        means "use the generic path". With ``required=False`` (the layer's default) a head may also
+        decline where its kernel would not pay; ``required=True`` asks for it wherever it is correct.
+        Streaming never uses it.
+        """
+        return None
+
 
 def state_bytes(state: State) -> int:
     """Logical bytes of a state (re-exported for component authors)."""

@@ -1,7 +1,8 @@
 """Compose a PSM layer from registered components, and run it in parallel or streaming mode.
 
 ``PSMLayer.forward`` is the training path: all chunks are encoded at once, the prefix states come
-from the tree scan, and the head reads every chunk against its prefix in one batched call.
+from the tree scan, and the head reads every chunk against its prefix in one batched call (or the
+head computes all three in one fused kernel, where it has one: :meth:`Head.fused_forward`).
 ``PSMLayer.stream(batch_size)`` is the inference path: tokens arrive one at a time (or in whole
 chunks), features are computed token-locally, the head reads the partial chunk, and complete chunks
 are pushed into an :class:`~psmsearch.scan.OnlineScan`. Both paths compute the same function.
@@ -79,16 +80,34 @@ class PSMLayer(nn.Module):
         head = _build(registry, "head", config.head, context)
         return cls(encoder, aggregator, head, config.chunk_size)
 
-    def forward(self, x: torch.Tensor, scan_mode: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scan_mode: str = "auto", fused: bool | None = None) -> torch.Tensor:
+        """The parallel (training) pass.
+
+        ``scan_mode`` picks the prefix-scan engine (see :func:`~psmsearch.scan.prefix_scan`).
+        ``fused=None`` lets the head replace summaries, scan and readout by one fused kernel where
+        it offers one that pays (:meth:`Head.fused_forward`; only with ``scan_mode="auto"``);
+        ``True`` requires the fused kernel, ``False`` forbids it.
+        """
+        if fused and scan_mode != "auto":
+            raise ValueError(f"fused=True replaces the prefix scan, so scan_mode must be 'auto', got {scan_mode!r}")
         batch, length, d = x.shape
         c = self.chunk_size
         n_chunks = math.ceil(length / c)
         padded = F.pad(x, (0, 0, 0, n_chunks * c - length))  # [B, N*c, d]
         chunks = padded.view(batch, n_chunks, c, d)  # [B, N, c, d]
         f = self.encoder.features(chunks)  # [B, N, c, ...]
-        chunk_states = self.encoder.summarize(f)  # [B, N, ...]
-        prefixes = prefix_scan(self.aggregator, chunk_states, mode=scan_mode)  # [B, N, ...]
-        y = self.head(prefixes, f)  # [B, N, c, d]
+        y = None
+        if fused or (fused is None and scan_mode == "auto"):
+            y = self.head.fused_forward(self.encoder, self.aggregator, f, required=bool(fused))  # [B, N, c, d]
+            if y is None and fused:
+                raise PSMSearchError(
+                    f"head {self.head.name!r} has no fused training path for encoder {self.encoder.name!r} "
+                    f"and aggregator {self.aggregator.name!r}; use fused=None or fused=False"
+                )
+        if y is None:
+            chunk_states = self.encoder.summarize(f)  # [B, N, ...]
+            prefixes = prefix_scan(self.aggregator, chunk_states, mode=scan_mode)  # [B, N, ...]
+            y = self.head(prefixes, f)  # [B, N, c, d]
         return y.reshape(batch, n_chunks * c, d)[:, :length]
 
     def stream(self, batch_size: int) -> "LayerStream":

@@ -296,6 +296,31 @@ def _head_gradients(a: _Assembly) -> str:
     return "reaches prefix and chunk"
 
 
+def _head_fused_equals_generic(a: _Assembly) -> str:
+    """A head that offers ``fused_forward`` must compute what summaries, scan and readout compute."""
+    f = a.encoder.features(a.inputs(3, 52))  # [B, 3, c, ...]
+    if a.head.fused_forward(a.encoder, a.aggregator, f, required=True) is None:
+        return "no fused path (the generic one is used)"
+    x = torch.randn(BATCH, 3 * CHUNK - 1, D_MODEL, generator=torch.Generator().manual_seed(53))  # [B, T, d]
+    results = {}
+    for fused in (True, False):
+        x_in = x.clone().requires_grad_(True)
+        y = a.layer(x_in, fused=fused)  # [B, T, d]
+        params = [p for p in a.layer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(y.double().square().sum(), [x_in, *params], allow_unused=True)
+        results[fused] = (y.detach(), list(grads))
+    (y_fused, g_fused), (y_generic, g_generic) = results[True], results[False]
+    diff = (y_fused - y_generic).abs().max().item()
+    _require(diff <= ATOL, f"T={x.shape[1]}: fused_forward differs from the generic path by {diff:.3g}")
+    for index, (g, g_ref) in enumerate(zip(g_fused, g_generic)):
+        _require((g is None) == (g_ref is None), f"gradient {index}: reached on one path only")
+        if g is not None:
+            scale = max(g_ref.abs().max().item(), 1.0)
+            diff = (g - g_ref).abs().max().item()
+            _require(diff <= ATOL * scale, f"gradient {index} (0 is the input) differs between the paths by {diff:.3g}")
+    return f"T={x.shape[1]}, outputs and {len(g_fused)} gradients"
+
+
 # --- layer checks (every kind) ----------------------------------------------------------------
 
 
@@ -355,6 +380,7 @@ CHECKS: dict[str, list[tuple[str, Check]]] = {
         ("causal_within_chunk", _head_causal),
         ("partial_chunks", _head_partial),
         ("gradients", _head_gradients),
+        ("fused_equals_generic", _head_fused_equals_generic),
     ],
 }
 LAYER_CHECKS: list[tuple[str, Check]] = [

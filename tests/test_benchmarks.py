@@ -121,3 +121,31 @@ def test_chunkwise_default_launch_ab_swaps_and_restores_the_launch_options() -> 
     with chunkwise._triton_default_launch():
         assert all(module.launch_options(64) == {} for module in modules)
     assert all(module.launch_options(64) == {"num_warps": 8, "num_stages": 1} for module in modules)
+
+
+def test_affine_layers_benchmark_paths_compute_the_same_layer() -> None:
+    bench = _load("affine_layers")
+    shape = {**bench.CPU_SHAPE_QUICK, "steps": 40}
+    x = bench._inputs(shape, "cpu")
+    for encoder in bench.TRIPLES:
+        layer = bench.make_layer(encoder, 16, shape, "cpu")
+        generic = bench.layer_pass(layer, x, fused=False, backward=True)()
+        fused = bench.layer_pass(layer, x, fused=True, backward=True)()
+        torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-5)
+        assert x.grad is None and all(p.grad is None for p in layer.parameters()), "a pass must clear its grads"
+
+
+def test_affine_layers_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
+    script = BENCHMARKS / "affine_layers.py"
+    run = subprocess.run([sys.executable, str(script), "--cpu-only", "--quick", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(run.stdout)
+    rows = result["cpu"]
+    assert {(r["encoder"], r["pass"]) for r in rows} == {
+        (encoder, kind) for encoder in ("mamba2", "gla") for kind in ("fwd", "fwd+bwd")}
+    assert all(r["generic_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
+    saved = tmp_path / "affine_layers.json"
+    saved.write_text(run.stdout)
+    table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "encoder | chunk | pass | generic ms" in table and "generic/fused" in table

@@ -18,7 +18,13 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from triton_kernel_checks import check_chunk, check_chunk_half, check_scan, chunk_inputs  # noqa: E402
+from triton_kernel_checks import (  # noqa: E402
+    check_chunk,
+    check_chunk_half,
+    check_decay_layer,
+    check_scan,
+    chunk_inputs,
+)
 
 from psmsearch.kernels import chunk_gated_linear_attention  # noqa: E402
 
@@ -51,7 +57,7 @@ def test_scan_one_gate_for_the_whole_state() -> None:
 @pytest.mark.parametrize("chunk_size", [8, 24, 256])
 def test_triton_chunk_size_out_of_range_is_a_clear_error(chunk_size: int) -> None:
     q, k, v, log_gate, _ = chunk_inputs("cpu", 20, False, False)
-    with pytest.raises(ValueError, match="power of two from 16 to 128"):
+    with pytest.raises(ValueError, match=r"chunk_size in \(16, 32, 64, 128\)"):
         chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=chunk_size, backend="triton")
 
 
@@ -86,3 +92,8 @@ def test_chunk_63_steps_dv_split_across_programs() -> None:
 
 def test_chunk_bfloat16_outputs_and_gradients() -> None:
     check_chunk_half("cpu", torch.bfloat16, True, steps=70)
+
+
+@pytest.mark.parametrize("encoder", ["mamba2", "gla"])
+def test_decay_layer_trains_through_the_triton_kernel(encoder: str) -> None:
+    check_decay_layer("cpu", encoder)

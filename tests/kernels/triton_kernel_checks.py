@@ -113,3 +113,48 @@ def check_chunk_half(device: str, dtype: torch.dtype, diagonal: bool, steps: int
     for got, want in zip(*results):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * scale)
+
+
+def check_decay_layer(device: str, encoder: str, chunk_size: int = 16, steps: int = 37) -> None:
+    """A decay PSM layer's default training pass takes the Triton kernel and equals the generic path.
+
+    ``fused=None`` must hand the pass to :func:`chunk_gated_linear_attention` on Triton (the head's
+    ``fused_forward`` answers with ``required=False``); outputs and the gradients of the input and of
+    every parameter must equal ``fused=False`` (summaries, scan, readout one by one) with every kernel
+    on its PyTorch reference. ``steps`` not a multiple of ``chunk_size`` leaves a partial last chunk.
+    Imports the plugin layer lazily: the GPU script runs this file's kernel checks without it.
+    """
+    import os
+
+    from psmsearch.composer import PSMLayer
+    from psmsearch.config import ModelConfig
+
+    aggregator, head = {"mamba2": ("affine_scalar", "linear_readout_scalar"),
+                        "gla": ("affine_diag", "linear_readout_diag")}[encoder]
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=24, chunk_size=chunk_size, aggregator=aggregator, head=head,
+                         encoder={"name": encoder, "heads": 2, "key_dim": 8, "value_dim": 6})
+    layer = PSMLayer.from_config(config).to(device)
+    x = _randn((2, steps, 24), torch.Generator().manual_seed(1), device).requires_grad_(True)  # [B, T, d]
+    params = [x, *layer.parameters()]
+    saved = os.environ.get(_dispatch.ENV_VAR)
+    try:
+        os.environ[_dispatch.ENV_VAR] = "triton" if device == "cpu" else ""
+        n_chunks = -(-steps // chunk_size)
+        padded = torch.nn.functional.pad(x, (0, 0, 0, n_chunks * chunk_size - steps))  # [B, N*c, d]
+        f = layer.encoder.features(padded.unflatten(1, (n_chunks, chunk_size)))  # [B, N, c, ...]
+        assert layer.head.fused_forward(layer.encoder, layer.aggregator, f) is not None, "fused path declined"
+        with _dispatch.poisoned_outputs():
+            fused = layer(x)  # [B, T, d]
+        fused_grads = _grads(fused, params, poisoned=True)
+        os.environ[_dispatch.ENV_VAR] = "reference"
+        generic = layer(x, fused=False)  # [B, T, d]
+        generic_grads = _grads(generic, params, poisoned=False)
+    finally:
+        if saved is None:
+            os.environ.pop(_dispatch.ENV_VAR, None)
+        else:
+            os.environ[_dispatch.ENV_VAR] = saved
+    torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4, msg=lambda m: f"{encoder} outputs: {m}")
+    for g, g_ref in zip(fused_grads, generic_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-4, msg=lambda m: f"{encoder} gradients: {m}")

@@ -8,16 +8,20 @@ gradients; streaming must equal the parallel forward and hold constant, correctl
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from psmsearch import states as S
 from psmsearch.composer import PSMLayer, check_compatible, compatible_combinations
 from psmsearch.config import ModelConfig
-from psmsearch.errors import ConfigError, IncompatibleComponentsError
+from psmsearch.errors import ConfigError, IncompatibleComponentsError, PSMSearchError
 from psmsearch.kernels.chunkwise import chunk_gated_linear_attention
 from psmsearch.model import build_model
 from psmsearch.registry import get_registry
+from psmsearch.plugins.affine import AffineScalarAggregator
 from psmsearch.scan import prefix_scan
 
 D_MODEL = 24
@@ -156,20 +160,26 @@ def test_gates_have_their_documented_form() -> None:
 # --- the layer against the naive recurrence ---------------------------------------------------
 
 
+# Training paths: "generic" runs summaries, scan and readout one by one (fused=False); "fused" hands
+# the decay triples' whole pass to chunk_gated_linear_attention (fused=True; its reference on the CPU).
+PATHS = [(e, "generic") for e in ENCODERS] + [(e, "fused") for e in DECAY_ENCODERS]
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 16])
-@pytest.mark.parametrize("encoder", ENCODERS)
-def test_layer_matches_naive_recurrence_outputs_and_gradients(encoder: str, chunk_size: int) -> None:
+@pytest.mark.parametrize(("encoder", "path"), PATHS)
+def test_layer_matches_naive_recurrence_outputs_and_gradients(encoder: str, path: str, chunk_size: int) -> None:
     layer = make_layer(encoder, chunk_size)
     x = inputs()
-    y, grads = output_and_gradients(layer, layer, x)
+    y, grads = output_and_gradients(layer, lambda t: layer(t, fused=path == "fused"), x)
     y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
-    assert_close(y, y_ref, f"{encoder} c={chunk_size} outputs")
+    assert_close(y, y_ref, f"{encoder} {path} c={chunk_size} outputs")
     names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
     for name, g, g_ref in zip(names, grads, grads_ref):
-        assert_close(g, g_ref, f"{encoder} c={chunk_size} gradient w.r.t. {name}")
+        assert_close(g, g_ref, f"{encoder} {path} c={chunk_size} gradient w.r.t. {name}")
 
 
-def test_strong_decays_stay_finite_and_exact() -> None:
+@pytest.mark.parametrize("path", ["generic", "fused"])
+def test_strong_decays_stay_finite_and_exact(path: str) -> None:
     """Per-token log-decays near -100 (cumulative -1600 per chunk) must not overflow anywhere."""
     layers = {name: make_layer(name, 16) for name in ("mamba2", "gla")}
     with torch.no_grad():
@@ -177,12 +187,120 @@ def test_strong_decays_stay_finite_and_exact() -> None:
         layers["gla"].encoder.gate_proj[1].bias.fill_(-1600.0)  # logsigmoid(-1600) / 16 = -100
     x = inputs()
     for name, layer in layers.items():
-        y, grads = output_and_gradients(layer, layer, x)
+        y, grads = output_and_gradients(layer, lambda t: layer(t, fused=path == "fused"), x)
         y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
         assert all(bool(torch.isfinite(g).all()) for g in [y, *grads]), f"{name}: non-finite output or gradient"
-        assert_close(y, y_ref, f"{name} strong decay outputs")
+        assert_close(y, y_ref, f"{name} {path} strong decay outputs")
         for g, g_ref in zip(grads, grads_ref):
-            assert_close(g, g_ref, f"{name} strong decay gradients")
+            assert_close(g, g_ref, f"{name} {path} strong decay gradients")
+
+
+# --- the fused training path ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16])
+@pytest.mark.parametrize("encoder", DECAY_ENCODERS)
+def test_fused_path_equals_generic_in_float64(encoder: str, chunk_size: int) -> None:
+    layer = make_layer(encoder, chunk_size, dtype=torch.float64)
+    x = inputs(dtype=torch.float64)
+    y, grads = output_and_gradients(layer, lambda t: layer(t, fused=True), x)
+    y_ref, grads_ref = output_and_gradients(layer, lambda t: layer(t, fused=False), x)
+    assert_close(y, y_ref, f"{encoder} c={chunk_size} fused outputs", rtol=1e-10)
+    names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"{encoder} c={chunk_size} fused gradient w.r.t. {name}", rtol=1e-10)
+
+
+@pytest.mark.parametrize("encoder", DECAY_ENCODERS)
+def test_default_path_on_the_cpu_is_the_generic_one(encoder: str) -> None:
+    """The fused reference measured no faster on the CPU, so ``fused=None`` declines it there."""
+    layer = make_layer(encoder, 16)
+    f = layer.encoder.features(inputs(32).view(BATCH, 2, 16, D_MODEL))  # [B, N, c, ...]
+    assert layer.head.fused_forward(layer.encoder, layer.aggregator, f) is None
+    fused = layer.head.fused_forward(layer.encoder, layer.aggregator, f, required=True)  # [B, N, c, d]
+    assert fused is not None and fused.shape == (BATCH, 2, 16, D_MODEL)
+
+
+def test_triton_decision_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from psmsearch.kernels import _dispatch
+    from psmsearch.kernels.chunkwise import default_backend_is_triton
+
+    q = torch.zeros(1, 2, 64, 8)
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    assert not default_backend_is_triton(q, 16), "CPU tensors without a request run the reference"
+    for requested in ("numba", "bogus", "reference"):
+        monkeypatch.setenv(_dispatch.ENV_VAR, requested)
+        assert not default_backend_is_triton(q, 16), requested
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    assert default_backend_is_triton(q, 16) == _dispatch.interpret_enabled()
+    assert not default_backend_is_triton(q, 7), "the Triton kernels take chunk sizes 16..128 only"
+    assert not default_backend_is_triton(q.double(), 16), "Triton takes no float64"
+
+
+class _ClippedScalarAggregator(AffineScalarAggregator):
+    """A plugin's variant of ⊕ that clips the memory: the fused kernel must not replace it."""
+
+    name = "affine_scalar_clipped"
+
+    def forward(self, older, newer):  # noqa: ANN001, ANN201
+        log_e, memory = super().forward(older, newer)
+        return log_e, memory.clamp(-0.05, 0.05)
+
+    def scan(self, states):  # noqa: ANN001, ANN201
+        return None
+
+
+def test_fused_path_is_refused_for_components_it_does_not_compute() -> None:
+    layer = make_layer("mamba2", 4)
+    x = inputs()
+    clipped = PSMLayer(layer.encoder, _ClippedScalarAggregator(layer.aggregator.context), layer.head, 4)
+    f = clipped.encoder.features(x[:, :8].reshape(BATCH, 2, 4, D_MODEL))  # [B, N, c, ...]
+    assert clipped.head.fused_forward(clipped.encoder, clipped.aggregator, f, required=True) is None
+    with pytest.raises(PSMSearchError, match="head 'linear_readout_scalar' has no fused training path for "
+                                             "encoder 'mamba2' and aggregator 'affine_scalar_clipped'"):
+        clipped(x, fused=True)
+    with torch.no_grad():
+        assert not torch.allclose(clipped(x), layer(x)), "the clipped aggregator must change the output"
+    delta = make_layer("deltanet", 4)
+    with pytest.raises(PSMSearchError, match="no fused training path"):
+        delta(x, fused=True)
+    with pytest.raises(ValueError, match="scan_mode must be 'auto'"):
+        layer(x, scan_mode="tree", fused=True)
+
+
+def _passthrough(method: str):  # noqa: ANN202
+    """An override of ``method`` that only calls the parent's: same results, a different function."""
+    def override(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return getattr(super(type(self), self), method)(*args, **kwargs)
+
+    return override
+
+
+@pytest.mark.parametrize(("component", "method"), [
+    ("encoder", "summarize"), ("aggregator", "forward"), ("aggregator", "scan"),
+    ("aggregator", "initial_state"), ("head", "readout"),
+])
+def test_any_override_of_what_the_kernel_replaces_takes_the_generic_path(component: str, method: str) -> None:
+    """The kernel computes the built-in formulas; a subclass that overrides one of them is not fused."""
+    layer = make_layer("gla", 4)
+    part = getattr(layer, component)
+    original = type(part).readout if method == "readout" else None
+    override = staticmethod(lambda memory, f: original(memory, f)) if original else _passthrough(method)
+    part.__class__ = type("Variant", (type(part),), {method: override})
+    f = layer.encoder.features(inputs(8).view(BATCH, 2, 4, D_MODEL))  # [B, N, c, ...]
+    assert layer.head.fused_forward(layer.encoder, layer.aggregator, f, required=True) is None
+    with torch.no_grad():
+        assert_close(layer(inputs()), make_layer("gla", 4)(inputs()), f"{component}.{method} variant, generic path")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("encoder", ["mamba2", "gla"])
+def test_decay_layer_trains_through_triton_on_cuda(encoder: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
+    from triton_kernel_checks import check_decay_layer
+
+    check_decay_layer("cuda", encoder, chunk_size=64, steps=200)
 
 
 @pytest.mark.parametrize("encoder", DECAY_ENCODERS)
