@@ -12,7 +12,10 @@ compiled CPU kernels (numba, the CPU default from 64 steps on) against
 * ``torch._higher_order_ops.associative_scan(..., combine_mode="generic")``,
 * a plain copy of the same bytes (``b.clone()``, the memory floor; it pays for
   a fresh allocation as the scan does), and, for reference, ``copy_`` into a
-  preallocated buffer.
+  preallocated buffer,
+* ``a + b``, fresh and into a preallocated buffer: the same bytes as the scan
+  (two tensors read, one written), so ``loop/(a+b)`` bounds what any scan that
+  returns a fresh tensor can gain over the loop on the machine at hand.
 
 The numba kernels are also timed writing into a preallocated output ("numba
 kernel"): the difference to the numba column is what a fresh output costs,
@@ -200,12 +203,14 @@ def cpu_rows(quick: bool) -> list[Row]:
             "reference": lambda: first_order_scan(a, b, backend="reference"),
             "clone": lambda: b.clone(),
             "prealloc": lambda: dst.copy_(b),
+            "add": lambda: torch.add(a, b),
+            "add_prealloc": lambda: torch.add(a, b, out=dst),
         }
         if _dispatch.numba_available():
             fns["numba"] = lambda: first_order_scan(a, b, backend="numba")
             fns["numba_kernel"] = _numba_kernel_into(a, b, kernel_out)
         times = _cpu_times(fns, reps)
-        ref_s, clone_s, copy_s = times["reference"], times["clone"], times["prealloc"]
+        ref_s, clone_s, copy_s, add_s = times["reference"], times["clone"], times["prealloc"], times["add"]
         numba_s, kernel_s = times.get("numba"), times.get("numba_kernel")
         assoc_s, assoc_note = _time_associative_scan(a, b, 1 if quick else 2)
         rows.append({
@@ -218,6 +223,9 @@ def cpu_rows(quick: bool) -> list[Row]:
             "reference_over_prealloc_copy": ref_s / copy_s,
             "loop_over_numba": _ratio(loop_s, numba_s), "numba_over_copy": _ratio(numba_s, clone_s),
             "loop_over_numba_kernel": _ratio(loop_s, kernel_s),
+            "add_ms": add_s * 1e3, "add_prealloc_ms": times["add_prealloc"] * 1e3,
+            "loop_over_add": loop_s / add_s, "numba_over_add": _ratio(numba_s, add_s),
+            "numba_kernel_over_add_prealloc": _ratio(kernel_s, times["add_prealloc"]),
         })
     return rows
 
@@ -292,6 +300,15 @@ def print_cpu_table(rows: list[Row], threads: int | None = None, thp: dict[str, 
         print(f"* token loop timed on the first {LOOP_PREFIX} steps and extrapolated linearly to T")
     print("ref/copy, numba/copy: over copy (clone), all allocating their result; ref/copy_: over copy_ into "
           "a preallocated buffer; numba kernel: the numba forward writing into a preallocated output")
+    if rows and "add_ms" in rows[0]:
+        print("Same-bytes floor: a + b reads the scan's two inputs and writes one result, as any scan must "
+              "(torch's elementwise add, on all threads). loop/(a+b) is the most any scan returning a fresh "
+              "tensor could gain over the loop on this machine.")
+        print("rows | T | a+b ms | a+b prealloc ms | loop/(a+b) | numba/(a+b) | numba kernel/(a+b prealloc)")
+        for r in rows:
+            print(" | ".join([str(r["rows"]), str(r["T"]), _fmt(r["add_ms"]), _fmt(r["add_prealloc_ms"]),
+                              _fmt(r["loop_over_add"], ".1f") + "x", _fmt(r.get("numba_over_add")) + "x",
+                              _fmt(r.get("numba_kernel_over_add_prealloc")) + "x"]))
 
 
 def _copy_bandwidth(x: torch.Tensor, reps: int) -> float:

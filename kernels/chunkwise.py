@@ -53,7 +53,8 @@ def chunk_gated_linear_attention(
     """Gated linear attention computed chunk by chunk.
 
     Args:
-        q, k: ``[B, H, T, dk]``; v: ``[B, H, T, dv]``.
+        q, k: ``[B, H, T, dk]``; v: ``[B, H, T, dv]``. They may differ in dtype (as
+            under autocast): the Triton backend stores ``k`` and ``v`` in ``q``'s dtype.
         log_gate: ``[B, H, T]`` (scalar gate per head) or ``[B, H, T, dk]``
             (diagonal, per key channel), values ``<= 0``.
         chunk_size: steps per chunk; ``T`` need not be a multiple. The Triton

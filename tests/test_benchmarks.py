@@ -64,6 +64,8 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     result = json.loads(run.stdout)
     assert [(r["rows"], r["T"]) for r in result["cpu"]] == [(16, 65536), (512, 16384), (2048, 4096)]
     assert all(r["numba_ms"] > 0 and r["numba_kernel_ms"] > 0 and r["reference_ms"] > 0 for r in result["cpu"])
+    assert all(r["add_ms"] > 0 and r["loop_over_add"] == pytest.approx(r["loop_ms"] / r["add_ms"])
+               for r in result["cpu"])
     assert {(r["T"], r["gate"], r["pass"]) for r in result["cpu_model_sizes"]} == {
         (shape[1], gate, kind) for shape in scan.MODEL_SHAPES
         for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
@@ -71,7 +73,7 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     saved.write_text(run.stdout)
     table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
                            capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "loop/numba" in table and "ref/numba" in table
+    assert "loop/numba" in table and "ref/numba" in table and "loop/(a+b)" in table
 
 
 @pytest.mark.parametrize("diagonal", [False, True])

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from triton_kernel_checks import (  # noqa: E402
     check_chunk,
     check_chunk_half,
+    check_chunk_mixed_dtypes,
     check_decay_layer,
     check_scan,
     chunk_inputs,
@@ -92,6 +93,10 @@ def test_chunk_63_steps_dv_split_across_programs() -> None:
 
 def test_chunk_bfloat16_outputs_and_gradients() -> None:
     check_chunk_half("cpu", torch.bfloat16, True, steps=70)
+
+
+def test_chunk_mixed_dtypes() -> None:
+    check_chunk_mixed_dtypes("cpu")
 
 
 @pytest.mark.parametrize("encoder", ["mamba2", "gla"])

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from triton_kernel_checks import (  # noqa: E402
     check_chunk,
     check_chunk_half,
+    check_chunk_mixed_dtypes,
     check_scan,
     check_scan_half,
 )
@@ -80,3 +81,7 @@ def test_chunk_gradients_of_one_output(used: str) -> None:
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_chunk_half_inputs_with_gradients(dtype: torch.dtype, diagonal: bool) -> None:
     check_chunk_half("cuda", dtype, diagonal)
+
+
+def test_chunk_mixed_dtypes() -> None:
+    check_chunk_mixed_dtypes("cuda", steps=300)

@@ -115,6 +115,28 @@ def check_chunk_half(device: str, dtype: torch.dtype, diagonal: bool, steps: int
         torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * scale)
 
 
+def check_chunk_mixed_dtypes(device: str, steps: int = 70) -> None:
+    """bfloat16 queries with float32 keys, values and gates (autocast can give that mix).
+
+    Triton stores ``k`` and ``v`` in ``q``'s dtype: outputs in bfloat16, every gradient in its own
+    input's dtype, all close to the float32 reference on the same rounded values.
+    """
+    q, k, v, log_gate, _ = chunk_inputs(device, steps, True, False, dk=32, dv=32)
+    mixed = [q.bfloat16(), k, v, log_gate]
+    rounded = [q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), log_gate]
+    results = []
+    for inputs, backend in ((mixed, "triton"), (rounded, "reference")):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        with _dispatch.poisoned_outputs():
+            o, _ = chunk_gated_linear_attention(*leaves, chunk_size=16, backend=backend)
+        results.append((o, *_grads(o, leaves, False)))
+    assert results[0][0].dtype == torch.bfloat16
+    assert [g.dtype for g in results[0][1:]] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    for got, want in zip(*results):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * scale)
+
+
 def check_decay_layer(device: str, encoder: str, chunk_size: int = 16, steps: int = 37) -> None:
     """A decay PSM layer's default training pass takes the Triton kernel and equals the generic path.
 
