@@ -70,6 +70,11 @@ def _requested_backend(backend: str | None) -> tuple[str | None, str]:
     return (env.lower() or None), f"{ENV_VAR}={env!r}"
 
 
+def requested_backend(backend: str | None = None) -> str | None:
+    """The backend asked for by ``backend`` or else ``PSMSEARCH_KERNEL_BACKEND`` (lower case), or None."""
+    return _requested_backend(backend)[0]
+
+
 def select_backend(backend: str | None, *tensors: torch.Tensor, kernel: str = "this kernel",
                    available: tuple[Backend, ...] = ("triton", "reference"),
                    cpu_default: Backend = "reference") -> Backend:

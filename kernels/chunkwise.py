@@ -54,7 +54,7 @@ def chunk_gated_linear_attention(
 
     Args:
         q, k: ``[B, H, T, dk]``; v: ``[B, H, T, dv]``. They may differ in dtype (as
-            under autocast): the Triton backend stores ``k`` and ``v`` in ``q``'s dtype.
+            under autocast); both backends compute in float32 or wider.
         log_gate: ``[B, H, T]`` (scalar gate per head) or ``[B, H, T, dk]``
             (diagonal, per key channel), values ``<= 0``.
         chunk_size: steps per chunk; ``T`` need not be a multiple. The Triton
@@ -148,7 +148,7 @@ def chunk_gla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g
     ends = _chunk_end_states(k_c, v_c, cum, h0)                 # [B, H, n, dk, dv]
     starts = _chunk_start_states(ends, h0)                      # [B, H, n, dk, dv]
     inter = (q_c * cum.exp()) @ starts                          # [B, H, n, C, dv]
-    intra = intra_chunk_scores(q_c, k_c, cum) @ v_c            # [B, H, n, C, dv]
+    intra = intra_chunk_scores(q_c, k_c, cum) @ v_c             # [B, H, n, C, dv]
     o = (scale * (inter + intra)).flatten(2, 3)[:, :, :steps]   # [B, H, T, dv]
     return o.to(q.dtype), ends[:, :, -1]
 

@@ -95,8 +95,6 @@ def chunk_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate
     if chunk_size not in TRITON_CHUNK_SIZES:
         raise ValueError(f"the Triton backend needs chunk_size in {TRITON_CHUNK_SIZES} "
                          f"(a [C, C] score tile per chunk must fit in shared memory), got {chunk_size}")
-    # One storage dtype for the tl.dot operands: k and v follow q (autograd casts their gradients back).
-    k, v = k.to(q.dtype), v.to(q.dtype)
     return _ChunkGLATriton.apply(q, k, v, log_gate, initial_state, chunk_size, scale)
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from psmsearch import Aggregator, ComponentContext, Encoder, Head, HyperParameter, hookimpl
+from psmsearch.kernels._dispatch import requested_backend
 from psmsearch.kernels.chunkwise import chunk_gated_linear_attention, default_backend_is_triton, intra_chunk_scores
 from psmsearch.kernels.first_order_scan import first_order_scan
 
@@ -495,16 +496,25 @@ class _DecayReadoutHead(_ReadoutHead):
 
     def fused_forward(self, encoder: Encoder, aggregator: Aggregator, f: Features, *,
                       required: bool = False) -> torch.Tensor | None:
-        """``f[B, N, c, ...] -> y[B, N, c, d]`` in one chunkwise kernel call, or ``None``."""
-        if type(self).readout is not _decay_readout or not _is_plain_decay_pair(encoder, aggregator):
+        """``f[B, N, c, ...] -> y[B, N, c, d]`` in one chunkwise kernel call, or ``None``.
+
+        Where Triton is the kernel's default but cannot take ``c`` (CUDA, ``c`` not in 16..128),
+        ``required=True`` runs the kernel's PyTorch reference, unless a backend was requested
+        through ``PSMSEARCH_KERNEL_BACKEND``, which is then honoured (or reported).
+        """
+        plain_head = type(self).readout is _decay_readout and type(self).forward is _ReadoutHead.forward
+        if not plain_head or not _is_plain_decay_pair(encoder, aggregator):
             return None
         q, k, v, log_a = f  # [B, N, c, H, dk], [B, N, c, H, dk], [B, N, c, H, dv], [B, N, c, H, g]
         chunk = q.shape[2]
-        if not required and not default_backend_is_triton(q, chunk):
+        on_triton = default_backend_is_triton(q, chunk)
+        if not required and not on_triton:
             return None
+        backend = None if on_triton or requested_backend() else "reference"
         q, k, v, log_a = (t.flatten(1, 2).transpose(1, 2) for t in (q, k, v, log_a))  # [B, H, N*c, width]
         gate = log_a.squeeze(-1) if log_a.shape[-1] == 1 else log_a  # [B, H, N*c(, dk)]
-        o, _ = chunk_gated_linear_attention(q, k, v, gate, chunk_size=chunk, scale=1.0)  # [B, H, N*c, dv]
+        o, _ = chunk_gated_linear_attention(q, k, v, gate, chunk_size=chunk, scale=1.0,
+                                            backend=backend)  # [B, H, N*c, dv]
         o = o.transpose(1, 2).unflatten(1, f[0].shape[1:3])  # [B, N, c, H, dv]
         return self.project(o)  # [B, N, c, d]
 

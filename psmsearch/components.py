@@ -219,7 +219,8 @@ class Head(Component):
         readout at once (the affine heads: chunkwise gated linear attention) returns it; ``None``
         means "use the generic path". With ``required=False`` (the layer's default) a head may also
         decline where its kernel would not pay; ``required=True`` asks for it wherever it is correct.
-        Streaming never uses it.
+        Streaming never uses it. The layer calls this method directly, so module hooks registered
+        on the head (``register_forward_hook``) do not run on the fused path.
         """
         return None
 

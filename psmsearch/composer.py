@@ -102,7 +102,9 @@ class PSMLayer(nn.Module):
             if y is None and fused:
                 raise PSMSearchError(
                     f"head {self.head.name!r} has no fused training path for encoder {self.encoder.name!r} "
-                    f"and aggregator {self.aggregator.name!r}; use fused=None or fused=False"
+                    f"and aggregator {self.aggregator.name!r} (a head fuses only the components it "
+                    "recognises, never subclasses that override what its kernel computes); "
+                    "use fused=None or fused=False"
                 )
         if y is None:
             chunk_states = self.encoder.summarize(f)  # [B, N, ...]

@@ -81,6 +81,7 @@ class _Assembly:
     aggregator: Aggregator
     head: Head
     layer: PSMLayer
+    registry: Registry
 
     def inputs(self, n_chunks: int, seed: int, width: int | None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -109,7 +110,7 @@ def _assemble(cls: type[Component], registry: Registry, seed: int) -> _Assembly:
     aggregator = classes["aggregator"](context)
     head = classes["head"](context)
     layer = PSMLayer(encoder, aggregator, head, CHUNK)
-    return _Assembly(encoder, aggregator, head, layer)
+    return _Assembly(encoder, aggregator, head, layer, registry)
 
 
 # --- encoder checks ---------------------------------------------------------------------------
@@ -296,29 +297,56 @@ def _head_gradients(a: _Assembly) -> str:
     return "reaches prefix and chunk"
 
 
-def _head_fused_equals_generic(a: _Assembly) -> str:
-    """A head that offers ``fused_forward`` must compute what summaries, scan and readout compute."""
-    f = a.encoder.features(a.inputs(3, 52))  # [B, 3, c, ...]
-    if a.head.fused_forward(a.encoder, a.aggregator, f, required=True) is None:
-        return "no fused path (the generic one is used)"
-    x = torch.randn(BATCH, 3 * CHUNK - 1, D_MODEL, generator=torch.Generator().manual_seed(53))  # [B, T, d]
-    results = {}
-    for fused in (True, False):
-        x_in = x.clone().requires_grad_(True)
-        y = a.layer(x_in, fused=fused)  # [B, T, d]
-        params = [p for p in a.layer.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(y.double().square().sum(), [x_in, *params], allow_unused=True)
-        results[fused] = (y.detach(), list(grads))
-    (y_fused, g_fused), (y_generic, g_generic) = results[True], results[False]
+def _paths_output_and_gradients(layer: PSMLayer, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, list[Any]]:
+    """``layer(x, fused=fused)`` and the gradients of its squared sum w.r.t. ``x`` and every parameter."""
+    x = x.clone().requires_grad_(True)
+    y = layer(x, fused=fused)  # [B, T, d]
+    inputs = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    if not y.requires_grad:
+        return y, [None] * len(inputs)
+    return y.detach(), list(torch.autograd.grad(y.double().square().sum(), inputs, allow_unused=True))
+
+
+def _compare_paths(layer: PSMLayer, x: torch.Tensor, who: str) -> int:
+    """Outputs and gradients of the fused and the generic pass must agree; returns the gradient count."""
+    y_fused, g_fused = _paths_output_and_gradients(layer, x, True)
+    y_generic, g_generic = _paths_output_and_gradients(layer, x, False)
     diff = (y_fused - y_generic).abs().max().item()
-    _require(diff <= ATOL, f"T={x.shape[1]}: fused_forward differs from the generic path by {diff:.3g}")
+    _require(diff <= ATOL, f"{who}, T={x.shape[1]}: fused_forward differs from the generic path by {diff:.3g}")
     for index, (g, g_ref) in enumerate(zip(g_fused, g_generic)):
-        _require((g is None) == (g_ref is None), f"gradient {index}: reached on one path only")
+        _require((g is None) == (g_ref is None),
+                 f"{who}: gradient {index} (0 is the input) reaches {'only the fused' if g_ref is None else 'only the generic'} path")
         if g is not None:
             scale = max(g_ref.abs().max().item(), 1.0)
             diff = (g - g_ref).abs().max().item()
-            _require(diff <= ATOL * scale, f"gradient {index} (0 is the input) differs between the paths by {diff:.3g}")
-    return f"T={x.shape[1]}, outputs and {len(g_fused)} gradients"
+            _require(diff <= ATOL * scale, f"{who}: gradient {index} (0 is the input) differs between the paths by {diff:.3g}")
+    return len(g_fused)
+
+
+def _head_fused_equals_generic(a: _Assembly) -> str:
+    """A head that offers ``fused_forward`` must compute what summaries, scan and readout compute.
+
+    Run with every registered encoder of the head's state kind (and the aggregator under test or
+    partnered), since a fused kernel may mishandle one encoder's features only (zero gates, say).
+    """
+    x = torch.randn(BATCH, 3 * CHUNK - 1, D_MODEL, generator=torch.Generator().manual_seed(53))  # [B, T, d]
+    compared, gradients = [], 0
+    for name in a.registry.names("encoder"):
+        info = a.registry.get("encoder", name)
+        if info.state_kind != a.head.state_kind:
+            continue
+        torch.manual_seed(54)
+        encoder = info.cls(ComponentContext(d_model=D_MODEL, chunk_size=CHUNK))
+        context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
+        layer = PSMLayer(encoder, type(a.aggregator)(context), type(a.head)(context), CHUNK)
+        f = encoder.features(a.inputs(3, 52))  # [B, 3, c, ...]
+        if layer.head.fused_forward(layer.encoder, layer.aggregator, f, required=True) is None:
+            continue
+        gradients = _compare_paths(layer, x, f"encoder {name!r}")
+        compared.append(name)
+    if not compared:
+        return "no fused path (the generic one is used)"
+    return f"T={x.shape[1]}, outputs and {gradients} gradients with encoders {', '.join(compared)}"
 
 
 # --- layer checks (every kind) ----------------------------------------------------------------

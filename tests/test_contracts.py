@@ -32,7 +32,11 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
         ("aggregator", "zz_nan", "finite_outputs", "produced NaN or inf"),
         ("aggregator", "zz_fake_assoc", "associativity", "claims associative but (xy)z and x(yz) differ"),
         ("head", "zz_peeking", "causal_within_chunk", "changing chunk token 1 changed outputs at positions < 1"),
-        ("head", "zz_fused_scales_twice", "fused_equals_generic", "T=11: fused_forward differs from the generic path by"),
+        ("head", "zz_fused_scales_twice", "fused_equals_generic",
+         "encoder 'linear_attention', T=11: fused_forward differs from the generic path by"),
+        ("head", "zz_fused_detached", "fused_equals_generic",
+         "encoder 'linear_attention': gradient 0 (0 is the input) reaches only the generic path"),
+        ("head", "zz_fused_no_decay", "fused_equals_generic", "encoder 'gla', T=11: fused_forward differs"),
         ("encoder", "zz_misreports", "state_nbytes_matches_streaming", "B=2, after 1 chunks streaming holds 1024 bytes but state_nbytes accounts for 512"),
     ],
 )

@@ -23,7 +23,9 @@ from triton_kernel_checks import (  # noqa: E402
     check_chunk_half,
     check_chunk_mixed_dtypes,
     check_decay_layer,
+    check_decay_layer_other_chunk,
     check_scan,
+    check_triton_decision,
     chunk_inputs,
 )
 
@@ -102,3 +104,12 @@ def test_chunk_mixed_dtypes() -> None:
 @pytest.mark.parametrize("encoder", ["mamba2", "gla"])
 def test_decay_layer_trains_through_the_triton_kernel(encoder: str) -> None:
     check_decay_layer("cpu", encoder)
+
+
+@pytest.mark.parametrize("encoder", ["mamba2", "gla"])
+def test_decay_layer_at_a_chunk_size_triton_cannot_take(encoder: str) -> None:
+    check_decay_layer_other_chunk("cpu", encoder)
+
+
+def test_triton_decision_follows_chunk_size_and_dtype() -> None:
+    check_triton_decision("cpu")

@@ -132,3 +132,26 @@ def test_launch_options_spill_no_more_than_triton_defaults(dtype: str, chunk: in
             totals[label] += spills[label]
     print(f"spill stores per thread, {dtype}, C={chunk}: " + "; ".join(lines))
     assert totals["chosen"] * 4 <= totals["default"], lines
+
+
+# Shared memory one block of an H100/H200 may use (227 KiB, the sm_90 opt-in limit).
+SM90_SHARED_MEMORY_BYTES = 232_448
+
+
+def test_largest_chunkwise_launch_fits_sm90_shared_memory() -> None:
+    """The affine plugins allow ``key_dim`` up to 256 and train through these kernels on CUDA.
+
+    At the largest launch they can ask for (float32, C = 128, one 256-wide key block) the kernels
+    that hold ``[C, dk]`` and ``[dk, dv]`` tiles in shared memory must still fit one sm_90 block:
+    Triton would otherwise refuse the launch at run time. (The output and scores kernels work on
+    16-step sub-blocks and need less; they take minutes to compile at this size, so are left out.)
+    """
+    from psmsearch.kernels.chunkwise_triton_common import launch_options
+
+    used = {}
+    for name, kernel, constexprs, pointers in _chunkwise_kernels("fp32", 128):
+        if name not in ("chunk states (to end)", "dq dk", "dv"):
+            continue
+        widest = {key: 256 if key in ("BLOCK_K", "BLOCK_X") else value for key, value in constexprs.items()}
+        used[name] = _compile(kernel, widest, pointers, {"num_warps": 4, **launch_options(128)}).metadata.shared
+    assert len(used) == 3 and max(used.values()) <= SM90_SHARED_MEMORY_BYTES, used

@@ -7,6 +7,12 @@ NaN that the comparison reports.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 import torch
 
 from psmsearch.kernels import _dispatch, chunk_gated_linear_attention, first_order_scan
@@ -118,12 +124,12 @@ def check_chunk_half(device: str, dtype: torch.dtype, diagonal: bool, steps: int
 def check_chunk_mixed_dtypes(device: str, steps: int = 70) -> None:
     """bfloat16 queries with float32 keys, values and gates (autocast can give that mix).
 
-    Triton stores ``k`` and ``v`` in ``q``'s dtype: outputs in bfloat16, every gradient in its own
-    input's dtype, all close to the float32 reference on the same rounded values.
+    Outputs in bfloat16, every gradient in its own input's dtype, all close to the float32
+    reference on the same values.
     """
     q, k, v, log_gate, _ = chunk_inputs(device, steps, True, False, dk=32, dv=32)
     mixed = [q.bfloat16(), k, v, log_gate]
-    rounded = [q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), log_gate]
+    rounded = [q.bfloat16().float(), k, v, log_gate]
     results = []
     for inputs, backend in ((mixed, "triton"), (rounded, "reference")):
         leaves = [x.detach().clone().requires_grad_() for x in inputs]
@@ -137,17 +143,8 @@ def check_chunk_mixed_dtypes(device: str, steps: int = 70) -> None:
         torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * scale)
 
 
-def check_decay_layer(device: str, encoder: str, chunk_size: int = 16, steps: int = 37) -> None:
-    """A decay PSM layer's default training pass takes the Triton kernel and equals the generic path.
-
-    ``fused=None`` must hand the pass to :func:`chunk_gated_linear_attention` on Triton (the head's
-    ``fused_forward`` answers with ``required=False``); outputs and the gradients of the input and of
-    every parameter must equal ``fused=False`` (summaries, scan, readout one by one) with every kernel
-    on its PyTorch reference. ``steps`` not a multiple of ``chunk_size`` leaves a partial last chunk.
-    Imports the plugin layer lazily: the GPU script runs this file's kernel checks without it.
-    """
-    import os
-
+def _decay_layer(device: str, encoder: str, chunk_size: int) -> Any:
+    """A small seeded decay PSM layer (imported lazily: the GPU script runs the kernel checks without it)."""
     from psmsearch.composer import PSMLayer
     from psmsearch.config import ModelConfig
 
@@ -156,12 +153,72 @@ def check_decay_layer(device: str, encoder: str, chunk_size: int = 16, steps: in
     torch.manual_seed(0)
     config = ModelConfig(d_model=24, chunk_size=chunk_size, aggregator=aggregator, head=head,
                          encoder={"name": encoder, "heads": 2, "key_dim": 8, "value_dim": 6})
-    layer = PSMLayer.from_config(config).to(device)
+    return PSMLayer.from_config(config).to(device)
+
+
+@contextlib.contextmanager
+def _requested(backend: str | None) -> Iterator[None]:
+    """``PSMSEARCH_KERNEL_BACKEND`` set to ``backend`` (unset for None) inside the block."""
+    saved = os.environ.get(_dispatch.ENV_VAR)
+    if backend is None:
+        os.environ.pop(_dispatch.ENV_VAR, None)
+    else:
+        os.environ[_dispatch.ENV_VAR] = backend
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_dispatch.ENV_VAR, None)
+        else:
+            os.environ[_dispatch.ENV_VAR] = saved
+
+
+def check_triton_decision(device: str) -> None:
+    """Where Triton runs, the default-backend answer follows the chunk size and the dtype."""
+    from psmsearch.kernels.chunkwise import TRITON_CHUNK_SIZES, default_backend_is_triton
+
+    q = torch.zeros(1, 2, 64, 8, device=device)
+    with _requested("triton" if device == "cpu" else None):
+        assert [c for c in range(1, 257) if default_backend_is_triton(q, c)] == list(TRITON_CHUNK_SIZES)
+        assert not default_backend_is_triton(q.double(), 16), "Triton takes no float64"
+
+
+def check_decay_layer_other_chunk(device: str, encoder: str, chunk_size: int = 8) -> None:
+    """At a chunk size Triton cannot take, ``fused=None`` trains on the generic path (no error).
+
+    ``fused=True`` then runs the kernel's reference on CUDA; on the CPU Triton is only reachable as
+    an explicit request (``PSMSEARCH_KERNEL_BACKEND=triton``), which it honours with a clear error.
+    """
+    layer = _decay_layer(device, encoder, chunk_size)
+    x = _randn((2, 37, 24), torch.Generator().manual_seed(1), device)  # [B, T, d]
+    with torch.no_grad(), _requested("triton" if device == "cpu" else None):
+        f = layer.encoder.features(torch.nn.functional.pad(x, (0, 0, 0, 3)).unflatten(1, (5, 8)))  # [B, N, c, ...]
+        assert layer.head.fused_forward(layer.encoder, layer.aggregator, f) is None
+        auto = layer(x)  # [B, T, d]
+        if device == "cpu":
+            with pytest.raises(ValueError, match=r"chunk_size in \(16, 32, 64, 128\)"):
+                layer(x, fused=True)
+            required = auto
+        else:
+            required = layer(x, fused=True)  # [B, T, d]
+    with _requested("reference"):
+        generic = layer(x, fused=False)  # [B, T, d]
+    torch.testing.assert_close(auto, generic, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(required, generic, rtol=1e-4, atol=1e-4)
+
+
+def check_decay_layer(device: str, encoder: str, chunk_size: int = 16, steps: int = 37) -> None:
+    """A decay PSM layer's default training pass takes the Triton kernel and equals the generic path.
+
+    ``fused=None`` must hand the pass to :func:`chunk_gated_linear_attention` on Triton (the head's
+    ``fused_forward`` answers with ``required=False``); outputs and the gradients of the input and of
+    every parameter must equal ``fused=False`` (summaries, scan, readout one by one) with every kernel
+    on its PyTorch reference. ``steps`` not a multiple of ``chunk_size`` leaves a partial last chunk.
+    """
+    layer = _decay_layer(device, encoder, chunk_size)
     x = _randn((2, steps, 24), torch.Generator().manual_seed(1), device).requires_grad_(True)  # [B, T, d]
     params = [x, *layer.parameters()]
-    saved = os.environ.get(_dispatch.ENV_VAR)
-    try:
-        os.environ[_dispatch.ENV_VAR] = "triton" if device == "cpu" else ""
+    with _requested("triton" if device == "cpu" else None):
         n_chunks = -(-steps // chunk_size)
         padded = torch.nn.functional.pad(x, (0, 0, 0, n_chunks * chunk_size - steps))  # [B, N*c, d]
         f = layer.encoder.features(padded.unflatten(1, (n_chunks, chunk_size)))  # [B, N, c, ...]
@@ -169,14 +226,9 @@ def check_decay_layer(device: str, encoder: str, chunk_size: int = 16, steps: in
         with _dispatch.poisoned_outputs():
             fused = layer(x)  # [B, T, d]
         fused_grads = _grads(fused, params, poisoned=True)
-        os.environ[_dispatch.ENV_VAR] = "reference"
+    with _requested("reference"):
         generic = layer(x, fused=False)  # [B, T, d]
         generic_grads = _grads(generic, params, poisoned=False)
-    finally:
-        if saved is None:
-            os.environ.pop(_dispatch.ENV_VAR, None)
-        else:
-            os.environ[_dispatch.ENV_VAR] = saved
     torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4, msg=lambda m: f"{encoder} outputs: {m}")
     for g, g_ref in zip(fused_grads, generic_grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-4, msg=lambda m: f"{encoder} gradients: {m}")

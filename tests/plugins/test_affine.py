@@ -20,8 +20,8 @@ from psmsearch.config import ModelConfig
 from psmsearch.errors import ConfigError, IncompatibleComponentsError, PSMSearchError
 from psmsearch.kernels.chunkwise import chunk_gated_linear_attention
 from psmsearch.model import build_model
-from psmsearch.registry import get_registry
 from psmsearch.plugins.affine import AffineScalarAggregator
+from psmsearch.registry import get_registry
 from psmsearch.scan import prefix_scan
 
 D_MODEL = 24
@@ -222,6 +222,7 @@ def test_default_path_on_the_cpu_is_the_generic_one(encoder: str) -> None:
 
 
 def test_triton_decision_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Chunk sizes and dtypes Triton cannot take are tested where it can run: interpret_triton_cases.py.)"""
     from psmsearch.kernels import _dispatch
     from psmsearch.kernels.chunkwise import default_backend_is_triton
 
@@ -232,9 +233,8 @@ def test_triton_decision_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(_dispatch.ENV_VAR, requested)
         assert not default_backend_is_triton(q, 16), requested
     monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
-    assert default_backend_is_triton(q, 16) == _dispatch.interpret_enabled()
-    assert not default_backend_is_triton(q, 7), "the Triton kernels take chunk sizes 16..128 only"
-    assert not default_backend_is_triton(q.double(), 16), "Triton takes no float64"
+    assert not _dispatch.interpret_enabled()
+    assert not default_backend_is_triton(q, 16), "Triton on CPU tensors needs the interpreter: False, no error"
 
 
 class _ClippedScalarAggregator(AffineScalarAggregator):
@@ -268,6 +268,30 @@ def test_fused_path_is_refused_for_components_it_does_not_compute() -> None:
         layer(x, scan_mode="tree", fused=True)
 
 
+@pytest.mark.parametrize(("kwargs", "expected_calls"), [
+    ({}, [False]),
+    ({"fused": True}, [True]),
+    ({"fused": False}, []),
+    ({"scan_mode": "tree"}, []),
+    ({"scan_mode": "sequential"}, []),
+])
+def test_layer_asks_the_head_for_the_fused_path_only_where_it_may(kwargs: dict, expected_calls: list) -> None:
+    """``fused=None`` asks with ``required=False`` (auto scan only), ``True`` with ``required=True``."""
+    layer = make_layer("gla", 4)
+    calls = []
+    offer = layer.head.fused_forward
+
+    def recording(encoder, aggregator, f, *, required=False):  # noqa: ANN001, ANN202
+        calls.append(required)
+        return offer(encoder, aggregator, f, required=required)
+
+    layer.head.fused_forward = recording
+    with torch.no_grad():
+        y = layer(inputs(), **kwargs)
+        assert_close(y, make_layer("gla", 4)(inputs(), fused=False), f"{kwargs}")
+    assert calls == expected_calls
+
+
 def _passthrough(method: str):  # noqa: ANN202
     """An override of ``method`` that only calls the parent's: same results, a different function."""
     def override(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -278,7 +302,7 @@ def _passthrough(method: str):  # noqa: ANN202
 
 @pytest.mark.parametrize(("component", "method"), [
     ("encoder", "summarize"), ("aggregator", "forward"), ("aggregator", "scan"),
-    ("aggregator", "initial_state"), ("head", "readout"),
+    ("aggregator", "initial_state"), ("head", "readout"), ("head", "forward"),
 ])
 def test_any_override_of_what_the_kernel_replaces_takes_the_generic_path(component: str, method: str) -> None:
     """The kernel computes the built-in formulas; a subclass that overrides one of them is not fused."""
@@ -298,9 +322,11 @@ def test_any_override_of_what_the_kernel_replaces_takes_the_generic_path(compone
 @pytest.mark.parametrize("encoder", ["mamba2", "gla"])
 def test_decay_layer_trains_through_triton_on_cuda(encoder: str) -> None:
     sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
-    from triton_kernel_checks import check_decay_layer
+    from triton_kernel_checks import check_decay_layer, check_decay_layer_other_chunk, check_triton_decision
 
     check_decay_layer("cuda", encoder, chunk_size=64, steps=200)
+    check_decay_layer_other_chunk("cuda", encoder)
+    check_triton_decision("cuda")
 
 
 @pytest.mark.parametrize("encoder", DECAY_ENCODERS)
