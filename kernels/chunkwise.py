@@ -54,7 +54,8 @@ def chunk_gated_linear_attention(
 
     Args:
         q, k: ``[B, H, T, dk]``; v: ``[B, H, T, dv]``. They may differ in dtype (as
-            under autocast); both backends compute in float32 or wider.
+            under autocast); both backends accumulate in float32 or wider
+            (Triton's matmuls use tf32 products when ``q`` is 16-bit).
         log_gate: ``[B, H, T]`` (scalar gate per head) or ``[B, H, T, dk]``
             (diagonal, per key channel), values ``<= 0``.
         chunk_size: steps per chunk; ``T`` need not be a multiple. The Triton

@@ -11,8 +11,10 @@ is sequential and LLVM vectorises the row loop.
 ``a [B, T, R]``; or *grouped*, one gate per run of ``K`` consecutive state
 elements, ``a [B, T, G]`` with ``R = G K``. A scalar gate per head
 (``[B, T, H, 1, 1]`` against ``b [B, T, H, dk, dv]``) is ``G = H``; a diagonal
-gate (``[B, T, H, dk, 1]``) is ``G = H dk``. Any other broadcast (over batch or
-time, or one that skips a middle dim) is expanded to the full layout first.
+gate (``[B, T, H, dk, 1]``) is ``G = H dk``. Batch and time may each be 1 (a
+gate shared by all items or all steps, such as a fixed decay): the kernels
+read that one row, nothing is copied. A broadcast that skips a middle state
+dim is expanded to the full layout first.
 
 **Parallelism**: batch items run on up to ``torch.get_num_threads()`` threads
 (the kernels release the GIL). One item stays on one thread. On the 2-core
@@ -78,6 +80,18 @@ def _touch(x: np.ndarray, t_lo: int, t_hi: int) -> float:  # pragma: no cover - 
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
+def _row(x: np.ndarray, t: int) -> np.ndarray:  # pragma: no cover - compiled
+    """``x[t]``, or ``x[0]`` where ``x`` has one row (a gate broadcast over that dim)."""
+    return x[t] if x.shape[0] > 1 else x[0]
+
+
+@numba.njit(nogil=True, cache=True)
+def _touch_gates(a: np.ndarray, t_lo: int, t_hi: int) -> float:  # pragma: no cover - compiled
+    """:func:`_touch` for a gate table, which has one row when it is broadcast over time."""
+    return _touch(a, t_lo, t_hi) if a.shape[0] > 1 else 0.0
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
 def _advance(a_t: np.ndarray, b_t: np.ndarray, h: np.ndarray, out_t: np.ndarray) -> None:  # pragma: no cover
     """One step ``h = a_t ▷ h + b_t``, copied to ``out_t`` (``out_t`` may be ``h``)."""
     width, groups = h.shape[0], a_t.shape[0]
@@ -102,21 +116,21 @@ def _forward_item(a: np.ndarray, b: np.ndarray, h: np.ndarray, out: np.ndarray,
                   reverse: bool, rows: int) -> float:  # pragma: no cover - compiled
     """Scan one batch item from state ``h [R]`` (advanced in place) into ``out [T, R]``.
 
-    ``a [T, G]``, ``b [T, R]``. A ``reverse`` scan walks memory downwards, so it
-    goes in blocks of ``rows`` time steps, each touched ascending first.
+    ``a [T or 1, G]``, ``b [T, R]``. A ``reverse`` scan walks memory downwards, so
+    it goes in blocks of ``rows`` time steps, each touched ascending first.
     """
     steps = b.shape[0]
     touched = 0.0
     if not reverse:
         for t in range(steps):
-            _advance(a[t], b[t], h, out[t])
+            _advance(_row(a, t), b[t], h, out[t])
         return touched
     t_hi = steps
     while t_hi > 0:
         t_lo = max(0, t_hi - rows)
-        touched += _touch(a, t_lo, t_hi) + _touch(b, t_lo, t_hi) + _touch(out, t_lo, t_hi)
+        touched += _touch_gates(a, t_lo, t_hi) + _touch(b, t_lo, t_hi) + _touch(out, t_lo, t_hi)
         for t in range(t_hi - 1, t_lo - 1, -1):
-            _advance(a[t], b[t], h, out[t])
+            _advance(_row(a, t), b[t], h, out[t])
         t_hi = t_lo
     return touched
 
@@ -124,10 +138,10 @@ def _forward_item(a: np.ndarray, b: np.ndarray, h: np.ndarray, out: np.ndarray,
 @numba.njit(nogil=True, cache=True)
 def _forward_items(a: np.ndarray, b: np.ndarray, h: np.ndarray, out: np.ndarray, reverse: bool,
                    rows: int, first: int, stop: int) -> float:  # pragma: no cover - compiled
-    """:func:`_forward_item` for batch items ``first .. stop-1`` (every array has the batch dim)."""
+    """:func:`_forward_item` for batch items ``first .. stop-1`` (``a`` may have one item for all)."""
     touched = 0.0
     for i in range(first, stop):
-        touched += _forward_item(a[i], b[i], h[i], out[i], reverse, rows)
+        touched += _forward_item(_row(a, i), b[i], h[i], out[i], reverse, rows)
     return touched
 
 
@@ -156,7 +170,7 @@ def _backward_item(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray,
 
     At position ``p`` (time ``t``): ``acc = g_p = dh_p + a_{p+1} ▷ g_{p+1}``,
     stored in ``g_out [T, R]``, and ``da_p = g_p ⊙ h_{p-1}`` summed per gate into
-    ``da [T, G]`` (``h_{-1} = h0``). ``a [T, G]``, ``h``/``dh [T, R]``, ``acc [R]``
+    ``da [T, G]`` (``h_{-1} = h0``). ``a [T or 1, G]``, ``h``/``dh [T, R]``, ``acc [R]``
     scratch. Unless ``reverse``, the walk descends in memory, so it goes in
     blocks of ``rows`` positions, each touched ascending first.
     """
@@ -170,7 +184,7 @@ def _backward_item(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray,
         p_lo = max(0, p_hi - rows)
         if not reverse:
             t_lo, t_hi = max(p_lo - 1, 0), min(p_hi + 1, steps)   # rows of a and h the block reads
-            touched += _touch(a, t_lo, t_hi) + _touch(dh, p_lo, p_hi) + _touch(g_out, p_lo, p_hi)
+            touched += _touch_gates(a, t_lo, t_hi) + _touch(dh, p_lo, p_hi) + _touch(g_out, p_lo, p_hi)
             if need_da:
                 touched += _touch(h, t_lo, t_hi) + _touch(da, p_lo, p_hi)
         for p in range(p_hi - 1, p_lo - 1, -1):
@@ -179,7 +193,7 @@ def _backward_item(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray,
                 acc[:] = dh[t]
                 g_out[t] = acc
             else:
-                _advance(a[t + step], dh[t], acc, g_out[t])
+                _advance(_row(a, t + step), dh[t], acc, g_out[t])
             if need_da:
                 _gate_gradient(acc, h[t - step] if p > 0 else h0, da[t])
         p_hi = p_lo
@@ -190,10 +204,11 @@ def _backward_item(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray,
 def _backward_items(a: np.ndarray, h: np.ndarray, h0: np.ndarray, dh: np.ndarray, g_out: np.ndarray,
                     da: np.ndarray, acc: np.ndarray, reverse: bool, need_da: bool, rows: int,
                     first: int, stop: int) -> float:  # pragma: no cover - compiled
-    """:func:`_backward_item` for batch items ``first .. stop-1`` (every array has the batch dim)."""
+    """:func:`_backward_item` for batch items ``first .. stop-1`` (``a`` may have one item for all)."""
     touched = 0.0
     for i in range(first, stop):
-        touched += _backward_item(a[i], h[i], h0[i], dh[i], g_out[i], da[i], acc[i], reverse, need_da, rows)
+        touched += _backward_item(_row(a, i), h[i], h0[i], dh[i], g_out[i], da[i], acc[i], reverse, need_da,
+                                  rows)
     return touched
 
 
@@ -251,10 +266,11 @@ def _run_over_batch(kernel: Callable[..., float], args: tuple[Any, ...], batch: 
 def _gate_groups(a_shape: torch.Size, b_shape: torch.Size) -> int | None:
     """Number of gate groups ``G`` if ``a`` is full or grouped over ``b``, else None (expand it).
 
-    Grouped means ``a`` matches ``b`` on batch, time and a leading run of state
-    dims, and is 1 on every state dim after it.
+    Grouped means ``a`` matches ``b`` on a leading run of state dims and is 1 on
+    every state dim after it. Batch and time may each be ``b``'s or 1 (the
+    kernels then read the one row for all: no expanded copy).
     """
-    if a_shape[:2] != b_shape[:2]:
+    if any(size not in (1, full) for size, full in zip(a_shape[:2], b_shape[:2])):
         return None
     state_a, state_b = a_shape[2:], b_shape[2:]
     split = 0
@@ -266,13 +282,17 @@ def _gate_groups(a_shape: torch.Size, b_shape: torch.Size) -> int | None:
 
 
 def _gate_table(a: torch.Tensor, b_shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Size]:
-    """``a`` as a contiguous ``[B, T, G]`` table, and the shape its gradient comes back in."""
+    """``a`` as a contiguous ``[B or 1, T or 1, G]`` table, and the shape its gradient comes back in.
+
+    The gradient has ``b``'s batch and time dims (one entry per scan position); the caller sums it
+    down to ``a``'s shape.
+    """
     groups = _gate_groups(a.shape, b_shape)
     if groups is None:
         a = a.expand(b_shape)
         groups = math.prod(b_shape[2:])
-    table = a.to(dtype).contiguous().view(b_shape[0], b_shape[1], groups)  # [B, T, G]
-    return table, a.shape
+    table = a.to(dtype).contiguous().view(a.shape[0], a.shape[1], groups)  # [B|1, T|1, G]
+    return table, b_shape[:2] + a.shape[2:]
 
 
 def _state_table(h0: torch.Tensor | None, state_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -293,7 +313,7 @@ def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
     dtype = _dispatch.compute_dtype(a, b)
     batch, steps = b.shape[:2]
     width = math.prod(b.shape[2:])
-    gates, _ = _gate_table(a, b.shape, dtype)                                # [B, T, G]
+    gates, _ = _gate_table(a, b.shape, dtype)                                # [B|1, T|1, G]
     inputs = b.to(dtype).contiguous().view(batch, steps, width)             # [B, T, R]
     states = _state_table(h0, b.shape[:1] + b.shape[2:], dtype).clone()     # [B, R], advanced in place
     out = _dispatch.new_output((batch, steps, width), dtype, b.device)     # [B, T, R]
@@ -314,12 +334,13 @@ def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh:
     batch, steps = h.shape[:2]
     width = math.prod(h.shape[2:])
     state_shape = h.shape[:1] + h.shape[2:]
-    gates, gate_shape = _gate_table(a, h.shape, dtype)                     # [B, T, G]
+    gates, gate_shape = _gate_table(a, h.shape, dtype)                     # [B|1, T|1, G]
     states = h.to(dtype).contiguous().view(batch, steps, width)           # [B, T, R]
     grads = dh.to(dtype).contiguous().view(batch, steps, width)           # [B, T, R]
     start = _state_table(h0, state_shape, dtype)                          # [B, R]
     db = _dispatch.new_output((batch, steps, width), dtype, h.device)     # [B, T, R]
-    da = _dispatch.new_output(gates.shape if need_da else (batch, 0, gates.shape[2]), dtype, h.device)
+    da_shape = (batch, steps if need_da else 0, gates.shape[2])
+    da = _dispatch.new_output(da_shape, dtype, h.device)                  # [B, T, G]
     accs = torch.empty(batch, width, dtype=dtype)                         # [B, R]: scratch for g_p
     if not db.numel():
         dh0 = torch.zeros(batch, width, dtype=dtype)

@@ -36,7 +36,9 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
          "encoder 'linear_attention', T=11: fused_forward differs from the generic path by"),
         ("head", "zz_fused_detached", "fused_equals_generic",
          "encoder 'linear_attention': gradient 0 (0 is the input) reaches only the generic path"),
-        ("head", "zz_fused_no_decay", "fused_equals_generic", "encoder 'gla', T=11: fused_forward differs"),
+        ("head", "zz_fused_no_decay", "fused_equals_generic", "encoder 'mamba2', T=11: fused_forward differs"),
+        ("head", "zz_fused_raises", "fused_equals_generic",
+         "encoder 'gla': raised RuntimeError: kernel: unsupported layout"),
         ("encoder", "zz_misreports", "state_nbytes_matches_streaming", "B=2, after 1 chunks streaming holds 1024 bytes but state_nbytes accounts for 512"),
     ],
 )

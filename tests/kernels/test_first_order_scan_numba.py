@@ -91,19 +91,33 @@ def test_many_blocks_and_an_uneven_thread_split(gate: str, reverse: bool, thread
     _check_against_loop(*_inputs(5, 63, GATE_SHAPES[gate], with_h0=True), reverse)
 
 
-def test_gates_broadcast_over_batch_and_time() -> None:
-    a, b, h0 = _inputs(3, 130, GATE_SHAPES["diagonal"], with_h0=True)
-    a = a[:1, :1].clone()
-    a_full = a.detach().expand(b.shape[:2] + a.shape[2:]).clone().requires_grad_()
-    a.requires_grad_()
-    b.requires_grad_()
-    got = first_order_scan(a, b, h0, backend="numba")
-    want = naive_first_order_scan(a_full, b, h0, False)
+@pytest.mark.parametrize("gate", ["scalar", "diagonal", "full", "one"])
+@pytest.mark.parametrize("shared", ["batch", "time", "both"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gates_shared_over_batch_or_time(gate: str, shared: str, reverse: bool, threads: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gate with batch and/or time of size 1 is read in place (no expanded copy) and its gradient
+    is summed over what it is shared by; in 5-step touched blocks, 5 items on 3 threads."""
+    from psmsearch.kernels import first_order_scan_numba as compiled
+
+    monkeypatch.setattr(compiled, "_BLOCK_ELEMENTS", 5 * 24)
+    monkeypatch.setattr(compiled, "_MIN_ELEMENTS_PER_THREAD", 1)
+    torch.set_num_threads(3)
+    a, b, h0 = _inputs(5, 63, GATE_SHAPES[gate], with_h0=True)
+    a = a[: 1 if shared in ("batch", "both") else None, : 1 if shared in ("time", "both") else None].clone()
+    table, grad_shape = compiled._gate_table(a, b.shape, torch.float64)
+    assert table.shape[:2] == a.shape[:2] and table.numel() == a.numel(), "the shared gate must not be copied"
+    assert grad_shape[:2] == b.shape[:2]
+    inputs = [x.requires_grad_() for x in (a, b, h0)]
+    with _dispatch.poisoned_outputs():
+        got = first_order_scan(a, b, h0, reverse=reverse, backend="numba")
+        upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=got.dtype)
+        grads = torch.autograd.grad(got, inputs, upstream)
+    want = naive_first_order_scan(a.expand(*b.shape[:2], *a.shape[2:]), b, h0, reverse)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(got)
-    (da_got,) = torch.autograd.grad(got, [a], upstream)
-    (da_want,) = torch.autograd.grad(want, [a_full], upstream)
-    torch.testing.assert_close(da_got, da_want.sum(dim=(0, 1), keepdim=True), rtol=1e-10, atol=1e-10)
+    for name, g_got, g_want in zip("a b h0".split(), grads, torch.autograd.grad(want, inputs, upstream)):
+        assert g_got.shape == g_want.shape, name
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -227,6 +227,7 @@ def test_triton_decision_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     from psmsearch.kernels.chunkwise import default_backend_is_triton
 
     q = torch.zeros(1, 2, 64, 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     assert not default_backend_is_triton(q, 16), "CPU tensors without a request run the reference"
     for requested in ("numba", "bogus", "reference"):
@@ -266,6 +267,16 @@ def test_fused_path_is_refused_for_components_it_does_not_compute() -> None:
         delta(x, fused=True)
     with pytest.raises(ValueError, match="scan_mode must be 'auto'"):
         layer(x, scan_mode="tree", fused=True)
+
+
+@pytest.mark.parametrize("requested", ["numba", "reference"])
+def test_required_fused_path_runs_the_reference_where_the_kernel_lacks_the_backend_asked_for(
+        requested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PSMSEARCH_KERNEL_BACKEND=numba`` is a valid CPU setting; the chunkwise kernel has no numba."""
+    monkeypatch.setenv("PSMSEARCH_KERNEL_BACKEND", requested)
+    layer = make_layer("gla", 16)
+    with torch.no_grad():
+        assert_close(layer(inputs(), fused=True), layer(inputs(), fused=False), f"{requested} fused vs generic")
 
 
 @pytest.mark.parametrize(("kwargs", "expected_calls"), [
