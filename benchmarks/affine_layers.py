@@ -18,15 +18,14 @@ Usage: ``python benchmarks/affine_layers.py [--cpu-only | --cuda-only] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_timing import best_cpu_times, cuda_median_ms
+from bench_cli import device_benchmark_main
+from bench_timing import best_cpu_times, cuda_time_and_peak
 
 from psmsearch.composer import PSMLayer
 from psmsearch.config import ModelConfig
@@ -94,16 +93,6 @@ def cpu_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def _cuda_measure(fn: Callable[[], object], reps: int) -> tuple[float, int]:
-    """Median CUDA-event milliseconds and peak bytes one call allocates beyond what was live."""
-    ms = cuda_median_ms(fn, reps)
-    torch.cuda.reset_peak_memory_stats()
-    live = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return ms, torch.cuda.max_memory_allocated() - live
-
-
 def cuda_rows(quick: bool) -> list[Row]:
     """Generic vs fused (Triton) on CUDA, with peak memory."""
     x = _inputs(CUDA_SHAPE, "cuda")
@@ -116,7 +105,7 @@ def cuda_rows(quick: bool) -> list[Row]:
                     row: Row = {"dtype": str(dtype).replace("torch.", ""), "encoder": encoder, "chunk": chunk,
                                 "pass": "fwd+bwd" if backward else "fwd"}
                     for path in ("generic", "fused"):
-                        ms, peak = _cuda_measure(layer_pass(layer, x, path == "fused", backward, dtype),
+                        ms, peak = cuda_time_and_peak(layer_pass(layer, x, path == "fused", backward, dtype),
                                                  3 if quick else 5)
                         row[f"{path}_ms"], row[f"{path}_peak_bytes"] = ms, peak
                     row["generic_over_fused"] = row["generic_ms"] / row["fused_ms"]
@@ -156,33 +145,10 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    only = parser.add_mutually_exclusive_group()
-    only.add_argument("--cpu-only", action="store_true", help="skip the CUDA part")
-    only.add_argument("--cuda-only", action="store_true", help="skip the CPU part")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
-    args = parser.parse_args(argv)
-    if args.from_json:
-        with open(args.from_json) as fh:
-            print_tables(json.load(fh))
-        return
-    result: dict[str, Any] = {"threads": torch.get_num_threads()}
-    if not args.cuda_only:
-        result["cpu_shape"] = CPU_SHAPE_QUICK if args.quick else CPU_SHAPE
-        result["cpu"] = cpu_rows(args.quick)
-    if args.cpu_only:
-        pass
-    elif torch.cuda.is_available():
-        result["cuda_device"] = torch.cuda.get_device_name()
-        result["cuda"] = cuda_rows(args.quick)
-    else:
-        result["cuda_note"] = "no CUDA device (torch.cuda.is_available() is False)"
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+    device_benchmark_main(argv, __doc__.splitlines()[0],
+                          lambda args: {"threads": torch.get_num_threads(),
+                                        "cpu_shape": CPU_SHAPE_QUICK if args.quick else CPU_SHAPE},
+                          cpu_rows, cuda_rows, print_tables)
 
 
 if __name__ == "__main__":

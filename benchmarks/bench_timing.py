@@ -47,3 +47,13 @@ def cuda_median_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> floa
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def cuda_time_and_peak(fn: Callable[[], object], reps: int) -> tuple[float, int]:
+    """Median CUDA-event milliseconds, and the peak bytes one call allocates beyond what was live."""
+    ms = cuda_median_ms(fn, reps)
+    torch.cuda.reset_peak_memory_stats()
+    live = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() - live

@@ -21,16 +21,15 @@ Usage: ``python benchmarks/chunkwise.py [--cpu-only | --cuda-only] [--quick] [--
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from bench_cli import device_benchmark_main
 from bench_timing import best_cpu_time as _cpu_time
-from bench_timing import cuda_median_ms
+from bench_timing import cuda_time_and_peak
 
 from psmsearch.kernels import chunk_gated_linear_attention
 
@@ -141,16 +140,6 @@ def _in_default_launch(step: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _cuda_measure(fn: Callable[[], object], reps: int) -> tuple[float, int]:
-    """Median CUDA-event milliseconds and peak bytes allocated during one call, beyond what was live."""
-    ms = cuda_median_ms(fn, reps)
-    torch.cuda.reset_peak_memory_stats()
-    live = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return ms, torch.cuda.max_memory_allocated() - live
-
-
 def cuda_rows(quick: bool) -> list[Row]:
     """Triton vs reference on CUDA."""
     rows = []
@@ -168,7 +157,7 @@ def cuda_rows(quick: bool) -> list[Row]:
                             case = _with_backward(fn, inputs) if backward else (lambda fn=fn, xs=inputs: fn(*xs))
                             if name == "triton_default_launch" and backward:
                                 case = _in_default_launch(case)
-                            ms, peak = _cuda_measure(case, 3 if quick else 5)
+                            ms, peak = cuda_time_and_peak(case, 3 if quick else 5)
                             row[f"{name}_ms"], row[f"{name}_peak_bytes"] = ms, peak
                         row["speedup"] = row["reference_ms"] / row["triton_ms"]
                         row["default_launch_over_options"] = row["triton_default_launch_ms"] / row["triton_ms"]
@@ -212,31 +201,9 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    only = parser.add_mutually_exclusive_group()
-    only.add_argument("--cpu-only", action="store_true", help="skip the CUDA part")
-    only.add_argument("--cuda-only", action="store_true", help="skip the CPU part")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
-    args = parser.parse_args(argv)
-    if args.from_json:
-        with open(args.from_json) as handle:
-            print_tables(json.load(handle))
-        return
-    result: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    if not args.cuda_only:
-        result["cpu"] = cpu_rows(args.quick)
-    if not args.cpu_only:
-        if torch.cuda.is_available():
-            result["cuda_device"] = torch.cuda.get_device_name()
-            result["cuda"] = cuda_rows(args.quick)
-        else:
-            result["cuda_note"] = "n/a: torch.cuda.is_available() is False"
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result)
+    device_benchmark_main(argv, __doc__.splitlines()[0],
+                          lambda args: {"torch": torch.__version__, "threads": torch.get_num_threads()},
+                          cpu_rows, cuda_rows, print_tables)
 
 
 if __name__ == "__main__":

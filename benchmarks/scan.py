@@ -88,6 +88,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+from bench_cli import device_benchmark_parser, print_saved  # noqa: E402
 from bench_timing import best_cpu_time as _cpu_time  # noqa: E402
 from bench_timing import best_cpu_times as _cpu_times  # noqa: E402
 from bench_timing import cuda_median_ms as _cuda_time  # noqa: E402
@@ -381,15 +382,9 @@ def print_cuda_table(rows: list[Row], device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    only = parser.add_mutually_exclusive_group()
-    only.add_argument("--cpu-only", action="store_true", help="skip the CUDA part")
-    only.add_argument("--cuda-only", action="store_true", help="skip the CPU part")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
+    parser = device_benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--model-sizes", action="store_true",
                         help="also time numba against the reference at aggregator-sized scans (CPU)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json run")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-thp", action="store_true",
                         help=f"set {THP_ENV}=0 instead of 1 (read before torch is imported, when run as a script)")
@@ -397,8 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.from_json:
-        with open(args.from_json) as handle:
-            print_tables(json.load(handle), cpu_only=False)
+        print_saved(args.from_json, lambda result: print_tables(result, cpu_only=False))
         return
     result = run(args)
     if args.json:

@@ -56,12 +56,22 @@ def test_scan_numba_kernel_column_is_the_same_scan() -> None:
 
 
 @pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
+def _run_and_reprint(name: str, tmp_path: Path, *flags: str) -> tuple[dict, str]:
+    """Run ``benchmarks/NAME.py --cpu-only --quick --json FLAGS``; return its result and the table that
+    ``--from-json`` prints from the saved output."""
+    script = BENCHMARKS / f"{name}.py"
+    run = subprocess.run([sys.executable, str(script), "--cpu-only", "--quick", "--json", *flags],
+                         capture_output=True, text=True, timeout=300, check=True)
+    saved = tmp_path / f"{name}.json"
+    saved.write_text(run.stdout)
+    table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    return json.loads(run.stdout), table
+
+
 def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     scan = _load("scan")
-    script = BENCHMARKS / "scan.py"
-    run = subprocess.run([sys.executable, str(script), "--cpu-only", "--quick", "--model-sizes", "--json"],
-                         capture_output=True, text=True, timeout=300, check=True)
-    result = json.loads(run.stdout)
+    result, table = _run_and_reprint("scan", tmp_path, "--model-sizes")
     assert [(r["rows"], r["T"]) for r in result["cpu"]] == [(16, 65536), (512, 16384), (2048, 4096)]
     assert all(r["numba_ms"] > 0 and r["numba_kernel_ms"] > 0 and r["reference_ms"] > 0 for r in result["cpu"])
     assert all(r["add_ms"] > 0 and r["loop_over_add"] == pytest.approx(r["loop_ms"] / r["add_ms"])
@@ -69,10 +79,6 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     assert {(r["T"], r["gate"], r["pass"]) for r in result["cpu_model_sizes"]} == {
         (shape[1], gate, kind) for shape in scan.MODEL_SHAPES
         for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
-    saved = tmp_path / "scan.json"
-    saved.write_text(run.stdout)
-    table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
-                           capture_output=True, text=True, timeout=60, check=True).stdout
     assert "loop/numba" in table and "ref/numba" in table and "loop/(a+b)" in table
 
 
@@ -97,18 +103,11 @@ def test_scan_benchmark_asks_for_huge_pages_unless_told_otherwise(monkeypatch: p
 
 
 def test_chunkwise_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
-    script = BENCHMARKS / "chunkwise.py"
-    run = subprocess.run([sys.executable, str(script), "--cpu-only", "--quick", "--json"],
-                         capture_output=True, text=True, timeout=300, check=True)
-    result = json.loads(run.stdout)
+    result, table = _run_and_reprint("chunkwise", tmp_path)
     rows = result["cpu"]
     assert {(r["gate"], r["pass"]) for r in rows} == {
         (gate, kind) for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
     assert all(r["reference_ms"] > 0 and r["loop_ms"] > 0 for r in rows)
-    saved = tmp_path / "chunkwise.json"
-    saved.write_text(run.stdout)
-    table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
-                           capture_output=True, text=True, timeout=60, check=True).stdout
     assert "T | gate | pass | reference ms" in table and "loop/ref" in table
 
 
@@ -138,16 +137,9 @@ def test_affine_layers_benchmark_paths_compute_the_same_layer() -> None:
 
 
 def test_affine_layers_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
-    script = BENCHMARKS / "affine_layers.py"
-    run = subprocess.run([sys.executable, str(script), "--cpu-only", "--quick", "--json"],
-                         capture_output=True, text=True, timeout=300, check=True)
-    result = json.loads(run.stdout)
+    result, table = _run_and_reprint("affine_layers", tmp_path)
     rows = result["cpu"]
     assert {(r["encoder"], r["pass"]) for r in rows} == {
         (encoder, kind) for encoder in ("mamba2", "gla") for kind in ("fwd", "fwd+bwd")}
     assert all(r["generic_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
-    saved = tmp_path / "affine_layers.json"
-    saved.write_text(run.stdout)
-    table = subprocess.run([sys.executable, str(script), "--from-json", str(saved)],
-                           capture_output=True, text=True, timeout=60, check=True).stdout
     assert "encoder | chunk | pass | generic ms" in table and "generic/fused" in table
