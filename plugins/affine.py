@@ -16,9 +16,11 @@ state kind          encoders               ``E_t``           aggregator         
 ``affine-dense``    ``deltanet``           ``I - β k kᵀ``    ``affine_dense``     ``linear_readout_dense``
 ==================  =====================  ================  ===================  ======================
 
-Representation. Encoder features are ``(q, k, v, gate)`` with the chunk axis right after the batch
-dims: ``q, k [*, c, H, dk]``, ``v [*, c, H, dv]``; the gate is the token's log-decay
-``[*, c, H, 1]`` (scalar kinds) or ``[*, c, H, dk]`` (diagonal), or DeltaNet's ``β [*, c, H]``.
+Representation. Encoder features are ``(q, k, v, gate, out_gate)`` with the chunk axis right after
+the batch dims: ``q, k [*, c, H, dk]``, ``v [*, c, H, dv]``; the gate is the token's log-decay
+``[*, c, H, 1]`` (scalar kinds) or ``[*, c, H, dk]`` (diagonal), or DeltaNet's ``β [*, c, H]``;
+``out_gate [*, c, H, dv]`` are the output gate's logits (GLA's ``r``, Mamba2's ``z``), or
+``[*, c, H, 0]`` when the encoder's ``output_gate`` is off.
 Scalar and diagonal decays are one code path: a scalar gate is a diagonal one of width 1 that
 broadcasts over ``dk``. Their states store ``E`` as its logarithm (``log E [*, H]`` or
 ``[*, H, dk]``, identity 0) so that cumulative transitions are sums of log-decays, never products
@@ -51,7 +53,7 @@ SCALAR = "affine-scalar"
 DIAG = "affine-diag"
 DENSE = "affine-dense"
 
-Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (q, k, v, gate)
+Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (q, k, v, gate, out_gate)
 AffineState = tuple[torch.Tensor, torch.Tensor]  # (log E or E, S)
 
 HEADS = HyperParameter(
@@ -63,7 +65,11 @@ FEATURE_MAP = HyperParameter(
     "feature_map", "categorical", "identity", choices=("identity", "elu1", "silu"),
     help="elementwise map applied to queries and keys before scaling / normalisation",
 )
-SHARED_HYPERPARAMETERS = (HEADS, KEY_DIM, VALUE_DIM, FEATURE_MAP)
+OUTPUT_GATE = HyperParameter(
+    "output_gate", "bool", False,
+    help="multiply the head's normalised readout by swish(W x) per value channel (GLA's r, Mamba2's z)",
+)
+SHARED_HYPERPARAMETERS = (HEADS, KEY_DIM, VALUE_DIM, FEATURE_MAP, OUTPUT_GATE)
 NORM = HyperParameter("norm", "bool", True, help="per-head RMSNorm of the readout before the output projection")
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -92,7 +98,7 @@ def _decay_summary(k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor) -> Aff
 
 def _decay_readout(prefix: torch.Tensor, f: Features) -> torch.Tensor:
     """``o_t = S_tᵀ q_t`` for scalar/diagonal decays: the decayed prefix plus the causal chunk part."""
-    q, k, v, log_a = f  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
+    q, k, v, log_a = f[:4]  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
     cum = log_a.cumsum(dim=-3)  # [*, c', H, g]
     inter = torch.einsum("...thk,...hkv->...thv", q * cum.exp(), prefix)  # [*, c', H, dv]
     scores = intra_chunk_scores(*(t.transpose(-3, -2) for t in (q, k, cum)))  # [*, H, c', c']
@@ -128,7 +134,7 @@ def _delta_summary(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> Affi
 
 def _delta_readout(prefix: torch.Tensor, f: Features) -> torch.Tensor:
     """``o_t = S_tᵀ q_t`` for the delta rule: ``O = Q S_p + tril(Q Kᵀ)(U - W S_p)``."""
-    q, k, v, beta = f  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H]
+    q, k, v, beta = f[:4]  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H]
     w, u = _wy(k, v, beta)  # [*, H, c', dk], [*, H, c', dv]
     qh = q.transpose(-3, -2)  # [*, H, c', dk]
     scores = (qh @ k.movedim(-3, -1)).tril()  # [*, H, c', c']
@@ -159,6 +165,8 @@ class _AffineEncoder(Encoder):
         self.q_proj = nn.Linear(d, self.heads * self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.heads * self.key_dim, bias=False)
         self.v_proj = nn.Linear(d, self.heads * self.value_dim, bias=False)
+        self.out_gate_proj = (nn.Linear(d, self.heads * self.value_dim, bias=False)
+                              if self.hparams["output_gate"] else None)
 
     def _split_heads(self, t: torch.Tensor, width: int) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, width))  # [*, c', H, width]
@@ -174,11 +182,15 @@ class _AffineEncoder(Encoder):
         raise NotImplementedError
 
     def features(self, x: torch.Tensor, offset: int = 0) -> Features:
-        """``x[*, c', d] -> (q, k, v, gate)``, each with the chunk axis after the batch dims."""
+        """``x[*, c', d] -> (q, k, v, gate, out_gate)``, each with the chunk axis after the batch dims."""
         q, k = self._queries_keys(x)  # [*, c', H, dk] each
         v = self._split_heads(self.v_proj(x), self.value_dim)  # [*, c', H, dv]
         k, gate = self._transition(x, k)  # [*, c', H, dk], [*, c', H, ...]
-        return q * self.key_dim**-0.5, k, v, gate
+        if self.out_gate_proj is None:
+            out_gate = x.new_zeros(*x.shape[:-1], self.heads, 0)  # [*, c', H, 0]: no gate
+        else:
+            out_gate = self._split_heads(self.out_gate_proj(x), self.value_dim)  # [*, c', H, dv]
+        return q * self.key_dim**-0.5, k, v, gate, out_gate
 
     @property
     def memory_shape(self) -> tuple[int, int, int]:
@@ -197,7 +209,7 @@ class _DecayEncoder(_AffineEncoder):
 
     def summarize(self, f: Features) -> AffineState:
         """``(log E [*, H] or [*, H, dk], S [*, H, dk, dv])`` of complete chunks ``f[*, c, ...]``."""
-        _, k, v, log_a = f
+        _, k, v, log_a, _ = f
         total, memory = _decay_summary(k, v, log_a)  # [*, H, g], [*, H, dk, dv]
         return (total if self.diagonal else total.squeeze(-1)), memory
 
@@ -334,7 +346,7 @@ class DeltaNetEncoder(_AffineEncoder):
 
     def summarize(self, f: Features) -> AffineState:
         """``(E [*, H, dk, dk], S [*, H, dk, dv])`` of complete chunks ``f[*, c, ...]``."""
-        _, k, v, beta = f
+        _, k, v, beta, _ = f
         return _delta_summary(k, v, beta)
 
     @property
@@ -442,7 +454,8 @@ class _ReadoutHead(Head):
     """Reads ``o_t = S_tᵀ q_t`` from the prefix state and the chunk, then projects ``H·dv -> d``.
 
     The queries, keys, values and gates come from the encoder's features; the head owns only the
-    optional per-head RMSNorm and the output projection (:meth:`project`).
+    optional per-head RMSNorm and the output projection (:meth:`project`), which applies the
+    encoder's output gate when it has one: ``y = W_o (norm(o) ⊙ swish(out_gate))``, as GLA does.
     """
 
     hyperparameters = (NORM,)
@@ -454,14 +467,17 @@ class _ReadoutHead(Head):
         self.norm = nn.RMSNorm(value_dim, eps=1e-5) if self.hparams["norm"] else nn.Identity()
         self.out = nn.Linear(heads * value_dim, context.d_model, bias=False)
 
-    def project(self, o: torch.Tensor) -> torch.Tensor:
-        """``o[*, c', H, dv] -> y[*, c', d]``."""
-        return self.out(self.norm(o).flatten(-2))  # [*, c', d]
+    def project(self, o: torch.Tensor, out_gate: torch.Tensor) -> torch.Tensor:
+        """``o[*, c', H, dv]``, ``out_gate[*, c', H, dv or 0]`` -> ``y[*, c', d]``."""
+        o = self.norm(o)  # [*, c', H, dv]
+        if out_gate.shape[-1]:
+            o = o * F.silu(out_gate)
+        return self.out(o.flatten(-2))  # [*, c', d]
 
     def forward(self, prefix: AffineState, f: Features) -> torch.Tensor:
         """``prefix (E, S [*, H, dk, dv])``, ``f[*, c', ...]`` -> ``y[*, c', d]``; ``E`` is not needed."""
         _, memory = prefix
-        return self.project(type(self).readout(memory, f))  # [*, c', d]
+        return self.project(type(self).readout(memory, f), f[4])  # [*, c', d]
 
 
 def _is_plain_decay_pair(encoder: Encoder, aggregator: Aggregator) -> bool:
@@ -506,7 +522,7 @@ class _DecayReadoutHead(_ReadoutHead):
         plain_head = type(self).readout is _decay_readout and type(self).forward is _ReadoutHead.forward
         if not plain_head or not _is_plain_decay_pair(encoder, aggregator):
             return None
-        q, k, v, log_a = f  # [B, N, c, H, dk], [B, N, c, H, dk], [B, N, c, H, dv], [B, N, c, H, g]
+        q, k, v, log_a, out_gate = f  # [B, N, c, H, dk|dk|dv|g|dv or 0]
         chunk = q.shape[2]
         on_triton = default_backend_is_triton(q, chunk)
         if not required and not on_triton:
@@ -517,7 +533,7 @@ class _DecayReadoutHead(_ReadoutHead):
         o, _ = chunk_gated_linear_attention(q, k, v, gate, chunk_size=chunk, scale=1.0,
                                             backend=backend)  # [B, H, N*c, dv]
         o = o.transpose(1, 2).unflatten(1, f[0].shape[1:3])  # [B, N, c, H, dv]
-        return self.project(o)  # [B, N, c, d]
+        return self.project(o, out_gate)  # [B, N, c, d]
 
 
 class ScalarReadoutHead(_DecayReadoutHead):

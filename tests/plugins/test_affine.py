@@ -42,22 +42,23 @@ AGGREGATORS = sorted({agg for agg, _, _ in TRIPLES.values()})
 DECAY_ENCODERS = [e for e in ENCODERS if TRIPLES[e][2] != "affine-dense"]
 
 
-def config(encoder: str, chunk_size: int, **extra: object) -> ModelConfig:
+def config(encoder: str, chunk_size: int, output_gate: bool = False, **extra: object) -> ModelConfig:
     """A model config naming the affine triple of ``encoder`` with small widths."""
     aggregator, head, _ = TRIPLES[encoder]
     return ModelConfig(
         d_model=D_MODEL,
         chunk_size=chunk_size,
-        encoder={"name": encoder, **SMALL},
+        encoder={"name": encoder, **SMALL, "output_gate": output_gate},
         aggregator=aggregator,
         head=head,
         **extra,
     )
 
 
-def make_layer(encoder: str, chunk_size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> PSMLayer:
+def make_layer(encoder: str, chunk_size: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+               output_gate: bool = False) -> PSMLayer:
     torch.manual_seed(seed)
-    return PSMLayer.from_config(config(encoder, chunk_size)).to(dtype)
+    return PSMLayer.from_config(config(encoder, chunk_size, output_gate)).to(dtype)
 
 
 def inputs(length: int = LENGTH, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -67,7 +68,7 @@ def inputs(length: int = LENGTH, seed: int = 1, dtype: torch.dtype = torch.float
 
 def naive_readout(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
     """``o[B, T, H, dv]`` by the literal recurrence, one token at a time, from the layer's features."""
-    q, k, v, gate = layer.encoder.features(x)  # [B, T, H, dk], [B, T, H, dk], [B, T, H, dv], [B, T, H, ...]
+    q, k, v, gate, _ = layer.encoder.features(x)  # [B, T, H, dk], [B, T, H, dk], [B, T, H, dv], [B, T, H, ...]
     heads, dk, dv = layer.encoder.state_shape[1]
     dense = layer.encoder.state_kind == "affine-dense"
     state = x.new_zeros(x.shape[0], heads, dk, dv)  # [B, H, dk, dv]
@@ -86,7 +87,12 @@ def naive_readout(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def naive_layer(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
-    return layer.head.project(naive_readout(layer, x))  # [B, T, d]
+    """The naive readout, normalised, gated by ``swish(out_gate)`` where the encoder has one, projected."""
+    o = layer.head.norm(naive_readout(layer, x))  # [B, T, H, dv]
+    if layer.encoder.hparams["output_gate"]:
+        logits = layer.encoder.out_gate_proj(x).unflatten(-1, o.shape[-2:])  # [B, T, H, dv]
+        o = o * logits * torch.sigmoid(logits)  # swish(W x) = W x · σ(W x)
+    return layer.head.out(o.flatten(-2))  # [B, T, d]
 
 
 def output_and_gradients(layer: PSMLayer, fn, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -142,7 +148,7 @@ def test_hyperparameters_are_declared_and_validated() -> None:
 
 def test_gates_have_their_documented_form() -> None:
     x = inputs(5)
-    _, _, _, none = make_layer("linear_attention", 4).encoder.features(x)
+    none = make_layer("linear_attention", 4).encoder.features(x)[3]
     assert torch.equal(none, torch.zeros_like(none))
     retnet = make_layer("retnet", 4).encoder
     expected = torch.log(1 - 2.0 ** -(5.0 + torch.arange(SMALL["heads"])))  # [H]
@@ -152,7 +158,8 @@ def test_gates_have_their_documented_form() -> None:
         assert bool((log_a < 0).all()), f"{name}: decays must lie in (0, 1)"
     gla_gate = make_layer("gla", 4).encoder.features(x)[3]
     assert gla_gate.shape == (BATCH, 5, SMALL["heads"], SMALL["key_dim"])
-    q, k, _, beta = make_layer("deltanet", 4).encoder.features(x)
+    q, k, _, beta, no_gate = make_layer("deltanet", 4).encoder.features(x)
+    assert no_gate.shape == (BATCH, 5, SMALL["heads"], 0), "output_gate off: an empty gate"
     torch.testing.assert_close(k.norm(dim=-1), torch.ones_like(k.norm(dim=-1)))
     assert bool(((beta > 0) & (beta < 1)).all())
 
@@ -176,6 +183,24 @@ def test_layer_matches_naive_recurrence_outputs_and_gradients(encoder: str, path
     names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert_close(g, g_ref, f"{encoder} {path} c={chunk_size} gradient w.r.t. {name}")
+
+
+@pytest.mark.parametrize(("encoder", "path"), PATHS)
+def test_output_gate_matches_naive_recurrence_outputs_and_gradients(encoder: str, path: str) -> None:
+    """``output_gate`` multiplies the normalised readout by swish(W x), on both training paths."""
+    layer = make_layer(encoder, 7, output_gate=True)
+    assert layer.encoder.out_gate_proj is not None and make_layer(encoder, 7).encoder.out_gate_proj is None
+    x = inputs()
+    y, grads = output_and_gradients(layer, lambda t: layer(t, fused=path == "fused"), x)
+    y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
+    with torch.no_grad():
+        ungated = layer.head.out(layer.head.norm(naive_readout(layer, x)).flatten(-2))  # [B, T, d]
+    assert (y - ungated).abs().max().item() > 1e-3, "the gate must change the output"
+    assert_close(y, y_ref, f"{encoder} {path} gated outputs")
+    names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    assert "encoder.out_gate_proj.weight" in names
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"{encoder} {path} gated gradient w.r.t. {name}")
 
 
 @pytest.mark.parametrize("path", ["generic", "fused"])
@@ -345,12 +370,13 @@ def test_decay_readout_matches_chunkwise_kernel(encoder: str) -> None:
     layer = make_layer(encoder, 8)
     x = inputs()
     with torch.no_grad():
-        q, k, v, log_a = layer.encoder.features(x)  # [B, T, H, dk], ..., [B, T, H, 1|dk]
+        q, k, v, log_a, out_gate = layer.encoder.features(x)  # [B, T, H, dk], ..., [B, T, H, 1|dk], [B, T, H, 0]
         gate = log_a.squeeze(-1) if log_a.shape[-1] == 1 else log_a
         o, _ = chunk_gated_linear_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate.transpose(1, 2), chunk_size=16, scale=1.0
         )  # [B, H, T, dv]
-        assert_close(layer(x), layer.head.project(o.transpose(1, 2)), f"{encoder} vs chunk_gated_linear_attention")
+        want = layer.head.project(o.transpose(1, 2), out_gate)  # [B, T, d]
+        assert_close(layer(x), want, f"{encoder} vs chunk_gated_linear_attention")
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -364,9 +390,10 @@ def test_scan_modes_agree_in_the_layer(encoder: str) -> None:
 # --- streaming --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("output_gate", [False, True])
 @pytest.mark.parametrize("encoder", ENCODERS)
-def test_streaming_equals_parallel(encoder: str) -> None:
-    layer = make_layer(encoder, 7)
+def test_streaming_equals_parallel(encoder: str, output_gate: bool) -> None:
+    layer = make_layer(encoder, 7, output_gate=output_gate)
     x = inputs()
     with torch.no_grad():
         parallel = layer(x)  # [B, T, d]
@@ -377,10 +404,11 @@ def test_streaming_equals_parallel(encoder: str) -> None:
     assert_close(fed, parallel, f"{encoder} chunk-wise streaming")
 
 
+@pytest.mark.parametrize("output_gate", [False, True])
 @pytest.mark.parametrize("encoder", ENCODERS)
-def test_streaming_state_bytes_constant_and_accounted(encoder: str) -> None:
+def test_streaming_state_bytes_constant_and_accounted(encoder: str, output_gate: bool) -> None:
     chunk_size = 16
-    layer = make_layer(encoder, chunk_size)
+    layer = make_layer(encoder, chunk_size, output_gate=output_gate)
     stream = layer.stream(BATCH)
     measured = []
     with torch.no_grad():
