@@ -71,6 +71,10 @@ OUTPUT_GATE = HyperParameter(
 )
 SHARED_HYPERPARAMETERS = (HEADS, KEY_DIM, VALUE_DIM, FEATURE_MAP, OUTPUT_GATE)
 NORM = HyperParameter("norm", "bool", True, help="per-head RMSNorm of the readout before the output projection")
+GATE_BEFORE_NORM = HyperParameter(
+    "gate_before_norm", "bool", False,
+    help="with the encoder's output_gate: norm(o * swish(z)) as Mamba2's gated RMSNorm, not norm(o) * swish(z) as GLA",
+)
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda t: t,
@@ -455,10 +459,11 @@ class _ReadoutHead(Head):
 
     The queries, keys, values and gates come from the encoder's features; the head owns only the
     optional per-head RMSNorm and the output projection (:meth:`project`), which applies the
-    encoder's output gate when it has one: ``y = W_o (norm(o) ⊙ swish(out_gate))``, as GLA does.
+    encoder's output gate when it has one: ``y = W_o (norm(o) ⊙ swish(z))`` as GLA does, or with
+    ``gate_before_norm`` ``y = W_o norm(o ⊙ swish(z))`` as Mamba2's gated RMSNorm does.
     """
 
-    hyperparameters = (NORM,)
+    hyperparameters = (NORM, GATE_BEFORE_NORM)
     readout: ClassVar[Callable[[torch.Tensor, Features], torch.Tensor]]
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
@@ -469,9 +474,12 @@ class _ReadoutHead(Head):
 
     def project(self, o: torch.Tensor, out_gate: torch.Tensor) -> torch.Tensor:
         """``o[*, c', H, dv]``, ``out_gate[*, c', H, dv or 0]`` -> ``y[*, c', d]``."""
-        o = self.norm(o)  # [*, c', H, dv]
-        if out_gate.shape[-1]:
-            o = o * F.silu(out_gate)
+        if not out_gate.shape[-1]:
+            o = self.norm(o)  # [*, c', H, dv]
+        elif self.hparams["gate_before_norm"]:
+            o = self.norm(o * F.silu(out_gate))  # [*, c', H, dv]
+        else:
+            o = self.norm(o) * F.silu(out_gate)  # [*, c', H, dv]
         return self.out(o.flatten(-2))  # [*, c', d]
 
     def forward(self, prefix: AffineState, f: Features) -> torch.Tensor:

@@ -42,7 +42,8 @@ AGGREGATORS = sorted({agg for agg, _, _ in TRIPLES.values()})
 DECAY_ENCODERS = [e for e in ENCODERS if TRIPLES[e][2] != "affine-dense"]
 
 
-def config(encoder: str, chunk_size: int, output_gate: bool = False, **extra: object) -> ModelConfig:
+def config(encoder: str, chunk_size: int, output_gate: bool = False, gate_before_norm: bool = False,
+           **extra: object) -> ModelConfig:
     """A model config naming the affine triple of ``encoder`` with small widths."""
     aggregator, head, _ = TRIPLES[encoder]
     return ModelConfig(
@@ -50,15 +51,15 @@ def config(encoder: str, chunk_size: int, output_gate: bool = False, **extra: ob
         chunk_size=chunk_size,
         encoder={"name": encoder, **SMALL, "output_gate": output_gate},
         aggregator=aggregator,
-        head=head,
+        head={"name": head, "gate_before_norm": gate_before_norm},
         **extra,
     )
 
 
 def make_layer(encoder: str, chunk_size: int, seed: int = 0, dtype: torch.dtype = torch.float32,
-               output_gate: bool = False) -> PSMLayer:
+               output_gate: bool = False, gate_before_norm: bool = False) -> PSMLayer:
     torch.manual_seed(seed)
-    return PSMLayer.from_config(config(encoder, chunk_size, output_gate)).to(dtype)
+    return PSMLayer.from_config(config(encoder, chunk_size, output_gate, gate_before_norm)).to(dtype)
 
 
 def inputs(length: int = LENGTH, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -87,12 +88,16 @@ def naive_readout(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def naive_layer(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
-    """The naive readout, normalised, gated by ``swish(out_gate)`` where the encoder has one, projected."""
-    o = layer.head.norm(naive_readout(layer, x))  # [B, T, H, dv]
-    if layer.encoder.hparams["output_gate"]:
-        logits = layer.encoder.out_gate_proj(x).unflatten(-1, o.shape[-2:])  # [B, T, H, dv]
-        o = o * logits * torch.sigmoid(logits)  # swish(W x) = W x · σ(W x)
-    return layer.head.out(o.flatten(-2))  # [B, T, d]
+    """The naive readout, gated by ``swish(W_g x)`` where the encoder has a gate (after or before the
+    norm, as the head says), normalised, projected."""
+    o = naive_readout(layer, x)  # [B, T, H, dv]
+    if not layer.encoder.hparams["output_gate"]:
+        return layer.head.out(layer.head.norm(o).flatten(-2))  # [B, T, d]
+    logits = layer.encoder.out_gate_proj(x).unflatten(-1, o.shape[-2:])  # [B, T, H, dv]
+    swish = logits * torch.sigmoid(logits)  # swish(W x) = W x · σ(W x)
+    if layer.head.hparams["gate_before_norm"]:
+        return layer.head.out(layer.head.norm(o * swish).flatten(-2))  # [B, T, d]
+    return layer.head.out((layer.head.norm(o) * swish).flatten(-2))  # [B, T, d]
 
 
 def output_and_gradients(layer: PSMLayer, fn, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -185,17 +190,21 @@ def test_layer_matches_naive_recurrence_outputs_and_gradients(encoder: str, path
         assert_close(g, g_ref, f"{encoder} {path} c={chunk_size} gradient w.r.t. {name}")
 
 
+@pytest.mark.parametrize("gate_before_norm", [False, True])
 @pytest.mark.parametrize(("encoder", "path"), PATHS)
-def test_output_gate_matches_naive_recurrence_outputs_and_gradients(encoder: str, path: str) -> None:
-    """``output_gate`` multiplies the normalised readout by swish(W x), on both training paths."""
-    layer = make_layer(encoder, 7, output_gate=True)
+def test_output_gate_matches_naive_recurrence_outputs_and_gradients(encoder: str, path: str,
+                                                                    gate_before_norm: bool) -> None:
+    """``output_gate`` multiplies the readout by swish(W x), after the norm or before it, on both paths."""
+    layer = make_layer(encoder, 7, output_gate=True, gate_before_norm=gate_before_norm)
     assert layer.encoder.out_gate_proj is not None and make_layer(encoder, 7).encoder.out_gate_proj is None
     x = inputs()
     y, grads = output_and_gradients(layer, lambda t: layer(t, fused=path == "fused"), x)
     y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
     with torch.no_grad():
         ungated = layer.head.out(layer.head.norm(naive_readout(layer, x)).flatten(-2))  # [B, T, d]
+        other_order = make_layer(encoder, 7, output_gate=True, gate_before_norm=not gate_before_norm)(x)
     assert (y - ungated).abs().max().item() > 1e-3, "the gate must change the output"
+    assert (y - other_order).abs().max().item() > 1e-3, "the two gate positions must differ"
     assert_close(y, y_ref, f"{encoder} {path} gated outputs")
     names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
     assert "encoder.out_gate_proj.weight" in names
