@@ -35,6 +35,8 @@ from typing import Literal
 
 import torch
 
+from . import cpu_buffer_cache
+
 Backend = Literal["triton", "reference", "numba"]
 BACKENDS: tuple[Backend, ...] = ("triton", "reference", "numba")
 ENV_VAR = "PSMSEARCH_KERNEL_BACKEND"
@@ -140,8 +142,7 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Allocate a buffer that a kernel will fill completely (uninitialised, or NaN under :func:`poisoned_outputs`).
 
-    CPU buffers of 4 MiB or more are their own memory mappings in transparent
-    huge pages (:func:`huge_page_buffer`).
+    CPU buffers of 4 MiB or more come from :func:`huge_page_buffer`.
     """
     shape = tuple(shape)
     out = None
@@ -154,35 +155,27 @@ def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: 
     return out
 
 
-_HUGE_PAGE_BYTES = 2 << 20
 _MIN_HUGE_PAGE_BUFFER_BYTES = 4 << 20
 
 
 def huge_page_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-    """A fresh CPU tensor in its own private anonymous mapping, advised into transparent huge pages.
+    """A CPU tensor in transparent huge pages, reusing the memory of a freed output where it can.
 
     A fresh tensor's memory is mapped lazily: every 4 KiB page faults on its
     first write and is zeroed by the kernel. For a 32 MiB output that cost
     8.6 ms on the 2-core machine we measured, against 2.5 ms in huge pages, more
     than the scan that fills it. PyTorch asks for huge pages only under
-    ``THP_MEM_ALLOC_ENABLE=1``, which must be set before it starts. A mapping of
-    our own, rather than advice on memory that PyTorch's allocator owns and
-    reuses, ends with the tensor: ``torch.frombuffer`` holds the mapping, which
-    is unmapped when the tensor's storage is freed, so the advice never
-    outlives the buffer. The data starts 2 MiB-aligned inside the mapping. Huge
-    pages are used where the kernel's THP mode is ``always`` or ``madvise``.
+    ``THP_MEM_ALLOC_ENABLE=1``, which must be set before it starts, so these
+    buffers are mappings of our own, advised into huge pages (used where the
+    kernel's THP mode is ``always`` or ``madvise``), and kept for reuse by
+    :mod:`.cpu_buffer_cache` once their tensor is freed, which saves the zeroing too.
 
     Returns None for buffers under 4 MiB and where ``madvise`` has no huge pages (not Linux).
     """
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     if nbytes < _MIN_HUGE_PAGE_BUFFER_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    offset = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % _HUGE_PAGE_BYTES
-    region.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
-    return torch.frombuffer(region, dtype=dtype, count=numel, offset=offset).view(shape)
+    return cpu_buffer_cache.CACHE.tensor(shape, dtype)
 
 
 @contextlib.contextmanager

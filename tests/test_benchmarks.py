@@ -73,13 +73,16 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     scan = _load("scan")
     result, table = _run_and_reprint("scan", tmp_path, "--model-sizes")
     assert [(r["rows"], r["T"]) for r in result["cpu"]] == [(16, 65536), (512, 16384), (2048, 4096)]
-    assert all(r["numba_ms"] > 0 and r["numba_kernel_ms"] > 0 and r["reference_ms"] > 0 for r in result["cpu"])
+    assert all(r["numba_ms"] > 0 and r["numba_kernel_ms"] > 0 and r["numba_fresh_ms"] > 0 and r["reference_ms"] > 0
+               for r in result["cpu"])
+    assert all(r["loop_over_numba_fresh"] == pytest.approx(r["loop_ms"] / r["numba_fresh_ms"]) for r in result["cpu"])
     assert all(r["add_ms"] > 0 and r["loop_over_add"] == pytest.approx(r["loop_ms"] / r["add_ms"])
                for r in result["cpu"])
     assert {(r["T"], r["gate"], r["pass"]) for r in result["cpu_model_sizes"]} == {
         (shape[1], gate, kind) for shape in scan.MODEL_SHAPES
         for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
     assert "loop/numba" in table and "ref/numba" in table and "loop/(a+b)" in table
+    assert "Targets at (512, 16384): loop/numba" in table
 
 
 @pytest.mark.parametrize("diagonal", [False, True])

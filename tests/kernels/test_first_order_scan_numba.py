@@ -213,47 +213,6 @@ def test_backend_names_are_case_insensitive_and_errors_name_their_source(
         first_order_scan(x, x)
 
 
-def _anon_huge_kib() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    raise AssertionError("no AnonHugePages line in /proc/self/smaps_rollup")
-
-
-def _thp_mode() -> str | None:
-    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not path.exists():
-        return None
-    return next((word.strip("[]") for word in path.read_text().split() if word.startswith("[")), None)
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS line in /proc/self/status")
-
-
-def test_small_outputs_are_ordinary_tensors() -> None:
-    assert _dispatch.huge_page_buffer((1000,), torch.float32) is None
-
-
-@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
-                    reason="needs Linux with transparent huge pages in mode always or madvise")
-def test_large_outputs_get_huge_pages_and_give_them_back() -> None:
-    """A fresh 64 MiB kernel output is in huge pages once written, whatever THP_MEM_ALLOC_ENABLE
-    says, and its memory is returned when the tensor dies (the mapping ends with it)."""
-    huge_before, rss_before = _anon_huge_kib(), _rss_mib()
-    out = _dispatch.new_output((16 << 20,), torch.float32, torch.device("cpu"))
-    assert out.data_ptr() % (2 << 20) == 0
-    out.fill_(1.0)
-    gained_mib = (_anon_huge_kib() - huge_before) / 1024
-    assert gained_mib >= 32, f"only {gained_mib:.1f} MiB of huge pages after writing a 64 MiB output"
-    assert float(out.sum()) == 16 << 20
-    del out
-    assert _rss_mib() - rss_before < 16, "the output's memory was not returned when the tensor died"
-
-
 def test_poisoned_outputs_fill_large_and_small_buffers() -> None:
     with _dispatch.poisoned_outputs():
         for shape in ((7,), (2 << 20,)):
@@ -311,3 +270,58 @@ def test_empty_scans(shape: tuple[int, ...]) -> None:
     da, db, dh0 = torch.autograd.grad(out.sum(), [a, b, h0], allow_unused=True)
     assert da.shape == a.shape and db.shape == b.shape
     assert torch.equal(dh0, torch.zeros_like(h0)), "h0 reaches no output of an empty scan"
+
+
+@pytest.fixture
+def streaming(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ascending forward scan streams its output, however small (the large-output path)."""
+    compiled = importlib.import_module("psmsearch.kernels.first_order_scan_numba")
+    monkeypatch.setattr(compiled, "STREAM_MIN_BYTES", 0)
+
+
+@pytest.mark.parametrize("state", [(1,), (5,), (2, 8), (17,), (3, 11), (1031,)])
+@pytest.mark.parametrize("gate", ["full", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_stores_match_the_loop_at_every_alignment(state: tuple[int, ...], gate: str,
+                                                            dtype: torch.dtype, streaming: None) -> None:
+    """Rows of these widths start at every offset within a 64-byte line, so the peeled head, the
+    streamed lines and the tail all get exercised; full and grouped gates take different code."""
+    gen = torch.Generator().manual_seed(3)
+    gate_shape = state if gate == "full" else state[:1] + (1,) * (len(state) - 1)
+    a = torch.rand((2, 37, *gate_shape), generator=gen, dtype=dtype) * 0.6 + 0.4
+    b = torch.randn((2, 37, *state), generator=gen, dtype=dtype)
+    h0 = torch.randn((2, *state), generator=gen, dtype=dtype)
+    inputs = [x.requires_grad_() for x in (a, b, h0)]
+    with _dispatch.poisoned_outputs():
+        got = first_order_scan(a, b, h0, backend="numba")
+        upstream = torch.randn(got.shape, generator=gen, dtype=dtype)
+        grads = torch.autograd.grad(got, inputs, upstream)
+    want = naive_first_order_scan(*(x.double() for x in (a, b, h0)), False)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    for name, g_got, g_want in zip("a b h0".split(), grads, torch.autograd.grad(want, inputs, upstream.double())):
+        torch.testing.assert_close(g_got.double(), g_want.double(), rtol=tol, atol=tol,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("gate_shape", [(4, 9, 7), (4, 1, 1)])
+def test_streaming_and_ordinary_stores_give_the_same_bits(gate_shape: tuple[int, ...],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = importlib.import_module("psmsearch.kernels.first_order_scan_numba")
+    gen = torch.Generator().manual_seed(5)
+    a = torch.rand((3, 50, *gate_shape), generator=gen) * 0.6 + 0.4
+    b = torch.randn(3, 50, 4, 9, 7, generator=gen)
+    results = []
+    for threshold in (0, 1 << 62):
+        monkeypatch.setattr(compiled, "STREAM_MIN_BYTES", threshold)
+        results.append(first_order_scan(a, b, backend="numba"))
+    assert torch.equal(results[0], results[1])
+
+
+def test_only_large_ascending_outputs_stream() -> None:
+    compiled = importlib.import_module("psmsearch.kernels.first_order_scan_numba")
+    large = torch.empty(compiled.STREAM_MIN_BYTES // 4)
+    assert compiled.streams_output(large, reverse=False)
+    assert not compiled.streams_output(large, reverse=True)
+    assert not compiled.streams_output(large[:-1], reverse=False)
+    assert not compiled.streams_output(torch.empty(0), reverse=False)

@@ -1,0 +1,199 @@
+"""A cache of huge-page mappings for large CPU kernel outputs, reused once their tensors are freed.
+
+Linux zeroes every page of fresh anonymous memory on its first write. For the
+32 MiB output of a scan at (512, 16384) that zeroing cost about as much as the
+scan itself on the 2-core machine we measured, even in huge pages. A training
+loop asks for the same output sizes step after step, so, like PyTorch's CUDA
+caching allocator, this keeps the mappings of freed outputs (up to a byte
+budget) and hands them out again: memory already faulted in, nothing to zero.
+
+How a buffer comes back: the tensor is made with :func:`torch.from_numpy` on a
+NumPy view of the mapping, so the tensor's storage (which every view, every
+``.numpy()`` and every tensor autograd saved shares) holds that NumPy array
+and nothing else does. When the last of them is gone, the array is freed and
+its :func:`weakref.finalize` callback returns the mapping to the idle list.
+Idle mappings beyond the budget are unmapped, least recently used first.
+
+The budget is ``PSMSEARCH_CPU_BUFFER_CACHE_MIB`` (read at import; default
+256) or :func:`set_idle_limit`; 0 turns the cache off, and every buffer is
+then a fresh mapping that is unmapped with its tensor. :func:`empty_cache`
+unmaps every idle mapping, :func:`stats` says what the cache holds.
+
+Buffers are uninitialised (the kernels write every element), 2 MiB aligned,
+and advised into transparent huge pages. Mapping sizes are rounded up to
+2 MiB, and a request reuses an idle mapping of exactly its rounded size.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ENV_VAR = "PSMSEARCH_CPU_BUFFER_CACHE_MIB"
+DEFAULT_IDLE_LIMIT_MIB = 256
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def _idle_limit_from_env() -> int:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return DEFAULT_IDLE_LIMIT_MIB << 20
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = -1.0
+    if not math.isfinite(mib) or mib < 0:
+        raise ValueError(f"{ENV_VAR}={raw!r}: expected a number of MiB >= 0 (0 turns the cache off)")
+    return int(mib * (1 << 20))
+
+
+@dataclass(eq=False)
+class _Mapping:
+    """One anonymous mapping: ``size`` usable bytes from the 2 MiB-aligned ``offset``."""
+
+    region: mmap.mmap
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the cache holds and how often it was used since the process started (or the last reset)."""
+
+    idle_bytes: int
+    idle_mappings: int
+    idle_limit_bytes: int
+    hits: int
+    misses: int
+
+
+class HugePageBufferCache:
+    """Hands out CPU tensors backed by cached huge-page mappings; see the module docstring."""
+
+    def __init__(self, idle_limit_bytes: int) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Mapping] = []         # least recently used first
+        self._returned: list[_Mapping] = []     # freed, not yet filed under idle (see _give_back)
+        self._idle_bytes = 0
+        self._idle_limit = idle_limit_bytes
+        self._hits = 0
+        self._misses = 0
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised, 2 MiB-aligned CPU tensor of ``shape`` and ``dtype`` in huge pages."""
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        mapping = self._take(-(-max(nbytes, 1) // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES)
+        view = np.frombuffer(mapping.region, dtype=np.uint8, count=nbytes, offset=mapping.offset)
+        finalizer = weakref.finalize(view, self._give_back, mapping)
+        finalizer.atexit = False
+        return torch.from_numpy(view).view(dtype).view(shape)
+
+    def _take(self, size: int) -> _Mapping:
+        with self._lock:
+            self._settle()
+            for index in range(len(self._idle) - 1, -1, -1):
+                if self._idle[index].size == size:
+                    mapping = self._idle.pop(index)
+                    self._idle_bytes -= size
+                    self._hits += 1
+                    return mapping
+            self._misses += 1
+        region = mmap.mmap(-1, size + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        address = np.frombuffer(region, dtype=np.uint8, count=1).ctypes.data
+        offset = -address % HUGE_PAGE_BYTES
+        region.madvise(mmap.MADV_HUGEPAGE, offset, size)
+        return _Mapping(region, offset, size)
+
+    def _give_back(self, mapping: _Mapping) -> None:
+        """Finalizer of a buffer's array. It may run on any thread, at any point (the garbage
+        collector), even inside this class's own locked code, so it only queues the mapping
+        and files it if the lock is free; otherwise the next locked call files it."""
+        self._returned.append(mapping)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._settle()
+            finally:
+                self._lock.release()
+
+    def _settle(self) -> None:
+        """File returned mappings as idle (most recently used last) and trim to the limit. Lock held."""
+        while self._returned:
+            mapping = self._returned.pop(0)
+            if mapping.size > self._idle_limit:
+                _unmap(mapping)
+                continue
+            self._idle.append(mapping)
+            self._idle_bytes += mapping.size
+        self._trim(self._idle_limit)
+
+    def _trim(self, limit: int) -> None:
+        """Unmap the least recently used idle mappings until at most ``limit`` bytes stay idle."""
+        while self._idle and self._idle_bytes > limit:
+            mapping = self._idle.pop(0)
+            self._idle_bytes -= mapping.size
+            _unmap(mapping)
+
+    def set_idle_limit(self, idle_limit_bytes: int) -> None:
+        if idle_limit_bytes < 0:
+            raise ValueError(f"idle_limit_bytes={idle_limit_bytes}: expected >= 0 (0 turns the cache off)")
+        with self._lock:
+            self._idle_limit = idle_limit_bytes
+            self._settle()
+
+    def empty(self) -> None:
+        with self._lock:
+            self._settle()
+            self._trim(0)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            self._settle()
+            return CacheStats(self._idle_bytes, len(self._idle), self._idle_limit, self._hits, self._misses)
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._hits = self._misses = 0
+
+
+def _unmap(mapping: _Mapping) -> None:
+    """Unmap now; if something still exports the buffer, leave it to the garbage collector."""
+    try:
+        mapping.region.close()
+    except BufferError:
+        pass
+
+
+CACHE = HugePageBufferCache(_idle_limit_from_env())
+
+
+def set_idle_limit(idle_limit_bytes: int) -> None:
+    """Keep at most ``idle_limit_bytes`` of freed output buffers for reuse (0: keep none)."""
+    CACHE.set_idle_limit(idle_limit_bytes)
+
+
+def empty_cache() -> None:
+    """Unmap every idle buffer (buffers still in use are not affected)."""
+    CACHE.empty()
+
+
+def stats() -> CacheStats:
+    """Idle bytes and mappings, the limit, and hits and misses since the last :func:`reset_counters`."""
+    return CACHE.stats()
+
+
+def reset_counters() -> None:
+    """Zero the hit and miss counters."""
+    CACHE.reset_counters()
