@@ -118,21 +118,14 @@ def test_a_buffer_is_not_reused_while_a_view_or_a_saved_tensor_holds_it(
         cache: cpu_buffer_cache.HugePageBufferCache) -> None:
     out = _large()
     address = out.data_ptr()
-    view = out[1:]
-    array = out.numpy()
     leaf = out.view(-1)[:8].clone().requires_grad_()
-    product = leaf * out.view(-1)[:8]      # saves a view of out for backward
+    holders = {"a view": out[1:], "a NumPy array": out.numpy(),
+               "a tensor saved for backward": leaf * out.view(-1)[:8]}
     del out
-    for holder in ("view", "array", "product"):
+    for holder in list(holders):
         other = _large()
         assert other.data_ptr() != address, f"reused while {holder} held the buffer"
-        del other
-        if holder == "view":
-            del view
-        elif holder == "array":
-            del array
-        else:
-            del product
+        del other, holders[holder]
     assert _large().data_ptr() == address, "not reused once nothing held the buffer"
 
 
