@@ -17,10 +17,15 @@ and to an ordinary store where the target has none. The arithmetic is the
 same multiply then add, unfused, as the ordinary kernels do, so both give
 bit-identical results. Non-temporal stores are weakly ordered: a kernel that
 used them calls :func:`store_fence` before its results are read by another thread.
+
+Numba's on-disk cache (``cache=True``) keys a kernel on its own source file:
+after editing this module, clear the ``__pycache__`` of :mod:`.first_order_scan_numba`
+so that its kernels are compiled again with the new intrinsics.
 """
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 from llvmlite import ir
@@ -29,6 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LINE_BYTES = 64
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def _line_pointer(context: Any, builder: ir.IRBuilder, array_type: types.Array, array: ir.Value,
@@ -50,11 +56,15 @@ def _store_nontemporal(builder: ir.IRBuilder, value: ir.Value, pointer: ir.Value
     store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
 
 
-def _check_same_float_arrays(*arrays: Any) -> None:
+def _check_arguments(index: Any, *arrays: Any) -> None:
+    """Contiguous 1-d float arrays of one dtype (a line is loaded as consecutive lanes), an integer index."""
+    if not all(isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" for array in arrays):
+        raise TypeError(f"streaming stores need C-contiguous 1-d arrays, got {arrays}")
     dtypes = {array.dtype for array in arrays}
-    if not all(isinstance(array, types.Array) and array.ndim == 1 for array in arrays) or len(dtypes) != 1 \
-            or not isinstance(next(iter(dtypes)), types.Float):
-        raise TypeError(f"streaming stores need 1-d float arrays of one dtype, got {arrays}")
+    if len(dtypes) != 1 or not isinstance(next(iter(dtypes)), types.Float):
+        raise TypeError(f"streaming stores need float arrays of one dtype, got {arrays}")
+    if not isinstance(index, types.Integer):
+        raise TypeError(f"streaming stores need an integer index, got {index}")
 
 
 @intrinsic
@@ -64,7 +74,7 @@ def advance_line_nontemporal(typingctx: Any, gates: Any, inputs: Any, state: Any
 
     ``L`` is one line of lanes; ``out[index]`` must be 64-byte aligned.
     """
-    _check_same_float_arrays(gates, inputs, state, out)
+    _check_arguments(index, gates, inputs, state, out)
     signature = types.void(gates, inputs, state, out, index)
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
@@ -85,7 +95,7 @@ def advance_line_nontemporal(typingctx: Any, gates: Any, inputs: Any, state: Any
 @intrinsic
 def copy_line_nontemporal(typingctx: Any, source: Any, out: Any, index: Any) -> Any:
     """Stream ``source[i:i+L]`` to ``out[i:i+L]`` (one line; ``out[index]`` 64-byte aligned)."""
-    _check_same_float_arrays(source, out)
+    _check_arguments(index, source, out)
     signature = types.void(source, out, index)
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
@@ -100,8 +110,12 @@ def copy_line_nontemporal(typingctx: Any, source: Any, out: Any, index: Any) -> 
 
 @intrinsic
 def store_fence(typingctx: Any) -> Any:
-    """A sequentially consistent fence: orders the streaming stores before anything after it."""
+    """Orders the streaming stores before anything after it: ``sfence`` on x86 (LLVM's ``fence``
+    does not promise to cover non-temporal stores there), plus a sequentially consistent fence."""
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        if _X86:
+            sfence = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(sfence, [])
         builder.fence("seq_cst")
         return context.get_dummy_value()
 

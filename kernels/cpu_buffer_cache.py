@@ -8,11 +8,19 @@ caching allocator, this keeps the mappings of freed outputs (up to a byte
 budget) and hands them out again: memory already faulted in, nothing to zero.
 
 How a buffer comes back: the tensor is made with :func:`torch.from_numpy` on a
-NumPy view of the mapping, so the tensor's storage (which every view, every
-``.numpy()`` and every tensor autograd saved shares) holds that NumPy array
-and nothing else does. When the last of them is gone, the array is freed and
-its :func:`weakref.finalize` callback returns the mapping to the idle list.
-Idle mappings beyond the budget are unmapped, least recently used first.
+NumPy view of the mapping, so the tensor's storage holds that NumPy array and
+nothing else does. Views, ``.numpy()`` arrays, DLPack exports and tensors that
+autograd saved all keep the storage, hence the array, alive. When the storage
+is freed, the array is too, and its :func:`weakref.finalize` callback returns
+the mapping to the idle list. Idle mappings beyond the budget are unmapped,
+least recently used first.
+
+One PyTorch operation frees the memory while the tensor lives on:
+``share_memory_()`` (also run when a tensor is pickled for
+``torch.multiprocessing``) copies the data to shared memory and drops the old
+buffer at once. A NumPy array or raw pointer taken from the tensor *before*
+that call then points at memory the next kernel output may reuse; in plain
+PyTorch it would point at freed memory. Take such views after ``share_memory_()``.
 
 The budget is ``PSMSEARCH_CPU_BUFFER_CACHE_MIB`` (read at import; default
 256) or :func:`set_idle_limit`; 0 turns the cache off, and every buffer is
@@ -26,6 +34,7 @@ and advised into transparent huge pages. Mapping sizes are rounded up to
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -85,10 +94,13 @@ class HugePageBufferCache:
         self._idle_limit = idle_limit_bytes
         self._hits = 0
         self._misses = 0
-        os.register_at_fork(after_in_child=self._after_fork)
+        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
 
     def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held by a thread that is
+        gone) and the idle byte count recomputed (such a thread may have been inside ``_settle``)."""
         self._lock = threading.Lock()
+        self._idle_bytes = sum(mapping.size for mapping in self._idle)
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised, 2 MiB-aligned CPU tensor of ``shape`` and ``dtype`` in huge pages."""
@@ -168,8 +180,16 @@ class HugePageBufferCache:
             self._hits = self._misses = 0
 
 
+def _after_fork(cache: weakref.ref[HugePageBufferCache]) -> None:
+    alive = cache()
+    if alive is not None:
+        alive._after_fork()
+
+
 def _unmap(mapping: _Mapping) -> None:
-    """Unmap now; if something still exports the buffer, leave it to the garbage collector."""
+    """Unmap now if nothing exports the buffer any more; otherwise the mapping is unmapped when
+    the last reference to it goes (the case for a buffer dropped from its own finalizer, whose
+    dying array still holds its export at that point)."""
     try:
         mapping.region.close()
     except BufferError:

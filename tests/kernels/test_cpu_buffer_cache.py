@@ -57,9 +57,12 @@ def _rss_mib() -> float:
 
 @pytest.fixture
 def cache() -> Iterator[cpu_buffer_cache.HugePageBufferCache]:
-    """The shared cache, emptied, with its counters zeroed and its limit restored afterwards."""
+    """The shared cache with the default limit (whatever the environment says), emptied, its counters
+    zeroed; the limit is restored afterwards."""
     before = cpu_buffer_cache.stats().idle_limit_bytes
+    cpu_buffer_cache.set_idle_limit(cpu_buffer_cache.DEFAULT_IDLE_LIMIT_MIB * MIB)
     cpu_buffer_cache.empty_cache()
+    gc.collect()                            # buffers other tests left to the garbage collector
     cpu_buffer_cache.reset_counters()
     yield cpu_buffer_cache.CACHE
     cpu_buffer_cache.set_idle_limit(before)
@@ -114,19 +117,39 @@ def test_a_freed_buffer_is_reused_without_new_faults(cache: cpu_buffer_cache.Hug
     assert _rss_mib() - rss_before < 8, "empty_cache did not return the idle buffer's memory"
 
 
-def test_a_buffer_is_not_reused_while_a_view_or_a_saved_tensor_holds_it(
-        cache: cpu_buffer_cache.HugePageBufferCache) -> None:
+HOLDERS = {
+    "a view": lambda out: out[1:],
+    "a NumPy array": lambda out: out.numpy(),
+    "a DLPack capsule": lambda out: torch.utils.dlpack.to_dlpack(out),
+    "a tensor saved for backward": lambda out: out.view(-1)[:8].clone().requires_grad_() * out.view(-1)[:8],
+}
+
+
+@pytest.mark.parametrize("holder", list(HOLDERS))
+def test_a_buffer_is_not_reused_while_anything_holds_it(holder: str,
+                                                         cache: cpu_buffer_cache.HugePageBufferCache) -> None:
     out = _large()
     address = out.data_ptr()
-    leaf = out.view(-1)[:8].clone().requires_grad_()
-    holders = {"a view": out[1:], "a NumPy array": out.numpy(),
-               "a tensor saved for backward": leaf * out.view(-1)[:8]}
+    held = HOLDERS[holder](out)
     del out
-    for holder in list(holders):
-        other = _large()
-        assert other.data_ptr() != address, f"reused while {holder} held the buffer"
-        del other, holders[holder]
+    other = _large()
+    assert other.data_ptr() != address, f"reused while {holder} held the buffer"
+    del other, held
     assert _large().data_ptr() == address, "not reused once nothing held the buffer"
+
+
+def test_share_memory_moves_the_data_and_frees_the_buffer(cache: cpu_buffer_cache.HugePageBufferCache) -> None:
+    """``share_memory_`` copies the data to shared memory and drops the old buffer at once (as the
+    module docstring warns): the tensor keeps its values, and the buffer may be handed out again."""
+    out = _large()
+    out.copy_(torch.arange(out.numel(), dtype=torch.float32))
+    address = out.data_ptr()
+    out.share_memory_()
+    assert out.is_shared() and out.data_ptr() != address
+    again = _large()
+    assert again.data_ptr() == address
+    again.fill_(-1.0)
+    assert torch.equal(out, torch.arange(out.numel(), dtype=torch.float32))
 
 
 def test_idle_buffers_beyond_the_limit_are_unmapped_least_recently_used_first(

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -273,21 +274,34 @@ def test_empty_scans(shape: tuple[int, ...]) -> None:
 
 
 @pytest.fixture
-def streaming(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every ascending forward scan streams its output, however small (the large-output path)."""
+def streaming(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """Every ascending forward scan streams its output, however small (the large-output path).
+
+    Yields the decisions :func:`streams_output` returned, so a test can check the path ran.
+    """
     compiled = importlib.import_module("psmsearch.kernels.first_order_scan_numba")
     monkeypatch.setattr(compiled, "STREAM_MIN_BYTES", 0)
+    decisions: list[bool] = []
+    decide = compiled.streams_output
+
+    def recorded(out: torch.Tensor, reverse: bool) -> bool:
+        decisions.append(decide(out, reverse))
+        return decisions[-1]
+
+    monkeypatch.setattr(compiled, "streams_output", recorded)
+    yield decisions
 
 
 @pytest.mark.parametrize("state", [(1,), (5,), (2, 8), (17,), (3, 11), (1031,)])
 @pytest.mark.parametrize("gate", ["full", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streaming_stores_match_the_loop_at_every_alignment(state: tuple[int, ...], gate: str,
-                                                            dtype: torch.dtype, streaming: None) -> None:
+                                                            dtype: torch.dtype, streaming: list[bool]) -> None:
     """Rows of these widths start at every offset within a 64-byte line, so the peeled head, the
-    streamed lines and the tail all get exercised; full and grouped gates take different code."""
+    streamed lines and the tail all get exercised; full and grouped gates take different code
+    (grouped: one gate per run of the last dim, or one for the whole state when it is 1-d)."""
     gen = torch.Generator().manual_seed(3)
-    gate_shape = state if gate == "full" else state[:1] + (1,) * (len(state) - 1)
+    gate_shape = state if gate == "full" else state[:-1] + (1,)
     a = torch.rand((2, 37, *gate_shape), generator=gen, dtype=dtype) * 0.6 + 0.4
     b = torch.randn((2, 37, *state), generator=gen, dtype=dtype)
     h0 = torch.randn((2, *state), generator=gen, dtype=dtype)
@@ -296,6 +310,7 @@ def test_streaming_stores_match_the_loop_at_every_alignment(state: tuple[int, ..
         got = first_order_scan(a, b, h0, backend="numba")
         upstream = torch.randn(got.shape, generator=gen, dtype=dtype)
         grads = torch.autograd.grad(got, inputs, upstream)
+    assert streaming and streaming[0], "the forward did not take the streaming path"
     want = naive_first_order_scan(*(x.double() for x in (a, b, h0)), False)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
@@ -311,10 +326,14 @@ def test_streaming_and_ordinary_stores_give_the_same_bits(gate_shape: tuple[int,
     gen = torch.Generator().manual_seed(5)
     a = torch.rand((3, 50, *gate_shape), generator=gen) * 0.6 + 0.4
     b = torch.randn(3, 50, 4, 9, 7, generator=gen)
-    results = []
+    results, decisions = [], []
+    decide = compiled.streams_output
+    monkeypatch.setattr(compiled, "streams_output", lambda out, reverse: decisions.append(decide(out, reverse))
+                        or decisions[-1])
     for threshold in (0, 1 << 62):
         monkeypatch.setattr(compiled, "STREAM_MIN_BYTES", threshold)
         results.append(first_order_scan(a, b, backend="numba"))
+    assert decisions == [True, False]
     assert torch.equal(results[0], results[1])
 
 
@@ -325,3 +344,6 @@ def test_only_large_ascending_outputs_stream() -> None:
     assert not compiled.streams_output(large, reverse=True)
     assert not compiled.streams_output(large[:-1], reverse=False)
     assert not compiled.streams_output(torch.empty(0), reverse=False)
+    raw = np.zeros(compiled.STREAM_MIN_BYTES + 8, dtype=np.uint8)
+    misaligned = torch.from_numpy(np.frombuffer(raw.data, dtype=np.float32, count=large.numel(), offset=1))
+    assert misaligned.data_ptr() % 4 and not compiled.streams_output(misaligned, reverse=False)
