@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -15,15 +16,22 @@ def best_cpu_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[st
 
     Each function runs once to warm up, then once per round, in turn with the
     others: on a shared machine a slow spell then hits every column alike, so
-    the ratios between columns stay fair even when absolute times drift.
+    the ratios between columns stay fair even when absolute times drift. The
+    order is shuffled anew each round (seeded, so runs repeat): a function that
+    leaves many dirty cache lines behind (a large write with ordinary stores)
+    slows whichever runs after it, as their write-back competes for memory
+    bandwidth, and a fixed order would charge that to the same column every round.
     """
     for fn in fns.values():
         fn()
-    best = dict.fromkeys(fns, math.inf)
+    names = list(fns)
+    best = dict.fromkeys(names, math.inf)
+    order = random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 

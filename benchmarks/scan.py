@@ -25,7 +25,7 @@ a new mapping whose pages the OS faults in and zeroes (turning the cache off
 unmaps the one idle buffer the previous column left, as ``clone`` and ``a + b``
 unmap their results when they are freed). ``clone`` and ``a + b`` allocate
 through PyTorch, fresh each time. Every CPU figure is a best-of: the
-scans and both copies over 15 interleaved rounds (see :func:`_cpu_times`), the
+scans and both copies over 15 interleaved rounds in shuffled order (see :func:`_cpu_times`), the
 loop over 3 runs. The table ends with the issue's targets at (512, 16384):
 ``loop/numba`` >= 50x and ``numba/copy`` <= 4x, met or not on the run at hand.
 
