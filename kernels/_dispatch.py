@@ -146,7 +146,7 @@ def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: 
     """
     shape = tuple(shape)
     out = None
-    if torch.device(device).type == "cpu":
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cpu":
         out = huge_page_buffer(shape, dtype)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
@@ -172,7 +172,7 @@ def huge_page_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
 
     Returns None for buffers under 4 MiB and where ``madvise`` has no huge pages (not Linux).
     """
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _MIN_HUGE_PAGE_BUFFER_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     return cpu_buffer_cache.CACHE.tensor(shape, dtype)

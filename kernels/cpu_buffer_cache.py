@@ -8,12 +8,17 @@ caching allocator, this keeps the mappings of freed outputs (up to a byte
 budget) and hands them out again: memory already faulted in, nothing to zero.
 
 How a buffer comes back: the tensor is made with :func:`torch.from_numpy` on a
-NumPy view of the mapping, so the tensor's storage holds that NumPy array and
+NumPy array over the mapping, so the tensor's storage holds that array and
 nothing else does. Views, ``.numpy()`` arrays, DLPack exports and tensors that
 autograd saved all keep the storage, hence the array, alive. When the storage
-is freed, the array is too, and its :func:`weakref.finalize` callback returns
+is freed, the array is too, and the callback of a weak reference to it returns
 the mapping to the idle list. Idle mappings beyond the budget are unmapped,
 least recently used first.
+
+The hand-out path makes as few Python and PyTorch calls as it can (one NumPy
+array in the tensor's shape, one ``from_numpy``, one weak reference): it runs
+right after a large kernel has streamed its inputs through every cache, when
+each call costs tens of microseconds.
 
 One PyTorch operation frees the memory while the tensor lives on:
 ``share_memory_()`` (also run when a tensor is pickled for
@@ -34,6 +39,7 @@ and advised into transparent huge pages. Mapping sizes are rounded up to
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import mmap
@@ -44,6 +50,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# PyTorch dtypes that NumPy has, so a buffer can be made in its final dtype and shape at once.
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+                 torch.int64: np.int64, torch.int32: np.int32, torch.uint8: np.uint8}
 
 ENV_VAR = "PSMSEARCH_CPU_BUFFER_CACHE_MIB"
 DEFAULT_IDLE_LIMIT_MIB = 256
@@ -90,11 +100,15 @@ class HugePageBufferCache:
         self._lock = threading.Lock()
         self._idle: list[_Mapping] = []         # least recently used first
         self._returned: list[_Mapping] = []     # freed, not yet filed under idle (see _give_back)
+        # In-use buffers by id of the weak reference to their array (arrays are unhashable), which it keeps alive.
+        self._in_use: dict[int, tuple[weakref.ref[np.ndarray], _Mapping]] = {}
+        self._closed = False                    # set at interpreter exit: callbacks then do nothing
         self._idle_bytes = 0
         self._idle_limit = idle_limit_bytes
         self._hits = 0
         self._misses = 0
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
+        atexit.register(functools.partial(_close_at_exit, weakref.ref(self)))
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock (the parent's may have been held by a thread that is
@@ -104,13 +118,18 @@ class HugePageBufferCache:
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised, 2 MiB-aligned CPU tensor of ``shape`` and ``dtype`` in huge pages."""
-        numel = math.prod(shape)
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         mapping = self._take(-(-max(nbytes, 1) // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES)
-        view = np.frombuffer(mapping.region, dtype=np.uint8, count=nbytes, offset=mapping.offset)
-        finalizer = weakref.finalize(view, self._give_back, mapping)
-        finalizer.atexit = False
-        return torch.from_numpy(view).view(dtype).view(shape)
+        numpy_dtype = _NUMPY_DTYPES.get(dtype)
+        if numpy_dtype is not None:
+            array = np.ndarray(shape, numpy_dtype, buffer=mapping.region, offset=mapping.offset)
+            out = torch.from_numpy(array)
+        else:  # bfloat16 and other dtypes NumPy lacks: bytes, viewed as the dtype
+            array = np.ndarray((nbytes,), np.uint8, buffer=mapping.region, offset=mapping.offset)
+            out = torch.from_numpy(array).view(dtype).view(shape)
+        array_ref = weakref.ref(array, self._release)
+        self._in_use[id(array_ref)] = (array_ref, mapping)
+        return out
 
     def _take(self, size: int) -> _Mapping:
         with self._lock:
@@ -129,8 +148,14 @@ class HugePageBufferCache:
         region.madvise(mmap.MADV_HUGEPAGE, offset, size)
         return _Mapping(region, offset, size)
 
+    def _release(self, array_ref: weakref.ref[np.ndarray]) -> None:
+        """Callback of the weak reference to a buffer's array: the array, so the tensor's storage, died."""
+        entry = self._in_use.pop(id(array_ref), None)
+        if entry is not None and not self._closed:
+            self._give_back(entry[1])
+
     def _give_back(self, mapping: _Mapping) -> None:
-        """Finalizer of a buffer's array. It may run on any thread, at any point (the garbage
+        """Return a freed buffer. It may run on any thread, at any point (the garbage
         collector), even inside this class's own locked code, so it only queues the mapping
         and files it if the lock is free; otherwise the next locked call files it."""
         self._returned.append(mapping)
@@ -178,6 +203,13 @@ class HugePageBufferCache:
     def reset_counters(self) -> None:
         with self._lock:
             self._hits = self._misses = 0
+
+
+def _close_at_exit(cache: weakref.ref[HugePageBufferCache]) -> None:
+    """At interpreter exit buffers are not returned any more (module state may be half torn down)."""
+    alive = cache()
+    if alive is not None:
+        alive._closed = True
 
 
 def _after_fork(cache: weakref.ref[HugePageBufferCache]) -> None:

@@ -71,6 +71,8 @@ def first_order_scan(
     cpu_default = "numba" if b.shape[1] >= MIN_COMPILED_CPU_STEPS else "reference"
     chosen = _dispatch.select_backend(backend, *tensors, kernel="first_order_scan",
                                       available=("triton", "reference", "numba"), cpu_default=cpu_default)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _implementation(chosen).scan_forward(a, b, h0, reverse)
     return _FirstOrderScan.apply(a, b, h0, reverse, chosen)
 
 

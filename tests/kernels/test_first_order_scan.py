@@ -166,3 +166,25 @@ def test_shape_errors() -> None:
         first_order_scan(torch.zeros(2, 5, 2, 4), b)
     with pytest.raises(ValueError, match="h0"):
         first_order_scan(torch.zeros(2, 5, 3, 1), b, torch.zeros(2, 5, 4))
+
+
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("numba", marks=pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")),
+])
+def test_calls_without_grad_skip_autograd_and_agree(backend: str) -> None:
+    """No input needs a gradient, or grad mode is off: the kernel runs without the autograd
+    Function, gives the same bits, builds no graph and leaves ``h0`` (which it must not advance) intact."""
+    a, b, h0 = _inputs(197, "diagonal", True, dtype=torch.float32)
+    h0_before = h0.clone()
+    plain = first_order_scan(a, b, h0, backend=backend)
+    assert not plain.requires_grad and plain.grad_fn is None
+    with_graph = first_order_scan(a.clone().requires_grad_(), b, h0, backend=backend)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        no_grad_mode = first_order_scan(a.clone().requires_grad_(), b, h0, backend=backend)
+    assert no_grad_mode.grad_fn is None and not no_grad_mode.requires_grad
+    assert torch.equal(plain, with_graph.detach()) and torch.equal(plain, no_grad_mode)
+    assert torch.equal(h0, h0_before)
+    torch.testing.assert_close(plain.double(), naive_first_order_scan(a.double(), b.double(), h0.double(), False),
+                               rtol=1e-4, atol=1e-4)

@@ -176,11 +176,12 @@ def test_default_cpu_backend_depends_on_length(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     long, short = scan_module.MIN_COMPILED_CPU_STEPS, scan_module.MIN_COMPILED_CPU_STEPS - 1
     chosen = []
-    monkeypatch.setattr(scan_module._FirstOrderScan, "apply",
-                        lambda a, b, h0, reverse, backend: chosen.append(backend))
+    implementation = scan_module._implementation
+    monkeypatch.setattr(scan_module, "_implementation", lambda backend: chosen.append(backend) or implementation(backend))
     for steps in (long, short):
         first_order_scan(torch.rand(1, steps, 3), torch.rand(1, steps, 3))
-    assert chosen == ["numba", "reference"]
+        first_order_scan(torch.rand(1, steps, 3, requires_grad=True), torch.rand(1, steps, 3)).sum().backward()
+    assert chosen == ["numba"] * 3 + ["reference"] * 3  # forward without grad; forward and backward with
 
 
 def test_env_var_forces_numba(monkeypatch: pytest.MonkeyPatch) -> None:
