@@ -104,7 +104,8 @@ from psmsearch.kernels import _dispatch, cpu_buffer_cache, first_order_scan  # n
 CPU_SHAPES = ((16, 65536), (512, 16384), (2048, 4096))
 TARGET_SHAPE = (512, 16384)  # (rows, T) of the issue's CPU targets
 LOOP_PREFIX = 2048
-MODEL_SHAPES = ((16, 16, 4, 32, 32), (16, 32, 4, 32, 32), (32, 64, 4, 16, 16), (8, 256, 2, 16, 16))  # B, T, H, dk, dv
+# B, T, H, dk, dv: aggregator-sized scans, then one long scan of the target's 512 state elements per step
+MODEL_SHAPES = ((16, 16, 4, 32, 32), (16, 32, 4, 32, 32), (32, 64, 4, 16, 16), (8, 256, 2, 16, 16), (1, 16384, 8, 8, 8))
 CUDA_BATCH, CUDA_WIDTH = 8, 1536
 CUDA_EXPONENTS, CUDA_EXPONENTS_QUICK = tuple(range(10, 17)), (10, 13, 16)
 Row = dict[str, Any]
@@ -259,7 +260,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def model_rows(quick: bool) -> list[Row]:
-    """Numba against the reference at aggregator-sized scans, forward and forward+backward."""
+    """Numba against the reference at aggregator-sized scans and one long one, forward and forward+backward."""
     reps = 3 if quick else 10
     rows = []
     for batch, steps, heads, dk, dv in MODEL_SHAPES:
@@ -283,7 +284,7 @@ def model_rows(quick: bool) -> list[Row]:
 
 
 def print_model_table(rows: list[Row]) -> None:
-    print("CPU, aggregator-sized scans [B, T, H, dk, dv], float32: numba against the reference")
+    print("CPU, aggregator-sized scans and one long scan [B, T, H, dk, dv], float32: numba against the reference")
     print("B | T | state | gate | pass | reference ms | numba ms | ref/numba")
     for r in rows:
         print(f"{r['B']} | {r['T']} | {r['state']} | {r['gate']} | {r['pass']} | {r['reference_ms']:.2f} | "
