@@ -145,7 +145,7 @@ def _numba_kernel_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> C
 
     start = torch.zeros(b.shape[0], b.shape[2])
     args = (a.numpy(), b.numpy(), start.numpy(), out.numpy(), False, compiled._block_rows(b.shape[2]),
-            compiled.streams_output(out, reverse=False), 0, b.shape[0])
+            compiled.streams_output(out, reverse=False, full_gates=True), 0, b.shape[0])
     return lambda: compiled._forward_items(*args)
 
 

@@ -93,22 +93,6 @@ def advance_line_nontemporal(typingctx: Any, gates: Any, inputs: Any, state: Any
 
 
 @intrinsic
-def copy_line_nontemporal(typingctx: Any, source: Any, out: Any, index: Any) -> Any:
-    """Stream ``source[i:i+L]`` to ``out[i:i+L]`` (one line; ``out[index]`` 64-byte aligned)."""
-    _check_arguments(index, source, out)
-    signature = types.void(source, out, index)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        vector, itemsize = _line_vector(context, sig.args[0])
-        source_p = _line_pointer(context, builder, sig.args[0], args[0], args[2], vector)
-        out_p = _line_pointer(context, builder, sig.args[1], args[1], args[2], vector)
-        _store_nontemporal(builder, builder.load(source_p, align=itemsize), out_p)
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
-@intrinsic
 def store_fence(typingctx: Any) -> Any:
     """Orders the streaming stores before anything after it: ``sfence`` on x86 (LLVM's ``fence``
     does not promise to cover non-temporal stores there), plus a sequentially consistent fence."""

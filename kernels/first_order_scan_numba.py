@@ -31,16 +31,18 @@ about 128 KiB per array, read ascending once first (:func:`_touch`) and then
 computed descending from cache: 1.2-1.6x faster than a plain descending pass
 here (backward at 512 and 2048 state elements).
 
-**Streaming stores**: an ascending forward scan whose output is
+**Streaming stores**: an ascending forward scan with full gates whose output is
 ``STREAM_MIN_BYTES`` (8 MiB) or more writes it with non-temporal stores
 (:mod:`._streaming_stores`): the output's lines are not read before they are
 written, so the pass moves three arrays' bytes instead of four. The kernel alone
 at (512, 16384) went from 2.6-2.8 ms to 2.1-2.3 ms on the 2-core machine; at 4 MiB
 and below, where the output still fits in cache, it measured 0.7-1.0x, so small
-outputs keep ordinary stores. The results are the same bits either way. The
-descending passes (reverse scans, backwards) keep ordinary stores: streamed,
-they measured 0.80-0.90x at (512, 16384), touched blocks and all, and the
-ascending backward of a reverse scan 0.90-1.03x.
+outputs keep ordinary stores. The results are the same bits either way.
+Everything else keeps ordinary stores, because streaming measured slower there
+at (512, 16384): grouped gates (one gate per head or per key channel), whose
+pass reads only ``b``, 1.8x slower streamed (3.3-3.6 against 1.9 ms), and the
+descending passes (reverse scans, backwards) 0.80-0.90x, touched blocks and
+all, the ascending backward of a reverse scan 0.90-1.03x.
 
 Outputs come from :func:`._dispatch.new_output`: large CPU buffers in
 transparent huge pages, reused from :mod:`.cpu_buffer_cache` once freed, since
@@ -65,7 +67,7 @@ import numpy as np
 import torch
 
 from . import _dispatch
-from ._streaming_stores import LINE_BYTES, advance_line_nontemporal, copy_line_nontemporal, store_fence
+from ._streaming_stores import LINE_BYTES, advance_line_nontemporal, store_fence
 
 GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -151,23 +153,6 @@ def _advance_full_streaming(a_t: np.ndarray, b_t: np.ndarray, h: np.ndarray,
         out_t[c] = value
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _advance_grouped_streaming(a_t: np.ndarray, b_t: np.ndarray, h: np.ndarray,
-                               out_t: np.ndarray) -> None:  # pragma: no cover - compiled
-    """:func:`_advance` for grouped gates: the state is advanced in place, then streamed to ``out_t``."""
-    width, itemsize = h.shape[0], out_t.itemsize
-    lanes = _LINE_BYTES // itemsize
-    head = min(width, (_LINE_BYTES - out_t.ctypes.data % _LINE_BYTES) % _LINE_BYTES // itemsize)
-    body_end = head + (width - head) // lanes * lanes
-    _advance(a_t, b_t, h, h)
-    for c in range(head):
-        out_t[c] = h[c]
-    for c in range(head, body_end, lanes):
-        copy_line_nontemporal(h, out_t, c)
-    for c in range(body_end, width):
-        out_t[c] = h[c]
-
-
 @numba.njit(nogil=True, cache=True)
 def _forward_item(a: np.ndarray, b: np.ndarray, h: np.ndarray, out: np.ndarray,
                   reverse: bool, rows: int, stream: bool) -> float:  # pragma: no cover - compiled
@@ -175,17 +160,15 @@ def _forward_item(a: np.ndarray, b: np.ndarray, h: np.ndarray, out: np.ndarray,
 
     ``a [T or 1, G]``, ``b [T, R]``. A ``reverse`` scan walks memory downwards, so
     it goes in blocks of ``rows`` time steps, each touched ascending first. An
-    ascending scan with ``stream`` writes ``out`` with non-temporal stores.
+    ascending scan with ``stream`` (full gates only, ``G = R``) writes ``out``
+    with non-temporal stores.
     """
     steps = b.shape[0]
     touched = 0.0
     if not reverse:
-        if stream and a.shape[1] == h.shape[0]:
+        if stream:
             for t in range(steps):
                 _advance_full_streaming(_row(a, t), b[t], h, out[t])
-        elif stream:
-            for t in range(steps):
-                _advance_grouped_streaming(_row(a, t), b[t], h, out[t])
         else:
             for t in range(steps):
                 _advance(_row(a, t), b[t], h, out[t])
@@ -334,11 +317,13 @@ def _block_rows(width: int) -> int:
     return max(1, _BLOCK_ELEMENTS // max(width, 1))
 
 
-def streams_output(out: torch.Tensor, reverse: bool) -> bool:
-    """Whether a forward scan into ``out`` uses streaming stores: ascending, ``STREAM_MIN_BYTES`` or more,
-    and element-aligned (always so for tensors PyTorch or :func:`._dispatch.new_output` allocated)."""
+def streams_output(out: torch.Tensor, reverse: bool, full_gates: bool) -> bool:
+    """Whether a forward scan into ``out`` uses streaming stores: ascending, one gate per state element,
+    ``STREAM_MIN_BYTES`` or more, and element-aligned (always so for tensors PyTorch or
+    :func:`._dispatch.new_output` allocated). See the module docstring for the measurements."""
     nbytes = out.numel() * out.element_size()
-    return not reverse and nbytes >= STREAM_MIN_BYTES and out.data_ptr() % out.element_size() == 0
+    return (not reverse and full_gates and nbytes >= STREAM_MIN_BYTES
+            and out.data_ptr() % out.element_size() == 0)
 
 
 def _workers(batch: int, steps: int, width: int) -> int:
@@ -431,7 +416,7 @@ def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
     out = _dispatch.new_output((batch, steps, width), dtype, b.device)     # [B, T, R]
     if out.numel():
         args = (_np(gates), _np(inputs), _np(states), _np(out), reverse, _block_rows(width),
-                streams_output(out, reverse))
+                streams_output(out, reverse, full_gates=gates.shape[2] == width))
         _run_over_batch(_forward_items, args, batch, _workers(batch, steps, width))
     out = out.view(b.shape)
     return out if out.dtype == b.dtype else out.to(b.dtype)
