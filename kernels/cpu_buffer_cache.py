@@ -15,10 +15,10 @@ is freed, the array is too, and the callback of a weak reference to it returns
 the mapping to the idle list. Idle mappings beyond the budget are unmapped,
 least recently used first.
 
-The hand-out path makes as few Python and PyTorch calls as it can (one NumPy
-array in the tensor's shape, one ``from_numpy``, one weak reference): it runs
-right after a large kernel has streamed its inputs through every cache, when
-each call costs tens of microseconds.
+The hand-out path makes as few Python and PyTorch calls as it can (for dtypes
+NumPy has: one array in the tensor's shape, one ``from_numpy``, one weak
+reference and its dict entry): it runs right after a large kernel has streamed
+its inputs through every cache, when each call costs tens of microseconds.
 
 One PyTorch operation frees the memory while the tensor lives on:
 ``share_memory_()`` (also run when a tensor is pickled for
@@ -220,8 +220,8 @@ def _after_fork(cache: weakref.ref[HugePageBufferCache]) -> None:
 
 def _unmap(mapping: _Mapping) -> None:
     """Unmap now if nothing exports the buffer any more; otherwise the mapping is unmapped when
-    the last reference to it goes (the case for a buffer dropped from its own finalizer, whose
-    dying array still holds its export at that point)."""
+    the last reference to it goes (the case for a buffer dropped from its own release callback,
+    whose dying array still holds its export at that point)."""
     try:
         mapping.region.close()
     except BufferError:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import _dispatch
@@ -71,9 +72,18 @@ def first_order_scan(
     cpu_default = "numba" if b.shape[1] >= MIN_COMPILED_CPU_STEPS else "reference"
     chosen = _dispatch.select_backend(backend, *tensors, kernel="first_order_scan",
                                       available=("triton", "reference", "numba"), cpu_default=cpu_default)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if not _needs_autograd(tensors):
         return _implementation(chosen).scan_forward(a, b, h0, reverse)
     return _FirstOrderScan.apply(a, b, h0, reverse, chosen)
+
+
+def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the call must go through the autograd Function: an input needs a gradient, or
+    forward-mode AD is active (a dual tensor does not require grad, and a call that skipped the
+    Function would drop its tangent instead of raising that the scan has no forward-mode rule)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return getattr(forward_ad, "_current_level", 0) >= 0  # unknown (private attribute gone): be safe
 
 
 def _check_shapes(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:

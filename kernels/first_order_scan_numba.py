@@ -381,9 +381,9 @@ def _state_table(h0: torch.Tensor | None, state_shape: torch.Size, dtype: torch.
     """
     batch, width = state_shape[0], math.prod(state_shape[1:])
     if h0 is None:
-        return torch.zeros(batch, width, dtype=dtype)
+        return torch.zeros(batch, width, dtype=dtype, device="cpu")
     if fresh:
-        return torch.empty(state_shape, dtype=dtype).copy_(h0).view(batch, width)  # copy_ broadcasts h0
+        return torch.empty(state_shape, dtype=dtype, device="cpu").copy_(h0).view(batch, width)  # copy_ broadcasts
     return h0.to(dtype).expand(state_shape).contiguous().view(batch, width)
 
 
@@ -440,9 +440,9 @@ def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh:
     db = _dispatch.new_output((batch, steps, width), dtype, h.device)     # [B, T, R]
     da_shape = (batch, steps if need_da else 0, gates.shape[2])
     da = _dispatch.new_output(da_shape, dtype, h.device)                  # [B, T, G]
-    accs = torch.empty(batch, width, dtype=dtype)                         # [B, R]: scratch for g_p
+    accs = torch.empty(batch, width, dtype=dtype, device="cpu")           # [B, R]: scratch for g_p
     if not db.numel():
-        dh0 = torch.zeros(batch, width, dtype=dtype)
+        dh0 = torch.zeros(batch, width, dtype=dtype, device="cpu")
         return (da.view(gate_shape) if need_da else None), db.view(h.shape), dh0.view(state_shape)
     args = (*(_np(x) for x in (gates, states, start, grads, db, da, accs)), reverse, need_da, _block_rows(width))
     _run_over_batch(_backward_items, args, batch, _workers(batch, steps, width))

@@ -173,7 +173,7 @@ def test_a_buffer_larger_than_the_limit_is_not_kept(cache: cpu_buffer_cache.Huge
 
 
 def test_a_buffer_freed_while_the_cache_is_busy_is_filed_on_the_next_call() -> None:
-    """A finalizer can run inside the cache's own locked code (garbage collection); it must not
+    """A release callback can run inside the cache's own locked code (garbage collection); it must not
     deadlock or corrupt the idle list, only queue the buffer."""
     own = cpu_buffer_cache.HugePageBufferCache(64 * MIB)
     out = own.tensor(FOUR_MIB_FLOATS, torch.float32)

@@ -168,19 +168,28 @@ def test_shape_errors() -> None:
         first_order_scan(torch.zeros(2, 5, 3, 1), b, torch.zeros(2, 5, 4))
 
 
-@pytest.mark.parametrize("backend", [
-    "reference",
-    pytest.param("numba", marks=pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")),
-])
-def test_calls_without_grad_skip_autograd_and_agree(backend: str) -> None:
+BACKENDS = ["reference", pytest.param("numba", marks=pytest.mark.skipif(not _dispatch.numba_available(),
+                                                                     reason="numba is not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_without_grad_skip_autograd_and_agree(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """No input needs a gradient, or grad mode is off: the kernel runs without the autograd
-    Function, gives the same bits, builds no graph and leaves ``h0`` (which it must not advance) intact."""
+    Function (which would raise here), builds no graph, matches the float64 loop and the
+    Function's result bit for bit, and leaves ``h0`` (which it must not advance) intact."""
+    from psmsearch.kernels.first_order_scan import _FirstOrderScan
+
     a, b, h0 = _inputs(197, "diagonal", True, dtype=torch.float32)
     h0_before = h0.clone()
-    plain = first_order_scan(a, b, h0, backend=backend)
-    assert not plain.requires_grad and plain.grad_fn is None
     with_graph = first_order_scan(a.clone().requires_grad_(), b, h0, backend=backend)
     assert with_graph.grad_fn is not None
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a call without gradients went through the autograd Function")
+
+    monkeypatch.setattr(_FirstOrderScan, "apply", refuse)
+    plain = first_order_scan(a, b, h0, backend=backend)
+    assert not plain.requires_grad and plain.grad_fn is None
     with torch.no_grad():
         no_grad_mode = first_order_scan(a.clone().requires_grad_(), b, h0, backend=backend)
     assert no_grad_mode.grad_fn is None and not no_grad_mode.requires_grad
@@ -188,3 +197,17 @@ def test_calls_without_grad_skip_autograd_and_agree(backend: str) -> None:
     assert torch.equal(h0, h0_before)
     torch.testing.assert_close(plain.double(), naive_first_order_scan(a.double(), b.double(), h0.double(), False),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(backend: str) -> None:
+    """A dual tensor does not require grad, but the scan has no forward-mode rule: the call must
+    go through the autograd Function, which says so, rather than return a result without a tangent."""
+    import torch.autograd.forward_ad as fwad
+
+    a, b, _ = _inputs(70, "diagonal", False, dtype=torch.float32)
+    with fwad.dual_level():
+        dual_b = fwad.make_dual(b, torch.ones_like(b))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            first_order_scan(a, dual_b, backend=backend)

@@ -347,3 +347,18 @@ def test_only_large_ascending_outputs_of_full_gates_stream() -> None:
     raw = np.zeros(compiled.STREAM_MIN_BYTES + 8, dtype=np.uint8)
     misaligned = torch.from_numpy(np.frombuffer(raw.data, dtype=np.float32, count=large.numel(), offset=1))
     assert misaligned.data_ptr() % 4 and not compiled.streams_output(misaligned, reverse=False, full_gates=True)
+
+
+def test_a_default_device_elsewhere_does_not_move_the_scratch_buffers() -> None:
+    """``torch.set_default_device`` (here via the ``meta`` device context) must not reach the
+    kernels' own CPU buffers (start states, backward scratch): CPU inputs give CPU results."""
+    a, b, h0 = _inputs(2, 80, GATE_SHAPES["diagonal"], with_h0=True)
+    inputs = [x.clone().requires_grad_() for x in (a, b, h0)]
+    want = naive_first_order_scan(a, b, h0, False)
+    with torch.device("meta"):
+        got = first_order_scan(*inputs, backend="numba")
+        grads = torch.autograd.grad(got.sum(), inputs)
+        no_start = first_order_scan(a, b, backend="numba")
+    assert got.device.type == "cpu" and all(g.device.type == "cpu" for g in grads)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(no_start, naive_first_order_scan(a, b, None, False))
