@@ -26,7 +26,10 @@ unmaps the one idle buffer the previous column left, as ``clone`` and ``a + b``
 unmap their results when they are freed). ``clone`` and ``a + b`` allocate
 through PyTorch, fresh each time. Every CPU figure is a best-of: the
 scans and both copies over 15 interleaved rounds in shuffled order (see :func:`_cpu_times`), the
-loop over 3 runs. The table ends with the issue's targets at (512, 16384):
+loop over 3 runs. Before each timed call of the first table the caches are left
+clean (:class:`bench_timing.CacheCleaner`), so that no column pays for the
+write-back of the dirty lines the previous one left; ``--warm-caches`` skips
+that step (the column order alone then decides who pays). The table ends with the issue's targets at (512, 16384):
 ``loop/numba`` >= 50x and ``numba/copy`` <= 4x, met or not on the run at hand.
 
 ``--model-sizes`` adds a second CPU table: numba against the reference at the
@@ -58,7 +61,8 @@ longer served again from malloc's heap but freshly mapped, so they cost more
 than without THP; and on a virtual machine a huge-page fault can stall for
 milliseconds, so the clone column varies more from run to run than without THP.
 
-Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--model-sizes] [--json] [--threads N] [--no-thp]``.
+Usage: ``python benchmarks/scan.py [--cpu-only | --cuda-only] [--quick] [--model-sizes] [--json] [--threads N] [--no-thp]
+[--warm-caches]``.
 On a CPU shared with other jobs, ``--threads 1`` gives steadier figures: two
 threads that wait on each other at every op suffer most from preemption.
 """
@@ -96,6 +100,7 @@ import torch  # noqa: E402
 
 from bench_cli import device_benchmark_parser, print_saved  # noqa: E402
 from bench_timing import best_cpu_time as _cpu_time  # noqa: E402
+from bench_timing import CacheCleaner  # noqa: E402
 from bench_timing import best_cpu_times as _cpu_times  # noqa: E402
 from bench_timing import cuda_median_ms as _cuda_time  # noqa: E402
 
@@ -207,9 +212,10 @@ def _thp_line(thp: dict[str, Any]) -> str:
             f"huge pages in a fresh 32 MiB tensor: {got})")
 
 
-def cpu_rows(quick: bool) -> list[Row]:
-    """Time the CPU variants at every CPU shape."""
+def cpu_rows(quick: bool, clean_caches: bool = True) -> list[Row]:
+    """Time the CPU variants at every CPU shape (caches left clean before each timed call unless told not to)."""
     reps, loop_reps = (3, 1) if quick else (15, 3)
+    before_each = CacheCleaner() if clean_caches else None
     rows = []
     for width, steps in CPU_SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -229,7 +235,7 @@ def cpu_rows(quick: bool) -> list[Row]:
             fns["numba"] = lambda: first_order_scan(a, b, backend="numba")
             fns["numba_fresh"] = lambda: _without_buffer_cache(lambda: first_order_scan(a, b, backend="numba"))
             fns["numba_kernel"] = _numba_kernel_into(a, b, kernel_out)
-        times = _cpu_times(fns, reps)
+        times = _cpu_times(fns, reps, before_each)
         ref_s, clone_s, copy_s, add_s = times["reference"], times["clone"], times["prealloc"], times["add"]
         numba_s, kernel_s, fresh_s = times.get("numba"), times.get("numba_kernel"), times.get("numba_fresh")
         assoc_s, assoc_note = _time_associative_scan(a, b, 1 if quick else 2)
@@ -295,9 +301,12 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def print_cpu_table(rows: list[Row], threads: int | None = None, thp: dict[str, Any] | None = None) -> None:
+def print_cpu_table(rows: list[Row], threads: int | None = None, thp: dict[str, Any] | None = None,
+                    clean_caches: bool | None = None) -> None:
     threads = torch.get_num_threads() if threads is None else threads
-    print(f"CPU, diagonal gates, float32, torch threads = {threads}")
+    caches = {True: ", caches left clean before each timed call", False: ", warm caches (--warm-caches)",
+              None: ""}[clean_caches]
+    print(f"CPU, diagonal gates, float32, torch threads = {threads}{caches}")
     if thp is not None:
         print(_thp_line(thp))
     header = ("rows", "T", "reference ms", "numba ms", "numba fresh ms", "numba kernel ms", "token loop ms",
@@ -414,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-sizes", action="store_true",
                         help="also time numba against the reference at aggregator-sized scans (CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="CPU table: do not leave the caches clean before each timed call")
     parser.add_argument("--no-thp", action="store_true",
                         help=f"set {THP_ENV}=0 instead of 1 (read before torch is imported, when run as a script)")
     args = parser.parse_args(argv)
@@ -435,7 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.cuda_only:
         result["cpu_threads"] = torch.get_num_threads()
         result["cpu_thp"] = thp_status()
-        result["cpu"] = cpu_rows(args.quick)
+        result["cpu_clean_caches"] = not args.warm_caches
+        result["cpu"] = cpu_rows(args.quick, clean_caches=not args.warm_caches)
         if args.model_sizes and _dispatch.numba_available():
             result["cpu_model_sizes"] = model_rows(args.quick)
     if not args.cpu_only:
@@ -449,7 +461,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_tables(result: dict[str, Any], cpu_only: bool) -> None:
     if "cpu" in result:
-        print_cpu_table(result["cpu"], result.get("cpu_threads"), result.get("cpu_thp"))
+        print_cpu_table(result["cpu"], result.get("cpu_threads"), result.get("cpu_thp"), result.get("cpu_clean_caches"))
     if "cpu_model_sizes" in result:
         print_model_table(result["cpu_model_sizes"])
     if "cuda" in result:

@@ -83,6 +83,14 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
         for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
     assert "loop/numba" in table and "ref/numba" in table and "loop/(a+b)" in table
     assert "Targets at (512, 16384): loop/numba" in table
+    assert result["cpu_clean_caches"] is True and "caches left clean before each timed call" in table
+
+
+def test_cache_sizes_as_linux_writes_them() -> None:
+    timing = _load("bench_timing")
+    assert [timing.cache_size_bytes(text) for text in ("32768K\n", "1M", "512", "", "big")] == [
+        32 << 20, 1 << 20, 512, None, None]
+    assert timing.last_level_cache_bytes() > 0
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
