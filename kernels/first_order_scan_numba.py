@@ -365,12 +365,18 @@ def _gate_table(a: torch.Tensor, b_shape: torch.Size, dtype: torch.dtype) -> tup
     The gradient has ``b``'s batch and time dims (one entry per scan position); the caller sums it
     down to ``a``'s shape.
     """
-    groups = _gate_groups(a.shape, b_shape)
-    if groups is None:
-        a = a.expand(b_shape)
-        groups = math.prod(b_shape[2:])
+    a, groups = _grouped_gates(a, b_shape)
     table = _contiguous_as(a, dtype).view(a.shape[0], a.shape[1], groups)  # [B|1, T|1, G]
     return table, b_shape[:2] + a.shape[2:]
+
+
+def _grouped_gates(a: torch.Tensor, b_shape: torch.Size) -> tuple[torch.Tensor, int]:
+    """``a`` and its number of gate groups ``G``; ``a`` expanded to ``b``'s shape first where it is
+    neither full nor grouped (then ``G = R``)."""
+    groups = _gate_groups(a.shape, b_shape)
+    if groups is None:
+        return a.expand(b_shape), math.prod(b_shape[2:])
+    return a, groups
 
 
 def _state_table(h0: torch.Tensor | None, state_shape: torch.Size, dtype: torch.dtype,
@@ -410,15 +416,19 @@ def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
     dtype = _dispatch.compute_dtype(a, b)
     batch, steps = b.shape[:2]
     width = math.prod(b.shape[2:])
-    gates, _ = _gate_table(a, b.shape, dtype)                                # [B|1, T|1, G]
-    inputs = _contiguous_as(b, dtype).view(batch, steps, width)            # [B, T, R]
-    states = _state_table(h0, b.shape[:1] + b.shape[2:], dtype, fresh=True)  # [B, R], advanced in place
-    out = _dispatch.new_output((batch, steps, width), dtype, b.device)     # [B, T, R]
+    out = _dispatch.new_output(b.shape, dtype, b.device)                     # [B, T, *S]
     if out.numel():
-        args = (_np(gates), _np(inputs), _np(states), _np(out), reverse, _block_rows(width),
-                streams_output(out, reverse, full_gates=gates.shape[2] == width))
+        # NumPy reshapes below, not PyTorch views: cheaper, and every call counts (see _contiguous_as).
+        a, groups = _grouped_gates(a, b.shape)
+        gates = _np(_contiguous_as(a, dtype)).reshape(a.shape[0], a.shape[1], groups)  # [B|1, T|1, G]
+        inputs = _np(_contiguous_as(b, dtype)).reshape(batch, steps, width)  # [B, T, R]
+        if h0 is None:
+            states = np.zeros((batch, width), dtype=inputs.dtype)           # [B, R], advanced in place
+        else:
+            states = _np(_state_table(h0, b.shape[:1] + b.shape[2:], dtype, fresh=True))
+        args = (gates, inputs, states, _np(out).reshape(batch, steps, width), reverse, _block_rows(width),
+                streams_output(out, reverse, full_gates=groups == width))
         _run_over_batch(_forward_items, args, batch, _workers(batch, steps, width))
-    out = out.view(b.shape)
     return out if out.dtype == b.dtype else out.to(b.dtype)
 
 
