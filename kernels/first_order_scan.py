@@ -3,11 +3,12 @@
 This is the state update of the associative (affine) family of Prefix-Scannable
 Models: the pairs ``(a, b)`` compose with ``(a2, b2) ⊕ (a1, b1) = (a2 a1, b2 + a2 b1)``.
 
-Three implementations share one signature and one autograd rule:
+Three implementations share one signature and one set of differentiation rules
+(:mod:`.first_order_scan_autograd`: reverse and forward mode, ``torch.func`` transforms):
 
-* the PyTorch *reference* (this module), a blocked scan that runs on any device
-  and dtype and costs a few passes over memory instead of one Python step per
-  token,
+* the PyTorch *reference* (:mod:`.first_order_scan_reference`), a blocked scan that
+  runs on any device and dtype and costs a few passes over memory instead of one
+  Python step per token,
 * the Triton kernels in :mod:`.first_order_scan_triton` (CUDA, or the CPU under
   ``TRITON_INTERPRET=1``), and
 * the compiled CPU kernels in :mod:`.first_order_scan_numba`, one sequential
@@ -20,25 +21,22 @@ run with their own forward machinery.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 
 from . import _dispatch
+from .first_order_scan_autograd import FirstOrderScan, implementation
+from .first_order_scan_reference import MIN_BLOCKED_STEPS
 
-GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-
-# Below this many time steps the blocked scan is not worth its extra passes.
-_MIN_BLOCKED_STEPS = 64
 # From this many time steps on, CPU calls default to the compiled (numba) kernels.
 # Shorter scans run the reference's step loop, already one pass over memory, which
 # measured as fast or faster in aggregator-sized batches (numba 0.6-1.1x the
 # reference's speed at T = 16 and 32, 1.1-2.0x at T = 64; benchmarks/scan.py --model-sizes).
-MIN_COMPILED_CPU_STEPS = _MIN_BLOCKED_STEPS
+MIN_COMPILED_CPU_STEPS = MIN_BLOCKED_STEPS
+# Whether a tensor is wrapped by a torch.func transform (a private API: None where it is gone).
+_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
 def first_order_scan(
@@ -73,17 +71,25 @@ def first_order_scan(
     chosen = _dispatch.select_backend(backend, *tensors, kernel="first_order_scan",
                                       available=("triton", "reference", "numba"), cpu_default=cpu_default)
     if not _needs_autograd(tensors):
-        return _implementation(chosen).scan_forward(a, b, h0, reverse)
-    return _FirstOrderScan.apply(a, b, h0, reverse, chosen)
+        return implementation(chosen).scan_forward(a, b, h0, reverse)
+    return FirstOrderScan.apply(a, b, h0, reverse, chosen)
 
 
 def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the call must go through the autograd Function: an input needs a gradient, or
-    forward-mode AD is active (a dual tensor does not require grad, and a call that skipped the
-    Function would drop its tangent instead of raising that the scan has no forward-mode rule)."""
+    """Whether the call must go through the autograd Function rather than straight to the kernels.
+
+    It must when an input needs a gradient, when an input is wrapped by a
+    ``torch.func`` transform (``vmap``, ``grad``, ``jvp``: the kernels cannot read a
+    wrapped tensor, the Function's rules unwrap it), or when forward-mode AD is
+    active (a dual tensor does not require grad; skipping the Function would
+    drop its tangent). Where the private attributes that tell are gone, it goes
+    through the Function: slower by a few microseconds, never wrong.
+    """
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
-    return getattr(forward_ad, "_current_level", 0) >= 0  # unknown (private attribute gone): be safe
+    if _is_functorch_wrapped is None or any(_is_functorch_wrapped(t) for t in tensors):
+        return True
+    return getattr(forward_ad, "_current_level", 0) >= 0
 
 
 def _check_shapes(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
@@ -104,237 +110,3 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     if len(shape) > len(target):
         return False
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
-
-
-def _implementation(backend: str) -> Any:
-    if backend == "triton":
-        from . import first_order_scan_triton
-
-        return first_order_scan_triton
-    if backend == "numba":
-        from . import first_order_scan_numba
-
-        return first_order_scan_numba
-    return _Reference
-
-
-class _FirstOrderScan(torch.autograd.Function):
-    """Autograd rule shared by both backends; ``backend`` picks the kernels."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
-                reverse: bool, backend: str) -> torch.Tensor:
-        impl = _implementation(backend)
-        h = impl.scan_forward(a, b, h0, reverse)
-        ctx.save_for_backward(a, h, h0)
-        ctx.reverse = reverse
-        ctx.backend = backend
-        ctx.b_dtype = b.dtype
-        return h
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradients from the backend's reverse scan. Not differentiable again: the numba and
-        Triton kernels build no graph, so a second derivative raises instead of coming out zero."""
-        a, h, h0 = ctx.saved_tensors
-        impl = _implementation(ctx.backend)
-        need_a, need_b, need_h0 = ctx.needs_input_grad[:3]
-        da, db, dh0 = impl.scan_backward(a, h, h0, dh, ctx.reverse, need_a)
-        da = _sum_to(da, a) if need_a else None
-        db = db.to(ctx.b_dtype) if need_b else None
-        dh0 = _sum_to(dh0, h0) if (need_h0 and h0 is not None) else None
-        return da, db, dh0, None, None
-
-
-def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reduce a gradient over the dims that ``like`` broadcast, in ``like``'s dtype."""
-    return grad.sum_to_size(like.shape).to(like.dtype)
-
-
-def reference_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
-                      reverse: bool) -> torch.Tensor:
-    """The reference scan without autograd; returns ``h`` in ``b``'s dtype."""
-    return _Reference.scan_forward(a, b, h0, reverse)
-
-
-class _Reference:
-    """PyTorch implementation: a blocked scan (see :func:`_scan_into`)."""
-
-    @staticmethod
-    def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
-                     reverse: bool) -> torch.Tensor:
-        dtype = _dispatch.compute_dtype(a, b)
-        b_c = b.to(dtype)                                   # [B, T, *S]
-        a_c = a.to(dtype).expand(b.shape[:2] + a.shape[2:])  # [B, T, *Sa]
-        h0_c = None if h0 is None else h0.to(dtype)
-        out = _dispatch.new_output(b.shape, dtype, b.device)  # [B, T, *S]
-        _scan_into(a_c, b_c, h0_c, out, reverse)
-        return out.to(b.dtype)
-
-    @staticmethod
-    def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
-                      dh: torch.Tensor, reverse: bool, need_da: bool) -> GradTriple:
-        """Gradients of the scan, unreduced: ``da`` and ``dh0`` have ``h``'s full shape.
-
-        In scan order ``p`` (time ``t = p``, or ``T-1-p`` when ``reverse``):
-        ``g_p = dh_p + a_{p+1} g_{p+1}``, ``db = g``, ``da_p = g_p h_{p-1}`` with
-        ``h_{-1} = h0`` (or 0) and ``dh0 = a_0 g_0``. ``h`` is the saved output, so
-        for 16-bit inputs ``da`` uses the 16-bit rounded states.
-        """
-        dtype = _dispatch.compute_dtype(a, h, dh)
-        steps = h.shape[1]
-        a_c = a.to(dtype).expand(h.shape[:2] + a.shape[2:])  # [B, T, *Sa]
-        g = _state_gradients(a_c, dh.to(dtype), reverse)  # [B, T, *S]
-        first = steps - 1 if reverse else 0
-        dh0 = a_c[:, first] * g[:, first]                      # [B, *S]
-        da = _gate_gradient(g, h.to(dtype), h0, reverse) if need_da else None
-        return da, g, dh0
-
-
-def _state_gradients(a: torch.Tensor, dh: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """``g_p = dh_p + a_{p+1} g_{p+1}``: a scan against the forward direction, gates shifted by one."""
-    steps = dh.shape[1]
-    g = _dispatch.new_output(dh.shape, dh.dtype, dh.device)  # [B, T, *S]
-    if not reverse:
-        g[:, -1] = dh[:, -1]
-        if steps > 1:
-            _scan_into(a[:, 1:], dh[:, :-1], g[:, -1], g[:, :-1], reverse=True)
-    else:
-        g[:, 0] = dh[:, 0]
-        if steps > 1:
-            _scan_into(a[:, :-1], dh[:, 1:], g[:, 0], g[:, 1:], reverse=False)
-    return g
-
-
-def _gate_gradient(g: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
-                   reverse: bool) -> torch.Tensor:
-    """``da_p = g_p * h_{p-1}`` with ``h_{-1} = h0`` (or 0), full shape ``[B, T, *S]``."""
-    da = _dispatch.new_output(g.shape, g.dtype, g.device)  # [B, T, *S]
-    first, rest, prev = (-1, slice(None, -1), slice(1, None)) if reverse else (0, slice(1, None), slice(None, -1))
-    torch.mul(g[:, rest], h[:, prev], out=da[:, rest])
-    if h0 is None:
-        da[:, first] = 0
-    else:
-        torch.mul(g[:, first], h0.to(g.dtype), out=da[:, first])
-    return da
-
-
-def _block_length(steps: int) -> int:
-    """Block length ``L`` of the blocked scan: a power of two near ``steps ** (1/3)``, in [8, 16].
-
-    A level costs about ``2 L`` ops (one per block step and pass) plus a carry
-    scan over ``T / L`` blocks, which recurses. Longer blocks shrink the carry
-    scan but make more, smaller ops, each a strided pass that memory latency
-    rather than arithmetic limits. On a 2-core CPU (``benchmarks/scan.py``, 1
-    and 2 threads) 16 was as fast as 32 at 512 and 2048 rows and clearly faster
-    at 16 rows (T = 65536); shorter scans such as the carry levels keep the cube
-    root, 8, which measured best for T of a few hundred.
-    """
-    return int(min(16, max(8, 2 ** round(math.log2(max(steps, 1)) / 3))))
-
-
-def _scan_into(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor,
-               reverse: bool) -> None:
-    """Write the scan of ``(a, b)`` into ``out`` (all in the compute dtype).
-
-    ``a`` is ``[B, T, *Sa]`` broadcastable to ``b``'s ``[B, T, *S]``; ``out`` may be
-    a strided view, and may be ``b`` itself (an in-place scan: every step reads
-    ``b_t`` in the op that writes ``out_t``), but must not otherwise overlap
-    ``a``, ``b`` or ``h0``. The time axis is split into ``nb`` blocks of ``L`` steps:
-
-    1. block totals: scan every block from a zero state, all blocks at once,
-       keeping only the running state (one op per block step);
-    2. carries: the state at each block end, a scan of length ``nb`` of the
-       pairs (product of the block's gates, block total), done recursively
-       and in place in the buffer that holds the totals;
-    3. rescan every block from its true start state, writing ``out``.
-
-    Only products of gates appear (no division by cumulative products), so gates
-    in (0, 1] of any size are stable. Steps that do not fill a block are a tail
-    scanned token by token.
-    """
-    steps = b.shape[1]
-    length = _block_length(steps)
-    if steps < max(_MIN_BLOCKED_STEPS, 4 * length):
-        _loop_scan(a, b, h0, out, reverse)
-        return
-    n_blocks = steps // length
-    blocked = n_blocks * length
-    body, tail = (slice(steps - blocked, steps), slice(0, steps - blocked)) if reverse else \
-        (slice(0, blocked), slice(blocked, steps))
-    a_steps = _block_steps(a[:, body], n_blocks, reverse)    # L x [B, nb, *Sa], in scan order
-    b_steps = _block_steps(b[:, body], n_blocks, reverse)    # L x [B, nb, *S]
-    h_steps = _block_steps(out[:, body], n_blocks, reverse)  # L x [B, nb, *S]
-    starts, ends, first_start = _carry_buffers(b, n_blocks, h0, reverse)  # [B, nb, *S], [B, nb, *S], [B, *S]
-    _block_totals(a_steps, b_steps, ends)
-    block_gates = a[:, body].unflatten(1, (n_blocks, length)).prod(dim=2)  # [B, nb, *Sa]
-    _scan_into(block_gates, ends, first_start, ends, reverse)
-    _rescan_blocks(a_steps, b_steps, starts, h_steps)
-    tail_start = out[:, steps - blocked] if reverse else out[:, blocked - 1]
-    _loop_scan(a[:, tail], b[:, tail], tail_start, out[:, tail], reverse)
-
-
-def _in_scan_order(steps: Sequence[torch.Tensor], reverse: bool) -> Sequence[torch.Tensor]:
-    return steps[::-1] if reverse else steps
-
-
-def _block_steps(x: torch.Tensor, n_blocks: int, reverse: bool) -> Sequence[torch.Tensor]:
-    """Cut ``x [B, nb * L, *S]`` into blocks and return its ``L`` step views ``[B, nb, *S]`` in scan order.
-
-    ``unbind`` makes all the views in one call, cheaper than indexing at every step.
-    """
-    return _in_scan_order(x.unflatten(1, (n_blocks, -1)).unbind(2), reverse)
-
-
-def _loop_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor,
-               reverse: bool) -> None:
-    """Token-by-token scan, each step vectorised over batch and state."""
-    prev = h0
-    for a_t, b_t, h_t in zip(*(_in_scan_order(x.unbind(1), reverse) for x in (a, b, out))):
-        if prev is None:
-            h_t.copy_(b_t)
-        else:
-            torch.addcmul(b_t, a_t, prev, out=h_t)
-        prev = h_t
-
-
-def _carry_buffers(b: torch.Tensor, n_blocks: int, h0: torch.Tensor | None,
-                   reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views ``(starts, ends, first_start)`` of one ``[B, nb + 1, *S]`` buffer of block boundary states.
-
-    In scan order block ``k`` starts from the state the previous block ends
-    with, so the two views are one slot apart; ``first_start`` (the state
-    entering the first block: ``h0`` or zero) is the slot only ``starts`` holds.
-    Writing the carries into ``ends`` thus also fills ``starts``, with no copy.
-    """
-    edges = b.new_empty(b.shape[:1] + (n_blocks + 1,) + b.shape[2:])  # [B, nb + 1, *S]
-    if reverse:
-        starts, ends, first_start = edges[:, 1:], edges[:, :-1], edges[:, -1]
-    else:
-        starts, ends, first_start = edges[:, :-1], edges[:, 1:], edges[:, 0]
-    if h0 is None:
-        first_start.zero_()
-    else:
-        first_start.copy_(h0)
-    return starts, ends, first_start
-
-
-def _block_totals(a_steps: Sequence[torch.Tensor], b_steps: Sequence[torch.Tensor],
-                  out: torch.Tensor) -> None:
-    """Write into ``out [B, nb, *S]`` the state at the end of every block when each starts from zero.
-
-    From a zero state the first step's state is ``b_0``, so the loop starts at step 1.
-    """
-    torch.addcmul(b_steps[1], a_steps[1], b_steps[0], out=out)
-    for a_j, b_j in zip(a_steps[2:], b_steps[2:]):
-        torch.addcmul(b_j, a_j, out, out=out)
-
-
-def _rescan_blocks(a_steps: Sequence[torch.Tensor], b_steps: Sequence[torch.Tensor],
-                   starts: torch.Tensor, h_steps: Sequence[torch.Tensor]) -> None:
-    """Scan every block again from its true start state ``starts [B, nb, *S]``, writing all steps."""
-    prev = starts
-    for a_j, b_j, h_j in zip(a_steps, b_steps, h_steps):
-        torch.addcmul(b_j, a_j, prev, out=h_j)
-        prev = h_j

@@ -29,6 +29,8 @@ from triton_kernel_checks import (  # noqa: E402
     chunk_inputs,
 )
 
+import scan_func_checks  # noqa: E402
+
 from psmsearch.kernels import chunk_gated_linear_attention  # noqa: E402
 
 pytestmark = pytest.mark.interpret
@@ -113,3 +115,12 @@ def test_decay_layer_at_a_chunk_size_triton_cannot_take(encoder: str) -> None:
 
 def test_triton_decision_follows_chunk_size_and_dtype() -> None:
     check_triton_decision("cpu")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
+def test_scan_under_torch_func_transforms(reverse: bool) -> None:
+    """grad, jvp, vmap and per-sample gradients through the Triton scan (tiny: the interpreter is slow)."""
+    scan_func_checks.check_grad_and_jvp("cpu", "triton", 9, "scalar", reverse)
+    scan_func_checks.check_vmap("cpu", "triton", 9, reverse)
+    scan_func_checks.check_per_sample_gradients("cpu", "triton", 9, reverse)

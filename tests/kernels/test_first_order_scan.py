@@ -69,7 +69,7 @@ def test_reference_matches_loop_long(gate: str, with_h0: bool, reverse: bool) ->
 @pytest.mark.parametrize("reverse", [False, True])
 def test_in_place_scan_into_b(steps: int, reverse: bool) -> None:
     """``_scan_into`` with ``out`` = ``b``, as the carry levels run it: the result overwrites the inputs."""
-    from psmsearch.kernels.first_order_scan import _scan_into
+    from psmsearch.kernels.first_order_scan_reference import _scan_into
 
     a, b, h0 = _inputs(steps, "diagonal", True)
     want = naive_first_order_scan(a, b, h0, reverse)
@@ -177,7 +177,7 @@ def test_calls_without_grad_skip_autograd_and_agree(backend: str, monkeypatch: p
     """No input needs a gradient, or grad mode is off: the kernel runs without the autograd
     Function (which would raise here), builds no graph, matches the float64 loop and the
     Function's result bit for bit, and leaves ``h0`` (which it must not advance) intact."""
-    from psmsearch.kernels.first_order_scan import _FirstOrderScan
+    from psmsearch.kernels.first_order_scan_autograd import FirstOrderScan
 
     a, b, h0 = _inputs(197, "diagonal", True, dtype=torch.float32)
     h0_before = h0.clone()
@@ -187,7 +187,7 @@ def test_calls_without_grad_skip_autograd_and_agree(backend: str, monkeypatch: p
     def refuse(*args: object) -> None:
         raise AssertionError("a call without gradients went through the autograd Function")
 
-    monkeypatch.setattr(_FirstOrderScan, "apply", refuse)
+    monkeypatch.setattr(FirstOrderScan, "apply", refuse)
     plain = first_order_scan(a, b, h0, backend=backend)
     assert not plain.requires_grad and plain.grad_fn is None
     with torch.no_grad():
@@ -201,13 +201,20 @@ def test_calls_without_grad_skip_autograd_and_agree(backend: str, monkeypatch: p
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
-def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(backend: str) -> None:
-    """A dual tensor does not require grad, but the scan has no forward-mode rule: the call must
-    go through the autograd Function, which says so, rather than return a result without a tangent."""
+def test_transformed_calls_go_through_the_autograd_function(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs that need no gradient but are dual (forward AD) or wrapped by a torch.func transform
+    must reach the Function's rules: the kernels alone would drop the tangent or fail on the wrapper."""
     import torch.autograd.forward_ad as fwad
 
+    from psmsearch.kernels.first_order_scan_autograd import FirstOrderScan
+
+    calls: list[str] = []
+    apply = FirstOrderScan.apply
+    monkeypatch.setattr(FirstOrderScan, "apply", lambda *args: calls.append("apply") or apply(*args))
     a, b, _ = _inputs(70, "diagonal", False, dtype=torch.float32)
     with fwad.dual_level():
-        dual_b = fwad.make_dual(b, torch.ones_like(b))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            first_order_scan(a, dual_b, backend=backend)
+        first_order_scan(a, fwad.make_dual(b, torch.ones_like(b)), backend=backend)
+    assert calls, "a dual input skipped the Function"
+    calls.clear()
+    torch.vmap(lambda b_: first_order_scan(a, b_, backend=backend))(b.unsqueeze(0))
+    assert calls, "a vmapped input skipped the Function"

@@ -25,6 +25,7 @@ from scan_naive import naive_first_order_scan  # noqa: E402
 from psmsearch.kernels import _dispatch, chunk_gated_linear_attention, first_order_scan  # noqa: E402
 
 scan_module = importlib.import_module("psmsearch.kernels.first_order_scan")
+autograd_module = importlib.import_module("psmsearch.kernels.first_order_scan_autograd")
 
 pytestmark = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
 
@@ -176,8 +177,10 @@ def test_default_cpu_backend_depends_on_length(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     long, short = scan_module.MIN_COMPILED_CPU_STEPS, scan_module.MIN_COMPILED_CPU_STEPS - 1
     chosen = []
-    implementation = scan_module._implementation
-    monkeypatch.setattr(scan_module, "_implementation", lambda backend: chosen.append(backend) or implementation(backend))
+    implementation = autograd_module.implementation
+    record = lambda backend: chosen.append(backend) or implementation(backend)  # noqa: E731
+    monkeypatch.setattr(scan_module, "implementation", record)      # calls without gradients
+    monkeypatch.setattr(autograd_module, "implementation", record)  # the autograd Function's
     for steps in (long, short):
         first_order_scan(torch.rand(1, steps, 3), torch.rand(1, steps, 3))
         first_order_scan(torch.rand(1, steps, 3, requires_grad=True), torch.rand(1, steps, 3)).sum().backward()

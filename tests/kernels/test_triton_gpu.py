@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import scan_func_checks  # noqa: E402
 from triton_kernel_checks import (  # noqa: E402
     check_chunk,
     check_chunk_half,
@@ -85,3 +86,14 @@ def test_chunk_half_inputs_with_gradients(dtype: torch.dtype, diagonal: bool) ->
 
 def test_chunk_mixed_dtypes() -> None:
     check_chunk_mixed_dtypes("cuda", steps=300)
+
+
+@pytest.mark.parametrize("gate", list(scan_func_checks.GATES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
+def test_scan_under_torch_func_transforms(gate: str, reverse: bool) -> None:
+    scan_func_checks.check_grad_and_jvp("cuda", "triton", 63, gate, reverse)
+    scan_func_checks.check_forward_ad_with_some_tangents("cuda", "triton", 63, reverse)
+    scan_func_checks.check_vmap("cuda", "triton", 63, reverse)
+    scan_func_checks.check_per_sample_gradients("cuda", "triton", 63, reverse)
+    scan_func_checks.check_jacobians("cuda", "triton", reverse)

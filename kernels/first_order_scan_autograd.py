@@ -1,0 +1,193 @@
+"""Autograd and ``torch.func`` rules of :func:`.first_order_scan`, shared by every backend.
+
+Gradients never go through a Python loop: the backward of a scan is a scan in
+the opposite direction, which each backend module runs with its own kernels
+(``scan_backward``). The rules are written in the form ``torch.func`` needs
+(``forward`` without ``ctx``, plus ``setup_context``), so that
+``torch.func.grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap`` and their
+compositions, such as per-sample gradients ``vmap(grad(f))``, work on every
+model that scans, as they do on models made of PyTorch ops alone:
+
+* **reverse mode**: :class:`FirstOrderScan`'s ``backward`` calls
+  :class:`ScanGradients`, a Function of its own so that the backward can be
+  vmapped too (``jacrev``, per-sample gradients). It has no derivative: a second
+  derivative (double backward, ``hessian``) raises and says so;
+* **forward mode** (``jvp``): differentiating ``h_t = a_t h_{t-1} + b_t`` gives
+  ``ḣ_t = a_t ḣ_{t-1} + (ȧ_t h_{t-1} + ḃ_t)`` from ``ḣ_{-1} = ḣ0``: one more scan
+  with the same gates, on the same backend;
+* **vmap**: the vmapped dim is folded into the batch dim ``B``, so a vmapped call
+  is one kernel call over ``V B`` items, not ``V`` calls.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import _dispatch, first_order_scan_reference
+
+GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+_NO_SECOND_DERIVATIVE = (
+    "first_order_scan has no second derivative: its backward runs kernels that build no graph, so double "
+    "backward, torch.func.hessian and other derivatives of a gradient are not supported; first derivatives "
+    "work in reverse and forward mode (backward, grad, vjp, jvp, jacrev, jacfwd, vmap of them)"
+)
+
+
+def implementation(backend: str) -> ModuleType:
+    """The module holding ``scan_forward`` / ``scan_backward`` of ``backend`` (imported on first use)."""
+    if backend == "triton":
+        from . import first_order_scan_triton
+
+        return first_order_scan_triton
+    if backend == "numba":
+        from . import first_order_scan_numba
+
+        return first_order_scan_numba
+    return first_order_scan_reference
+
+
+class FirstOrderScan(torch.autograd.Function):
+    """``h = scan(a, b, h0)`` on ``backend``, differentiable in ``a``, ``b`` and ``h0`` in both modes."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,  # type: ignore[override]
+                reverse: bool, backend: str) -> torch.Tensor:
+        return implementation(backend).scan_forward(a, b, h0, reverse)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        a, b, h0, reverse, backend = inputs
+        ctx.save_for_backward(a, output, h0)
+        ctx.save_for_forward(a, output, h0)
+        ctx.reverse, ctx.backend, ctx.b_dtype = reverse, backend, b.dtype
+
+    @staticmethod
+    def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        a, h, h0 = ctx.saved_tensors
+        need_a, need_b, need_h0 = ctx.needs_input_grad[:3]
+        da, db, dh0 = ScanGradients.apply(a, h, h0, dh, ctx.reverse, ctx.backend, need_a)
+        da = _sum_to(da, a) if need_a else None
+        db = db.to(ctx.b_dtype) if need_b else None
+        dh0 = _sum_to(dh0, h0) if (need_h0 and h0 is not None) else None
+        return da, db, dh0, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, a_dot: torch.Tensor | None, b_dot: torch.Tensor | None, h0_dot: torch.Tensor | None,
+            *_: Any) -> torch.Tensor:
+        """``ḣ = scan(a, ȧ ⊙ h_prev + ḃ, ḣ0)``: the tangent of the output, in its dtype."""
+        a, h, h0 = ctx.saved_tensors
+        dtype = _dispatch.compute_dtype(a, h)
+        inputs = None if b_dot is None else b_dot.to(dtype)                    # [B, T, *S]
+        if a_dot is not None:
+            gate_part = a_dot.to(dtype) * previous_states(h, h0, ctx.reverse).to(dtype)  # [B, T, *S]
+            inputs = gate_part if inputs is None else inputs + gate_part
+        if inputs is None:
+            inputs = torch.zeros(h.shape, dtype=dtype, device=h.device)
+        inputs = inputs.expand(h.shape)
+        start = None if h0_dot is None else h0_dot.to(dtype)
+        return FirstOrderScan.apply(a, inputs, start, ctx.reverse, ctx.backend).to(h.dtype)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], a: torch.Tensor, b: torch.Tensor,
+             h0: torch.Tensor | None, reverse: bool, backend: str) -> tuple[torch.Tensor, int]:
+        """One call over ``V B`` batch items: the vmapped dim folded into ``B``."""
+        a_dim, b_dim, h0_dim = in_dims[:3]
+        size = info.batch_size
+        b_all = _vmap_dim_first(b, b_dim, size)                                # [V, B, T, *S]
+        batch = b_all.shape[1]
+        out = FirstOrderScan.apply(_fold_gates(a, a_dim, size, batch), _fold(b_all),
+                                   _fold_state(h0, h0_dim, size, b_all.shape[:2] + b_all.shape[3:]),
+                                   reverse, backend)                            # [V B, T, *S]
+        return out.unflatten(0, (size, batch)), 0
+
+
+class ScanGradients(torch.autograd.Function):
+    """``(da, db, dh0)`` of a scan from the backend's reverse scan (unreduced, see ``scan_backward``).
+
+    A Function of its own, with a vmap rule, so that the backward can run under
+    ``vmap``. It is not differentiable: its ``backward`` and ``jvp`` raise.
+    """
+
+    @staticmethod
+    def forward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,  # type: ignore[override]
+                dh: torch.Tensor, reverse: bool, backend: str, need_da: bool) -> GradTriple:
+        return implementation(backend).scan_backward(a, h, h0, dh, reverse, need_da)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: GradTriple) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], a: torch.Tensor, h: torch.Tensor,
+             h0: torch.Tensor | None, dh: torch.Tensor, reverse: bool, backend: str,
+             need_da: bool) -> tuple[GradTriple, tuple[int | None, ...]]:
+        """One call over ``V B`` batch items; every gradient comes back with the vmapped dim first."""
+        a_dim, h_dim, h0_dim, dh_dim = in_dims[:4]
+        size = info.batch_size
+        h_all = _vmap_dim_first(h, h_dim, size)                                # [V, B, T, *S]
+        dh_all = _vmap_dim_first(dh, dh_dim, size)                             # [V, B, T, *S]
+        batch = h_all.shape[1]
+        grads = ScanGradients.apply(_fold_gates(a, a_dim, size, batch), _fold(h_all),
+                                    _fold_state(h0, h0_dim, size, h_all.shape[:2] + h_all.shape[3:]),
+                                    _fold(dh_all), reverse, backend, need_da)
+        unfolded = tuple(None if g is None else g.unflatten(0, (size, batch)) for g in grads)
+        return unfolded, tuple(None if g is None else 0 for g in grads)
+
+
+def previous_states(h: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """``h_prev [B, T, *S]``: the state each step starts from (``h0``, or zero, at the first step)."""
+    state_shape = h.shape[:1] + h.shape[2:]
+    start = (torch.zeros(state_shape, dtype=h.dtype, device=h.device) if h0 is None
+             else h0.to(h.dtype).expand(state_shape)).unsqueeze(1)            # [B, 1, *S]
+    if reverse:
+        return torch.cat([h[:, 1:], start], dim=1)
+    return torch.cat([start, h[:, :-1]], dim=1)
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reduce a gradient over the dims that ``like`` broadcast, in ``like``'s dtype."""
+    return grad.sum_to_size(like.shape).to(like.dtype)
+
+
+def _vmap_dim_first(x: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
+    """``x`` with its vmapped dim first; an input that is not vmapped is expanded (a view, no copy)."""
+    return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """``[V, B, ...]`` as ``[V B, ...]`` (a copy only where the dims cannot be merged in place)."""
+    return x.flatten(0, 1)
+
+
+def _fold_gates(a: torch.Tensor, dim: int | None, size: int, batch: int) -> torch.Tensor:
+    """Gates for the folded batch of ``size * batch`` items.
+
+    Gates that are not vmapped and shared by the batch (batch dim 1) stay shared;
+    otherwise they are broadcast to ``[V, B, ...]`` first, then folded.
+    """
+    if dim is None and a.shape[0] == 1:
+        return a
+    gates = _vmap_dim_first(a, dim, size)                                     # [V, B|1, T|1, *Sa]
+    return _fold(gates.expand(size, batch, *gates.shape[2:]))
+
+
+def _fold_state(h0: torch.Tensor | None, dim: int | None, size: int,
+                state_shape: torch.Size) -> torch.Tensor | None:
+    """``h0`` (broadcastable to ``[B, *S]``) as ``[V B, *S]``; ``state_shape`` is ``[V, B, *S]``."""
+    if h0 is None:
+        return None
+    states = _vmap_dim_first(h0, dim, size)                                   # [V, *shape of h0]
+    aligned = states.reshape(size, *([1] * (len(state_shape) - states.dim())), *states.shape[1:])
+    return _fold(aligned.expand(state_shape))

@@ -1,0 +1,148 @@
+"""``torch.func`` transforms and forward-mode AD through ``first_order_scan``, for any backend.
+
+The reference is :func:`scan_naive.naive_first_order_scan` in float64: a token
+loop of PyTorch ops, which every transform differentiates and vmaps natively.
+The kernels run in float32, so results agree to float32 accuracy. Shared by the
+CPU tests (reference, numba), the Triton interpreter run and the CUDA run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+from scan_naive import naive_first_order_scan
+from torch.func import grad, jacfwd, jacrev, jvp, vmap
+
+from psmsearch.kernels import first_order_scan
+
+STATE = (2, 3)  # [H, d]
+GATES = {"scalar": (2, 1), "diagonal": STATE, "time-shared": STATE}
+TOL = 2e-5
+
+
+def _inputs(device: str, steps: int, gate: str, batch: int = 2, seed: int = 0,
+            lead: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a, b, h0`` in float64 on ``device``, with extra leading dims ``lead`` (vmapped ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_steps = 1 if gate == "time-shared" else steps
+    a = torch.rand((*lead, batch, gate_steps, *GATES[gate]), generator=gen, dtype=torch.float64) * 0.6 + 0.4
+    b = torch.randn((*lead, batch, steps, *STATE), generator=gen, dtype=torch.float64)
+    h0 = torch.randn((*lead, batch, *STATE), generator=gen, dtype=torch.float64)
+    return a.to(device), b.to(device), h0.to(device)
+
+
+def _scan(backend: str, reverse: bool):  # noqa: ANN202 - a closure over the backend
+    """The kernel under test as a float64-in, float64-out function (computed in float32)."""
+    def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+        start = None if h0 is None else h0.float()
+        return first_order_scan(a.float(), b.float(), start, reverse=reverse, backend=backend).double()
+    return scan
+
+
+def _naive(reverse: bool):  # noqa: ANN202
+    def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+        gates = a.cpu().expand(b.shape[:2] + a.shape[2:])                     # the loop indexes every step
+        return naive_first_order_scan(gates, b.cpu(), None if h0 is None else h0.cpu(), reverse)
+    return scan
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    torch.testing.assert_close(got.cpu(), want, rtol=TOL, atol=TOL, msg=lambda m: f"{what}: {m}")
+
+
+def check_grad_and_jvp(device: str, backend: str, steps: int, gate: str, reverse: bool) -> None:
+    """``torch.func.grad`` in all three inputs, and ``jvp`` with tangents in all three."""
+    a, b, h0 = _inputs(device, steps, gate)
+    weight = torch.randn(b.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    scan, naive = _scan(backend, reverse), _naive(reverse)
+    got = grad(lambda *x: (scan(*x).cpu() * weight).sum(), argnums=(0, 1, 2))(a, b, h0)
+    want = grad(lambda *x: (naive(*x) * weight).sum(), argnums=(0, 1, 2))(a, b, h0)
+    for name, g_got, g_want in zip(("a", "b", "h0"), got, want):
+        _close(g_got, g_want, f"grad {name}")
+    tangents = _inputs(device, steps, gate, seed=1)
+    out, tangent = jvp(scan, (a, b, h0), tangents)
+    out_want, tangent_want = jvp(naive, (a, b, h0), tangents)
+    _close(out, out_want, "jvp primal")
+    _close(tangent, tangent_want, "jvp tangent")
+
+
+def check_forward_ad_with_some_tangents(device: str, backend: str, steps: int, reverse: bool) -> None:
+    """Dual tensors (``torch.autograd.forward_ad``) on one input at a time, ``h0`` absent or not."""
+    a, b, h0 = _inputs(device, steps, "diagonal")
+    tangents = _inputs(device, steps, "diagonal", seed=3)
+    scan, naive = _scan(backend, reverse), _naive(reverse)
+    for which in range(3):
+        for start in (h0, None):
+            if which == 2 and start is None:
+                continue
+            primals = [a, b, start]
+            with fwad.dual_level():
+                duals = [fwad.make_dual(x, t) if k == which else x
+                         for k, (x, t) in enumerate(zip(primals, tangents))]
+                got = fwad.unpack_dual(scan(*duals)).tangent
+            want_tangents = tuple((t if k == which else torch.zeros_like(t)).cpu() for k, t in enumerate(tangents))
+            zero_start = torch.zeros_like(h0)                                 # the loop's h0 when None
+            _, want = jvp(naive, (a, b, zero_start if start is None else start), want_tangents)
+            assert got is not None, f"tangent of input {which} was dropped"
+            _close(got, want, f"forward AD, tangent on input {which}, h0 {'given' if start is not None else 'None'}")
+
+
+def check_vmap(device: str, backend: str, steps: int, reverse: bool) -> None:
+    """``vmap`` over every combination of batched inputs, at dim 0 and at an inner dim."""
+    size = 3
+    a, b, h0 = _inputs(device, steps, "scalar", lead=(size,))
+    scan, naive = _scan(backend, reverse), _naive(reverse)
+    for in_dims in ((0, 0, 0), (None, 0, None), (0, None, None), (None, None, 0), (0, 0, None)):
+        args = [x if d == 0 else x[0] for x, d in zip((a, b, h0), in_dims)]
+        got = vmap(scan, in_dims=in_dims)(*args)
+        want = torch.stack([naive(*[x[i] if d == 0 else x for x, d in zip(args, in_dims)]) for i in range(size)])
+        _close(got, want, f"vmap in_dims={in_dims}")
+    shared_start = h0[:, 0]                                                    # [V, H, d]: broadcast over B
+    got = vmap(scan, in_dims=(None, None, 0))(a[0], b[0], shared_start)
+    want = torch.stack([naive(a[0], b[0], shared_start[i]) for i in range(size)])
+    _close(got, want, "vmap over an h0 of lower rank than [B, *S]")
+    inner = b.movedim(0, 2)                                                    # [B, T, V, H, d]
+    got = vmap(lambda b_: scan(a[0], b_, None), in_dims=2, out_dims=1)(inner)
+    want = torch.stack([naive(a[0], b[i], None) for i in range(size)], dim=1)
+    _close(got, want, "vmap over an inner dim of b")
+
+
+def check_per_sample_gradients(device: str, backend: str, steps: int, reverse: bool) -> None:
+    """``vmap(grad(...))``: gradients in shared gates and ``h0`` for each of several inputs ``b``."""
+    size = 3
+    a, _, h0 = _inputs(device, steps, "diagonal")
+    _, bs, _ = _inputs(device, steps, "diagonal", lead=(size,), seed=2)
+    scan, naive = _scan(backend, reverse), _naive(reverse)
+
+    def loss(fn, a_: torch.Tensor, h0_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return fn(a_, b_, h0_).cpu().pow(2).sum()
+
+    got = vmap(grad(lambda a_, h0_, b_: loss(scan, a_, h0_, b_), argnums=(0, 1)), in_dims=(None, None, 0))(a, h0, bs)
+    for i in range(size):
+        want = grad(lambda a_, h0_: loss(naive, a_, h0_, bs[i]), argnums=(0, 1))(a, h0)
+        _close(got[0][i], want[0], f"per-sample grad a, sample {i}")
+        _close(got[1][i], want[1], f"per-sample grad h0, sample {i}")
+
+
+def check_jacobians(device: str, backend: str, reverse: bool, steps: int = 9) -> None:
+    """``jacrev`` (vmap over the backward) and ``jacfwd`` (vmap over the jvp) equal the loop's Jacobian."""
+    a, b, h0 = _inputs(device, steps, "scalar", batch=1)
+    scan, naive = _scan(backend, reverse), _naive(reverse)
+    want = jacrev(naive, argnums=(0, 1))(a.cpu(), b.cpu(), h0.cpu())
+    for name, jac in (("jacrev", jacrev), ("jacfwd", jacfwd)):
+        got = jac(scan, argnums=(0, 1))(a, b, h0)
+        for arg, g_got, g_want in zip(("a", "b"), got, want):
+            _close(g_got, g_want, f"{name} in {arg}")
+
+
+def check_second_derivative_is_a_clear_error(device: str, backend: str) -> None:
+    a, b, _ = _inputs(device, 9, "diagonal")
+    scan = _scan(backend, False)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.func.hessian(lambda b_: scan(a, b_, None).pow(2).sum())(b)
+    x = b.clone().requires_grad_()
+    (g,) = torch.autograd.grad(scan(a, x, None).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        g.sum().backward()

@@ -1,0 +1,60 @@
+"""``torch.func`` transforms and forward-mode AD through ``first_order_scan`` on the CPU backends.
+
+The checks live in ``scan_func_checks.py`` (shared with the Triton runs); the
+reference is a float64 token loop made of PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import scan_func_checks as checks  # noqa: E402
+
+from psmsearch.kernels import _dispatch  # noqa: E402
+
+BACKENDS = ["reference", pytest.param("numba", marks=pytest.mark.skipif(not _dispatch.numba_available(),
+                                                                       reason="numba is not installed"))]
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp
+# 63: the reference's step loop; 70: its blocked scan and the numba default (from 64 steps on)
+STEPS = (63, 70)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("gate", list(checks.GATES))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grad_and_jvp_match_the_loop(backend: str, steps: int, gate: str, reverse: bool) -> None:
+    checks.check_grad_and_jvp("cpu", backend, steps, gate, reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_ad_with_tangents_on_some_inputs(backend: str, reverse: bool) -> None:
+    checks.check_forward_ad_with_some_tangents("cpu", backend, 70, reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_vmap_matches_a_loop_over_the_vmapped_dim(backend: str, reverse: bool) -> None:
+    checks.check_vmap("cpu", backend, 70, reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_per_sample_gradients(backend: str, reverse: bool) -> None:
+    checks.check_per_sample_gradients("cpu", backend, 70, reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_jacrev_and_jacfwd(backend: str, reverse: bool) -> None:
+    checks.check_jacobians("cpu", backend, reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivative_is_a_clear_error(backend: str) -> None:
+    checks.check_second_derivative_is_a_clear_error("cpu", backend)
