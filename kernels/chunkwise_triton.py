@@ -24,10 +24,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from . import _dispatch
-from .chunkwise import SUB_BLOCK, TRITON_CHUNK_SIZES
+from .chunkwise import SUB_BLOCK, TRITON_CHUNK_SIZES, chunk_gla_reference
 from .chunkwise_triton_backward import chunk_gla_backward
 from .chunkwise_triton_common import (
     block_sizes,
@@ -40,6 +39,7 @@ from .chunkwise_triton_common import (
     load_row,
     load_tile,
 )
+from .first_order_scan_autograd import NO_SECOND_DERIVATIVE, fold_vmap_dim, vmap_dim_first
 
 
 @triton.jit
@@ -99,28 +99,106 @@ def chunk_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate
 
 
 class _ChunkGLATriton(torch.autograd.Function):
-    """Triton forward and backward; saves only the inputs."""
+    """Triton forward and backward; saves only the inputs.
+
+    In the form ``torch.func`` needs, like :class:`.first_order_scan_autograd.FirstOrderScan`:
+    the backward is a vmappable Function of its own, ``vmap`` folds the vmapped dim
+    into the batch, and forward mode (``jvp``) differentiates the PyTorch reference
+    (a recomputation, on the same device, with the Triton scan inside).
+    """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,  # type: ignore[override]
                 initial_state: torch.Tensor | None, chunk_size: int,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.save_for_backward(q, k, v, log_gate, initial_state)
-        ctx.chunk_size, ctx.scale = chunk_size, scale
-        ctx.set_materialize_grads(False)
         return _forward(q, k, v, log_gate, initial_state, chunk_size, scale)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, d_out: torch.Tensor | None,
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        q, k, v, log_gate, initial_state, chunk_size, scale = inputs
+        ctx.save_for_backward(q, k, v, log_gate, initial_state)
+        ctx.save_for_forward(q, k, v, log_gate, initial_state)
+        ctx.chunk_size, ctx.scale = chunk_size, scale
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: torch.Tensor | None,  # type: ignore[override]
                  d_final: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if d_out is None and d_final is None:
             return (None,) * 7
         q, k, v, log_gate, initial_state = ctx.saved_tensors
-        grads = chunk_gla_backward(q, k, v, log_gate, initial_state, ctx.chunk_size, ctx.scale,
-                                   d_out, d_final)
+        grads = _ChunkGLATritonGradients.apply(q, k, v, log_gate, initial_state, ctx.chunk_size, ctx.scale,
+                                               d_out, d_final)
         needed = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
         return (*needed, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        primals = ctx.saved_tensors
+        given = [k for k, x in enumerate(primals) if x is not None]             # initial_state may be None
+
+        def reference(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            full: list[torch.Tensor | None] = [None] * len(primals)
+            for k, x in zip(given, inputs):
+                full[k] = x
+            return chunk_gla_reference(*full, ctx.chunk_size, ctx.scale)
+
+        inputs = tuple(primals[k] for k in given)
+        directions = tuple(torch.zeros_like(primals[k]) if tangents[k] is None else tangents[k] for k in given)
+        return torch.func.jvp(reference, inputs, directions)[1]
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             log_gate: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int,
+             scale: float) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
+        """One call over ``V B`` sequences: the vmapped dim folded into the batch."""
+        batch, folded = _fold_batch(info.batch_size, in_dims[:5], (q, k, v, log_gate, initial_state))
+        o, final = _ChunkGLATriton.apply(*folded, chunk_size, scale)
+        return (o.unflatten(0, (info.batch_size, batch)), final.unflatten(0, (info.batch_size, batch))), (0, 0)
+
+
+class _ChunkGLATritonGradients(torch.autograd.Function):
+    """``(dq, dk, dv, d_log_gate, d_initial_state)`` from the Triton backward kernels.
+
+    A Function of its own so that the backward can run under ``vmap``; not differentiable.
+    """
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,  # type: ignore[override]
+                initial_state: torch.Tensor | None, chunk_size: int, scale: float,
+                d_out: torch.Tensor | None, d_final: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return tuple(chunk_gla_backward(q, k, v, log_gate, initial_state, chunk_size, scale, d_out, d_final))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="chunk_gated_linear_attention"))
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="chunk_gated_linear_attention"))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             log_gate: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int, scale: float,
+             d_out: torch.Tensor | None, d_final: torch.Tensor | None) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        tensors = (q, k, v, log_gate, initial_state, d_out, d_final)
+        dims = (*in_dims[:5], *in_dims[7:9])
+        batch, folded = _fold_batch(info.batch_size, dims, tensors)
+        grads = _ChunkGLATritonGradients.apply(*folded[:5], chunk_size, scale, *folded[5:])
+        unfolded = tuple(None if g is None else g.unflatten(0, (info.batch_size, batch)) for g in grads)
+        return unfolded, tuple(None if g is None else 0 for g in grads)
+
+
+def _fold_batch(size: int, dims: tuple[int | None, ...],
+                tensors: tuple[torch.Tensor | None, ...]) -> tuple[int, list[torch.Tensor | None]]:
+    """In a vmap rule: every tensor as ``[V B, ...]`` (batch dim first in all of them), and ``B``."""
+    moved = [None if x is None else vmap_dim_first(x, d, size) for x, d in zip(tensors, dims)]  # [V, B, ...]
+    batch = next(x.shape[1] for x in moved if x is not None)
+    return batch, [None if x is None else fold_vmap_dim(x) for x in moved]
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,

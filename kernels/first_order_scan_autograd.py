@@ -30,8 +30,8 @@ from . import _dispatch, first_order_scan_reference
 
 GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
-_NO_SECOND_DERIVATIVE = (
-    "first_order_scan has no second derivative: its backward runs kernels that build no graph, so double "
+NO_SECOND_DERIVATIVE = (
+    "{kernel} has no second derivative: its backward runs kernels that build no graph, so double "
     "backward, torch.func.hessian and other derivatives of a gradient are not supported; first derivatives "
     "work in reverse and forward mode (backward, grad, vjp, jvp, jacrev, jacfwd, vmap of them)"
 )
@@ -97,9 +97,9 @@ class FirstOrderScan(torch.autograd.Function):
         """One call over ``V B`` batch items: the vmapped dim folded into ``B``."""
         a_dim, b_dim, h0_dim = in_dims[:3]
         size = info.batch_size
-        b_all = _vmap_dim_first(b, b_dim, size)                                # [V, B, T, *S]
+        b_all = vmap_dim_first(b, b_dim, size)                                # [V, B, T, *S]
         batch = b_all.shape[1]
-        out = FirstOrderScan.apply(_fold_gates(a, a_dim, size, batch), _fold(b_all),
+        out = FirstOrderScan.apply(_fold_gates(a, a_dim, size, batch), fold_vmap_dim(b_all),
                                    _fold_state(h0, h0_dim, size, b_all.shape[:2] + b_all.shape[3:]),
                                    reverse, backend)                            # [V B, T, *S]
         return out.unflatten(0, (size, batch)), 0
@@ -123,11 +123,11 @@ class ScanGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan"))
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan"))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], a: torch.Tensor, h: torch.Tensor,
@@ -136,12 +136,12 @@ class ScanGradients(torch.autograd.Function):
         """One call over ``V B`` batch items; every gradient comes back with the vmapped dim first."""
         a_dim, h_dim, h0_dim, dh_dim = in_dims[:4]
         size = info.batch_size
-        h_all = _vmap_dim_first(h, h_dim, size)                                # [V, B, T, *S]
-        dh_all = _vmap_dim_first(dh, dh_dim, size)                             # [V, B, T, *S]
+        h_all = vmap_dim_first(h, h_dim, size)                                # [V, B, T, *S]
+        dh_all = vmap_dim_first(dh, dh_dim, size)                             # [V, B, T, *S]
         batch = h_all.shape[1]
-        grads = ScanGradients.apply(_fold_gates(a, a_dim, size, batch), _fold(h_all),
+        grads = ScanGradients.apply(_fold_gates(a, a_dim, size, batch), fold_vmap_dim(h_all),
                                     _fold_state(h0, h0_dim, size, h_all.shape[:2] + h_all.shape[3:]),
-                                    _fold(dh_all), reverse, backend, need_da)
+                                    fold_vmap_dim(dh_all), reverse, backend, need_da)
         unfolded = tuple(None if g is None else g.unflatten(0, (size, batch)) for g in grads)
         return unfolded, tuple(None if g is None else 0 for g in grads)
 
@@ -161,13 +161,13 @@ def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(like.shape).to(like.dtype)
 
 
-def _vmap_dim_first(x: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
-    """``x`` with its vmapped dim first; an input that is not vmapped is expanded (a view, no copy)."""
+def vmap_dim_first(x: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
+    """In a vmap rule: ``x`` with its vmapped dim first; an input that is not vmapped is expanded (a view, no copy)."""
     return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
 
 
-def _fold(x: torch.Tensor) -> torch.Tensor:
-    """``[V, B, ...]`` as ``[V B, ...]`` (a copy only where the dims cannot be merged in place)."""
+def fold_vmap_dim(x: torch.Tensor) -> torch.Tensor:
+    """In a vmap rule: ``[V, B, ...]`` as ``[V B, ...]`` (a copy only where the dims cannot be merged in place)."""
     return x.flatten(0, 1)
 
 
@@ -179,8 +179,8 @@ def _fold_gates(a: torch.Tensor, dim: int | None, size: int, batch: int) -> torc
     """
     if dim is None and a.shape[0] == 1:
         return a
-    gates = _vmap_dim_first(a, dim, size)                                     # [V, B|1, T|1, *Sa]
-    return _fold(gates.expand(size, batch, *gates.shape[2:]))
+    gates = vmap_dim_first(a, dim, size)                                     # [V, B|1, T|1, *Sa]
+    return fold_vmap_dim(gates.expand(size, batch, *gates.shape[2:]))
 
 
 def _fold_state(h0: torch.Tensor | None, dim: int | None, size: int,
@@ -188,6 +188,6 @@ def _fold_state(h0: torch.Tensor | None, dim: int | None, size: int,
     """``h0`` (broadcastable to ``[B, *S]``) as ``[V B, *S]``; ``state_shape`` is ``[V, B, *S]``."""
     if h0 is None:
         return None
-    states = _vmap_dim_first(h0, dim, size)                                   # [V, *shape of h0]
+    states = vmap_dim_first(h0, dim, size)                                   # [V, *shape of h0]
     aligned = states.reshape(size, *([1] * (len(state_shape) - states.dim())), *states.shape[1:])
-    return _fold(aligned.expand(state_shape))
+    return fold_vmap_dim(aligned.expand(state_shape))

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from triton_kernel_checks import (  # noqa: E402
     check_chunk,
+    check_chunk_func_transforms,
     check_chunk_half,
     check_chunk_mixed_dtypes,
     check_decay_layer,
@@ -124,3 +125,8 @@ def test_scan_under_torch_func_transforms(reverse: bool) -> None:
     scan_func_checks.check_grad_and_jvp("cpu", "triton", 9, "scalar", reverse)
     scan_func_checks.check_vmap("cpu", "triton", 9, reverse)
     scan_func_checks.check_per_sample_gradients("cpu", "triton", 9, reverse)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
+def test_chunk_under_torch_func_transforms() -> None:
+    check_chunk_func_transforms("cpu")

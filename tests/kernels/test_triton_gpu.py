@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import scan_func_checks  # noqa: E402
 from triton_kernel_checks import (  # noqa: E402
     check_chunk,
+    check_chunk_func_transforms,
     check_chunk_half,
     check_chunk_mixed_dtypes,
     check_scan,
@@ -97,3 +98,8 @@ def test_scan_under_torch_func_transforms(gate: str, reverse: bool) -> None:
     scan_func_checks.check_vmap("cuda", "triton", 63, reverse)
     scan_func_checks.check_per_sample_gradients("cuda", "triton", 63, reverse)
     scan_func_checks.check_jacobians("cuda", "triton", reverse)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
+def test_chunk_under_torch_func_transforms() -> None:
+    check_chunk_func_transforms("cuda", steps=150, chunk_size=32)

@@ -105,6 +105,49 @@ def check_chunk(device: str, steps: int, diagonal: bool, with_h0: bool, chunk_si
         torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def check_chunk_func_transforms(device: str, steps: int = 20, chunk_size: int = 16, tol: float = 1e-4) -> None:
+    """``torch.func`` through the Triton chunkwise kernel equals it through the reference: ``grad``
+    in every input, ``jvp``, ``vmap`` over a batch of sequences, and per-sequence gradients."""
+    from torch.func import grad, jvp, vmap
+
+    q, k, v, log_gate, h0 = chunk_inputs(device, steps, True, True)
+
+    def run(backend: str):  # noqa: ANN202 - a closure over the backend
+        def chunk(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, g_: torch.Tensor,
+                  h0_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return chunk_gated_linear_attention(q_, k_, v_, g_, chunk_size=chunk_size, initial_state=h0_,
+                                                output_final_state=True, backend=backend)
+        return chunk
+
+    def loss(backend: str):  # noqa: ANN202
+        return lambda *x: sum(out.pow(2).sum() for out in run(backend)(*x))
+
+    primals = (q, k, v, log_gate, h0)
+    names = ("q", "k", "v", "log_gate", "h0")
+    for name, g_got, g_want in zip(names, grad(loss("triton"), argnums=(0, 1, 2, 3, 4))(*primals),
+                                   grad(loss("reference"), argnums=(0, 1, 2, 3, 4))(*primals)):
+        torch.testing.assert_close(g_got, g_want, rtol=tol, atol=tol, msg=lambda m, n=name: f"grad {n}: {m}")
+    tangents = tuple(x for x in chunk_inputs(device, steps, True, True, seed=1))
+    for got, want in zip(jvp(run("triton"), primals, tangents)[1], jvp(run("reference"), primals, tangents)[1]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"jvp: {m}")
+    def batch_of_two(seed: int) -> list[torch.Tensor]:
+        """Inputs with B = 2, so that a vmap rule that mixes up the batch and vmapped dims shows."""
+        pairs = zip(chunk_inputs(device, steps, True, True, seed=seed), chunk_inputs(device, steps, True, True,
+                                                                                     seed=seed + 10))
+        return [torch.cat(pair) for pair in pairs]
+
+    draws = [batch_of_two(seed)[:3] for seed in (2, 3, 4)]
+    per_sequence = [torch.stack([draw[i] for draw in draws], dim=1) for i in range(3)]  # [2, 3, H, T, d]
+    dims = (1, 1, 1, None, None)                                               # q, k, v per sequence
+    shared = batch_of_two(5)
+    args = (*per_sequence, shared[3], shared[4])
+    for got, want in zip(vmap(run("triton"), in_dims=dims)(*args), vmap(run("reference"), in_dims=dims)(*args)):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"vmap: {m}")
+    per_seq = [vmap(grad(loss(backend), argnums=(3, 4)), in_dims=dims)(*args) for backend in ("triton", "reference")]
+    for name, got, want in zip(("log_gate", "h0"), *per_seq):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, n=name: f"per-sequence grad {n}: {m}")
+
+
 def check_chunk_half(device: str, dtype: torch.dtype, diagonal: bool, steps: int = 150) -> None:
     """16-bit inputs: outputs and gradients close to float32 on the same (rounded) inputs."""
     inputs16 = [x for x in chunk_inputs(device, steps, diagonal, True, dtype=dtype, dk=32, dv=32)]
