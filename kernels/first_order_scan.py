@@ -24,10 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.autograd import forward_ad
 
 from . import _dispatch
-from .first_order_scan_autograd import FirstOrderScan, implementation
+from .first_order_scan_autograd import FirstOrderScan, forward_ad_active, implementation
 from .first_order_scan_reference import MIN_BLOCKED_STEPS
 
 # From this many time steps on, CPU calls default to the compiled (numba) kernels.
@@ -89,7 +88,7 @@ def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:
         return True
     if _is_functorch_wrapped is None or any(_is_functorch_wrapped(t) for t in tensors):
         return True
-    return getattr(forward_ad, "_current_level", 0) >= 0
+    return forward_ad_active()
 
 
 def _check_shapes(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:

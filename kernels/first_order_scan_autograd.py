@@ -8,10 +8,15 @@ the opposite direction, which each backend module runs with its own kernels
 compositions, such as per-sample gradients ``vmap(grad(f))``, work on every
 model that scans, as they do on models made of PyTorch ops alone:
 
-* **reverse mode**: :class:`FirstOrderScan`'s ``backward`` calls
-  :class:`ScanGradients`, a Function of its own so that the backward can be
-  vmapped too (``jacrev``, per-sample gradients). It has no derivative: a second
-  derivative (double backward, ``hessian``) raises and says so;
+* **reverse mode**: a plain ``backward()`` (no graph of the gradient is being
+  built) runs the backend's fused backward kernel, through :class:`ScanGradients`.
+  When the backward is itself differentiated (``create_graph=True``, forward-mode
+  AD active, and always under ``torch.func``, whose ``grad`` and ``vjp`` record
+  it), it runs as
+  :func:`gradients_as_scans` instead: one more :class:`FirstOrderScan` in the
+  opposite direction plus PyTorch ops, which is differentiable again, to any
+  order (double backward, ``hessian``), and vmappable (``jacrev``, per-sample
+  gradients);
 * **forward mode** (``jvp``): differentiating ``h_t = a_t h_{t-1} + b_t`` gives
   ``ḣ_t = a_t ḣ_{t-1} + (ȧ_t h_{t-1} + ḃ_t)`` from ``ḣ_{-1} = ḣ0``: one more scan
   with the same gates, on the same backend;
@@ -25,16 +30,22 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _dispatch, first_order_scan_reference
 
 GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 NO_SECOND_DERIVATIVE = (
-    "{kernel} has no second derivative: its backward runs kernels that build no graph, so double "
-    "backward, torch.func.hessian and other derivatives of a gradient are not supported; first derivatives "
+    "{kernel}: this backward runs kernels that build no graph, so it has no derivative of its own "
+    "(double backward, torch.func.hessian and other derivatives of a gradient); first derivatives "
     "work in reverse and forward mode (backward, grad, vjp, jvp, jacrev, jacfwd, vmap of them)"
 )
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (dual tensors may be about); True where torch no longer says."""
+    return getattr(forward_ad, "_current_level", 0) >= 0
 
 
 def implementation(backend: str) -> ModuleType:
@@ -69,7 +80,10 @@ class FirstOrderScan(torch.autograd.Function):
     def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         a, h, h0 = ctx.saved_tensors
         need_a, need_b, need_h0 = ctx.needs_input_grad[:3]
-        da, db, dh0 = ScanGradients.apply(a, h, h0, dh, ctx.reverse, ctx.backend, need_a)
+        if torch.is_grad_enabled() or forward_ad_active():  # the backward is differentiated: compose it
+            da, db, dh0 = gradients_as_scans(a, h, h0, dh, ctx.reverse, ctx.backend, need_a)
+        else:
+            da, db, dh0 = ScanGradients.apply(a, h, h0, dh, ctx.reverse, ctx.backend, need_a)
         da = _sum_to(da, a) if need_a else None
         db = db.to(ctx.b_dtype) if need_b else None
         dh0 = _sum_to(dh0, h0) if (need_h0 and h0 is not None) else None
@@ -106,10 +120,12 @@ class FirstOrderScan(torch.autograd.Function):
 
 
 class ScanGradients(torch.autograd.Function):
-    """``(da, db, dh0)`` of a scan from the backend's reverse scan (unreduced, see ``scan_backward``).
+    """``(da, db, dh0)`` of a scan from the backend's fused backward kernel (unreduced, see ``scan_backward``).
 
-    A Function of its own, with a vmap rule, so that the backward can run under
-    ``vmap``. It is not differentiable: its ``backward`` and ``jvp`` raise.
+    Used only where the gradient is not differentiated (grad mode off in the
+    backward, no forward-mode AD level open); a Function rather than a plain
+    call so that a derivative that reaches it all the same raises instead of
+    coming out wrong.
     """
 
     @staticmethod
@@ -123,27 +139,45 @@ class ScanGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan"))
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan (fused backward)"))
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan"))
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan (fused backward)"))
 
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple[int | None, ...], a: torch.Tensor, h: torch.Tensor,
-             h0: torch.Tensor | None, dh: torch.Tensor, reverse: bool, backend: str,
-             need_da: bool) -> tuple[GradTriple, tuple[int | None, ...]]:
-        """One call over ``V B`` batch items; every gradient comes back with the vmapped dim first."""
-        a_dim, h_dim, h0_dim, dh_dim = in_dims[:4]
-        size = info.batch_size
-        h_all = vmap_dim_first(h, h_dim, size)                                # [V, B, T, *S]
-        dh_all = vmap_dim_first(dh, dh_dim, size)                             # [V, B, T, *S]
-        batch = h_all.shape[1]
-        grads = ScanGradients.apply(_fold_gates(a, a_dim, size, batch), fold_vmap_dim(h_all),
-                                    _fold_state(h0, h0_dim, size, h_all.shape[:2] + h_all.shape[3:]),
-                                    fold_vmap_dim(dh_all), reverse, backend, need_da)
-        unfolded = tuple(None if g is None else g.unflatten(0, (size, batch)) for g in grads)
-        return unfolded, tuple(None if g is None else 0 for g in grads)
+
+def gradients_as_scans(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh: torch.Tensor,
+                       reverse: bool, backend: str, need_da: bool) -> GradTriple:
+    """``(da, db, dh0)`` as :class:`ScanGradients` computes them, from differentiable pieces.
+
+    ``g_t = dh_t + a_{t+1} g_{t+1}`` (``a_{t-1} g_{t-1}`` when ``reverse``) is a
+    :class:`FirstOrderScan` in the opposite direction with the gates shifted by
+    one step; ``db = g``, ``da = g ⊙ h_prev``, ``dh0 = a_first ⊙ g_first``. Every
+    piece has reverse, forward and vmap rules, so derivatives of the gradient
+    work to any order. It costs a copy of the shifted gates and of ``h_prev``
+    more than the fused kernel, so a plain ``backward()`` does not use it.
+    """
+    dtype = _dispatch.compute_dtype(a, h, dh)
+    gates = _shifted_gates(a.to(dtype), reverse)                              # [B|1, T|1, *Sa]
+    g = FirstOrderScan.apply(gates, dh.to(dtype), None, not reverse, backend)  # [B, T, *S]
+    first = h.shape[1] - 1 if reverse else 0
+    dh0 = a[:, min(first, a.shape[1] - 1)].to(dtype) * g[:, first]           # [B, *S]
+    da = g * previous_states(h, h0, reverse).to(dtype) if need_da else None   # [B, T, *S]
+    return da, g, dh0
+
+
+def _shifted_gates(a: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """The gates of the gradient scan: at step ``t``, ``a_{t+1}`` (``a_{t-1}`` when ``reverse``).
+
+    That scan runs against the forward direction and starts from zero, so the
+    gate of its first step multiplies zero: any value does; the edge gate is
+    repeated to keep the shape. Gates shared by all steps stay as they are.
+    """
+    if a.shape[1] == 1:
+        return a
+    if reverse:
+        return torch.cat([a[:, :1], a[:, :-1]], dim=1)
+    return torch.cat([a[:, 1:], a[:, -1:]], dim=1)
 
 
 def previous_states(h: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:

@@ -125,6 +125,7 @@ def test_scan_under_torch_func_transforms(reverse: bool) -> None:
     scan_func_checks.check_grad_and_jvp("cpu", "triton", 9, "scalar", reverse)
     scan_func_checks.check_vmap("cpu", "triton", 9, reverse)
     scan_func_checks.check_per_sample_gradients("cpu", "triton", 9, reverse)
+    scan_func_checks.check_higher_derivatives("cpu", "triton", reverse, dtype=torch.float32, tol=1e-4, steps=5)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up

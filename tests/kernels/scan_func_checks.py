@@ -137,12 +137,47 @@ def check_jacobians(device: str, backend: str, reverse: bool, steps: int = 9) ->
             _close(g_got, g_want, f"{name} in {arg}")
 
 
-def check_second_derivative_is_a_clear_error(device: str, backend: str) -> None:
-    a, b, _ = _inputs(device, 9, "diagonal")
-    scan = _scan(backend, False)
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        torch.func.hessian(lambda b_: scan(a, b_, None).pow(2).sum())(b)
-    x = b.clone().requires_grad_()
-    (g,) = torch.autograd.grad(scan(a, x, None).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        g.sum().backward()
+def check_higher_derivatives(device: str, backend: str, reverse: bool, dtype: torch.dtype = torch.float64,
+                             tol: float = 1e-10, steps: int = 9) -> None:
+    """Derivatives of the gradient equal the loop's: ``hessian`` (forward over reverse), a third
+    derivative by ``grad`` of ``grad`` of ``grad``, and autograd's double backward (``create_graph``).
+
+    Run in ``dtype`` (float64 where the backend takes it: the results then agree to rounding).
+    Errors are relative to the largest entry of the loop's result.
+    """
+    a, b, h0 = _inputs(device, steps, "scalar")
+    a, b, h0 = (x.to(dtype) for x in (a, b, h0))
+
+    def loss(fn):  # noqa: ANN001, ANN202
+        return lambda a_, b_, h0_: fn(a_, b_, h0_).pow(2).sum()
+
+    def scan(a_: torch.Tensor, b_: torch.Tensor, h0_: torch.Tensor) -> torch.Tensor:
+        return first_order_scan(a_, b_, h0_, reverse=reverse, backend=backend).cpu().double()
+
+    def naive(a_: torch.Tensor, b_: torch.Tensor, h0_: torch.Tensor) -> torch.Tensor:
+        return _naive(reverse)(a_.double(), b_.double(), h0_.double())
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        scale = want.abs().max().item() or 1.0
+        torch.testing.assert_close(got.cpu().double() / scale, want.double() / scale, rtol=tol, atol=tol,
+                                   msg=lambda m: f"{what}: {m}")
+
+    names = ("a", "b", "h0")
+    got = torch.func.hessian(loss(scan), argnums=(0, 1, 2))(a, b, h0)
+    want = torch.func.hessian(loss(naive), argnums=(0, 1, 2))(a, b, h0)
+    for i, (row_got, row_want) in enumerate(zip(got, want)):
+        for j, (block_got, block_want) in enumerate(zip(row_got, row_want)):
+            close(block_got, block_want, f"hessian block ({names[i]}, {names[j]})")
+
+    def third(fn):  # noqa: ANN001, ANN202
+        first = torch.func.grad(loss(fn), argnums=1)
+        second = torch.func.grad(lambda a_, b_, h0_: first(a_, b_, h0_).pow(2).sum(), argnums=0)
+        return torch.func.grad(lambda a_, b_, h0_: second(a_, b_, h0_).sum(), argnums=2)(a, b, h0)
+
+    close(third(scan), third(naive), "third derivative (d/dh0 of d/da of |d/db|^2)")
+    results = []
+    for fn in (scan, naive):
+        x = b.clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(fn)(a, x, h0), x, create_graph=True)
+        results.append(torch.autograd.grad(g.pow(2).sum(), x)[0])
+    close(results[0], results[1], "double backward")

@@ -56,5 +56,25 @@ def test_jacrev_and_jacfwd(backend: str, reverse: bool) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_second_derivative_is_a_clear_error(backend: str) -> None:
-    checks.check_second_derivative_is_a_clear_error("cpu", backend)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_higher_derivatives_match_the_loop(backend: str, reverse: bool) -> None:
+    checks.check_higher_derivatives("cpu", backend, reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_backward_runs_the_fused_kernel(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a differentiated backward pays for the composed one; ``loss.backward()`` runs the fused kernel."""
+    import torch
+
+    from psmsearch.kernels import first_order_scan
+    from psmsearch.kernels import first_order_scan_autograd as rules
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a plain backward went through the composed gradients")
+
+    monkeypatch.setattr(rules, "gradients_as_scans", refuse)
+    a, b = torch.rand(2, 70, 3, requires_grad=True), torch.randn(2, 70, 3, requires_grad=True)
+    first_order_scan(a, b, backend=backend).pow(2).sum().backward()
+    assert a.grad is not None and b.grad is not None
+    with pytest.raises(AssertionError, match="composed"):
+        torch.autograd.grad(first_order_scan(a, b, backend=backend).pow(2).sum(), b, create_graph=True)
