@@ -166,17 +166,17 @@ class AttentionHead(Head):
         self.k = _state_tokens(context, "head 'attention'")
         self.segment = nn.Parameter(torch.randn(2, 1, d) * 0.02)  # [prefix/chunk, 1, d]
         self.reader = Transformer(d, self.hparams["heads"], self.hparams["layers"], self.hparams["mlp_ratio"])
-        self._masks: dict[tuple[int, str], torch.Tensor] = {}
 
     def _mask(self, width: int, device: torch.device) -> torch.Tensor:
-        key = (width, str(device))
-        if key not in self._masks:
-            total = self.k + width
-            mask = torch.ones(total, total, dtype=torch.bool, device=device).tril(0)  # [k+c', k+c']
-            mask[:, : self.k] = True  # everyone sees the whole prefix ...
-            mask[: self.k, self.k :] = False  # ... and the prefix sees no chunk token
-            self._masks[key] = mask
-        return self._masks[key]
+        """``[k+c', k+c']``: everyone sees the whole prefix, the prefix sees no chunk token, the chunk is causal.
+
+        Made anew on every call (a few thousand booleans), not cached: inside a
+        ``torch.func`` transform even a new tensor belongs to that transform, and
+        a cached one would fail in every later call.
+        """
+        position = torch.arange(self.k + width, device=device)
+        query, key = position[:, None], position[None, :]                        # [k+c', 1], [1, k+c']
+        return ((key <= query) | (key < self.k)) & ~((query < self.k) & (key >= self.k))
 
     def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         width = f.shape[-2]

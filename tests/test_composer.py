@@ -110,3 +110,36 @@ def test_torch_func_per_sample_gradients_equal_backward(encoder: str, aggregator
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_sequence[name][i], p.grad, rtol=1e-4, atol=1e-6,
                                        msg=lambda m, name=name: f"{name}, sequence {i}: {m}")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize("encoder, aggregator, head", COMBINATIONS)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func set-up
+def test_hessian_vector_products_equal_finite_differences(encoder: str, aggregator: str, head: str,
+                                                          chunk_size: int) -> None:
+    """Second derivatives work on every model (``jvp`` of ``grad``, as in sharpness or Newton-type
+    methods): the Hessian-vector product equals a central difference of gradients, in float64. The
+    transforms run one after another on the same model, so nothing cached in one may leak into the next."""
+    from torch.func import functional_call, grad, jvp
+
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=32, n_layers=1, chunk_size=chunk_size, encoder=encoder, aggregator=aggregator,
+                         head=head)
+    model = build_model(config, vocab_size=13).double().eval()
+    tokens = torch.randint(0, 13, (2, 70))
+
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(model, params, (tokens[:, :-1],))           # [N, T-1, V]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 13), tokens[:, 1:].reshape(-1))
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    direction = {name: torch.randn_like(p) for name, p in params.items()}
+    _, product = jvp(grad(loss), (params,), (direction,))
+    step = 1e-6
+    ahead = grad(loss)({name: p + step * direction[name] for name, p in params.items()})
+    behind = grad(loss)({name: p - step * direction[name] for name, p in params.items()})
+    for name in params:
+        difference = (ahead[name] - behind[name]) / (2 * step)
+        scale = difference.abs().max().item() or 1.0
+        torch.testing.assert_close(product[name] / scale, difference / scale, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
