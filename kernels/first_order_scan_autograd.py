@@ -12,11 +12,10 @@ model that scans, as they do on models made of PyTorch ops alone:
   built) runs the backend's fused backward kernel, through :class:`ScanGradients`.
   When the backward is itself differentiated (``create_graph=True``, forward-mode
   AD active, and always under ``torch.func``, whose ``grad`` and ``vjp`` record
-  it), it runs as
-  :func:`gradients_as_scans` instead: one more :class:`FirstOrderScan` in the
-  opposite direction plus PyTorch ops, which is differentiable again, to any
-  order (double backward, ``hessian``), and vmappable (``jacrev``, per-sample
-  gradients);
+  it), it runs as :func:`gradients_as_scans` instead: one more
+  :class:`FirstOrderScan` in the opposite direction plus PyTorch ops, which is
+  differentiable again, to any order (double backward, ``hessian``), and
+  vmappable (``jacrev``, per-sample gradients);
 * **forward mode** (``jvp``): differentiating ``h_t = a_t h_{t-1} + b_t`` gives
   ``ḣ_t = a_t ḣ_{t-1} + (ȧ_t h_{t-1} + ḃ_t)`` from ``ḣ_{-1} = ḣ0``: one more scan
   with the same gates, on the same backend;
