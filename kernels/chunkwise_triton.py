@@ -39,7 +39,13 @@ from .chunkwise_triton_common import (
     load_row,
     load_tile,
 )
-from .first_order_scan_autograd import NO_SECOND_DERIVATIVE, fold_vmap_dim, vmap_dim_first
+from .first_order_scan_autograd import (
+    NESTED_FORWARD_MODE,
+    NO_SECOND_DERIVATIVE,
+    fold_vmap_dim,
+    functorch_jvp_depth,
+    vmap_dim_first,
+)
 
 
 @triton.jit
@@ -98,13 +104,16 @@ def chunk_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate
     return _ChunkGLATriton.apply(q, k, v, log_gate, initial_state, chunk_size, scale)
 
 
+_REFERENCE_HINT = "; backend='reference' is differentiable to any order"
+
+
 class _ChunkGLATriton(torch.autograd.Function):
     """Triton forward and backward; saves only the inputs.
 
     In the form ``torch.func`` needs, like :class:`.first_order_scan_autograd.FirstOrderScan`:
-    the backward is a vmappable Function of its own, ``vmap`` folds the vmapped dim
-    into the batch, and forward mode (``jvp``) differentiates the PyTorch reference
-    (a recomputation, on the same device, with the Triton scan inside).
+    the backward is a vmappable Function of its own (first derivatives only),
+    ``vmap`` folds the vmapped dim into the batch, and forward mode (``jvp``)
+    differentiates the PyTorch reference (a recomputation on the same device).
     """
 
     @staticmethod
@@ -134,6 +143,16 @@ class _ChunkGLATriton(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tangent ``J ẋ`` of the PyTorch reference, as a vjp of its vjp.
+
+        The reference's pullback ``u -> Jᵀ u`` is linear in ``u``, so its own vjp at
+        ``u = 0`` with cotangent ``ẋ`` is ``J ẋ``. Reverse mode twice, rather than
+        ``torch.func.jvp``, because a forward-mode level opened here would nest in
+        the caller's (forbidden under ``torch.autograd.forward_ad``, and mistaken for
+        forward over forward under ``torch.func``).
+        """
+        if (functorch_jvp_depth() or 0) > 1:
+            raise RuntimeError(NESTED_FORWARD_MODE.format(kernel="chunk_gated_linear_attention (Triton)"))
         primals = ctx.saved_tensors
         given = [k for k, x in enumerate(primals) if x is not None]             # initial_state may be None
 
@@ -143,9 +162,12 @@ class _ChunkGLATriton(torch.autograd.Function):
                 full[k] = x
             return chunk_gla_reference(*full, ctx.chunk_size, ctx.scale)
 
-        inputs = tuple(primals[k] for k in given)
         directions = tuple(torch.zeros_like(primals[k]) if tangents[k] is None else tangents[k] for k in given)
-        return torch.func.jvp(reference, inputs, directions)[1]
+        with torch.enable_grad():
+            outputs, pullback = torch.func.vjp(reference, *(primals[k] for k in given))
+            _, pushforward = torch.func.vjp(pullback, tuple(torch.zeros_like(out) for out in outputs))
+            (output_tangents,) = pushforward(directions)
+        return output_tangents
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -175,11 +197,11 @@ class _ChunkGLATritonGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="chunk_gated_linear_attention"))
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="chunk_gated_linear_attention (Triton)", hint=_REFERENCE_HINT))
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="chunk_gated_linear_attention"))
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="chunk_gated_linear_attention (Triton)", hint=_REFERENCE_HINT))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -14,9 +14,9 @@ Three implementations share one signature and one set of differentiation rules
 * the compiled CPU kernels in :mod:`.first_order_scan_numba`, one sequential
   pass over memory, the default on CPU tensors.
 
-Gradients never go through a Python loop: the backward of a scan is a scan in
-the opposite direction (``g_t = dh_t + a_{t+1} g_{t+1}``), which both backends
-run with their own forward machinery.
+Autograd never records a Python loop: the backward of a scan is a scan in the
+opposite direction (``g_t = dh_t + a_{t+1} g_{t+1}``), which every backend runs
+with its own kernels.
 """
 
 from __future__ import annotations
@@ -61,9 +61,13 @@ def first_order_scan(
 
     Returns:
         ``h`` of shape ``[B, T, *S]`` and ``b``'s dtype. The recurrence is
-        accumulated in float32 (float64 for float64 inputs on the reference).
-        Differentiable in ``a``, ``b`` and ``h0``.
+        accumulated in float32, or float64 when ``a`` or ``b`` is float64 (the
+        reference and numba; Triton takes no float64); ``h0`` is cast to that dtype.
+        Differentiable in ``a``, ``b`` and ``h0``, in reverse and forward mode and
+        under ``torch.func`` (see :mod:`.first_order_scan_autograd`).
     """
+    if torch.compiler.is_compiling():  # keep the kernels out of torch.compile's graph (it cannot trace numba)
+        return _first_order_scan_outside_graph(a, b, h0, reverse=reverse, backend=backend)
     _check_shapes(a, b, h0)
     tensors = [t for t in (a, b, h0) if t is not None]
     cpu_default = "numba" if b.shape[1] >= MIN_COMPILED_CPU_STEPS else "reference"
@@ -72,6 +76,10 @@ def first_order_scan(
     if not _needs_autograd(tensors):
         return implementation(chosen).scan_forward(a, b, h0, reverse)
     return FirstOrderScan.apply(a, b, h0, reverse, chosen)
+
+
+# Under torch.compile the scan is a graph break: it runs eagerly, with its own kernels and rules.
+_first_order_scan_outside_graph = torch.compiler.disable(first_order_scan)
 
 
 def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:

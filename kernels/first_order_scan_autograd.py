@@ -1,7 +1,7 @@
 """Autograd and ``torch.func`` rules of :func:`.first_order_scan`, shared by every backend.
 
-Gradients never go through a Python loop: the backward of a scan is a scan in
-the opposite direction, which each backend module runs with its own kernels
+Autograd never records a Python loop: the backward of a scan is a scan in the
+opposite direction, which each backend module runs with its own kernels
 (``scan_backward``). The rules are written in the form ``torch.func`` needs
 (``forward`` without ``ctx``, plus ``setup_context``), so that
 ``torch.func.grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap`` and their
@@ -21,6 +21,15 @@ model that scans, as they do on models made of PyTorch ops alone:
   with the same gates, on the same backend;
 * **vmap**: the vmapped dim is folded into the batch dim ``B``, so a vmapped call
   is one kernel call over ``V B`` items, not ``V`` calls.
+
+Two things raise rather than come out wrong: forward mode over forward mode
+(``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``), where PyTorch drops the outer
+tangent inside any custom Function's ``jvp`` (pytorch/pytorch#197867; the guard
+counts active ``torch.func`` forward-mode transforms, so a ``jvp`` merely nested
+inside another one raises too), and PyTorch's legacy batched backward
+(``is_grads_batched=True``, ``autograd.functional.jacobian(vectorize=True)``),
+which runs no Function rules. Under ``torch.compile`` the scan is a graph break
+(:func:`.first_order_scan` runs it eagerly).
 """
 
 from __future__ import annotations
@@ -33,13 +42,46 @@ from torch.autograd import forward_ad
 
 from . import _dispatch, first_order_scan_reference
 
+try:  # private: which torch.func transforms are active (absent in some PyTorch releases)
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:  # pragma: no cover - depends on the PyTorch release
+    TransformType = retrieve_all_functorch_interpreters = None
+
 GradTriple = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 NO_SECOND_DERIVATIVE = (
     "{kernel}: this backward runs kernels that build no graph, so it has no derivative of its own "
-    "(double backward, torch.func.hessian and other derivatives of a gradient); first derivatives "
-    "work in reverse and forward mode (backward, grad, vjp, jvp, jacrev, jacfwd, vmap of them)"
+    "(double backward, torch.func.hessian and other derivatives of a gradient){hint}"
 )
+
+
+NESTED_FORWARD_MODE = (
+    "{kernel}: forward mode over forward mode (jacfwd of jacfwd, jvp of jvp) is not supported: PyTorch "
+    "drops the outer tangent inside a custom autograd.Function's jvp and the result would be silently "
+    "wrong (pytorch/pytorch#197867). Second derivatives work with reverse mode on the outside or inside: "
+    "torch.func.hessian (jacfwd of jacrev), jacrev of jacfwd, jacrev of jacrev, double backward"
+)
+
+
+LEGACY_VMAP = (
+    "first_order_scan: autograd.grad(..., is_grads_batched=True) and torch.autograd.functional.jacobian/hessian"
+    "(vectorize=True) batch the backward with PyTorch's legacy vmap, which runs no custom autograd.Function "
+    "rules; use torch.func (jacrev, jacfwd, hessian, or vmap over vjp / over autograd.grad), which does"
+)
+# Whether a tensor is batched by that legacy vmap (private API; None where it is gone).
+_is_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+
+_RECORD_HINT = ("; a backward run with grad mode on (create_graph=True, torch.func) or with forward-mode AD "
+                "active is differentiable")
+
+
+def functorch_jvp_depth() -> int | None:
+    """How many ``torch.func.jvp``-style transforms (``jvp``, ``jacfwd``) are active; None where torch
+    no longer says (the private API is gone)."""
+    if retrieve_all_functorch_interpreters is None:
+        return None
+    return sum(interpreter.key() == TransformType.Jvp for interpreter in retrieve_all_functorch_interpreters())
 
 
 def forward_ad_active() -> bool:
@@ -77,6 +119,8 @@ class FirstOrderScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        if _is_legacy_batched is not None and _is_legacy_batched(dh):
+            raise RuntimeError(LEGACY_VMAP)
         a, h, h0 = ctx.saved_tensors
         need_a, need_b, need_h0 = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() or forward_ad_active():  # the backward is differentiated: compose it
@@ -92,6 +136,8 @@ class FirstOrderScan(torch.autograd.Function):
     def jvp(ctx: Any, a_dot: torch.Tensor | None, b_dot: torch.Tensor | None, h0_dot: torch.Tensor | None,
             *_: Any) -> torch.Tensor:
         """``ḣ = scan(a, ȧ ⊙ h_prev + ḃ, ḣ0)``: the tangent of the output, in its dtype."""
+        if (functorch_jvp_depth() or 0) > 1:
+            raise RuntimeError(NESTED_FORWARD_MODE.format(kernel="first_order_scan"))
         a, h, h0 = ctx.saved_tensors
         dtype = _dispatch.compute_dtype(a, h)
         inputs = None if b_dot is None else b_dot.to(dtype)                    # [B, T, *S]
@@ -122,9 +168,10 @@ class ScanGradients(torch.autograd.Function):
     """``(da, db, dh0)`` of a scan from the backend's fused backward kernel (unreduced, see ``scan_backward``).
 
     Used only where the gradient is not differentiated (grad mode off in the
-    backward, no forward-mode AD level open); a Function rather than a plain
-    call so that a derivative that reaches it all the same raises instead of
-    coming out wrong.
+    backward, no forward-mode AD level open). A Function rather than a plain
+    call so that it can be vmapped (``autograd.grad`` with batched gradients,
+    ``is_grads_batched``) and so that a derivative that reaches it all the same
+    raises instead of coming out wrong.
     """
 
     @staticmethod
@@ -138,11 +185,27 @@ class ScanGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan (fused backward)"))
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan (fused backward)", hint=_RECORD_HINT))
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan (fused backward)"))
+        raise RuntimeError(NO_SECOND_DERIVATIVE.format(kernel="first_order_scan (fused backward)", hint=_RECORD_HINT))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], a: torch.Tensor, h: torch.Tensor,
+             h0: torch.Tensor | None, dh: torch.Tensor, reverse: bool, backend: str,
+             need_da: bool) -> tuple[GradTriple, tuple[int | None, ...]]:
+        """One call over ``V B`` batch items; every gradient comes back with the vmapped dim first."""
+        a_dim, h_dim, h0_dim, dh_dim = in_dims[:4]
+        size = info.batch_size
+        h_all = vmap_dim_first(h, h_dim, size)                                 # [V, B, T, *S]
+        dh_all = vmap_dim_first(dh, dh_dim, size)                              # [V, B, T, *S]
+        batch = h_all.shape[1]
+        grads = ScanGradients.apply(_fold_gates(a, a_dim, size, batch), fold_vmap_dim(h_all),
+                                    _fold_state(h0, h0_dim, size, h_all.shape[:2] + h_all.shape[3:]),
+                                    fold_vmap_dim(dh_all), reverse, backend, need_da)
+        unfolded = tuple(None if g is None else g.unflatten(0, (size, batch)) for g in grads)
+        return unfolded, tuple(None if g is None else 0 for g in grads)
 
 
 def gradients_as_scans(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh: torch.Tensor,
@@ -157,6 +220,10 @@ def gradients_as_scans(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None
     more than the fused kernel, so a plain ``backward()`` does not use it.
     """
     dtype = _dispatch.compute_dtype(a, h, dh)
+    if h.shape[1] == 0:  # no steps: nothing flows back but zeros
+        zeros = torch.zeros(h.shape, dtype=dtype, device=h.device)           # [B, 0, *S]
+        state = torch.zeros(h.shape[:1] + h.shape[2:], dtype=dtype, device=h.device)  # [B, *S]
+        return (zeros if need_da else None), dh.to(dtype), state
     gates = _shifted_gates(a.to(dtype), reverse)                              # [B|1, T|1, *Sa]
     g = FirstOrderScan.apply(gates, dh.to(dtype), None, not reverse, backend)  # [B, T, *S]
     first = h.shape[1] - 1 if reverse else 0

@@ -45,6 +45,10 @@ def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
     """
     dtype = _dispatch.compute_dtype(a, h, dh)
     steps = h.shape[1]
+    if steps == 0:  # no steps: every gradient is empty or zero
+        zeros = torch.zeros(h.shape, dtype=dtype, device=h.device)          # [B, 0, *S]
+        return (zeros if need_da else None), zeros, torch.zeros(h.shape[:1] + h.shape[2:], dtype=dtype,
+                                                                device=h.device)
     a_c = a.to(dtype).expand(h.shape[:2] + a.shape[2:])  # [B, T, *Sa]
     g = _state_gradients(a_c, dh.to(dtype), reverse)  # [B, T, *S]
     first = steps - 1 if reverse else 0

@@ -126,6 +126,12 @@ def test_scan_under_torch_func_transforms(reverse: bool) -> None:
     scan_func_checks.check_vmap("cpu", "triton", 9, reverse)
     scan_func_checks.check_per_sample_gradients("cpu", "triton", 9, reverse)
     scan_func_checks.check_higher_derivatives("cpu", "triton", reverse, dtype=torch.float32, tol=1e-4, steps=5)
+    scan_func_checks.check_batched_grad_outputs("cpu", "triton", reverse, steps=9)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
+def test_scan_nested_forward_mode_is_a_clear_error() -> None:
+    scan_func_checks.check_nested_forward_mode_is_a_clear_error("cpu", "triton", steps=3, batch=1)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up

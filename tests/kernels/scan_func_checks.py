@@ -181,3 +181,57 @@ def check_higher_derivatives(device: str, backend: str, reverse: bool, dtype: to
         (g,) = torch.autograd.grad(loss(fn)(a, x, h0), x, create_graph=True)
         results.append(torch.autograd.grad(g.pow(2).sum(), x)[0])
     close(results[0], results[1], "double backward")
+
+
+def check_nested_forward_mode_is_a_clear_error(device: str, backend: str, steps: int = 9, batch: int = 2) -> None:
+    """Forward over forward would come out silently wrong through a custom Function (PyTorch drops the
+    outer tangent); it must raise and name the alternatives, while reverse on either side still works."""
+    a, b, _ = _inputs(device, steps, "scalar", batch=batch)
+    scan = _scan(backend, False)
+
+    def loss(a_: torch.Tensor) -> torch.Tensor:
+        return scan(a_, b, None).pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="forward mode over forward mode"):
+        jacfwd(jacfwd(loss))(a)
+    want = jacrev(jacrev(lambda a_: _naive(False)(a_, b, None).pow(2).sum()))(a)
+    _close(jacrev(jacfwd(loss))(a), want, "jacrev(jacfwd)")
+
+
+def check_batched_grad_outputs(device: str, backend: str, reverse: bool, steps: int = 70) -> None:
+    """A plain backward under ``vmap`` (over ``autograd.grad``'s grad outputs) equals one backward per
+    output; PyTorch's legacy batched grads (``is_grads_batched``), which run no Function rules, raise
+    and point to ``torch.func``."""
+    a, b, h0 = _inputs(device, steps, "diagonal")
+    weights = torch.randn((3, *b.shape), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    want_b, want_a = [], []
+    for w in weights:
+        x, gates = b.cpu().clone().requires_grad_(), a.cpu().clone().requires_grad_()
+        gb, ga = torch.autograd.grad(_naive(reverse)(gates, x, h0), (x, gates), w)
+        want_b.append(gb)
+        want_a.append(ga)
+    x, gates = b.clone().float().requires_grad_(), a.clone().float().requires_grad_()
+    out = first_order_scan(gates, x, h0.float(), reverse=reverse, backend=backend)
+    got_b, got_a = vmap(lambda w: torch.autograd.grad(out, (x, gates), w, retain_graph=True))(weights.float().to(device))
+    _close(got_b.double(), torch.stack(want_b), "vmap over grad outputs, gradient in b")
+    _close(got_a.double(), torch.stack(want_a), "vmap over grad outputs, gradient in a")
+    with pytest.raises(RuntimeError, match="legacy vmap"):
+        torch.autograd.grad(out, x, weights.float().to(device), is_grads_batched=True)
+
+
+def check_no_steps(device: str, backend: str) -> None:
+    """``T = 0``: an empty output, and zero or empty gradients, in every mode."""
+    for reverse in (False, True):
+        for start in (None, torch.randn(2, *STATE, dtype=torch.float64, device=device)):
+            a = torch.rand(2, 0, *STATE, dtype=torch.float64, device=device, requires_grad=True)
+            b = torch.randn(2, 0, *STATE, dtype=torch.float64, device=device, requires_grad=True)
+            h0 = None if start is None else start.clone().requires_grad_()
+            inputs = [x for x in (a, b, h0) if x is not None]
+            out = first_order_scan(a, b, h0, reverse=reverse, backend=backend)
+            assert out.shape == b.shape
+            for create_graph in (False, True):
+                grads = torch.autograd.grad(out.sum() + 0 * sum(x.sum() for x in inputs), inputs,
+                                            create_graph=create_graph, retain_graph=True)
+                assert all(g.shape == x.shape and not g.any() for g, x in zip(grads, inputs))
+            got = grad(lambda b_: first_order_scan(a, b_, start, reverse=reverse, backend=backend).sum())(b)
+            assert got.shape == b.shape

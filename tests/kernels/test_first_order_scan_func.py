@@ -78,3 +78,48 @@ def test_plain_backward_runs_the_fused_kernel(backend: str, monkeypatch: pytest.
     assert a.grad is not None and b.grad is not None
     with pytest.raises(AssertionError, match="composed"):
         torch.autograd.grad(first_order_scan(a, b, backend=backend).pow(2).sum(), b, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_forward_mode_is_a_clear_error(backend: str) -> None:
+    checks.check_nested_forward_mode_is_a_clear_error("cpu", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_batched_grad_outputs(backend: str, reverse: bool) -> None:
+    checks.check_batched_grad_outputs("cpu", backend, reverse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_steps(backend: str) -> None:
+    checks.check_no_steps("cpu", backend)
+
+
+COMPILED_SCAN = """
+import torch
+from psmsearch.kernels import first_order_scan
+a = torch.rand(2, 70, 3, requires_grad=True)
+b = torch.randn(2, 70, 3, requires_grad=True)
+loss = torch.compile(lambda a_, b_: first_order_scan(a_, b_, backend="{backend}").pow(2).sum(), backend="eager")
+got = loss(a, b)
+got.backward()
+want = first_order_scan(a, b, backend="{backend}").pow(2).sum()
+grads = torch.autograd.grad(want, (a, b))
+with torch.no_grad():
+    plain = loss(a, b)
+assert torch.allclose(got, want) and torch.allclose(plain, want), (got, plain, want)
+assert torch.allclose(a.grad, grads[0]) and torch.allclose(b.grad, grads[1])
+print("compiled scan ok")
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_in_a_fresh_process(backend: str) -> None:
+    """torch.compile (Dynamo, eager backend) around the scan, in a process whose kernels are not yet
+    compiled: Dynamo must not trace into numba's dispatcher (it failed there), the scan is a graph break."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", COMPILED_SCAN.format(backend=backend)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "compiled scan ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

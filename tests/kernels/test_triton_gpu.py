@@ -99,6 +99,8 @@ def test_scan_under_torch_func_transforms(gate: str, reverse: bool) -> None:
     scan_func_checks.check_per_sample_gradients("cuda", "triton", 63, reverse)
     scan_func_checks.check_jacobians("cuda", "triton", reverse)
     scan_func_checks.check_higher_derivatives("cuda", "triton", reverse, dtype=torch.float32, tol=1e-4)
+    scan_func_checks.check_batched_grad_outputs("cuda", "triton", reverse)
+    scan_func_checks.check_nested_forward_mode_is_a_clear_error("cuda", "triton")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up

@@ -146,6 +146,20 @@ def check_chunk_func_transforms(device: str, steps: int = 20, chunk_size: int = 
     per_seq = [vmap(grad(loss(backend), argnums=(3, 4)), in_dims=dims)(*args) for backend in ("triton", "reference")]
     for name, got, want in zip(("log_gate", "h0"), *per_seq):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, n=name: f"per-sequence grad {n}: {m}")
+    import torch.autograd.forward_ad as fwad
+    from torch.func import jacfwd
+
+    tangent_q = torch.randn_like(q)
+    dual_tangents = []
+    for backend in ("triton", "reference"):
+        with fwad.dual_level():
+            outputs = run(backend)(fwad.make_dual(q, tangent_q), k, v, log_gate, h0)
+            dual_tangents.append([torch.zeros_like(out) if fwad.unpack_dual(out).tangent is None  # no dependence
+                                  else fwad.unpack_dual(out).tangent for out in outputs])
+    for got, want in zip(*dual_tangents):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"forward AD (dual q): {m}")
+    with pytest.raises(RuntimeError, match="forward mode over forward mode"):
+        jacfwd(jacfwd(lambda g_: loss("triton")(q, k, v, g_, h0)))(log_gate)
 
 
 def check_chunk_half(device: str, dtype: torch.dtype, diagonal: bool, steps: int = 150) -> None:
