@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _dispatch
 from .first_order_scan import first_order_scan
@@ -77,6 +78,11 @@ def chunk_gated_linear_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = [t for t in (q, k, v, log_gate, initial_state) if t is not None]
     chosen = _dispatch.select_backend(backend, *tensors, kernel=KERNEL)
+    if chosen == "triton" and is_in_torch_dispatch_mode():  # make_fx, torch.export: PyTorch ops only
+        if _dispatch.requested_backend(backend) == "triton":
+            raise RuntimeError(f"{KERNEL}: backend 'triton' cannot be traced (make_fx, torch.export and fake "
+                               "tensors record PyTorch ops only); use backend='reference' or None")
+        chosen = "reference"
     if chosen == "triton":
         from .chunkwise_triton import chunk_gla_triton
 

@@ -21,13 +21,15 @@ with its own kernels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _dispatch
 from .first_order_scan_autograd import FirstOrderScan, forward_ad_active, implementation
-from .first_order_scan_reference import MIN_BLOCKED_STEPS
+from .first_order_scan_reference import MIN_BLOCKED_STEPS, scan_traceable
 
 # From this many time steps on, CPU calls default to the compiled (numba) kernels.
 # Shorter scans run the reference's step loop, already one pass over memory, which
@@ -66,8 +68,14 @@ def first_order_scan(
         Differentiable in ``a``, ``b`` and ``h0``, in reverse and forward mode and
         under ``torch.func`` (see :mod:`.first_order_scan_autograd`).
     """
-    if torch.compiler.is_compiling():  # keep the kernels out of torch.compile's graph (it cannot trace numba)
-        return _first_order_scan_outside_graph(a, b, h0, reverse=reverse, backend=backend)
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return _traced_scan(a, b, h0, reverse, backend)
+    return _scan(a, b, h0, reverse, backend)
+
+
+def _scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool,
+          backend: str | None) -> torch.Tensor:
+    """The call itself: checks, backend choice, and the kernels with or without the autograd Function."""
     _check_shapes(a, b, h0)
     tensors = [t for t in (a, b, h0) if t is not None]
     cpu_default = "numba" if b.shape[1] >= MIN_COMPILED_CPU_STEPS else "reference"
@@ -78,8 +86,35 @@ def first_order_scan(
     return FirstOrderScan.apply(a, b, h0, reverse, chosen)
 
 
-# Under torch.compile the scan is a graph break: it runs eagerly, with its own kernels and rules.
-_first_order_scan_outside_graph = torch.compiler.disable(first_order_scan)
+def _traced_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool,
+                 backend: str | None) -> torch.Tensor:
+    """A call that something is tracing.
+
+    Under a dispatch mode (``make_fx``, ``torch.export``, ``torch.func.linearize``,
+    fake tensors) only PyTorch ops are recorded: the numba and Triton kernels write
+    through pointers a trace does not see, and a replayed trace would return
+    uninitialised memory. The scan then runs as one out-of-place op per step
+    (:func:`.first_order_scan_reference.scan_traceable`), which every trace records
+    and autograd differentiates natively; asking for another backend there is an
+    error. Under ``torch.compile`` (Dynamo) the call is a graph break instead and
+    runs eagerly with the usual backend, since Dynamo cannot trace numba.
+    """
+    if is_in_torch_dispatch_mode():
+        requested = _dispatch.requested_backend(backend)
+        if requested not in (None, "reference"):
+            raise RuntimeError(
+                f"first_order_scan: backend {requested!r} cannot be traced (make_fx, torch.export, "
+                "torch.func.linearize and fake tensors record PyTorch ops only); use backend='reference' or None"
+            )
+        _check_shapes(a, b, h0)
+        return scan_traceable(a, b, h0, reverse)
+    return _outside_compiled_graph()(a, b, h0, reverse, backend)
+
+
+@functools.cache
+def _outside_compiled_graph() -> Callable[..., torch.Tensor]:
+    """:func:`_scan` as a ``torch.compile`` graph break (made on first use: it imports Dynamo, about 1 s)."""
+    return torch.compiler.disable(_scan)
 
 
 def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:

@@ -28,8 +28,9 @@ tangent inside any custom Function's ``jvp`` (pytorch/pytorch#197867; the guard
 counts active ``torch.func`` forward-mode transforms, so a ``jvp`` merely nested
 inside another one raises too), and PyTorch's legacy batched backward
 (``is_grads_batched=True``, ``autograd.functional.jacobian(vectorize=True)``),
-which runs no Function rules. Under ``torch.compile`` the scan is a graph break
-(:func:`.first_order_scan` runs it eagerly).
+which runs no Function rules. Under ``torch.compile`` the scan is a graph break,
+and under traces that record PyTorch ops (``make_fx``, ``torch.export``) it is an
+out-of-place step loop (both decided in :func:`.first_order_scan`).
 """
 
 from __future__ import annotations

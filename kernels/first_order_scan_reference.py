@@ -34,6 +34,29 @@ def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
     return out.to(b.dtype)
 
 
+def scan_traceable(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """The scan as one out-of-place PyTorch op per step, for traces (``make_fx``, ``torch.export``).
+
+    No ``out=`` and no in-place writes, so a trace records exactly what it computes
+    and autograd differentiates it natively (``out=`` ops refuse inputs that need
+    gradients while a trace runs them, and constant folding keeps buffers that a
+    trace filled in place). Slow for long scans, so it is used for traces only.
+    """
+    dtype = _dispatch.compute_dtype(a, b)
+    steps = b.shape[1]
+    if steps == 0:
+        return b.new_zeros(b.shape)
+    state_shape = b.shape[:1] + b.shape[2:]
+    state = (torch.zeros(state_shape, dtype=dtype, device=b.device) if h0 is None
+             else h0.to(dtype).expand(state_shape))                             # [B, *S]
+    gates = a.to(dtype).expand(b.shape[:2] + a.shape[2:])                       # [B, T, *Sa]
+    states: list[torch.Tensor] = [state] * steps
+    for t in (reversed(range(steps)) if reverse else range(steps)):
+        state = gates[:, t] * state + b[:, t].to(dtype)
+        states[t] = state
+    return torch.stack(states, dim=1).to(b.dtype)                               # [B, T, *S]
+
+
 def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
                   dh: torch.Tensor, reverse: bool, need_da: bool) -> GradTriple:
     """Gradients of the scan, unreduced: ``da`` and ``dh0`` have ``h``'s full shape.

@@ -143,3 +143,16 @@ def test_hessian_vector_products_equal_finite_differences(encoder: str, aggregat
         scale = difference.abs().max().item() or 1.0
         torch.testing.assert_close(product[name] / scale, difference / scale, rtol=1e-5, atol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("encoder, aggregator, head", COMBINATIONS)
+def test_exported_model_equals_eager(encoder: str, aggregator: str, head: str) -> None:
+    """torch.export records every model (the scan kernels trace as PyTorch ops) and the exported program
+    gives the eager model's logits on new tokens of the traced length."""
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=32, n_layers=1, chunk_size=4, encoder=encoder, aggregator=aggregator, head=head)
+    model = build_model(config, vocab_size=13).eval()
+    exported = torch.export.export(model, (torch.randint(0, 13, (2, 23)),))
+    tokens = torch.randint(0, 13, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(tokens), model(tokens), rtol=1e-5, atol=1e-5)

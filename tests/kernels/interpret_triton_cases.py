@@ -137,3 +137,12 @@ def test_scan_nested_forward_mode_is_a_clear_error() -> None:
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
 def test_chunk_under_torch_func_transforms() -> None:
     check_chunk_func_transforms("cpu")
+
+
+def test_chunk_traced_with_triton_asked_for_is_a_clear_error() -> None:
+    """make_fx records PyTorch ops only; the Triton kernels would replay as uninitialised memory."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v, log_gate, _ = chunk_inputs("cpu", 20, True, False)
+    with pytest.raises(RuntimeError, match="cannot be traced"):
+        make_fx(lambda *x: chunk_gated_linear_attention(*x, chunk_size=16, backend="triton")[0])(q, k, v, log_gate)

@@ -17,6 +17,7 @@ from triton_kernel_checks import (  # noqa: E402
     check_chunk_mixed_dtypes,
     check_scan,
     check_scan_half,
+    chunk_inputs,
 )
 
 pytestmark = [
@@ -106,3 +107,16 @@ def test_scan_under_torch_func_transforms(gate: str, reverse: bool) -> None:
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
 def test_chunk_under_torch_func_transforms() -> None:
     check_chunk_func_transforms("cuda", steps=150, chunk_size=32)
+
+
+def test_chunk_traced_by_default_records_the_reference() -> None:
+    """make_fx records PyTorch ops only: with backend=None a traced call takes the reference (the Triton
+    kernels would replay as uninitialised memory), and the trace replays correctly on new inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from psmsearch.kernels import chunk_gated_linear_attention
+
+    q, k, v, log_gate, _ = chunk_inputs("cuda", 40, True, False)
+    traced = make_fx(lambda *x: chunk_gated_linear_attention(*x, chunk_size=16)[0])(q, k, v, log_gate)
+    want = chunk_gated_linear_attention(q, k, 2 * v, log_gate, chunk_size=16, backend="reference")[0]
+    torch.testing.assert_close(traced(q, k, 2 * v, log_gate), want, rtol=1e-4, atol=1e-4)
