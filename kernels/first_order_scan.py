@@ -36,8 +36,9 @@ from .first_order_scan_reference import MIN_BLOCKED_STEPS, scan_traceable
 # measured as fast or faster in aggregator-sized batches (numba 0.6-1.1x the
 # reference's speed at T = 16 and 32, 1.1-2.0x at T = 64; benchmarks/scan.py --model-sizes).
 MIN_COMPILED_CPU_STEPS = MIN_BLOCKED_STEPS
-# Whether a tensor is wrapped by a torch.func transform (a private API: None where it is gone).
-_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+# Whether a tensor is wrapped by a torch.func transform (a private API: where it is gone, assume so).
+_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",
+                                lambda tensor: True)
 
 
 def first_order_scan(
@@ -127,10 +128,10 @@ def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:
     drop its tangent). Where the private attributes that tell are gone, it goes
     through the Function: slower by a few microseconds, never wrong.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    if _is_functorch_wrapped is None or any(_is_functorch_wrapped(t) for t in tensors):
-        return True
+    grad_mode = torch.is_grad_enabled()
+    for tensor in tensors:  # a plain loop: cheaper than generators in a call that usually starts cold
+        if (grad_mode and tensor.requires_grad) or _is_functorch_wrapped(tensor):
+            return True
     return forward_ad_active()
 
 
