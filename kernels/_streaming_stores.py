@@ -93,6 +93,28 @@ def advance_line_nontemporal(typingctx: Any, gates: Any, inputs: Any, state: Any
 
 
 @intrinsic
+def add_line_nontemporal(typingctx: Any, x: Any, y: Any, out: Any, index: Any) -> Any:
+    """``out[i:i+L] = x[i:i+L] + y[i:i+L]``, streamed; ``out[index]`` must be 64-byte aligned.
+
+    Not used by the kernels: it moves the bytes of one forward scan step with
+    full gates (two lines read, one line streamed) without the recurrence, so a
+    loop of it is the memory floor that ``benchmarks/memory_floor.py`` measures
+    the scan against.
+    """
+    _check_arguments(index, x, y, out)
+    signature = types.void(x, y, out, index)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        vector, itemsize = _line_vector(context, sig.args[0])
+        x_p, y_p, out_p = (_line_pointer(context, builder, sig.args[k], args[k], args[3], vector) for k in range(3))
+        value = builder.fadd(builder.load(x_p, align=itemsize), builder.load(y_p, align=itemsize))
+        _store_nontemporal(builder, value, out_p)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
 def store_fence(typingctx: Any) -> Any:
     """Orders the streaming stores before anything after it: ``sfence`` on x86 (LLVM's ``fence``
     does not promise to cover non-temporal stores there), plus a sequentially consistent fence."""

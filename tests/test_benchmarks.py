@@ -55,7 +55,6 @@ def test_scan_numba_kernel_column_is_the_same_scan() -> None:
     torch.testing.assert_close(out, first_order_scan(a, b, backend="reference"))
 
 
-@pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
 def _run_and_reprint(name: str, tmp_path: Path, *flags: str) -> tuple[dict, str]:
     """Run ``benchmarks/NAME.py --cpu-only --quick --json FLAGS``; return its result and the table that
     ``--from-json`` prints from the saved output."""
@@ -69,6 +68,26 @@ def _run_and_reprint(name: str, tmp_path: Path, *flags: str) -> tuple[dict, str]
     return json.loads(run.stdout), table
 
 
+@pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
+def test_streamed_add_floor_is_an_add_at_any_alignment() -> None:
+    """The memory-floor column must do the scan's traffic for real: every element of ``x + y``, including
+    the elements before the first 64-byte line and after the last one, which take ordinary stores."""
+    floor = _load("memory_floor")
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x, y = torch.randn(2, 1000 + 37, dtype=dtype, generator=gen)
+        for shift in (0, 1, 5):
+            size = 1000 - shift
+            out = torch.full((size + shift,), float("nan"), dtype=dtype)[shift:]   # misaligned by shift elements
+            floor.streamed_add(x[:size], y[:size], out)
+            torch.testing.assert_close(out, x[:size] + y[:size], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        floor.streamed_add(x[:4], y[:5], torch.empty(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="y must be a contiguous CPU float tensor"):
+        floor.streamed_add(x[:4], y[::2][:4], torch.empty(4, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
 def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     scan = _load("scan")
     result, table = _run_and_reprint("scan", tmp_path, "--model-sizes")
@@ -78,10 +97,14 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     assert all(r["loop_over_numba_fresh"] == pytest.approx(r["loop_ms"] / r["numba_fresh_ms"]) for r in result["cpu"])
     assert all(r["add_ms"] > 0 and r["loop_over_add"] == pytest.approx(r["loop_ms"] / r["add_ms"])
                for r in result["cpu"])
+    assert all(r["add_streamed_ms"] > 0
+               and r["numba_kernel_over_add_streamed"] == pytest.approx(r["numba_kernel_ms"] / r["add_streamed_ms"])
+               for r in result["cpu"])
     assert {(r["T"], r["gate"], r["pass"]) for r in result["cpu_model_sizes"]} == {
         (shape[1], gate, kind) for shape in scan.MODEL_SHAPES
         for gate in ("scalar", "diagonal") for kind in ("fwd", "fwd+bwd")}
     assert "loop/numba" in table and "ref/numba" in table and "loop/(a+b)" in table
+    assert "loop/(a+b streamed)" in table and "the memory floor in this run" in table
     assert "Targets at (512, 16384): loop/numba" in table
     assert result["cpu_clean_caches"] is True and "caches left clean before each timed call" in table
 
