@@ -22,7 +22,12 @@ machine we measured, both ways of splitting one item were slower than one
 sequential stream: columns across threads (each thread strides through every
 row) and time segments as a reduce-then-scan (segment totals first, then all
 segments from their true start states), which reads the inputs twice for a
-memory bandwidth that a second core barely raised.
+memory bandwidth that a second core barely raised. A chained scan (each thread
+reduces its own block, waits for the state before it, publishes the next one
+and rescans the block from cache: the bytes of a one-thread scan) was faster
+than one thread at its best, but its median over 40 rounds was twice one
+thread's on the 2-vCPU VM we measured: a thread waiting on a preempted one
+stalls. See the README's notes on the CPU scan target.
 
 **Descending passes** (a ``reverse`` scan, or the backward of a forward one)
 walk memory from high to low addresses. The hardware prefetcher of the CPUs we
