@@ -64,9 +64,27 @@ def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+def check_tensor_inputs(kernel: str, **tensors: object) -> None:
+    """Raise ``TypeError`` unless every named input is a real floating-point tensor (or None).
+
+    Integer inputs would be computed in float and cut back to whole numbers, complex ones would
+    lose their imaginary part: both silently wrong, so both are refused by name.
+    """
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{kernel}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{kernel}: {name} has dtype {tensor.dtype}; expected a real floating-point dtype "
+                            "(float16, bfloat16, float32 or float64)")
+
+
 def _requested_backend(backend: str | None) -> tuple[str | None, str]:
     """The backend asked for (lower case) and where it was asked, for error messages."""
     if backend is not None:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend={backend!r}: expected one of {BACKENDS} or None")
         return backend.strip().lower(), f"backend={backend!r}"
     env = os.environ.get(ENV_VAR, "").strip()
     return (env.lower() or None), f"{ENV_VAR}={env!r}"
@@ -75,6 +93,19 @@ def _requested_backend(backend: str | None) -> tuple[str | None, str]:
 def requested_backend(backend: str | None = None) -> str | None:
     """The backend asked for by ``backend`` or else ``PSMSEARCH_KERNEL_BACKEND`` (lower case), or None."""
     return _requested_backend(backend)[0]
+
+
+def refuse_untraceable_backend(kernel: str, backend: str | None) -> None:
+    """Inside a trace (``make_fx``, ``torch.export``, fake tensors) only the reference records: raise if
+    the call or ``PSMSEARCH_KERNEL_BACKEND`` asks for another backend, naming where it was asked."""
+    requested, source = _requested_backend(backend)
+    if requested is None or requested == "reference":
+        return
+    if requested not in BACKENDS:
+        raise ValueError(f"{source}: unknown kernel backend; expected one of {BACKENDS}")
+    fix = f"unset {ENV_VAR} or pass backend='reference'" if backend is None else "use backend='reference' or None"
+    raise RuntimeError(f"{source}: {kernel}'s {requested} backend cannot be traced (make_fx, torch.export, "
+                       f"torch.func.linearize and fake tensors record PyTorch ops only); {fix}")
 
 
 def select_backend(backend: str | None, *tensors: torch.Tensor, kernel: str = "this kernel",

@@ -79,9 +79,7 @@ def chunk_gated_linear_attention(
     tensors = [t for t in (q, k, v, log_gate, initial_state) if t is not None]
     chosen = _dispatch.select_backend(backend, *tensors, kernel=KERNEL)
     if chosen == "triton" and is_in_torch_dispatch_mode():  # make_fx, torch.export: PyTorch ops only
-        if _dispatch.requested_backend(backend) == "triton":
-            raise RuntimeError(f"{KERNEL}: backend 'triton' cannot be traced (make_fx, torch.export and fake "
-                               "tensors record PyTorch ops only); use backend='reference' or None")
+        _dispatch.refuse_untraceable_backend(KERNEL, backend)
         chosen = "reference"
     if chosen == "triton":
         from .chunkwise_triton import chunk_gla_triton
@@ -110,6 +108,9 @@ def default_backend_is_triton(q: torch.Tensor, chunk_size: int) -> bool:
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,
                   initial_state: torch.Tensor | None, chunk_size: int) -> None:
+    _dispatch.check_tensor_inputs(KERNEL, q=q, k=k, v=v, log_gate=log_gate, initial_state=initial_state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, H, T, dk], got {tuple(q.shape)} and {tuple(k.shape)}")
     batch, heads, steps, dk = q.shape

@@ -27,6 +27,11 @@ buffer at once. A NumPy array or raw pointer taken from the tensor *before*
 that call then points at memory the next kernel output may reuse; in plain
 PyTorch it would point at freed memory. Take such views after ``share_memory_()``.
 
+The storage of such a tensor cannot grow, as for any tensor made by
+:func:`torch.from_numpy`: ``resize_`` to more elements, or an ``out=``
+argument that would have to grow it, raises "Trying to resize storage that is
+not resizable". Clone the tensor first where that is needed.
+
 The budget is ``PSMSEARCH_CPU_BUFFER_CACHE_MIB`` (read at import; default
 256) or :func:`set_idle_limit`; 0 turns the cache off, and every buffer is
 then a fresh mapping that is unmapped with its tensor. :func:`empty_cache`

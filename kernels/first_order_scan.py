@@ -21,7 +21,6 @@ with its own kernels.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -101,21 +100,25 @@ def _traced_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reve
     runs eagerly with the usual backend, since Dynamo cannot trace numba.
     """
     if is_in_torch_dispatch_mode():
-        requested = _dispatch.requested_backend(backend)
-        if requested not in (None, "reference"):
-            raise RuntimeError(
-                f"first_order_scan: backend {requested!r} cannot be traced (make_fx, torch.export, "
-                "torch.func.linearize and fake tensors record PyTorch ops only); use backend='reference' or None"
-            )
+        _dispatch.refuse_untraceable_backend("first_order_scan", backend)
         _check_shapes(a, b, h0)
         return scan_traceable(a, b, h0, reverse)
     return _outside_compiled_graph()(a, b, h0, reverse, backend)
 
 
-@functools.cache
+_graph_break_scan: Callable[..., torch.Tensor] | None = None
+
+
 def _outside_compiled_graph() -> Callable[..., torch.Tensor]:
-    """:func:`_scan` as a ``torch.compile`` graph break (made on first use: it imports Dynamo, about 1 s)."""
-    return torch.compiler.disable(_scan)
+    """:func:`_scan` as a ``torch.compile`` graph break, made on first use (it imports Dynamo, about 1 s).
+
+    Kept in a module global rather than behind ``functools.cache``, which Dynamo warns about
+    when it traces through it.
+    """
+    global _graph_break_scan
+    if _graph_break_scan is None:
+        _graph_break_scan = torch.compiler.disable(_scan)
+    return _graph_break_scan
 
 
 def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:
@@ -136,6 +139,7 @@ def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def _check_shapes(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
+    _dispatch.check_tensor_inputs("first_order_scan", a=a, b=b, h0=h0)
     if b.dim() < 2:
         raise ValueError(f"b must be [B, T, *S], got shape {tuple(b.shape)}")
     if a.dim() != b.dim():

@@ -456,9 +456,9 @@ def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh:
     da_shape = (batch, steps if need_da else 0, gates.shape[2])
     da = _dispatch.new_output(da_shape, dtype, h.device)                  # [B, T, G]
     accs = torch.empty(batch, width, dtype=dtype, device="cpu")           # [B, R]: scratch for g_p
-    if not db.numel():
+    if not db.numel():  # no state element reaches an output (T = 0, or an empty state): zero gradients
         dh0 = torch.zeros(batch, width, dtype=dtype, device="cpu")
-        return (da.view(gate_shape) if need_da else None), db.view(h.shape), dh0.view(state_shape)
+        return (da.zero_().view(gate_shape) if need_da else None), db.view(h.shape), dh0.view(state_shape)
     args = (*(_np(x) for x in (gates, states, start, grads, db, da, accs)), reverse, need_da, _block_rows(width))
     _run_over_batch(_backward_items, args, batch, _workers(batch, steps, width))
     dh0 = _first_gate(gates, width, reverse) * db[:, steps - 1 if reverse else 0]  # [B, R]

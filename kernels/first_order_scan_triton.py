@@ -273,6 +273,8 @@ def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reve
     a_c, a_cols, stride_ab, stride_at = _gate_layout(a, b)
     h0_c = None if h0 is None else h0.expand(b.shape[:1] + b.shape[2:]).contiguous()  # [B, *S]
     out = _dispatch.new_output(b.shape, b.dtype, b.device)        # [B, T, *S]
+    if not out.numel():  # nothing to write; an empty grid is not launched
+        return out
 
     def launch(cfg: _Config) -> None:
         _scan_fwd_kernel[_grid(cfg, n, batch)](
@@ -304,6 +306,10 @@ def scan_backward(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh:
     db = _dispatch.new_output(h.shape, torch.float32, h.device)
     da = _dispatch.new_output(h.shape, da_dtype, h.device) if need_da else None
     dh0 = _dispatch.new_output(h0_c.shape, torch.float32, h.device) if h0_c is not None else None
+    if not h.numel():
+        # No scan position: h0 reaches no output (T = 0), or there is nothing to differentiate. The
+        # kernel would read the first gate of an empty table for dh0, so it is not launched.
+        return da, db, (None if dh0 is None else dh0.zero_())
 
     def launch(cfg: _Config) -> None:
         _scan_bwd_kernel[_grid(cfg, n, batch)](

@@ -51,6 +51,15 @@ def test_scan_matches_reference(steps: int, gate: str, with_h0: bool, reverse: b
     check_scan("cpu", steps, gate, with_h0, reverse)
 
 
+@pytest.mark.parametrize(("steps", "gate", "state", "reverse"), [
+    (0, "full", (2, 3, 5), False),        # no step: h0 reaches no output, its gradient is zero
+    (0, "scalar", (2, 3, 5), True),
+    (9, "diagonal", (2, 3, 0), False),    # an empty state under non-empty gates: their gradient is zero
+])
+def test_scan_empty_inputs_with_h0(steps: int, gate: str, state: tuple[int, ...], reverse: bool) -> None:
+    check_scan("cpu", steps, gate, True, reverse, state=state)
+
+
 def test_scan_gate_broadcast_over_batch_and_time() -> None:
     check_scan("cpu", 11, "diagonal", True, False, gate_shape=(1, 1, 2, 3, 1))
 

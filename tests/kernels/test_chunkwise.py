@@ -100,3 +100,16 @@ def test_shape_errors() -> None:
         chunk_gated_linear_attention(q, k, v, log_gate, initial_state=torch.zeros(B, H, DV, DK))
     with pytest.raises(ValueError, match="at least one time step"):
         chunk_gated_linear_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], log_gate[:, :, :0])
+
+
+def test_inputs_and_chunk_sizes_of_the_wrong_type_are_refused_by_name() -> None:
+    """An int64 q was computed in float and cut back to whole numbers; a float or None chunk size
+    failed deep inside padding."""
+    q, k, v, log_gate, _ = _inputs(20, False, False, dtype=torch.float32)
+    with pytest.raises(TypeError, match="q has dtype torch.int64; expected a real floating-point dtype"):
+        chunk_gated_linear_attention(q.long(), k, v, log_gate)
+    with pytest.raises(TypeError, match="log_gate must be a torch.Tensor, got float"):
+        chunk_gated_linear_attention(q, k, v, -0.1)
+    for chunk_size in (16.0, None, True):
+        with pytest.raises(TypeError, match="chunk_size must be a positive int"):
+            chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=chunk_size)

@@ -173,6 +173,46 @@ BACKENDS = ["reference", pytest.param("numba", marks=pytest.mark.skipif(not _dis
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_are_not_real_float_tensors_are_refused_by_name(backend: str) -> None:
+    """Integer inputs were computed in float and cut back to whole numbers, complex ones lost their
+    imaginary part: both silently wrong, so both are errors that name the input."""
+    a, b = torch.full((1, 70, 2), 0.5), torch.randn(1, 70, 2)
+    cases = [
+        ((a, torch.full((1, 70, 2), 3)), "b has dtype torch.int64"),
+        ((a.to(torch.int32), b), "a has dtype torch.int32"),
+        ((a, b.to(torch.complex64)), "b has dtype torch.complex64"),
+        ((0.5, b), "a must be a torch.Tensor, got float"),
+        ((a, b.numpy()), "b must be a torch.Tensor, got ndarray"),
+        ((a, b, torch.zeros(1, 2, dtype=torch.int64)), "h0 has dtype torch.int64"),
+        ((a, b, 0.0), "h0 must be a torch.Tensor"),
+    ]
+    for args, message in cases:
+        with pytest.raises(TypeError, match=message):
+            first_order_scan(*args, backend=backend)
+
+
+def test_a_backend_that_is_not_a_string_is_refused() -> None:
+    with pytest.raises(TypeError, match="backend=1: expected one of"):
+        first_order_scan(torch.rand(1, 4, 2), torch.randn(1, 4, 2), backend=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_shape", [(2, 9, 1), (1, 1, 1)])
+def test_an_empty_state_under_non_empty_gates_gives_zero_gate_gradients(backend: str,
+                                                                        gate_shape: tuple[int, ...]) -> None:
+    """No state element reaches an output, so the gates' gradient is zero; the numba backward once
+    returned the gate gradient's buffer unwritten here (NaN under poisoned outputs)."""
+    a = torch.rand(gate_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 9, 0, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 0, dtype=torch.float64, requires_grad=True)
+    with _dispatch.poisoned_outputs():
+        out = first_order_scan(a, b, h0, backend=backend)
+        da, db, dh0 = torch.autograd.grad(out.sum(), (a, b, h0))
+    assert out.shape == b.shape and db.shape == b.shape and dh0.shape == h0.shape
+    assert torch.equal(da, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_calls_without_grad_skip_autograd_and_agree(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """No input needs a gradient, or grad mode is off: the kernel runs without the autograd
     Function (which would raise here), builds no graph, matches the float64 loop and the

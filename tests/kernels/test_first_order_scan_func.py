@@ -173,3 +173,19 @@ def test_traces_record_the_scan(steps: int) -> None:
                                                                                False), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="cannot be traced"):
         make_fx(lambda a_, b_: first_order_scan(a_, b_, backend="numba"))(a, b)
+
+
+def test_traced_with_a_backend_from_the_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller passed backend=None; the error must say that the environment variable asked."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from psmsearch.kernels import first_order_scan
+
+    a, b = torch.rand(2, 9, 3), torch.randn(2, 9, 3)
+    monkeypatch.setenv("PSMSEARCH_KERNEL_BACKEND", "numba")
+    with pytest.raises(RuntimeError, match="PSMSEARCH_KERNEL_BACKEND='numba'.*cannot be traced.*unset"):
+        make_fx(lambda a_, b_: first_order_scan(a_, b_))(a, b)
+    monkeypatch.setenv("PSMSEARCH_KERNEL_BACKEND", "foo")
+    with pytest.raises(ValueError, match="PSMSEARCH_KERNEL_BACKEND='foo': unknown kernel backend"):
+        make_fx(lambda a_, b_: first_order_scan(a_, b_))(a, b)

@@ -41,6 +41,13 @@ def test_scan_tuned_large(reverse: bool) -> None:
     check_scan("cuda", 2049, "full", True, reverse, batch=4, state=(1030,), gate_shape=(4, 2049, 1030))
 
 
+@pytest.mark.parametrize(("steps", "state", "reverse"), [(0, (2, 3, 5), False), (0, (2, 3, 5), True),
+                                                      (9, (2, 3, 0), False)])
+def test_scan_empty_inputs_with_h0(steps: int, state: tuple[int, ...], reverse: bool) -> None:
+    """No scan position: nothing is launched (the backward would read the first gate of an empty table)."""
+    check_scan("cuda", steps, "diagonal", True, reverse, state=state)
+
+
 def test_scan_gate_broadcast_over_batch_and_time() -> None:
     check_scan("cuda", 77, "diagonal", True, False, gate_shape=(1, 1, 2, 3, 1))
 
