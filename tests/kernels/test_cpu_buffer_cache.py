@@ -155,12 +155,11 @@ def test_share_memory_moves_the_data_and_frees_the_buffer(cache: cpu_buffer_cach
 @needs_thp
 def test_a_cached_output_cannot_grow_but_its_clone_can(cache: cpu_buffer_cache.HugePageBufferCache) -> None:
     """The limit the README and the module docstring state: the storage has a fixed size."""
-    out = _large()
+    size = FOUR_MIB_FLOATS[0]
     with pytest.raises(RuntimeError, match="not resizable"):
-        out.resize_(2 * out.numel())
-    assert out.resize_(out.numel() // 2).numel() == FOUR_MIB_FLOATS[0] // 2, "shrinking keeps working"
-    grown = out.clone().resize_(2 * FOUR_MIB_FLOATS[0])
-    assert grown.numel() == 2 * FOUR_MIB_FLOATS[0]
+        _large().resize_(2 * size)
+    assert _large().resize_(size // 2).numel() == size // 2, "shrinking keeps working"
+    assert _large().clone().resize_(2 * size).numel() == 2 * size
 
 
 def test_idle_buffers_beyond_the_limit_are_unmapped_least_recently_used_first(
