@@ -73,7 +73,13 @@ def plugins_command(as_json: bool) -> None:
         params = ", ".join(_describe_param(p) for p in row["hyperparameters"]) or "-"
         assoc = "-" if row["associative"] is None else ("yes" if row["associative"] else "no")
         table.add_row(row["kind"], row["name"], row["plugin"], row["state_kind"] or "-", assoc, params)
-    Console().print(table)
+    _stdout_console().print(table)
+
+
+def _stdout_console() -> Console:
+    """A console for stdout; piped or redirected, wide enough that no cell is cut (rich assumes 80 columns)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=1000)
 
 
 def _describe_param(param: dict[str, Any]) -> str:
@@ -91,12 +97,15 @@ def _describe_param(param: dict[str, Any]) -> str:
 @click.option("--all", "check_all", is_flag=True, help="Check every registered encoder, aggregator and head.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
-    """Run the contract suite on components (NAME or KIND:NAME); exit 0 only if all pass."""
+    """Run the contract suite on components (NAME or KIND:NAME); exit 0 only if all pass.
+
+    A plugin that failed to load counts as a failed check: the component meant to be tested may be
+    the one that is missing, or a built-in of the same name may be standing in for it.
+    """
     from psmsearch.errors import UnknownComponentError
-    from psmsearch.testing import check_components
+    from psmsearch.testing import CheckResult, check_components
 
     registry = get_registry()
-    report_plugin_failures(registry)
     if check_all:
         infos = [info for info in registry.all() if info.kind in ("encoder", "aggregator", "head")]
     elif names:
@@ -109,7 +118,9 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
             infos.extend(found)
     else:
         raise click.UsageError("name at least one component, or pass --all")
-    results = check_components(infos, registry)
+    load_failures = [CheckResult(f"plugin {failure.plugin}", "load", False, failure.error)
+                     for failure in registry.failures]
+    results = load_failures + check_components(infos, registry)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
     else:

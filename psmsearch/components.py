@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence, get_args
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch import nn
 from psmsearch.states import State, nbytes
 
 ParamType = Literal["int", "float", "categorical", "bool"]
+_PARAM_TYPES: tuple[str, ...] = get_args(ParamType)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,37 @@ class HyperParameter:
             raise ValueError(f"hyperparameter {self.name!r}: numeric types need low and high")
         if self.type == "categorical" and not self.choices:
             raise ValueError(f"hyperparameter {self.name!r}: categorical needs choices")
+
+    def declaration_problems(self) -> list[str]:
+        """What is wrong with this declaration (empty if nothing): an unknown type, bounds that are not
+        finite numbers, ``low > high``, a log scale from ``low <= 0``, a default it does not allow.
+
+        The registry reports these as a failure of the plugin that declared the parameter, naming
+        the component, so a search never meets them as a sampler error.
+        """
+        if self.type not in _PARAM_TYPES:
+            return [f"type {self.type!r} is not one of {', '.join(_PARAM_TYPES)}"]
+        problems = []
+        if self.type in ("int", "float"):
+            for bound in ("low", "high"):
+                value = getattr(self, bound)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    problems.append(f"{bound}={value!r} is not a finite number")
+                elif self.type == "int" and not float(value).is_integer():
+                    problems.append(f"{bound}={value!r} is not an integer, as an int parameter's bounds must be")
+            if problems:
+                return problems
+            if self.low > self.high:  # type: ignore[operator]
+                problems.append(f"low={self.low!r} is greater than high={self.high!r}")
+            if self.log and self.low <= 0:  # type: ignore[operator]
+                problems.append(f"log=True needs low > 0, got low={self.low!r}")
+            if problems:
+                return problems
+        try:
+            self.validate(self.default)
+        except ValueError as err:
+            problems.append(f"default {err}")
+        return problems
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values, for error messages."""

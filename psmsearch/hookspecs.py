@@ -40,11 +40,3 @@ def register_heads(register: Callable[..., None]) -> None:
 def register_tasks(register: Callable[..., None]) -> None:
     """Register :class:`psmsearch.tasks.Task` subclasses: ``register(TaskClass)``."""
 
-
-@hookspec
-def register_models(register: Callable[..., None]) -> None:
-    """Register model kinds (``psm`` and the baselines): ``register(name, builder)``.
-
-    A builder is ``builder(config, vocab_size) -> torch.nn.Module`` implementing the model
-    protocol of :mod:`psmsearch.models` (``forward(tokens) -> logits`` and ``stream(batch)``).
-    """

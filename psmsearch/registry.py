@@ -14,6 +14,7 @@ same kind is a failure naming both plugins (the first registration is kept).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -35,6 +36,8 @@ PROJECT = "psmsearch"
 ENV_VAR = "PSMSEARCH_PLUGINS"
 DEFAULT_PLUGINS: tuple[str, ...] = ("psmsearch.plugins.token_state", "psmsearch.plugins.tasks", "psmsearch.plugins.affine")
 KINDS: tuple[str, ...] = ("encoder", "aggregator", "head", "task")
+HOOK_NAMES: tuple[str, ...] = tuple(sorted(name for name in dir(hookspecs)
+                                           if hasattr(getattr(hookspecs, name), f"{PROJECT}_spec")))
 HOOK_FOR_KIND = {
     "encoder": "register_encoders",
     "aggregator": "register_aggregators",
@@ -154,6 +157,19 @@ def _import_path(path: Path) -> ModuleType:
     return module
 
 
+def _where(err: BaseException) -> str:
+    """`` (at FILE:LINE)`` of the innermost frame of ``err`` outside the import machinery and pluggy, or ``""``.
+
+    A plugin failure then points at the plugin's own line, not only at the error's type.
+    """
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" (at {err.filename}:{err.lineno})"
+    frames = [frame for frame in traceback.extract_tb(err.__traceback__)
+              if not frame.filename.startswith("<") and frame.filename != __file__
+              and f"{os.sep}importlib{os.sep}" not in frame.filename and f"{os.sep}pluggy{os.sep}" not in frame.filename]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.endswith(".py") or os.sep in spec or Path(spec).exists()
 
@@ -169,6 +185,7 @@ class _Loader:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.manager = _plugin_manager()
+        self.trusted: set[str] = set()
 
     def add_module(self, label: str, load: Callable[[], Any]) -> None:
         try:
@@ -187,9 +204,39 @@ class _Loader:
             return
         self.registry.plugins.append(label)
 
-    def fail(self, label: str, err: BaseException) -> None:
+    def fail(self, label: str, err: BaseException, prefix: str = "") -> None:
         detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-        self.registry.failures.append(PluginFailure(label, f"{type(err).__name__}: {err}", detail))
+        message = f"{prefix}{type(err).__name__}: {err}{_where(err)}"
+        self.registry.failures.append(PluginFailure(label, message, detail))
+
+    def check_hooks(self) -> None:
+        """Report hook functions that would silently do nothing: a name that is not one of our hooks
+        (``register_aggregator``), a hook function without ``@hookimpl``, and a plugin that defines
+        no hook at all. Built-in plugins are trusted."""
+        misnamed: set[str] = set()
+        for name, caller in vars(self.manager.hook).items():
+            if name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                misnamed.add(impl.plugin_name)
+                close = difflib.get_close_matches(name, HOOK_NAMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.registry.failures.append(PluginFailure(
+                    impl.plugin_name, f"{name} is not a psmsearch hook{hint} (hooks: {', '.join(HOOK_NAMES)})"))
+        for label, module in self.manager.list_name_plugin():
+            if label in self.trusted or module is None:
+                continue
+            unmarked = [hook for hook in HOOK_NAMES if callable(getattr(module, hook, None))
+                        and not hasattr(getattr(module, hook), f"{PROJECT}_impl")]
+            for hook in unmarked:
+                self.registry.failures.append(PluginFailure(
+                    label, f"{hook} is not marked with @psmsearch.hookimpl, so it is never called"))
+            if label in misnamed or unmarked:
+                continue
+            if not any(caller.has_spec() for caller in self.manager.get_hookcallers(module) or ()):
+                self.registry.failures.append(PluginFailure(
+                    label, f"defines no psmsearch hook, so it registers nothing (expected functions such as "
+                    f"register_aggregators(register) marked with @psmsearch.hookimpl; hooks: {', '.join(HOOK_NAMES)})"))
 
     def add_spec(self, spec: str) -> None:
         if _looks_like_path(spec):
@@ -220,6 +267,10 @@ class _Loader:
             except PluginError as err:
                 self.registry.failures.append(PluginFailure(plugin, str(err)))
                 return
+            except Exception as err:  # noqa: BLE001 - one bad class must not cost the plugin's others
+                label = getattr(cls, "__name__", repr(cls))
+                self.fail(plugin, err, prefix=f"registering {kind} class {label}: ")
+                return
             existing = self.registry.components[kind].get(info.name)
             if existing is not None:
                 self.registry.failures.append(
@@ -249,9 +300,7 @@ def _describe(kind: str, cls: type, plugin: str, name: str | None) -> ComponentI
     name = name or getattr(cls, "name", "")
     if not name or not isinstance(name, str):
         raise PluginError(f"{kind} class {cls.__name__} has no name (set the class attribute `name`)")
-    hyperparameters = tuple(getattr(cls, "hyperparameters", ()))
-    if not all(isinstance(hp, HyperParameter) for hp in hyperparameters):
-        raise PluginError(f"{kind} {name!r}: hyperparameters must be psmsearch.HyperParameter instances")
+    hyperparameters = _declared_hyperparameters(kind, name, getattr(cls, "hyperparameters", ()))
     state_kind = getattr(cls, "state_kind", None) if kind in COMPONENT_KINDS else None
     if kind in COMPONENT_KINDS and not state_kind:
         raise PluginError(f"{kind} {name!r} declares no state_kind")
@@ -260,16 +309,44 @@ def _describe(kind: str, cls: type, plugin: str, name: str | None) -> ComponentI
     return ComponentInfo(name, kind, plugin, cls, state_kind, associative, hyperparameters, doc[0] if doc else "")
 
 
+def _declared_hyperparameters(kind: str, name: str, declared: Any) -> tuple[HyperParameter, ...]:
+    """A component's ``hyperparameters`` as a tuple, or a PluginError naming what is wrong with them."""
+    expected = "a sequence of psmsearch.HyperParameter"
+    if isinstance(declared, HyperParameter):
+        raise PluginError(f"{kind} {name!r}: hyperparameters must be {expected}, got a single HyperParameter "
+                          "(a one-element tuple needs a trailing comma: (HyperParameter(...),))")
+    if isinstance(declared, (str, bytes, dict)):
+        raise PluginError(f"{kind} {name!r}: hyperparameters must be {expected}, got a {type(declared).__name__}")
+    try:
+        hyperparameters = tuple(declared)
+    except TypeError:
+        raise PluginError(f"{kind} {name!r}: hyperparameters must be {expected}, got "
+                          f"{type(declared).__name__}") from None
+    seen: set[str] = set()
+    for hp in hyperparameters:
+        if not isinstance(hp, HyperParameter):
+            raise PluginError(f"{kind} {name!r}: hyperparameters must be {expected}, got an element {hp!r}")
+        problems = hp.declaration_problems()
+        if problems:
+            raise PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r}: {'; '.join(problems)}")
+        if hp.name in seen:
+            raise PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r} is declared twice")
+        seen.add(hp.name)
+    return hyperparameters
+
+
 def load_registry(extra_plugins: Sequence[str] = (), defaults: Iterable[str] = DEFAULT_PLUGINS) -> Registry:
     """Build a fresh registry from all plugin sources (never raises for a broken plugin)."""
     registry = Registry()
     loader = _Loader(registry)
     for module_name in defaults:
+        loader.trusted.add(module_name)
         loader.add_module(module_name, lambda m=module_name: importlib.import_module(m))
     for entry_point in importlib.metadata.entry_points(group=PROJECT):
         loader.add_module(entry_point.name, entry_point.load)
     for spec in [*env_plugin_specs(), *extra_plugins]:
         loader.add_spec(spec)
+    loader.check_hooks()
     loader.collect()
     return registry
 

@@ -46,6 +46,22 @@ def test_check_fails_with_evidence_and_exit_1() -> None:
     assert "PASS  aggregator:mlp" in result.stdout
 
 
+def test_check_fails_when_a_plugin_did_not_load() -> None:
+    """The component meant to be checked may be the one missing, or a built-in of the same name may stand
+    in for it: a plugin author's CI must not go green either way."""
+    result = run_cli("--plugin", str(FIXTURES / "raises_deep.py"), "check", "aggregator:mlp")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL  plugin" in result.stdout and "raises_deep.py load: KeyError: 'missing_key' (at " in result.stdout
+    assert "PASS  aggregator:mlp" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].endswith("passed, 1 failed")
+
+
+def test_plugins_table_piped_is_not_cut_at_80_columns() -> None:
+    result = run_cli("plugins", env={"COLUMNS": ""})
+    assert result.returncode == 0, result.stderr
+    assert "psmsearch.plugins.token_state" in result.stdout and "…" not in result.stdout
+
+
 def test_check_unknown_name_exits_2_with_a_suggestion_and_no_traceback() -> None:
     result = run_cli("check", "atention")
     assert result.returncode == 2

@@ -88,3 +88,44 @@ def test_a_package_folder_shadowed_by_a_loaded_module_is_reported(fresh_registry
     (failure,) = registry.failures
     assert str(tmp_path / "p2" / "plugins") in failure.plugin
     assert "already loaded from" in failure.error and "rename the folder" in failure.error
+
+
+def test_each_bad_declaration_is_named_and_the_plugins_other_classes_still_load(fresh_registry) -> None:
+    """A missing trailing comma once raised a TypeError out of the hook and took the plugin's other
+    classes with it; bad bounds only surfaced as a sampler traceback in the middle of a search."""
+    path = str(FIXTURES / "declaration_mistakes.py")
+    registry = fresh_registry.load_registry(extra_plugins=[path])
+    errors = sorted(f.error for f in registry.failures if f.plugin == path)
+    expected = [
+        "aggregator 'declared_twice': hyperparameter 'ratio' is declared twice",
+        "aggregator 'default_out_of_range': hyperparameter 'ratio': default 16 is out of range; expected int in [1, 8]",
+        "aggregator 'log_from_zero': hyperparameter 'eps': log=True needs low > 0, got low=0.0",
+        "aggregator 'low_above_high': hyperparameter 'width': low=4 is greater than high=1",
+        "aggregator 'no_trailing_comma': hyperparameters must be a sequence of psmsearch.HyperParameter, got a "
+        "single HyperParameter (a one-element tuple needs a trailing comma: (HyperParameter(...),))",
+        "aggregator 'unknown_type': hyperparameter 'eps': type 'double' is not one of int, float, categorical, bool",
+    ]
+    assert errors == expected, registry.failures
+    assert registry.get("aggregator", "good_sum").plugin == path
+    assert "attention" in registry.names("aggregator")
+
+
+def test_hooks_that_would_do_nothing_are_reported(fresh_registry) -> None:
+    mistakes, empty = str(FIXTURES / "hook_mistakes.py"), str(FIXTURES / "no_hooks.py")
+    registry = fresh_registry.load_registry(extra_plugins=[mistakes, empty])
+    by_plugin = {(f.plugin, f.error) for f in registry.failures}
+    assert (mistakes, "register_aggregator is not a psmsearch hook; did you mean 'register_aggregators'? (hooks: "
+            "register_aggregators, register_encoders, register_heads, register_tasks)") in by_plugin
+    assert (mistakes, "register_heads is not marked with @psmsearch.hookimpl, so it is never called") in by_plugin
+    assert any(plugin == empty and error.startswith("defines no psmsearch hook, so it registers nothing")
+               for plugin, error in by_plugin), registry.failures
+    assert len(registry.failures) == 3, registry.failures
+
+
+def test_an_import_failure_names_the_plugins_own_line(fresh_registry) -> None:
+    path = FIXTURES / "raises_deep.py"
+    registry = fresh_registry.load_registry(extra_plugins=[str(path)])
+    (failure,) = registry.failures
+    line = next(number for number, text in enumerate(path.read_text().splitlines(), 1) if "missing_key" in text)
+    assert failure.error == f"KeyError: 'missing_key' (at {path}:{line})"
+    assert "Traceback" in failure.detail
