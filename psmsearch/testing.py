@@ -9,10 +9,16 @@ fail with the evidence. In a plugin's test suite::
     def test_my_aggregator_keeps_the_contract():
         assert_component_ok(MyAggregator)
 
-Checks: shapes, finite outputs, gradients, token-locality of encoder features, causality and
-partial chunks of heads, tree == sequential == online scans, associativity where claimed (and the
-fast ``scan`` against the tree), streaming == parallel for a whole layer, and ``state_nbytes``
-matching the bytes streaming really holds.
+Checks: shapes, finite outputs, gradients, token-locality of encoder features, causality, chunk
+locality and partial chunks of heads, tree == sequential == online scans, associativity where
+claimed (and the fast ``scan`` against the tree), streaming == parallel for a whole layer, the layer
+in float64, and ``state_nbytes`` matching the bytes streaming really holds.
+
+Every check runs twice: on the component as it is built, and again after its parameters have been
+randomised (:func:`_randomise_parameters`). A property that holds only at initialisation (a
+zero-initialised branch that reads future tokens, an identity matrix that makes a non-associative
+combine associative until the first training step) passes the first run and fails the second; the
+failure then says so.
 """
 
 from __future__ import annotations
@@ -273,6 +279,36 @@ def _head_causal(a: _Assembly) -> str:
     return f"{CHUNK - 1} perturbations"
 
 
+def _head_chunk_local(a: _Assembly) -> str:
+    """Chunk ``n``'s outputs may read chunk ``n``'s features and ``prefix[n]`` only, not other chunks'."""
+    prefix, x = _head_inputs(a)
+    base = a.head(prefix, a.encoder.features(x))  # [B, N, c, d]
+    n_chunks = x.shape[1]
+    for m in range(n_chunks):
+        bumped = x.clone()
+        bumped[:, m] += 1.0
+        y = a.head(prefix, a.encoder.features(bumped))
+        bumped_prefix = S.tree_map(lambda leaf, m=m: _bump_chunk(leaf, m), prefix)
+        y_prefix = a.head(bumped_prefix, a.encoder.features(x))
+        for n in range(n_chunks):
+            if n == m:
+                continue
+            diff = (y[:, n] - base[:, n]).abs().max().item()
+            _require(diff <= ATOL, f"changing chunk {m}'s tokens changed chunk {n}'s outputs by {diff:.3g}: a head "
+                                   "may read only its own chunk and its own prefix state")
+            diff = (y_prefix[:, n] - base[:, n]).abs().max().item()
+            _require(diff <= ATOL, f"changing chunk {m}'s prefix state changed chunk {n}'s outputs by {diff:.3g}: a "
+                                   "head may read only its own chunk and its own prefix state")
+    return f"{n_chunks} chunks, tokens and prefix states"
+
+
+def _bump_chunk(leaf: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``leaf [B, N, ...]`` with chunk ``chunk`` shifted by one (a state leaf of every chunk)."""
+    bumped = leaf.clone()
+    bumped[:, chunk] += 1.0
+    return bumped
+
+
 def _head_partial(a: _Assembly) -> str:
     prefix, x = _head_inputs(a)
     f = a.encoder.features(x)
@@ -381,6 +417,33 @@ def _layer_stream_equals_parallel(a: _Assembly) -> str:
     return f"T={length}, c={CHUNK}"
 
 
+def _layer_float64(a: _Assembly) -> str:
+    """The layer converted with ``.double()`` must compute in float64, parallel and streaming: a
+    component that makes tensors without following its module's dtype (``torch.zeros(...)`` in
+    ``initial_state``, a mask built in the default dtype) breaks here, and on other devices alike."""
+    layer = copy.deepcopy(a.layer).double()
+    x = torch.randn(BATCH, 2 * CHUNK + 1, D_MODEL, generator=torch.Generator().manual_seed(61))  # [B, T, d]
+    with torch.no_grad():
+        want = {"parallel": a.layer(x), "streaming": _streamed(a.layer, x)}
+        init = layer.aggregator.initial_state((BATCH,))
+        wrong = sorted({str(leaf.dtype) for leaf in S.leaves(init) if leaf.dtype != torch.float64})
+        _require(not wrong, f"after .double(), initial_state((B,)) has dtype {', '.join(wrong)}: make it from a "
+                            "parameter or buffer (new_zeros), so that it follows the module's dtype and device")
+        got = {"parallel": layer(x.double()), "streaming": _streamed(layer, x.double())}
+    for name, y in got.items():
+        _require(y.dtype == torch.float64, f"after .double(), the {name} output is {y.dtype}")
+        diff = (y - want[name].double()).abs().max().item()
+        _require(diff <= 1e-3 * max(1.0, want[name].abs().max().item()),
+                 f"after .double(), the {name} output differs from float32's by {diff:.3g}")
+    return "parallel and streaming outputs in float64, close to float32's"
+
+
+def _streamed(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` run token by token over ``x [B, T, d]``."""
+    stream = layer.stream(x.shape[0])
+    return torch.stack([stream.step(x[:, t]) for t in range(x.shape[1])], dim=1)  # [B, T, d]
+
+
 def _layer_state_nbytes(a: _Assembly) -> str:
     associative = type(a.aggregator).associative
     for batch in (BATCH, 1):  # batch 1 too: there a slice of a larger buffer is often contiguous, so a view slips through
@@ -419,6 +482,7 @@ CHECKS: dict[str, list[tuple[str, Check]]] = {
     "head": [
         ("shapes_and_finite", _head_shapes),
         ("causal_within_chunk", _head_causal),
+        ("chunk_local", _head_chunk_local),
         ("partial_chunks", _head_partial),
         ("gradients", _head_gradients),
         ("fused_equals_generic", _head_fused_equals_generic),
@@ -426,6 +490,7 @@ CHECKS: dict[str, list[tuple[str, Check]]] = {
 }
 LAYER_CHECKS: list[tuple[str, Check]] = [
     ("stream_equals_parallel", _layer_stream_equals_parallel),
+    ("float64", _layer_float64),
     ("state_nbytes_matches_streaming", _layer_state_nbytes),
 ]
 
@@ -441,16 +506,44 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
         assembly = _assemble(cls, registry, seed)
     except Exception as err:  # noqa: BLE001 - report, do not crash the suite
         return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}")]
+    randomised = copy.deepcopy(assembly, {id(assembly.registry): assembly.registry})
+    _randomise_parameters(getattr(randomised, cls.kind), seed)
     results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}")]
     for check_name, check in CHECKS[cls.kind] + LAYER_CHECKS:
-        try:
-            message = check(assembly)
-            results.append(CheckResult(label, check_name, True, message))
-        except ContractViolation as err:
-            results.append(CheckResult(label, check_name, False, str(err)))
-        except Exception as err:  # noqa: BLE001
-            results.append(CheckResult(label, check_name, False, f"raised {type(err).__name__}: {err}"))
+        passed, message = _run_check(check, assembly)
+        if passed:
+            passed, failure = _run_check(check, randomised)
+            if not passed:
+                message = f"with randomised parameters: {failure}"
+        results.append(CheckResult(label, check_name, passed, message))
     return results
+
+
+def _run_check(check: Check, assembly: _Assembly) -> tuple[bool, str]:
+    try:
+        return True, check(assembly)
+    except ContractViolation as err:
+        return False, str(err)
+    except Exception as err:  # noqa: BLE001 - report, do not crash the suite
+        return False, f"raised {type(err).__name__}: {err}"
+
+
+def _randomise_parameters(component: Component, seed: int) -> None:
+    """Move every floating-point parameter of ``component`` by Gaussian noise, in place.
+
+    The noise is a tenth of the parameter's root mean square, or 0.1 where that is zero (a
+    zero-initialised branch must come alive): enough for a property that holds only at
+    initialisation to show, small enough that a healthy component stays in its working range.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in component.parameters():
+            if not parameter.dtype.is_floating_point or not parameter.numel():
+                continue
+            rms = parameter.double().square().mean().sqrt().item()
+            scale = 0.1 * rms if rms > 0 else 0.1
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.add_(noise.to(parameter.device) * scale)
 
 
 def _partners(a: _Assembly, cls: type[Component]) -> str:

@@ -40,6 +40,13 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
         ("head", "zz_fused_raises", "fused_equals_generic",
          "encoder 'gla': raised RuntimeError: kernel: unsupported layout"),
         ("encoder", "zz_misreports", "state_nbytes_matches_streaming", "B=2, after 1 chunks streaming holds 1024 bytes but state_nbytes accounts for 512"),
+        ("aggregator", "zz_assoc_at_init", "associativity",
+         "with randomised parameters: claims associative but (xy)z and x(yz) differ"),
+        ("head", "zz_peeks_at_init", "causal_within_chunk",
+         "with randomised parameters: changing chunk token 1 changed outputs at positions < 1"),
+        ("head", "zz_next_chunk", "chunk_local", "changing chunk 0's tokens changed chunk 2's outputs by"),
+        ("aggregator", "zz_float32_initial_state", "float64",
+         "after .double(), initial_state((B,)) has dtype torch.float32: make it from a parameter or buffer"),
     ],
 )
 def test_broken_component_fails_the_right_check(registry, kind, name, failing_check, evidence) -> None:
