@@ -82,7 +82,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
 
 def _row_json(row: TrialRow, objectives: Sequence[Objective]) -> dict[str, Any]:
     return {
-        "name": row.name, "status": row.status, "pareto": row.pareto, "params": row.params,
+        "name": row.name, "run_id": row.run_id, "status": row.status, "pareto": row.pareto, "params": row.params,
         "objectives": {o.metric: row.metrics.get(o.metric) for o in objectives}, "metrics": row.metrics,
         **({"error": row.error} if row.error else {}),
     }
@@ -114,28 +114,48 @@ def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title:
 @click.option("--json", "as_json", is_flag=True, help="Print the ranked trials as JSON.")
 def compare(experiment: str | None, search_name: str | None, tracking_uri: str | None, objective_specs: Sequence[str], out_dir: Path, as_json: bool) -> None:
     """Rank the trials of an MLflow experiment, mark the Pareto front and write plots."""
-    from psmsearch.tracking import Tracker, default_tracking_uri
+    from psmsearch.tracking import Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    check_tracking_uri(uri, "--tracking-uri" if tracking_uri else "the default tracking URI")
     experiment = experiment or _latest_experiment(uri)
     tracker = Tracker(uri, experiment, create=False)
-    parents = tracker.runs(search_name, kind="search")
+    parents = sorted(tracker.runs(search_name, kind="search"), key=lambda run: run.info.start_time, reverse=True)
     if not parents:
         raise ConfigError(f"no psmsearch search found in experiment {experiment!r} at {uri}", field="--experiment")
     objectives = [_parse_objective(s) for s in objective_specs] or objectives_from_parent(parents[0])
     if not objectives:
         raise ConfigError(f"the search in experiment {experiment!r} logged no objectives; pass --objective METRIC:max|min", field="--objective")
-    rows = rank(rows_from_runs(tracker.runs(search_name or parents[0].data.tags.get("psmsearch.search"))), objectives)
-    plots = write_plots(rows, objectives, out_dir)
+    parent = parents[0]
+    name = parent.data.tags.get("psmsearch.search", "?")
+    trials = rows_from_runs(tracker.runs(name, parent=parent.info.run_id))
+    reported = sorted({metric for row in trials for metric in row.metrics})
+    missing = [o.metric for o in objectives if trials and not any(o.metric in row.metrics for row in trials)]
+    if missing:
+        raise ConfigError(f"no trial of search {name!r} reported {', '.join(repr(m) for m in missing)}; "
+                          f"metrics reported: {', '.join(reported) or 'none'}", field="--objective")
+    rows = rank(trials, objectives)
+    plots = _write_plots(rows, objectives, out_dir)
     for path in plots:
-        tracker.log_artifact(parents[0].info.run_id, path)
+        tracker.log_artifact(parent.info.run_id, path)
     if as_json:
-        click.echo(json.dumps({"experiment": experiment, "objectives": [o.model_dump() for o in objectives],
+        click.echo(json.dumps({"experiment": experiment, "search": name, "objectives": [o.model_dump() for o in objectives],
                                "trials": [_row_json(r, objectives) for r in rows], "plots": [str(p) for p in plots]}))
         return
-    print_rows(rows, objectives, title=f"experiment {experiment}")
+    latest = f" (the latest of {len(parents)} searches{'' if search_name else ' here; --search NAME picks one'})" \
+        if len(parents) > 1 else ""
+    print_rows(rows, objectives, title=f"experiment {experiment}, search {name}{latest}")
     for path in plots:
         click.echo(f"plot: {path}")
+
+
+def _write_plots(rows: Sequence[Any], objectives: Sequence[Objective], out_dir: Path) -> list[Path]:
+    """:func:`write_plots`, with a folder that cannot be made or written reported as ``--out``."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return write_plots(rows, objectives, out_dir)
+    except OSError as err:
+        raise ConfigError(f"cannot write plots to {str(out_dir)!r}: {err.strerror or err}", field="--out") from None
 
 
 def _parse_objective(spec: str) -> Objective:

@@ -57,11 +57,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel(model)`` inside a process group, else ``model`` itself."""
+    """``DistributedDataParallel(model)`` inside a process group, else ``model`` itself.
+
+    Unused parameters are looked for on every step: a PSM's aggregator takes no part in a step
+    whose sequences fit in one chunk (a curriculum's first lengths), and DDP without the search
+    fails that step's reduction ("Expected to have finished reduction in the prior iteration").
+    """
     if not is_active():
         return model
     device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
 def free_port() -> int:

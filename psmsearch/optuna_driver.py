@@ -147,13 +147,13 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
             "or choose another name with driver.study / a new --storage",
             field="--resume",
         )
+    tracker, parent = open_tracking(space, options, "optuna", storage=storage_url)  # its errors leave no study behind
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(
         study_name=study_name, storage=storage, directions=directions,
         sampler=make_sampler(space), pruner=make_pruner(space), load_if_exists=True,
     )
     _check_directions(study, space, study_name)
-    tracker, parent = open_tracking(space, options, "optuna")
     study.set_user_attr("mlflow_parent_run", parent or "")
     result = SearchResult(study_name, storage_url, tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:
@@ -223,7 +223,7 @@ def _optimize(
         try:
             outcome = execute_trial(
                 space, sampled, trial.number, trial.params, tracker, parent, "optuna", report,
-                on_run=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                on_run=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id), search=study.study_name,
             )
         except KeyboardInterrupt:
             trial.set_user_attr("state", INTERRUPTED)

@@ -122,6 +122,7 @@ class TrialContext:
     parent_run: str | None
     step_metric: str | None  # the objective reported at each evaluation (one objective only)
     resumed: bool = False  # a restored experiment: a trial may already have a FINISHED run
+    search: str | None = None  # the search's name in MLflow (the study name; default the space's)
 
 
 def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -155,7 +156,7 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
     sampled = space.sample(optuna.trial.FixedTrial(params))
     outcome = execute_trial(
         space, sampled, number, params, tracker, context.parent_run, "ray", report,
-        on_run=lambda run_id: run.update(id=run_id),
+        on_run=lambda run_id: run.update(id=run_id), search=context.search,
     )
     if outcome.state != "complete":
         raise TrialFailed(outcome.error or outcome.state)
@@ -582,10 +583,10 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     name = options.study or space.name
     experiment = results_dir(options) / name
     restore = _check_new_or_resumed(experiment, options)
-    tracker, parent = open_tracking(space, options, "ray")
+    tracker, parent = open_tracking(space, options, "ray", storage=str(experiment))
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
-        parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore,
+        parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore, search=name,
     )
     result = SearchResult(name, str(experiment), tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:

@@ -26,6 +26,7 @@ class TrialRow:
     metrics: dict[str, float]
     pareto: bool = False
     error: str = ""
+    run_id: str = ""
 
 
 def pareto_front(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[bool]:
@@ -53,6 +54,7 @@ def rows_from_runs(runs: Sequence[Any]) -> list[TrialRow]:
             params=dict(run.data.params),
             metrics=dict(run.data.metrics),
             error=run.data.tags.get("psmsearch.error", ""),
+            run_id=run.info.run_id,
         )
         for run in runs
     ]

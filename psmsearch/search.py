@@ -21,7 +21,7 @@ import yaml
 from psmsearch.errors import ConfigError
 from psmsearch.registry import Registry
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, absolute_uri, default_tracking_uri
+from psmsearch.tracking import Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -96,12 +96,14 @@ def execute_trial(
     driver: str,
     report: Report | None = None,
     on_run: Callable[[str], None] | None = None,
+    search: str | None = None,
 ) -> TrialOutcome:
     """Run one trial end to end; never raises for a failing trial (the outcome says what failed).
 
     ``report(step, metrics)`` is called at each evaluation and may raise
     :class:`psmsearch.trainer.TrialPruned`. KeyboardInterrupt is re-raised after the run is closed
-    as KILLED, so the caller can stop the search and resume later.
+    as KILLED, so the caller can stop the search and resume later. ``search`` names the search in the
+    trial's MLflow run (the study name, ``--study``; default the space's name), as the parent run is named.
     """
     from psmsearch.trainer import TrialDiverged, TrialPruned
     from psmsearch.trial import run_trial
@@ -112,7 +114,7 @@ def execute_trial(
     try:
         config = build_trial_config(space, sampled)
         if tracker is not None and parent_run is not None:
-            run_id = tracker.trial_run(parent_run, space.name, number, {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
+            run_id = tracker.trial_run(parent_run, search or space.name, number, {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
             config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
             _best_effort(number, "log its configuration", lambda: tracker.log_text(run_id, config_yaml, "trial_config.yaml"))
             if on_run is not None:
@@ -197,13 +199,24 @@ def _close(tracker: Tracker | None, run_id: str | None, status: str, tags: Mappi
     tracker.finish(run_id, status)
 
 
-def open_tracking(space: SearchSpace, options: SearchOptions, driver: str) -> tuple[Tracker | None, str | None]:
-    """The MLflow tracker and the search's parent run (reopened on resume), unless tracking is off."""
+def open_tracking(space: SearchSpace, options: SearchOptions, driver: str,
+                  storage: str = "") -> tuple[Tracker | None, str | None]:
+    """The MLflow tracker and the search's parent run (reopened on resume), unless tracking is off.
+
+    ``storage`` (the Optuna storage URL or the Ray results folder) tells apart searches of one name.
+    """
     if not space.header.tracking.enabled:
         return None, None
     uri = absolute_uri(options.tracking_uri or space.header.tracking.tracking_uri or default_tracking_uri())
+    if options.tracking_uri:
+        where = "--tracking-uri"
+    elif space.header.tracking.tracking_uri:
+        where = f"{space.source.source}: tracking.tracking_uri"
+    else:
+        where = "the default tracking URI (MLFLOW_TRACKING_URI or MLflow's own)"
+    check_tracking_uri(uri, where)
     experiment = options.experiment or space.header.tracking.experiment or space.name
     tracker = Tracker(uri, experiment)
     params = {"space": space.source.source, "objectives": [o.model_dump() for o in space.objectives], "trials": options.trials}
-    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": driver}, params)
+    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": driver}, params, storage=storage)
     return tracker, parent

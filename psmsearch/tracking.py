@@ -8,6 +8,7 @@ SQLite is shared by concurrent searches, so every write is retried while the dat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -21,6 +22,8 @@ except ImportError:  # Windows: no schema-creation lock (concurrent first use is
     fcntl = None  # type: ignore[assignment]
 
 SEARCH_TAG = "psmsearch.search"
+STORAGE_TAG = "psmsearch.storage"
+STORAGE_ID_TAG = "psmsearch.storage_id"
 TRIAL_TAG = "psmsearch.trial"
 KIND_TAG = "psmsearch.kind"
 T = TypeVar("T")
@@ -52,6 +55,60 @@ def absolute_uri(uri: str) -> str:
     if "://" not in uri:
         return str(Path(uri).resolve())
     return uri
+
+
+_SERVER_SCHEMES = ("http", "https")
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_OTHER_SCHEMES = ("databricks", "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str, where: str) -> None:
+    """Raise a ConfigError naming ``where`` (``--tracking-uri``, a file's field) unless ``uri`` can work.
+
+    Checked before a search creates anything, since MLflow reports these cases with tracebacks
+    (a SQLite file in a missing folder, an unknown scheme, the file store it no longer writes) or,
+    for a server that does not answer, retries for minutes. A reachable server and an existing
+    folder are what this checks; credentials and schemas are left to MLflow.
+    """
+    from psmsearch.errors import ConfigError
+
+    scheme, sep, rest = uri.partition("://")
+    scheme = scheme.lower().split("+")[0]
+    allowed = ", ".join(f"{s}://" for s in (*_DATABASE_SCHEMES, *_SERVER_SCHEMES, *_OTHER_SCHEMES))
+    if not sep or scheme == "file":
+        raise ConfigError(f"{uri!r} is a file store, which MLflow no longer writes; use a database such as "
+                          "sqlite:///mlflow.db (MLflow's default) or a tracking server", field=where)
+    if scheme == "sqlite":
+        folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent if rest else None
+        if folder is not None and rest not in ("/:memory:", ":memory:") and not folder.resolve().is_dir():
+            raise ConfigError(f"{uri!r}: the folder {str(folder.resolve())!r} of the SQLite file does not exist",
+                              field=where)
+        return
+    if scheme in _SERVER_SCHEMES:
+        _check_reachable(uri, where)
+        return
+    if scheme not in (*_DATABASE_SCHEMES, *_OTHER_SCHEMES):
+        raise ConfigError(f"{uri!r}: unknown tracking URI scheme {scheme!r}; expected one of {allowed}", field=where)
+
+
+def _check_reachable(uri: str, where: str, timeout: float = 5.0) -> None:
+    """A TCP connection to the server of an ``http(s)://`` URI, within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from psmsearch.errors import ConfigError
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    if not parts.hostname:
+        raise ConfigError(f"{uri!r} names no host", field=where)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot reach the tracking server at {parts.hostname}:{port} within {timeout:g} s "
+                          f"({err.strerror or err}); start it (mlflow server ...) or use another URI",
+                          field=where) from None
 
 
 def retry_locked(fn: Callable[[], T], attempts: int = 40, delay: float = 0.25) -> T:
@@ -94,6 +151,20 @@ def param_text(value: Any) -> str:
     return text[:6000]
 
 
+def _storage_tags(storage: str) -> dict[str, str]:
+    """The tags that tell searches of one name in different storages apart (none without a storage)."""
+    if not storage:
+        return {}
+    return {STORAGE_TAG: storage, STORAGE_ID_TAG: hashlib.sha256(storage.encode()).hexdigest()[:20]}
+
+
+def _parent_filter(search: str, identity: Mapping[str, str]) -> str:
+    query = f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{KIND_TAG}` = 'search'"
+    if STORAGE_ID_TAG in identity:
+        query += f" and tags.`{STORAGE_ID_TAG}` = '{identity[STORAGE_ID_TAG]}'"
+    return query
+
+
 @dataclass
 class Tracker:
     """Writes a search and its trials to one MLflow experiment."""
@@ -130,37 +201,33 @@ class Tracker:
                 raise
             return found.experiment_id
 
-    def parent_run(self, search: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
-        """The search's parent run: reopened on resume (matched by the search tag), else created."""
-        runs = retry_locked(
-            lambda: self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{KIND_TAG}` = 'search'",
-                max_results=1,
-            )
-        )
+    def parent_run(self, search: str, tags: Mapping[str, str], params: Mapping[str, Any], storage: str = "") -> str:
+        """The search's parent run: reopened on resume, else created.
+
+        A search is its name and its ``storage`` (the Optuna storage or Ray results folder): two
+        studies of one name in different storages are two searches, and their trials never share a
+        parent run. The storage is matched by a digest tag (``STORAGE_ID_TAG``), since MLflow's
+        filter strings cannot quote every path.
+        """
+        identity = _storage_tags(storage)
+        query = _parent_filter(search, identity)
+        runs = retry_locked(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1))
         if runs:
             run_id = runs[0].info.run_id
             retry_locked(lambda: self.client.update_run(run_id, status="RUNNING"))
             return run_id
         run = retry_locked(
             lambda: self.client.create_run(
-                self.experiment_id, run_name=search, tags={SEARCH_TAG: search, KIND_TAG: "search", **tags}
+                self.experiment_id, run_name=search, tags={SEARCH_TAG: search, KIND_TAG: "search", **identity, **tags}
             )
         )
         self.log_params(run.info.run_id, params)
-        return self._settle_parent(search, run.info.run_id)
+        return self._settle_parent(query, run.info.run_id)
 
-    def _settle_parent(self, search: str, mine: str) -> str:
+    def _settle_parent(self, query: str, mine: str) -> str:
         """Two processes starting the same search at once may both create a parent run: all of them
         keep the oldest one (same rule everywhere, so they agree) and the others are deleted."""
-        parents = retry_locked(
-            lambda: self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{KIND_TAG}` = 'search'",
-                max_results=100,
-            )
-        )
+        parents = retry_locked(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=100))
         keep = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
         if keep != mine:
             retry_locked(lambda: self.client.delete_run(mine))
@@ -214,11 +281,14 @@ class Tracker:
         """End a run: FINISHED, FAILED or KILLED."""
         retry_locked(lambda: self.client.set_terminated(run_id, status=status))
 
-    def runs(self, search: str | None = None, kind: str = "trial") -> list[Any]:
-        """All runs of this experiment of one kind (``trial`` or ``search``), optionally of one search."""
+    def runs(self, search: str | None = None, kind: str = "trial", parent: str | None = None) -> list[Any]:
+        """All runs of this experiment of one kind (``trial`` or ``search``), optionally of one search
+        (by name) and of one parent run (a search's trials: the name alone may cover several storages)."""
         query = f"tags.`{KIND_TAG}` = '{kind}'"
         if search:
             query += f" and tags.`{SEARCH_TAG}` = '{search}'"
+        if parent:
+            query += f" and tags.`mlflow.parentRunId` = '{parent}'"
         out: list[Any] = []
         token = None
         while True:

@@ -74,6 +74,23 @@ def test_data_parallel_trial_matches_single_process() -> None:
         assert parallel[name] == pytest.approx(single[name], abs=1e-5)
 
 
+def test_data_parallel_psm_with_a_curriculum_matches_single_process() -> None:
+    """The curriculum's first sequences fit in one chunk, so the aggregator takes no part in those steps:
+    DDP once failed its reduction there (the shipped T-PSM example under --nproc 2)."""
+    config = TrialConfig.from_dict({
+        "task": {"name": "group", "group": "S3", "train_length": 8, "curriculum": True, "eval_max_multiple": 2,
+                 "eval_samples": 16},
+        "model": {"kind": "psm", "d_model": 16, "n_layers": 1, "chunk_size": 4, "encoder": "embed",
+                  "aggregator": {"name": "attention", "layers": 1, "heads": 2},
+                  "head": {"name": "attention", "layers": 1, "heads": 2}},
+        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "eval_every": 6},
+        "metrics": {"enabled": False},
+    })
+    parallel, single = run_trial_data_parallel(config, 2), run_trial(config)
+    for name in ("acc_1x", "acc_2x", "train_loss"):
+        assert parallel[name] == pytest.approx(single[name], abs=1e-5)
+
+
 def test_helpers_are_identity_outside_a_process_group() -> None:
     batch = uneven_batch()
     assert dist.shard(batch) is batch and dist.world_size() == 1 and dist.rank() == 0

@@ -125,3 +125,54 @@ def test_multi_objective_search_marks_a_pareto_front(tmp_path: Path) -> None:
         dominated = any(a >= acc and m <= mem and (a > acc or m < mem) for a, m in points)
         assert t["pareto"] is (not dominated)
     assert all(len(t.values) == 2 for t in optuna_trials(tmp_path / "psmsearch.db"))
+
+
+def test_studies_of_one_name_are_separate_searches_and_compare_shows_the_latest(tmp_path: Path) -> None:
+    """Trial runs are named and tagged with the study (--study), not the space; two studies of one name in
+    two storages are two searches (two parent runs), so compare never mixes their trials."""
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    for storage in ("first.db", "second.db"):
+        result = run_cli("search", str(space), "--study", "mystudy", "--storage", f"sqlite:///{tmp_path / storage}",
+                         "--no-progress", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    parents = [r for r in runs if r.data.tags.get("psmsearch.kind") == "search"]
+    trials = [r for r in runs if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert len(parents) == 2 and {p.data.tags["psmsearch.search"] for p in parents} == {"mystudy"}
+    assert {p.data.tags["psmsearch.storage"] for p in parents} == {f"sqlite:///{tmp_path / s}" for s in ("first.db", "second.db")}
+    assert sorted(r.info.run_name for r in trials) == ["mystudy-trial-0", "mystudy-trial-0"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {p.info.run_id for p in parents}
+    latest = max(parents, key=lambda run: run.info.start_time)
+    for args in ((), ("--search", "mystudy")):
+        result = run_cli("compare", "--json", *args, "--out", str(tmp_path / "plots"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["search"] == "mystudy" and len(report["trials"]) == 1
+    latest_trial = next(r for r in trials if r.data.tags["mlflow.parentRunId"] == latest.info.run_id)
+    assert report["trials"][0]["run_id"] == latest_trial.info.run_id
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("sqlite:////nonexistent_folder_psm/m.db", "the folder '/nonexistent_folder_psm' of the SQLite file does not exist"),
+    ("bogus://x", "unknown tracking URI scheme 'bogus'"),
+    ("file:///tmp/psm_file_store", "is a file store, which MLflow no longer writes"),
+    ("http://127.0.0.1:9/", "cannot reach the tracking server at 127.0.0.1:9"),
+])
+def test_a_bad_tracking_uri_is_refused_before_the_study_exists(tmp_path: Path, uri: str, message: str) -> None:
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    result = run_cli("search", str(space), "--tracking-uri", uri, "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--tracking-uri: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+    import optuna
+
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'psmsearch.db'}") == [], "a study was left behind"
+
+
+def test_compare_refuses_an_objective_no_trial_reported_and_an_unwritable_out(finished_search) -> None:
+    work, _ = finished_search
+    result = run_cli("compare", "--experiment", "tiny", "--objective", "acc_8x:max", cwd=work)
+    assert result.returncode == 2 and "--objective: no trial of search 'tiny' reported 'acc_8x'" in result.stderr
+    assert "acc_2x" in result.stderr and "Traceback" not in result.stderr
+    (work / "a_file").write_text("")
+    result = run_cli("compare", "--experiment", "tiny", "--out", str(work / "a_file" / "plots"), cwd=work)
+    assert result.returncode == 2 and "--out: cannot write plots to" in result.stderr, result.stderr
