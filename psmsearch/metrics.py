@@ -3,8 +3,13 @@
 For each length ``n`` the model's stream is driven to ``n`` tokens (whole chunks through ``feed``,
 since no per-token outputs are needed) and then asked what it holds:
 
-* ``state_bytes_<n>``: bytes the stream's state tensors keep alive (each storage once), and
+* ``state_bytes_<n>``: bytes the stream's state tensors keep alive (each storage once) at ``n``, and
   ``expected_state_bytes_<n>``: the model's own accounting, which must agree;
+* ``peak_state_bytes_<n>`` and, for PSMs, ``peak_num_states_<n>``: the most the stream held at any
+  measured point up to ``n``. A binary-counter scan holds the most roots just before a power of two
+  (``2^k - 1`` chunks) and a single root at ``2^k`` chunks, so ``state_bytes`` at a power-of-two ``n``
+  (every default) is its best case; the stream is therefore also measured at every chunk count
+  ``2^k - 1`` on the way, which makes the peak the worst case a deployment must provision for;
 * ``latency_ms_<n>``: median wall time of one ``step`` over a few tokens after ``n``;
 * ``peak_alloc_bytes_<n>`` (CUDA only): the allocator's peak while streaming up to ``n``;
 * ``num_states_<n>`` for PSMs: chunk states held (roots plus cached folds).
@@ -91,21 +96,27 @@ def _measure(
     generator = torch.Generator().manual_seed(seed)
     stream = model.stream(1)
     chunk = _aligned_chunk(model, feed_chunk)
+    fullest = _fullest_points(_chunk_size(model), max(memory, default=0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out: dict[str, float] = {}
     seen = 0
-    for n in sorted(memory | latency):
+    peak_bytes, peak_states = 0, 0
+    for n in sorted(memory | latency | fullest):
         while seen < n:
             m = min(chunk, n - seen)
             stream.feed(torch.randint(vocab_size, (1, m), generator=generator).to(device))
             seen += m
+        peak_bytes = max(peak_bytes, stream.state_nbytes())
+        peak_states = max(peak_states, getattr(stream, "num_states", 0))
         tag = count_tag(n)
         if n in memory:
             out[f"state_bytes_{tag}"] = float(stream.state_nbytes())
             out[f"expected_state_bytes_{tag}"] = float(stream.expected_nbytes())
+            out[f"peak_state_bytes_{tag}"] = float(peak_bytes)
             if hasattr(stream, "num_states"):
                 out[f"num_states_{tag}"] = float(stream.num_states)
+                out[f"peak_num_states_{tag}"] = float(peak_states)
             if device.type == "cuda":
                 out[f"peak_alloc_bytes_{tag}"] = float(torch.cuda.max_memory_allocated(device))
         if n in latency:
@@ -122,11 +133,25 @@ def _measure(
     return out
 
 
+def _chunk_size(model: nn.Module) -> int:
+    """The PSM chunk size, or 1 for models without chunks (the baselines)."""
+    config = getattr(model, "config", None)
+    return config.chunk_size if config is not None and config.kind == "psm" else 1
+
+
 def _aligned_chunk(model: nn.Module, feed_chunk: int) -> int:
     """A feed size that is a multiple of the PSM chunk size, so ``feed`` takes whole-chunk calls."""
-    config = getattr(model, "config", None)
-    c = config.chunk_size if config is not None and config.kind == "psm" else 1
+    c = _chunk_size(model)
     return max(c, feed_chunk // c * c)
+
+
+def _fullest_points(chunk_size: int, longest: int) -> set[int]:
+    """Token counts ``c (2^k - 1)`` up to ``longest``: where a binary-counter scan holds the most roots."""
+    points, chunks = set(), 1
+    while chunk_size * chunks <= longest:
+        points.add(chunk_size * chunks)
+        chunks = 2 * chunks + 1
+    return points
 
 
 def inference_metrics(

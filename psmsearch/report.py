@@ -13,6 +13,7 @@ from psmsearch.space import Objective
 
 LENGTH_METRIC = re.compile(r"^acc_(\d+(?:\.\d+)?)x$")
 MEMORY_METRIC = re.compile(r"^state_bytes_(\d+)(k?)$")
+PEAK_MEMORY_METRIC = re.compile(r"^peak_state_bytes_(\d+)(k?)$")  # preferred: the worst case up to n
 
 
 @dataclass
@@ -121,9 +122,12 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
         ax.set_title("objectives")
         fig.tight_layout()
         written.append(_save(fig, out_dir / "objectives.png"))
+    peak = any(PEAK_MEMORY_METRIC.match(name) for row in rows for name in row.metrics)
+    memory = (PEAK_MEMORY_METRIC, "most state bytes held streaming up to n") if peak else \
+        (MEMORY_METRIC, "retained state bytes at n")
     for pattern, filename, xlabel, ylabel, logy in (
         (LENGTH_METRIC, "accuracy_vs_length.png", "evaluation length (x training length)", "accuracy", False),
-        (MEMORY_METRIC, "memory_vs_n.png", "tokens streamed n", "retained state bytes", True),
+        (memory[0], "memory_vs_n.png", "tokens streamed n", memory[1], True),
     ):
         curves = [(r, _length_curves(r, pattern)) for r in rows[:top]]
         curves = [(r, c) for r, c in curves if c]

@@ -285,6 +285,7 @@ def metric_directions(config: TrialConfig) -> dict[str, str]:
 
         for n in config.metrics.memory_lengths:
             directions[f"state_bytes_{count_tag(n)}"] = "minimize"
+            directions[f"peak_state_bytes_{count_tag(n)}"] = "minimize"
         for n in config.metrics.latency_lengths:
             directions[f"latency_ms_{count_tag(n)}"] = "minimize"
     return directions

@@ -40,6 +40,27 @@ def test_psm_bytes_match_accounting_and_stay_logarithmic(chunk_size: int) -> Non
         assert measured <= states * state_bytes + partial + 2 * state_bytes  # + the prefix fold per layer
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_peak_state_bytes_are_the_worst_case_up_to_n(chunk_size: int) -> None:
+    """At a power-of-two chunk count the binary-counter scan holds one root, its best case; the peak is
+    the most the stream holds at any chunk boundary up to n, found here by a loop over every boundary."""
+    lengths = [64, 256]
+    out = measure_streaming(psm(chunk_size), VOCAB, memory_lengths=lengths, latency_lengths=[], feed_chunk=64)
+    stream, most_bytes, most_states = psm(chunk_size).stream(1), {}, {}
+    worst_bytes = worst_states = 0
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for seen in range(chunk_size, max(lengths) + 1, chunk_size):
+            stream.feed(torch.randint(VOCAB, (1, chunk_size), generator=generator))
+            worst_bytes, worst_states = max(worst_bytes, stream.state_nbytes()), max(worst_states, stream.num_states)
+            if seen in lengths:
+                most_bytes[seen], most_states[seen] = worst_bytes, worst_states
+    for n in lengths:
+        tag = count_tag(n)
+        assert out[f"peak_state_bytes_{tag}"] == most_bytes[n] and out[f"peak_num_states_{tag}"] == most_states[n]
+        assert out[f"peak_state_bytes_{tag}"] > out[f"state_bytes_{tag}"], "n is a power of two: the best case"
+
+
 def test_psm_state_grows_much_slower_than_gpt_kv_cache() -> None:
     gpt = build_model(ModelConfig(kind="gpt", d_model=16, n_layers=1, n_heads=2), VOCAB)
     lengths = [256, 4096]
