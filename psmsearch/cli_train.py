@@ -45,8 +45,8 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field, e.g. --set model.chunk_size=4 (repeatable; values are YAML)")
 @click.option("--json", "as_json", is_flag=True, help="end stdout with one JSON object of all metrics")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr (only on a terminal)")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="checkpoint file (written every train.checkpoint_every steps)")
-@click.option("--resume", is_flag=True, help="continue from --checkpoint if it exists")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="checkpoint file (written every train.checkpoint_every steps and when training ends)")
+@click.option("--resume", is_flag=True, help="continue from --checkpoint (from step 0 if the file does not exist yet)")
 @click.option("--eval-log/--no-eval-log", default=True, help="print each periodic evaluation to stderr")
 @click.option("--nproc", type=click.IntRange(1, 1024), default=1, help="data-parallel processes on this machine (gloo on CPU, NCCL on CUDA)")
 def train(
@@ -54,7 +54,11 @@ def train(
     resume: bool, eval_log: bool, nproc: int,
 ) -> None:
     """Train and evaluate one trial described by CONFIG (a trial YAML file)."""
+    if resume and checkpoint is None:
+        raise click.UsageError("--resume needs --checkpoint PATH, the file to continue from")
     trial = load_trial_config(config, overrides)
+    if resume and not checkpoint.is_file():
+        click.echo(f"no checkpoint at {checkpoint} yet: training from step 0", err=True)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         if eval_log:
@@ -63,7 +67,7 @@ def train(
 
     try:
         if nproc > 1:
-            metrics = run_trial_data_parallel(trial, nproc)
+            metrics = run_trial_data_parallel(trial, nproc, checkpoint_path=checkpoint, resume=resume)
         else:
             metrics = run_trial(trial, log, progress=progress, checkpoint_path=checkpoint, resume=resume)
     except TrialStopped as err:

@@ -188,9 +188,11 @@ class Trainer:
         """Train until the budget is spent, evaluating every ``eval_every`` steps and at the end.
 
         ``stop_at`` pauses after that step without changing the schedule (the run can be continued
-        later, e.g. from a checkpoint, exactly as if it had not stopped).
+        later, e.g. from a checkpoint, exactly as if it had not stopped). With a checkpoint path, a
+        checkpoint is written every ``checkpoint_every`` steps and whenever training stops after a step.
         """
         cfg = self.config
+        started_at = self.step
         self.model.train()
         recent: list[float] = []
         evaluated_at = -1
@@ -208,6 +210,9 @@ class Trainer:
                     evaluated_at = self.step
                 if cfg.checkpoint_every and self.checkpoint_path and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(self.checkpoint_path)
+        if self.checkpoint_path and self.step != started_at and not (
+                cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            self.save_checkpoint(self.checkpoint_path)
         if evaluated_at != self.step:
             self._report(sum(recent) / len(recent) if recent else float("nan"))
         return TrainResult(self.last_metrics, self.step, self.train_seconds, self.tokens)
@@ -255,8 +260,47 @@ class Trainer:
         tmp.replace(path)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``: no pickled code)."""
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``: no pickled code).
+
+        A file that is not such a checkpoint, or one written for another model or optimiser, is a
+        :class:`~psmsearch.errors.ConfigError` naming the file; the run has not started then.
+        """
+        from psmsearch.errors import ConfigError
+
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises several types for a foreign or damaged file
+            raise ConfigError(f"cannot read {str(path)!r} as a checkpoint: {_first_line(err)}",
+                              field="--checkpoint") from None
+        missing = sorted(set(self.state_dict()) - set(state)) if isinstance(state, dict) else ["everything"]
+        if missing:
+            raise ConfigError(f"{str(path)!r} is not a psmsearch checkpoint (it lacks {', '.join(missing)})",
+                              field="--checkpoint")
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(f"{str(path)!r} was written for another model or training setup: {_first_line(err)}; "
+                              "resume with the configuration that wrote it", field="--checkpoint") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The line of an error message that says what went wrong (PyTorch's run to dozens of lines).
+
+    ``torch.load`` under ``weights_only`` leads with advice to load unsafely; the reason is on
+    its ``WeightsUnpickler error`` line. ``load_state_dict`` leads with a header ending in ``:``;
+    the first mismatch is on the next line.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+    if marker is not None:  # "... WeightsUnpickler error: ", then the reason on the next line
+        detail = lines[marker].partition("WeightsUnpickler error:")[2].strip() or \
+            (lines[marker + 1] if marker + 1 < len(lines) else "")
+        return f"not a checkpoint PyTorch can load safely ({detail})" if detail else "not a checkpoint PyTorch can load safely"
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:

@@ -255,23 +255,40 @@ def _run(
     return metrics
 
 
-def run_trial_data_parallel(config: TrialConfig, world_size: int) -> dict[str, float]:
+def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_path: str | Path | None = None,
+                            resume: bool = False) -> dict[str, float]:
     """:func:`run_trial` in ``world_size`` local data-parallel processes; rank 0's metrics.
 
     Gloo on CPU, NCCL on CUDA (rank ``r`` uses ``cuda:r``). The global batch is ``train.batch_size``
     whatever the process count, so the result matches a single-process run up to float rounding.
+    Rank 0 writes the checkpoints; every rank resumes from the same file.
     """
     backend = dist.default_backend(resolve_device(config.device))
+    if resume and checkpoint_path and Path(checkpoint_path).is_file():
+        _check_checkpoint(config, checkpoint_path)  # a bad file is reported here, not as a worker traceback
+    checkpoint = str(Path(checkpoint_path).resolve()) if checkpoint_path else None
     with tempfile.TemporaryDirectory(prefix="psmsearch-ddp-") as tmp:
-        dist.launch(_data_parallel_worker, world_size, config.model_dump(mode="json"), tmp, backend=backend)
+        dist.launch(_data_parallel_worker, world_size, config.model_dump(mode="json"), tmp, checkpoint, resume,
+                    backend=backend)
         return json.loads((Path(tmp) / "metrics.json").read_text())
 
 
-def _data_parallel_worker(rank: int, raw: dict[str, Any], out_dir: str) -> None:
+def _check_checkpoint(config: TrialConfig, checkpoint_path: str | Path) -> None:
+    """Load ``checkpoint_path`` into a throwaway trainer for ``config``: raises its ConfigError if it does not fit."""
+    from psmsearch.model import build_model
+
+    task = make_task(config)
+    trainer = Trainer(build_model(config.model, task.vocab_size), task, config.train, seed=config.seed)
+    with torch.random.fork_rng(devices=[]):
+        trainer.load_checkpoint(checkpoint_path)
+
+
+def _data_parallel_worker(rank: int, raw: dict[str, Any], out_dir: str, checkpoint_path: str | None,
+                          resume: bool) -> None:
     config = TrialConfig.model_validate(raw)
     if resolve_device(config.device).type == "cuda":
         config = config.model_copy(update={"device": f"cuda:{rank % torch.cuda.device_count()}"})
-    metrics = run_trial(config)
+    metrics = run_trial(config, checkpoint_path=checkpoint_path, resume=resume)
     if rank == 0:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
 

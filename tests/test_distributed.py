@@ -91,6 +91,26 @@ def test_data_parallel_psm_with_a_curriculum_matches_single_process() -> None:
         assert parallel[name] == pytest.approx(single[name], abs=1e-5)
 
 
+def test_data_parallel_trial_writes_and_resumes_a_checkpoint(tmp_path: Path) -> None:
+    """--nproc once dropped --checkpoint and --resume silently."""
+    config = TrialConfig.from_dict({
+        "task": {"name": "group", "group": "Z5", "train_length": 4, "eval_max_multiple": 2, "eval_samples": 16},
+        "model": {"kind": "gpt", "d_model": 16, "n_layers": 1, "n_heads": 2},
+        "train": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "eval_every": 3},
+        "metrics": {"enabled": False},
+    })
+    checkpoint, copy = tmp_path / "ddp.pt", tmp_path / "single.pt"
+    run_trial_data_parallel(config, 2, checkpoint_path=checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    copy.write_bytes(checkpoint.read_bytes())
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"steps": 5})})
+    resumed = run_trial_data_parallel(longer, 2, checkpoint_path=checkpoint, resume=True)
+    assert resumed["train_steps"] == 5 and torch.load(checkpoint, weights_only=True)["step"] == 5
+    single = run_trial(longer, checkpoint_path=copy, resume=True)  # the same checkpoint, one process
+    for name in ("acc_1x", "acc_2x", "train_loss"):
+        assert resumed[name] == pytest.approx(single[name], abs=1e-5)
+
+
 def test_helpers_are_identity_outside_a_process_group() -> None:
     batch = uneven_batch()
     assert dist.shard(batch) is batch and dist.world_size() == 1 and dist.rank() == 0

@@ -116,3 +116,36 @@ def test_example_configs_validate(path: Path) -> None:
 def test_there_are_example_configs_for_group_gpt_and_lm() -> None:
     kinds = {(c.task.name, c.model.kind) for c in map(load_trial_config, EXAMPLES.glob("*.yaml"))}
     assert {("group", "psm"), ("group", "gpt"), ("lm", "psm")} <= kinds
+
+
+def test_checkpoint_is_written_when_training_ends_and_resumed_from(tmp_path: Path) -> None:
+    """--checkpoint without train.checkpoint_every once wrote nothing; resuming with more steps continues."""
+    path, checkpoint = write(tmp_path, {**TINY, "metrics": {"enabled": False}}), tmp_path / "end.pt"
+    first = CliRunner().invoke(train, [str(path), "--checkpoint", str(checkpoint), "--json", "--no-progress", "--no-eval-log"])
+    assert first.exit_code == 0, first.output
+    assert checkpoint.is_file()
+    import torch
+
+    assert torch.load(checkpoint, weights_only=True)["step"] == 6
+    more = CliRunner().invoke(train, [str(path), "--set", "train.steps=9", "--checkpoint", str(checkpoint), "--resume",
+                                      "--json", "--no-progress", "--no-eval-log"])
+    assert more.exit_code == 0, more.output
+    assert json.loads(more.output.strip().splitlines()[-1])["train_steps"] == 9
+    assert torch.load(checkpoint, weights_only=True)["step"] == 9
+
+
+def test_checkpoint_mistakes_are_clear_errors(tmp_path: Path) -> None:
+    path, checkpoint = write(tmp_path, {**TINY, "metrics": {"enabled": False}}), tmp_path / "end.pt"
+    runner = CliRunner()
+    result = runner.invoke(train, [str(path), "--resume", "--no-progress"])
+    assert result.exit_code == 2 and "--resume needs --checkpoint PATH" in result.output
+    assert runner.invoke(train, [str(path), "--checkpoint", str(checkpoint), "--no-progress", "--no-eval-log"]).exit_code == 0
+    result = runner.invoke(train, [str(path), "--set", "model.d_model=32", "--checkpoint", str(checkpoint), "--resume",
+                                   "--no-progress"])
+    assert isinstance(result.exception, ConfigError)
+    assert "was written for another model or training setup" in str(result.exception)
+    assert "size mismatch" in str(result.exception)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    result = runner.invoke(train, [str(path), "--checkpoint", str(damaged), "--resume", "--no-progress"])
+    assert isinstance(result.exception, ConfigError) and "cannot read" in str(result.exception)
