@@ -23,7 +23,8 @@ from psmsearch.space import Objective
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials the study should hold when done.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Trials run at once.")
 @click.option("--storage", default=None, help="optuna: storage URL (default sqlite:///psmsearch.db in the working directory); ray: results folder (default ./psmsearch_ray_results).")
-@click.option("--study", default=None, help="Study name (default: the space's name).")
+@click.option("--study", default=None, callback=lambda ctx, param, value: _check_study_name(value),
+              help="Study name (default: the space's name; letters, digits, '_', '.', '-').")
 @click.option("--address", default=None, help="Ray cluster address (ray driver; default: start a local cluster).")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None)
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None)
@@ -78,6 +79,17 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         for row in ranked:
             if row.error:
                 click.echo(f"{row.name} {row.status}: {row.error}")
+
+
+def _check_study_name(value: str | None) -> str | None:
+    import re
+
+    from psmsearch.space import NAME_PATTERN
+
+    if value is not None and not re.fullmatch(NAME_PATTERN, value):
+        raise click.BadParameter(f"{value!r}: use letters, digits, '_', '.' and '-' only (it names MLflow runs "
+                                 "and folders)")
+    return value
 
 
 def _row_json(row: TrialRow, objectives: Sequence[Objective]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Iterable
+from typing import Annotated, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,8 +36,10 @@ class MetricsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    memory_lengths: list[int] = Field(default_factory=lambda: [1024, 4096], description="n for state bytes")
-    latency_lengths: list[int] = Field(default_factory=lambda: [1024], description="n for per-token latency")
+    memory_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1024, 4096],
+                                                              description="n for state bytes")
+    latency_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1024],
+                                                               description="n for per-token latency")
     latency_tokens: int = Field(16, ge=1, le=4096, description="steps timed per latency length")
     feed_chunk: int = Field(256, ge=1, description="tokens per feed call while advancing the stream")
 

@@ -144,7 +144,7 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
     if exists and not options.resume:
         raise ConfigError(
             f"study {study_name!r} already exists in {storage_url}; pass --resume to continue (or join) it, "
-            "or choose another name with driver.study / a new --storage",
+            "or choose another name with --study NAME (or driver.study in the space) or another --storage",
             field="--resume",
         )
     tracker, parent = open_tracking(space, options, "optuna", storage=storage_url)  # its errors leave no study behind
@@ -157,6 +157,9 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
     study.set_user_attr("mlflow_parent_run", parent or "")
     result = SearchResult(study_name, storage_url, tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:
+        if options.resume and not exists:
+            progress.console.print(f"--resume: no study {study_name!r} in {storage_url} yet; starting it",
+                                   highlight=False, markup=False)
         if options.resume and exists:
             _wait_for_stale(study, storage, options, progress)
             _requeue_interrupted(study, tracker)

@@ -443,6 +443,25 @@ def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
     return True
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A TCP connection to ``HOST:PORT`` (or ``ray://HOST:PORT``) within ``timeout`` seconds.
+
+    Ray itself retries an unreachable GCS for minutes, printing only its own warnings. Addresses
+    without a port (``auto``, ``local``) are left to Ray.
+    """
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot reach a Ray cluster at {address!r} within {timeout:g} s ({err.strerror or err}); "
+                          "start it with `ray start --head` or check the address", field="--address") from None
+
+
 def _searcher(space: SearchSpace, portable: PortableSpace) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
@@ -580,6 +599,8 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     """Run (or, with ``options.resume``, continue) the search for ``space`` on a Ray cluster."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _prepare_environment(options)
+    if options.address:
+        _check_reachable(options.address)  # before anything is created for the search
     name = options.study or space.name
     experiment = results_dir(options) / name
     restore = _check_new_or_resumed(experiment, options)

@@ -37,6 +37,10 @@ COMPONENT_KINDS = ("encoder", "aggregator", "head")
 PRIMITIVES = (str, int, float, bool, type(None))
 
 
+
+# Search and study names become MLflow filter values, run names and Ray folder names.
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
 class Objective(BaseModel):
     """One metric to optimise and its direction."""
 
@@ -55,7 +59,7 @@ class DriverSettings(BaseModel):
     trials: int = Field(8, ge=1)
     jobs: int = Field(1, ge=1)
     storage: str | None = None
-    study: str | None = None
+    study: str | None = Field(None, pattern=NAME_PATTERN)
     seed: int = 0
     sampler: Literal["tpe", "random", "nsga2", "grid"] = "tpe"
     pruner: Literal["median", "none"] = "median"
@@ -82,7 +86,7 @@ class SpaceHeader(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     objectives: list[Objective] = Field(min_length=1)
     driver: DriverSettings = DriverSettings()

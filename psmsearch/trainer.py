@@ -51,7 +51,7 @@ class TrialDiverged(TrialStopped):
 class TrainConfig(BaseModel):
     """Budget and optimiser settings of a trial (the ``train:`` section of a trial YAML)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan fails every bound, so say "finite"
 
     steps: int | None = Field(1000, ge=1, description="step budget (null: time budget only)")
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget in seconds (training only)")

@@ -221,3 +221,20 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
 
     again = run_cli(*args, env=env, cwd=tmp_path, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:
+    """Ray retries an unreachable GCS for minutes with its own warnings only; psmsearch probes first."""
+    from searchhelpers import write_space
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    started = time.monotonic()
+    result = run_cli("search", str(space), "--driver", "ray", "--address", f"127.0.0.1:{port}", "--no-progress",
+                     cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--address: cannot reach a Ray cluster at '127.0.0.1:{port}'" in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert not (tmp_path / "mlflow.db").exists(), "nothing is created for a search that cannot start"

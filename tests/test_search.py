@@ -176,3 +176,12 @@ def test_compare_refuses_an_objective_no_trial_reported_and_an_unwritable_out(fi
     (work / "a_file").write_text("")
     result = run_cli("compare", "--experiment", "tiny", "--out", str(work / "a_file" / "plots"), cwd=work)
     assert result.returncode == 2 and "--out: cannot write plots to" in result.stderr, result.stderr
+
+
+def test_a_study_name_that_cannot_name_runs_and_folders_is_refused(tmp_path: Path) -> None:
+    space = write_space(tmp_path)
+    result = run_cli("search", str(space), "--study", "bad name!", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2 and "Invalid value for '--study': 'bad name!'" in result.stderr
+    space = write_space(tmp_path, driver={"trials": 1, "study": "bad name!"})
+    result = run_cli("search", str(space), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2 and "driver.study" in result.stderr and "Traceback" not in result.stderr

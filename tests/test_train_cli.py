@@ -101,6 +101,17 @@ def test_bad_override_and_missing_file(tmp_path: Path) -> None:
     assert isinstance(result.exception, ConfigError)
 
 
+def test_non_finite_rates_and_empty_lengths_are_refused_by_name(tmp_path: Path) -> None:
+    """nan failed every bound ("should be <= 1"); a memory length of 0 was accepted."""
+    path = write(tmp_path, TINY)
+    with pytest.raises(ConfigError, match=r"train\.lr: nan is not allowed: Input should be a finite number"):
+        load_trial_config(path, ["train.lr=.nan"])
+    with pytest.raises(ConfigError, match=r"metrics\.memory_lengths\.0: 0 is not allowed.*greater than or equal to 1"):
+        load_trial_config(path, ["metrics.memory_lengths=[0]"])
+    with pytest.raises(ConfigError, match=r"metrics\.latency_lengths\.1: -4 is not allowed"):
+        load_trial_config(path, ["metrics.latency_lengths=[8, -4]"])
+
+
 def test_override_expands_short_component_form(tmp_path: Path) -> None:
     data = {**TINY, "model": {**TINY["model"], "aggregator": "mlp"}}
     config = load_trial_config(write(tmp_path, data), ["model.aggregator.mlp_ratio=3"])
