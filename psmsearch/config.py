@@ -38,6 +38,15 @@ class ComponentSpec(BaseModel):
         return {"name": self.name, **self.params}
 
 
+# The ModelConfig fields each model kind reads; the others are ignored by it (and not searched for it).
+_SHARED_FIELDS = frozenset({"kind", "d_model", "n_layers", "mlp_ratio", "dropout"})
+KIND_FIELDS: dict[str, frozenset[str]] = {
+    "psm": _SHARED_FIELDS | {"chunk_size", "encoder", "aggregator", "head"},
+    "gpt": _SHARED_FIELDS | {"n_heads"},
+    "swa": _SHARED_FIELDS | {"n_heads", "window"},
+}
+
+
 class ModelConfig(BaseModel):
     """A model: a PSM (``kind: psm``) or a baseline (``gpt``: full causal attention, ``swa``: sliding window)."""
 
@@ -56,9 +65,14 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     def flat_params(self) -> dict[str, Any]:
-        """Flat ``{"model.aggregator": "attention", "model.aggregator.layers": 2, ...}`` for tracking."""
+        """Flat ``{"model.aggregator": "attention", "model.aggregator.layers": 2, ...}`` for tracking.
+
+        Only the fields this model's kind reads (:data:`KIND_FIELDS`): a GPT baseline logs no chunk size.
+        """
         out: dict[str, Any] = {}
         for key, value in self.model_dump().items():
+            if key not in KIND_FIELDS[self.kind]:
+                continue
             if isinstance(value, dict) and "name" in value:
                 out[f"model.{key}"] = value["name"]
                 for pk, pv in value["params"].items():

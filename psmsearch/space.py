@@ -28,6 +28,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from psmsearch.config import KIND_FIELDS
 from psmsearch.errors import ConfigError, PSMSearchError, suggest
 from psmsearch.registry import Registry, get_registry
 from psmsearch.yamlio import SourceMap, load_yaml
@@ -175,11 +176,23 @@ class SearchSpace:
         return self.header.objectives
 
     def sample(self, trial: Any) -> dict[str, Any]:
-        """Resolve every dimension through ``trial.suggest_*``: a plain trial configuration dict."""
-        resolved = _resolve(self.template, "", trial, self.source)
+        """Resolve every dimension through ``trial.suggest_*``: a plain trial configuration dict.
+
+        ``model.kind`` is resolved first; fields that kind does not read (``chunk_size`` and the
+        components for a GPT, ``n_heads`` for a PSM) are neither sampled nor passed on, so trials of
+        one kind are never told apart by parameters it ignores.
+        """
         model = self.template.get("model")
+        unused: frozenset[str] = frozenset()
         if isinstance(model, dict):
-            resolved["model"] = {**resolved.get("model", {}), **_sample_components(model, trial, self)}
+            kind = _resolve(model.get("kind", "psm"), "model.kind", trial, self.source)
+            if kind in KIND_FIELDS:
+                unused = frozenset(model) - KIND_FIELDS[kind]
+        template = self.template if not unused else \
+            {**self.template, "model": {k: v for k, v in model.items() if k not in unused}}
+        resolved = _resolve(template, "", trial, self.source)
+        if isinstance(model, dict) and not unused & set(COMPONENT_KINDS):
+            resolved["model"] = {**resolved.get("model", {}), **_sample_components(template["model"], trial, self)}
         return resolved
 
     def grid(self) -> dict[str, list[Any]]:
@@ -189,6 +202,15 @@ class SearchSpace:
         a single state kind, have a grid; otherwise this names what stands in the way.
         """
         values: dict[str, list[Any]] = {}
+        model = self.template.get("model", {})
+        if isinstance(model, dict) and is_dimension(model.get("kind")):
+            kinds = parse_dimension("model.kind", model["kind"], self.source).choices
+            common = frozenset.intersection(*(KIND_FIELDS.get(k, frozenset()) for k in kinds))
+            conditional = sorted(k for k, v in model.items() if k not in common and k != "kind"
+                                 and (is_dimension(v) or (k in COMPONENT_KINDS and isinstance(v, dict) and "choice" in v)))
+            if conditional:
+                raise self.source.error(f"model.{conditional[0]}", "sampler 'grid' needs every dimension in every "
+                                        "trial; this one is searched only for some model kinds")
         for dim in self.dimensions():
             if dim.kind != "choice":
                 raise self.source.error(dim.path, f"sampler 'grid' needs choice dimensions only; this is a {dim.kind} range")
@@ -346,10 +368,29 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
         raise _pydantic_error(err, where, "") from None
     template = {k: v for k, v in data.items() if k not in header_keys}
     space = SearchSpace(header, template, where, registry)
+    _validate_model_kinds(space)
     _validate_components(space)
     space.dimensions()  # parses every dimension: raises on a malformed one
     smoke_sample(space, smoke_samples)
     return space
+
+
+def _validate_model_kinds(space: SearchSpace) -> None:
+    """A searched model field that no possible ``model.kind`` reads would never be sampled: an error."""
+    model = space.template.get("model", {})
+    if not isinstance(model, dict):
+        return
+    kind = model.get("kind", "psm")
+    kinds = parse_dimension("model.kind", kind, space.source).choices if is_dimension(kind) else [kind]
+    readers = [k for k in kinds if k in KIND_FIELDS]
+    if not readers:
+        return  # an unknown kind: the trial validator names it
+    for key, value in model.items():
+        searched = is_dimension(value) or (key in COMPONENT_KINDS and isinstance(value, dict) and "choice" in value)
+        if searched and not any(key in KIND_FIELDS[k] for k in readers):
+            users = sorted(k for k, fields in KIND_FIELDS.items() if key in fields)
+            raise space.source.error(f"model.{key}", f"searched, but model.kind {'/'.join(readers)} never reads it "
+                                                       f"(read by: {', '.join(users)}); fix it or drop the dimension")
 
 
 def _validate_components(space: SearchSpace) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from psmsearch.errors import ConfigError
 from psmsearch.registry import get_registry
 from psmsearch.space import load_space, smoke_sample
 
@@ -30,6 +31,9 @@ def test_sampled_components_are_always_compatible(path: Path) -> None:
     space = load_space(path, smoke_samples=1)
     for config in smoke_sample(space, 24):
         model = config["model"]
+        if model.get("kind", "psm") != "psm":
+            assert not {"encoder", "aggregator", "head", "chunk_size"} & set(model), "a baseline gets no PSM fields"
+            continue
         kinds = {registry.get(kind, model[kind]["name"]).state_kind for kind in ("encoder", "aggregator", "head")}
         assert len(kinds) == 1, model
 
@@ -69,3 +73,32 @@ def test_grid_refuses_continuous_dimensions() -> None:
     space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "mqar.yaml", smoke_samples=1)
     with pytest.raises(ConfigError, match=r"mqar.yaml:\d+: train.lr: sampler 'grid' needs choice dimensions only"):
         space.grid()
+
+
+def test_model_fields_are_sampled_only_for_the_kinds_that_read_them(tmp_path: Path) -> None:
+    """A GPT trial once sampled (and logged) a chunk size and an encoder it ignores: duplicate trials."""
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "s5_gpu.yaml", smoke_samples=1)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    kinds = set()
+    for _ in range(20):
+        trial = study.ask()
+        model = space.sample(trial)["model"]
+        kinds.add(model["kind"])
+        if model["kind"] == "gpt":
+            assert set(model) == {"kind", "d_model", "n_layers"}
+            assert not any(name in trial.params for name in ("model.chunk_size", "model.encoder", "model.head"))
+        else:
+            assert {"chunk_size", "encoder", "aggregator", "head"} <= set(model) and "model.chunk_size" in trial.params
+        study.tell(trial, 0.0)
+    assert kinds == {"psm", "gpt"}
+
+
+def test_a_searched_field_no_model_kind_reads_is_an_error(tmp_path: Path) -> None:
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml").read_text())
+    data["model"]["n_heads"] = {"choice": [2, 4]}   # read by gpt and swa only, and the kind is psm
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"model\.n_heads: searched, but model.kind psm never reads it \(read by: gpt, swa\)"):
+        load_space(path)
