@@ -22,6 +22,13 @@ class ConfigError(PSMSearchError):
         where = ": ".join(part for part in (source, field) if part)
         super().__init__(f"{where}: {message}" if where else message)
 
+    def located(self, source: str) -> "ConfigError":
+        """This error (same type, field and message) located at ``source`` instead, e.g. ``file:line``."""
+        self.source = source
+        where = ": ".join(part for part in (source, self.field) if part)
+        self.args = (f"{where}: {self.detail}" if where else self.detail, *self.args[1:])
+        return self
+
 
 class UnknownComponentError(PSMSearchError, KeyError):
     """A component name is not registered; the message suggests the closest registered names."""

@@ -34,6 +34,7 @@ from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
 from psmsearch.tasks import Task
 from psmsearch.trainer import Callback, TrainConfig, Trainer
+from psmsearch.yamlio import SourceMap, parse_yaml
 
 _BUILD_LOCK = threading.Lock()
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -179,14 +180,25 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read the config file: {err.strerror or err}", source=source) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", source=source) from None
+    raw, lines = parse_yaml(text, source)
     raw = {} if raw is None else raw
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides)
-    return TrialConfig.from_dict(raw, source, registry)
+    try:
+        return TrialConfig.from_dict(raw, source, registry)
+    except ConfigError as err:
+        if not err.field or err.source != source:
+            raise
+        raise err.located(_origin(err.field, overrides, lines)) from None
+
+
+def _origin(field: str, overrides: Sequence[str], lines: SourceMap) -> str:
+    """Where a field's value came from: the ``--set`` that gave it, else ``file:line`` in the config."""
+    for override in reversed(overrides):  # the last --set of a field wins, as in apply_overrides
+        key = override.partition("=")[0].strip()
+        if key and (field == key or field.startswith(key + ".") or key.startswith(field + ".")):
+            return f"--set {key}"
+    return lines.where(field)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -71,9 +71,17 @@ def test_unknown_field_lists_allowed_fields(tmp_path: Path) -> None:
         load_trial_config(path)
 
 
-def test_schema_error_names_value(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"trial\.yaml: model\.chunk_size: 0 is not allowed"):
-        load_trial_config(write(tmp_path, {**TINY, "model": {**TINY["model"], "chunk_size": 0}}))
+def test_schema_error_names_file_line_and_value(tmp_path: Path) -> None:
+    path = write(tmp_path, {**TINY, "model": {**TINY["model"], "chunk_size": 0}})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "chunk_size" in text)
+    with pytest.raises(ConfigError, match=rf"trial\.yaml:{line}: model\.chunk_size: 0 is not allowed"):
+        load_trial_config(path)
+
+
+def test_an_overridden_value_is_blamed_on_its_set(tmp_path: Path) -> None:
+    path = write(tmp_path, TINY)
+    with pytest.raises(ConfigError, match=r"^--set model\.chunk_size: model\.chunk_size: 0 is not allowed"):
+        load_trial_config(path, ["model.chunk_size=0"])
 
 
 def test_unknown_task_suggests_close_match(tmp_path: Path) -> None:
