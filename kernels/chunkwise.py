@@ -27,6 +27,8 @@ implementation (forward and backward kernels) is in :mod:`.chunkwise_triton`.
 from __future__ import annotations
 
 import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -109,7 +111,7 @@ def default_backend_is_triton(q: torch.Tensor, chunk_size: int) -> bool:
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,
                   initial_state: torch.Tensor | None, chunk_size: int) -> None:
     _dispatch.check_tensor_inputs(KERNEL, q=q, k=k, v=v, log_gate=log_gate, initial_state=initial_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
         raise TypeError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, H, T, dk], got {tuple(q.shape)} and {tuple(k.shape)}")

@@ -113,6 +113,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
         for name in names:
             found = [i for i in registry.find(name) if i.kind in ("encoder", "aggregator", "head")]
             if not found:
+                report_plugin_failures(registry)  # the missing component may be in a plugin that failed
                 known = {i.name for i in registry.all() if i.kind != "task"}
                 raise UnknownComponentError("component", name, known)
             infos.extend(found)

@@ -45,6 +45,7 @@ KIND_FIELDS: dict[str, frozenset[str]] = {
     "gpt": _SHARED_FIELDS | {"n_heads"},
     "swa": _SHARED_FIELDS | {"n_heads", "window"},
 }
+MODEL_FIELDS: frozenset[str] = frozenset().union(*KIND_FIELDS.values())
 
 
 class ModelConfig(BaseModel):

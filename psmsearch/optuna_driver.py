@@ -147,6 +147,8 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
             "or choose another name with --study NAME (or driver.study in the space) or another --storage",
             field="--resume",
         )
+    if exists:  # a mismatch is reported before the search's MLflow run is opened
+        _check_directions(optuna.load_study(study_name=study_name, storage=storage), space, study_name)
     tracker, parent = open_tracking(space, options, "optuna", storage=storage_url)  # its errors leave no study behind
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(

@@ -165,9 +165,14 @@ def _where(err: BaseException) -> str:
     if isinstance(err, SyntaxError) and err.filename:
         return f" (at {err.filename}:{err.lineno})"
     frames = [frame for frame in traceback.extract_tb(err.__traceback__)
-              if not frame.filename.startswith("<") and frame.filename != __file__
+              if not frame.filename.startswith("<") and not frame.filename.startswith(_PACKAGE_DIR)
               and f"{os.sep}importlib{os.sep}" not in frame.filename and f"{os.sep}pluggy{os.sep}" not in frame.filename]
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+# psmsearch's own frames are skipped when locating a plugin failure (a HyperParameter raising in
+# components.py was made on the plugin's line); the built-in plugins live elsewhere (plugins/).
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from psmsearch.config import KIND_FIELDS
+from psmsearch.config import KIND_FIELDS, MODEL_FIELDS
 from psmsearch.errors import ConfigError, PSMSearchError, suggest
 from psmsearch.registry import Registry, get_registry
 from psmsearch.yamlio import SourceMap, load_yaml
@@ -186,8 +186,9 @@ class SearchSpace:
         unused: frozenset[str] = frozenset()
         if isinstance(model, dict):
             kind = _resolve(model.get("kind", "psm"), "model.kind", trial, self.source)
-            if kind in KIND_FIELDS:
-                unused = frozenset(model) - KIND_FIELDS[kind]
+            if isinstance(kind, str) and kind in KIND_FIELDS:
+                # known fields only: a misspelled one stays, for the trial validator to name
+                unused = (frozenset(model) & MODEL_FIELDS) - KIND_FIELDS[kind]
         template = self.template if not unused else \
             {**self.template, "model": {k: v for k, v in model.items() if k not in unused}}
         resolved = _resolve(template, "", trial, self.source)
@@ -205,7 +206,8 @@ class SearchSpace:
         model = self.template.get("model", {})
         if isinstance(model, dict) and is_dimension(model.get("kind")):
             kinds = parse_dimension("model.kind", model["kind"], self.source).choices
-            common = frozenset.intersection(*(KIND_FIELDS.get(k, frozenset()) for k in kinds))
+            common = frozenset.intersection(*(KIND_FIELDS.get(k, frozenset()) if isinstance(k, str) else frozenset()
+                                              for k in kinds))
             conditional = sorted(k for k, v in model.items() if k not in common and k != "kind"
                                  and (is_dimension(v) or (k in COMPONENT_KINDS and isinstance(v, dict) and "choice" in v)))
             if conditional:
@@ -382,12 +384,12 @@ def _validate_model_kinds(space: SearchSpace) -> None:
         return
     kind = model.get("kind", "psm")
     kinds = parse_dimension("model.kind", kind, space.source).choices if is_dimension(kind) else [kind]
-    readers = [k for k in kinds if k in KIND_FIELDS]
+    readers = [k for k in kinds if isinstance(k, str) and k in KIND_FIELDS]
     if not readers:
-        return  # an unknown kind: the trial validator names it
+        return  # an unknown or malformed kind: the trial validator names it
     for key, value in model.items():
         searched = is_dimension(value) or (key in COMPONENT_KINDS and isinstance(value, dict) and "choice" in value)
-        if searched and not any(key in KIND_FIELDS[k] for k in readers):
+        if key in MODEL_FIELDS and searched and not any(key in KIND_FIELDS[k] for k in readers):
             users = sorted(k for k, fields in KIND_FIELDS.items() if key in fields)
             raise space.source.error(f"model.{key}", f"searched, but model.kind {'/'.join(readers)} never reads it "
                                                        f"(read by: {', '.join(users)}); fix it or drop the dimension")

@@ -506,12 +506,18 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
         assembly = _assemble(cls, registry, seed)
     except Exception as err:  # noqa: BLE001 - report, do not crash the suite
         return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}")]
-    randomised = copy.deepcopy(assembly, {id(assembly.registry): assembly.registry})
-    _randomise_parameters(getattr(randomised, cls.kind), seed)
     results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}")]
+    try:
+        randomised: _Assembly | None = copy.deepcopy(assembly, {id(assembly.registry): assembly.registry})
+        _randomise_parameters(getattr(randomised, cls.kind), seed)
+    except Exception as err:  # noqa: BLE001 - report, do not crash the suite
+        randomised = None
+        results.append(CheckResult(label, "randomised_copy", False, f"copy.deepcopy of the component raised "
+                                   f"{type(err).__name__}: {err}; every check also runs on a copy with randomised "
+                                   "parameters, so a component must be deep-copyable (as torch modules are)"))
     for check_name, check in CHECKS[cls.kind] + LAYER_CHECKS:
         passed, message = _run_check(check, assembly)
-        if passed:
+        if passed and randomised is not None:
             passed, failure = _run_check(check, randomised)
             if not passed:
                 message = f"with randomised parameters: {failure}"

@@ -152,10 +152,30 @@ def param_text(value: Any) -> str:
 
 
 def _storage_tags(storage: str) -> dict[str, str]:
-    """The tags that tell searches of one name in different storages apart (none without a storage)."""
+    """The tags that tell searches of one name in different storages apart (none without a storage).
+
+    The storage is made absolute first (one file, one search, from any working directory) and any
+    password in it is masked: the tag is readable by everyone who can read the tracking server.
+    """
     if not storage:
         return {}
-    return {STORAGE_TAG: storage, STORAGE_ID_TAG: hashlib.sha256(storage.encode()).hexdigest()[:20]}
+    shown = _without_password(absolute_uri(storage))
+    return {STORAGE_TAG: shown, STORAGE_ID_TAG: hashlib.sha256(shown.encode()).hexdigest()[:20]}
+
+
+def _without_password(url: str) -> str:
+    """``scheme://user:***@host/...`` for a URL with a password; anything else unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _parent_filter(search: str, identity: Mapping[str, str]) -> str:
@@ -212,6 +232,8 @@ class Tracker:
         identity = _storage_tags(storage)
         query = _parent_filter(search, identity)
         runs = retry_locked(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1))
+        if not runs and identity:
+            runs = self._untagged_parent(search, identity)
         if runs:
             run_id = runs[0].info.run_id
             retry_locked(lambda: self.client.update_run(run_id, status="RUNNING"))
@@ -223,6 +245,19 @@ class Tracker:
         )
         self.log_params(run.info.run_id, params)
         return self._settle_parent(query, run.info.run_id)
+
+    def _untagged_parent(self, search: str, identity: Mapping[str, str]) -> list[Any]:
+        """A parent run of ``search`` written before searches were told apart by storage (no storage tag),
+        adopted by tagging it, so that resuming such a search continues its parent run."""
+        candidates = retry_locked(lambda: self.client.search_runs(
+            [self.experiment_id], filter_string=_parent_filter(search, {}), max_results=100))
+        legacy = [run for run in candidates if STORAGE_ID_TAG not in run.data.tags]
+        if not legacy:
+            return []
+        oldest = min(legacy, key=lambda run: (run.info.start_time, run.info.run_id))
+        for key, value in identity.items():
+            retry_locked(lambda k=key, v=value: self.client.set_tag(oldest.info.run_id, k, v))
+        return [oldest]
 
     def _settle_parent(self, query: str, mine: str) -> str:
         """Two processes starting the same search at once may both create a parent run: all of them

@@ -278,7 +278,7 @@ class Trainer:
                               field="--checkpoint")
         try:
             self.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as err:
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{str(path)!r} was written for another model or training setup: {_first_line(err)}; "
                               "resume with the configuration that wrote it", field="--checkpoint") from None
 

@@ -196,7 +196,7 @@ def _origin(field: str, overrides: Sequence[str], lines: SourceMap) -> str:
     """Where a field's value came from: the ``--set`` that gave it, else ``file:line`` in the config."""
     for override in reversed(overrides):  # the last --set of a field wins, as in apply_overrides
         key = override.partition("=")[0].strip()
-        if key and (field == key or field.startswith(key + ".") or key.startswith(field + ".")):
+        if key and (field == key or field.startswith(key + ".")):
             return f"--set {key}"
     return lines.where(field)
 

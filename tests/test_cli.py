@@ -73,3 +73,10 @@ def test_unknown_cli_option_exits_2() -> None:
     result = run_cli("plugins", "--jsn")
     assert result.returncode == 2
     assert "No such option '--jsn'. Did you mean '--json'?" in result.stderr
+
+
+def test_check_of_a_missing_name_shows_the_plugin_that_failed_to_load() -> None:
+    result = run_cli("--plugin", str(FIXTURES / "raises_deep.py"), "check", "my_aggregator")
+    assert result.returncode == 2
+    assert "raises_deep.py" in result.stderr and "KeyError: 'missing_key'" in result.stderr
+    assert "unknown component 'my_aggregator'" in result.stderr

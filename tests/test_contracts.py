@@ -60,3 +60,12 @@ def test_assert_component_ok_raises_with_the_failed_checks(registry) -> None:
     with pytest.raises(AssertionError, match="FAIL  aggregator:zz_nan +finite_outputs"):
         assert_component_ok(registry.get("aggregator", "zz_nan").cls, registry)
     assert_component_ok(registry.get("aggregator", "mlp").cls, registry)
+
+
+def test_a_component_that_cannot_be_copied_fails_a_check_instead_of_crashing_the_suite() -> None:
+    from psmsearch.registry import load_registry
+
+    registry = load_registry(extra_plugins=[str(FIXTURES / "undeepcopyable.py")])
+    results = {r.check: r for r in check_component(registry.get("aggregator", "zz_holds_a_lock"), registry)}
+    assert not results["randomised_copy"].passed and "cannot pickle" in results["randomised_copy"].message
+    assert results["associativity"].passed, "the checks of the component as built still run"

@@ -129,3 +129,12 @@ def test_an_import_failure_names_the_plugins_own_line(fresh_registry) -> None:
     line = next(number for number, text in enumerate(path.read_text().splitlines(), 1) if "missing_key" in text)
     assert failure.error == f"KeyError: 'missing_key' (at {path}:{line})"
     assert "Traceback" in failure.detail
+
+
+def test_a_declaration_that_raises_at_import_is_located_in_the_plugin(fresh_registry) -> None:
+    """The innermost frame is psmsearch's own HyperParameter check; the plugin's line is what helps."""
+    path = FIXTURES / "bad_categorical.py"
+    registry = fresh_registry.load_registry(extra_plugins=[str(path)])
+    (failure,) = registry.failures
+    line = next(number for number, text in enumerate(path.read_text().splitlines(), 1) if "HyperParameter(" in text)
+    assert failure.error.endswith(f"(at {path}:{line})"), failure.error

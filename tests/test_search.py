@@ -185,3 +185,26 @@ def test_a_study_name_that_cannot_name_runs_and_folders_is_refused(tmp_path: Pat
     space = write_space(tmp_path, driver={"trials": 1, "study": "bad name!"})
     result = run_cli("search", str(space), "--no-progress", cwd=tmp_path)
     assert result.returncode == 2 and "driver.study" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tracking_masks_passwords_and_adopts_a_parent_run_from_before_storage_tags(tmp_path: Path) -> None:
+    from psmsearch.tracking import STORAGE_ID_TAG, STORAGE_TAG, Tracker, _storage_tags
+
+    assert _storage_tags("postgresql://me:secret@db:5432/optuna")[STORAGE_TAG] == "postgresql://me:***@db:5432/optuna"
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "legacy")
+    old = tracker.parent_run("s", {}, {})                          # written without a storage tag
+    resumed = tracker.parent_run("s", {}, {}, storage=f"sqlite:///{tmp_path / 'a.db'}")
+    assert resumed == old, "resuming a search from before storage tags continues its parent run"
+    assert STORAGE_ID_TAG in tracker.client.get_run(old).data.tags
+    other = tracker.parent_run("s", {}, {}, storage=f"sqlite:///{tmp_path / 'b.db'}")
+    assert other != old, "another storage is another search"
+
+
+def test_resume_with_other_directions_leaves_the_tracking_as_it_was(finished_search, tmp_path: Path) -> None:
+    work, _ = finished_search
+    flipped = write_space(tmp_path, objectives=[{"metric": "acc_2x", "direction": "minimize"}])
+    result = run_cli("search", str(flipped), "--resume", "--storage", f"sqlite:///{work / 'psmsearch.db'}",
+                     "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2 and "was created with directions ['maximize']" in result.stderr
+    parents = [r for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
+    assert [p.info.status for p in parents] == ["FINISHED"], "no search run was reopened and left RUNNING"

@@ -102,3 +102,25 @@ def test_a_searched_field_no_model_kind_reads_is_an_error(tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=r"model\.n_heads: searched, but model.kind psm never reads it \(read by: gpt, swa\)"):
         load_space(path)
+
+
+def test_every_model_field_belongs_to_some_kind() -> None:
+    """Sampling drops the fields a kind does not read: a new ModelConfig field must be classified."""
+    from psmsearch.config import MODEL_FIELDS, ModelConfig
+
+    assert MODEL_FIELDS == set(ModelConfig.model_fields)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("chunk_sise", 16, r"unknown field 'chunk_sise'"),              # a misspelled fixed field is not dropped
+    ("kind", ["psm"], r"model\.kind"),                              # an odd kind is a config error, not a crash
+])
+def test_malformed_model_fields_are_config_errors(tmp_path: Path, key: str, value: object, message: str) -> None:
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml").read_text())
+    data["model"][key] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=message):
+        load_space(path)
