@@ -92,6 +92,9 @@ def _describe_param(param: dict[str, Any]) -> str:
     return f"{param['name']}={param['default']} ({allowed})"
 
 
+CHECKED_KINDS = ("encoder", "aggregator", "head")
+
+
 @main.command("check")
 @click.argument("names", nargs=-1)
 @click.option("--all", "check_all", is_flag=True, help="Check every registered encoder, aggregator and head.")
@@ -111,6 +114,11 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
     elif names:
         infos = []
         for name in names:
+            kind, colon, _ = name.partition(":")
+            if colon and kind not in CHECKED_KINDS:
+                raise UnknownComponentError("component kind", kind, CHECKED_KINDS) if kind != "task" else \
+                    click.UsageError(f"{name!r}: tasks have no contract suite; check takes components of the kinds "
+                                     f"{', '.join(CHECKED_KINDS)}")
             found = [i for i in registry.find(name) if i.kind in ("encoder", "aggregator", "head")]
             if not found:
                 report_plugin_failures(registry)  # the missing component may be in a plugin that failed

@@ -80,3 +80,12 @@ def test_check_of_a_missing_name_shows_the_plugin_that_failed_to_load() -> None:
     assert result.returncode == 2
     assert "raises_deep.py" in result.stderr and "KeyError: 'missing_key'" in result.stderr
     assert "unknown component 'my_aggregator'" in result.stderr
+
+
+def test_check_names_the_kinds_it_takes() -> None:
+    result = run_cli("check", "task:group")
+    assert result.returncode == 2 and "tasks have no contract suite" in result.stderr
+    result = run_cli("check", "widget:x")
+    assert result.returncode == 2
+    assert "unknown component kind 'widget'. Registered component kinds: aggregator, encoder, head" in result.stderr
+    assert "task" not in result.stderr.split("Registered component kinds:")[1]
