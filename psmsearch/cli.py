@@ -57,20 +57,29 @@ def report_plugin_failures(registry: Registry) -> None:
 
 
 @main.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of components instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"components": [...], "failures": [...]} as JSON instead of a table.')
 def plugins_command(as_json: bool) -> None:
-    """List registered components and tasks, and plugins that failed to load."""
+    """List registered components and tasks, and plugins that failed to load.
+
+    Failures also go to stderr, and in ``--json`` under ``"failures"`` (plugin, error, detail) so a
+    script sees a broken plugin without parsing warnings. The exit code is 0 either way: listing
+    worked; ``psmsearch check`` is the command that fails on them.
+    """
     registry = get_registry()
     report_plugin_failures(registry)
     rows = [info.as_dict() for info in registry.all()]
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        listing = {"components": rows, "failures": [failure.as_dict() for failure in registry.failures]}
+        click.echo(json.dumps(listing, indent=2, default=str))
         return
     table = Table(title="psmsearch components")
     for column in ("kind", "name", "plugin", "state_kind", "associative", "hyperparameters"):
         table.add_column(column)
     for row in rows:
-        params = ", ".join(_describe_param(p) for p in row["hyperparameters"]) or "-"
+        settings = [_describe_param(p) for p in row["hyperparameters"]]
+        settings += [f"{name}={default} (option)" for name, default in row["options"].items()]
+        params = ", ".join(settings) or "-"
         assoc = "-" if row["associative"] is None else ("yes" if row["associative"] else "no")
         table.add_row(row["kind"], row["name"], row["plugin"], row["state_kind"] or "-", assoc, params)
     _stdout_console().print(table)

@@ -238,6 +238,7 @@ def _optimize(
         progress.finished(outcome)
         if outcome.state == "pruned":
             trial.set_user_attr("reason", outcome.error)
+            trial.set_user_attr("metrics", {k: float(v) for k, v in outcome.metrics.items()})
             raise optuna.TrialPruned(outcome.error)
         if outcome.state == "failed":
             trial.set_user_attr("error", outcome.error)

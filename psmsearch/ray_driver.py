@@ -151,7 +151,8 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
     def report(step: int, metrics: dict[str, float]) -> None:
         metric = context.step_metric
         if metric is not None and metric in metrics:
-            tune.report({metric: float(metrics[metric]), STEP_KEY: step, NUMBER_KEY: number, RUN_KEY: run.get("id", "")})
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            tune.report({metric: float(metrics[metric]), METRICS_KEY: numeric, STEP_KEY: step, NUMBER_KEY: number, RUN_KEY: run.get("id", "")})
 
     sampled = space.sample(optuna.trial.FixedTrial(params))
     outcome = execute_trial(
@@ -184,6 +185,13 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}/{key}" if prefix else str(key)
         out.update(_flat(value, name) if isinstance(value, dict) else {name: value})
     return out
+
+
+def _reported_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics a flattened Tune result carries under ``METRICS_KEY``: every metric of the final
+    report, or of the last evaluation before ASHA stopped the trial."""
+    prefix = f"{METRICS_KEY}/"
+    return {k[len(prefix):]: float(v) for k, v in result.items() if k.startswith(prefix)}
 
 
 def trial_name(trial: "Trial") -> str:
@@ -222,14 +230,12 @@ class _Book:
         params = _params(trial)
         run_id = str(result.get(RUN_KEY) or "") or None
         if result.get(STATE_KEY) == "complete":
-            prefix = f"{METRICS_KEY}/"
-            metrics = {k[len(prefix):]: float(v) for k, v in result.items() if k.startswith(prefix)}
-            self._finish(TrialOutcome(number, "complete", metrics, params, run_id=run_id))
+            self._finish(TrialOutcome(number, "complete", _reported_metrics(result), params, run_id=run_id))
             return
         step = result.get(STEP_KEY, "?")
         reason = f"stopped by ASHA at step {step}"
         self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "pruned", "psmsearch.error": reason})
-        self._finish(TrialOutcome(number, "pruned", {}, params, error=reason, run_id=run_id))
+        self._finish(TrialOutcome(number, "pruned", _reported_metrics(result), params, error=reason, run_id=run_id))
 
     def on_error(self, trial: "Trial") -> None:
         number = self._number(trial)

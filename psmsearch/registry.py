@@ -68,6 +68,7 @@ class ComponentInfo:
             "state_kind": self.state_kind,
             "associative": self.associative,
             "hyperparameters": [hp.as_dict() for hp in self.hyperparameters],
+            "options": dict(getattr(self.cls, "options", {})),
             "description": self.description,
         }
 
@@ -82,6 +83,10 @@ class PluginFailure:
 
     def __str__(self) -> str:
         return f"plugin {self.plugin!r}: {self.error}"
+
+    def as_dict(self) -> dict[str, str]:
+        """The JSON shape of a failure in ``psmsearch plugins --json``."""
+        return {"plugin": self.plugin, "error": self.error, "detail": self.detail}
 
 
 @dataclass

@@ -131,7 +131,8 @@ def execute_trial(
         objective_values(space, metrics)
         outcome = TrialOutcome(number, "complete", metrics, dict(params), run_id=run_id)
     except TrialPruned as err:
-        outcome = TrialOutcome(number, "pruned", {}, dict(params), error=str(err) or "pruned", run_id=run_id)
+        last_evaluation = dict(history[-1][1]) if history else {}  # what MLflow shows as the run's latest metrics
+        outcome = TrialOutcome(number, "pruned", last_evaluation, dict(params), error=str(err) or "pruned", run_id=run_id)
     except TrialDiverged as err:
         outcome = TrialOutcome(number, "failed", {}, dict(params), error=str(err), run_id=run_id)
     except KeyboardInterrupt:
@@ -160,7 +161,7 @@ def _finish_run(
     tags = {"psmsearch.status": outcome.state}
     if outcome.error:
         tags["psmsearch.error"] = outcome.error
-    if outcome.metrics:
+    if outcome.state == "complete" and outcome.metrics:
         _best_effort(outcome.number, "log its results", lambda: tracker.log_metrics(run_id, outcome.metrics))
     if failure_trace:
         _best_effort(outcome.number, "log its results", lambda: tracker.log_text(run_id, failure_trace, "error.txt"))

@@ -13,7 +13,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def test_plugins_json_lists_components_with_their_metadata() -> None:
     result = run_cli("plugins", "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    listing = json.loads(result.stdout)
+    assert listing["failures"] == []
+    rows = listing["components"]
     by_key = {(r["kind"], r["name"]): r for r in rows}
     attention = by_key[("aggregator", "attention")]
     assert attention["plugin"] == "psmsearch.plugins.token_state"
@@ -22,7 +24,25 @@ def test_plugins_json_lists_components_with_their_metadata() -> None:
     layers = next(p for p in attention["hyperparameters"] if p["name"] == "layers")
     assert layers == {"name": "layers", "type": "int", "default": 2, "range": [1, 6], "log": False, "help": "transformer layers"}
     assert by_key[("encoder", "embed")]["associative"] is None
-    assert {"name", "kind", "plugin", "state_kind", "associative", "hyperparameters"} <= set(attention)
+    assert {"name", "kind", "plugin", "state_kind", "associative", "hyperparameters", "options"} <= set(attention)
+    assert by_key[("task", "lm")]["options"] == {"path": "../shared/data/tinyshakespeare.txt", "dataset": None}
+
+
+def test_plugins_json_reports_a_broken_plugin_under_failures() -> None:
+    result = run_cli("--plugin", str(FIXTURES / "broken_hook.py"), "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    [failure] = listing["failures"]
+    assert failure["plugin"].endswith("broken_hook.py")
+    assert "RuntimeError: the plugin's own bug" in failure["error"] + failure["detail"]
+    assert ("aggregator", "attention") in {(r["kind"], r["name"]) for r in listing["components"]}
+
+
+def test_plugins_table_lists_task_options() -> None:
+    result = run_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    lm_row = next(line for line in result.stdout.splitlines() if "│ lm " in line)
+    assert "path=../shared/data/tinyshakespeare.txt (option)" in lm_row and "dataset=None (option)" in lm_row
 
 
 def test_plugins_table_reports_a_broken_plugin_and_lists_the_rest() -> None:

@@ -52,7 +52,7 @@ def _env(site: Path) -> dict[str, str]:
 def test_installed_package_is_listed_by_its_entry_point(site: Path) -> None:
     result = run_cli("plugins", "--json", env=_env(site))
     assert result.returncode == 0, result.stderr
-    gated = next(r for r in json.loads(result.stdout) if r["name"] == "gated")
+    gated = next(r for r in json.loads(result.stdout)["components"] if r["name"] == "gated")
     assert gated["plugin"] == "gated"
     assert gated["kind"] == "aggregator" and gated["associative"] is False
     assert gated["hyperparameters"][0]["name"] == "gate_bias"

@@ -238,3 +238,42 @@ def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path
     assert f"--address: cannot reach a Ray cluster at '127.0.0.1:{port}'" in result.stderr
     assert "Traceback" not in result.stderr and time.monotonic() - started < 60
     assert not (tmp_path / "mlflow.db").exists(), "nothing is created for a search that cannot start"
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_by_asha_shows_its_last_evaluation(tmp_path: Path) -> None:
+    """ASHA stops a trial whose first evaluation is below the completed one's; the summary and its
+    MLflow run show that evaluation's metrics (as a pruned Optuna trial's do)."""
+    from searchhelpers import TINY_SPACE, write_space
+
+    space = write_space(
+        tmp_path,
+        task={"name": "scripted_score", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16, "curriculum": False,
+              "quality": {"choice": [0.2, 0.8]}},
+        model={**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "mlp", "mlp_ratio": 1}},
+        objectives=[{"metric": "score", "direction": "maximize"}],
+        driver={"trials": 4, "startup_trials": 1, "pruner": "median", "sampler": "random", "seed": 0},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**cluster_env(), "RAY_TMPDIR": tempfile.mkdtemp(prefix="psr")}
+    try:
+        result = run_cli("--plugin", str(Path(__file__).parent / "fixtures" / "scripted_score.py"), "search", str(space),
+                         "--driver", "ray", "--tracking-uri", uri, "--no-progress", "--json", env=env, cwd=tmp_path, timeout=300)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
+    pruned = [row for row in rows if row["status"] == "pruned"]
+    assert pruned, f"seed 0 draws 0.8 then 0.2 (Optuna 5 RandomSampler): {rows}"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for row in pruned:
+        assert row["run_id"], row
+        run = client.get_run(row["run_id"])
+        first_evaluation = float(run.data.params["task.quality"]) * 1
+        assert run.info.status == "KILLED" and run.data.tags["psmsearch.status"] == "pruned"
+        assert run.data.metrics["score"] == pytest.approx(first_evaluation)
+        assert row["objectives"]["score"] == pytest.approx(first_evaluation)
+        assert row["metrics"]["acc_1x"] == pytest.approx(run.data.metrics["acc_1x"])

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from clihelpers import run_cli
-from searchhelpers import mlflow_runs, optuna_trials, write_space
+from searchhelpers import TINY_SPACE, mlflow_runs, optuna_trials, write_space
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -72,6 +72,8 @@ def test_summary_ranks_trials_best_first(finished_search) -> None:
     values = [t["objectives"]["acc_2x"] for t in summary["trials"]]
     assert values == sorted(values, reverse=True)
     assert summary["trials"][0]["pareto"] is True
+    trial_runs = {r.info.run_id for r in mlflow_runs(finished_search[0] / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"}
+    assert {t["run_id"] for t in summary["trials"]} == trial_runs
 
 
 def test_compare_reads_mlflow_ranks_and_writes_plots(finished_search) -> None:
@@ -208,3 +210,39 @@ def test_resume_with_other_directions_leaves_the_tracking_as_it_was(finished_sea
     assert result.returncode == 2 and "was created with directions ['maximize']" in result.stderr
     parents = [r for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
     assert [p.info.status for p in parents] == ["FINISHED"], "no search run was reopened and left RUNNING"
+
+
+def test_a_pruned_trial_shows_its_last_evaluation_in_optuna_mlflow_the_summary_and_compare(tmp_path: Path) -> None:
+    """The median pruner stops a trial whose first evaluation is below the earlier trials'; the
+    search's summary, the Optuna trial, its MLflow run and compare all show that evaluation's value."""
+    space = write_space(
+        tmp_path,
+        task={"name": "scripted_score", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16, "curriculum": False,
+              "quality": {"choice": [0.2, 0.8]}},
+        model={**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "mlp", "mlp_ratio": 1}},
+        objectives=[{"metric": "score", "direction": "maximize"}],
+        driver={"trials": 4, "startup_trials": 1, "pruner": "median", "sampler": "random", "seed": 0},
+    )
+    plugin = str(FIXTURES / "scripted_score.py")
+    result = run_cli("--plugin", plugin, "search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+
+    trials = optuna_trials(tmp_path / "psmsearch.db")
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, f"seed 0 draws 0.8 then 0.2 (Optuna 5 RandomSampler): {[t.params for t in trials]}"
+    runs = {r.info.run_id: r for r in mlflow_runs(tmp_path / "mlflow.db")}
+    rows = {t["name"]: t for t in summary["trials"]}
+    compared = run_cli("--plugin", plugin, "compare", "--experiment", "tiny", "--json", "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    compare_rows = {t["run_id"]: t for t in json.loads(compared.stdout)["trials"]}
+    for trial in pruned:
+        first_evaluation = trial.params["task.quality"] * 1
+        assert trial.user_attrs["metrics"]["score"] == pytest.approx(first_evaluation)
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "KILLED" and run.data.tags["psmsearch.status"] == "pruned"
+        assert run.data.metrics["score"] == pytest.approx(first_evaluation)
+        assert rows[f"trial-{trial.number}"]["run_id"] == run.info.run_id
+        assert rows[f"trial-{trial.number}"]["status"] == "pruned"
+        assert rows[f"trial-{trial.number}"]["objectives"]["score"] == pytest.approx(first_evaluation)
+        assert compare_rows[run.info.run_id]["objectives"]["score"] == pytest.approx(first_evaluation)

@@ -70,7 +70,7 @@ def psmsearch(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
 def check_registered(env: dict[str, str], cwd: Path) -> None:
     """Fail early, and clearly, if the entry point was not found."""
     listed = psmsearch("plugins", "--json", env=env, cwd=cwd)
-    names = {(c["kind"], c["name"]) for c in json.loads(listed.stdout or "[]")}
+    names = {(c["kind"], c["name"]) for c in json.loads(listed.stdout or '{"components": []}')["components"]}
     if ("aggregator", "gated") not in names:
         sys.exit(f"the gated aggregator is not registered:\n{listed.stderr}")
     print("gated aggregator found through its entry point")
