@@ -8,9 +8,13 @@ since no per-token outputs are needed) and then asked what it holds:
 * ``peak_state_bytes_<n>`` and, for PSMs, ``peak_num_states_<n>``: the most the stream held at any
   measured point up to ``n``. A binary-counter scan holds the most roots just before a power of two
   (``2^k - 1`` chunks) and a single root at ``2^k`` chunks, so ``state_bytes`` at a power-of-two ``n``
-  (every default) is its best case; the stream is therefore also measured at every chunk count
-  ``2^k - 1`` on the way, which makes the peak the worst case a deployment must provision for;
-* ``latency_ms_<n>``: median wall time of one ``step`` over a few tokens after ``n``;
+  (every default) is its best case. The features of a partial chunk are held too, most with
+  ``c - 1`` tokens buffered (for an affine layer they outweigh the state), so the stream is also
+  measured at every token count ``c 2^k - 1`` on the way, which makes the peak the worst case a
+  deployment must provision for;
+* ``latency_ms_<n>`` and ``latency_max_ms_<n>``: mean and slowest wall time of one ``step`` after
+  ``n``, over whole chunks (at least ``latency_tokens`` steps), on a second stream, so the timed
+  steps never move where memory is measured;
 * ``peak_alloc_bytes_<n>`` (CUDA only): the allocator's peak while streaming up to ``n``;
 * ``num_states_<n>`` for PSMs: chunk states held (roots plus cached folds).
 
@@ -40,7 +44,8 @@ class MetricsConfig(BaseModel):
                                                               description="n for state bytes")
     latency_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1024],
                                                                description="n for per-token latency")
-    latency_tokens: int = Field(16, ge=1, le=4096, description="steps timed per latency length")
+    latency_tokens: int = Field(16, ge=1, le=4096,
+                                description="steps timed per latency length, rounded up to whole chunks")
     feed_chunk: int = Field(256, ge=1, description="tokens per feed call while advancing the stream")
 
 
@@ -66,9 +71,8 @@ def measure_streaming(
 ) -> dict[str, float]:
     """Stream random tokens through ``model.stream(1)`` and measure memory and latency at each ``n``.
 
-    Latency steps add tokens, so lengths after a latency point are reached ``latency_tokens`` later
-    than nominal; the reported memory is measured at exactly the nominal ``n`` where that comes first.
-    ``threads`` sets torch's intra-op threads for the measurement (restored afterwards): batch-1
+    Memory is measured at exactly each nominal ``n``; latency on a second stream (see
+    :func:`_measure_latency`). ``threads`` sets torch's intra-op threads for the measurement (restored afterwards): batch-1
     streaming runs many tiny ops, and on a 2-core CPU OpenMP's fork/join made a 2x16 LayerNorm
     8x slower with 2 threads than with 1, which would measure thread overhead instead of the model.
     """
@@ -93,45 +97,84 @@ def _measure(
     seed: int,
 ) -> dict[str, float]:
     model = model.to(device).eval()
-    memory = set(memory_lengths)
-    latency = set(latency_lengths)
+    out = _measure_memory(model, vocab_size, sorted(set(memory_lengths)), feed_chunk, device, seed)
+    out.update(_measure_latency(model, vocab_size, sorted(set(latency_lengths)), latency_tokens, feed_chunk, device, seed + 1))
+    return out
+
+
+def _measure_memory(
+    model: nn.Module, vocab_size: int, lengths: list[int], feed_chunk: int, device: torch.device, seed: int
+) -> dict[str, float]:
+    """State bytes at each n, and the most held at any fullest point or feed on the way."""
+    if not lengths:
+        return {}
     generator = torch.Generator().manual_seed(seed)
     stream = model.stream(1)
     chunk = _aligned_chunk(model, feed_chunk)
-    fullest = _fullest_points(_chunk_size(model), max(memory, default=0))
+    wanted = set(lengths)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out: dict[str, float] = {}
     seen = 0
     peak_bytes, peak_states = 0, 0
-    for n in sorted(memory | latency | fullest):
+    for n in sorted(wanted | _fullest_points(_chunk_size(model), lengths[-1])):
         while seen < n:
-            m = min(chunk, n - seen)
+            m = min(chunk - seen % chunk, n - seen)  # back onto whole-chunk feeds after a fullest point
             stream.feed(torch.randint(vocab_size, (1, m), generator=generator).to(device))
             seen += m
-        peak_bytes = max(peak_bytes, stream.state_nbytes())
-        peak_states = max(peak_states, getattr(stream, "num_states", 0))
+            peak_bytes = max(peak_bytes, stream.state_nbytes())
+            peak_states = max(peak_states, getattr(stream, "num_states", 0))
+        if n not in wanted:
+            continue
         tag = count_tag(n)
-        if n in memory:
-            out[f"state_bytes_{tag}"] = float(stream.state_nbytes())
-            out[f"expected_state_bytes_{tag}"] = float(stream.expected_nbytes())
-            out[f"peak_state_bytes_{tag}"] = float(peak_bytes)
-            if hasattr(stream, "num_states"):
-                out[f"num_states_{tag}"] = float(stream.num_states)
-                out[f"peak_num_states_{tag}"] = float(peak_states)
-            if device.type == "cuda":
-                out[f"peak_alloc_bytes_{tag}"] = float(torch.cuda.max_memory_allocated(device))
-        if n in latency:
-            times = []
-            for _ in range(latency_tokens):
-                token = torch.randint(vocab_size, (1,), generator=generator).to(device)
-                _sync(device)
-                start = time.perf_counter()
-                stream.step(token)
-                _sync(device)
-                times.append(time.perf_counter() - start)
-            seen += latency_tokens
-            out[f"latency_ms_{tag}"] = 1000 * statistics.median(times)
+        out[f"state_bytes_{tag}"] = float(stream.state_nbytes())
+        out[f"expected_state_bytes_{tag}"] = float(stream.expected_nbytes())
+        out[f"peak_state_bytes_{tag}"] = float(peak_bytes)
+        if hasattr(stream, "num_states"):
+            out[f"num_states_{tag}"] = float(stream.num_states)
+            out[f"peak_num_states_{tag}"] = float(peak_states)
+        if device.type == "cuda":
+            out[f"peak_alloc_bytes_{tag}"] = float(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def _measure_latency(
+    model: nn.Module, vocab_size: int, lengths: list[int], latency_tokens: int, feed_chunk: int,
+    device: torch.device, seed: int,
+) -> dict[str, float]:
+    """Per-token ``step`` times after each n, over whole chunks, on a stream of its own.
+
+    A window of whole chunks times every position of a chunk equally often: the cheap early
+    positions, the late ones whose head reads a longer partial chunk, and the completing step that
+    runs the encoder and the aggregator. A window shorter than a chunk would leave the aggregator
+    out. A timed window past one latency length moves the next one's start to where it ended.
+    """
+    if not lengths:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    stream = model.stream(1)
+    chunk = _aligned_chunk(model, feed_chunk)
+    c = _chunk_size(model)
+    steps = -(-latency_tokens // c) * c
+    out: dict[str, float] = {}
+    seen = 0
+    for n in lengths:
+        while seen < n:
+            m = min(chunk - seen % chunk, n - seen)
+            stream.feed(torch.randint(vocab_size, (1, m), generator=generator).to(device))
+            seen += m
+        times = []
+        for _ in range(steps):
+            token = torch.randint(vocab_size, (1,), generator=generator).to(device)
+            _sync(device)
+            start = time.perf_counter()
+            stream.step(token)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        seen += steps
+        tag = count_tag(n)
+        out[f"latency_ms_{tag}"] = 1000 * statistics.fmean(times)
+        out[f"latency_max_ms_{tag}"] = 1000 * max(times)
     return out
 
 
@@ -148,11 +191,13 @@ def _aligned_chunk(model: nn.Module, feed_chunk: int) -> int:
 
 
 def _fullest_points(chunk_size: int, longest: int) -> set[int]:
-    """Token counts ``c (2^k - 1)`` up to ``longest``: where a binary-counter scan holds the most roots."""
-    points, chunks = set(), 1
-    while chunk_size * chunks <= longest:
-        points.add(chunk_size * chunks)
-        chunks = 2 * chunks + 1
+    """Token counts ``c 2^k - 1`` up to ``longest``: ``2^k - 1`` whole chunks, where a binary-counter
+    scan holds the most roots, plus the ``c - 1`` tokens of the fullest partial chunk."""
+    points, k = set(), 0
+    while chunk_size * 2**k - 1 <= longest:
+        if chunk_size * 2**k - 1 >= 1:
+            points.add(chunk_size * 2**k - 1)
+        k += 1
     return points
 
 

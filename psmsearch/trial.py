@@ -317,6 +317,7 @@ def metric_directions(config: TrialConfig) -> dict[str, str]:
             directions[f"peak_state_bytes_{count_tag(n)}"] = "minimize"
         for n in config.metrics.latency_lengths:
             directions[f"latency_ms_{count_tag(n)}"] = "minimize"
+            directions[f"latency_max_ms_{count_tag(n)}"] = "minimize"
     return directions
 
 

@@ -40,18 +40,28 @@ def test_psm_bytes_match_accounting_and_stay_logarithmic(chunk_size: int) -> Non
         assert measured <= states * state_bytes + partial + 2 * state_bytes  # + the prefix fold per layer
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4])
-def test_peak_state_bytes_are_the_worst_case_up_to_n(chunk_size: int) -> None:
+def affine(chunk_size: int) -> torch.nn.Module:
+    """Linear attention: its partial-chunk features (q, k, v per token) outweigh its one state."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        d_model=16, n_layers=1, chunk_size=chunk_size, encoder={"name": "linear_attention", "heads": 2},
+        aggregator="affine_scalar", head="linear_readout_scalar",
+    )
+    return build_model(config, VOCAB)
+
+
+@pytest.mark.parametrize(("build", "chunk_size"), [(psm, 1), (psm, 4), (affine, 8)])
+def test_peak_state_bytes_are_the_worst_case_up_to_n(build, chunk_size: int) -> None:
     """At a power-of-two chunk count the binary-counter scan holds one root, its best case; the peak is
-    the most the stream holds at any chunk boundary up to n, found here by a loop over every boundary."""
+    the most the stream holds at any token count up to n, found here by a loop over every token."""
     lengths = [64, 256]
-    out = measure_streaming(psm(chunk_size), VOCAB, memory_lengths=lengths, latency_lengths=[], feed_chunk=64)
-    stream, most_bytes, most_states = psm(chunk_size).stream(1), {}, {}
+    out = measure_streaming(build(chunk_size), VOCAB, memory_lengths=lengths, latency_lengths=[], feed_chunk=64)
+    stream, most_bytes, most_states = build(chunk_size).stream(1), {}, {}
     worst_bytes = worst_states = 0
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for seen in range(chunk_size, max(lengths) + 1, chunk_size):
-            stream.feed(torch.randint(VOCAB, (1, chunk_size), generator=generator))
+        for seen in range(1, max(lengths) + 1):
+            stream.feed(torch.randint(VOCAB, (1, 1), generator=generator))
             worst_bytes, worst_states = max(worst_bytes, stream.state_nbytes()), max(worst_states, stream.num_states)
             if seen in lengths:
                 most_bytes[seen], most_states[seen] = worst_bytes, worst_states
@@ -59,6 +69,40 @@ def test_peak_state_bytes_are_the_worst_case_up_to_n(chunk_size: int) -> None:
         tag = count_tag(n)
         assert out[f"peak_state_bytes_{tag}"] == most_bytes[n] and out[f"peak_num_states_{tag}"] == most_states[n]
         assert out[f"peak_state_bytes_{tag}"] > out[f"state_bytes_{tag}"], "n is a power of two: the best case"
+
+
+def test_timing_latency_does_not_move_where_memory_is_measured() -> None:
+    """A latency length just before a memory length: memory is still measured at exactly n, and the
+    fullest point 2^10 - 1 on the way is still seen."""
+    alone = measure_streaming(psm(1), VOCAB, memory_lengths=[1024], latency_lengths=[], feed_chunk=64)
+    with_latency = measure_streaming(psm(1), VOCAB, memory_lengths=[1024], latency_lengths=[1020], latency_tokens=16, feed_chunk=64)
+    for key in ("state_bytes_1k", "num_states_1k", "peak_state_bytes_1k", "peak_num_states_1k"):
+        assert with_latency[key] == alone[key], key
+    assert alone["num_states_1k"] == 1 and alone["peak_num_states_1k"] == 19  # 1023 = ten roots + nine cached folds
+
+
+def test_latency_is_timed_over_whole_chunks_so_the_aggregator_is_in_it() -> None:
+    """With c = 8 and latency_tokens = 3 the timed window is one whole chunk: its last step completes
+    the chunk and calls the aggregator, as a stream driven by hand shows."""
+    model = psm(8)
+    calls = {"n": 0}
+
+    def count(*_: object) -> None:
+        calls["n"] += 1
+
+    hooks = [block.mixer.aggregator.register_forward_hook(count) for block in model.blocks]
+    measure_streaming(model, VOCAB, memory_lengths=[], latency_lengths=[16], latency_tokens=3, feed_chunk=64)
+    measured = calls["n"]
+    calls["n"] = 0
+    with torch.no_grad():
+        stream = model.stream(1)
+        stream.feed(torch.randint(VOCAB, (1, 16)))
+        fed = calls["n"]
+        for _ in range(8):
+            stream.step(torch.randint(VOCAB, (1,)))
+    for hook in hooks:
+        hook.remove()
+    assert measured == calls["n"] > fed
 
 
 def test_psm_state_grows_much_slower_than_gpt_kv_cache() -> None:
@@ -83,5 +127,6 @@ def test_latency_and_params_reported() -> None:
     out = inference_metrics(model, VOCAB, MetricsConfig(memory_lengths=[64], latency_lengths=[32, 64], latency_tokens=3))
     assert out["params"] == parameter_count(model) == sum(p.numel() for p in model.parameters())
     assert out["latency_ms_32"] > 0 and out["latency_ms_64"] > 0
+    assert out["latency_max_ms_32"] >= out["latency_ms_32"] and out["latency_max_ms_64"] >= out["latency_ms_64"]
     assert "state_bytes_64" in out
     assert set(inference_metrics(model, VOCAB, MetricsConfig(enabled=False))) == {"params"}
