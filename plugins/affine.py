@@ -117,7 +117,12 @@ def _wy(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Ten
     I - Σ_{s<=t} k_s w_sᵀ`` and, from a zero state, ``S_t = Σ_{s<=t} k_s u_sᵀ``. Both follow
     ``x_t = β_t (y_t - Σ_{s<t} (k_tᵀ k_s) x_s)``, i.e. ``(I + diag(β) tril₋₁(K Kᵀ)) [W U] = diag(β) [K V]``:
     one unit-lower-triangular solve, rows depending only on earlier tokens (so partial chunks work).
+    The solve runs in float32 at least (torch has no 16-bit triangular solve, and it would lose
+    precision there); W and U come back in the inputs' dtype.
     """
+    dtype = k.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        k, v, beta = k.float(), v.float(), beta.float()
     kh = k.transpose(-3, -2)  # [*, H, c, dk]
     vh = v.transpose(-3, -2)  # [*, H, c, dv]
     bh = beta.transpose(-2, -1).unsqueeze(-1)  # [*, H, c, 1]
@@ -125,7 +130,7 @@ def _wy(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Ten
     rhs = bh * torch.cat([kh, vh], dim=-1)  # [*, H, c, dk + dv]
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)  # [*, H, c, dk + dv]
     w, u = solved.split([kh.shape[-1], vh.shape[-1]], dim=-1)  # [*, H, c, dk], [*, H, c, dv]
-    return w, u
+    return w.to(dtype), u.to(dtype)
 
 
 def _delta_summary(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> AffineState:

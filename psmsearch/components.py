@@ -93,9 +93,10 @@ class HyperParameter:
     def validate(self, value: Any) -> Any:
         """Return ``value`` coerced to this parameter's type, or raise ``ValueError`` saying why."""
         if self.type == "categorical":
-            if value not in (self.choices or ()):
-                raise ValueError(f"{value!r} is not allowed; expected {self.allowed()}")
-            return value
+            for choice in self.choices or ():
+                if _is_choice(value, choice):
+                    return choice
+            raise ValueError(f"{value!r} is not allowed; expected {self.allowed()}")
         if self.type == "bool":
             if not isinstance(value, bool):
                 raise ValueError(f"{value!r} is not a bool; expected {self.allowed()}")
@@ -123,6 +124,16 @@ class HyperParameter:
         if self.help:
             out["help"] = self.help
         return out
+
+
+def _is_choice(value: Any, choice: Any) -> bool:
+    """``value == choice`` without Python's numeric coercions that would build a broken component:
+    ``True == 1`` and ``4.0 == 4`` are not the choice (``4.0`` breaks ``view``); ``1`` is ``1.0``."""
+    if isinstance(value, bool) or isinstance(choice, bool):
+        return type(value) is type(choice) and value == choice
+    if isinstance(value, float) and isinstance(choice, int):
+        return False
+    return bool(value == choice)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Structural operations on PSM states.
 
-A state is a tensor or a (nested) tuple of tensors whose leading dimensions are batch dimensions;
+A state is a tensor or a (nested) tuple of tensors (a NamedTuple keeps its type) whose leading dimensions are batch dimensions;
 the scan engine uses ``[B, N]`` (batch, chunk index). NumPy arrays are accepted as leaves too, so
 that the engine can be driven by a symbolic aggregator whose states are arrays of expression
 strings (that is how the exact-parenthesization tests work). Every function here acts leaf-wise
@@ -21,7 +21,8 @@ def tree_map(fn: Callable[..., Any], *states: State) -> State:
     """Apply ``fn`` leaf-wise to one or more states of the same structure."""
     first = states[0]
     if isinstance(first, tuple):
-        return tuple(tree_map(fn, *parts) for parts in zip(*states))
+        parts = [tree_map(fn, *part) for part in zip(*states)]
+        return type(first)(*parts) if hasattr(first, "_fields") else tuple(parts)  # a NamedTuple keeps its type
     return fn(*states)
 
 

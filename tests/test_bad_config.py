@@ -67,6 +67,8 @@ CASES: list[tuple[str, Edit, str, list[str]]] = [
     ("unknown component hyperparameter", _set("model.head", {"name": "attention", "depth": 2}), "model.head.depth", ["has no hyperparameter 'depth'", "allowed: heads, layers, mlp_ratio"]),
     ("hyperparameter out of range", _set("model.head", {"name": "attention", "layers": 99}), "model.head.layers", ["99 is out of range", "int in [1, 6]"]),
     ("hyperparameter not a choice", _set("model.head", {"name": "attention", "heads": 3}), "model.head.heads", ["3 is not allowed", "one of 1, 2, 4, 8"]),
+    ("hyperparameter choice given as a float", _set("model.head", {"name": "attention", "heads": 2.0}), "model.head.heads", ["2.0 is not allowed", "one of 1, 2, 4, 8"]),
+    ("hyperparameter choice given as a bool", _set("model.head", {"name": "attention", "heads": True}), "model.head.heads", ["True is not allowed", "one of 1, 2, 4, 8"]),
     ("heads do not divide width", lambda s: (_set("model.d_model", 12)(s), _set("model.head", {"name": "attention", "heads": 8})(s)), "model", ["heads=8 does not divide d_model=12"]),
     ("unknown task", _set("task.name", "gruop"), "task.name", ["unknown task 'gruop'", "Did you mean 'group'?"]),
     ("task parameter not allowed", _set("task.group", "S9"), "task.group", ["'S9' is not allowed", "'S3'"]),

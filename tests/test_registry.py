@@ -138,3 +138,20 @@ def test_a_declaration_that_raises_at_import_is_located_in_the_plugin(fresh_regi
     (failure,) = registry.failures
     line = next(number for number, text in enumerate(path.read_text().splitlines(), 1) if "HyperParameter(" in text)
     assert failure.error.endswith(f"(at {path}:{line})"), failure.error
+
+
+def test_a_categorical_choice_matches_without_bool_or_float_coercion() -> None:
+    """``True == 1`` and ``4.0 == 4`` in Python, but a component built with them breaks; ``1`` for ``1.0`` is fine."""
+    from psmsearch.components import HyperParameter
+
+    heads = HyperParameter("heads", "categorical", 4, choices=(1, 2, 4))
+    assert heads.validate(4) == 4 and type(heads.validate(4)) is int
+    for wrong in (True, 4.0, 1.0):
+        with pytest.raises(ValueError, match="is not allowed; expected"):
+            heads.validate(wrong)
+    ratio = HyperParameter("ratio", "categorical", 0.5, choices=(0.5, 1.0))
+    assert ratio.validate(1) == 1.0 and type(ratio.validate(1)) is float
+    flag = HyperParameter("mode", "categorical", False, choices=(False, "auto"))
+    assert flag.validate(False) is False
+    with pytest.raises(ValueError):
+        flag.validate(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -148,6 +149,36 @@ def test_tuple_states_are_scanned_leaf_wise() -> None:
     for leaf in range(2):
         assert torch.equal(tree[leaf], sequential[leaf])
         assert torch.equal(tree[leaf], torch.stack([p[leaf] for p in online], dim=1))
+
+
+class GatedPair(NamedTuple):
+    gate: torch.Tensor  # [..., 2]
+    value: torch.Tensor  # [..., 3]
+
+
+def test_namedtuple_states_keep_their_type_in_every_path() -> None:
+    """An aggregator may read its state's fields by name; every path hands it the NamedTuple back."""
+
+    class FieldAgg:
+        associative = False
+
+        def __call__(self, older: GatedPair, newer: GatedPair) -> GatedPair:
+            return GatedPair(older.gate * newer.gate + 1.0, torch.tanh(older.value) + newer.value * older.gate[..., :1])
+
+        def initial_state(self, batch_shape):
+            return GatedPair(torch.ones(*batch_shape, 2, dtype=torch.float64), torch.zeros(*batch_shape, 3, dtype=torch.float64))
+
+    torch.manual_seed(2)
+    states = GatedPair(torch.randn(2, 11, 2, dtype=torch.float64), torch.randn(2, 11, 3, dtype=torch.float64))
+    tree = prefix_scan(FieldAgg(), states, mode="tree")
+    sequential = prefix_scan(FieldAgg(), states, mode="sequential")
+    online = online_prefixes(FieldAgg(), states, (2,))
+    assert isinstance(tree, GatedPair) and isinstance(sequential, GatedPair) and all(isinstance(p, GatedPair) for p in online)
+    loop = [FieldAgg().initial_state((2,))]  # the left fold, a different parenthesization but the same first prefixes
+    for i in range(2):
+        loop.append(FieldAgg()(loop[-1], GatedPair(states.gate[:, i], states.value[:, i])) if i else GatedPair(states.gate[:, 0], states.value[:, 0]))
+    for i in range(3):
+        assert torch.equal(tree.value[:, i], loop[i].value) and torch.equal(sequential.value[:, i], online[i].value)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 31, 64, 100, 1000])

@@ -8,6 +8,7 @@ gradients; streaming must equal the parallel forward and hold constant, correctl
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -509,3 +510,20 @@ def test_language_model_streams_like_parallel(encoder: str) -> None:
         stepped = torch.stack([stream.step(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)  # [B, T, V]
     assert_close(stepped, parallel, f"{encoder} language model streaming")
     assert stream.state_nbytes() == stream.expected_nbytes()
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_bfloat16_layer_runs_parallel_and_streaming_close_to_float64(encoder: str) -> None:
+    """A bf16 layer (DeltaNet's triangular solve has no 16-bit kernel, so it runs in float32 inside)
+    computes, parallel and streaming, what the float64 layer does, within bf16's precision."""
+    x = inputs(length=19).bfloat16()
+    layer = make_layer(encoder, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = copy.deepcopy(layer).double()(x.double())  # [B, T, d]: the same bf16 weights and inputs, float64 arithmetic
+        parallel = layer(x)
+        streamed = layer.stream(BATCH).feed(x)
+    scale = want.abs().max().item()
+    for name, got in (("parallel", parallel), ("streaming", streamed)):
+        assert got.dtype == torch.bfloat16, name
+        diff = (got.double() - want).abs().max().item()
+        assert diff <= 0.05 * scale, f"{name}: bf16 differs from float64 by {diff:.3g} (scale {scale:.3g})"
