@@ -7,6 +7,7 @@ clear message and exit with code 2; they never show a traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -46,8 +47,15 @@ class _Group(click.Group):
 @click.version_option(package_name="psmsearch")
 def main(plugins: Sequence[str]) -> None:
     """Search the design space of Prefix-Scannable Models."""
+    signal.signal(signal.SIGTERM, _interrupt)
     if plugins:
         use_plugins(plugins)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    """SIGTERM (what schedulers and ``kill`` send) stops a command the way Ctrl-C does: a search
+    closes its running trial as interrupted, so ``--resume`` continues at once."""
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def report_plugin_failures(registry: Registry) -> None:
@@ -128,7 +136,11 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
                 raise UnknownComponentError("component kind", kind, CHECKED_KINDS) if kind != "task" else \
                     click.UsageError(f"{name!r}: tasks have no contract suite; check takes components of the kinds "
                                      f"{', '.join(CHECKED_KINDS)}")
-            found = [i for i in registry.find(name) if i.kind in ("encoder", "aggregator", "head")]
+            try:
+                found = [i for i in registry.find(name) if i.kind in ("encoder", "aggregator", "head")]
+            except UnknownComponentError:
+                report_plugin_failures(registry)  # the missing component may be in a plugin that failed
+                raise
             if not found:
                 report_plugin_failures(registry)  # the missing component may be in a plugin that failed
                 known = {i.name for i in registry.all() if i.kind != "task"}

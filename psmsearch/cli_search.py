@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from psmsearch import jsonout
 from psmsearch.errors import ConfigError
 from psmsearch.report import TrialRow, objectives_from_parent, rank, rows_from_runs, write_plots
 from psmsearch.search import SearchOptions
@@ -37,8 +37,10 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
            address: str | None, gpus_per_trial: float | None, cpus_per_trial: float | None, tracking_uri: str | None,
            experiment: str | None, resume: bool, no_progress: bool, as_json: bool) -> None:
     """Run a search over the space in SPACE_FILE and print the trials, best first."""
+    from psmsearch.registry import require_loaded_plugins
     from psmsearch.space import load_space
 
+    require_loaded_plugins("the search")
     space = load_space(space_file)
     settings = space.header.driver
     options = SearchOptions(
@@ -74,7 +76,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         "trials": [_row_json(r, space.objectives) for r in ranked],
     }
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(jsonout.dumps(summary))
     else:
         print_rows(ranked, space.objectives, title=f"search {result.study_name}: {len(ranked)} trials, best first")
         for row in ranked:
@@ -152,7 +154,7 @@ def compare(experiment: str | None, search_name: str | None, tracking_uri: str |
     for path in plots:
         tracker.log_artifact(parent.info.run_id, path)
     if as_json:
-        click.echo(json.dumps({"experiment": experiment, "search": name, "objectives": [o.model_dump() for o in objectives],
+        click.echo(jsonout.dumps({"experiment": experiment, "search": name, "objectives": [o.model_dump() for o in objectives],
                                "trials": [_row_json(r, objectives) for r in rows], "plots": [str(p) for p in plots]}))
         return
     latest = f" (the latest of {len(parents)} searches{'' if search_name else ' here; --search NAME picks one'})" \

@@ -8,13 +8,14 @@ a diverged or pruned run exits with code 1 and says why.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import click
 
+from psmsearch import jsonout
+from psmsearch.registry import require_loaded_plugins
 from psmsearch.trainer import TrialStopped
 from psmsearch.trial import load_trial_config, run_trial, run_trial_data_parallel
 
@@ -56,6 +57,7 @@ def train(
     """Train and evaluate one trial described by CONFIG (a trial YAML file)."""
     if resume and checkpoint is None:
         raise click.UsageError("--resume needs --checkpoint PATH, the file to continue from")
+    require_loaded_plugins("training")
     trial = load_trial_config(config, overrides)
     if resume and not checkpoint.is_file():
         click.echo(f"no checkpoint at {checkpoint} yet: training from step 0", err=True)
@@ -75,7 +77,7 @@ def train(
         sys.exit(1)
     print_metrics(metrics, f"{config.name}: {trial.task.name} / {trial.model.kind}")
     if as_json:
-        click.echo(json.dumps(metrics, sort_keys=True))
+        click.echo(jsonout.dumps(metrics, sort_keys=True))
 
 
 def main() -> None:

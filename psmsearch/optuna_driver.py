@@ -71,16 +71,23 @@ def make_storage(url: str, options: SearchOptions) -> RDBStorage:
         raise ConfigError(f"cannot open the Optuna storage {url!r}: {err}", field="--storage") from None
 
 
-def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+def make_sampler(space: SearchSpace, trials_before: int = 0) -> optuna.samplers.BaseSampler:
+    """The space's sampler, seeded with ``driver.seed`` plus the trials the study already holds.
+
+    A resumed search must not draw the sequence it drew before: with the plain seed a random
+    sampler (and TPE's random startup trials) would repeat the configurations already run. A new
+    study (``trials_before=0``) samples exactly what the seed says.
+    """
     settings = space.header.driver
+    seed = settings.seed + trials_before
     if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=settings.seed)
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if settings.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=settings.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     # TPE handles one objective and, as MOTPE, several.
-    return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials)
 
 
 def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
@@ -147,13 +154,16 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
             "or choose another name with --study NAME (or driver.study in the space) or another --storage",
             field="--resume",
         )
+    trials_before = 0
     if exists:  # a mismatch is reported before the search's MLflow run is opened
-        _check_directions(optuna.load_study(study_name=study_name, storage=storage), space, study_name)
+        existing = optuna.load_study(study_name=study_name, storage=storage)
+        _check_directions(existing, space, study_name)
+        trials_before = len(existing.get_trials(deepcopy=False))
     tracker, parent = open_tracking(space, options, "optuna", storage=storage_url)  # its errors leave no study behind
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(
         study_name=study_name, storage=storage, directions=directions,
-        sampler=make_sampler(space), pruner=make_pruner(space), load_if_exists=True,
+        sampler=make_sampler(space, trials_before), pruner=make_pruner(space), load_if_exists=True,
     )
     _check_directions(study, space, study_name)
     study.set_user_attr("mlflow_parent_run", parent or "")

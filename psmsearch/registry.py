@@ -135,6 +135,9 @@ def _import_path(path: Path) -> ModuleType:
     """Import a ``.py`` file or a package folder that is not installed."""
     path = path.resolve()
     if path.is_dir():
+        if not (path / "__init__.py").is_file():
+            raise ImportError(f"the folder {path} is not a package: it has no __init__.py; pass one of its .py files "
+                              "with --plugin, or add an __init__.py that imports the hook functions")
         parent, name = str(path.parent), path.name
         if parent not in sys.path:
             sys.path.insert(0, parent)
@@ -389,3 +392,23 @@ def reset_registry() -> Registry:
     global _REGISTRY
     _REGISTRY = load_registry()
     return _REGISTRY
+
+
+def require_loaded_plugins(command: str, registry: Registry | None = None) -> Registry:
+    """The registry, or a :class:`PluginError` if any plugin failed to load.
+
+    A search or a training run with a broken plugin would train without its components, or, where
+    the plugin meant to replace a name, with the built-in of that name, and the results would not
+    say so. ``plugins`` and ``check`` still run and report the failures.
+    """
+    registry = registry or get_registry()
+    if registry.failures:
+        listed = "; ".join(str(failure) for failure in registry.failures)
+        count = len(registry.failures)
+        raise PluginError(
+            f"{count} plugin{'s' if count > 1 else ''} failed to load, so {command} would run without "
+            f"{'their' if count > 1 else 'its'} components (or with a built-in of the same name): {listed}. "
+            "Fix the plugin, or leave it out (--plugin, PSMSEARCH_PLUGINS, or its installed package); "
+            "`psmsearch plugins` shows what loaded"
+        )
+    return registry

@@ -70,12 +70,16 @@ def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[f
 
 
 def trial_tags(config: Any, driver: str, registry: Registry) -> dict[str, str]:
-    """Tags that let MLflow filter trials: driver, model kind, state kind, associativity."""
-    tags = {"psmsearch.driver": driver, "psmsearch.model_kind": config.model.kind, "psmsearch.task": config.task.name}
+    """Tags that let MLflow filter trials: driver, model kind, state kind, associativity, and the
+    plugin each component and the task came from (a module name or a file path)."""
+    tags = {"psmsearch.driver": driver, "psmsearch.model_kind": config.model.kind, "psmsearch.task": config.task.name,
+            "psmsearch.plugin.task": registry.get("task", config.task.name).plugin}
     if config.model.kind == "psm":
         aggregator = registry.get("aggregator", config.model.aggregator.name)
         tags["psmsearch.state_kind"] = str(aggregator.state_kind)
         tags["psmsearch.associative"] = str(aggregator.associative).lower()
+        for kind in ("encoder", "aggregator", "head"):
+            tags[f"psmsearch.plugin.{kind}"] = registry.get(kind, getattr(config.model, kind).name).plugin
     return tags
 
 

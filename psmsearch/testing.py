@@ -9,10 +9,13 @@ fail with the evidence. In a plugin's test suite::
     def test_my_aggregator_keeps_the_contract():
         assert_component_ok(MyAggregator)
 
-Checks: shapes, finite outputs, gradients, token-locality of encoder features, causality, chunk
+Checks: shapes, finite outputs, gradients (and a float64 ``gradcheck`` of each component's own
+backward against finite differences), token-locality of encoder features, causality, chunk
 locality and partial chunks of heads, tree == sequential == online scans, associativity where
-claimed (and the fast ``scan`` against the tree), streaming == parallel for a whole layer, the layer
-in float64, and ``state_nbytes`` matching the bytes streaming really holds.
+claimed (and the fast ``scan`` against the tree, outputs and gradients, from 1 to 65 chunks),
+streaming == parallel for a whole layer, sequences of a batch computed independently, the layer in
+float64, and ``state_nbytes`` matching the bytes streaming really holds. Components are checked in
+``eval()`` mode, so dropout does not make equal paths differ.
 
 Every check runs twice: on the component as it is built, and again after its parameters have been
 randomised (:func:`_randomise_parameters`). A property that holds only at initialisation (a
@@ -40,6 +43,7 @@ D_MODEL = 32
 CHUNK = 4
 BATCH = 2
 ATOL = 1e-4
+FAST_SCAN_CHUNKS = (1, 2, 3, 7, 8, 9, 16, 17, 33, 65)  # block edges of blocked and kernel scans (64 steps and up)
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def _assemble(cls: type[Component], registry: Registry, seed: int) -> _Assembly:
     context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
     aggregator = classes["aggregator"](context)
     head = classes["head"](context)
-    layer = PSMLayer(encoder, aggregator, head, CHUNK)
+    layer = PSMLayer(encoder, aggregator, head, CHUNK).eval()  # dropout off: the checks compare paths exactly
     return _Assembly(encoder, aggregator, head, layer, registry)
 
 
@@ -155,7 +159,9 @@ def _encoder_gradients(a: _Assembly) -> str:
     (grad,) = torch.autograd.grad(total, x)
     _require(bool(torch.isfinite(grad).all()), "gradient w.r.t. the input has non-finite values")
     _require(grad.abs().sum().item() > 0, "gradient w.r.t. the input is identically zero")
-    return "finite, non-zero"
+    checked = _gradcheck(a.encoder, lambda enc, x: (*S.leaves(enc.features(x)), *S.leaves(enc.summarize(enc.features(x)))),
+                         [a.inputs(2, 3)], "features and summarize")
+    return f"finite, non-zero; {checked}"
 
 
 # --- aggregator checks ------------------------------------------------------------------------
@@ -189,7 +195,74 @@ def _aggregator_gradients(a: _Assembly) -> str:
         present = [g for g in part if g is not None]
         _require(bool(present) and all(torch.isfinite(g).all() for g in present), f"gradient w.r.t. {side} is missing or non-finite")
         _require(sum(g.abs().sum().item() for g in present) > 0, f"gradient w.r.t. {side} is identically zero")
-    return "flows to both operands"
+    checked = _gradcheck(a.aggregator, lambda agg, old, new: tuple(S.leaves(agg(old, new))),
+                         [a.chunk_states(2, 8), a.chunk_states(2, 9)], "agg(older, newer)")
+    if type(a.aggregator).associative and a.aggregator.scan(a.chunk_states(1, 43)) is not None:
+        n = FAST_SCAN_CHUNKS[-1]
+        _gradcheck(a.aggregator, lambda agg, states: tuple(S.leaves(agg.scan(states))), [a.chunk_states(n, 11)], f"scan() at N={n}")
+        checked += f"; and of scan() at N={n}"
+    return f"flows to both operands; {checked}"
+
+
+class _Probe(torch.nn.Module):
+    """Holds a component so ``torch.func.functional_call`` can swap in parameters for any method."""
+
+    def __init__(self, component: torch.nn.Module, compute: Callable[..., Any]) -> None:
+        super().__init__()
+        self.component = component
+        self.compute = compute
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.compute(self.component, *inputs)
+
+
+def _gradcheck(component: Component, compute: Callable[..., Any], inputs: list[Any], what: str) -> str:
+    """Check the backward of ``compute(component, *inputs)`` against central differences in float64.
+
+    The derivative along one random direction through every floating-point input leaf and every
+    parameter, of a random weighting of every differentiable output: ``vᵀ J u`` by backward
+    against ``vᵀ (f(x + εu) - f(x - εu)) / 2ε`` (what ``torch.autograd.gradcheck``'s fast mode
+    computes, without its slow full-Jacobian rerun on failure, which takes minutes here). The
+    other gradient checks compare paths that share one backward, so a hand-written backward (a
+    custom ``autograd.Function``, a kernel) that is wrong agrees with itself there; only finite
+    differences catch it.
+    """
+    probe = _Probe(copy.deepcopy(component).double(), compute)
+    names = [name for name, p in probe.named_parameters() if p.requires_grad]
+    params = [p.detach().clone().requires_grad_(True) for p in probe.parameters() if p.requires_grad]
+    structures = [S.tree_map(lambda leaf: leaf.detach().double().requires_grad_(True)
+                             if leaf.dtype.is_floating_point else leaf, x) for x in inputs]
+    arguments = [*(leaf for x in structures for leaf in S.leaves(x)), *params]
+    n_inputs = len(arguments) - len(params)
+
+    def outputs(args: list[torch.Tensor]) -> list[torch.Tensor]:
+        rest = iter(args[:n_inputs])
+        rebuilt = [S.tree_map(lambda _: next(rest), x) for x in structures]
+        return S.leaves(torch.func.functional_call(probe, dict(zip(names, args[n_inputs:])), tuple(rebuilt)))
+
+    generator = torch.Generator().manual_seed(70)
+    directions = [torch.randn(a.shape, generator=generator, dtype=torch.float64) if a.requires_grad else None
+                  for a in arguments]
+    base = outputs(arguments)
+    kept = [i for i, out in enumerate(base) if out.requires_grad and out.numel()]  # constant gates, empty slots: no
+    weights = {i: torch.randn(base[i].shape, generator=generator, dtype=torch.float64) for i in kept}
+    wrt = [a for a in arguments if a.requires_grad]
+    grads = torch.autograd.grad(sum((base[i] * weights[i]).sum() for i in kept), wrt, allow_unused=True)
+    along = [d for d in directions if d is not None]
+    analytic = sum((g * d).sum().item() for g, d in zip(grads, along) if g is not None)
+    scale = sum((g * d).abs().sum().item() for g, d in zip(grads, along) if g is not None)
+
+    def shifted(step: float) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return outputs([a + step * d if d is not None else a for a, d in zip(arguments, directions)])
+
+    eps = 1e-6
+    plus, minus = shifted(eps), shifted(-eps)
+    numeric = sum(((plus[i] - minus[i]) * weights[i]).sum().item() for i in kept) / (2 * eps)
+    _require(abs(analytic - numeric) <= 1e-6 * scale + 1e-9,
+             f"{what}: its backward disagrees with finite differences in float64: along a random direction the "
+             f"derivative is {analytic:.8g} by backward and {numeric:.8g} by central differences")
+    return f"float64 directional derivative of {what} over {n_inputs} input leaves and {len(params)} parameters"
 
 
 def tuple_requires_grad(state: Any) -> Any:
@@ -241,13 +314,25 @@ def _aggregator_associativity(a: _Assembly) -> str:
     diff = _max_diff(left, right)
     scale = max(leaf.abs().max().item() for leaf in S.leaves(left)) or 1.0
     _require(diff <= 1e-9 * max(scale, 1.0), f"claims associative but (xy)z and x(yz) differ by {diff:.3g} (float64)")
-    states = a.chunk_states(7, 43)
-    fast = a.aggregator.scan(states)
-    if fast is None:
+    if a.aggregator.scan(a.chunk_states(1, 43)) is None:
         return "(xy)z == x(yz) in float64; no fast scan"
-    diff = _max_diff(fast, prefix_scan(a.aggregator, states, mode="tree"))
-    _require(diff <= ATOL, f"its fast scan() differs from the tree scan by {diff:.3g}")
-    return "(xy)z == x(yz) in float64; fast scan == tree"
+    for n in FAST_SCAN_CHUNKS:
+        states = a.chunk_states(n, 43 + n)
+        diff = _max_diff(a.aggregator.scan(states), prefix_scan(a.aggregator, states, mode="tree"))
+        _require(diff <= ATOL, f"N={n}: its fast scan() differs from the tree scan by {diff:.3g}")
+    for n in (17, 65):
+        states = tuple_requires_grad(a.chunk_states(n, 90 + n))
+        grads = []
+        for prefixes in (a.aggregator.scan(states), prefix_scan(a.aggregator, states, mode="tree")):
+            total = sum(leaf.double().square().sum() for leaf in S.leaves(prefixes))
+            grads.append(torch.autograd.grad(total, S.leaves(states), allow_unused=True))
+        for g_fast, g_tree in zip(*grads):
+            _require((g_fast is None) == (g_tree is None), f"N={n}: gradient reaches the states in one of fast scan and tree only")
+            if g_fast is not None:
+                diff = (g_fast - g_tree).abs().max().item()
+                _require(diff <= ATOL * 10 * max(1.0, g_tree.abs().max().item()),
+                         f"N={n}: fast scan() and tree gradients differ by {diff:.3g}")
+    return f"(xy)z == x(yz) in float64; fast scan == tree at N in {', '.join(map(str, FAST_SCAN_CHUNKS))}, gradients at 17, 65"
 
 
 # --- head checks ------------------------------------------------------------------------------
@@ -330,7 +415,9 @@ def _head_gradients(a: _Assembly) -> str:
     prefix_grads = [g for g in grads[1:] if g is not None]
     _require(bool(prefix_grads) and sum(g.abs().sum().item() for g in prefix_grads) > 0, "no gradient reaches the prefix state")
     _require(all(torch.isfinite(g).all() for g in grads if g is not None), "gradients have NaN or inf")
-    return "reaches prefix and chunk"
+    prefix, x = _head_inputs(a)
+    checked = _gradcheck(a.head, lambda head, p, f: head(p, f), [prefix, a.encoder.features(x)], "head(prefix, f)")
+    return f"reaches prefix and chunk; {checked}"
 
 
 def _paths_output_and_gradients(layer: PSMLayer, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, list[Any]]:
@@ -381,7 +468,7 @@ def _head_fused_equals_generic(a: _Assembly) -> str:
             skipped.append(f"{name} ({type(err).__name__}: {err})")
             continue
         context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
-        layer = PSMLayer(encoder, type(a.aggregator)(context), type(a.head)(context), CHUNK)
+        layer = PSMLayer(encoder, type(a.aggregator)(context), type(a.head)(context), CHUNK).eval()
         try:
             f = encoder.features(a.inputs(3, 52))  # [B, 3, c, ...]
             if layer.head.fused_forward(layer.encoder, layer.aggregator, f, required=True) is None:
@@ -403,7 +490,7 @@ def _head_fused_equals_generic(a: _Assembly) -> str:
 
 def _layer_stream_equals_parallel(a: _Assembly) -> str:
     generator = torch.Generator().manual_seed(60)
-    length = 3 * CHUNK + 2
+    length = 9 * CHUNK + 2  # 10 chunks: past a power of two, so the scans' block edges are crossed
     x = torch.randn(BATCH, length, D_MODEL, generator=generator)  # [B, T, d]
     with torch.no_grad():
         parallel = a.layer(x)
@@ -415,6 +502,21 @@ def _layer_stream_equals_parallel(a: _Assembly) -> str:
     diff = (parallel - chunked).abs().max().item()
     _require(diff <= ATOL, f"T={length}: chunk-wise streaming differs from the parallel forward by {diff:.3g}")
     return f"T={length}, c={CHUNK}"
+
+
+def _layer_batch_independent(a: _Assembly) -> str:
+    """Each sequence of a batch is computed on its own: a component that mixes the batch (a mean
+    over dim 0, a batch-norm) agrees with itself on every path, so only changing one sequence shows it."""
+    generator = torch.Generator().manual_seed(62)
+    x = torch.randn(BATCH, 5 * CHUNK + 1, D_MODEL, generator=generator)  # [B, T, d]
+    bumped = x.clone()
+    bumped[1:] += torch.randn(bumped[1:].shape, generator=generator)
+    with torch.no_grad():
+        for name, run in (("parallel", a.layer), ("streaming", lambda t: _streamed(a.layer, t))):
+            diff = (run(bumped)[0] - run(x)[0]).abs().max().item()
+            _require(diff <= ATOL, f"{name}: changing sequence 1 of the batch changed sequence 0's outputs by {diff:.3g}; "
+                                   "each sequence must be computed on its own")
+    return f"B={BATCH}, parallel and streaming"
 
 
 def _layer_float64(a: _Assembly) -> str:
@@ -490,6 +592,7 @@ CHECKS: dict[str, list[tuple[str, Check]]] = {
 }
 LAYER_CHECKS: list[tuple[str, Check]] = [
     ("stream_equals_parallel", _layer_stream_equals_parallel),
+    ("batch_independent", _layer_batch_independent),
     ("float64", _layer_float64),
     ("state_nbytes_matches_streaming", _layer_state_nbytes),
 ]

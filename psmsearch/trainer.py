@@ -40,7 +40,8 @@ class TrialPruned(TrialStopped):
 
 
 class TrialDiverged(TrialStopped):
-    """Training produced a non-finite loss or gradient; ``step`` and ``reason`` say where and what."""
+    """A non-finite loss or gradient in training, or non-finite model outputs at evaluation;
+    ``step`` and ``reason`` say where and what."""
 
     def __init__(self, step: int, reason: str) -> None:
         self.step = step
@@ -123,6 +124,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.train_seconds = 0.0
+        self.recent_losses: list[float] = []
         self.last_metrics: dict[str, float] = {}
 
     # -- schedule -------------------------------------------------------------------------------
@@ -179,7 +181,27 @@ class Trainer:
         return loss, accuracy
 
     def evaluate(self) -> dict[str, float]:
-        metrics = self.task.evaluate(self.model, self.device, self.config.eval_batch_size)
+        """The task's metrics of the current model.
+
+        A model whose outputs hold NaN or inf fails the trial here instead of being scored: argmax
+        turns NaN logits into class 0, which a task would count as real predictions (a broken
+        aggregator that training at short curriculum lengths never called shows up only here).
+        """
+        broken: list[str] = []
+
+        def check_outputs(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not broken and isinstance(output, torch.Tensor) and output.is_floating_point() \
+                    and not bool(torch.isfinite(output).all()):
+                length = output.shape[1] if output.dim() > 1 else output.shape[0]
+                broken.append(f"the model's outputs hold NaN or inf on evaluation sequences of length {length}")
+
+        hook = self.model.register_forward_hook(check_outputs)
+        try:
+            metrics = self.task.evaluate(self.model, self.device, self.config.eval_batch_size)
+        finally:
+            hook.remove()
+        if broken:
+            raise TrialDiverged(self.step, f"evaluation: {broken[0]}")
         return {k: float(v) for k, v in metrics.items()}
 
     # -- the loop -------------------------------------------------------------------------------
@@ -194,7 +216,6 @@ class Trainer:
         cfg = self.config
         started_at = self.step
         self.model.train()
-        recent: list[float] = []
         evaluated_at = -1
         with _ProgressBar(self.progress, cfg.steps, cfg.time_budget_s) as advance:
             while self._budget_left() and (stop_at is None or self.step < stop_at):
@@ -203,10 +224,10 @@ class Trainer:
                 self.task.observe_train(self.step, accuracy)
                 self.step += 1
                 self.train_seconds += time.perf_counter() - started
-                recent = [*recent[-49:], loss]
+                self.recent_losses = [*self.recent_losses[-49:], loss]
                 advance(self.step, self.train_seconds, loss)
                 if self.step % cfg.eval_every == 0:
-                    self._report(sum(recent) / len(recent))
+                    self._report(self._train_loss())
                     evaluated_at = self.step
                 if cfg.checkpoint_every and self.checkpoint_path and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(self.checkpoint_path)
@@ -214,8 +235,13 @@ class Trainer:
                 cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self.save_checkpoint(self.checkpoint_path)
         if evaluated_at != self.step:
-            self._report(sum(recent) / len(recent) if recent else float("nan"))
+            self._report(self._train_loss())
         return TrainResult(self.last_metrics, self.step, self.train_seconds, self.tokens)
+
+    def _train_loss(self) -> float:
+        """Mean loss of the last 50 steps (kept in checkpoints, so a resumed run reports what an
+        uninterrupted one does, even when it resumes after the last step)."""
+        return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else float("nan")
 
     def _report(self, train_loss: float) -> None:
         metrics = self.evaluate()
@@ -237,6 +263,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "train_seconds": self.train_seconds,
+            "recent_losses": list(self.recent_losses),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,6 +275,7 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.train_seconds = float(state["train_seconds"])
+        self.recent_losses = [float(x) for x in state.get("recent_losses", [])]
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Write a checkpoint (rank 0 only under data parallelism); atomic via a temporary file."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import yaml
+
 from clihelpers import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -109,3 +112,33 @@ def test_check_names_the_kinds_it_takes() -> None:
     assert result.returncode == 2
     assert "unknown component kind 'widget'. Registered component kinds: aggregator, encoder, head" in result.stderr
     assert "task" not in result.stderr.split("Registered component kinds:")[1]
+
+
+def test_check_kind_name_of_a_missing_component_shows_the_plugin_that_failed_to_load() -> None:
+    result = run_cli("--plugin", str(FIXTURES / "raises_deep.py"), "check", "aggregator:my_aggregator")
+    assert result.returncode == 2
+    assert "raises_deep.py" in result.stderr and "KeyError: 'missing_key'" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["search", "space.yaml"], ["train", "trial.yaml"]])
+@pytest.mark.parametrize("plugin", ["duplicate_name.py", "missing_plugin.py"])
+def test_search_and_train_refuse_to_run_with_a_plugin_that_failed_to_load(tmp_path: Path, command: list[str], plugin: str) -> None:
+    """A duplicate of a built-in name would otherwise train the built-in under the plugin's name; a
+    missing file would otherwise surface as an unknown component far from its cause."""
+    from searchhelpers import TINY_SPACE, write_space
+
+    write_space(tmp_path)
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump({k: TINY_SPACE[k] for k in ("task", "train")}))
+    result = run_cli("--plugin", str(FIXTURES / plugin), *command, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "1 plugin failed to load" in result.stderr and plugin in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "psmsearch.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_folder_without_init_is_named_as_not_a_package(tmp_path: Path) -> None:
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    (folder / "agg.py").write_text("x = 1\n")
+    result = run_cli("--plugin", str(folder), "plugins", cwd=tmp_path)
+    assert f"the folder {folder} is not a package: it has no __init__.py" in result.stderr

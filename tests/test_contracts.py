@@ -18,7 +18,8 @@ def registry():
     return load_registry(extra_plugins=[str(FIXTURES / "broken_components.py")])
 
 
-@pytest.mark.parametrize("kind, name", [("encoder", "embed"), ("encoder", "pool"), ("aggregator", "attention"), ("aggregator", "mlp"), ("head", "attention")])
+@pytest.mark.parametrize("kind, name", [("encoder", "embed"), ("encoder", "pool"), ("aggregator", "attention"), ("aggregator", "mlp"),
+                                        ("head", "attention"), ("aggregator", "zz_dropout")])
 def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> None:
     results = check_component(registry.get(kind, name), registry)
     assert len(results) >= 6
@@ -47,6 +48,16 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
         ("head", "zz_next_chunk", "chunk_local", "changing chunk 0's tokens changed chunk 2's outputs by"),
         ("aggregator", "zz_float32_initial_state", "float64",
          "after .double(), initial_state((B,)) has dtype torch.float32: make it from a parameter or buffer"),
+        ("aggregator", "zz_wrong_backward_agg", "gradients",
+         "agg(older, newer): its backward disagrees with finite differences in float64"),
+        ("head", "zz_wrong_backward_head", "gradients", "head(prefix, f): its backward disagrees with finite differences"),
+        ("encoder", "zz_wrong_backward_enc", "gradients",
+         "features and summarize: its backward disagrees with finite differences"),
+        ("aggregator", "zz_blocked_scan", "associativity", "N=9: its fast scan() differs from the tree scan by"),
+        ("aggregator", "zz_batch_leak", "batch_independent",
+         "parallel: changing sequence 1 of the batch changed sequence 0's outputs by"),
+        ("head", "zz_head_batch_leak", "batch_independent",
+         "parallel: changing sequence 1 of the batch changed sequence 0's outputs by"),
     ],
 )
 def test_broken_component_fails_the_right_check(registry, kind, name, failing_check, evidence) -> None:

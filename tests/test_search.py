@@ -48,6 +48,8 @@ def test_mlflow_holds_one_parent_and_one_nested_run_per_trial(finished_search) -
         assert run.data.tags["psmsearch.driver"] == "optuna"
         assert run.data.tags["psmsearch.state_kind"] == "tokens"
         assert run.data.tags["psmsearch.associative"] == "false"
+        assert run.data.tags["psmsearch.plugin.aggregator"] == "psmsearch.plugins.token_state"
+        assert run.data.tags["psmsearch.plugin.task"] == "psmsearch.plugins.tasks"
         params = run.data.params
         assert params["model.aggregator"] in {"mlp", "attention"}
         assert params["model.chunk_size"] in {"1", "2", "4"}
@@ -106,11 +108,15 @@ def test_resume_of_a_finished_study_runs_nothing_more(finished_search) -> None:
 
 
 def test_resume_with_more_trials_adds_exactly_the_difference(tmp_path: Path) -> None:
-    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    """A random sampler reseeded with the plain seed on resume would draw trial 0's parameters again."""
+    space = write_space(tmp_path, train={**TINY_SPACE["train"], "lr": {"float": [1.0e-3, 1.0e-2], "log": True}},
+                        driver={"trials": 1, "startup_trials": 1, "pruner": "none", "sampler": "random"})
     assert run_cli("search", str(space), "--no-progress", cwd=tmp_path).returncode == 0
     result = run_cli("search", str(space), "--resume", "--trials", "2", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE] * 2
+    trials = optuna_trials(tmp_path / "psmsearch.db")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].params["train.lr"] != trials[1].params["train.lr"], "the resumed search repeated trial 0"
     runs = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
     assert sorted(r.data.tags["psmsearch.trial"] for r in runs) == ["0", "1"]
     assert len([r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]) == 1
@@ -164,7 +170,7 @@ def test_a_bad_tracking_uri_is_refused_before_the_study_exists(tmp_path: Path, u
     space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
     result = run_cli("search", str(space), "--tracking-uri", uri, "--no-progress", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"--tracking-uri: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+    assert "--tracking-uri: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
     import optuna
 
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'psmsearch.db'}") == [], "a study was left behind"

@@ -1,4 +1,4 @@
-"""Searches survive failing trials, SIGINT, SIGKILL and a second process on the same stores."""
+"""Searches survive failing trials, SIGINT, SIGTERM, SIGKILL and a second process on the same stores."""
 
 from __future__ import annotations
 
@@ -114,7 +114,8 @@ def _open_mlflow_trials(db: Path) -> set[int]:
         return {int(value) for (value,) in connection.execute(query)}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGKILL", "SIGTERM"])
 def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.Signals) -> None:
     driver = {"trials": 3, "pruner": "none", "startup_trials": 1, "heartbeat_interval": 1, "grace_period": 3}
     # Trials of about 1.5 s, so that the signal cannot miss the running one: at 30 steps (0.3 s)
@@ -126,7 +127,7 @@ def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.S
     completed_before = {t.number for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.COMPLETE}
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
-    if sig == signal.SIGINT:
+    if sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM, what schedulers send, is handled as Ctrl-C is
         assert process.returncode == 130
         assert "--resume" in stderr and "Traceback" not in stderr
     else:

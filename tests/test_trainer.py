@@ -54,6 +54,39 @@ def test_restored_checkpoint_continues_identically(tmp_path: Path) -> None:
     result = resumed.fit()
     assert torch.equal(params(resumed), params(straight))
     assert result.metrics["acc_1x"] == straight_result.metrics["acc_1x"]
+    assert result.metrics["train_loss"] == straight_result.metrics["train_loss"], "the last 50 losses are in the checkpoint"
+
+
+def test_resuming_a_finished_checkpoint_reports_the_finished_run(tmp_path: Path) -> None:
+    """Nothing is left to train; the evaluation and train_loss are the finished run's, not NaN."""
+    finished = make_trainer(steps=12)
+    finished.checkpoint_path = tmp_path / "ckpt.pt"
+    done = finished.fit()
+    again = make_trainer(steps=12, seed=5)
+    again.load_checkpoint(tmp_path / "ckpt.pt")
+    result = again.fit()
+    assert result.steps == 12 and result.metrics == done.metrics
+
+
+def test_nan_outputs_at_evaluation_fail_the_trial_instead_of_being_scored() -> None:
+    """Training at short curriculum lengths may never reach a broken aggregator; argmax of NaN
+    logits is class 0, which would be scored as predictions."""
+
+    class NaNWhenEvaluating(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            logits = self.inner(tokens)
+            return logits if self.training else logits * float("nan")
+
+    trainer = make_trainer(steps=10)
+    trainer.model = NaNWhenEvaluating(trainer.model)
+    trainer.parallel = trainer.model
+    with pytest.raises(TrialDiverged) as info:
+        trainer.fit()
+    assert info.value.step == 5 and "evaluation: the model's outputs hold NaN or inf" in info.value.reason
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
