@@ -159,13 +159,15 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
         existing = optuna.load_study(study_name=study_name, storage=storage)
         _check_directions(existing, space, study_name)
         trials_before = len(existing.get_trials(deepcopy=False))
-    tracker, parent = open_tracking(space, options, "optuna", storage=storage_url)  # its errors leave no study behind
+    tracker, parent = open_tracking(space, options, "optuna", storage=storage_url,  # its errors leave no study behind
+                                    fresh=trials_before == 0)
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(
         study_name=study_name, storage=storage, directions=directions,
         sampler=make_sampler(space, trials_before), pruner=make_pruner(space), load_if_exists=True,
     )
     _check_directions(study, space, study_name)
+    _record_objectives(study, space)
     study.set_user_attr("mlflow_parent_run", parent or "")
     result = SearchResult(study_name, storage_url, tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:
@@ -201,7 +203,12 @@ def study_outcomes(study: optuna.Study) -> list[TrialOutcome]:
     ]
 
 
+OBJECTIVES_ATTR = "psmsearch_objectives"  # the metrics a study's values are, in order
+
+
 def _check_directions(study: optuna.Study, space: SearchSpace, name: str) -> None:
+    """The space's objectives must be the study's: its directions, and the metrics its values hold
+    (recorded on the study; a study from before the record is compared by directions only)."""
     expected = [optuna.study.StudyDirection.MAXIMIZE if o.direction == "maximize" else optuna.study.StudyDirection.MINIMIZE for o in space.objectives]
     if list(study.directions) != expected:
         raise ConfigError(
@@ -209,6 +216,19 @@ def _check_directions(study: optuna.Study, space: SearchSpace, name: str) -> Non
             f"but the space's objectives ask for {[o.direction for o in space.objectives]}; use another study name",
             field="objectives",
         )
+    recorded = study.user_attrs.get(OBJECTIVES_ATTR)
+    metrics = [o.metric for o in space.objectives]
+    if recorded is not None and recorded != metrics:
+        raise ConfigError(
+            f"study {name!r} holds values of the objectives {recorded}, but the space asks for {metrics}; "
+            "a study's values of one metric cannot be ranked against another's: use another study name",
+            field="objectives",
+        )
+
+
+def _record_objectives(study: optuna.Study, space: SearchSpace) -> None:
+    if OBJECTIVES_ATTR not in study.user_attrs:
+        study.set_user_attr(OBJECTIVES_ATTR, [o.metric for o in space.objectives])
 
 
 def _optimize(
@@ -244,16 +264,15 @@ def _optimize(
             trial.set_user_attr("state", INTERRUPTED)
             raise
         trial.set_user_attr("state", outcome.state)
+        trial.set_user_attr("metrics", {k: float(v) for k, v in outcome.metrics.items()})
         result.outcomes.append(outcome)
         progress.finished(outcome)
         if outcome.state == "pruned":
             trial.set_user_attr("reason", outcome.error)
-            trial.set_user_attr("metrics", {k: float(v) for k, v in outcome.metrics.items()})
             raise optuna.TrialPruned(outcome.error)
         if outcome.state == "failed":
             trial.set_user_attr("error", outcome.error)
             raise TrialFailed(outcome.error)
-        trial.set_user_attr("metrics", {k: float(v) for k, v in outcome.metrics.items()})
         values = objective_values(space, outcome.metrics)
         return values[0] if single else values
 

@@ -58,15 +58,25 @@ class TrialOutcome:
     run_id: str | None = None
 
 
-def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[float]:
-    """The objective metrics of a finished trial, in the space's order; a missing or NaN one is an error."""
-    values = []
+def objective_problem(space: SearchSpace, metrics: Mapping[str, float]) -> str | None:
+    """Why a finished trial's metrics cannot be ranked, or ``None``: an objective it did not report,
+    or one that is NaN or infinite (MLflow cannot store an infinity, and one infinite trial would
+    dominate every Pareto front)."""
     for objective in space.objectives:
         value = metrics.get(objective.metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise ConfigError(f"trial reported no value for objective {objective.metric!r}", field="objectives")
-        values.append(float(value))
-    return values
+        if value is None:
+            return f"the trial reported no value for objective {objective.metric!r}"
+        if not math.isfinite(float(value)):
+            return f"objective {objective.metric!r} is {float(value)}; objectives must be finite numbers"
+    return None
+
+
+def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[float]:
+    """The objective metrics of a finished trial, in the space's order; see :func:`objective_problem`."""
+    problem = objective_problem(space, metrics)
+    if problem is not None:
+        raise ConfigError(problem, field="objectives")
+    return [float(metrics[objective.metric]) for objective in space.objectives]
 
 
 def trial_tags(config: Any, driver: str, registry: Registry) -> dict[str, str]:
@@ -132,8 +142,9 @@ def execute_trial(
                 report(step, metrics)
 
         metrics = run_trial(config, callback=callback, registry=space.registry)
-        objective_values(space, metrics)
-        outcome = TrialOutcome(number, "complete", metrics, dict(params), run_id=run_id)
+        problem = objective_problem(space, metrics)  # a failure, but its measured metrics are kept
+        outcome = TrialOutcome(number, "complete" if problem is None else "failed", metrics, dict(params),
+                               error=problem or "", run_id=run_id)
     except TrialPruned as err:
         last_evaluation = dict(history[-1][1]) if history else {}  # what MLflow shows as the run's latest metrics
         outcome = TrialOutcome(number, "pruned", last_evaluation, dict(params), error=str(err) or "pruned", run_id=run_id)
@@ -165,7 +176,7 @@ def _finish_run(
     tags = {"psmsearch.status": outcome.state}
     if outcome.error:
         tags["psmsearch.error"] = outcome.error
-    if outcome.state == "complete" and outcome.metrics:
+    if outcome.state != "pruned" and outcome.metrics:  # a pruned trial's metrics are its logged evaluations
         _best_effort(outcome.number, "log its results", lambda: tracker.log_metrics(run_id, outcome.metrics))
     if failure_trace:
         _best_effort(outcome.number, "log its results", lambda: tracker.log_text(run_id, failure_trace, "error.txt"))
@@ -205,10 +216,11 @@ def _close(tracker: Tracker | None, run_id: str | None, status: str, tags: Mappi
 
 
 def open_tracking(space: SearchSpace, options: SearchOptions, driver: str,
-                  storage: str = "") -> tuple[Tracker | None, str | None]:
+                  storage: str = "", fresh: bool = False) -> tuple[Tracker | None, str | None]:
     """The MLflow tracker and the search's parent run (reopened on resume), unless tracking is off.
 
-    ``storage`` (the Optuna storage URL or the Ray results folder) tells apart searches of one name.
+    ``storage`` (the Optuna storage URL or the Ray results folder) tells apart searches of one name;
+    ``fresh`` says the study holds no trials yet (see :meth:`Tracker.parent_run`).
     """
     if not space.header.tracking.enabled:
         return None, None
@@ -223,5 +235,6 @@ def open_tracking(space: SearchSpace, options: SearchOptions, driver: str,
     experiment = options.experiment or space.header.tracking.experiment or space.name
     tracker = Tracker(uri, experiment)
     params = {"space": space.source.source, "objectives": [o.model_dump() for o in space.objectives], "trials": options.trials}
-    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": driver}, params, storage=storage)
+    parent = tracker.parent_run(options.study or space.name, {"psmsearch.driver": driver}, params, storage=storage,
+                                fresh=fresh)
     return tracker, parent

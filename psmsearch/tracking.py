@@ -23,6 +23,7 @@ except ImportError:  # Windows: no schema-creation lock (concurrent first use is
 
 SEARCH_TAG = "psmsearch.search"
 STORAGE_TAG = "psmsearch.storage"
+SUPERSEDED_TAG = "psmsearch.superseded"  # a parent run of an earlier study of the same name and storage
 STORAGE_ID_TAG = "psmsearch.storage_id"
 TRIAL_TAG = "psmsearch.trial"
 KIND_TAG = "psmsearch.kind"
@@ -221,19 +222,29 @@ class Tracker:
                 raise
             return found.experiment_id
 
-    def parent_run(self, search: str, tags: Mapping[str, str], params: Mapping[str, Any], storage: str = "") -> str:
+    def parent_run(self, search: str, tags: Mapping[str, str], params: Mapping[str, Any], storage: str = "",
+                   fresh: bool = False) -> str:
         """The search's parent run: reopened on resume, else created.
 
         A search is its name and its ``storage`` (the Optuna storage or Ray results folder): two
         studies of one name in different storages are two searches, and their trials never share a
         parent run. The storage is matched by a digest tag (``STORAGE_ID_TAG``), since MLflow's
         filter strings cannot quote every path.
+
+        ``fresh`` says the study holds no trials yet. A parent run that already has trial runs then
+        belongs to an earlier study of the same name and storage (the database was deleted, the
+        results folder removed): it is tagged superseded and left as it is, and a new parent is
+        created, so two studies never share a parent run or trial names.
         """
         identity = _storage_tags(storage)
         query = _parent_filter(search, identity)
-        runs = retry_locked(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1))
+        runs = self._current_parents(query)
         if not runs and identity:
             runs = self._untagged_parent(search, identity)
+        if runs and fresh and self._has_trial_runs(runs[0].info.run_id):
+            for run in runs:
+                retry_locked(lambda run_id=run.info.run_id: self.client.set_tag(run_id, SUPERSEDED_TAG, "true"))
+            runs = []
         if runs:
             run_id = runs[0].info.run_id
             retry_locked(lambda: self.client.update_run(run_id, status="RUNNING"))
@@ -259,10 +270,19 @@ class Tracker:
             retry_locked(lambda k=key, v=value: self.client.set_tag(oldest.info.run_id, k, v))
         return [oldest]
 
+    def _current_parents(self, query: str) -> list[Any]:
+        """Parent runs matching ``query`` that no later study has superseded, newest first."""
+        runs = retry_locked(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=100))
+        return [run for run in runs if run.data.tags.get(SUPERSEDED_TAG) != "true"]
+
+    def _has_trial_runs(self, parent: str) -> bool:
+        query = f"tags.`mlflow.parentRunId` = '{parent}'"
+        return bool(retry_locked(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)))
+
     def _settle_parent(self, query: str, mine: str) -> str:
         """Two processes starting the same search at once may both create a parent run: all of them
         keep the oldest one (same rule everywhere, so they agree) and the others are deleted."""
-        parents = retry_locked(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=100))
+        parents = self._current_parents(query)
         keep = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
         if keep != mine:
             retry_locked(lambda: self.client.delete_run(mine))

@@ -214,6 +214,11 @@ def test_resume_with_other_directions_leaves_the_tracking_as_it_was(finished_sea
     result = run_cli("search", str(flipped), "--resume", "--storage", f"sqlite:///{work / 'psmsearch.db'}",
                      "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress", cwd=tmp_path)
     assert result.returncode == 2 and "was created with directions ['maximize']" in result.stderr
+    other_metric = write_space(tmp_path, name="other.yaml", objectives=[{"metric": "acc_1x", "direction": "maximize"}])
+    result = run_cli("search", str(other_metric), "--resume", "--storage", f"sqlite:///{work / 'psmsearch.db'}",
+                     "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "study 'tiny' holds values of the objectives ['acc_2x'], but the space asks for ['acc_1x']" in result.stderr
     parents = [r for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
     assert [p.info.status for p in parents] == ["FINISHED"], "no search run was reopened and left RUNNING"
 
@@ -252,3 +257,45 @@ def test_a_pruned_trial_shows_its_last_evaluation_in_optuna_mlflow_the_summary_a
         assert rows[f"trial-{trial.number}"]["status"] == "pruned"
         assert rows[f"trial-{trial.number}"]["objectives"]["score"] == pytest.approx(first_evaluation)
         assert compare_rows[run.info.run_id]["objectives"]["score"] == pytest.approx(first_evaluation)
+
+
+def test_a_new_study_in_a_recreated_storage_gets_its_own_parent_run(tmp_path: Path) -> None:
+    """Deleting the Optuna database and searching again is a new search: its trials must not join
+    the old search's parent run (trial names would repeat and compare would mix the two)."""
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    assert run_cli("search", str(space), "--no-progress", cwd=tmp_path).returncode == 0
+    (tmp_path / "psmsearch.db").unlink()
+    result = run_cli("search", str(space), "--no-progress", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    parents = sorted((r for r in runs if r.data.tags.get("psmsearch.kind") == "search"), key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and parents[1].info.run_id == summary["parent_run"]
+    assert parents[0].data.tags.get("psmsearch.superseded") == "true" and "psmsearch.superseded" not in parents[1].data.tags
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert [r.data.tags["psmsearch.trial"] for r in children] == ["0"]
+    compared = run_cli("compare", "--json", "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    assert [t["run_id"] for t in json.loads(compared.stdout)["trials"]] == [summary["trials"][0]["run_id"]]
+
+
+@pytest.mark.parametrize("special", ["inf", "nan"])
+def test_a_non_finite_objective_fails_the_trial_and_keeps_its_other_metrics(tmp_path: Path, special: str) -> None:
+    space = write_space(
+        tmp_path,
+        task={"name": "scripted_score", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16, "curriculum": False,
+              "special": special},
+        model={**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "mlp", "mlp_ratio": 1}},
+        objectives=[{"metric": "score", "direction": "maximize"}],
+        driver={"trials": 1, "startup_trials": 1, "pruner": "none"},
+    )
+    result = run_cli("--plugin", str(FIXTURES / "scripted_score.py"), "search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
+    assert row["status"] == "failed" and f"objective 'score' is {special}; objectives must be finite numbers" in row["error"]
+    [run] = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert run.info.status == "FAILED" and run.data.tags["psmsearch.status"] == "failed"
+    assert {"acc_1x", "acc_2x", "state_bytes_64", "params"} <= set(run.data.metrics), "the measured metrics are kept"
+    assert row["metrics"]["acc_1x"] == pytest.approx(run.data.metrics["acc_1x"])
