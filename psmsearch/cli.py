@@ -7,7 +7,6 @@ clear message and exit with code 2; they never show a traceback.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from typing import Any, Sequence
 
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from psmsearch import interrupts
 from psmsearch.cli_search import compare, search
 from psmsearch.cli_train import train
 from psmsearch.errors import PSMSearchError
@@ -47,15 +47,9 @@ class _Group(click.Group):
 @click.version_option(package_name="psmsearch")
 def main(plugins: Sequence[str]) -> None:
     """Search the design space of Prefix-Scannable Models."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.install()  # SIGTERM (what schedulers send) stops a command as Ctrl-C does, threads included
     if plugins:
         use_plugins(plugins)
-
-
-def _interrupt(signum: int, _frame: Any) -> None:
-    """SIGTERM (what schedulers and ``kill`` send) stops a command the way Ctrl-C does: a search
-    closes its running trial as interrupted, so ``--resume`` continues at once."""
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def report_plugin_failures(registry: Registry) -> None:

@@ -285,7 +285,9 @@ def _optimize(
     if done >= options.trials:
         progress.note(f"study already holds {done} trials (asked for {options.trials}); nothing to run")
         return
+    # At most the remaining count from this process, so --jobs N cannot overshoot by running N at
+    # the end; the callback stops it earlier where another process joined the study.
     study.optimize(
-        objective, n_trials=None, n_jobs=options.jobs, catch=(TrialFailed,),
+        objective, n_trials=options.trials - done, n_jobs=options.jobs, catch=(TrialFailed,),
         callbacks=[stop_when_done], gc_after_trial=False, show_progress_bar=False,
     )

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
+from psmsearch import interrupts
 from psmsearch import distributed as dist
 from psmsearch.tasks import Batch, Task
 
@@ -219,6 +220,7 @@ class Trainer:
         evaluated_at = -1
         with _ProgressBar(self.progress, cfg.steps, cfg.time_budget_s) as advance:
             while self._budget_left() and (stop_at is None or self.step < stop_at):
+                interrupts.raise_if_stopping()  # a search's Ctrl-C reaches trials in worker threads here
                 started = time.perf_counter()
                 loss, accuracy = self.train_step()
                 self.task.observe_train(self.step, accuracy)

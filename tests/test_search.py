@@ -299,3 +299,12 @@ def test_a_non_finite_objective_fails_the_trial_and_keeps_its_other_metrics(tmp_
     assert run.info.status == "FAILED" and run.data.tags["psmsearch.status"] == "failed"
     assert {"acc_1x", "acc_2x", "state_bytes_64", "params"} <= set(run.data.metrics), "the measured metrics are kept"
     assert row["metrics"]["acc_1x"] == pytest.approx(run.data.metrics["acc_1x"])
+
+
+def test_parallel_jobs_run_exactly_the_trials_asked_for(tmp_path: Path) -> None:
+    """With --jobs 2 the last free slot used to start two trials at once: 3 asked, 4 run."""
+    space = write_space(tmp_path, driver={"trials": 3, "startup_trials": 1, "pruner": "none"})
+    result = run_cli("search", str(space), "--jobs", "2", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE] * 3
+    assert len([r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]) == 3

@@ -155,6 +155,53 @@ def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.S
     assert len([r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]) == 1
 
 
+SIGNALS_TWICE = """
+import os, signal, sys, threading
+from psmsearch import interrupts
+
+interrupts.install()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    threading.Event().wait(5)
+    sys.exit("the first SIGINT did not raise")
+except KeyboardInterrupt:
+    pass
+assert interrupts.STOP.is_set()
+os.kill(os.getpid(), signal.SIGTERM)  # while stopping: a message, no second KeyboardInterrupt
+threading.Event().wait(0.2)
+try:
+    interrupts.raise_if_stopping()
+except KeyboardInterrupt:
+    print("worker threads stop")
+"""
+
+
+def test_a_second_signal_while_stopping_does_not_raise_again() -> None:
+    result = subprocess.run([sys.executable, "-c", SIGNALS_TWICE], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "SIGTERM: stopping; running trials are being closed as interrupted" in result.stderr
+    assert result.stdout.strip() == "worker threads stop"
+
+
+def test_ctrl_c_stops_parallel_trials_at_once(tmp_path: Path) -> None:
+    """With --jobs 2 the trials run in threads, which Python's KeyboardInterrupt never reaches: the
+    search used to train both to the end before it stopped."""
+    driver = {"trials": 2, "pruner": "none", "startup_trials": 1, "heartbeat_interval": 1, "grace_period": 3}
+    train = {"steps": 20000, "batch_size": 8, "eval_every": 10000, "warmup_steps": 1, "eval_batch_size": 16}  # minutes each
+    space = write_space(tmp_path, driver=driver, train=train)
+    process = _start_search(space, tmp_path, "--jobs", "2")
+    _wait_for(lambda: len(_open_mlflow_trials(tmp_path / "mlflow.db")) == 2)
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - started < 60, "the running trials were trained to the end"
+    assert "Traceback" not in stderr and "terminate called" not in stderr
+    runs = trial_runs(tmp_path / "mlflow.db")
+    assert sorted((r.info.status, r.data.tags["psmsearch.status"]) for r in runs) == [("KILLED", "interrupted")] * 2
+    assert not [t for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.RUNNING]
+
+
 def test_two_processes_share_one_study_and_one_experiment(tmp_path: Path) -> None:
     space = write_space(tmp_path, driver={"trials": 4, "pruner": "none", "startup_trials": 1})
     first = _start_search(space, tmp_path, "--resume")
