@@ -132,8 +132,13 @@ def compare(experiment: str | None, search_name: str | None, tracking_uri: str |
     from psmsearch.tracking import Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
 
     uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
-    check_tracking_uri(uri, "--tracking-uri" if tracking_uri else "the default tracking URI")
-    experiment = experiment or _latest_experiment(uri)
+    where = "--tracking-uri" if tracking_uri else "the default tracking URI"
+    check_tracking_uri(uri, where)
+    database = _sqlite_path(uri)
+    if database is not None and not database.exists():  # compare only reads: never create an empty store
+        raise ConfigError(f"no MLflow database at {database} ({where}); run `psmsearch search SPACE.yaml` here "
+                          "first, or pass --tracking-uri", field="--tracking-uri")
+    experiment = experiment or _latest_experiment(uri, search_name)
     tracker = Tracker(uri, experiment, create=False)
     parents = sorted(tracker.runs(search_name, kind="search"), key=lambda run: run.info.start_time, reverse=True)
     if not parents:
@@ -181,16 +186,25 @@ def _parse_objective(spec: str) -> Objective:
     return Objective(metric=metric, direction=names[direction])  # type: ignore[arg-type]
 
 
-def _latest_experiment(uri: str) -> str:
+def _latest_experiment(uri: str, search_name: str | None = None) -> str:
+    """The experiment of the latest search tracked at ``uri`` (of the search named ``search_name``)."""
     from mlflow.tracking import MlflowClient
 
-    from psmsearch.tracking import KIND_TAG, retry_locked, sqlite_init_lock
+    from psmsearch.tracking import KIND_TAG, SEARCH_TAG, retry_locked, sqlite_init_lock
 
     with sqlite_init_lock(uri):
         client = MlflowClient(tracking_uri=uri)
     experiments = retry_locked(lambda: client.search_experiments())
     ids = [e.experiment_id for e in experiments]
-    runs = retry_locked(lambda: client.search_runs(ids, filter_string=f"tags.`{KIND_TAG}` = 'search'", max_results=1, order_by=["attributes.start_time DESC"])) if ids else []
+    query = f"tags.`{KIND_TAG}` = 'search'" + (f" and tags.`{SEARCH_TAG}` = '{search_name}'" if search_name else "")
+    runs = retry_locked(lambda: client.search_runs(ids, filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])) if ids else []
     if not runs:
-        raise ConfigError(f"no psmsearch search has been tracked at {uri}; run `psmsearch search SPACE.yaml` first", field="--experiment")
+        what = f"search {search_name!r}" if search_name else "psmsearch search"
+        raise ConfigError(f"no {what} has been tracked at {uri}; run `psmsearch search SPACE.yaml` first", field="--experiment")
     return client.get_experiment(runs[0].info.experiment_id).name
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, or ``None`` for other stores."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) and uri != f"{prefix}:memory:" else None

@@ -27,7 +27,7 @@ from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values, open_tracking
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, retry_locked, sqlite_init_lock
+from psmsearch.tracking import Tracker, retry_locked, sqlite_init_lock, without_password
 
 INTERRUPTED = "interrupted"
 
@@ -68,7 +68,9 @@ def make_storage(url: str, options: SearchOptions) -> RDBStorage:
                 )
             )
     except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database
-        raise ConfigError(f"cannot open the Optuna storage {url!r}: {err}", field="--storage") from None
+        shown = without_password(url)
+        message = str(err).replace(url, shown)
+        raise ConfigError(f"cannot open the Optuna storage {shown!r}: {message}", field="--storage") from None
 
 
 def make_sampler(space: SearchSpace, trials_before: int = 0) -> optuna.samplers.BaseSampler:

@@ -81,7 +81,10 @@ def check_tracking_uri(uri: str, where: str) -> None:
                           "sqlite:///mlflow.db (MLflow's default) or a tracking server", field=where)
     if scheme == "sqlite":
         folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent if rest else None
-        if folder is not None and rest not in ("/:memory:", ":memory:") and not folder.resolve().is_dir():
+        if not rest or Path(rest).name == ":memory:":  # also after absolute_uri made it /cwd/:memory:
+            raise ConfigError(f"{uri!r} is an in-memory database, lost when the command ends (and MLflow would "
+                              "write a file named ':memory:'); use a file such as sqlite:///mlflow.db", field=where)
+        if folder is not None and not folder.resolve().is_dir():
             raise ConfigError(f"{uri!r}: the folder {str(folder.resolve())!r} of the SQLite file does not exist",
                               field=where)
         return
@@ -160,11 +163,11 @@ def _storage_tags(storage: str) -> dict[str, str]:
     """
     if not storage:
         return {}
-    shown = _without_password(absolute_uri(storage))
+    shown = without_password(absolute_uri(storage))
     return {STORAGE_TAG: shown, STORAGE_ID_TAG: hashlib.sha256(shown.encode()).hexdigest()[:20]}
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     """``scheme://user:***@host/...`` for a URL with a password; anything else unchanged."""
     from urllib.parse import urlsplit, urlunsplit
 
@@ -203,6 +206,14 @@ class Tracker:
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            from psmsearch.errors import ConfigError
+
+            raise ConfigError(
+                f"the MLflow experiment {self.experiment!r} at {self.tracking_uri} is deleted; restore it "
+                f"(mlflow experiments restore --experiment-id {found.experiment_id}), or pass another --experiment",
+                field="--experiment",
+            )
         if found is not None:
             return found.experiment_id
         if not self.create:

@@ -165,6 +165,7 @@ def test_studies_of_one_name_are_separate_searches_and_compare_shows_the_latest(
     ("bogus://x", "unknown tracking URI scheme 'bogus'"),
     ("file:///tmp/psm_file_store", "is a file store, which MLflow no longer writes"),
     ("http://127.0.0.1:9/", "cannot reach the tracking server at 127.0.0.1:9"),
+    ("sqlite:///:memory:", "is an in-memory database, lost when the command ends"),
 ])
 def test_a_bad_tracking_uri_is_refused_before_the_study_exists(tmp_path: Path, uri: str, message: str) -> None:
     space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
@@ -308,3 +309,34 @@ def test_parallel_jobs_run_exactly_the_trials_asked_for(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE] * 3
     assert len([r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]) == 3
+
+
+def test_a_deleted_experiment_and_a_storage_password_are_reported_cleanly(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("gone"))
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    result = run_cli("search", str(space), "--experiment", "gone", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--experiment: the MLflow experiment 'gone'" in result.stderr and "is deleted; restore it" in result.stderr
+
+    result = run_cli("search", str(space), "--storage", "postgresql://user:hunter2@127.0.0.1:9/db", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot open the Optuna storage 'postgresql://user:***@127.0.0.1:9/db'" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_store(tmp_path: Path) -> None:
+    result = run_cli("compare", cwd=tmp_path)
+    assert result.returncode == 2 and "no MLflow database at" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists(), "compare only reads"
+    driver = {"trials": 1, "startup_trials": 1, "pruner": "none"}
+    first = write_space(tmp_path, name="a.yaml", driver={**driver, "study": "sa"}, tracking={"experiment": "e1"})
+    second = write_space(tmp_path, name="b.yaml", driver={**driver, "study": "sb"}, tracking={"experiment": "e2"})
+    for space in (first, second):
+        assert run_cli("search", str(space), "--no-progress", cwd=tmp_path).returncode == 0
+    result = run_cli("compare", "--search", "sa", "--json", "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["experiment"] == "e1" and report["search"] == "sa" and len(report["trials"]) == 1
