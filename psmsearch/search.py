@@ -120,7 +120,7 @@ def execute_trial(
     trial's MLflow run (the study name, ``--study``; default the space's name), as the parent run is named.
     """
     from psmsearch.trainer import TrialDiverged, TrialPruned
-    from psmsearch.trial import run_trial
+    from psmsearch.trial import TrialPhaseError, run_trial, where_raised
 
     run_id = None
     history: list[tuple[int, dict[str, float]]] = []
@@ -153,8 +153,11 @@ def execute_trial(
     except KeyboardInterrupt:
         _close(tracker, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": "interrupted by the user"})
         raise
+    except TrialPhaseError as err:  # the phase and place are named; what it measured before is kept
+        outcome = TrialOutcome(number, "failed", err.metrics, dict(params), error=str(err), run_id=run_id)
+        failure_trace = traceback.format_exc()
     except Exception as err:  # noqa: BLE001 - a failing trial must not end the search
-        message = f"{type(err).__name__}: {err}"
+        message = f"{type(err).__name__}: {err}{where_raised(err)}"
         outcome = TrialOutcome(number, "failed", {}, dict(params), error=message, run_id=run_id)
         failure_trace = traceback.format_exc()
     if tracker is not None and run_id is not None:

@@ -16,11 +16,15 @@ is what the Optuna and Ray drivers call. Example::
 from __future__ import annotations
 
 import json
+import os
 import re
-import threading
+import sysconfig
 import tempfile
+import threading
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
@@ -33,7 +37,7 @@ from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
 from psmsearch.tasks import Task
-from psmsearch.trainer import Callback, TrainConfig, Trainer
+from psmsearch.trainer import Callback, TrainConfig, Trainer, TrialStopped
 from psmsearch.yamlio import SourceMap, parse_yaml
 
 _BUILD_LOCK = threading.Lock()
@@ -246,7 +250,7 @@ def _run(
 
     device = resolve_device(config.device)
     task = make_task(config, registry)
-    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+    with _phase("building the model", {}), _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         # Seeded initialisation from the global generator, one trial at a time: concurrent trials
         # (threads of one process) would otherwise draw from each other's random stream.
         torch.manual_seed(config.seed)
@@ -257,14 +261,51 @@ def _run(
     )
     if resume and checkpoint_path and Path(checkpoint_path).is_file():
         trainer.load_checkpoint(checkpoint_path)
-    result = trainer.fit()
+    with _phase("training and evaluation", {}):
+        result = trainer.fit()
     metrics = dict(result.metrics)
     metrics.update(
         train_steps=float(result.steps), train_seconds=result.seconds, train_tokens_per_s=result.tokens_per_s
     )
     if dist.rank() == 0:  # one rank measures inference; the others would only repeat it
-        metrics.update(inference_metrics(model, task.vocab_size, config.metrics, device))
+        with _phase("measuring streaming inference", metrics):
+            metrics.update(inference_metrics(model, task.vocab_size, config.metrics, device))
     return metrics
+
+
+class TrialPhaseError(Exception):
+    """A trial failed in ``phase``; ``metrics`` holds what it measured before (kept by a search).
+
+    The original exception is the ``__cause__`` (its traceback is the trial's ``error.txt``).
+    """
+
+    def __init__(self, phase: str, metrics: dict[str, float], cause: Exception) -> None:
+        self.phase = phase
+        self.metrics = dict(metrics)
+        super().__init__(f"{phase}: {type(cause).__name__}: {cause}{where_raised(cause)}")
+
+
+@contextmanager
+def _phase(phase: str, metrics: dict[str, float]) -> Iterator[None]:
+    """Re-raise a bug in ``phase`` as :class:`TrialPhaseError`; the trial's own stops pass through."""
+    try:
+        yield
+    except (TrialStopped, ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - a component's or task's bug, reported with where it happened
+        raise TrialPhaseError(phase, metrics, err) from err
+
+
+def where_raised(err: BaseException) -> str:
+    """`` (at FILE:LINE in FUNCTION)`` of the innermost frame of ``err`` in user or plugin code: not in
+    an installed package (torch, numpy) or the standard library, nor in psmsearch's engine."""
+    excluded = (*{p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}, _ENGINE_DIR)
+    frames = [frame for frame in traceback.extract_tb(err.__traceback__)
+              if not frame.filename.startswith("<") and not frame.filename.startswith(excluded)]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+
+
+_ENGINE_DIR = str(Path(__file__).resolve().parent) + os.sep  # psmsearch/; the built-in plugins are in plugins/
 
 
 def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_path: str | Path | None = None,

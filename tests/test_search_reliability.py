@@ -19,7 +19,7 @@ from clihelpers import run_cli
 from searchhelpers import mlflow_runs, optuna_trials, write_space
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FAILING = ["fail_raises", "fail_nan", "fail_shape"]
+FAILING = ["fail_raises", "fail_nan", "fail_shape", "fail_streaming"]
 
 
 def trial_runs(db: Path) -> list:
@@ -39,12 +39,19 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path: Path, fres
     study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
     for name in [*FAILING, "mlp"]:
         study.enqueue_trial({"model.aggregator": name})
-    options = SearchOptions(trials=4, storage=storage, resume=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    options = SearchOptions(trials=5, storage=storage, resume=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
     result = run_optuna_search(space, options)
 
     by_name = {o.params["model.aggregator"]: o for o in result.outcomes}
     assert by_name["mlp"].state == "complete"
-    assert by_name["fail_raises"].state == "failed" and "RuntimeError: boom from fail_raises" in by_name["fail_raises"].error
+    assert by_name["fail_raises"].state == "failed"
+    fixture = FIXTURES / "failing_components.py"
+    assert by_name["fail_raises"].error.startswith("training and evaluation: RuntimeError: boom from fail_raises (at ")
+    assert f"{fixture}:" in by_name["fail_raises"].error and by_name["fail_raises"].error.endswith(" in forward)")
+    streaming = by_name["fail_streaming"]
+    assert streaming.state == "failed" and streaming.error.startswith(
+        "measuring streaming inference: RuntimeError: boom while streaming (at ")
+    assert "acc_2x" in streaming.metrics and "train_seconds" in streaming.metrics, "what training measured is kept"
     assert by_name["fail_nan"].state == "failed" and "diverged" in by_name["fail_nan"].error
     assert by_name["fail_shape"].state == "failed" and by_name["fail_shape"].error
     trials = {t.params["model.aggregator"]: t for t in optuna_trials(tmp_path / "psmsearch.db")}
@@ -57,6 +64,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path: Path, fres
     for name in FAILING:
         assert runs[name].info.status == "FAILED"
         assert runs[name].data.tags["psmsearch.error"] == by_name[name].error
+    assert runs["fail_streaming"].data.metrics["acc_2x"] == streaming.metrics["acc_2x"]
 
 
 def test_a_task_that_raises_fails_its_trial_not_the_search(tmp_path: Path) -> None:
@@ -64,7 +72,7 @@ def test_a_task_that_raises_fails_its_trial_not_the_search(tmp_path: Path) -> No
     space = write_space(tmp_path, task=task, driver={"trials": 2, "pruner": "none"})
     result = run_cli("--plugin", str(FIXTURES / "failing_components.py"), "search", str(space), "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "ValueError: the task's data source is broken" in result.stderr
+    assert "ValueError: the task's data source is broken (at " in result.stderr.replace(" \n", " ")
     assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.FAIL] * 2
     assert [r.info.status for r in trial_runs(tmp_path / "mlflow.db")] == ["FAILED"] * 2
 
