@@ -42,6 +42,8 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
 
     require_loaded_plugins("the search")
     space = load_space(space_file)
+    for warning in space.warnings:
+        click.echo(f"warning: {warning}", err=True)
     settings = space.header.driver
     options = SearchOptions(
         trials=trials or settings.trials, jobs=jobs or settings.jobs, storage=storage or settings.storage,

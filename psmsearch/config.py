@@ -8,9 +8,12 @@ happens in :func:`psmsearch.composer.validate_model_config`, where the plugins a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from psmsearch.errors import suggest
 
 ModelKind = Literal["psm", "gpt", "swa"]
 
@@ -81,3 +84,41 @@ class ModelConfig(BaseModel):
             else:
                 out[f"model.{key}"] = value
         return out
+
+
+def model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model whose fields sit at ``loc`` below ``model``, or None where ``loc`` holds a plain value.
+
+    ``model_at(SpaceHeader, ["objectives", 0])`` is ``Objective``: list items and optional values are
+    looked through, so an unknown-field error anywhere can list the fields that are allowed there.
+    """
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) is list and str(part).isdigit():
+            current = get_args(current)[0]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` -> ``X`` (the first member that is a model or a list, else the first non-None one)."""
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return annotation
+    members = [a for a in get_args(annotation) if a is not type(None)]
+    for member in members:
+        if get_origin(member) is list or (isinstance(member, type) and issubclass(member, BaseModel)):
+            return member
+    return members[0] if members else annotation
+
+
+def unknown_field_message(key: str, allowed: Sequence[str]) -> str:
+    """``unknown field 'trails'; allowed: jobs, trials. Did you mean 'trials'?``"""
+    return f"unknown field {key!r}; allowed: {', '.join(sorted(allowed)) or 'none'}.{suggest(key, allowed)}"

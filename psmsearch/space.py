@@ -1,6 +1,7 @@
 """Search spaces: a trial configuration template in which any value may be a search dimension.
 
-A dimension is a mapping with exactly one of these keys (plus ``log`` / ``step`` where they apply)::
+A dimension is a mapping with exactly one of these keys (plus ``log`` / ``step`` for ranges, whose
+bounds must be finite)::
 
     chunk_size: {choice: [1, 2, 4, 8]}
     lr: {float: [1.0e-4, 1.0e-2], log: true}
@@ -21,6 +22,7 @@ Sampling goes through Optuna's define-by-run interface (``trial.suggest_*``), so
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,16 +30,16 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from psmsearch.config import KIND_FIELDS, MODEL_FIELDS
+from psmsearch.config import KIND_FIELDS, MODEL_FIELDS, model_at, unknown_field_message
 from psmsearch.errors import ConfigError, PSMSearchError, suggest
 from psmsearch.registry import Registry, get_registry
 from psmsearch.yamlio import SourceMap, load_yaml
 
 DIMENSION_KEYS = ("choice", "int", "float")
+DIMENSION_OPTIONS: dict[str, tuple[str, ...]] = {"choice": (), "int": ("log", "step"), "float": ("log", "step")}
+DIMENSION_HELP = "A search dimension is a mapping with exactly one of choice, int, float (int and float ranges also take log and step)."
 COMPONENT_KINDS = ("encoder", "aggregator", "head")
 PRIMITIVES = (str, int, float, bool, type(None))
-
-
 
 # Search and study names become MLflow filter values, run names and Ray folder names.
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -122,23 +124,39 @@ def _label(value: Any) -> Any:
 
 
 def is_dimension(value: Any) -> bool:
-    """True for ``{choice: [...]}``, ``{int: [lo, hi]}``, ``{float: [lo, hi]}`` (with log/step)."""
-    return isinstance(value, dict) and len(set(value) & set(DIMENSION_KEYS)) == 1 and set(value) <= {*DIMENSION_KEYS, "log", "step"}
+    """True for a mapping meant as a dimension: one with a ``choice``, ``int`` or ``float`` key (and no ``name``).
+
+    A malformed one (two kinds, a misspelled ``log``/``step``) counts too, so that
+    :func:`parse_dimension` names what is wrong with it instead of the field's validator rejecting a mapping.
+    """
+    return isinstance(value, dict) and "name" not in value and bool(set(value) & set(DIMENSION_KEYS))
 
 
 def parse_dimension(path: str, spec: dict[str, Any], where: SourceMap) -> Dimension:
     """Validate a dimension mapping; errors name the field and what is allowed."""
-    kind = next(k for k in DIMENSION_KEYS if k in spec)
+    kinds = [k for k in DIMENSION_KEYS if k in spec]
+    if len(kinds) != 1:
+        got = f"both {' and '.join(kinds)}" if kinds else f"none of them, only {', '.join(map(str, spec))}"
+        raise where.error(path, f"this dimension has {got}. {DIMENSION_HELP}")
+    kind = kinds[0]
     value = spec[kind]
+    unknown = [k for k in spec if k not in (kind, *DIMENSION_OPTIONS[kind])]
+    if kind == "choice" and unknown and set(unknown) <= {"log", "step"}:
+        raise where.error(path, "choice takes no log/step")
+    if unknown:
+        allowed = [kind, *DIMENSION_OPTIONS[kind]]
+        raise where.error(f"{path}.{unknown[0]}", f"unknown key {unknown[0]!r} in this {kind} dimension."
+                                                  f"{suggest(str(unknown[0]), allowed)} Allowed: {', '.join(allowed)}")
     if kind == "choice":
         if not isinstance(value, list) or not value:
             raise where.error(path, f"choice must be a non-empty list, got {value!r}")
-        if set(spec) - {"choice"}:
-            raise where.error(path, "choice takes no log/step")
         return Dimension(path, "choice", choices=value)
     if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise where.error(path, f"{kind} range must be [low, high] numbers, got {value!r}")
     low, high = value
+    if not (_finite(low) and _finite(high) and _finite(float(high) - float(low))):
+        raise where.error(path, f"{kind} range needs finite bounds less than 1.8e308 apart (a sampler draws between "
+                                f"them), got [{low}, {high}]")
     if kind == "int" and not all(float(v).is_integer() for v in value):
         raise where.error(path, f"int range must hold integers, got {value!r}")
     if not low < high:
@@ -153,9 +171,25 @@ def parse_dimension(path: str, spec: dict[str, Any], where: SourceMap) -> Dimens
         numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
         if kind == "int" and not (numeric and float(step).is_integer() and step >= 1 and not log):
             raise where.error(f"{path}.step", f"an int range's step must be an integer >= 1 (and not used with log), got {step!r}")
-        if kind == "float" and not (numeric and step > 0 and not log):
-            raise where.error(f"{path}.step", f"a float range's step must be a number > 0 (and not used with log), got {step!r}")
+        if kind == "float" and not (numeric and _finite(step) and step > 0 and not log):
+            raise where.error(f"{path}.step", f"a float range's step must be a finite number > 0 (and not used with log), got {step!r}")
     return Dimension(path, kind, low=low, high=high, log=log, step=step)
+
+
+def _finite(value: float) -> bool:
+    """A finite number that fits a float (a huge int does not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def not_a_dimension(path: str, value: dict[Any, Any], where: SourceMap) -> ConfigError:
+    """The error for a mapping where a single value (or a search dimension) belongs, naming its keys."""
+    allowed = [*DIMENSION_KEYS, "log", "step"]
+    unknown = [str(k) for k in value if k not in allowed]
+    problem = f"unknown key {unknown[0]!r}.{suggest(unknown[0], allowed)}" if unknown else "it has no choice, int or float key."
+    return where.error(path, f"{value!r} is neither a value for this field nor a search dimension: {problem} {DIMENSION_HELP}")
 
 
 @dataclass
@@ -166,6 +200,8 @@ class SearchSpace:
     template: dict[str, Any]
     source: SourceMap
     registry: Registry
+    warnings: list[str] = field(default_factory=list)
+    """Doubtful but allowed settings (an objective against its metric's natural direction), for the CLI to print."""
 
     @property
     def name(self) -> str:
@@ -360,21 +396,55 @@ def load_space(path: str | Path, registry: Registry | None = None, smoke_samples
 
 def space_from_data(data: Any, where: SourceMap, registry: Registry | None = None, smoke_samples: int = 8) -> SearchSpace:
     """Validate already-parsed search-space data (see :func:`load_space`)."""
+    from psmsearch.trial import TrialConfig
+
     registry = registry or get_registry()
     if not isinstance(data, dict):
         raise where.error("", f"a search space is a mapping with name, task, model, train and objectives; got {type(data).__name__}")
     header_keys = set(SpaceHeader.model_fields)
+    allowed = [*header_keys, *TrialConfig.model_fields]
+    for key in data:
+        if key not in allowed:
+            raise where.error(str(key), unknown_field_message(str(key), allowed))
     try:
         header = SpaceHeader.model_validate({k: v for k, v in data.items() if k in header_keys})
     except ValidationError as err:
-        raise _pydantic_error(err, where, "") from None
+        raise _pydantic_error(err, where) from None
+    _validate_objectives(header, where)
     template = {k: v for k, v in data.items() if k not in header_keys}
     space = SearchSpace(header, template, where, registry)
     _validate_model_kinds(space)
     _validate_components(space)
     space.dimensions()  # parses every dimension: raises on a malformed one
-    smoke_sample(space, smoke_samples)
+    drawn = smoke_sample(space, smoke_samples)
+    if drawn:
+        space.warnings.extend(_contrary_directions(space, validate_sample(space, drawn[0])))
     return space
+
+
+def _validate_objectives(header: SpaceHeader, where: SourceMap) -> None:
+    """A metric may be an objective once: listed twice (say, once per direction) every trial is Pareto-optimal."""
+    first: dict[str, int] = {}
+    for index, objective in enumerate(header.objectives):
+        if objective.metric in first:
+            raise where.error(f"objectives.{index}.metric",
+                              f"metric {objective.metric!r} is already objective {first[objective.metric]}; each metric "
+                              "may be optimised once (listed twice, every trial would be on the Pareto front)")
+        first[objective.metric] = index
+
+
+def _contrary_directions(space: SearchSpace, config: Any) -> list[str]:
+    """Objectives that optimise a metric against its natural direction: allowed, but usually a slip."""
+    from psmsearch.trial import metric_directions
+
+    natural = metric_directions(config)
+    return [
+        f"{space.source.where(f'objectives.{i}.direction')}: objectives.{i}.direction: {o.metric!r} is set to "
+        f"{o.direction}, but {'higher' if natural[o.metric] == 'maximize' else 'lower'} is better for it "
+        f"({natural[o.metric]}); the search will look for its worst values"
+        for i, o in enumerate(space.objectives)
+        if natural.get(o.metric, o.direction) != o.direction
+    ]
 
 
 def _validate_model_kinds(space: SearchSpace) -> None:
@@ -419,6 +489,8 @@ def _validate_components(space: SearchSpace) -> None:
                     try:
                         hp.validate(v)
                     except ValueError as err:
+                        if isinstance(v, dict):
+                            raise not_a_dimension(f"{path}.{key}", v, space.source) from None
                         raise space.source.error(f"{path}.{key}", str(err)) from None
     encoders = _component_options(model, "encoder", space.source)
     if not any(all(_compatible(space.registry, k, model, space, space.registry.get("encoder", e[0]).state_kind) for k in ("aggregator", "head")) for e in encoders):
@@ -446,9 +518,14 @@ def _dimension_extremes(path: str, value: Any, where: SourceMap) -> list[Any]:
     return dim.choices if dim.kind == "choice" else [dim.low, dim.high]
 
 
-def _pydantic_error(err: ValidationError, where: SourceMap, prefix: str) -> ConfigError:
+def _pydantic_error(err: ValidationError, where: SourceMap) -> ConfigError:
+    """The first error of a space header as a ConfigError at its line; an unknown field lists the allowed ones."""
     first = err.errors()[0]
-    field_path = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    loc = [str(p) for p in first["loc"]]
+    field_path = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        parent = model_at(SpaceHeader, loc[:-1])
+        return where.error(field_path, unknown_field_message(loc[-1], list(parent.model_fields) if parent else []))
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return where.error(field_path, f"{first['msg']}{shown}")
@@ -465,6 +542,10 @@ def validate_sample(space: SearchSpace, sampled: dict[str, Any]) -> Any:
         config = TrialConfig.from_dict(sampled, source=space.source.source, registry=space.registry)
     except ConfigError as err:
         field_path = err.field or ""
+        value = _value_at(sampled, field_path)
+        if isinstance(value, dict) and field_path and model_at(TrialConfig, field_path.split(".")) is None:
+            # a mapping where one value belongs: a search dimension with no choice/int/float key
+            raise not_a_dimension(field_path, value, space.source) from None
         raise ConfigError(err.detail, source=space.source.where(field_path), field=field_path or None) from None
     directions = metric_directions(config)
     for index, objective in enumerate(space.objectives):
@@ -475,6 +556,18 @@ def validate_sample(space: SearchSpace, sampled: dict[str, Any]) -> Any:
                 f"Trials of this space report: {', '.join(sorted(directions))}",
             )
     return config
+
+
+def _value_at(data: Any, path: str) -> Any:
+    """The value at dotted ``path`` in nested dicts and lists, or None where there is none."""
+    for part in path.split(".") if path else []:
+        if isinstance(data, dict):
+            data = data.get(part)
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return None
+    return data
 
 
 def smoke_sample(space: SearchSpace, samples: int) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """A trial: task + model config + training budget -> flat metrics (DESIGN.md §6).
 
-:class:`TrialConfig` is loaded from YAML (``yaml.safe_load``) and validated; every error is a
+:class:`TrialConfig` is loaded from YAML (:mod:`psmsearch.yamlio`) and validated; every error is a
 :class:`~psmsearch.errors.ConfigError` naming the file, the field path, the value and what is
 allowed. :func:`run_trial` is a pure function of the config (plus the evaluation callback), which
 is what the Optuna and Ray drivers call. Example::
@@ -27,18 +27,17 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from psmsearch import distributed as dist
 from psmsearch.composer import validate_model_config
-from psmsearch.config import ComponentSpec, ModelConfig
+from psmsearch.config import ComponentSpec, ModelConfig, model_at, unknown_field_message
 from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
 from psmsearch.tasks import Task
 from psmsearch.trainer import Callback, TrainConfig, Trainer, TrialStopped
-from psmsearch.yamlio import SourceMap, parse_yaml
+from psmsearch.yamlio import SourceMap, parse_value, parse_yaml
 
 _BUILD_LOCK = threading.Lock()
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -105,10 +104,17 @@ class TrialConfig(BaseModel):
         return config
 
     def check(self, source: str = "<config>", registry: Registry | None = None) -> None:
-        """Registry-level validation: the task exists and accepts its parameters; the model composes."""
+        """Registry-level validation: the task exists and accepts its parameters; the model composes.
+
+        Errors keep the field they name (``task.group``, ``model.aggregator``), so the caller can
+        point at the line (or the ``--set``) that gave it.
+        """
         registry = registry or get_registry()
         task = make_task(self, registry, source)
-        task.check()
+        try:
+            task.check()
+        except ConfigError as err:
+            raise ConfigError(err.detail, source=source, field=err.field) from None
         length = task.train_sequence_length
         if self.model.kind == "psm" and length is not None and self.model.chunk_size > length[0]:
             raise ConfigError(
@@ -124,13 +130,13 @@ class TrialConfig(BaseModel):
 
                 validate_baseline_config(self.model)
         except ConfigError as err:
-            raise ConfigError(str(err), source=source) from None
+            raise ConfigError(err.detail, source=source, field=err.field) from None
         except PSMSearchError as err:
             raise ConfigError(str(err), source=source, field="model") from None
 
 
 def make_task(config: TrialConfig, registry: Registry | None = None, source: str | None = None) -> Task:
-    """Instantiate the config's task (cheap: data loads lazily)."""
+    """Instantiate the config's task (cheap: data loads lazily); a bad parameter's error keeps its field."""
     registry = registry or get_registry()
     try:
         info = registry.get("task", config.task.name)
@@ -139,20 +145,17 @@ def make_task(config: TrialConfig, registry: Registry | None = None, source: str
     try:
         return info.cls(seed=config.seed, **config.task.params)
     except ConfigError as err:
-        raise ConfigError(str(err), source=source) from None
+        raise ConfigError(err.detail, source=source, field=err.field) from None
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
-    """``["model.chunk_size=4"]`` -> ``[(["model", "chunk_size"], 4)]``; values are YAML scalars."""
+    """``["model.chunk_size=4"]`` -> ``[(["model", "chunk_size"], 4)]``; values are YAML, read as config files are."""
     parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
             raise ConfigError(f"{item!r} is not of the form dotted.key=value (e.g. model.chunk_size=4)", source="--set")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"value of {key!r} is not valid YAML: {err}", source="--set") from None
+        value = parse_value(text, f"--set {key.strip()}") if text.strip() else None
         parsed.append((key.strip().split("."), value))
     return parsed
 
@@ -369,8 +372,8 @@ def _config_error(err: ValidationError, source: str) -> ConfigError:
     field = ".".join(loc)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
-        allowed = _fields_at(loc[:-1])
-        message = f"unknown field {loc[-1]!r}; allowed: {', '.join(allowed)}"
+        parent = model_at(TrialConfig, loc[:-1])
+        message = unknown_field_message(loc[-1], list(parent.model_fields) if parent else [])
     elif first["type"] == "missing":
         message = "this field is required"
     else:
@@ -379,16 +382,6 @@ def _config_error(err: ValidationError, source: str) -> ConfigError:
     if more:
         message += f" (and {more} more error{'s' if more > 1 else ''})"
     return ConfigError(message, source=source, field=field)
-
-
-def _fields_at(loc: Sequence[str]) -> list[str]:
-    model: Any = TrialConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return sorted(getattr(model, "model_fields", {}))
 
 
 __all__ = [

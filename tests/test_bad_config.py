@@ -86,6 +86,23 @@ CASES: list[tuple[str, Edit, str, list[str]]] = [
     ("choice never sampleable", _set("model.aggregator", {"choice": ["mlp", "affine_scalar"]}), "model.aggregator.choice.1", ["'affine_scalar' has state_kind 'affine-scalar'", "never be sampled"]),
     ("duplicate component choice", _set("model.aggregator", {"choice": ["mlp", "mlp"]}), "model.aggregator", ["'mlp' is listed twice"]),
     ("missing name", _drop("name"), "name", ["Field required"]),
+    ("infinite range bound", _set("train.lr", {"float": [0, float("inf")]}), "train.lr", ["finite bounds", "[0, inf]"]),
+    ("range wider than a float", _set("train.lr", {"float": [-1e308, 1e308]}), "train.lr", ["finite bounds less than 1.8e308 apart"]),
+    ("nan range bound", _set("train.lr", {"float": [float("nan"), 0.1]}), "train.lr", ["finite bounds", "[nan, 0.1]"]),
+    ("infinite float step", _set("train.lr", {"float": [0.001, 0.1], "step": float("inf")}), "train.lr.step", ["finite number > 0", "inf"]),
+    ("two dimension kinds", _set("model.d_model", {"choice": [16, 32], "int": [16, 32]}), "model.d_model", ["has both choice and int", "exactly one of choice, int, float"]),
+    ("unknown distribution", _set("model.d_model", {"uniform": [16, 32]}), "model.d_model", ["{'uniform': [16, 32]} is neither a value for this field nor a search dimension", "unknown key 'uniform'", "exactly one of choice, int, float", "log and step"]),
+    ("range options without a kind", _set("train.lr", {"log": True}), "train.lr", ["no choice, int or float key"]),
+    ("misspelled range option", _set("model.d_model", {"int": [16, 32], "stepp": 8}), "model.d_model.stepp", ["unknown key 'stepp' in this int dimension", "Did you mean 'step'?", "Allowed: int, log, step"]),
+    ("extra range option", _set("model.d_model", {"int": [16, 32], "extra": 1}), "model.d_model.extra", ["unknown key 'extra'", "Allowed: int, log, step"]),
+    ("malformed hyperparameter dimension", _set("model.head", {"name": "attention", "layers": {"uniform": [1, 2]}}), "model.head.layers", ["unknown key 'uniform'", "exactly one of choice, int, float"]),
+    ("malformed task dimension", _set("task.group", {"uniform": ["S3", "S5"]}), "task.group", ["unknown key 'uniform'", "exactly one of choice, int, float"]),
+    ("component choice with two kinds", _set("model.aggregator", {"choice": ["mlp"], "int": [1, 2]}), "model.aggregator", ["has both choice and int"]),
+    ("unknown driver field", _set("driver.trails", 2), "driver.trails", ["unknown field 'trails'; allowed: address,", "startup_trials, storage, study, trials.", "Did you mean 'trials'?"]),
+    ("unknown tracking field", _set("tracking", {"experimnt": "x"}), "tracking.experimnt", ["unknown field 'experimnt'; allowed: enabled, experiment, tracking_uri."]),
+    ("unknown objective field", _set("objectives.0.directon", "max"), "objectives.0.directon", ["unknown field 'directon'; allowed: direction, metric."]),
+    ("top-level typo lists every field", _set("nmae", "x"), "nmae", ["allowed: description, device, driver, metrics, model, name, objectives, seed, task, threads, tracking, train.", "Did you mean 'name'?"]),
+    ("objective listed twice", _set("objectives", [{"metric": "acc_2x", "direction": "maximize"}, {"metric": "acc_2x", "direction": "minimize"}]), "objectives.1.metric", ["'acc_2x' is already objective 0", "Pareto front"]),
 ]
 
 
@@ -132,6 +149,59 @@ def test_error_points_at_the_line_of_the_bad_field(tmp_path: Path) -> None:
     path.write_text(text)
     line = next(i for i, row in enumerate(text.splitlines(), 1) if "atention" in row)
     _assert_clean_error(_run(["search", str(path)]), [f"{path}:{line}: model.aggregator"])
+
+
+@pytest.mark.parametrize(("key", "value", "field"), [
+    ("aggregator", "atention", "model.aggregator"),
+    ("group", "S9", "task.group"),  # a task's own parameter check once gave only the file
+])
+def test_error_points_at_the_line_of_the_bad_field_of_each_section(tmp_path: Path, key: str, value: str, field: str) -> None:
+    space = copy.deepcopy(TINY_SPACE)
+    section = field.partition(".")[0]
+    space[section][key] = value
+    path = tmp_path / "bad.yaml"
+    text = yaml.safe_dump(space, sort_keys=False)
+    path.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if row.strip() == f"{key}: {value}")
+    _assert_clean_error(_run(["search", str(path)]), [f"{path}:{line}: {field}: "])
+
+
+def test_a_key_given_twice_is_an_error_at_its_second_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """YAML keeps the last of two equal keys: d_model 16 then 64 silently searched d_model 64."""
+    monkeypatch.chdir(tmp_path)
+    text = yaml.safe_dump(TINY_SPACE, sort_keys=False).replace("  d_model: 16\n", "  d_model: 16\n  d_model: 64\n")
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    first = text.splitlines().index("  d_model: 16") + 1
+    output = _assert_clean_error(_run(["search", str(path), "--no-progress"]),
+                                 [f"{path}:{first + 1}: model.d_model: duplicate key 'd_model' (first at line {first})"])
+    assert output.count("error:") == 1
+    assert not (tmp_path / "psmsearch.db").exists()
+
+
+def test_keys_overriding_a_yaml_merge_are_not_duplicates(tmp_path: Path) -> None:
+    from psmsearch.yamlio import parse_yaml
+
+    data, _ = parse_yaml("base: &base {layers: 1, heads: 2}\nhead: {<<: *base, heads: 4}\n", "merge.yaml")
+    assert data["head"] == {"layers": 1, "heads": 4}
+
+
+def test_an_objective_against_its_metrics_direction_is_warned_before_anything_runs(tmp_path: Path) -> None:
+    """acc_2x minimized or params maximized is allowed (it may be meant) but said, with its line."""
+    space = copy.deepcopy(TINY_SPACE)
+    space["objectives"] = [{"metric": "acc_2x", "direction": "minimize"}, {"metric": "params", "direction": "maximize"}]
+    path = tmp_path / "contrary.yaml"
+    text = yaml.safe_dump(space, sort_keys=False)
+    path.write_text(text)
+    lines = [i for i, row in enumerate(text.splitlines(), 1) if "direction:" in row]
+    (tmp_path / "a-file").write_text("")
+    unreachable = f"sqlite:///{tmp_path / 'a-file' / 'y.db'}"  # stops the search right after loading the space
+    output = _assert_clean_error(_run(["search", str(path), "--storage", unreachable]), ["cannot open the Optuna storage"])
+    assert f"warning: {path}:{lines[0]}: objectives.0.direction: 'acc_2x' is set to minimize, but higher is better" in output
+    assert f"warning: {path}:{lines[1]}: objectives.1.direction: 'params' is set to maximize, but lower is better" in output
+    natural = tmp_path / "natural.yaml"
+    natural.write_text(yaml.safe_dump(TINY_SPACE, sort_keys=False))
+    assert "warning:" not in _run(["search", str(natural), "--storage", unreachable]).output
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from psmsearch.errors import ConfigError
 from psmsearch.registry import get_registry
 from psmsearch.space import load_space, smoke_sample
+from searchhelpers import TINY_SPACE
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
@@ -23,6 +24,33 @@ def test_space_validates_and_smoke_samples(path: Path) -> None:
     space = load_space(path, smoke_samples=2)
     configs = smoke_sample(space, 16)
     assert len(configs) == 16
+    assert space.warnings == []  # every shipped objective goes its metric's natural way
+
+
+def test_yaml_1_2_floats_are_floats_in_a_range(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1e-3 as the string '1e-3': a range written so was refused as not numbers."""
+    import yaml
+
+    text = yaml.safe_dump(TINY_SPACE, sort_keys=False).replace(
+        "train:\n", "train:\n  lr: {float: [1e-3, 1E-2], log: true}\n  weight_decay: {choice: [2e-4, 5E-1, 1.5e-1]}\n")
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    space = load_space(path, smoke_samples=2)
+    lr, decay = space.dimensions()[-2:]
+    assert (lr.path, lr.low, lr.high, lr.log) == ("train.lr", 0.001, 0.01, True)
+    assert decay.choices == [0.0002, 0.5, 0.15] and all(type(c) is float for c in decay.choices)
+
+
+def test_the_project_loader_leaves_pyyaml_alone() -> None:
+    """The YAML 1.2 floats are a loader subclass's: ``yaml.safe_load`` (other libraries' too) is unchanged."""
+    import yaml
+
+    from psmsearch.yamlio import parse_yaml
+
+    text = "a: 1e-3\nb: 1.0e-3\nc: '1e-3'\nd: 1e3x\ne: 7\nf: .inf\ng: -2e-4\nh: +1E5\n"
+    assert parse_yaml(text, "x.yaml")[0] == {"a": 0.001, "b": 0.001, "c": "1e-3", "d": "1e3x", "e": 7, "f": float("inf"),
+                                             "g": -0.0002, "h": 100000.0}
+    assert yaml.safe_load(text)["a"] == "1e-3"
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,39 @@ def test_an_overridden_value_is_blamed_on_its_set(tmp_path: Path) -> None:
     path = write(tmp_path, TINY)
     with pytest.raises(ConfigError, match=r"^--set model\.chunk_size: model\.chunk_size: 0 is not allowed"):
         load_trial_config(path, ["model.chunk_size=0"])
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("task", "group", "S9"),                                              # once: the file, no line
+    ("model", "aggregator", {"name": "attention", "layers": 99}),          # once: the file, no line
+])
+def test_registry_checked_fields_name_their_line(tmp_path: Path, section: str, key: str, value: object) -> None:
+    path = write(tmp_path, {**TINY, section: {**TINY[section], key: value}})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith(f"{key}:"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: {section}\.{key}: "):
+        load_trial_config(path)
+
+
+def test_a_bad_task_parameter_from_set_is_blamed_on_its_set(tmp_path: Path) -> None:
+    """--set task.pth=x was reported as the YAML file's error."""
+    path = write(tmp_path, TINY)
+    with pytest.raises(ConfigError, match=r"^--set task\.pth: task\.pth: task 'group' has no parameter 'pth'; allowed: "):
+        load_trial_config(path, ["task.pth=x"])
+    result = CliRunner().invoke(train, [str(EXAMPLES / "lm_tpsm.yaml"), "--set", "task.path=/no/such/text.txt"])
+    assert isinstance(result.exception, ConfigError)  # a task's environment check had no source at all
+    assert str(result.exception).startswith("--set task.path: task.path: text file '/no/such/text.txt' not found")
+
+
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys; a trial config silently trained the second value."""
+    path = tmp_path / "trial.yaml"
+    text = yaml.safe_dump(TINY, sort_keys=False).replace("  d_model: 16\n", "  d_model: 16\n  d_model: 64\n")
+    path.write_text(text)
+    first = text.splitlines().index("  d_model: 16") + 1
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{first + 1}: model\.d_model: duplicate key 'd_model' \(first at line {first}\)"):
+        load_trial_config(path)
+    with pytest.raises(ConfigError, match=r"^--set model\.aggregator: name: duplicate key 'name'"):
+        load_trial_config(write(tmp_path, TINY), ["model.aggregator={name: mlp, name: attention}"])
 
 
 def test_unknown_task_suggests_close_match(tmp_path: Path) -> None:
