@@ -15,6 +15,7 @@ the already-built encoder, whose ``state_shape`` tells them what states look lik
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Sequence, get_args
 
@@ -191,10 +192,10 @@ class Encoder(Component):
     kind: ClassVar[str] = "encoder"
 
     def features(self, x: torch.Tensor, offset: int = 0) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "features"))
 
     def summarize(self, f: Any) -> State:
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "summarize"))
 
     def forward(self, x: torch.Tensor) -> State:
         return self.summarize(self.features(x))
@@ -202,7 +203,7 @@ class Encoder(Component):
     @property
     def state_shape(self) -> Any:
         """Shape of one state without batch dims: a tuple of ints, or a tuple of such tuples."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "state_shape"))
 
     def state_nbytes(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes one state occupies for ``batch_size`` sequences: the component's own accounting.
@@ -227,10 +228,10 @@ class Aggregator(Component):
     associative: ClassVar[bool] = False
 
     def forward(self, older: State, newer: State) -> State:  # noqa: D102
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "forward"))
 
     def initial_state(self, batch_shape: tuple[int, ...]) -> State:
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "initial_state"))
 
     def scan(self, states: State) -> State | None:
         """Optional fast exclusive scan over dim 1 of ``states[B, N]`` (used only if associative).
@@ -250,7 +251,7 @@ class Head(Component):
     kind: ClassVar[str] = "head"
 
     def forward(self, prefix: State, f: Any) -> torch.Tensor:  # noqa: D102
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "forward"))
 
     def fused_forward(self, encoder: Encoder, aggregator: Aggregator, f: Any, *,
                       required: bool = False) -> torch.Tensor | None:
@@ -278,3 +279,16 @@ COMPONENT_KINDS: dict[str, type[Component]] = {
     "aggregator": Aggregator,
     "head": Head,
 }
+
+
+def _missing(component: Component, method: str) -> str:
+    """Why a required method raised: which class, which method, and where the contract is described."""
+    cls = type(component)
+    return (f"{cls.__qualname__} ({cls.kind} {cls.name!r}, in {_defined_in(cls)}) does not implement {method}(), "
+            f"which every {cls.kind} must; see the docstring of psmsearch.{cls.kind.capitalize()}")
+
+
+def _defined_in(cls: type) -> str:
+    """The file that defines ``cls`` (a plugin loaded from a path has a generated module name)."""
+    module = sys.modules.get(cls.__module__)
+    return getattr(module, "__file__", None) or cls.__module__

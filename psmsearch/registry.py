@@ -18,6 +18,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
@@ -178,6 +179,14 @@ def _where(err: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
+def _defined_at(obj: Any) -> str:
+    """`` (at FILE:LINE)`` where a plugin's class or function is defined, or ``""`` if Python cannot tell."""
+    try:
+        return f" (at {inspect.getsourcefile(obj)}:{inspect.getsourcelines(obj)[1]})"
+    except (TypeError, OSError):
+        return ""
+
+
 # psmsearch's own frames are skipped when locating a plugin failure (a HyperParameter raising in
 # components.py was made on the plugin's line); the built-in plugins live elsewhere (plugins/).
 _PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
@@ -212,6 +221,13 @@ class _Loader:
             return
         try:
             self.manager.register(module, name=label)
+        except pluggy.PluginValidationError as err:  # a hook declared with other arguments than the spec's
+            hook = next((name for name in HOOK_NAMES if f"hook {name!r}" in str(err)), "the hook")
+            function = getattr(module, hook, None)
+            self.registry.failures.append(PluginFailure(
+                label, f"{' '.join(str(err).split())}; a hook takes one argument: define it as {hook}(register)"
+                f"{_defined_at(function)}"))
+            return
         except Exception as err:  # noqa: BLE001
             self.fail(label, err)
             return
@@ -267,6 +283,11 @@ class _Loader:
         for kind in KINDS:
             hook = getattr(self.manager.hook, HOOK_FOR_KIND[kind])
             for impl in hook.get_hookimpls():
+                if "register" not in impl.argnames:
+                    self.registry.failures.append(PluginFailure(
+                        impl.plugin_name, f"{HOOK_FOR_KIND[kind]}() takes no register argument, so it cannot register "
+                        f"anything: define it as {HOOK_FOR_KIND[kind]}(register){_defined_at(impl.function)}"))
+                    continue
                 callback = self._register_callback(kind, impl.plugin_name)
                 try:
                     impl.function(register=callback)
@@ -278,7 +299,7 @@ class _Loader:
             try:
                 info = _describe(kind, cls, plugin, name)
             except PluginError as err:
-                self.registry.failures.append(PluginFailure(plugin, str(err)))
+                self.registry.failures.append(PluginFailure(plugin, f"{err}{_defined_at(cls)}"))
                 return
             except Exception as err:  # noqa: BLE001 - one bad class must not cost the plugin's others
                 label = getattr(cls, "__name__", repr(cls))

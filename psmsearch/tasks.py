@@ -20,6 +20,7 @@ Metric names use only letters, digits and underscores (``acc_4x``, not ``acc@4x`
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Literal, Mapping, Sequence
 
@@ -115,11 +116,11 @@ class Task:
     @property
     def vocab_size(self) -> int:
         """Token ids (inputs and targets) lie in ``[0, vocab_size)``."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "vocab_size"))
 
     def train_batch(self, step: int, batch_size: int, generator: torch.Generator) -> Batch:
         """The training batch for ``step``, drawn from ``generator`` only (never from global RNG)."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "train_batch"))
 
     def observe_train(self, step: int, accuracy: float) -> None:
         """Told the training accuracy of ``step``'s batch; a curriculum may advance here."""
@@ -135,11 +136,11 @@ class Task:
 
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
         """Run the evaluation protocol on held-out data; returns ``{metric: value}``."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "evaluate"))
 
     def metric_directions(self) -> dict[str, Direction]:
         """Every metric :meth:`evaluate` reports and whether larger (maximize) or smaller is better."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "metric_directions"))
 
     @property
     def train_sequence_length(self) -> tuple[int, str] | None:
@@ -222,3 +223,16 @@ def count_tag(n: int) -> str:
 def perplexity(loss: float) -> float:
     """``exp(loss)``, capped so a diverged model reports a large finite number."""
     return math.exp(min(loss, 50.0))
+
+
+def _missing(task: Task, method: str) -> str:
+    """Why a required method raised: which task class, which method, and where the contract is described."""
+    cls = type(task)
+    return (f"{cls.__qualname__} (task {cls.name!r}, in {_defined_in(cls)}) does not implement {method}, which every "
+            "task must; see the docstring of psmsearch.tasks.Task")
+
+
+def _defined_in(cls: type) -> str:
+    """The file that defines ``cls`` (a plugin loaded from a path has a generated module name)."""
+    module = sys.modules.get(cls.__module__)
+    return getattr(module, "__file__", None) or cls.__module__

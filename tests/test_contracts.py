@@ -53,6 +53,9 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
         ("head", "zz_wrong_backward_head", "gradients", "head(prefix, f): its backward disagrees with finite differences"),
         ("encoder", "zz_wrong_backward_enc", "gradients",
          "features and summarize: its backward disagrees with finite differences"),
+        ("aggregator", "zz_no_initial_state", "shapes",
+         f"raised NotImplementedError: NoInitialState (aggregator 'zz_no_initial_state', in {FIXTURES / 'broken_components.py'}) "
+         "does not implement initial_state(), which every aggregator must; see the docstring of psmsearch.Aggregator"),
         ("aggregator", "zz_blocked_scan", "associativity", "N=9: its fast scan() differs from the tree scan by"),
         ("aggregator", "zz_batch_leak", "batch_independent",
          "parallel: changing sequence 1 of the batch changed sequence 0's outputs by"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,9 @@ def test_each_bad_declaration_is_named_and_the_plugins_other_classes_still_load(
     classes with it; bad bounds only surfaced as a sampler traceback in the middle of a search."""
     path = str(FIXTURES / "declaration_mistakes.py")
     registry = fresh_registry.load_registry(extra_plugins=[path])
-    errors = sorted(f.error for f in registry.failures if f.plugin == path)
+    failures = [f.error for f in registry.failures if f.plugin == path]
+    assert all(re.search(rf" \(at {re.escape(path)}:\d+\)$", error) for error in failures), failures
+    errors = sorted(error.rsplit(" (at ", 1)[0] for error in failures)
     expected = [
         "aggregator 'declared_twice': hyperparameter 'ratio' is declared twice",
         "aggregator 'default_out_of_range': hyperparameter 'ratio': default 16 is out of range; expected int in [1, 8]",
@@ -120,6 +123,17 @@ def test_hooks_that_would_do_nothing_are_reported(fresh_registry) -> None:
     assert any(plugin == empty and error.startswith("defines no psmsearch hook, so it registers nothing")
                for plugin, error in by_plugin), registry.failures
     assert len(registry.failures) == 3, registry.failures
+
+
+def test_hooks_with_other_arguments_are_named_with_the_signature_to_use(fresh_registry) -> None:
+    extra, without = FIXTURES / "hook_extra_argument.py", FIXTURES / "hook_without_register.py"
+    registry = fresh_registry.load_registry(extra_plugins=[str(extra), str(without)])
+    errors = {f.plugin: f.error for f in registry.failures}
+    assert "Argument(s) {'extra'} are declared in the hookimpl" in errors[str(extra)]
+    assert errors[str(extra)].endswith(f"a hook takes one argument: define it as register_aggregators(register) (at {extra}:6)")
+    assert errors[str(without)] == ("register_heads() takes no register argument, so it cannot register anything: "
+                                    f"define it as register_heads(register) (at {without}:6)")  # the decorator's line
+    assert "attention" in registry.names("aggregator"), "the built-ins still load"
 
 
 def test_an_import_failure_names_the_plugins_own_line(fresh_registry) -> None:
