@@ -78,7 +78,15 @@ def rank(rows: list[TrialRow], objectives: Sequence[Objective]) -> list[TrialRow
     def key(row: TrialRow) -> tuple:
         return tuple(-row.metrics[o.metric] if o.direction == "maximize" else row.metrics[o.metric] for o in objectives)
 
-    return sorted(scored, key=lambda r: (not r.pareto, key(r))) + others
+    # Ties go by trial number, so a search's summary and compare (which reads MLflow's order) agree.
+    return sorted(scored, key=lambda r: (not r.pareto, key(r), trial_number(r.name))) + \
+        sorted(others, key=lambda r: trial_number(r.name))
+
+
+def trial_number(name: str) -> int:
+    """The number at the end of a trial's name (``trial-3``, ``tiny-trial-3``); -1 if there is none."""
+    match = re.search(r"(\d+)$", name)
+    return int(match.group(1)) if match else -1
 
 
 def _length_curves(row: TrialRow, pattern: re.Pattern[str]) -> list[tuple[float, float]]:

@@ -340,3 +340,18 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["experiment"] == "e1" and report["search"] == "sa" and len(report["trials"]) == 1
+
+
+def test_ranking_breaks_ties_by_trial_number_whatever_the_input_order() -> None:
+    from psmsearch.report import TrialRow, rank
+    from psmsearch.space import Objective
+
+    def row(name: str, acc: float, status: str = "complete") -> TrialRow:
+        return TrialRow(name, "s", status, {}, {"acc": acc})
+
+    objectives = [Objective(metric="acc", direction="maximize")]
+    rows = [row("s-trial-10", 0.5), row("s-trial-2", 0.9, "failed"), row("s-trial-1", 0.5), row("s-trial-3", 0.7),
+            row("s-trial-0", 0.2, "pruned")]
+    for order in (rows, rows[::-1]):
+        ranked = rank([TrialRow(**vars(r)) for r in order], objectives)
+        assert [r.name for r in ranked] == ["s-trial-3", "s-trial-1", "s-trial-10", "s-trial-0", "s-trial-2"]
