@@ -7,13 +7,15 @@ clear message and exit with code 2; they never show a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Sequence
 
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.measure import Measurement
+from rich.table import Column, Table
 
 from psmsearch import interrupts
 from psmsearch.cli_search import compare, search
@@ -21,7 +23,7 @@ from psmsearch.cli_train import train
 from psmsearch.errors import PSMSearchError
 from psmsearch.registry import Registry, get_registry, use_plugins
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error or warning is one line however long: never cut at 80 columns
 
 
 class _Group(click.Group):
@@ -84,13 +86,41 @@ def plugins_command(as_json: bool) -> None:
         params = ", ".join(settings) or "-"
         assoc = "-" if row["associative"] is None else ("yes" if row["associative"] else "no")
         table.add_row(row["kind"], row["name"], row["plugin"], row["state_kind"] or "-", assoc, params)
-    _stdout_console().print(table)
+    print_table(table)
 
 
-def _stdout_console() -> Console:
-    """A console for stdout; piped or redirected, wide enough that no cell is cut (rich assumes 80 columns)."""
+def print_table(table: Table) -> None:
+    """Print ``table`` on stdout at the terminal's width, or piped at ``COLUMNS`` when that is set.
+
+    Piped without ``COLUMNS``, rich would assume 80 columns and cut cells. There the table gets 120
+    columns, or more where its longest words need them, and its widest columns are narrowed only
+    down to their longest word: text wraps inside its cell, no cell is cut.
+    """
     console = Console()
-    return console if console.is_terminal else Console(width=1000)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():  # rich takes COLUMNS when it is digits
+        console.print(table)
+        return
+    wide = Console(width=100_000)
+    spans = [_content_widths(wide, column) for column in table.columns]
+    whole = wide.measure(table)
+    width = max(120, whole.minimum)
+    budget = width - (whole.maximum - sum(widest for _, widest in spans))  # less borders and padding
+    caps = [widest for _, widest in spans]
+    while sum(caps) > budget:  # the budget holds every column's longest word, so this ends with none cut
+        narrowable = [i for i, (word, _) in enumerate(spans) if caps[i] > word]
+        if not narrowable:
+            break
+        caps[max(narrowable, key=lambda i: caps[i])] -= 1
+    for column, cap, (_, widest) in zip(table.columns, caps, spans):
+        if cap < widest:
+            column.max_width = cap
+    Console(width=width).print(table)
+
+
+def _content_widths(console: Console, column: Column) -> tuple[int, int]:
+    """The width of ``column``'s longest word and of its widest cell (header included), padding excluded."""
+    measured = [Measurement.get(console, console.options, cell) for cell in (column.header, *column.cells)]
+    return max(m.minimum for m in measured), max(m.maximum for m in measured)
 
 
 def _describe_param(param: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from psmsearch import jsonout
@@ -82,7 +81,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
     else:
         print_rows(ranked, space.objectives, title=f"search {result.study_name}: {len(ranked)} trials, best first")
         for row in ranked:
-            if row.error:
+            if row.error and row.status != "failed":  # a failure's error went to stderr once, as it happened
                 click.echo(f"{row.name} {row.status}: {row.error}")
 
 
@@ -107,6 +106,9 @@ def _row_json(row: TrialRow, objectives: Sequence[Objective]) -> dict[str, Any]:
 
 def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title: str) -> None:
     """A table of trials: objectives, the Pareto mark, the searched parameters and the status."""
+    from psmsearch.cli import print_table
+    from psmsearch.cli_train import format_metric
+
     table = Table(title=title)
     table.add_column("trial")
     table.add_column("status")
@@ -115,11 +117,11 @@ def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title:
         table.add_column(f"{objective.metric} ({'max' if objective.direction == 'maximize' else 'min'})", justify="right")
     table.add_column("parameters")
     for row in rows:
-        values = [f"{row.metrics[o.metric]:.4g}" if o.metric in row.metrics else "-" for o in objectives]
+        values = [format_metric(o.metric, row.metrics[o.metric]) if o.metric in row.metrics else "-" for o in objectives]
         searched = {k.removeprefix("search."): v for k, v in row.params.items() if k.startswith("search.")} or row.params
         params = ", ".join(f"{k}={v}" for k, v in sorted(searched.items()))
         table.add_row(row.name, row.status, "*" if row.pareto else "", *values, params)
-    Console(width=max(120, Console().width)).print(table)
+    print_table(table)
 
 
 @click.command("compare")

@@ -9,6 +9,7 @@ a diverged or pruned run exits with code 1 and says why.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -20,25 +21,41 @@ from psmsearch.trainer import TrialStopped
 from psmsearch.trial import load_trial_config, run_trial, run_trial_data_parallel
 
 
-def _format(value: float) -> str:
+COUNT_METRIC = re.compile(r"(^|_)(bytes|params|num_states)(_|$)")
+"""Metrics that count things (bytes, parameters, states): shown as whole numbers."""
+
+
+def format_metric(name: str, value: float) -> str:
+    """``value`` of metric ``name`` for a table: counts and other whole numbers as integers with thousands
+    separators (``11,776``, not ``1.178e+04``), the rest to 4 significant digits, without an exponent
+    from 10,000 up (``12,350``)."""
+    value = float(value)
     if not math.isfinite(value):
         return str(value)
-    if value == int(value) and abs(value) >= 1:
-        return f"{int(value):,}"
+    if COUNT_METRIC.search(name) or (value.is_integer() and abs(value) < 1e15):
+        return f"{round(value):,}"
+    if abs(value) >= 1e4:
+        return f"{float(f'{value:.4g}'):,.0f}"
     return f"{value:.4g}"
+
+
+def _format(value: float) -> str:
+    """A metric value in an evaluation log line, as :func:`format_metric` shows it."""
+    return format_metric("", value)
 
 
 def print_metrics(metrics: dict[str, float], title: str) -> None:
     """A two-column rich table of metrics on stdout."""
-    from rich.console import Console
     from rich.table import Table
+
+    from psmsearch.cli import print_table
 
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
-        table.add_row(name, _format(value))
-    Console(file=sys.stdout).print(table)
+        table.add_row(name, format_metric(name, value))
+    print_table(table)
 
 
 @click.command("train")

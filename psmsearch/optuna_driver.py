@@ -154,7 +154,6 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
         raise ConfigError(
             f"study {study_name!r} already exists in {storage_url}; pass --resume to continue (or join) it, "
             "or choose another name with --study NAME (or driver.study in the space) or another --storage",
-            field="--resume",
         )
     trials_before = 0
     if exists:  # a mismatch is reported before the search's MLflow run is opened

@@ -1,8 +1,12 @@
-"""Live display of a running search: trials done, running, failed and the best so far."""
+"""Live display of a running search: trials done, running, failed and the best so far.
+
+On a terminal this is a rich progress bar with a status line. Elsewhere (a log file, a pipe, CI)
+it is a log: one line when a trial starts and one when it ends, the latter with its outcome (its
+objective values, the pruning reason or the error) and the search's counts and best so far.
+"""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from rich.console import Console
@@ -12,12 +16,22 @@ from psmsearch.space import SearchSpace
 
 
 class SearchProgress:
-    """A rich progress bar over the trial budget with a status line; plain lines when not a TTY."""
+    """A rich progress bar over the trial budget with a status line; plain log lines when not a TTY.
+
+    A failed trial's error is printed exactly once, as it happens, even with the display disabled:
+    it is the log of what went wrong.
+
+    Drivers either keep :attr:`counts` and :attr:`best` themselves and then call :meth:`finished`
+    (Ray), or call :meth:`refresh` with the study after each trial (Optuna). In the second case the
+    study counts a trial only after :meth:`finished`, so a trial's end line waits for the refresh
+    that counts it; otherwise it would show the counts from before the trial.
+    """
 
     def __init__(self, space: SearchSpace, total: int, enabled: bool = True) -> None:
         self.space = space
         self.total = total
         self.console = Console(stderr=True)
+        self.console.soft_wrap = not self.console.is_terminal  # a logged message stays one line, not cut at 80 columns
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self.counts = {"complete": 0, "pruned": 0, "failed": 0}
@@ -28,6 +42,8 @@ class SearchProgress:
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
         )
         self._task: Any = None
+        self._counted_by_study = False
+        self._waiting: list[Any] = []  # ended trials whose log line waits for the study to count them
 
     def __enter__(self) -> "SearchProgress":
         if self.live:
@@ -38,33 +54,57 @@ class SearchProgress:
     def __exit__(self, *exc: Any) -> None:
         if self.live:
             self._progress.stop()
+        for outcome in self._waiting:  # the search stopped before the study counted them
+            self._log_end(outcome)
+        self._waiting = []
 
     def _status(self) -> str:
         c = self.counts
         return f"done {c['complete']}  pruned {c['pruned']}  failed {c['failed']}  running {len(self.running)}  best {self.best}"
 
-    def _show(self) -> None:
-        if not self.enabled:
-            return
-        done = sum(self.counts.values())
+    def _update_bar(self) -> None:
         if self.live:
-            self._progress.update(self._task, completed=done, status=self._status())
+            self._progress.update(self._task, completed=sum(self.counts.values()), status=self._status())
+
+    def _line(self, text: str) -> None:
+        self.console.print(f"[{self.space.name}] {text}", highlight=False, markup=False)
+
+    def _log_end(self, outcome: Any) -> None:
+        """The one log line of an ended trial: what came out of it, then where the search stands."""
+        if outcome.state == "complete":
+            values = [(o.metric, outcome.metrics.get(o.metric)) for o in self.space.objectives]
+            detail = ", ".join(f"{metric}={value:.4g}" for metric, value in values if value is not None)
         else:
-            print(f"[{self.space.name}] {done}/{self.total}  {self._status()}", file=sys.stderr, flush=True)
+            detail = outcome.error
+        c = self.counts
+        standing = (f"{sum(c.values())}/{self.total}  done {c['complete']}  pruned {c['pruned']}  failed {c['failed']}"
+                    f"  running {len(self.running)}  best {self.best}")
+        self._line(f"trial {outcome.number} {outcome.state}{': ' + detail if detail else ''}  [{standing}]")
 
     def note(self, message: str) -> None:
+        """A message for the user (above the bar on a terminal); nothing when the display is disabled."""
         if self.enabled:
             self.console.print(message, highlight=False, markup=False)
 
     def started(self, number: int) -> None:
+        """Trial ``number`` started in this process."""
         self.running.add(number)
-        self._show()
+        if self.live:
+            self._update_bar()
+        elif self.enabled:
+            self._line(f"trial {number} started")
 
     def finished(self, outcome: Any) -> None:
+        """A trial of this process ended (complete, pruned or failed)."""
         self.running.discard(outcome.number)
-        if outcome.state == "failed":  # reported even without the live display: it is the log of what went wrong
-            self.console.print(f"trial {outcome.number} failed: {outcome.error}", highlight=False, markup=False)
-        self._show()
+        if self.live or not self.enabled:
+            if outcome.state == "failed":
+                self.console.print(f"trial {outcome.number} failed: {outcome.error}", highlight=False, markup=False)
+            self._update_bar()
+        elif self._counted_by_study:
+            self._waiting.append(outcome)
+        else:
+            self._log_end(outcome)
 
     def refresh(self, study: Any) -> None:
         """Recount from the study (covers trials of other processes and resumed ones)."""
@@ -84,4 +124,13 @@ class SearchProgress:
             self.best = f"{objective.metric}={best.value:.4g} (trial {best.number})"
         elif complete:
             self.best = f"{len(study.best_trials)} on the Pareto front"
-        self._show()
+        if self.live:
+            self._update_bar()
+        elif self.enabled:
+            if not self._counted_by_study and sum(self.counts.values()):
+                self._line(f"the study holds {sum(self.counts.values())}/{self.total} trials: {self._status()}")
+            ended = {t.number for t in trials if t.state.is_finished()}
+            for outcome in [o for o in self._waiting if o.number in ended]:
+                self._waiting.remove(outcome)
+                self._log_end(outcome)
+        self._counted_by_study = True

@@ -20,3 +20,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of a rich table as printed, each cell's wrapped lines joined by spaces.
+
+    A line whose first cell is empty continues the row above (its text wrapped inside the cells).
+    """
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if cells[0] or not rows:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{above} {below}".strip() for above, below in zip(rows[-1], cells)]
+    return rows

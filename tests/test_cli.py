@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 
-from clihelpers import run_cli
+from clihelpers import run_cli, table_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -44,8 +46,8 @@ def test_plugins_json_reports_a_broken_plugin_under_failures() -> None:
 def test_plugins_table_lists_task_options() -> None:
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
-    lm_row = next(line for line in result.stdout.splitlines() if "│ lm " in line)
-    assert "path=../shared/data/tinyshakespeare.txt (option)" in lm_row and "dataset=None (option)" in lm_row
+    lm_row = next(row for row in table_rows(result.stdout) if row[:2] == ["task", "lm"])
+    assert "path=../shared/data/tinyshakespeare.txt (option)" in lm_row[5] and "dataset=None (option)" in lm_row[5]
 
 
 def test_plugins_table_reports_a_broken_plugin_and_lists_the_rest() -> None:
@@ -83,6 +85,21 @@ def test_plugins_table_piped_is_not_cut_at_80_columns() -> None:
     result = run_cli("plugins", env={"COLUMNS": ""})
     assert result.returncode == 0, result.stderr
     assert "psmsearch.plugins.token_state" in result.stdout and "…" not in result.stdout
+
+
+def test_plugins_table_piped_wraps_inside_cells_instead_of_running_hundreds_of_columns_wide() -> None:
+    result = run_cli("plugins", env={"COLUMNS": ""})
+    assert result.returncode == 0, result.stderr
+    width = max(len(line) for line in result.stdout.splitlines())
+    assert width <= 160, f"a {width}-column table (each cell's longest word fits in about 142)"
+    pool = next(row for row in table_rows(result.stdout) if row[:2] == ["encoder", "pool"])
+    assert "state_tokens=" in pool[5]
+
+
+def test_plugins_table_piped_honours_columns() -> None:
+    result = run_cli("plugins", env={"COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 100
 
 
 def test_check_unknown_name_exits_2_with_a_suggestion_and_no_traceback() -> None:
@@ -142,3 +159,31 @@ def test_a_folder_without_init_is_named_as_not_a_package(tmp_path: Path) -> None
     (folder / "agg.py").write_text("x = 1\n")
     result = run_cli("--plugin", str(folder), "plugins", cwd=tmp_path)
     assert f"the folder {folder} is not a package: it has no __init__.py" in result.stderr
+
+
+def _readme_command_table() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## What is in the box", 1)[1]
+    return section.split("\n## ", 1)[0]
+
+
+def test_readme_command_table_matches_every_commands_options() -> None:
+    """Each command's row names exactly the options its --help lists (a flag pair by either name)."""
+    from psmsearch.cli import main
+
+    table = _readme_command_table()
+    for name, command in main.commands.items():
+        row = next((line for line in table.splitlines() if line.startswith(f"| `psmsearch {name}")), None)
+        assert row is not None, f"README's command table has no row for `psmsearch {name}`"
+        cell = row.split(" | ")[0]  # the usage; `\|` inside it has no spaces around
+        names = set()
+        for param in command.params:
+            if isinstance(param, click.Option):
+                opts = [o for o in (*param.opts, *param.secondary_opts) if o.startswith("--")]
+                names.update(opts)
+                assert any(re.search(rf"{re.escape(o)}(?![\w-])", cell) for o in opts), f"{name}: README lacks {opts[0]}"
+        stale = set(re.findall(r"--[a-z][a-z-]*", cell)) - names
+        assert not stale, f"{name}: README names options that `psmsearch {name} --help` does not: {stale}"
+    for param in main.params:
+        if isinstance(param, click.Option):
+            assert param.opts[-1] in table, f"README's command table lacks the global {param.opts[-1]}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from clihelpers import run_cli
+from clihelpers import run_cli, table_rows
 from searchhelpers import TINY_SPACE, mlflow_runs, optuna_trials, write_space
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -96,7 +96,21 @@ def test_rerunning_without_resume_is_refused(finished_search) -> None:
     work, _ = finished_search
     result = run_cli("search", "space.yaml", "--no-progress", cwd=work)
     assert result.returncode == 2
-    assert "study 'tiny' already exists" in result.stderr and "--resume" in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "already exists" in line]
+    assert line.startswith("error: study 'tiny' already exists in sqlite:///"), "--resume was not passed: no '--resume:' prefix"
+    assert "pass --resume to continue" in line and line.endswith("or another --storage"), "the message is one line"
+
+
+def test_compare_table_shows_counts_as_whole_numbers(finished_search) -> None:
+    work, summary = finished_search
+    result = run_cli("compare", "--experiment", "tiny", "--objective", "params:min", "--objective", "acc_2x:max",
+                     "--out", str(work / "plots"), cwd=work)
+    assert result.returncode == 0, result.stderr
+    shown = {row[0]: row[3] for row in table_rows(result.stdout)}
+    for trial in summary["trials"]:
+        params = trial["metrics"]["params"]
+        assert params >= 1000 and params == int(params)
+        assert shown[f"tiny-{trial['name']}"] == f"{int(params):,}", "params as an integer with thousands separators"
 
 
 def test_resume_of_a_finished_study_runs_nothing_more(finished_search) -> None:
@@ -355,3 +369,29 @@ def test_ranking_breaks_ties_by_trial_number_whatever_the_input_order() -> None:
     for order in (rows, rows[::-1]):
         ranked = rank([TrialRow(**vars(r)) for r in order], objectives)
         assert [r.name for r in ranked] == ["s-trial-3", "s-trial-1", "s-trial-10", "s-trial-0", "s-trial-2"]
+
+
+def test_piped_progress_is_one_line_per_started_and_per_ended_trial(tmp_path: Path) -> None:
+    space = write_space(tmp_path)
+    result = run_cli("search", str(space), "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    [note] = [line for line in lines if line.startswith("--resume: no study 'tiny'")]
+    assert len(note) > 80 and note.endswith("yet; starting it"), "a piped message is one line, not cut at 80 columns"
+    logged = [line for line in lines if line.startswith("[tiny] ")]
+    for number in range(3):
+        assert logged.count(f"[tiny] trial {number} started") == 1, result.stderr
+        assert sum(line.startswith(f"[tiny] trial {number} complete: acc_2x=") for line in logged) == 1, result.stderr
+    assert len(logged) == 6, result.stderr
+    assert "  [3/3  done 3  pruned 0  failed 0  running 0  best acc_2x=" in logged[-1], "counted once the study has it"
+
+
+@pytest.mark.parametrize("progress", [[], ["--no-progress"]], ids=["piped-progress", "no-progress"])
+def test_a_failed_trials_error_is_printed_once(tmp_path: Path, progress: list[str]) -> None:
+    task = {"name": "fail_task", "group": "Z5", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16}
+    space = write_space(tmp_path, task=task, driver={"trials": 2, "pruner": "none"})
+    result = run_cli("--plugin", str(FIXTURES / "failing_components.py"), "search", str(space), *progress, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("ValueError: the task's data source is broken") == 2, output
+    assert "trial 0 failed: ValueError" in result.stderr and "trial 1 failed: ValueError" in result.stderr

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from psmsearch.cli_train import train
+from clihelpers import table_rows
+from psmsearch.cli_train import format_metric, train
 from psmsearch.errors import ConfigError, UnknownComponentError
 from psmsearch.trial import TrialConfig, load_trial_config, metric_directions, run_trial
 
@@ -45,6 +46,17 @@ def test_train_prints_table_and_json_with_overrides(tmp_path: Path) -> None:
     assert metrics["state_bytes_64"] == metrics["expected_state_bytes_64"]
     table = "\n".join(result.output.strip().splitlines()[:-1])
     assert "acc_1x" in table and "state_bytes_64" in table
+    shown = {row[0]: row[1] for row in table_rows(table)}
+    assert shown["params"] == f"{int(metrics['params']):,}" and "e+" not in table
+
+
+@pytest.mark.parametrize(("name", "value", "shown"), [
+    ("state_bytes_1k", 11776.0, "11,776"), ("peak_state_bytes_64k", 1.5e6, "1,500,000"), ("params", 105984.0, "105,984"),
+    ("num_states_1k", 19.0, "19"), ("train_steps", 20000.0, "20,000"), ("acc_4x", 0.990478, "0.9905"),
+    ("train_tokens_per_s", 12345.6, "12,350"), ("latency_ms_1k", 0.8129143, "0.8129"), ("train_loss", float("nan"), "nan"),
+])
+def test_metrics_are_shown_as_counts_or_to_4_significant_digits(name: str, value: float, shown: str) -> None:
+    assert format_metric(name, value) == shown
 
 
 def test_run_trial_is_a_pure_function_of_the_config(tmp_path: Path) -> None:
