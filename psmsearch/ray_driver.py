@@ -18,9 +18,14 @@ A Tune callback on the driver keeps the console progress, collects the outcomes 
 MLflow runs of trials that Ray ended without the trial function finishing (ASHA stops, crashed
 workers, an interrupted search), so no trial run is left RUNNING.
 
-``--resume`` restores the Ray experiment (``Tuner.restore``): unfinished and errored trials run again
-with the same number and parameters. Tune saves the experiment's state only every ~10 s, so after
-the search process was killed (SIGKILL, a crash) the restored state may be older than MLflow:
+``--resume`` restores the Ray experiment (``Tuner.restore``): unfinished trials run again with the
+same number and parameters, and the searcher samples new trials until the experiment holds
+``--trials`` trials, at most ``--jobs`` at once (the resuming command's numbers, not the first
+one's). Trials that ended stay as they are and count towards ``--trials``: completed, stopped by
+ASHA and failed ones alike (a failed trial is not run again, as the Optuna driver counts a failed
+trial and moves on). The summary lists every trial of the experiment, earlier sessions' too.
+Tune saves the experiment's state only every ~10 s, so after the search process was killed
+(SIGKILL, a crash) the restored state may be older than MLflow:
 
 * a trial run left RUNNING by the killed process is closed as KILLED (``interrupted``) before any
   trial starts;
@@ -209,6 +214,7 @@ class _Book:
     """Driver-side bookkeeping of one search: progress, outcomes, and runs Ray ended early."""
 
     space: SearchSpace
+    options: SearchOptions
     tracker: Tracker | None
     parent: str | None
     progress: SearchProgress
@@ -225,32 +231,50 @@ class _Book:
         self.last[trial.trial_id] = dict(result)
 
     def on_complete(self, trial: "Trial") -> None:
-        number = self._number(trial)
-        result = _flat(self.last.get(trial.trial_id) or trial.last_result or {})
-        params = _params(trial)
-        run_id = str(result.get(RUN_KEY) or "") or None
-        if result.get(STATE_KEY) == "complete":
-            self._finish(TrialOutcome(number, "complete", _reported_metrics(result), params, run_id=run_id))
-            return
-        step = result.get(STEP_KEY, "?")
-        reason = f"stopped by ASHA at step {step}"
-        self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "pruned", "psmsearch.error": reason})
-        self._finish(TrialOutcome(number, "pruned", _reported_metrics(result), params, error=reason, run_id=run_id))
+        outcome = _terminated(self._number(trial), _flat(self.last.get(trial.trial_id) or trial.last_result or {}), _params(trial))
+        if outcome.state == "pruned":
+            self._close_runs(outcome.number, outcome.run_id, "KILLED", {"psmsearch.status": "pruned", "psmsearch.error": outcome.error})
+        self._finish(outcome)
 
     def on_error(self, trial: "Trial") -> None:
         number = self._number(trial)
         run_id = str(_flat(self.last.get(trial.trial_id) or {}).get(RUN_KEY) or "") or None
         error, trial_failure = _error_text(trial)
         if not trial_failure:
-            self.progress.note(f"trial {number}: Ray reported an error outside the trial (full text in {trial.local_path}):")
-        recorded = self._close_runs(number, run_id, "FAILED", {"psmsearch.status": "failed", "psmsearch.error": error})
-        self._finish(TrialOutcome(number, "failed", {}, _params(trial), error=recorded or error, run_id=run_id))
+            self.progress.note(f"trial {number}: Ray reported an error outside the trial (full text in {trial.path}/error.txt):")
+        tags = {"psmsearch.status": "failed", "psmsearch.error": error or "unknown error"}
+        recorded, run_id = self._close_runs(number, run_id, "FAILED", tags)
+        self._finish(TrialOutcome(number, "failed", {}, _params(trial), error=error or recorded or "unknown error", run_id=run_id))
 
-    def interrupted(self, trials: int, restored: bool) -> bool:
+    def restore_ended(self, trials: list["Trial"]) -> None:
+        """Record the trials a restored experiment holds as ended; Tune does not run them again.
+
+        They count towards ``--trials``, the progress and the summary as this session's trials do.
+        A failed trial keeps the error its FAILED MLflow run recorded (Ray's own text when there is none).
+        """
+        for trial in trials:
+            if trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            number, params = self._number(trial), _params(trial)
+            result = _flat(trial.last_result or {})
+            if trial.status == "TERMINATED":
+                self._record(_terminated(number, result, params))
+                continue
+            run_id = str(result.get(RUN_KEY) or "") or None
+            runs = self._runs_of(number) if self.tracker is not None and self.parent is not None else []
+            failed = [r for r in runs if r.info.run_id == run_id or (run_id is None and r.info.status == "FAILED")]
+            recorded = failed[0] if failed else None
+            error = recorded.data.tags.get("psmsearch.error", "") if recorded is not None else ""
+            error = error or _error_text(trial)[0] or "unknown error"
+            self._record(TrialOutcome(number, "failed", {}, params, error=error,
+                                      run_id=run_id or (recorded.info.run_id if recorded is not None else None)))
+        self.progress.best = self._best()
+
+    def interrupted(self, trials: int) -> bool:
         """Whether Tune stopped early on Ctrl-C (it returns normally): a started trial never ended here,
-        or, in a new search, fewer trials ended than were asked for."""
+        or the experiment holds fewer ended trials than were asked for."""
         unfinished = any(number not in self.outcomes for number in self.started.values())
-        return unfinished or (not restored and len(self.outcomes) < trials)
+        return unfinished or len(self.outcomes) < trials
 
     def close_unfinished(self) -> None:
         """Runs of trials that started but never ended here (an interrupted search) become KILLED."""
@@ -281,10 +305,13 @@ class _Book:
         return self.started.get(trial.trial_id, int(trial.config.get(NUMBER_KEY, -1)))
 
     def _finish(self, outcome: TrialOutcome) -> None:
-        self.outcomes[outcome.number] = outcome
-        self.progress.counts[outcome.state] = self.progress.counts.get(outcome.state, 0) + 1
+        self._record(outcome)
         self.progress.best = self._best()
         self.progress.finished(outcome)
+
+    def _record(self, outcome: TrialOutcome) -> None:
+        self.outcomes[outcome.number] = outcome
+        self.progress.counts[outcome.state] = self.progress.counts.get(outcome.state, 0) + 1
 
     def _best(self) -> str:
         complete = [o for o in self.outcomes.values() if o.state == "complete"]
@@ -297,19 +324,22 @@ class _Book:
         metric = self.space.objectives[0].metric
         return f"{metric}={ranked[0].metrics[metric]:.4g} ({ranked[0].name})"
 
-    def _close_runs(self, number: int, run_id: str | None, status: str, tags: dict[str, str]) -> str:
-        """Close this trial's runs still RUNNING; returns the error the worker recorded, if any."""
+    def _close_runs(self, number: int, run_id: str | None, status: str, tags: dict[str, str]) -> tuple[str, str | None]:
+        """Close this trial's runs still RUNNING. Returns the error the worker recorded, if any, and
+        the trial's run: ``run_id``, else the newest run closed here (a worker that died before its
+        first report never told the driver its run)."""
         if self.tracker is None or self.parent is None:
-            return ""
+            return "", run_id
         tracker = self.tracker
         runs = [retry_locked(lambda: tracker.client.get_run(run_id))] if run_id else self._runs_of(number)
-        recorded = ""
+        recorded, closed = "", None
         for run in runs:
             recorded = recorded or run.data.tags.get("psmsearch.error", "")
             if run.info.status == "RUNNING":
+                closed = closed or run.info.run_id
                 tracker.set_tags(run.info.run_id, tags)
                 tracker.finish(run.info.run_id, status)
-        return recorded
+        return recorded, run_id or closed
 
     def _runs_of(self, number: int) -> list[Any]:
         """This search's runs of trial ``number``, newest first (a resumed trial has several)."""
@@ -325,14 +355,40 @@ def _params(trial: "Trial") -> dict[str, Any]:
     return {k: v for k, v in _flat(trial.config).items() if k != NUMBER_KEY}
 
 
+def _terminated(number: int, result: Mapping[str, Any], params: dict[str, Any]) -> TrialOutcome:
+    """The outcome of a trial Tune terminated, from its last flattened result: complete after its
+    final report, else stopped by ASHA (with its last evaluation's metrics)."""
+    run_id = str(result.get(RUN_KEY) or "") or None
+    if result.get(STATE_KEY) == "complete":
+        return TrialOutcome(number, "complete", _reported_metrics(result), params, run_id=run_id)
+    reason = f"stopped by ASHA at step {result.get(STEP_KEY, '?')}"
+    return TrialOutcome(number, "pruned", _reported_metrics(result), params, error=reason, run_id=run_id)
+
+
 def _error_text(trial: "Trial") -> tuple[str, bool]:
-    """A trial's error as one line, and whether it is a trial failure (rather than Ray or a worker failing)."""
-    error = trial.get_pickled_error() or trial.get_error()
-    lines = [line.strip() for line in str(error or "unknown error").splitlines() if line.strip()]
+    """A trial's error as one line (empty when Ray has none), and whether it is a trial failure
+    (rather than Ray or a worker failing).
+
+    Tune writes the error into the trial's folder on the driver (``trial.error_file``) before it
+    tells the callbacks; the copy in the experiment folder, which ``get_error`` and
+    ``get_pickled_error`` read, appears only at Tune's next sync. A worker that died (no MLflow
+    error recorded) is only known by that text.
+    """
+    error = _local_error(trial) or trial.get_pickled_error() or trial.get_error()
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
     ours = [line for line in lines if f"{TrialFailed.__name__}: " in line]
     if ours:
         return ours[-1].split(f"{TrialFailed.__name__}: ", 1)[1][:2000], True
-    return (lines[-1] if lines else "unknown error")[:2000], False
+    return (lines[-1] if lines else "")[:2000], False
+
+
+def _local_error(trial: "Trial") -> str:
+    """The text of the trial's error file in its folder on the driver; empty when there is none."""
+    path = trial.error_file
+    try:
+        return Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return ""
 
 
 _ACTIVE: list[_Book] = []
@@ -468,16 +524,61 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
                           "start it with `ray start --head` or check the address", field="--address") from None
 
 
-def _searcher(space: SearchSpace, portable: PortableSpace) -> Any:
+def _searcher(space: SearchSpace, portable: PortableSpace, options: SearchOptions) -> Any:
+    """Optuna behind Tune's concurrency limit (``--jobs``), in a search generator of ``--trials`` trials."""
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     metrics = [o.metric for o in space.objectives]
     modes = ["max" if o.direction == "maximize" else "min" for o in space.objectives]
     single = len(metrics) == 1
-    return OptunaSearch(
+    optuna_search = OptunaSearch(
         space=portable, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
         sampler=make_sampler(space), study_name=space.name,
     )
+    return __getattr__("BudgetedSearch")(ConcurrencyLimiter(optuna_search, max_concurrent=options.jobs), options.trials, options.jobs)
+
+
+def _search_for_active() -> Any:
+    """Unpickling target of the search generator: a new one with the active search's ``--trials``
+    and ``--jobs`` (Tune then restores the sampler's state into it from the experiment)."""
+    book = _ACTIVE[-1]
+    return _searcher(book.space, PortableSpace(book.space), book.options)
+
+
+def _build_budgeted_search() -> type:
+    from ray.tune.search import SearchGenerator
+
+    class BudgetedSearch(SearchGenerator):
+        """Tune's search generator, with the running command's ``--trials`` and ``--jobs`` on restore.
+
+        Tune restores a search generator's trial budget (``num_samples``) and its concurrency limit
+        from the experiment, and ``Tuner.restore`` takes neither, so on its own a resume ignores a
+        larger ``--trials`` or ``--jobs``. This generator applies them once its state is restored,
+        and it pickles (in the experiment's ``tuner.pkl``) as a reference to the search active in
+        the unpickling process, as the callback bridge does. Trials already created are kept
+        whatever ``--trials`` says: unfinished ones run, ended ones count.
+        """
+
+        def __init__(self, searcher: Any, trials: int, jobs: int) -> None:
+            super().__init__(searcher)
+            self.trials = trials
+            self.jobs = jobs
+
+        def restore_from_dir(self, dirpath: str) -> None:
+            super().restore_from_dir(dirpath)
+            state = self.get_state()
+            budget = max(self.trials, state["counter"])
+            raised = budget > state["total_samples"]
+            self.set_state({**state, "total_samples": budget, "finished": state["finished"] and not raised})
+            self.searcher.set_max_concurrency(self.jobs)
+
+        def __reduce__(self) -> tuple[Any, tuple]:
+            return _search_for_active, ()
+
+    BudgetedSearch.__module__ = __name__
+    BudgetedSearch.__qualname__ = "BudgetedSearch"
+    return BudgetedSearch
 
 
 def _scheduler(space: SearchSpace) -> Any:
@@ -529,7 +630,7 @@ def _build_startup_asha() -> type:
     return StartupASHA
 
 
-_LAZY_CLASSES: dict[str, Callable[[], type]] = {"StartupASHA": _build_startup_asha}
+_LAZY_CLASSES: dict[str, Callable[[], type]] = {"StartupASHA": _build_startup_asha, "BudgetedSearch": _build_budgeted_search}
 _BUILT: dict[str, type] = {}
 
 
@@ -567,7 +668,8 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
 
 
 def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, experiment: Path, restore: bool) -> "Tuner":
-    """A new Tuner, or the experiment's restored one (unfinished and errored trials run again)."""
+    """A new Tuner, or the experiment's restored one: unfinished trials run again, errored ones do not
+    (they count as failed), and its search generator takes this command's ``--trials`` and ``--jobs``."""
     from ray import tune
 
     trainable = tune.with_resources(
@@ -575,12 +677,12 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, ex
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
     )
     if restore:
-        return tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=_searcher(space, context.space), scheduler=_scheduler(space), num_samples=options.trials,
-            max_concurrent_trials=options.jobs, reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
+            search_alg=_searcher(space, context.space, options), scheduler=_scheduler(space), num_samples=options.trials,
+            reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=experiment.name, storage_path=str(experiment.parent), verbose=0, callbacks=[make_bridge(_ACTIVE[-1])],
@@ -617,7 +719,7 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     )
     result = SearchResult(name, str(experiment), tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:
-        book = _Book(space, tracker, parent, progress)
+        book = _Book(space, options, tracker, parent, progress)
         _ACTIVE.append(book)
         connected = False
         status = "KILLED"
@@ -626,8 +728,16 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
                 progress.note(f"closed {stale} trial run(s) left RUNNING by a killed search (KILLED, interrupted)")
             connected = _connect(options, progress)
             with _quiet_tune():
-                _tuner(space, options, context, experiment, restore).fit()
-            if book.interrupted(options.trials, restore):
+                tuner = _tuner(space, options, context, experiment, restore)
+                if restore:
+                    from ray.tune import ExperimentAnalysis
+
+                    book.restore_ended(ExperimentAnalysis(str(experiment)).trials)
+                    if (held := len(book.outcomes)) >= options.trials:
+                        progress.note(f"the search already holds {held} ended trials (asked for {options.trials}); "
+                                      "no new trial is sampled")
+                tuner.fit()
+            if book.interrupted(options.trials):
                 raise KeyboardInterrupt
             status = "FINISHED"
         finally:

@@ -223,6 +223,124 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.fixture
+def private_env() -> Iterator[dict[str, str]]:
+    """The environment of a search that starts its own loopback cluster, its session files under a
+    short /tmp path (Ray's Unix socket paths must stay short)."""
+    env = {**cluster_env(), "RAY_TMPDIR": tempfile.mkdtemp(prefix="psr")}
+    try:
+        yield env
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+DIES_ONCE_PLUGIN = '''
+"""A test plugin whose aggregator kills its worker process in the first trial that trains with it."""
+
+import os
+from pathlib import Path
+
+from psmsearch import hookimpl
+from psmsearch.plugins.token_state import MLPAggregator
+
+MARKER = Path({marker!r})
+
+
+class DiesOnce(MLPAggregator):
+    name = "dies_once"
+
+    def forward(self, older, newer):
+        if older.device.type != "meta" and not MARKER.exists():
+            MARKER.touch()
+            os._exit(3)
+        return super().forward(older, newer)
+
+
+@hookimpl
+def register_aggregators(register):
+    register(DiesOnce)
+'''
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_dies_is_recorded_with_rays_error(tmp_path: Path, private_env: dict[str, str]) -> None:
+    """No MLflow error is recorded by a worker that died; Ray's error (written before the callbacks
+    run) is the trial's error in the console, its MLflow run and the summary, not "unknown error"."""
+    (tmp_path / "dies_once.py").write_text(DIES_ONCE_PLUGIN.format(marker=str(tmp_path / "died-once")))
+    (tmp_path / "space.yaml").write_text(SPACE.replace("shipped_mlp", "dies_once"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("--plugin", str(tmp_path / "dies_once.py"), "search", "space.yaml", "--driver", "ray", "--trials", "2",
+                     "--tracking-uri", uri, "--no-progress", "--json", env=private_env, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {t["name"]: t for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
+    assert {name: row["status"] for name, row in rows.items()} == {"trial-0": "failed", "trial-1": "complete"}
+    died = "worker process has died"
+    assert died in rows["trial-0"]["error"], rows["trial-0"]
+    failed_line = next(line for line in result.stderr.splitlines() if line.startswith("trial 0 failed:"))
+    assert "unknown error" not in failed_line
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(rows["trial-0"]["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["psmsearch.status"] == "failed"
+    assert died in run.data.tags["psmsearch.error"], run.data.tags["psmsearch.error"]
+
+
+@pytest.mark.slow
+def test_a_resumed_search_runs_more_trials_at_more_jobs_and_keeps_failed_trials(tmp_path: Path, private_env: dict[str, str]) -> None:
+    """``--resume --trials 4 --jobs 2`` after a finished 2-trial search runs two new trials at once;
+    the failed trial counts and is not run again (it would complete now: it fails only once); the
+    summary lists every trial of the search. A resume asking for fewer trials runs none and drops none."""
+    (tmp_path / "fails_once.py").write_text(FAILS_ONCE_PLUGIN.format(marker=str(tmp_path / "failed-once")))
+    # ~2 s of training a trial, so that two trials started at once are running at once.
+    space = SPACE.replace("shipped_mlp", "fails_once").replace("steps: 20", "steps: 200")
+    (tmp_path / "space.yaml").write_text(space + "driver: {pruner: none}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ("--plugin", str(tmp_path / "fails_once.py"), "search", "space.yaml", "--driver", "ray", "--tracking-uri", uri, "--json")
+
+    def search(*more: str) -> tuple[dict[str, dict], str]:
+        result = run_cli(*args, *more, env=private_env, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        rows = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
+        return {row["name"]: row for row in rows}, result.stderr
+
+    def trial_runs() -> dict[str, list]:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name("ray-tiny")
+        runs: dict[str, list] = {}
+        for run in client.search_runs([experiment.experiment_id], "tags.`psmsearch.kind` = 'trial'"):
+            runs.setdefault(run.data.tags["psmsearch.trial"], []).append(run)
+        return runs
+
+    first, _ = search("--trials", "2", "--no-progress")
+    assert {name: row["status"] for name, row in first.items()} == {"trial-0": "failed", "trial-1": "complete"}
+
+    resumed, stderr = search("--trials", "4", "--jobs", "2", "--resume")
+    statuses = {name: row["status"] for name, row in resumed.items()}
+    assert statuses == {"trial-0": "failed", "trial-1": "complete", "trial-2": "complete", "trial-3": "complete"}
+    assert "the first trial fails on purpose" in resumed["trial-0"]["error"]
+    assert resumed["trial-1"]["run_id"] == first["trial-1"]["run_id"]
+    assert resumed["trial-1"]["objectives"] == first["trial-1"]["objectives"]
+    assert "running 2" in stderr, stderr[-4000:]  # the progress line: two trials started and not ended
+    runs = trial_runs()
+    assert {n: [r.info.status for r in rs] for n, rs in runs.items()} == {
+        "0": ["FAILED"], "1": ["FINISHED"], "2": ["FINISHED"], "3": ["FINISHED"]}
+
+    again, stderr = search("--trials", "3", "--resume")
+    assert {name: row["status"] for name, row in again.items()} == statuses
+    assert "already holds 4 ended trials (asked for 3)" in stderr
+    assert {n: len(rs) for n, rs in trial_runs().items()} == {"0": 1, "1": 1, "2": 1, "3": 1}
+
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(tmp_path / DEFAULT_RESULTS / "ray-tiny"))
+    assert sorted((t.config["psmsearch_trial_number"], t.status) for t in analysis.trials) == [
+        (0, "ERROR"), (1, "TERMINATED"), (2, "TERMINATED"), (3, "TERMINATED")]
+
+
 def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:
     """Ray retries an unreachable GCS for minutes with its own warnings only; psmsearch probes first."""
     from searchhelpers import write_space

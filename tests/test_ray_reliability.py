@@ -15,7 +15,7 @@ search process (GCS, raylet and agents share its process group; workers share it
 * every process the test starts is in one of two sessions, so the test can kill exactly those (by
   pid) and check with ``ps`` that none survives; nothing else on the machine is touched.
 
-What Ray's restore (``Tuner.restore(resume_errored=True)``) delivers, and what the driver adds:
+What Ray's restore (``Tuner.restore``, unfinished trials run again) delivers, and what the driver adds:
 
 * SIGINT: Tune catches it, stops the running trial and saves the experiment state one last time;
   the driver closes the interrupted trial's run (KILLED, ``psmsearch.status=interrupted``) and exits
