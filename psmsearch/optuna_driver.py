@@ -161,7 +161,7 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
         _check_directions(existing, space, study_name)
         trials_before = len(existing.get_trials(deepcopy=False))
     tracker, parent = open_tracking(space, options, "optuna", storage=storage_url,  # its errors leave no study behind
-                                    fresh=trials_before == 0)
+                                    fresh=lambda: _trial_count(storage, study_name) == 0)
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(
         study_name=study_name, storage=storage, directions=directions,
@@ -202,6 +202,13 @@ def study_outcomes(study: optuna.Study) -> list[TrialOutcome]:
         for t in study.get_trials(deepcopy=False)
         if counted(t)
     ]
+
+
+def _trial_count(storage: RDBStorage, study_name: str) -> int:
+    """Trials of the study now (0 when it does not exist yet)."""
+    if study_name not in optuna.get_all_study_names(storage):
+        return 0
+    return len(optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False))
 
 
 OBJECTIVES_ATTR = "psmsearch_objectives"  # the metrics a study's values are, in order

@@ -712,7 +712,7 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     name = options.study or space.name
     experiment = results_dir(options) / name
     restore = _check_new_or_resumed(experiment, options)
-    tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=not restore)
+    tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=lambda: not restore)
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
         parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore, search=name,

@@ -219,11 +219,11 @@ def _close(tracker: Tracker | None, run_id: str | None, status: str, tags: Mappi
 
 
 def open_tracking(space: SearchSpace, options: SearchOptions, driver: str,
-                  storage: str = "", fresh: bool = False) -> tuple[Tracker | None, str | None]:
+                  storage: str = "", fresh: Callable[[], bool] = lambda: False) -> tuple[Tracker | None, str | None]:
     """The MLflow tracker and the search's parent run (reopened on resume), unless tracking is off.
 
     ``storage`` (the Optuna storage URL or the Ray results folder) tells apart searches of one name;
-    ``fresh`` says the study holds no trials yet (see :meth:`Tracker.parent_run`).
+    ``fresh()`` says whether the study holds no trials yet (see :meth:`Tracker.parent_run`).
     """
     if not space.header.tracking.enabled:
         return None, None

@@ -234,7 +234,7 @@ class Tracker:
             return found.experiment_id
 
     def parent_run(self, search: str, tags: Mapping[str, str], params: Mapping[str, Any], storage: str = "",
-                   fresh: bool = False) -> str:
+                   fresh: Callable[[], bool] = lambda: False) -> str:
         """The search's parent run: reopened on resume, else created.
 
         A search is its name and its ``storage`` (the Optuna storage or Ray results folder): two
@@ -242,17 +242,20 @@ class Tracker:
         parent run. The storage is matched by a digest tag (``STORAGE_ID_TAG``), since MLflow's
         filter strings cannot quote every path.
 
-        ``fresh`` says the study holds no trials yet. A parent run that already has trial runs then
-        belongs to an earlier study of the same name and storage (the database was deleted, the
-        results folder removed): it is tagged superseded and left as it is, and a new parent is
-        created, so two studies never share a parent run or trial names.
+        ``fresh()`` says whether the study holds no trials yet. A parent run that already has trial
+        runs then belongs to an earlier study of the same name and storage (the database was
+        deleted, the results folder removed): it is tagged superseded and left as it is, and a new
+        parent is created, so two studies never share a parent run or trial names. ``fresh`` is asked
+        after the trial runs were found: a study's trial exists before its run does, so a process
+        that joins a new study just after another started its first trial does not take that
+        trial's parent for an old one.
         """
         identity = _storage_tags(storage)
         query = _parent_filter(search, identity)
         runs = self._current_parents(query)
         if not runs and identity:
             runs = self._untagged_parent(search, identity)
-        if runs and fresh and self._has_trial_runs(runs[0].info.run_id):
+        if runs and self._has_trial_runs(runs[0].info.run_id) and fresh():
             for run in runs:
                 retry_locked(lambda run_id=run.info.run_id: self.client.set_tag(run_id, SUPERSEDED_TAG, "true"))
             runs = []

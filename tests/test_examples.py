@@ -29,6 +29,7 @@ def test_custom_aggregator_search_trains_the_plugin_aggregator() -> None:
     assert not (EXAMPLES / "plugin_package" / "build").exists()
 
 
+@pytest.mark.slow  # about 45 s; tests/test_ray_driver.py searches on a started head in the default run
 def test_ray_cluster_runs_a_search_on_a_started_head_and_stops_it() -> None:
     result = run(str(EXAMPLES / "ray_cluster" / "run.py"), "--smoke-test")
     assert result.returncode == 0, result.stderr[-3000:]

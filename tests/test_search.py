@@ -394,4 +394,5 @@ def test_a_failed_trials_error_is_printed_once(tmp_path: Path, progress: list[st
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert output.count("ValueError: the task's data source is broken") == 2, output
-    assert "trial 0 failed: ValueError" in result.stderr and "trial 1 failed: ValueError" in result.stderr
+    for number in (0, 1):
+        assert f"trial {number} failed: training and evaluation: ValueError" in result.stderr
