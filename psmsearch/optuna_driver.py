@@ -214,6 +214,21 @@ def _trial_count(storage: RDBStorage, study_name: str) -> int:
 OBJECTIVES_ATTR = "psmsearch_objectives"  # the metrics a study's values are, in order
 
 
+def _wait_until_told(study: optuna.Study, trial_ids: set[int], timeout: float = 60.0) -> None:
+    """Wait for this process's running trials to be told to the study after a Ctrl-C.
+
+    With ``--jobs N`` the interrupt reaches the main thread while it waits for the worker threads;
+    it stops waiting there, and the process would exit before a worker recorded its interrupted
+    trial as failed, leaving it RUNNING until its heartbeat went stale. The workers stop within a
+    training step (:mod:`psmsearch.interrupts`), so this wait is short.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(study._storage.get_trial(trial_id).state != TrialState.RUNNING for trial_id in trial_ids):
+            return
+        time.sleep(0.1)
+
+
 def _check_directions(study: optuna.Study, space: SearchSpace, name: str) -> None:
     """The space's objectives must be the study's: its directions, and the metrics its values hold
     (recorded on the study; a study from before the record is compared by directions only)."""
@@ -251,7 +266,10 @@ def _optimize(
     single = len(space.objectives) == 1
     metric = space.objectives[0].metric
 
+    started: set[int] = set()
+
     def objective(trial: optuna.Trial) -> Any:
+        started.add(trial._trial_id)
         progress.started(trial.number)
         sampled = space.sample(trial)
 
@@ -295,7 +313,11 @@ def _optimize(
         return
     # At most the remaining count from this process, so --jobs N cannot overshoot by running N at
     # the end; the callback stops it earlier where another process joined the study.
-    study.optimize(
-        objective, n_trials=options.trials - done, n_jobs=options.jobs, catch=(TrialFailed,),
-        callbacks=[stop_when_done], gc_after_trial=False, show_progress_bar=False,
-    )
+    try:
+        study.optimize(
+            objective, n_trials=options.trials - done, n_jobs=options.jobs, catch=(TrialFailed,),
+            callbacks=[stop_when_done], gc_after_trial=False, show_progress_bar=False,
+        )
+    except KeyboardInterrupt:
+        _wait_until_told(study, started)
+        raise

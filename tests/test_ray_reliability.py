@@ -183,7 +183,9 @@ def searched(run: Any) -> dict[str, str]:
     return {k: v for k, v in run.data.params.items() if k.startswith("search.")}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+# SIGINT is slow-marked (about 42 s) to keep the default suite under 15 minutes; SIGKILL, the case
+# where Tune's saved state lags MLflow, stays in the default run.
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_ray_search_resumes_after_the_search_process_is_stopped(tmp_path: Path, sessions: Sessions, sig: signal.Signals) -> None:
     space = write_space(tmp_path, train=TRAIN, driver=DRIVER, metrics={"enabled": False})
     db = tmp_path / "mlflow.db"

@@ -207,7 +207,7 @@ def test_ctrl_c_stops_parallel_trials_at_once(tmp_path: Path) -> None:
     assert "Traceback" not in stderr and "terminate called" not in stderr
     runs = trial_runs(tmp_path / "mlflow.db")
     assert sorted((r.info.status, r.data.tags["psmsearch.status"]) for r in runs) == [("KILLED", "interrupted")] * 2
-    assert not [t for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.RUNNING]
+    assert not [(t.number, t.user_attrs, stderr) for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.RUNNING]
 
 
 def test_two_processes_share_one_study_and_one_experiment(tmp_path: Path) -> None:
