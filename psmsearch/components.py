@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, Sequence, get_args
 import torch
 from torch import nn
 
+from psmsearch.errors import HyperParameterError
 from psmsearch.states import State, nbytes
 
 ParamType = Literal["int", "float", "categorical", "bool"]
@@ -168,8 +169,8 @@ class Component(nn.Module):
         unknown = sorted(set(given) - set(declared))
         if unknown:
             allowed = ", ".join(sorted(declared)) or "none"
-            raise ValueError(
-                f"{cls.kind} {cls.name!r} has no hyperparameter {unknown[0]!r}; allowed: {allowed}"
+            raise HyperParameterError(
+                f"{cls.kind} {cls.name!r} has no hyperparameter {unknown[0]!r}; allowed: {allowed}", unknown[0]
             )
         resolved: dict[str, Any] = {}
         for name, hp in declared.items():
@@ -177,7 +178,7 @@ class Component(nn.Module):
             try:
                 resolved[name] = hp.validate(value)
             except ValueError as err:
-                raise ValueError(f"{cls.kind} {cls.name!r} hyperparameter {name!r}: {err}") from None
+                raise HyperParameterError(f"{cls.kind} {cls.name!r} hyperparameter {name!r}: {err}", name) from None
         return resolved
 
 

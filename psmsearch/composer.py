@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from psmsearch import states as S
 from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
 from psmsearch.config import ComponentSpec, ModelConfig
-from psmsearch.errors import ConfigError, IncompatibleComponentsError, PSMSearchError
+from psmsearch.errors import ConfigError, HyperParameterError, IncompatibleComponentsError, PSMSearchError
 from psmsearch.registry import Registry, get_registry
 from psmsearch.scan import OnlineScan, prefix_scan
 
@@ -210,6 +210,8 @@ def validate_model_config(config: ModelConfig, registry: Registry | None = None)
             raise ConfigError(str(err), field=f"model.{kind}") from None
         try:
             info.cls.resolve_hyperparameters(spec.params)
+        except HyperParameterError as err:
+            raise ConfigError(str(err), field=f"model.{kind}.{err.name}") from None
         except ValueError as err:
             raise ConfigError(str(err), field=f"model.{kind}") from None
     try:

@@ -30,12 +30,25 @@ class ConfigError(PSMSearchError):
         return self
 
 
+class HyperParameterError(ValueError):
+    """A component's hyperparameter is unknown or out of range; ``name`` is the hyperparameter at fault.
+
+    A ``ValueError`` (components raise it from ``__init__``), so existing ``except ValueError`` still
+    catches it; config validation uses ``name`` to point at ``model.<kind>.<name>`` and the line or
+    ``--set`` that gave it.
+    """
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 class UnknownComponentError(PSMSearchError, KeyError):
     """A component name is not registered; the message suggests the closest registered names."""
 
     def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
         known = sorted(known)
-        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        close = close_matches(str(name), known, 3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         allowed = ", ".join(known) or "none registered"
         self.kind, self.name, self.known = kind, name, known
@@ -53,7 +66,22 @@ class PluginError(PSMSearchError):
     """A plugin could not be loaded or registered something invalid."""
 
 
+def close_matches(value: str, allowed: Iterable[str], n: int) -> list[str]:
+    """Up to ``n`` allowed values that ``value`` is probably a typo or an abbreviation of.
+
+    Close spellings first (difflib ratio >= 0.6: ``atention`` -> ``attention``, ``gal`` -> ``gla``),
+    then names that contain ``value`` or that ``value`` contains, for 3 characters or more (``linear``
+    -> ``linear_attention``). A looser ratio suggested unrelated names (``typohook`` -> ``pool``).
+    """
+    allowed = list(allowed)
+    close = difflib.get_close_matches(value, allowed, n=n, cutoff=0.6)
+    low = value.lower()
+    if len(low) >= 3:
+        close += [a for a in allowed if a not in close and (low in a.lower() or (len(a) >= 3 and a.lower() in low))]
+    return close[:n]
+
+
 def suggest(value: str, allowed: Iterable[str]) -> str:
     """`` Did you mean 'x'?`` for the closest allowed value, or an empty string."""
-    close = difflib.get_close_matches(str(value), list(allowed), n=1, cutoff=0.5)
+    close = close_matches(str(value), allowed, 1)
     return f" Did you mean {close[0]!r}?" if close else ""

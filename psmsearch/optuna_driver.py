@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from psmsearch.errors import ConfigError
@@ -143,6 +143,31 @@ def _wait_for_stale(study: optuna.Study, storage: RDBStorage, options: SearchOpt
         time.sleep(1.0)
 
 
+def _study_exists(study_name: str, storage_url: str) -> ConfigError:
+    return ConfigError(
+        f"study {study_name!r} already exists in {storage_url}; pass --resume to continue (or join) it, "
+        "or choose another name with --study NAME (or driver.study in the space) or another --storage",
+    )
+
+
+def _create_study_first(space: SearchSpace, options: SearchOptions, storage: BaseStorage, storage_url: str,
+                        study_name: str) -> bool:
+    """Create the new study atomically (the storage's unique name); whether this process created it.
+
+    Two searches started at the same moment without ``--resume`` both saw no study; the second one's
+    create now fails and it stops with the "already exists" error instead of joining the first.
+    With ``--resume`` the loser joins the study, as ``--resume`` on an existing study does.
+    """
+    try:
+        optuna.create_study(study_name=study_name, storage=storage,
+                            directions=[o.direction for o in space.objectives], load_if_exists=False)
+    except optuna.exceptions.DuplicatedStudyError:
+        if not options.resume:
+            raise _study_exists(study_name, storage_url) from None
+        return False
+    return True
+
+
 def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     """Run (or resume, or join) the study for ``space`` until it holds ``options.trials`` counted trials."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # psmsearch reports trial failures itself, without tracebacks
@@ -151,17 +176,20 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
     study_name = options.study or space.name
     exists = study_name in optuna.get_all_study_names(storage)
     if exists and not options.resume:
-        raise ConfigError(
-            f"study {study_name!r} already exists in {storage_url}; pass --resume to continue (or join) it, "
-            "or choose another name with --study NAME (or driver.study in the space) or another --storage",
-        )
+        raise _study_exists(study_name, storage_url)
     trials_before = 0
     if exists:  # a mismatch is reported before the search's MLflow run is opened
         existing = optuna.load_study(study_name=study_name, storage=storage)
         _check_directions(existing, space, study_name)
         trials_before = len(existing.get_trials(deepcopy=False))
-    tracker, parent = open_tracking(space, options, "optuna", storage=storage_url,  # its errors leave no study behind
-                                    fresh=lambda: _trial_count(storage, study_name) == 0)
+    created = not exists and _create_study_first(space, options, storage, storage_url, study_name)
+    try:
+        tracker, parent = open_tracking(space, options, "optuna", storage=storage_url,
+                                        fresh=lambda: _trial_count(storage, study_name) == 0)
+    except BaseException:
+        if created:  # a tracking error leaves no empty study behind that would then need --resume
+            optuna.delete_study(study_name=study_name, storage=storage)
+        raise
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(
         study_name=study_name, storage=storage, directions=directions,

@@ -233,7 +233,7 @@ class _Book:
     def on_complete(self, trial: "Trial") -> None:
         outcome = _terminated(self._number(trial), _flat(self.last.get(trial.trial_id) or trial.last_result or {}), _params(trial))
         if outcome.state == "pruned":
-            self._close_runs(outcome.number, outcome.run_id, "KILLED", {"psmsearch.status": "pruned", "psmsearch.error": outcome.error})
+            self._close_runs(outcome.number, outcome.run_id, "FINISHED", {"psmsearch.status": "pruned", "psmsearch.error": outcome.error})
         self._finish(outcome)
 
     def on_error(self, trial: "Trial") -> None:
@@ -662,7 +662,6 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
         raise ConfigError(
             f"a Ray search {experiment.name!r} already exists in {experiment.parent}; pass --resume to continue it, "
             "or choose another name with --study / another folder with --storage",
-            field="--resume",
         )
     return exists
 

@@ -2,7 +2,8 @@
 
 :func:`execute_trial` turns sampled parameters into a trial configuration, opens the trial's
 nested MLflow run, trains with a callback that logs step metrics and lets the driver prune, and
-closes the run as FINISHED, KILLED (pruned or interrupted) or FAILED with the error recorded.
+closes the run as FINISHED (complete or pruned: the pruner's deliberate early stop, tagged
+``psmsearch.status=pruned``), KILLED (interrupted) or FAILED with the error recorded.
 The Optuna and Ray drivers only differ in how they schedule calls to it.
 """
 
@@ -175,7 +176,7 @@ def _finish_run(
 ) -> None:
     """Final metrics, plots and the run's status. The trial's result exists already, so trouble
     with the tracking store here is reported as a warning and never ends the search."""
-    status = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[outcome.state]
+    status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}[outcome.state]  # KILLED: interrupted
     tags = {"psmsearch.status": outcome.state}
     if outcome.error:
         tags["psmsearch.error"] = outcome.error

@@ -76,10 +76,12 @@ def test_incompatible_state_kinds_are_refused_with_a_clear_message() -> None:
 
 
 def test_unknown_hyperparameter_and_bad_value_name_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"model.aggregator: aggregator 'attention' has no hyperparameter 'depth'; allowed: heads, layers, mlp_ratio"):
+    with pytest.raises(ConfigError, match=r"model.aggregator.depth: aggregator 'attention' has no hyperparameter 'depth'; allowed: heads, layers, mlp_ratio") as unknown:
         validate_model_config(ModelConfig(aggregator={"name": "attention", "depth": 3}))
-    with pytest.raises(ConfigError, match=r"hyperparameter 'layers': 9 is out of range; expected int in \[1, 6\]"):
+    assert unknown.value.field == "model.aggregator.depth"
+    with pytest.raises(ConfigError, match=r"hyperparameter 'layers': 9 is out of range; expected int in \[1, 6\]") as bad:
         validate_model_config(ModelConfig(aggregator={"name": "attention", "layers": 9}))
+    assert bad.value.field == "model.aggregator.layers"
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4])

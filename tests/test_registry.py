@@ -28,6 +28,22 @@ def test_unknown_name_suggests_close_matches(fresh_registry) -> None:
         registry.get("aggregator", "atention")
 
 
+@pytest.mark.parametrize(("typed", "suggested"), [
+    ("atention", ["attention", "linear_attention"]),
+    ("gal", ["gla"]),
+    ("linear", ["linear_attention", "linear_readout_dense", "linear_readout_diag"]),
+    ("mamba", ["mamba2"]),
+    ("typohook", []),  # was 'pool': a loose ratio suggested unrelated names
+])
+def test_suggestions_are_typos_or_abbreviations_of_registered_names(fresh_registry, typed: str,
+                                                                    suggested: list[str]) -> None:
+    from psmsearch.errors import close_matches
+
+    registry = fresh_registry.load_registry()
+    names = sorted({name for kind in ("encoder", "aggregator", "head") for name in registry.names(kind)})
+    assert close_matches(typed, names, 3) == suggested
+
+
 @pytest.mark.parametrize(
     "fixture, expected",
     [

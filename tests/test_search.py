@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
+
+from psmsearch.errors import ConfigError
 
 from clihelpers import run_cli, table_rows
 from searchhelpers import TINY_SPACE, mlflow_runs, optuna_trials, write_space
@@ -266,7 +269,7 @@ def test_a_pruned_trial_shows_its_last_evaluation_in_optuna_mlflow_the_summary_a
         first_evaluation = trial.params["task.quality"] * 1
         assert trial.user_attrs["metrics"]["score"] == pytest.approx(first_evaluation)
         run = runs[trial.user_attrs["mlflow_run_id"]]
-        assert run.info.status == "KILLED" and run.data.tags["psmsearch.status"] == "pruned"
+        assert run.info.status == "FINISHED" and run.data.tags["psmsearch.status"] == "pruned"  # KILLED is interrupted
         assert run.data.metrics["score"] == pytest.approx(first_evaluation)
         assert rows[f"trial-{trial.number}"]["run_id"] == run.info.run_id
         assert rows[f"trial-{trial.number}"]["status"] == "pruned"
@@ -334,11 +337,34 @@ def test_a_deleted_experiment_and_a_storage_password_are_reported_cleanly(tmp_pa
     result = run_cli("search", str(space), "--experiment", "gone", "--no-progress", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--experiment: the MLflow experiment 'gone'" in result.stderr and "is deleted; restore it" in result.stderr
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'psmsearch.db'}") == [], "no empty study needing --resume"
+    result = run_cli("search", str(space), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
 
     result = run_cli("search", str(space), "--storage", "postgresql://user:hunter2@127.0.0.1:9/db", "--no-progress", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot open the Optuna storage 'postgresql://user:***@127.0.0.1:9/db'" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_a_study_created_after_the_exists_check_is_refused_not_joined(tmp_path: Path) -> None:
+    """Two searches started at the same moment without --resume both saw no study, and both ran in it.
+
+    The study another process creates between this one's check and its creation is the race's state:
+    without --resume that is the "already exists" error, with --resume this process joins it.
+    """
+    from psmsearch.optuna_driver import _create_study_first
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    space = load_space(write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"}))
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    storage = optuna.storages.RDBStorage(url)
+    assert _create_study_first(space, SearchOptions(trials=1), storage, url, "s") is True
+    with pytest.raises(ConfigError, match=r"^study 's' already exists in sqlite:///.*pass --resume to continue"):
+        _create_study_first(space, SearchOptions(trials=1), storage, url, "s")
+    assert _create_study_first(space, SearchOptions(trials=1, resume=True), storage, url, "s") is False
+    assert optuna.get_all_study_names(storage) == ["s"]
 
 
 def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_store(tmp_path: Path) -> None:

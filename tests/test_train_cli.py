@@ -97,15 +97,26 @@ def test_an_overridden_value_is_blamed_on_its_set(tmp_path: Path) -> None:
         load_trial_config(path, ["model.chunk_size=0"])
 
 
-@pytest.mark.parametrize(("section", "key", "value"), [
-    ("task", "group", "S9"),                                              # once: the file, no line
-    ("model", "aggregator", {"name": "attention", "layers": 99}),          # once: the file, no line
+@pytest.mark.parametrize(("section", "key", "value", "field", "line_key"), [
+    ("task", "group", "S9", "task.group", "group"),
+    ("model", "aggregator", {"name": "attention", "layers": 99}, "model.aggregator.layers", "layers"),
+    ("model", "aggregator", {"name": "attention", "depth": 2}, "model.aggregator.depth", "depth"),
 ])
-def test_registry_checked_fields_name_their_line(tmp_path: Path, section: str, key: str, value: object) -> None:
+def test_registry_checked_fields_name_their_line(tmp_path: Path, section: str, key: str, value: object,
+                                                field: str, line_key: str) -> None:
     path = write(tmp_path, {**TINY, section: {**TINY[section], key: value}})
-    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith(f"{key}:"))
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: {section}\.{key}: "):
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith(f"{line_key}:"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: {re.escape(field)}: "):
         load_trial_config(path)
+
+
+def test_a_bad_component_hyperparameter_from_set_is_blamed_on_its_set(tmp_path: Path) -> None:
+    """--set model.aggregator.layers=99 was reported at the file's model.aggregator line."""
+    path = write(tmp_path, TINY)
+    with pytest.raises(ConfigError, match=r"^--set model\.aggregator\.layers: model\.aggregator\.layers: .*99 is out of range"):
+        load_trial_config(path, ["model.aggregator.layers=99"])
+    with pytest.raises(ConfigError, match=r"^--set model\.aggregator: model\.aggregator\.depth: "):
+        load_trial_config(path, ["model.aggregator={name: attention, depth: 2}"])
 
 
 def test_a_bad_task_parameter_from_set_is_blamed_on_its_set(tmp_path: Path) -> None:
