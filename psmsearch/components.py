@@ -254,6 +254,17 @@ class Head(Component):
     def forward(self, prefix: State, f: Any) -> torch.Tensor:  # noqa: D102
         raise NotImplementedError(_missing(self, "forward"))
 
+    def forward_last(self, prefix: State, f: Any) -> torch.Tensor:
+        """Optional: only the newest position's output, ``forward(prefix, f)[..., -1, :]`` as ``[*, d]``.
+
+        Streaming calls this once per token on the partial chunk ``f[*, c', ...]``, where all
+        ``c'`` rows of ``forward`` would be computed to keep one. A head that can compute the last
+        row alone (O(c') instead of O(c'^2) for the affine readouts; one query row instead of
+        ``c'`` for attention) overrides it; it must equal the default up to rounding, which the
+        contract suite's stream == parallel checks hold it to.
+        """
+        return self(prefix, f)[..., -1, :]
+
     def fused_forward(self, encoder: Encoder, aggregator: Aggregator, f: Any, *,
                       required: bool = False) -> torch.Tensor | None:
         """Optional: the whole training pass in one fused computation, or ``None``.

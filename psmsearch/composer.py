@@ -139,7 +139,7 @@ class LayerStream:
         """One token ``x[B, d] -> y[B, d]``."""
         f_token = self.layer.encoder.features(x[:, None, :], offset=self.position)  # [B, 1, ...]
         self.buffer = f_token if self.buffer is None else S.cat([self.buffer, f_token], dim=1)
-        y = self.layer.head(self.prefix, self.buffer)[:, -1]  # [B, d]
+        y = self.layer.head.forward_last(self.prefix, self.buffer)  # [B, d]
         self.position += 1
         self.tokens_seen += 1
         if self.position == self.layer.chunk_size:
