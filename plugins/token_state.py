@@ -120,8 +120,9 @@ class AttentionAggregator(Aggregator):
 
     def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         both = torch.cat([older + self.segment[0], newer + self.segment[1]], dim=-2)  # [*, 2k, d]
-        mixed = self.mixer(both)  # [*, 2k, d]
-        return mixed[..., self.k :, :].clone()  # [*, k, d]: a copy, so the state does not pin all 2k rows
+        # Only the newer half is kept, so the last block computes only its k rows (keys and values
+        # still from all 2k). The result is a fresh [*, k, d] tensor: a state pins no discarded rows.
+        return self.mixer(both, keep_from=self.k)  # [*, k, d]
 
     def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
         return self.initial.expand(*batch_shape, *self.initial.shape)  # [*, k, d]
@@ -166,22 +167,41 @@ class AttentionHead(Head):
         self.k = _state_tokens(context, "head 'attention'")
         self.segment = nn.Parameter(torch.randn(2, 1, d) * 0.02)  # [prefix/chunk, 1, d]
         self.reader = Transformer(d, self.hparams["heads"], self.hparams["layers"], self.hparams["mlp_ratio"])
+        # The mask of a full chunk, made once; the mask of a partial chunk of c' tokens is its top-left
+        # [k+c', k+c'] corner (a row's visibility depends only on the two positions). Not persistent:
+        # checkpoints stay as they were, and .to(device) moves it with the parameters.
+        self.register_buffer("full_mask", self._make_mask(context.chunk_size, self.segment.device), persistent=False)
 
-    def _mask(self, width: int, device: torch.device) -> torch.Tensor:
-        """``[k+c', k+c']``: everyone sees the whole prefix, the prefix sees no chunk token, the chunk is causal.
-
-        Made anew on every call (a few thousand booleans), not cached: inside a
-        ``torch.func`` transform even a new tensor belongs to that transform, and
-        a cached one would fail in every later call.
-        """
+    def _make_mask(self, width: int, device: torch.device) -> torch.Tensor:
+        """``[k+c', k+c']``: everyone sees the whole prefix, the prefix sees no chunk token, the chunk is causal."""
         position = torch.arange(self.k + width, device=device)
         query, key = position[:, None], position[None, :]                        # [k+c', 1], [1, k+c']
         return ((key <= query) | (key < self.k)) & ~((query < self.k) & (key >= self.k))
 
-    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        width = f.shape[-2]
+    def _mask(self, width: int, device: torch.device) -> torch.Tensor:
+        """The ``[k+c', k+c']`` mask for a chunk of ``width = c'`` tokens, a slice of ``full_mask``.
+
+        The buffer is made at build time, outside any ``torch.func`` transform, so ``vmap(grad)``
+        and ``torch.export`` see an ordinary constant (a mask cached lazily inside a transform
+        would belong to that transform and fail in every later call). A chunk wider than the
+        layer's ``c`` (not something the composer sends) or on another device gets a new mask.
+        """
+        mask = self.full_mask
+        if width > mask.shape[0] - self.k or mask.device != device:
+            return self._make_mask(width, device)
+        return mask[: self.k + width, : self.k + width]  # [k+c', k+c']
+
+    def _read(self, prefix: torch.Tensor, f: torch.Tensor, keep_from: int) -> torch.Tensor:
+        """Rows ``keep_from..`` of the reader over ``[prefix | chunk]``; only they are computed in the last block."""
         z = torch.cat([prefix + self.segment[0], f + self.segment[1]], dim=-2)  # [*, k+c', d]
-        return self.reader(z, self._mask(width, z.device))[..., self.k :, :]  # [*, c', d]
+        return self.reader(z, self._mask(f.shape[-2], z.device), keep_from=keep_from)  # [*, k+c'-s, d]
+
+    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return self._read(prefix, f, self.k)  # [*, c', d]: the chunk rows are the only queries of the last block
+
+    def forward_last(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Only the newest token's output ``[*, d]``: it is the last block's single query row."""
+        return self._read(prefix, f, self.k + f.shape[-2] - 1)[..., 0, :]  # [*, d]
 
 
 @hookimpl
