@@ -177,3 +177,36 @@ def test_affine_layers_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> N
         (encoder, kind) for encoder in ("mamba2", "gla") for kind in ("fwd", "fwd+bwd")}
     assert all(r["generic_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
     assert "encoder | chunk | pass | generic ms" in table and "generic/fused" in table
+
+
+def test_train_step_full_rows_path_computes_the_same_model() -> None:
+    """The full-rows baseline of ``benchmarks/train_step.py`` must do the same work as the kept-rows
+    path it is compared with: same logits, gradients and streamed outputs (it shares the weights)."""
+    bench = _load("train_step")
+    case = next(case for case in bench.cases(quick=True) if case.name == "T-PSM c=16")
+    torch.manual_seed(0)
+    model = bench.build_model(case.config, bench.VOCAB)
+    legacy = bench.full_rows_copy(model)
+    tokens = torch.randint(0, bench.VOCAB, (2, 37))
+    for m in (model, legacy):
+        torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    torch.testing.assert_close(legacy(tokens), model(tokens))
+    for (name, p), q in zip(model.named_parameters(), legacy.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(bench.stream_tokens(legacy, tokens[:1])(), bench.stream_tokens(model, tokens[:1])())
+    assert legacy.blocks[0].mixer.head.forward_last.__func__ is bench._full_rows_head_last
+
+
+def test_train_step_benchmark_runs(tmp_path: Path) -> None:
+    script = BENCHMARKS / "train_step.py"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--rounds", "1", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(run.stdout)
+    rows = result["rows"]
+    assert [(r["model"], r["pass"]) for r in rows] == [
+        (model, kind) for model in ("T-PSM c=1", "T-PSM c=16", "gla c=16", "mamba2 c=16", "deltanet c=16")
+        for kind in ("train", "eval", "stream")]
+    assert all(r["ms"] > 0 and r["over_gpt"] == pytest.approx(r["ms"] / r["gpt_ms"]) for r in rows)
+    assert all(("speedup" in r) == r["model"].startswith("T-PSM") for r in rows)
+    assert all(r["speedup"] == pytest.approx(r["full_rows_ms"] / r["ms"]) for r in rows if "speedup" in r)
+    assert result["threads"] == 1 and result["rounds"] == 1
