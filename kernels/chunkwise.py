@@ -5,8 +5,10 @@ Recurrence per batch and head, with ``S_t`` a ``[dk, dv]`` matrix::
     S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_tᵀ        (S_{-1} = initial_state or 0)
     o_t = scale * S_tᵀ q_t                                 (inclusive of token t)
 
-``log_gate`` is ``<= 0`` (the log of a decay in (0, 1]), either one scalar per
-head and step (``[B, H, T]``) or one per key channel (``[B, H, T, dk]``).
+``log_gate`` is ``<= 0`` (the log of a decay in [0, 1]), either one scalar per
+head and step (``[B, H, T]``) or one per key channel (``[B, H, T, dk]``). A gate
+of exactly 0 (``log_gate = -inf``) is allowed: log gates are floored at
+:data:`LOG_GATE_FLOOR` (-50) before they are summed.
 
 The chunkwise form splits time into chunks of ``C`` steps. With ``G`` the
 cumulative log gate *inside* a chunk (``G_i = Σ_{j<=i} log_gate_j``, non-increasing)::
@@ -39,6 +41,16 @@ from .first_order_scan import first_order_scan
 SUB_BLOCK = 16
 KERNEL = "chunk_gated_linear_attention"
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)  # a [C, C] score tile per chunk must fit in shared memory
+LOG_GATE_FLOOR = -50.0
+"""Smallest log gate the chunkwise form uses; lower ones (a gate of exactly 0 is ``-inf``) are raised to it.
+
+``e^-50 ≈ 2e-22`` is below float64's resolution (1.1e-16) by six orders, so the state a floored
+gate lets through is negligible next to the new one in every dtype, as the exact 0 would be. The
+floor is not lower because ``G`` after a floored gate carries it: the later gates of the same chunk
+are added to about -50, where a float32 ulp is 3.8e-6, and ``G_i - G_j`` between two of them keeps
+that absolute error (at -1e4 it would be 1e-3). The gradient of a floored gate is 0 (exactly: the
+gate's true gradient, ``e^{log_gate}`` times a finite factor, is below ``e^-50`` of it).
+"""
 
 
 def chunk_gated_linear_attention(
@@ -60,7 +72,9 @@ def chunk_gated_linear_attention(
             under autocast); both backends accumulate in float32 or wider
             (Triton's matmuls use tf32 products when ``q`` is 16-bit).
         log_gate: ``[B, H, T]`` (scalar gate per head) or ``[B, H, T, dk]``
-            (diagonal, per key channel), values ``<= 0``.
+            (diagonal, per key channel), values ``<= 0``; ``-inf`` (forget
+            everything) included. Values below :data:`LOG_GATE_FLOOR` count as
+            the floor, and their gradient is 0.
         chunk_size: steps per chunk; ``T`` need not be a multiple. The Triton
             backend needs a power of two from 16 to 128.
         initial_state: optional ``[B, H, dk, dv]`` state before step 0.
@@ -136,10 +150,13 @@ def gate_per_channel(log_gate: torch.Tensor) -> torch.Tensor:
 def chunk_cumulative_gates(log_gate: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
     """``G``: log gates summed from each chunk's start, ``[B, H, n_chunks, C, dg]``.
 
+    Log gates below :data:`LOG_GATE_FLOOR` are raised to it first, so that a gate of
+    exactly 0 (``-inf``) does not turn the differences ``G_i - G_j`` into
+    ``-inf - (-inf) = NaN``; both backends take their cumulative gates from here.
     Time is padded to whole chunks with ``log_gate = 0`` (decay 1), which leaves
     the state unchanged through the padding.
     """
-    gates = gate_per_channel(log_gate).to(dtype)  # [B, H, T, dg]
+    gates = gate_per_channel(log_gate).to(dtype).clamp(min=LOG_GATE_FLOOR)  # [B, H, T, dg]
     steps = gates.shape[2]
     n_chunks = math.ceil(steps / chunk_size)
     gates = F.pad(gates, (0, 0, 0, n_chunks * chunk_size - steps))  # [B, H, Tp, dg]
