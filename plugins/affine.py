@@ -287,11 +287,31 @@ class RetNetEncoder(_DecayEncoder):
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
         exponents = self.hparams["decay_exponent"] + torch.arange(self.heads, dtype=torch.float64)  # [H]
-        self.register_buffer("log_decay", torch.log1p(-(2.0**-exponents)).float())  # [H]
+        self._exact_log_decay = torch.log1p(-(2.0**-exponents))  # [H], float64 on the CPU
+        self._log_decay_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def log_decay(self, like: torch.Tensor) -> torch.Tensor:
+        """``log γ [H]`` on ``like``'s device in its dtype, rounded once from the exact float64 values.
+
+        The decays are constants of the hyperparameters, not weights, so they are neither a
+        parameter nor a buffer: a buffer was float32-rounded at construction, and ``.double()``
+        then computed with those rounded decays (2e-9 relative off the float64 recurrence), while a
+        float64 buffer would make float32 layers compute in float64 by type promotion. One copy per
+        device and dtype is cached so CUDA steps do not copy from the host each call.
+        """
+        key = (like.device, like.dtype)
+        if key not in self._log_decay_cache:
+            self._log_decay_cache[key] = self._exact_log_decay.to(like.device, like.dtype)
+        return self._log_decay_cache[key]
 
     def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate = k.new_zeros(*k.shape[:-1], 1) + self.log_decay[:, None]  # [*, c', H, 1]: a fresh tensor
+        gate = k.new_zeros(*k.shape[:-1], 1) + self.log_decay(k)[:, None]  # [*, c', H, 1]: a fresh tensor
         return k, gate
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints written before the decays left the state dict carry them as ``log_decay``: drop it."""
+        state_dict.pop(prefix + "log_decay", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class Mamba2Encoder(_DecayEncoder):
