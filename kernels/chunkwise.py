@@ -240,21 +240,28 @@ def _diagonal_gate_scores(q_c: torch.Tensor, k_c: torch.Tensor, cum: torch.Tenso
     sub-block ``J`` than the query, split ``G_i - G_j = (G_i - G_r) + (G_r - G_j)``
     at ``r``, the last step of ``J``: both parts are ``<= 0``, so the factors
     ``q_i e^{G_i - G_r}`` and ``k_j e^{G_r - G_j}`` are bounded and the block is a
-    matmul. Inside a diagonal sub-block the decay is formed per channel
-    (``[s, s, dk]``), exactly.
+    matmul. Inside a diagonal sub-block the decay is formed per channel, exactly,
+    as ``[s_i, s_j, dk]`` with the channels last, so that the products and the sum
+    over channels are a few large elementwise ops (a ``[dk, s, s]`` decay in a
+    three-operand einsum became one tiny batched matmul per element). A chunk of
+    one sub-block (``C <= 16``, or partial chunks) has no off-diagonal part.
     """
     chunk = cum.shape[-2]
     sub = SUB_BLOCK if chunk % SUB_BLOCK == 0 else chunk
     n_sub = chunk // sub
     q_b, k_b, cum_b = (x.unflatten(-2, (n_sub, sub)) for x in (q_c, k_c, cum))  # [B, H, n, m, s, d]
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q_c.device).tril()  # [s, s]
+    diff = cum_b[..., :, None, :] - cum_b[..., None, :, :]                # [B, H, n, m, s(i), s(j), dk]
+    decay = torch.where(causal[..., None], diff, float("-inf")).exp()    # [B, H, n, m, s, s, dk]; exponents <= 0
+    diagonal = ((q_b[..., :, None, :] * decay) * k_b[..., None, :, :]).sum(-1)  # [B, H, n, m, s, s]
+    if n_sub == 1:
+        return diagonal.squeeze(-3)                                       # [B, H, n, C, C]
     ref = cum_b[..., -1, :]                                               # [B, H, n, m, dk]
     k_ref = k_b * (ref.unsqueeze(-2) - cum_b).exp()                       # [B, H, n, m(J), s, dk]
     earlier = _earlier_block_mask(n_sub, sub, q_c.device)                 # [C, m]
     lag = torch.where(earlier[..., None], cum[..., :, None, :] - ref[..., None, :, :], float("-inf"))
     q_ref = q_c.unsqueeze(-2) * lag.exp()                                 # [B, H, n, C, m(J), dk]
     off_diagonal = torch.einsum("...iJc,...Jjc->...iJj", q_ref, k_ref).flatten(-2)  # [B, H, n, C, C]
-    decay = _causal_decay(cum_b.transpose(-1, -2), cum_b.transpose(-1, -2))  # [B, H, n, m, dk, s, s]
-    diagonal = torch.einsum("...ic,...jc,...cij->...ij", q_b, k_b, decay)     # [B, H, n, m, s, s]
     return off_diagonal + _block_diagonal(diagonal)
 
 
