@@ -336,31 +336,23 @@ class RetNetEncoder(_DecayEncoder):
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
         exponents = self.hparams["decay_exponent"] + torch.arange(self.heads, dtype=torch.float64)  # [H]
-        self._exact_log_decay = torch.log1p(-(2.0**-exponents))  # [H], float64 on the CPU
-        self._log_decay_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def log_decay(self, like: torch.Tensor) -> torch.Tensor:
-        """``log γ [H]`` on ``like``'s device in its dtype, rounded once from the exact float64 values.
-
-        The decays are constants of the hyperparameters, not weights, so they are neither a
-        parameter nor a buffer: a buffer was float32-rounded at construction, and ``.double()``
-        then computed with those rounded decays (2e-9 relative off the float64 recurrence), while a
-        float64 buffer would make float32 layers compute in float64 by type promotion. One copy per
-        device and dtype is cached so CUDA steps do not copy from the host each call.
-        """
-        key = (like.device, like.dtype)
-        if key not in self._log_decay_cache:
-            self._log_decay_cache[key] = self._exact_log_decay.to(like.device, like.dtype)
-        return self._log_decay_cache[key]
+        exact = torch.log1p(-(2.0**-exponents))  # [H], float64
+        # log γ = log_decay + log_decay_residual: a float32 pair carrying float64's precision.
+        self.register_buffer("log_decay", exact.float())  # [H]
+        self.register_buffer("log_decay_residual", (exact - exact.float().double()).float(), persistent=False)  # [H]
 
     def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate = k.new_zeros(*k.shape[:-1], 1) + self.log_decay(k)[:, None]  # [*, c', H, 1]: a fresh tensor
-        return k, gate
+        """The fixed decays as ``log_decay + log_decay_residual`` in the module's dtype.
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Checkpoints written before the decays left the state dict carry them as ``log_decay``: drop it."""
-        state_dict.pop(prefix + "log_decay", None)
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        ``log_decay`` alone is float32-rounded, so a ``.double()`` layer computed with decays 2e-9
+        relative off its float64 recurrence; a float64 buffer would instead make float32 layers
+        compute in float64 by type promotion. Both buffers follow the module's dtype: in float64
+        their sum is the exact decay to about 2^-48 relative, in float32 it rounds to ``log_decay``.
+        The residual is not persistent, so checkpoints keep their one ``log_decay`` entry.
+        """
+        log_decay = self.log_decay + self.log_decay_residual  # [H]
+        gate = k.new_zeros(*k.shape[:-1], 1) + log_decay[:, None]  # [*, c', H, 1]: a fresh tensor
+        return k, gate
 
 
 class Mamba2Encoder(_DecayEncoder):
