@@ -5,8 +5,10 @@ Recurrence per batch and head, with ``S_t`` a ``[dk, dv]`` matrix::
     S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_tᵀ        (S_{-1} = initial_state or 0)
     o_t = scale * S_tᵀ q_t                                 (inclusive of token t)
 
-``log_gate`` is ``<= 0`` (the log of a decay in (0, 1]), either one scalar per
-head and step (``[B, H, T]``) or one per key channel (``[B, H, T, dk]``).
+``log_gate`` is ``<= 0`` (the log of a decay in [0, 1]), either one scalar per
+head and step (``[B, H, T]``) or one per key channel (``[B, H, T, dk]``). A gate
+of exactly 0 (``log_gate = -inf``) is allowed: log gates are floored at
+:data:`LOG_GATE_FLOOR` (-50) before they are summed.
 
 The chunkwise form splits time into chunks of ``C`` steps. With ``G`` the
 cumulative log gate *inside* a chunk (``G_i = Σ_{j<=i} log_gate_j``, non-increasing)::
@@ -39,6 +41,16 @@ from .first_order_scan import first_order_scan
 SUB_BLOCK = 16
 KERNEL = "chunk_gated_linear_attention"
 TRITON_CHUNK_SIZES = (16, 32, 64, 128)  # a [C, C] score tile per chunk must fit in shared memory
+LOG_GATE_FLOOR = -50.0
+"""Smallest log gate the chunkwise form uses; lower ones (a gate of exactly 0 is ``-inf``) are raised to it.
+
+``e^-50 ≈ 2e-22`` is below float64's resolution (1.1e-16) by six orders, so the state a floored
+gate lets through is negligible next to the new one in every dtype, as the exact 0 would be. The
+floor is not lower because ``G`` after a floored gate carries it: the later gates of the same chunk
+are added to about -50, where a float32 ulp is 3.8e-6, and ``G_i - G_j`` between two of them keeps
+that absolute error (at -1e4 it would be 1e-3). The gradient of a floored gate is 0 (exactly: the
+gate's true gradient, ``e^{log_gate}`` times a finite factor, is below ``e^-50`` of it).
+"""
 
 
 def chunk_gated_linear_attention(
@@ -60,7 +72,9 @@ def chunk_gated_linear_attention(
             under autocast); both backends accumulate in float32 or wider
             (Triton's matmuls use tf32 products when ``q`` is 16-bit).
         log_gate: ``[B, H, T]`` (scalar gate per head) or ``[B, H, T, dk]``
-            (diagonal, per key channel), values ``<= 0``.
+            (diagonal, per key channel), values ``<= 0``; ``-inf`` (forget
+            everything) included. Values below :data:`LOG_GATE_FLOOR` count as
+            the floor, and their gradient is 0.
         chunk_size: steps per chunk; ``T`` need not be a multiple. The Triton
             backend needs a power of two from 16 to 128.
         initial_state: optional ``[B, H, dk, dv]`` state before step 0.
@@ -136,10 +150,13 @@ def gate_per_channel(log_gate: torch.Tensor) -> torch.Tensor:
 def chunk_cumulative_gates(log_gate: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
     """``G``: log gates summed from each chunk's start, ``[B, H, n_chunks, C, dg]``.
 
+    Log gates below :data:`LOG_GATE_FLOOR` are raised to it first, so that a gate of
+    exactly 0 (``-inf``) does not turn the differences ``G_i - G_j`` into
+    ``-inf - (-inf) = NaN``; both backends take their cumulative gates from here.
     Time is padded to whole chunks with ``log_gate = 0`` (decay 1), which leaves
     the state unchanged through the padding.
     """
-    gates = gate_per_channel(log_gate).to(dtype)  # [B, H, T, dg]
+    gates = gate_per_channel(log_gate).to(dtype).clamp(min=LOG_GATE_FLOOR)  # [B, H, T, dg]
     steps = gates.shape[2]
     n_chunks = math.ceil(steps / chunk_size)
     gates = F.pad(gates, (0, 0, 0, n_chunks * chunk_size - steps))  # [B, H, Tp, dg]
@@ -223,21 +240,28 @@ def _diagonal_gate_scores(q_c: torch.Tensor, k_c: torch.Tensor, cum: torch.Tenso
     sub-block ``J`` than the query, split ``G_i - G_j = (G_i - G_r) + (G_r - G_j)``
     at ``r``, the last step of ``J``: both parts are ``<= 0``, so the factors
     ``q_i e^{G_i - G_r}`` and ``k_j e^{G_r - G_j}`` are bounded and the block is a
-    matmul. Inside a diagonal sub-block the decay is formed per channel
-    (``[s, s, dk]``), exactly.
+    matmul. Inside a diagonal sub-block the decay is formed per channel, exactly,
+    as ``[s_i, s_j, dk]`` with the channels last, so that the products and the sum
+    over channels are a few large elementwise ops (a ``[dk, s, s]`` decay in a
+    three-operand einsum became one tiny batched matmul per element). A chunk of
+    one sub-block (``C <= 16``, or partial chunks) has no off-diagonal part.
     """
     chunk = cum.shape[-2]
     sub = SUB_BLOCK if chunk % SUB_BLOCK == 0 else chunk
     n_sub = chunk // sub
     q_b, k_b, cum_b = (x.unflatten(-2, (n_sub, sub)) for x in (q_c, k_c, cum))  # [B, H, n, m, s, d]
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q_c.device).tril()  # [s, s]
+    diff = cum_b[..., :, None, :] - cum_b[..., None, :, :]                # [B, H, n, m, s(i), s(j), dk]
+    decay = torch.where(causal[..., None], diff, float("-inf")).exp()    # [B, H, n, m, s, s, dk]; exponents <= 0
+    diagonal = ((q_b[..., :, None, :] * decay) * k_b[..., None, :, :]).sum(-1)  # [B, H, n, m, s, s]
+    if n_sub == 1:
+        return diagonal.squeeze(-3)                                       # [B, H, n, C, C]
     ref = cum_b[..., -1, :]                                               # [B, H, n, m, dk]
     k_ref = k_b * (ref.unsqueeze(-2) - cum_b).exp()                       # [B, H, n, m(J), s, dk]
     earlier = _earlier_block_mask(n_sub, sub, q_c.device)                 # [C, m]
     lag = torch.where(earlier[..., None], cum[..., :, None, :] - ref[..., None, :, :], float("-inf"))
     q_ref = q_c.unsqueeze(-2) * lag.exp()                                 # [B, H, n, C, m(J), dk]
     off_diagonal = torch.einsum("...iJc,...Jjc->...iJj", q_ref, k_ref).flatten(-2)  # [B, H, n, C, C]
-    decay = _causal_decay(cum_b.transpose(-1, -2), cum_b.transpose(-1, -2))  # [B, H, n, m, dk, s, s]
-    diagonal = torch.einsum("...ic,...jc,...cij->...ij", q_b, k_b, decay)     # [B, H, n, m, s, s]
     return off_diagonal + _block_diagonal(diagonal)
 
 

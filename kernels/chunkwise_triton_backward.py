@@ -28,7 +28,9 @@ Given ``dO`` and the gradient of the final state, the backward is:
    ``k e^{-G}``, so ``dG = q ⊙ dq - k ⊙ dk``, plus, at each chunk's last row,
    ``Σ_v D ⊙ S_end`` (``S_end`` depends on ``G_last`` with factor 1). The log
    gates' gradient is the reverse cumulative sum of ``dG`` inside each chunk,
-   summed over channels for scalar gates.
+   summed over channels for scalar gates, and 0 where a log gate lies below
+   ``LOG_GATE_FLOOR`` (the forward used the floor there; the reference's clamp
+   has that gradient too).
 
 ``S_prev`` and ``S_end`` are recomputed with the forward's own kernels instead of
 being saved, so training memory is that of the inputs.
@@ -41,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _dispatch
-from .chunkwise import SUB_BLOCK
+from .chunkwise import LOG_GATE_FLOOR, SUB_BLOCK
 from .chunkwise_triton_common import (
     block_sizes,
     chunk_and_head,
@@ -275,6 +277,7 @@ def chunk_gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_ga
         CHUNK=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v, PRECISION=precision, **launch,
     )
     d_gate = _log_gate_gradient(q, k, dq, dk_out, d_end, ends, chunk_size, log_gate.dim() == 3)
+    d_gate = d_gate.masked_fill(log_gate < LOG_GATE_FLOOR, 0.0)  # floored gates: as the reference's clamp
     d_initial = None if initial_state is None else into_chunk[:, 0].to(initial_state.dtype)
     return dq.to(q.dtype), dk_out.to(k.dtype), dv_out.to(v.dtype), d_gate.to(log_gate.dtype), d_initial
 
