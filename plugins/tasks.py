@@ -359,16 +359,22 @@ def _load_hf_text(dataset: str) -> tuple[bytes, bytes]:
 class ByteLM(Task):
     """Character-level (byte) language modelling of a text file or a Hugging Face dataset.
 
-    The file's last ``val_fraction`` of bytes is held out. Training draws random windows wholly
-    inside the training part; evaluation tiles the held-out part with consecutive windows so every
-    held-out byte (after the first) is predicted exactly once, every position of every chunk scored.
+    The file's last ``val_fraction`` of bytes is held out (a data set's validation split). Training
+    draws random windows wholly inside the training part. Evaluation scores the *start* of the
+    held-out part: ``n = min(floor((held_out - 1) / seq_len), max(1, floor(eval_tokens / seq_len)))``
+    consecutive ``seq_len`` windows, so the first ``n * seq_len`` held-out bytes after the first are
+    each predicted once (every position of every chunk scored) and the rest of the held-out part is
+    not scored. An ``eval_tokens`` of at least the held-out size (its maximum, 2**30, always is)
+    scores the whole held-out part up to the last partial window. The same held-out bytes are scored
+    at every evaluation, and the reported metrics are computed on them: there is no separate test
+    split, so a search that selects on these metrics reports a selection-biased figure.
     """
 
     name = "lm"
     hyperparameters = (
         HyperParameter("seq_len", "int", 256, low=8, high=65536, log=True, help="training window (tokens)"),
         HyperParameter("val_fraction", "float", 0.1, low=0.01, high=0.5, help="held-out tail of the file"),
-        HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="held-out tokens scored per evaluation (at most)"),
+        HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="held-out tokens scored per evaluation: the first this many (rounded down to whole windows); 2**30 scores all"),
     )
     options = {"path": DEFAULT_TEXT, "dataset": None}
 
@@ -385,11 +391,44 @@ class ByteLM(Task):
         return self.hparams["seq_len"], "seq_len"
 
     def check(self) -> None:
-        """The text file exists, or the dataset's loader package imports (nothing is downloaded here)."""
+        """The text file exists and is long enough for ``seq_len`` in both parts of the split, or the
+        dataset's loader package imports (nothing is downloaded here, so its size is checked only
+        when training loads it). Checked before a search samples, so a too-short file fails once
+        as a config error instead of failing every trial."""
         if self.settings["dataset"]:
             _require_datasets(self.settings["dataset"])
-        elif not resolve_text_path(self.settings["path"]).is_file():
+            return
+        path = resolve_text_path(self.settings["path"])
+        if not path.is_file():
             raise self._missing_file()
+        self._check_split(path, path.stat().st_size)
+
+    def _split_point(self, size: int) -> int:
+        """Bytes of a ``size``-byte file that go to training; the rest is held out."""
+        return int(size * (1 - self.hparams["val_fraction"]))
+
+    def _check_split(self, path: Path, size: int) -> None:
+        """A ConfigError on ``task.path`` naming the file and the sizes if either part of its split
+        is shorter than one training window plus its target (``seq_len + 1`` bytes)."""
+        need = self.hparams["seq_len"] + 1
+
+        def fits(n: int) -> bool:
+            return self._split_point(n) >= need and n - self._split_point(n) >= need
+
+        if not fits(size):
+            fraction = self.hparams["val_fraction"]
+            smallest = math.ceil(need / min(fraction, 1 - fraction))
+            while not fits(smallest):
+                smallest += 1
+            while fits(smallest - 1):  # int() rounding of the split can make the estimate one too high
+                smallest -= 1
+            train = self._split_point(size)
+            raise ConfigError(
+                f"text file {str(path)!r} has {size} bytes: {train} train / {size - train} held-out "
+                f"(val_fraction={fraction}); each part needs at least seq_len + 1 = {need} bytes, so the file "
+                f"needs at least {smallest} bytes, or a smaller task.seq_len",
+                field="task.path",
+            )
 
     def _missing_file(self) -> ConfigError:
         return ConfigError(
@@ -409,11 +448,13 @@ class ByteLM(Task):
                 if not path.is_file():
                     raise self._missing_file()
                 raw = path.read_bytes()
-                split = int(len(raw) * (1 - self.hparams["val_fraction"]))
+                self._check_split(path, len(raw))
+                split = self._split_point(len(raw))
                 train, val = raw[:split], raw[split:]
             need = self.hparams["seq_len"] + 1
             if len(train) < need or len(val) < need:
-                raise ConfigError(f"text too short for seq_len={need - 1}: {len(train)} train / {len(val)} held-out bytes", field="task.seq_len")
+                raise ConfigError(f"dataset {dataset!r} too short for seq_len={need - 1}: {len(train)} train / "
+                                  f"{len(val)} held-out bytes", field="task.seq_len")
             self._data = (
                 torch.frombuffer(bytearray(train), dtype=torch.uint8),
                 torch.frombuffer(bytearray(val), dtype=torch.uint8),
@@ -429,7 +470,8 @@ class ByteLM(Task):
         return Batch(x, y, torch.ones_like(x, dtype=torch.bool))
 
     def eval_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Consecutive held-out windows ``(inputs[n, T], targets[n, T])``: each target byte once."""
+        """Consecutive windows from the start of the held-out part ``(inputs[n, T], targets[n, T])``:
+        each target byte once; ``n`` as in the class docstring (``eval_tokens`` bounds it)."""
         _, val = self.splits()
         t = self.hparams["seq_len"]
         n = min((len(val) - 1) // t, max(1, self.hparams["eval_tokens"] // t))

@@ -86,7 +86,7 @@ def train(
 
     try:
         if nproc > 1:
-            metrics = run_trial_data_parallel(trial, nproc, checkpoint_path=checkpoint, resume=resume)
+            metrics = run_trial_data_parallel(trial, nproc, checkpoint_path=checkpoint, resume=resume, callback=log)
         else:
             metrics = run_trial(trial, log, progress=progress, checkpoint_path=checkpoint, resume=resume)
     except TrialStopped as err:

@@ -6,13 +6,23 @@ the averaged gradients equal those of one process on the whole batch and a run's
 depend on the number of processes (up to float summation order). Outside a process group every
 helper here is the identity, so the trainer has one code path.
 
-:func:`launch` starts ``world_size`` local processes on the loopback interface (127.0.0.1 only).
+:func:`launch` starts ``world_size`` local processes on the loopback interface (127.0.0.1 only). The
+parent stays in charge: it relays the workers' messages (:func:`send`, e.g. evaluation lines printed
+by rank 0) to a callback, re-raises a worker's user-facing error as the same exception, and on any
+exception of its own (Ctrl-C, SIGTERM, a callback that prunes) stops every worker before re-raising.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import queue as queue_module
+import signal
 import socket
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -56,6 +66,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` outside a process group); a collective."""
+    if not is_active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(model)`` inside a process group, else ``model`` itself.
 
@@ -90,18 +109,140 @@ def teardown() -> None:
         torch_dist.destroy_process_group()
 
 
-def _worker(rank_: int, fn: Callable[..., Any], world_size_: int, port: int, backend: str, args: tuple) -> None:
+STOP_GRACE_S = 10.0
+"""Seconds a worker gets to stop after SIGTERM before it is killed."""
+
+_messages: Any = None  # the parent's queue inside a launched worker (see send)
+
+
+def send(message: Any) -> None:
+    """Pass a picklable ``message`` to the ``on_message`` callback of :func:`launch` in the parent
+    process (dropped outside a launched worker)."""
+    if _messages is not None:
+        _messages.put(message)
+
+
+def _request_stop(_signum: int, _frame: Any) -> None:
+    """A worker's SIGTERM/SIGINT handler: ask the trainer to stop. Every rank learns of it in the
+    next step's all-reduce and stops at that same step; raising here could leave a rank blocked
+    in a collective its peers never join."""
+    from psmsearch import interrupts
+
+    interrupts.STOP.set()
+
+
+def _worker(rank_: int, fn: Callable[..., Any], world_size_: int, port: int, backend: str, args: tuple,
+            messages: Any, error_dir: str, forward: tuple[type[BaseException], ...]) -> None:
+    global _messages
+    _messages = messages
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     setup(rank_, world_size_, port, backend)
     try:
         fn(rank_, *args)
+    except forward as err:
+        _save_error(err, Path(error_dir) / f"error{rank_}.pkl")
+        raise
     finally:
         teardown()
 
 
-def launch(fn: Callable[..., Any], world_size_: int, *args: Any, backend: str = "gloo") -> None:
+def _save_error(err: BaseException, path: Path) -> None:
+    """Pickle ``err``'s type, args and attributes (not the exception itself: types with keyword-only
+    constructor arguments, like ConfigError, do not unpickle)."""
+    cls = type(err)
+    payload = {"module": cls.__module__, "qualname": cls.__qualname__, "args": err.args,
+               "attrs": dict(vars(err))}
+    try:
+        path.write_bytes(pickle.dumps(payload))
+    except Exception:  # noqa: BLE001 - unpicklable attributes: the parent falls back to the traceback
+        pass
+
+
+def _load_error(path: Path) -> BaseException | None:
+    """The exception :func:`_save_error` wrote, rebuilt as the same type with the same message."""
+    import importlib
+
+    try:
+        payload = pickle.loads(path.read_bytes())
+        cls: Any = importlib.import_module(payload["module"])
+        for part in payload["qualname"].split("."):
+            cls = getattr(cls, part)
+        err = cls.__new__(cls)
+        err.args = tuple(payload["args"])
+        vars(err).update(payload["attrs"])
+        return err
+    except Exception:  # noqa: BLE001 - missing or unreadable: the parent reports the worker's traceback
+        return None
+
+
+def launch(fn: Callable[..., Any], world_size_: int, *args: Any, backend: str = "gloo",
+           on_message: Callable[[Any], None] | None = None,
+           forward: tuple[type[BaseException], ...] = ()) -> None:
     """Run ``fn(rank, *args)`` in ``world_size_`` spawned processes joined in one process group.
 
-    ``fn`` must be importable (a module-level function); results travel through files or queues.
+    ``fn`` must be importable (a module-level function); results travel through files, or through
+    :func:`send` to ``on_message``, which runs in this process. A worker exception that is an instance
+    of a type in ``forward`` is raised here as the same type with the same message and attributes
+    (the first failing rank's); any other failure raises torch's ``ProcessRaisedException`` with the
+    worker's traceback. An exception here (``KeyboardInterrupt`` from Ctrl-C or SIGTERM, or one
+    raised by ``on_message``) terminates every worker, kills those still running after
+    :data:`STOP_GRACE_S` seconds, and is re-raised.
     """
+    import torch.multiprocessing as mp
+
     port = free_port()
-    torch.multiprocessing.spawn(_worker, args=(fn, world_size_, port, backend, args), nprocs=world_size_, join=True)
+    context = mp.get_context("spawn")
+    messages = context.SimpleQueue()
+    with tempfile.TemporaryDirectory(prefix="psmsearch-launch-") as error_dir:
+        processes = mp.start_processes(
+            _worker, args=(fn, world_size_, port, backend, args, messages, error_dir, forward),
+            nprocs=world_size_, join=False, start_method="spawn",
+        )
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)  # its "Terminating process N" warnings follow every worker error
+        try:
+            try:
+                while not processes.join(timeout=0.2):
+                    _relay(messages, on_message)
+            finally:
+                spawn_log.setLevel(level)
+            _relay(messages, on_message)  # what the workers sent after the last poll
+        except mp.ProcessRaisedException as err:
+            failed = [err.error_index, *range(world_size_)]
+            errors = (_load_error(Path(error_dir) / f"error{r}.pkl") for r in failed)
+            forwarded = next((e for e in errors if e is not None), None)
+            if forwarded is not None:
+                raise forwarded from None
+            raise
+        except BaseException:
+            _stop_all(processes.processes)
+            raise
+
+
+def _relay(messages: Any, on_message: Callable[[Any], None] | None) -> None:
+    """Hand every queued worker message to ``on_message`` (or drop it)."""
+    while True:
+        try:
+            if messages.empty():
+                return
+            message = messages.get()
+        except (OSError, EOFError, queue_module.Empty):
+            return
+        if on_message is not None:
+            on_message(message)
+
+
+def _stop_all(processes: list[Any]) -> None:
+    """SIGTERM every live worker (each stops at its next training step), SIGKILL any left after the grace."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()

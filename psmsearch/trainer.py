@@ -1,9 +1,18 @@
 """Training loop: AdamW, warmup + cosine decay, gradient clipping, periodic evaluation, checkpoints.
 
 A run is deterministic on CPU for a given seed and a step budget: model init uses the seeded
-global RNG, data comes from a dedicated ``torch.Generator`` (saved in checkpoints, so a restored run
-continues identically), evaluation data comes from the task's own stream. With a time budget the
-schedule follows wall-clock progress, which is not reproducible by nature.
+global RNG, data comes from a dedicated ``torch.Generator``, evaluation data comes from the task's own
+stream, and training-time randomness of the model (dropout, or any component drawing from torch's
+global generator) comes from the trainer's own *training stream*, seeded from
+:func:`training_seed` (``seed`` and the data-parallel rank). The training stream is swapped into the
+global generator (CPU, and the CUDA device's when training there) only for each step's forward and
+backward pass, under a process-wide lock, so trials running as threads of one process (``--jobs N``)
+neither draw from each other's stream nor disturb the caller's. That lock serialises the trials'
+forward and backward passes; on a 2-core CPU two trials in threads ran no faster than one after the
+other even without it. Randomness a component draws outside the training step (evaluation-mode
+forward passes) is not covered. Every stream is saved in checkpoints (per rank under data
+parallelism), so a restored run continues identically. With a time budget the schedule follows
+wall-clock progress, which is not reproducible by nature.
 
 Evaluation results go to ``callback(step, metrics)``; the callback may raise :class:`TrialPruned` to
 stop the run (the Optuna and Ray drivers do). A non-finite loss or gradient raises
@@ -13,15 +22,19 @@ carries on. Under ``torch.distributed`` the loop runs data-parallel (see :mod:`p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -30,6 +43,35 @@ from psmsearch import distributed as dist
 from psmsearch.tasks import Batch, Task
 
 Callback = Callable[[int, dict[str, float]], None]
+
+_GLOBAL_RNG_LOCK = threading.Lock()
+"""Held while a trainer's training stream is swapped into torch's process-wide generators."""
+
+_CHECKPOINT_KEYS = frozenset({"model", "optimizer", "generator", "torch_rng", "task", "step", "tokens", "train_seconds"})
+"""Keys every psmsearch checkpoint has had; later additions are optional so older files still load."""
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run the block with torch's global CPU generator seeded with ``seed``, restoring it afterwards.
+
+    Holds the lock that training steps hold while their stream is swapped in (see the module
+    docstring): without it, a model built in one thread (seeded initialisation) and a training
+    step in another would each save and restore the other's generator state.
+    """
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def training_seed(seed: int, rank: int = 0) -> int:
+    """The seed of a trial's training stream (dropout masks and the like) on data-parallel ``rank``.
+
+    Derived by hashing, so it differs from the seed of model initialisation and data (``seed``
+    itself) and from every other rank's: ranks train on different rows and must not share masks.
+    """
+    digest = hashlib.sha256(f"psmsearch-training-stream:{seed}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class TrialStopped(Exception):
@@ -60,13 +102,22 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(64, ge=1, le=65536)
     lr: float = Field(3e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.01, ge=0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW's (beta1, beta2), each 0 <= b < 1")
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1.0, description="final lr as a fraction of lr")
     grad_clip: float | None = Field(1.0, gt=0)
     eval_every: int = Field(200, ge=1, description="evaluate every this many steps (and at the end)")
     eval_batch_size: int = Field(64, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="save a checkpoint every this many steps")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        """AdamW raises a bare ValueError from deep inside torch for these; say which field and why."""
+        bad = [b for b in value if not 0.0 <= b < 1.0]
+        if bad:
+            raise ValueError(f"each beta must satisfy 0 <= b < 1; got {bad[0]!r}")
+        return value
 
     @model_validator(mode="after")
     def _needs_budget(self) -> "TrainConfig":
@@ -111,7 +162,10 @@ class Trainer:
         callback: Callback | None = None,
         progress: bool = False,
         checkpoint_path: str | Path | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> None:
+        """``identity`` (flat settings that must not change on resume; see :meth:`load_checkpoint`) is
+        saved in checkpoints and compared when one is loaded; ``None`` skips the comparison."""
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.task = task
@@ -120,6 +174,8 @@ class Trainer:
         self.progress = progress and sys.stderr.isatty()
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.generator = torch.Generator().manual_seed(seed)
+        self.identity = identity
+        self.rng_state = _seeded_rng_state(training_seed(seed, dist.rank()), self.device)
         self.optimizer = _adamw(model, config)
         self.parallel = dist.wrap_model(self.model, self.device)
         self.step = 0
@@ -131,13 +187,17 @@ class Trainer:
     # -- schedule -------------------------------------------------------------------------------
 
     def lr_at(self, step: int, elapsed: float) -> float:
-        """Linear warmup then cosine decay to ``min_lr_ratio * lr`` over the budget."""
+        """Linear warmup then cosine decay to ``min_lr_ratio * lr`` over the budget.
+
+        With a step budget the decay's progress is ``(step - warmup) / (steps - 1 - warmup)``: the
+        first step after warmup trains at ``lr`` and the last one (``steps - 1``) at ``min_lr_ratio * lr``.
+        """
         cfg = self.config
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         fractions = []
         if cfg.steps is not None:
-            fractions.append((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+            fractions.append((step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
         if cfg.time_budget_s is not None:
             fractions.append(elapsed / cfg.time_budget_s)
         progress = min(1.0, max(fractions))
@@ -155,17 +215,48 @@ class Trainer:
         """Gradients of the global-batch mean loss on this rank's rows of ``batch``; (loss, accuracy).
 
         Under data parallelism DDP averages gradients over ranks, so the local loss sum is scaled by
-        ``world_size / global_token_count``: the result equals one process on the whole batch.
+        ``world_size / global_token_count``: the result equals one process on the whole batch. The
+        same all-reduce carries each rank's stop request (:data:`psmsearch.interrupts.STOP`), so every
+        rank stops at the same step instead of leaving the others waiting in a collective.
         """
         shard = dist.shard(batch).to(self.device)
-        ce_sum, correct, count = masked_loss(self.parallel(shard.inputs), shard.targets, shard.mask)
-        totals = dist.all_reduce_sum(torch.stack([ce_sum.detach(), correct, count]))  # global sums
+        with self.training_rng():
+            ce_sum, correct, count = masked_loss(self.parallel(shard.inputs), shard.targets, shard.mask)
+        stop = torch.tensor(float(interrupts.STOP.is_set()), device=ce_sum.device)
+        totals = dist.all_reduce_sum(torch.stack([ce_sum.detach(), correct, count, stop]))  # global sums
+        if dist.is_active() and totals[3].item() > 0:
+            raise KeyboardInterrupt("stop requested")
         global_count = totals[2].clamp(min=1)
         loss_value = (totals[0] / global_count).item()
         if not math.isfinite(loss_value):
             raise TrialDiverged(self.step, f"loss is {loss_value}")
-        (ce_sum * dist.world_size() / global_count).backward()
+        with self.training_rng():
+            (ce_sum * dist.world_size() / global_count).backward()
         return loss_value, (totals[1] / global_count).item()
+
+    @contextmanager
+    def training_rng(self) -> Iterator[None]:
+        """Run the block with this trainer's training stream in torch's global generators.
+
+        The caller's generator states are restored afterwards; the lock keeps trials in other
+        threads from drawing from (or swapping out) this stream meanwhile.
+        """
+        cuda = self.device.type == "cuda"
+        with _GLOBAL_RNG_LOCK:
+            outside_cpu = torch.get_rng_state()
+            outside_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+            torch.set_rng_state(self.rng_state["cpu"])
+            if cuda:
+                torch.cuda.set_rng_state(self.rng_state["cuda"], self.device)
+            try:
+                yield
+            finally:
+                self.rng_state = {"cpu": torch.get_rng_state()}
+                if cuda:
+                    self.rng_state["cuda"] = torch.cuda.get_rng_state(self.device)
+                torch.set_rng_state(outside_cpu)
+                if outside_cuda is not None:
+                    torch.cuda.set_rng_state(outside_cuda, self.device)
 
     def train_step(self) -> tuple[float, float]:
         """One optimiser step on the task's batch for ``self.step``; returns (loss, accuracy)."""
@@ -220,7 +311,8 @@ class Trainer:
         evaluated_at = -1
         with _ProgressBar(self.progress, cfg.steps, cfg.time_budget_s) as advance:
             while self._budget_left() and (stop_at is None or self.step < stop_at):
-                interrupts.raise_if_stopping()  # a search's Ctrl-C reaches trials in worker threads here
+                if not dist.is_active():  # data-parallel ranks agree on stopping inside backward()
+                    interrupts.raise_if_stopping()  # a search's Ctrl-C reaches trials in worker threads here
                 started = time.perf_counter()
                 loss, accuracy = self.train_step()
                 self.task.observe_train(self.step, accuracy)
@@ -255,24 +347,37 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a run needs to continue bit-for-bit: weights, optimiser, RNGs, task, counters."""
-        return {
+        """Everything a run needs to continue bit-for-bit: weights, optimiser, RNGs, task, counters.
+
+        ``torch_rng`` is this rank's training stream; under data parallelism ``rank_rng`` lists every
+        rank's (a collective: every rank must call this), and ``trial`` is the JSON of ``identity``.
+        """
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": self.rng_state["cpu"],
             "task": self.task.state_dict(),
             "step": self.step,
             "tokens": self.tokens,
             "train_seconds": self.train_seconds,
             "recent_losses": list(self.recent_losses),
         }
+        if "cuda" in self.rng_state:
+            state["cuda_rng"] = self.rng_state["cuda"].cpu()
+        if dist.is_active():
+            state["rank_rng"] = dist.all_gather_object({k: v.cpu() for k, v in self.rng_state.items()})
+        if self.identity is not None:
+            state["trial"] = json.dumps(self.identity, sort_keys=True)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; this rank's training stream comes from ``rank_rng`` when the
+        checkpoint has one for it, else from ``torch_rng`` (a single-process checkpoint)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        self.rng_state = _restored_rng_state(state, dist.rank(), self.device, self.rng_state)
         self.task.load_state_dict(state["task"])
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
@@ -280,20 +385,24 @@ class Trainer:
         self.recent_losses = [float(x) for x in state.get("recent_losses", [])]
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Write a checkpoint (rank 0 only under data parallelism); atomic via a temporary file."""
+        """Write a checkpoint (rank 0 writes under data parallelism; every rank must call this, as the
+        ranks' training streams are gathered); atomic via a temporary file."""
+        state = self.state_dict()
         if dist.rank() != 0:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         tmp.replace(path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``: no pickled code).
 
         A file that is not such a checkpoint, or one written for another model or optimiser, is a
-        :class:`~psmsearch.errors.ConfigError` naming the file; the run has not started then.
+        :class:`~psmsearch.errors.ConfigError` naming the file; the run has not started then. So is one
+        whose saved ``identity`` differs from this trainer's: the error names every differing field
+        with both values (a checkpoint without one, from before identities were saved, is not compared).
         """
         from psmsearch.errors import ConfigError
 
@@ -302,15 +411,66 @@ class Trainer:
         except Exception as err:  # noqa: BLE001 - torch raises several types for a foreign or damaged file
             raise ConfigError(f"cannot read {str(path)!r} as a checkpoint: {_first_line(err)}",
                               field="--checkpoint") from None
-        missing = sorted(set(self.state_dict()) - set(state)) if isinstance(state, dict) else ["everything"]
+        missing = sorted(_CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
         if missing:
             raise ConfigError(f"{str(path)!r} is not a psmsearch checkpoint (it lacks {', '.join(missing)})",
                               field="--checkpoint")
+        if self.identity is not None and isinstance(state.get("trial"), str):
+            differences = identity_differences(json.loads(state["trial"]), self.identity)
+            if differences:
+                raise ConfigError(
+                    f"{str(path)!r} was written by a different trial: {'; '.join(differences)}; resume with the "
+                    "settings that wrote it (only the budget, evaluation and checkpoint cadence, metrics, "
+                    "device and threads may change)", field="--checkpoint")
         try:
             self.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{str(path)!r} was written for another model or training setup: {_first_line(err)}; "
                               "resume with the configuration that wrote it", field="--checkpoint") from None
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"train.lr: 0.003 in the checkpoint, 0.001 now"`` for every key whose value differs (or is
+    on one side only), sorted by key."""
+    missing = object()
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key, missing), current.get(key, missing)
+        if old != new:
+            shown = ["unset" if v is missing else repr(v) for v in (old, new)]
+            out.append(f"{key}: {shown[0]} in the checkpoint, {shown[1]} now")
+    return out
+
+
+def _seeded_rng_state(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Fresh generator states seeded with ``seed``: ``cpu``, plus ``cuda`` for a CUDA device."""
+    state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.Generator(device).manual_seed(seed).get_state()
+    return state
+
+
+def _restored_rng_state(state: dict[str, Any], rank: int, device: torch.device,
+                        fallback: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's training stream from a checkpoint.
+
+    ``rank_rng`` (data-parallel checkpoints) gives each rank its own; a single-process checkpoint
+    has only ``torch_rng`` (and ``cuda_rng``), which rank 0 takes. A rank the checkpoint has no stream
+    for (resuming with more processes than wrote it) keeps its freshly seeded one, and a CUDA stream
+    missing from a CPU checkpoint stays seeded: such a resumed run is reproducible but differs from an
+    uninterrupted one.
+    """
+    by_rank = state.get("rank_rng")
+    if isinstance(by_rank, list) and rank < len(by_rank):
+        saved = by_rank[rank]
+    elif rank == 0:
+        saved = {"cpu": state["torch_rng"], **({"cuda": state["cuda_rng"]} if "cuda_rng" in state else {})}
+    else:
+        saved = {}
+    out = {"cpu": saved.get("cpu", fallback["cpu"]).cpu()}
+    if "cuda" in fallback:
+        out["cuda"] = saved["cuda"].cpu() if "cuda" in saved else fallback["cuda"]
+    return out
 
 
 def _first_line(err: BaseException) -> str:

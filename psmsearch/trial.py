@@ -36,7 +36,7 @@ from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
 from psmsearch.tasks import Task
-from psmsearch.trainer import Callback, TrainConfig, Trainer, TrialStopped
+from psmsearch.trainer import Callback, TrainConfig, Trainer, TrialStopped, seeded_global_rng
 from psmsearch.yamlio import SourceMap, parse_value, parse_yaml
 
 _BUILD_LOCK = threading.Lock()
@@ -196,7 +196,11 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
     except ConfigError as err:
         if not err.field or err.source != source:
             raise
-        raise err.located(_origin(err.field, overrides, lines)) from None
+        origin = _origin(err.field, overrides, lines)
+        err.located(origin)
+        if origin == f"--set {err.field}":  # "--set task.path: ..." names the field once, not twice
+            err.args = (f"{origin}: {err.detail}", *err.args[1:])
+        raise err from None
 
 
 def _origin(field: str, overrides: Sequence[str], lines: SourceMap) -> str:
@@ -253,14 +257,13 @@ def _run(
 
     device = resolve_device(config.device)
     task = make_task(config, registry)
-    with _phase("building the model", {}), _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+    with _phase("building the model", {}), _BUILD_LOCK, seeded_global_rng(config.seed):
         # Seeded initialisation from the global generator, one trial at a time: concurrent trials
         # (threads of one process) would otherwise draw from each other's random stream.
-        torch.manual_seed(config.seed)
         model = build_model(config.model, task.vocab_size, registry)
     trainer = Trainer(
         model, task, config.train, seed=config.seed, device=device, callback=callback,
-        progress=progress, checkpoint_path=checkpoint_path,
+        progress=progress, checkpoint_path=checkpoint_path, identity=resume_identity(config),
     )
     if resume and checkpoint_path and Path(checkpoint_path).is_file():
         trainer.load_checkpoint(checkpoint_path)
@@ -311,22 +314,51 @@ def where_raised(err: BaseException) -> str:
 _ENGINE_DIR = str(Path(__file__).resolve().parent) + os.sep  # psmsearch/; the built-in plugins are in plugins/
 
 
+RESUMABLE_CHANGES = ("train.steps", "train.time_budget_s", "train.eval_every", "train.eval_batch_size",
+                     "train.checkpoint_every", "metrics.", "device", "threads")
+"""Settings that may differ between the run that wrote a checkpoint and the one resuming it: the budget
+(a longer run: the cosine schedule stretches to the new budget from the resumed step on), evaluation
+and checkpoint cadence, inference metrics, and where and with how many threads it runs. Everything else
+(task, model, seed, optimiser and schedule shape, batch size) defines the trial and must match."""
+
+
+def resume_identity(config: TrialConfig) -> dict[str, Any]:
+    """``config``'s flat settings that a resumed run must share with the one that wrote its checkpoint
+    (all but :data:`RESUMABLE_CHANGES`), JSON-ready: compared by :meth:`Trainer.load_checkpoint`."""
+    flat = json.loads(json.dumps(config.flat_params(), default=str))
+    return {k: v for k, v in flat.items()
+            if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed)) for allowed in RESUMABLE_CHANGES)}
+
+
 def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_path: str | Path | None = None,
-                            resume: bool = False) -> dict[str, float]:
+                            resume: bool = False, callback: Callback | None = None) -> dict[str, float]:
     """:func:`run_trial` in ``world_size`` local data-parallel processes; rank 0's metrics.
 
     Gloo on CPU, NCCL on CUDA (rank ``r`` uses ``cuda:r``). The global batch is ``train.batch_size``
-    whatever the process count, so the result matches a single-process run up to float rounding.
-    Rank 0 writes the checkpoints; every rank resumes from the same file.
+    whatever the process count, so without training-time randomness the result matches a
+    single-process run up to float rounding; with dropout each rank draws its own masks, so the
+    result depends on the process count (and is reproducible for a given one). Rank 0 writes the
+    checkpoints; every rank resumes from the same file. Rank 0's evaluations reach ``callback`` in
+    this process (which may raise :class:`~psmsearch.trainer.TrialPruned` to stop every worker); a
+    worker's :class:`~psmsearch.errors.PSMSearchError` or :class:`~psmsearch.trainer.TrialStopped` is
+    raised here as the same type and message, as :func:`run_trial` would raise it.
     """
     backend = dist.default_backend(resolve_device(config.device))
     if resume and checkpoint_path and Path(checkpoint_path).is_file():
         _check_checkpoint(config, checkpoint_path)  # a bad file is reported here, not as a worker traceback
     checkpoint = str(Path(checkpoint_path).resolve()) if checkpoint_path else None
+
+    def on_message(message: tuple[str, int, dict[str, float]]) -> None:
+        if message[0] == "eval" and callback is not None:
+            callback(message[1], message[2])
+
     with tempfile.TemporaryDirectory(prefix="psmsearch-ddp-") as tmp:
         dist.launch(_data_parallel_worker, world_size, config.model_dump(mode="json"), tmp, checkpoint, resume,
-                    backend=backend)
-        return json.loads((Path(tmp) / "metrics.json").read_text())
+                    backend=backend, on_message=on_message, forward=(PSMSearchError, TrialStopped))
+        result = Path(tmp) / "metrics.json"
+        if not result.is_file():  # a worker was stopped on its own (a signal sent to it, not to us)
+            raise KeyboardInterrupt("a data-parallel worker stopped before the trial ended")
+        return json.loads(result.read_text())
 
 
 def _check_checkpoint(config: TrialConfig, checkpoint_path: str | Path) -> None:
@@ -334,9 +366,15 @@ def _check_checkpoint(config: TrialConfig, checkpoint_path: str | Path) -> None:
     from psmsearch.model import build_model
 
     task = make_task(config)
-    trainer = Trainer(build_model(config.model, task.vocab_size), task, config.train, seed=config.seed)
+    trainer = Trainer(build_model(config.model, task.vocab_size), task, config.train, seed=config.seed,
+                      identity=resume_identity(config))
     with torch.random.fork_rng(devices=[]):
         trainer.load_checkpoint(checkpoint_path)
+
+
+def _report_to_parent(step: int, metrics: dict[str, float]) -> None:
+    """Rank 0's evaluation callback: the parent hands it to the caller's callback (see :func:`dist.send`)."""
+    dist.send(("eval", step, metrics))
 
 
 def _data_parallel_worker(rank: int, raw: dict[str, Any], out_dir: str, checkpoint_path: str | None,
@@ -344,7 +382,8 @@ def _data_parallel_worker(rank: int, raw: dict[str, Any], out_dir: str, checkpoi
     config = TrialConfig.model_validate(raw)
     if resolve_device(config.device).type == "cuda":
         config = config.model_copy(update={"device": f"cuda:{rank % torch.cuda.device_count()}"})
-    metrics = run_trial(config, checkpoint_path=checkpoint_path, resume=resume)
+    callback = _report_to_parent if rank == 0 else None
+    metrics = run_trial(config, callback, checkpoint_path=checkpoint_path, resume=resume)
     if rank == 0:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
 
@@ -393,5 +432,6 @@ __all__ = [
     "make_task",
     "metric_directions",
     "run_trial",
+    "resume_identity",
     "run_trial_data_parallel",
 ]

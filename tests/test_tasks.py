@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,48 @@ def test_lm_missing_file_and_dataset_errors() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode != 0
     assert "ConfigError: task.dataset: could not load dataset 'wikitext-103-raw-v1'" in result.stderr
+
+
+@needs_text
+def test_lm_eval_tokens_bounds_the_scored_prefix_and_its_maximum_scores_the_whole_split() -> None:
+    """The docstring once said every held-out byte is scored; only the first eval_tokens are."""
+    raw = SHAKESPEARE.read_bytes()
+    held_out = raw[int(len(raw) * 0.9):]
+    some = ByteLM(path=str(SHAKESPEARE), seq_len=100, eval_tokens=1050)
+    _, y = some.eval_windows()
+    assert bytes(y.flatten().tolist()) == held_out[1:1001]  # 10 whole windows of the start
+    everything = ByteLM(path=str(SHAKESPEARE), seq_len=100, eval_tokens=2**30)
+    _, y = everything.eval_windows()
+    whole = (len(held_out) - 1) // 100 * 100
+    assert y.numel() == whole and len(held_out) - 1 - whole < 100
+    assert bytes(y.flatten().tolist()) == held_out[1:1 + whole]
+
+
+@needs_text
+def test_lm_check_refuses_a_text_too_short_for_seq_len_naming_file_and_sizes(tmp_path: Path) -> None:
+    """An empty or short file passed check() (existence only), so a search failed every trial, with an
+    error on task.seq_len that named neither the file nor task.path."""
+    short = tmp_path / "short.txt"
+    for size in (0, 100):
+        short.write_bytes(SHAKESPEARE.read_bytes()[:size])
+        with pytest.raises(ConfigError) as info:
+            ByteLM(path=str(short), seq_len=32).check()
+        assert info.value.field == "task.path"
+        train = int(size * 0.9)
+        assert f"{str(short)!r} has {size} bytes: {train} train / {size - train} held-out" in str(info.value)
+        with pytest.raises(ConfigError, match=r"task\.path"):
+            ByteLM(path=str(short), seq_len=32).splits()  # training reports the same error
+    smallest = int(re.search(r"needs at least (\d+) bytes", str(info.value)).group(1))
+    for size, fits in ((smallest, True), (smallest - 1, False)):  # the stated minimum is the minimum
+        short.write_bytes(SHAKESPEARE.read_bytes()[:size])
+        task = ByteLM(path=str(short), seq_len=32)
+        raw = short.read_bytes()
+        split = int(len(raw) * 0.9)
+        assert fits == (split >= 33 and len(raw) - split >= 33)
+        if fits:
+            task.check()
+            train, val = task.splits()
+            assert len(train) >= 33 and len(val) >= 33
+        else:
+            with pytest.raises(ConfigError):
+                task.check()

@@ -93,7 +93,7 @@ def test_schema_error_names_file_line_and_value(tmp_path: Path) -> None:
 
 def test_an_overridden_value_is_blamed_on_its_set(tmp_path: Path) -> None:
     path = write(tmp_path, TINY)
-    with pytest.raises(ConfigError, match=r"^--set model\.chunk_size: model\.chunk_size: 0 is not allowed"):
+    with pytest.raises(ConfigError, match=r"^--set model\.chunk_size: 0 is not allowed"):
         load_trial_config(path, ["model.chunk_size=0"])
 
 
@@ -113,7 +113,7 @@ def test_registry_checked_fields_name_their_line(tmp_path: Path, section: str, k
 def test_a_bad_component_hyperparameter_from_set_is_blamed_on_its_set(tmp_path: Path) -> None:
     """--set model.aggregator.layers=99 was reported at the file's model.aggregator line."""
     path = write(tmp_path, TINY)
-    with pytest.raises(ConfigError, match=r"^--set model\.aggregator\.layers: model\.aggregator\.layers: .*99 is out of range"):
+    with pytest.raises(ConfigError, match=r"^--set model\.aggregator\.layers: .*99 is out of range"):
         load_trial_config(path, ["model.aggregator.layers=99"])
     with pytest.raises(ConfigError, match=r"^--set model\.aggregator: model\.aggregator\.depth: "):
         load_trial_config(path, ["model.aggregator={name: attention, depth: 2}"])
@@ -122,11 +122,12 @@ def test_a_bad_component_hyperparameter_from_set_is_blamed_on_its_set(tmp_path: 
 def test_a_bad_task_parameter_from_set_is_blamed_on_its_set(tmp_path: Path) -> None:
     """--set task.pth=x was reported as the YAML file's error."""
     path = write(tmp_path, TINY)
-    with pytest.raises(ConfigError, match=r"^--set task\.pth: task\.pth: task 'group' has no parameter 'pth'; allowed: "):
+    with pytest.raises(ConfigError, match=r"^--set task\.pth: task 'group' has no parameter 'pth'; allowed: "):
         load_trial_config(path, ["task.pth=x"])
     result = CliRunner().invoke(train, [str(EXAMPLES / "lm_tpsm.yaml"), "--set", "task.path=/no/such/text.txt"])
     assert isinstance(result.exception, ConfigError)  # a task's environment check had no source at all
-    assert str(result.exception).startswith("--set task.path: task.path: text file '/no/such/text.txt' not found")
+    assert str(result.exception).startswith("--set task.path: text file '/no/such/text.txt' not found")  # the field once
+    assert result.exception.field == "task.path"
 
 
 def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
@@ -219,9 +220,39 @@ def test_checkpoint_mistakes_are_clear_errors(tmp_path: Path) -> None:
     result = runner.invoke(train, [str(path), "--set", "model.d_model=32", "--checkpoint", str(checkpoint), "--resume",
                                    "--no-progress"])
     assert isinstance(result.exception, ConfigError)
-    assert "was written for another model or training setup" in str(result.exception)
-    assert "size mismatch" in str(result.exception)
+    assert "was written by a different trial: model.d_model: 16 in the checkpoint, 32 now" in str(result.exception)
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"not a checkpoint")
     result = runner.invoke(train, [str(path), "--checkpoint", str(damaged), "--resume", "--no-progress"])
     assert isinstance(result.exception, ConfigError) and "cannot read" in str(result.exception)
+
+
+def test_betas_outside_0_1_are_a_config_error_naming_the_field(tmp_path: Path) -> None:
+    """train.betas=[1.5, 0.9] reached AdamW and ended in a torch traceback (exit 1)."""
+    path = write(tmp_path, TINY)
+    for betas in ("[1.5, 0.9]", "[0.9, 1.0]", "[-0.1, 0.9]"):
+        with pytest.raises(ConfigError, match=r"^--set train\.betas: .* each beta must satisfy 0 <= b < 1"):
+            load_trial_config(path, [f"train.betas={betas}"])
+    assert load_trial_config(path, ["train.betas=[0.0, 0.999]"]).train.betas == (0.0, 0.999)
+
+
+def test_resume_refuses_a_different_trial_naming_the_fields_and_allows_a_longer_budget(tmp_path: Path) -> None:
+    """--resume checked only the model's shapes: another task, seed or lr continued silently."""
+    path, checkpoint = write(tmp_path, {**TINY, "metrics": {"enabled": False}}), tmp_path / "end.pt"
+    runner = CliRunner()
+    assert runner.invoke(train, [str(path), "--checkpoint", str(checkpoint), "--no-progress", "--no-eval-log"]).exit_code == 0
+    written = checkpoint.read_bytes()
+    result = runner.invoke(train, [str(path), "--set", "train.lr=0.001", "--set", "seed=1", "--set", "task.group=S3",
+                                   "--checkpoint", str(checkpoint), "--resume", "--no-progress"])
+    assert isinstance(result.exception, ConfigError) and result.exception.field == "--checkpoint"
+    message = str(result.exception)
+    for difference in ("seed: 0 in the checkpoint, 1 now", "task.group: 'Z5' in the checkpoint, 'S3' now",
+                       "train.lr: 0.003 in the checkpoint, 0.001 now"):
+        assert difference in message
+    assert checkpoint.read_bytes() == written, "a refused resume leaves the checkpoint alone"
+    result = runner.invoke(train, [str(path), "--set", "train.steps=8", "--set", "train.eval_every=4",
+                                   "--set", "train.checkpoint_every=4", "--set", "metrics.enabled=true",
+                                   "--set", "threads=2", "--checkpoint", str(checkpoint), "--resume",
+                                   "--no-progress", "--no-eval-log", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["train_steps"] == 8

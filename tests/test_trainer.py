@@ -11,7 +11,7 @@ from torch import nn
 from psmsearch.config import ModelConfig
 from psmsearch.model import build_model
 from psmsearch.plugins.tasks import GroupWordProblem
-from psmsearch.trainer import TrainConfig, Trainer, TrialDiverged, TrialPruned
+from psmsearch.trainer import TrainConfig, Trainer, TrialDiverged, TrialPruned, training_seed
 
 MODEL = ModelConfig(
     d_model=16, chunk_size=2, aggregator={"name": "attention", "layers": 1, "heads": 2},
@@ -19,11 +19,11 @@ MODEL = ModelConfig(
 )
 
 
-def make_trainer(steps: int = 12, seed: int = 0, **train: object) -> Trainer:
+def make_trainer(steps: int = 12, seed: int = 0, dropout: float = 0.0, **train: object) -> Trainer:
     torch.manual_seed(seed)
     task = GroupWordProblem(group="S3", train_length=6, eval_max_multiple=2, eval_samples=16, curriculum_threshold=0.3)
-    model = build_model(MODEL, task.vocab_size)
-    config = TrainConfig(steps=steps, batch_size=8, warmup_steps=3, eval_every=5, **train)
+    model = build_model(MODEL.model_copy(update={"dropout": dropout}), task.vocab_size)
+    config = TrainConfig(steps=steps, batch_size=8, **{"warmup_steps": 3, "eval_every": 5, **train})
     return Trainer(model, task, config, seed=seed)
 
 
@@ -98,12 +98,32 @@ def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
 
 
 def test_warmup_then_cosine_schedule() -> None:
+    """Steps 0..102 with 3 warmup steps: the decay runs over steps 3..102, so its middle is step 52.5."""
     trainer = make_trainer(steps=103, lr=1.0, min_lr_ratio=0.1)
     assert trainer.lr_at(0, 0) == pytest.approx(1 / 3)
     assert trainer.lr_at(2, 0) == pytest.approx(1.0)
     assert trainer.lr_at(3, 0) == pytest.approx(1.0)
-    assert trainer.lr_at(53, 0) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert trainer.lr_at(103, 0) == pytest.approx(0.1)
+    assert (trainer.lr_at(52, 0) + trainer.lr_at(53, 0)) / 2 == pytest.approx(0.55, abs=1e-4)
+    assert trainer.lr_at(52, 0) - 0.55 == pytest.approx(0.55 - trainer.lr_at(53, 0))  # symmetric about the middle
+    assert trainer.lr_at(102, 0) == pytest.approx(0.1)
+
+
+def test_the_last_step_trains_at_the_minimum_learning_rate() -> None:
+    """The decay once ended at progress 7/8 (4.03e-4 here, not 3e-4): the lrs the optimiser actually used."""
+    trainer = make_trainer(steps=12, warmup_steps=4, lr=3e-3, min_lr_ratio=0.1)
+    used: list[float] = []
+    step = trainer.optimizer.step
+
+    def record(*args: object, **kwargs: object) -> object:
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record  # type: ignore[method-assign]
+    trainer.fit()
+    assert used[:4] == pytest.approx([7.5e-4, 1.5e-3, 2.25e-3, 3e-3])  # linear warmup
+    assert used[4] == pytest.approx(3e-3) and used[-1] == pytest.approx(3e-4, rel=1e-9)
+    assert all(a > b for a, b in zip(used[4:], used[5:]))
+    assert used[4] + used[11] == pytest.approx(used[7] + used[8]) == pytest.approx(3.3e-3)  # cosine: point-symmetric
 
 
 def test_callback_sees_evaluations_and_can_prune() -> None:
@@ -161,3 +181,44 @@ def test_divergence_raises_with_reason() -> None:
 def test_needs_a_budget() -> None:
     with pytest.raises(ValueError, match="budget"):
         TrainConfig(steps=None, time_budget_s=None)
+
+
+def test_dropout_masks_come_from_the_trial_seed_not_the_global_generator() -> None:
+    """Dropout drew from torch's unseeded global generator: same seed, different runs. Whatever the
+    global generator holds when training starts, the same seed gives the same weights."""
+    runs = []
+    for global_seed in (1, 2):
+        trainer = make_trainer(dropout=0.3)
+        torch.manual_seed(global_seed)
+        outside = torch.get_rng_state()
+        trainer.fit()
+        assert torch.equal(torch.get_rng_state(), outside), "training leaves the caller's generator alone"
+        runs.append(params(trainer))
+    assert torch.equal(runs[0], runs[1])
+    other_seed = make_trainer(dropout=0.3, seed=1)
+    other_seed.model.load_state_dict(make_trainer(dropout=0.3).model.state_dict())  # same init: only masks differ
+    other_seed.generator.manual_seed(0)  # and the same data
+    other_seed.fit()
+    assert not torch.equal(params(other_seed), runs[0]), "the training stream follows the seed"
+    no_dropout = make_trainer()
+    no_dropout.fit()
+    assert not torch.equal(params(no_dropout), runs[0]), "dropout was in effect"
+
+
+def test_training_streams_differ_per_seed_and_rank() -> None:
+    seeds = {training_seed(seed, rank) for seed in range(3) for rank in range(3)}
+    assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds) and training_seed(0) not in range(3)
+
+
+def test_resume_with_dropout_continues_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    """The checkpoint holds the training stream; a resumed process's own global generator does not matter."""
+    straight = make_trainer(steps=10, dropout=0.3)
+    straight.fit()
+    first = make_trainer(steps=10, dropout=0.3)
+    first.checkpoint_path = tmp_path / "ckpt.pt"
+    first.fit(stop_at=4)
+    resumed = make_trainer(steps=10, seed=5, dropout=0.3)
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    torch.manual_seed(1234)  # as a fresh process would have it: unrelated to the run
+    resumed.fit()
+    assert torch.equal(params(resumed), params(straight))
