@@ -7,9 +7,10 @@ global generator) comes from the trainer's own *training stream*, seeded from
 :func:`training_seed` (``seed`` and the data-parallel rank). The training stream is swapped into the
 global generator (CPU, and the CUDA device's when training there) only for each step's forward and
 backward pass, under a process-wide lock, so trials running as threads of one process (``--jobs N``)
-neither draw from each other's stream nor disturb the caller's. That lock serialises the trials'
-forward and backward passes; on a 2-core CPU two trials in threads ran no faster than one after the
-other even without it. Randomness a component draws outside the training step (evaluation-mode
+neither draw from each other's stream nor disturb the caller's. That lock serialises the forward and
+backward passes of trials that draw random numbers; a model whose first step drew nothing from the
+stream (no dropout, no random component) skips the swap and the lock from then on, so such trials
+still compute concurrently. Randomness a component draws outside the training step (evaluation-mode
 forward passes) is not covered. Every stream is saved in checkpoints (per rank under data
 parallelism), so a restored run continues identically. With a time budget the schedule follows
 wall-clock progress, which is not reproducible by nature.
@@ -176,6 +177,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.identity = identity
         self.rng_state = _seeded_rng_state(training_seed(seed, dist.rank()), self.device)
+        self.draws_random: bool | None = None  # whether training steps draw from the stream; None: not yet known
+        self._drew_random = False
         self.optimizer = _adamw(model, config)
         self.parallel = dist.wrap_model(self.model, self.device)
         self.step = 0
@@ -239,15 +242,22 @@ class Trainer:
         """Run the block with this trainer's training stream in torch's global generators.
 
         The caller's generator states are restored afterwards; the lock keeps trials in other
-        threads from drawing from (or swapping out) this stream meanwhile.
+        threads from drawing from (or swapping out) this stream meanwhile. A model whose first
+        training step drew nothing from the stream (no dropout, no random component) skips the
+        swap and the lock from then on, so trials in threads (``--jobs N``) compute concurrently
+        unless they need randomness.
         """
+        if self.draws_random is False:
+            yield
+            return
         cuda = self.device.type == "cuda"
         with _GLOBAL_RNG_LOCK:
             outside_cpu = torch.get_rng_state()
             outside_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
-            torch.set_rng_state(self.rng_state["cpu"])
+            before = self.rng_state
+            torch.set_rng_state(before["cpu"])
             if cuda:
-                torch.cuda.set_rng_state(self.rng_state["cuda"], self.device)
+                torch.cuda.set_rng_state(before["cuda"], self.device)
             try:
                 yield
             finally:
@@ -257,6 +267,8 @@ class Trainer:
                 torch.set_rng_state(outside_cpu)
                 if outside_cuda is not None:
                     torch.cuda.set_rng_state(outside_cuda, self.device)
+                self._drew_random = self._drew_random or any(
+                    not torch.equal(before[key], self.rng_state[key]) for key in before)
 
     def train_step(self) -> tuple[float, float]:
         """One optimiser step on the task's batch for ``self.step``; returns (loss, accuracy)."""
@@ -264,6 +276,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step, self.train_seconds)
         loss, accuracy = self.backward(batch)
+        if self.draws_random is None:  # decided once, by the first step's forward and backward
+            self.draws_random = self._drew_random
         grad_norm = _clip(self.model, self.config.grad_clip)
         if not math.isfinite(grad_norm):
             raise TrialDiverged(self.step, f"gradient norm is {grad_norm}")

@@ -32,6 +32,30 @@ def test_concurrent_trials_with_dropout_match_a_trial_run_alone() -> None:
     assert other["train_loss"] != alone["train_loss"]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_only_models_that_draw_random_numbers_take_the_training_stream_lock(dropout: float) -> None:
+    """Trials in threads serialise their steps only when they need the stream: the first step decides."""
+    import threading
+
+    from psmsearch.model import build_model
+    from psmsearch.trainer import _GLOBAL_RNG_LOCK, Trainer
+    from psmsearch.trial import make_task
+
+    config = TrialConfig.from_dict({**CONFIG, "model": {**CONFIG["model"], "dropout": dropout}})
+    task = make_task(config)
+    trainer = Trainer(build_model(config.model, task.vocab_size), task, config.train)
+    assert trainer.draws_random is None
+    trainer.train_step()
+    assert trainer.draws_random is (dropout > 0)
+    step = threading.Thread(target=trainer.train_step, daemon=True)
+    with _GLOBAL_RNG_LOCK:  # as a trial with dropout in another thread holds it during its step
+        step.start()
+        step.join(timeout=10)
+        blocked = step.is_alive()
+    step.join(timeout=30)
+    assert blocked is (dropout > 0) and not step.is_alive()
+
+
 @pytest.mark.slow  # three 2-process launches: ~30 s on a 2-core CPU
 def test_data_parallel_dropout_resumes_as_the_uninterrupted_run(tmp_path: Path) -> None:
     """Each rank has its own stream, saved in the checkpoint: 3 steps + resume to 5 equals 5 straight
