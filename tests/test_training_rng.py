@@ -50,7 +50,7 @@ def test_only_models_that_draw_random_numbers_take_the_training_stream_lock(drop
     step = threading.Thread(target=trainer.train_step, daemon=True)
     with _GLOBAL_RNG_LOCK:  # as a trial with dropout in another thread holds it during its step
         step.start()
-        step.join(timeout=10)
+        step.join(timeout=2)  # a step takes ~50 ms: still running after 2 s means blocked
         blocked = step.is_alive()
     step.join(timeout=30)
     assert blocked is (dropout > 0) and not step.is_alive()

@@ -143,6 +143,7 @@ def test_scan_nested_forward_mode_is_a_clear_error() -> None:
     scan_func_checks.check_nested_forward_mode_is_a_clear_error("cpu", "triton", steps=3, batch=1)
 
 
+@pytest.mark.slow  # about 30 s in the interpreter: run by test_triton_interpret.py's slow case
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp set-up
 def test_chunk_under_torch_func_transforms() -> None:
     check_chunk_func_transforms("cpu")

@@ -16,11 +16,15 @@ CASES = Path(__file__).with_name("interpret_triton_cases.py")
 
 @pytest.mark.interpret
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="triton is not installed")
-def test_triton_kernels_under_interpreter() -> None:
+@pytest.mark.parametrize("selection", [
+    "interpret and not slow",
+    pytest.param("interpret and slow", marks=pytest.mark.slow),  # the chunk kernel under torch.func (~30 s)
+])
+def test_triton_kernels_under_interpreter(selection: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop(_dispatch.ENV_VAR, None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interpret", str(CASES)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", selection, str(CASES)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
