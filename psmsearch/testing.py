@@ -405,6 +405,23 @@ def _head_partial(a: _Assembly) -> str:
     return f"c' in 1..{CHUNK - 1}"
 
 
+def _head_forward_last(a: _Assembly) -> str:
+    """``forward_last`` (the streaming path's one-row readout) equals ``forward``'s last row at every width."""
+    prefix, x = _head_inputs(a)
+    f = a.encoder.features(x)  # [B, N, c, ...]
+    for width in range(1, CHUNK + 1):
+        part = S.take(f, 2, slice(0, width))  # [B, N, c', ...]
+        want = a.head(prefix, part)[..., -1, :]  # [B, N, d]
+        got = a.head.forward_last(prefix, part)
+        _require(list(got.shape) == list(want.shape),
+                 f"c'={width}: forward_last returned shape {list(got.shape)}, expected {list(want.shape)} "
+                 "(forward(prefix, f)[..., -1, :])")
+        diff = (got - want).abs().max().item()
+        _require(diff <= ATOL, f"c'={width}: forward_last differs from forward(prefix, f)[..., -1, :] by {diff:.3g}")
+    overridden = type(a.head).forward_last is not Head.forward_last
+    return f"c' in 1..{CHUNK}" + ("" if overridden else " (the default: forward's last row)")
+
+
 def _head_gradients(a: _Assembly) -> str:
     prefix, x = _head_inputs(a)
     prefix = tuple_requires_grad(prefix)
@@ -586,6 +603,7 @@ CHECKS: dict[str, list[tuple[str, Check]]] = {
         ("causal_within_chunk", _head_causal),
         ("chunk_local", _head_chunk_local),
         ("partial_chunks", _head_partial),
+        ("forward_last", _head_forward_last),
         ("gradients", _head_gradients),
         ("fused_equals_generic", _head_fused_equals_generic),
     ],
