@@ -653,8 +653,18 @@ def _max_reports(space: SearchSpace) -> int:
     return 10_000
 
 
+CLAIM_FILE = ".psmsearch-started"
+"""Created (exclusively) in a new Ray experiment's folder before anything else: the search's name is taken."""
+
+
 def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
-    """Whether the Ray experiment exists; an existing one needs ``--resume`` (as an Optuna study does)."""
+    """Whether the Ray experiment exists; an existing one needs ``--resume`` (as an Optuna study does).
+
+    A new search first creates :data:`CLAIM_FILE` in its folder with ``O_EXCL``: of two searches started
+    at the same moment without ``--resume``, which both find nothing Tune could restore, the second
+    is refused instead of running a second Tuner in the same folder. The claim also refuses a search
+    whose earlier process stopped before Tune first saved its state; ``--resume`` then starts it anew.
+    """
     from ray import tune
 
     exists = tune.Tuner.can_restore(str(experiment))
@@ -663,7 +673,22 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
             f"a Ray search {experiment.name!r} already exists in {experiment.parent}; pass --resume to continue it, "
             "or choose another name with --study / another folder with --storage",
         )
+    if not exists and not options.resume:
+        experiment.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(experiment / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise ConfigError(
+                f"a Ray search {experiment.name!r} was already started in {experiment.parent} (by a process "
+                "starting it now, or one that stopped before Tune saved any state); pass --resume to continue "
+                "or restart it, or choose another name with --study / another folder with --storage",
+            ) from None
     return exists
+
+
+def _release_claim(experiment: Path) -> None:
+    """Give the name back when a new search stops before Tune has saved anything (a tracking error)."""
+    (experiment / CLAIM_FILE).unlink(missing_ok=True)
 
 
 def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, experiment: Path, restore: bool) -> "Tuner":
@@ -711,7 +736,12 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     name = options.study or space.name
     experiment = results_dir(options) / name
     restore = _check_new_or_resumed(experiment, options)
-    tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=lambda: not restore)
+    try:
+        tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=lambda: not restore)
+    except BaseException:
+        if not restore and not options.resume:
+            _release_claim(experiment)
+        raise
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
         parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore, search=name,

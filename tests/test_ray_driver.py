@@ -346,6 +346,33 @@ def test_a_resumed_search_runs_more_trials_at_more_jobs_and_keeps_failed_trials(
         (0, "ERROR"), (1, "TERMINATED"), (2, "TERMINATED"), (3, "TERMINATED")]
 
 
+def test_a_ray_search_already_being_started_is_refused_and_a_tracking_error_gives_the_name_back(tmp_path: Path) -> None:
+    """Two Ray searches started at the same moment without --resume both found nothing Tune could
+    restore and ran two Tuners in one folder. The first now claims the folder before anything else;
+    the claim it leaves (before Tune saves state) is the race's state, set up here by hand."""
+    from mlflow.tracking import MlflowClient
+    from searchhelpers import write_space
+
+    from psmsearch.ray_driver import CLAIM_FILE
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    experiment.mkdir(parents=True)
+    (experiment / CLAIM_FILE).touch()
+    result = run_cli("search", str(space), "--driver", "ray", "--no-progress", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: a Ray search 'tiny' was already started in " in result.stderr
+    assert "pass --resume to continue or restart it" in result.stderr
+
+    (experiment / CLAIM_FILE).unlink()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("gone"))
+    result = run_cli("search", str(space), "--driver", "ray", "--experiment", "gone", "--no-progress",
+                     cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "is deleted; restore it" in result.stderr, result.stderr[-3000:]
+    assert not (experiment / CLAIM_FILE).exists(), "a search that never started keeps no claim on its name"
+
+
 def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:
     """Ray retries an unreachable GCS for minutes with its own warnings only; psmsearch probes first."""
     from searchhelpers import write_space
