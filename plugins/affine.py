@@ -335,11 +335,28 @@ class RetNetEncoder(_DecayEncoder):
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
-        exponents = self.hparams["decay_exponent"] + torch.arange(self.heads, dtype=torch.float64)  # [H]
-        exact = torch.log1p(-(2.0**-exponents))  # [H], float64
+        exact = self._exact_log_decay()  # [H], float64
         # log γ = log_decay + log_decay_residual: a float32 pair carrying float64's precision.
         self.register_buffer("log_decay", exact.float())  # [H]
         self.register_buffer("log_decay_residual", (exact - exact.float().double()).float(), persistent=False)  # [H]
+        self.register_load_state_dict_post_hook(_remake_residual_after_load)
+
+    def _exact_log_decay(self) -> torch.Tensor:
+        """``log(1 - 2^-(decay_exponent + h))`` for every head ``h``, in float64 on the CPU."""
+        exponents = self.hparams["decay_exponent"] + torch.arange(self.heads, dtype=torch.float64)  # [H]
+        return torch.log1p(-(2.0**-exponents))  # [H]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "RetNetEncoder":
+        """After ``.to()``, ``.double()``, ``to_empty()``...: the residual is made again from the
+        hyperparameters in ``log_decay``'s dtype and device (``to_empty`` would leave it uninitialised)."""
+        super()._apply(fn, recurse)
+        self._remake_residual()
+        return self
+
+    def _remake_residual(self) -> None:
+        exact = self._exact_log_decay()  # [H]
+        residual = exact - exact.float().double()  # [H]: what float32's log_decay lacks
+        self.log_decay_residual = residual.to(device=self.log_decay.device, dtype=self.log_decay.dtype)
 
     def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed decays as ``log_decay + log_decay_residual`` in the module's dtype.
@@ -353,6 +370,11 @@ class RetNetEncoder(_DecayEncoder):
         log_decay = self.log_decay + self.log_decay_residual  # [H]
         gate = k.new_zeros(*k.shape[:-1], 1) + log_decay[:, None]  # [*, c', H, 1]: a fresh tensor
         return k, gate
+
+
+def _remake_residual_after_load(module: "RetNetEncoder", _incompatible_keys: Any) -> None:
+    """A load with ``assign=True`` replaces ``log_decay`` but leaves the non-persistent residual as it was."""
+    module._remake_residual()
 
 
 class Mamba2Encoder(_DecayEncoder):

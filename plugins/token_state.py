@@ -168,9 +168,21 @@ class AttentionHead(Head):
         self.segment = nn.Parameter(torch.randn(2, 1, d) * 0.02)  # [prefix/chunk, 1, d]
         self.reader = Transformer(d, self.hparams["heads"], self.hparams["layers"], self.hparams["mlp_ratio"])
         # The mask of a full chunk, made once; the mask of a partial chunk of c' tokens is its top-left
-        # [k+c', k+c'] corner (a row's visibility depends only on the two positions). Not persistent:
-        # checkpoints stay as they were, and .to(device) moves it with the parameters.
+        # [k+c', k+c'] corner (a row's visibility depends only on the two positions). Not persistent,
+        # so checkpoints stay as they were; made again whenever the module is moved, materialised
+        # (to_empty after a meta-device build) or loaded (see _remake_mask).
         self.register_buffer("full_mask", self._make_mask(context.chunk_size, self.segment.device), persistent=False)
+        self.register_load_state_dict_post_hook(_remake_mask_after_load)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "AttentionHead":
+        """``.to()``, ``.cuda()``, ``to_empty()``...: afterwards the mask is made again on the parameters'
+        device (``to_empty`` would otherwise leave it as uninitialised memory)."""
+        super()._apply(fn, recurse)
+        self._remake_mask()
+        return self
+
+    def _remake_mask(self) -> None:
+        self.full_mask = self._make_mask(self.context.chunk_size, self.segment.device)  # [k+c, k+c]
 
     def _make_mask(self, width: int, device: torch.device) -> torch.Tensor:
         """``[k+c', k+c']``: everyone sees the whole prefix, the prefix sees no chunk token, the chunk is causal."""
@@ -202,6 +214,12 @@ class AttentionHead(Head):
     def forward_last(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """Only the newest token's output ``[*, d]``: it is the last block's single query row."""
         return self._read(prefix, f, self.k + f.shape[-2] - 1)[..., 0, :]  # [*, d]
+
+
+def _remake_mask_after_load(module: "AttentionHead", _incompatible_keys: Any) -> None:
+    """A load with ``assign=True`` replaces the parameters (perhaps from the meta device to a real one)
+    but leaves the non-persistent mask where it was."""
+    module._remake_mask()
 
 
 @hookimpl

@@ -42,6 +42,10 @@ class HyperParameterError(ValueError):
         super().__init__(message)
         self.name = name
 
+    def __reduce__(self) -> tuple[type["HyperParameterError"], tuple[str, str]]:
+        """Pickle and copy with both arguments (the default rebuilds from ``args``, the message alone)."""
+        return type(self), (str(self.args[0]), self.name)
+
 
 class UnknownComponentError(PSMSearchError, KeyError):
     """A component name is not registered; the message suggests the closest registered names."""

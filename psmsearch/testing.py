@@ -557,6 +557,38 @@ def _layer_float64(a: _Assembly) -> str:
     return "parallel and streaming outputs in float64, close to float32's"
 
 
+def _poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """What ``to_empty`` might hand back, made deterministic: NaN, all False, or -1."""
+    out = torch.empty_like(t, device="cpu")
+    if out.is_floating_point() or out.is_complex():
+        return out.fill_(float("nan"))
+    return out.fill_(False) if out.dtype == torch.bool else out.fill_(-1)
+
+
+def _layer_meta_build(a: _Assembly) -> str:
+    """Built on the meta device, materialised (``to_empty``) and loaded from the state dict, the layer
+    computes what it computed: the way large models are initialised. A buffer kept out of the state
+    dict (``persistent=False``) must be made again when the module is materialised or loaded; here
+    materialising fills every tensor with NaN (booleans False) instead of leaving uninitialised memory."""
+    with torch.device("meta"):
+        context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK)
+        encoder = type(a.encoder)(context, **a.encoder.hparams)
+        context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
+        layer = PSMLayer(encoder, type(a.aggregator)(context, **a.aggregator.hparams),
+                         type(a.head)(context, **a.head.hparams), CHUNK)
+    layer._apply(_poisoned_like)  # to_empty(device="cpu"), with its memory made visibly wrong
+    layer.load_state_dict(a.layer.state_dict())
+    layer.eval()
+    x = torch.randn(BATCH, 2 * CHUNK + 1, D_MODEL, generator=torch.Generator().manual_seed(62))  # [B, T, d]
+    with torch.no_grad():
+        for name, run in (("parallel", lambda net: net(x)), ("streaming", lambda net: _streamed(net, x))):
+            diff = (run(layer) - run(a.layer)).abs().max().item()
+            _require(diff <= ATOL, f"{name}: the layer built on the meta device, materialised and loaded from the "
+                                   f"state dict differs by {diff:.3g} (a non-persistent buffer left as "
+                                   "uninitialised memory? make it again in _apply or a load_state_dict post-hook)")
+    return "meta build, to_empty, load_state_dict: parallel and streaming outputs equal"
+
+
 def _streamed(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
     """``layer`` run token by token over ``x [B, T, d]``."""
     stream = layer.stream(x.shape[0])
@@ -613,6 +645,7 @@ LAYER_CHECKS: list[tuple[str, Check]] = [
     ("batch_independent", _layer_batch_independent),
     ("float64", _layer_float64),
     ("state_nbytes_matches_streaming", _layer_state_nbytes),
+    ("meta_build", _layer_meta_build),
 ]
 
 

@@ -200,7 +200,8 @@ class Trainer:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         fractions = []
         if cfg.steps is not None:
-            fractions.append((step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
+            decay_steps = cfg.steps - 1 - cfg.warmup_steps  # steps after the first post-warmup one
+            fractions.append((step - cfg.warmup_steps) / decay_steps if decay_steps > 0 else 1.0)
         if cfg.time_budget_s is not None:
             fractions.append(elapsed / cfg.time_budget_s)
         progress = min(1.0, max(fractions))

@@ -63,6 +63,8 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
          "parallel: changing sequence 1 of the batch changed sequence 0's outputs by"),
         ("head", "zz_forward_last_off_by_one", "forward_last", "c'=2: forward_last differs from forward(prefix, f)[..., -1, :] by"),
         ("head", "zz_forward_last_off_by_one", "stream_equals_parallel", "token-by-token streaming differs from the parallel forward"),
+        ("head", "zz_unrefreshed_buffer", "meta_build",
+         "parallel: the layer built on the meta device, materialised and loaded from the state dict differs by nan"),
     ],
 )
 def test_broken_component_fails_the_right_check(registry, kind, name, failing_check, evidence) -> None:

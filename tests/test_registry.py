@@ -28,6 +28,18 @@ def test_unknown_name_suggests_close_matches(fresh_registry) -> None:
         registry.get("aggregator", "atention")
 
 
+def test_a_hyperparameter_error_survives_pickling_and_copying() -> None:
+    """Components raise it; Ray workers and multiprocessing pickle what they raise (the name was lost)."""
+    import copy
+    import pickle
+
+    from psmsearch.errors import HyperParameterError
+
+    err = HyperParameterError("aggregator 'x' hyperparameter 'layers': 9 is out of range", "layers")
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err), copy.deepcopy(err)):
+        assert type(again) is HyperParameterError and str(again) == str(err) and again.name == "layers"
+
+
 @pytest.mark.parametrize(("typed", "suggested"), [
     ("atention", ["attention", "linear_attention"]),
     ("gal", ["gla"]),

@@ -126,6 +126,14 @@ def test_the_last_step_trains_at_the_minimum_learning_rate() -> None:
     assert used[4] + used[11] == pytest.approx(used[7] + used[8]) == pytest.approx(3.3e-3)  # cosine: point-symmetric
 
 
+@pytest.mark.parametrize(("steps", "warmup"), [(4, 3), (2, 0), (1, 0)])
+def test_a_budget_with_one_step_after_warmup_ends_at_the_minimum_too(steps: int, warmup: int) -> None:
+    """With ``steps == warmup + 1`` the decay had no length: the one post-warmup step trained at ``lr``."""
+    trainer = make_trainer(steps=steps, warmup_steps=warmup, lr=1.0, min_lr_ratio=0.1)
+    assert trainer.lr_at(steps - 1, 0) == pytest.approx(0.1)
+    assert [trainer.lr_at(s, 0) for s in range(warmup)] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+
+
 def test_callback_sees_evaluations_and_can_prune() -> None:
     seen: list[int] = []
 
