@@ -1,9 +1,13 @@
 """Built-in tasks: the group word problem (``group``, ``s5``), associative recall (``mqar``), byte LM (``lm``).
 
-Synthetic tasks draw training data from the trainer's generator and evaluation data from a separate,
-seed-derived stream. Every whole sequence hashes to a bucket (:func:`psmsearch.tasks.sequence_bucket`);
-bucket 0 is evaluation-only and training rejects it, so the two sets cannot share a sequence. The LM
-task splits the file by byte offset instead: training windows lie wholly before the split.
+Synthetic tasks draw training data from the trainer's generator (seeded by the trial ``seed``) and
+their validation and test sequences from two streams seeded by the task option ``eval_seed`` (default
+0), not by the trial seed: a seed sweep retrains on new data but is scored on the same sequences.
+Every whole sequence hashes to a bucket (:func:`psmsearch.tasks.sequence_bucket`): one sequence in
+:data:`EVAL_BUCKETS` is held out and training rejects it, and the held-out ones are split again by the
+same hash into validation (periodic evaluation) and test (the final ``test_`` metrics), so no two of
+the three sets can share a sequence. The LM task splits the file by byte offset instead: training
+windows lie wholly before the held-out tail, whose first half is validation and second half test.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -30,24 +34,34 @@ from psmsearch.tasks import (
     sequence_bucket,
 )
 
-EVAL_BUCKETS = 10  # one sequence in ten (by content hash) is reserved for evaluation
+EVAL_BUCKETS = 10  # one sequence in ten (by content hash) is held out: never trained on
+
+Part = Literal["train", "validation", "test"]
 
 
-def _sample_disjoint(
-    draw: Callable[[int], torch.Tensor], n: int, want_eval: bool, what: str
-) -> torch.Tensor:
-    """``n`` rows from ``draw(k) -> [k, T]`` whose bucket is 0 (eval) or not 0 (train)."""
+def _sample_disjoint(draw: Callable[[int], torch.Tensor], n: int, part: Part) -> torch.Tensor:
+    """``n`` rows from ``draw(k) -> [k, T]`` that belong to ``part``, by their content hash ``h``.
+
+    Training takes ``h mod EVAL_BUCKETS != 0`` (as before the test split, so training data is
+    unchanged); the held-out rest is split by the finer bucket ``h mod 2 * EVAL_BUCKETS``, which is 0
+    for validation and ``EVAL_BUCKETS`` for test.
+    """
     kept: list[torch.Tensor] = []
     have = 0
+    what = "training" if part == "train" else part
     for _ in range(1000):
-        rows = draw(max(n - have, 1) * (EVAL_BUCKETS + 1 if want_eval else 2))  # [k, T]
-        is_eval = sequence_bucket(rows, EVAL_BUCKETS) == 0  # [k]
-        rows = rows[is_eval if want_eval else ~is_eval]
+        rows = draw(max(n - have, 1) * (2 if part == "train" else 2 * EVAL_BUCKETS + 1))  # [k, T]
+        bucket = sequence_bucket(rows, 2 * EVAL_BUCKETS)  # [k]
+        if part == "train":
+            rows = rows[bucket % EVAL_BUCKETS != 0]
+        else:
+            rows = rows[bucket == (0 if part == "validation" else EVAL_BUCKETS)]
         kept.append(rows)
         have += rows.shape[0]
         if have >= n:
             return torch.cat(kept)[:n]
-    raise RuntimeError(f"could not draw {n} {what} sequences outside the held-out set; the sequence space is too small")
+    raise RuntimeError(f"could not draw {n} {what} sequences from its share of the sequence space (by content "
+                       "hash); the sequence space is too small")
 
 
 # -- the group word problem ------------------------------------------------------------------------
@@ -85,7 +99,11 @@ class GroupWordProblem(Task):
     Trained on lengths up to ``train_length`` (with an optional length curriculum that starts at 2
     and grows by one whenever a training batch's accuracy passes ``curriculum_threshold``), evaluated
     at ``train_length`` times 1, 2, 4, ... up to ``eval_max_multiple``: ``acc_<m>x`` over all
-    positions and ``final_acc_<m>x`` at the last position.
+    positions and ``final_acc_<m>x`` at the last position, plus ``curriculum_length``. Periodic
+    evaluation scores ``eval_samples`` validation sequences per length; the final test metrics
+    (``test_acc_<m>x``, ``test_final_acc_<m>x``) score as many test sequences per length. Both sets
+    come from streams seeded by the option ``eval_seed`` (not the trial seed) and are disjoint from
+    each other and from training by content hash (see the module docstring).
     """
 
     name = "group"
@@ -98,6 +116,7 @@ class GroupWordProblem(Task):
         HyperParameter("eval_max_multiple", "int", 16, low=1, high=64, help="evaluate at L x 1, 2, 4, ... up to this"),
         HyperParameter("eval_samples", "int", 256, low=8, high=100000, help="evaluation sequences per length"),
     )
+    options = {"eval_seed": 0}
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         if self.fixed_group is not None and "group" in params:
@@ -108,7 +127,7 @@ class GroupWordProblem(Task):
         self.table = multiplication_table(self.elements)  # [G, G]
         self.train_length: int = self.hparams["train_length"]
         self.length = min(2, self.train_length) if self.hparams["curriculum"] else self.train_length
-        self._eval_sets: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._sets: dict[Part, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -128,7 +147,7 @@ class GroupWordProblem(Task):
         return lambda k: torch.randint(self.vocab_size, (k, length), generator=generator)
 
     def train_batch(self, step: int, batch_size: int, generator: torch.Generator) -> Batch:
-        words = _sample_disjoint(self._words(generator, self.length), batch_size, False, "training")  # [B, T]
+        words = _sample_disjoint(self._words(generator, self.length), batch_size, "train")  # [B, T]
         targets = self.running_products(words)
         return Batch(words, targets, torch.ones_like(words, dtype=torch.bool))
 
@@ -153,24 +172,34 @@ class GroupWordProblem(Task):
         return out if out[-1] == top else [*out, top]
 
     def eval_sets(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """``{multiple: (words[n, m*L], products[n, m*L])}`` from the evaluation seed stream."""
-        if self._eval_sets is None:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, f"eval:{self.group}"))
-            self._eval_sets = {}
+        """``{multiple: (words[n, m*L], products[n, m*L])}``: the validation sets of periodic evaluation."""
+        return self._held_out_sets("validation")
+
+    def test_sets(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{multiple: (words[n, m*L], products[n, m*L])}``: the test sets of the final test metrics."""
+        return self._held_out_sets("test")
+
+    def _held_out_sets(self, part: Part) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``part``'s sets, drawn once from a stream seeded by ``eval_seed`` and the part's name."""
+        if part not in self._sets:
+            stream = "eval" if part == "validation" else "test"
+            generator = torch.Generator().manual_seed(derive_seed(self.settings["eval_seed"], f"{stream}:{self.group}"))
+            sets = {}
             for m in self.multiples:
-                words = _sample_disjoint(
-                    self._words(generator, m * self.train_length), self.hparams["eval_samples"], True, "evaluation"
-                )
-                self._eval_sets[m] = (words, self.running_products(words))
-        return self._eval_sets
+                words = _sample_disjoint(self._words(generator, m * self.train_length), self.hparams["eval_samples"], part)
+                sets[m] = (words, self.running_products(words))
+            self._sets[part] = sets
+        return self._sets[part]
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+    def _score(self, model: nn.Module, sets: dict[int, tuple[torch.Tensor, torch.Tensor]],
+               device: torch.device | str, batch_size: int) -> dict[str, float]:
+        """Accuracy over all positions and at the last one, per length multiple, on ``sets``."""
         was_training = model.training
         model.eval()
         metrics: dict[str, float] = {}
         try:
-            for m, (words, targets) in self.eval_sets().items():
+            for m, (words, targets) in sets.items():
                 correct_all = correct_final = 0.0
                 for rows in batched(words.shape[0], batch_size):
                     x, y = words[rows].to(device), targets[rows].to(device)
@@ -181,8 +210,20 @@ class GroupWordProblem(Task):
                 metrics[f"final_acc_{length_tag(m)}"] = correct_final / words.shape[0]
         finally:
             model.train(was_training)
+        return metrics
+
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        """Accuracies on the validation sets, and the curriculum's current training length."""
+        metrics = self._score(model, self.eval_sets(), device, batch_size)
         metrics["curriculum_length"] = float(self.length)
         return metrics
+
+    def test_metrics(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        """Accuracies on the test sets (once, after training)."""
+        return self._score(model, self.test_sets(), device, batch_size)
+
+    def test_metric_directions(self) -> dict[str, Direction]:
+        return {k: d for k, d in self.metric_directions().items() if k != "curriculum_length"}
 
     def metric_directions(self) -> dict[str, Direction]:
         out: dict[str, Direction] = {}
@@ -216,6 +257,10 @@ class MQAR(Task):
     vocabulary, values from the upper half, token 0 reserved as filler), followed by queries: each
     key reappears once, at a slot drawn uniformly or with a power law favouring early slots, and
     the model must predict its value at the query position. Only query positions are scored.
+    Periodic evaluation scores ``eval_samples`` validation sequences (``acc``, ``loss``); the final
+    test metrics (``test_acc``, ``test_loss``) score as many test sequences. Both come from streams
+    seeded by the option ``eval_seed`` (not the trial seed) and are disjoint from each other and from
+    training by content hash (see the module docstring).
     """
 
     name = "mqar"
@@ -227,6 +272,7 @@ class MQAR(Task):
         HyperParameter("power_a", "float", 0.01, low=0.001, high=1.0, log=True, help="power-law exponent (slot i has weight (i+1)^(a-1))"),
         HyperParameter("eval_samples", "int", 512, low=8, high=100000, help="evaluation sequences"),
     )
+    options = {"eval_seed": 0}
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         super().__init__(seed, **params)
@@ -242,7 +288,7 @@ class MQAR(Task):
             torch.arange(1, slots + 1, dtype=torch.float64) ** (self.hparams["power_a"] - 1)
         )
         self.slot_weights = (weights / weights.sum()).float()  # [S]
-        self._eval: Batch | None = None
+        self._held_out: dict[Part, Batch] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -283,19 +329,29 @@ class MQAR(Task):
         return Batch(inputs, targets, mask)
 
     def train_batch(self, step: int, batch_size: int, generator: torch.Generator) -> Batch:
-        return self._batch(_sample_disjoint(self._draw(generator), batch_size, False, "training"))
+        return self._batch(_sample_disjoint(self._draw(generator), batch_size, "train"))
 
     def eval_batch(self) -> Batch:
-        if self._eval is None:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "eval:mqar"))
-            self._eval = self._batch(_sample_disjoint(self._draw(generator), self.hparams["eval_samples"], True, "evaluation"))
-        return self._eval
+        """The validation sequences of periodic evaluation."""
+        return self._held_out_batch("validation")
+
+    def test_batch(self) -> Batch:
+        """The test sequences of the final test metrics."""
+        return self._held_out_batch("test")
+
+    def _held_out_batch(self, part: Part) -> Batch:
+        """``part``'s sequences, drawn once from a stream seeded by ``eval_seed`` and the part's name."""
+        if part not in self._held_out:
+            stream = "eval:mqar" if part == "validation" else "test:mqar"
+            generator = torch.Generator().manual_seed(derive_seed(self.settings["eval_seed"], stream))
+            self._held_out[part] = self._batch(_sample_disjoint(self._draw(generator), self.hparams["eval_samples"], part))
+        return self._held_out[part]
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+    def _score(self, model: nn.Module, data: Batch, device: torch.device | str, batch_size: int) -> dict[str, float]:
+        """Accuracy and mean cross-entropy at the query positions of ``data``."""
         was_training = model.training
         model.eval()
-        data = self.eval_batch()
         loss = correct = 0.0
         try:
             for rows in batched(data.inputs.shape[0], batch_size):
@@ -307,6 +363,17 @@ class MQAR(Task):
             model.train(was_training)
         count = data.mask.sum().item()
         return {"acc": correct / count, "loss": loss / count}
+
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and loss on the validation sequences."""
+        return self._score(model, self.eval_batch(), device, batch_size)
+
+    def test_metrics(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and loss on the test sequences (once, after training)."""
+        return self._score(model, self.test_batch(), device, batch_size)
+
+    def test_metric_directions(self) -> dict[str, Direction]:
+        return self.metric_directions()
 
     def metric_directions(self) -> dict[str, Direction]:
         return {"acc": "maximize", "loss": "minimize"}
@@ -342,8 +409,9 @@ def _require_datasets(dataset: str) -> Any:
     return datasets
 
 
-def _load_hf_text(dataset: str) -> tuple[bytes, bytes]:
-    """Train and validation text of a Hugging Face dataset, or a ConfigError saying why not."""
+def _load_hf_text(dataset: str) -> tuple[bytes, bytes, bytes | None]:
+    """Train, validation and test text of a Hugging Face dataset (test ``None`` where the dataset has
+    only one held-out split), or a ConfigError saying why not."""
     datasets = _require_datasets(dataset)
     family, config = (dataset.split("-", 1)[0], dataset) if dataset.startswith("wikitext-") else (dataset, None)
     try:
@@ -353,34 +421,45 @@ def _load_hf_text(dataset: str) -> tuple[bytes, bytes]:
     splits = {name: "\n".join(data[name]["text"]).encode() for name in data}
     if "train" not in splits or not ({"validation", "test"} & set(splits)):
         raise ConfigError(f"dataset {dataset!r} has splits {sorted(splits)}; need train and validation", field="task.dataset")
-    return splits["train"], splits.get("validation", splits.get("test", b""))
+    if "validation" in splits and "test" in splits:
+        return splits["train"], splits["validation"], splits["test"]
+    return splits["train"], splits.get("validation", splits.get("test", b"")), None
 
 
 class ByteLM(Task):
     """Character-level (byte) language modelling of a text file or a Hugging Face dataset.
 
-    The file's last ``val_fraction`` of bytes is held out (a data set's validation split). Training
-    draws random windows wholly inside the training part. Evaluation scores the *start* of the
-    held-out part: ``n = min(floor((held_out - 1) / seq_len), max(1, floor(eval_tokens / seq_len)))``
-    consecutive ``seq_len`` windows, so the first ``n * seq_len`` held-out bytes after the first are
-    each predicted once (every position of every chunk scored) and the rest of the held-out part is
-    not scored. An ``eval_tokens`` of at least the held-out size (its maximum, 2**30, always is)
-    scores the whole held-out part up to the last partial window. The same held-out bytes are scored
-    at every evaluation, and the reported metrics are computed on them: there is no separate test
-    split, so a search that selects on these metrics reports a selection-biased figure.
+    A text file is cut in three by byte offset: the first ``1 - val_fraction`` of its bytes are for
+    training, and the held-out last ``val_fraction`` is halved into a *validation* part (its first
+    ``floor(held_out / 2)`` bytes) and a *test* part (the rest). Training draws random windows wholly
+    inside the training part (unchanged by the validation/test halving, so models trained before it
+    saw the same bytes). A Hugging Face dataset uses its own validation and test splits, or halves
+    its one held-out split the same way when it has only one.
+
+    Periodic evaluation (:meth:`evaluate`: ``loss``, ``perplexity``, ``bpc``; what pruning and a
+    search's validation objectives see) scores the *start* of the validation part, and the final
+    test metrics (:meth:`test_metrics`, reported once after training as ``test_loss``,
+    ``test_perplexity``, ``test_bpc``) score the start of the test part the same way: of a part of
+    ``P`` bytes, ``n = min(floor((P - 1) / seq_len), max(1, floor(eval_tokens / seq_len)))``
+    consecutive ``seq_len`` windows, so the first ``n * seq_len`` bytes after the part's first are
+    each predicted once (every position of every window scored, the context never reaching outside
+    the part) and the rest of the part is not scored. ``eval_tokens`` thus bounds both, and both
+    score the same number of bytes when the parts are large enough; an ``eval_tokens`` of at least
+    the part's size (its maximum, 2**30, always is) scores the whole part up to its last partial
+    window. Validation and test bytes are disjoint from each other and from every training window.
     """
 
     name = "lm"
     hyperparameters = (
         HyperParameter("seq_len", "int", 256, low=8, high=65536, log=True, help="training window (tokens)"),
-        HyperParameter("val_fraction", "float", 0.1, low=0.01, high=0.5, help="held-out tail of the file"),
-        HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="held-out tokens scored per evaluation: the first this many (rounded down to whole windows); 2**30 scores all"),
+        HyperParameter("val_fraction", "float", 0.1, low=0.01, high=0.5, help="held-out tail of the file: first half validation, second half test"),
+        HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="tokens scored per evaluation (validation) and by the final test metrics (test): the first this many of each part (rounded down to whole windows); 2**30 scores all"),
     )
     options = {"path": DEFAULT_TEXT, "dataset": None}
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         super().__init__(seed, **params)
-        self._data: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -391,7 +470,7 @@ class ByteLM(Task):
         return self.hparams["seq_len"], "seq_len"
 
     def check(self) -> None:
-        """The text file exists and is long enough for ``seq_len`` in both parts of the split, or the
+        """The text file exists and is long enough for ``seq_len`` in all three parts of the split, or the
         dataset's loader package imports (nothing is downloaded here, so its size is checked only
         when training loads it). Checked before a search samples, so a too-short file fails once
         as a config error instead of failing every trial."""
@@ -407,25 +486,33 @@ class ByteLM(Task):
         """Bytes of a ``size``-byte file that go to training; the rest is held out."""
         return int(size * (1 - self.hparams["val_fraction"]))
 
+    def _part_sizes(self, size: int) -> tuple[int, int, int]:
+        """(train, validation, test) bytes of a ``size``-byte file: the held-out tail is halved,
+        validation taking the smaller half when it is odd."""
+        train = self._split_point(size)
+        validation = (size - train) // 2
+        return train, validation, size - train - validation
+
     def _check_split(self, path: Path, size: int) -> None:
-        """A ConfigError on ``task.path`` naming the file and the sizes if either part of its split
-        is shorter than one training window plus its target (``seq_len + 1`` bytes)."""
+        """A ConfigError on ``task.path`` naming the file and the sizes if any part of its split
+        (train, validation, test) is shorter than one window plus its target (``seq_len + 1`` bytes)."""
         need = self.hparams["seq_len"] + 1
 
         def fits(n: int) -> bool:
-            return self._split_point(n) >= need and n - self._split_point(n) >= need
+            return min(self._part_sizes(n)) >= need
 
         if not fits(size):
             fraction = self.hparams["val_fraction"]
-            smallest = math.ceil(need / min(fraction, 1 - fraction))
+            smallest = math.ceil(need / min(fraction / 2, 1 - fraction))
             while not fits(smallest):
                 smallest += 1
             while fits(smallest - 1):  # int() rounding of the split can make the estimate one too high
                 smallest -= 1
-            train = self._split_point(size)
+            train, validation, test = self._part_sizes(size)
             raise ConfigError(
                 f"text file {str(path)!r} has {size} bytes: {train} train / {size - train} held-out "
-                f"(val_fraction={fraction}); each part needs at least seq_len + 1 = {need} bytes, so the file "
+                f"({validation} validation + {test} test; val_fraction={fraction}); each of the three parts "
+                f"needs at least seq_len + 1 = {need} bytes, so the file "
                 f"needs at least {smallest} bytes, or a smaller task.seq_len",
                 field="task.path",
             )
@@ -437,53 +524,63 @@ class ByteLM(Task):
             field="task.path",
         )
 
-    def splits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train bytes, validation bytes) as uint8 tensors, loaded once."""
+    def splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(train, validation, test) bytes as uint8 tensors, loaded once; see the class docstring."""
         if self._data is None:
             dataset = self.settings["dataset"]
             if dataset:
-                train, val = _load_hf_text(dataset)
+                train, validation, test = _load_hf_text(dataset)
+                if test is None:
+                    held_out = validation
+                    validation, test = held_out[: len(held_out) // 2], held_out[len(held_out) // 2 :]
             else:
                 path = resolve_text_path(self.settings["path"])
                 if not path.is_file():
                     raise self._missing_file()
                 raw = path.read_bytes()
                 self._check_split(path, len(raw))
-                split = self._split_point(len(raw))
-                train, val = raw[:split], raw[split:]
+                n_train, n_validation, _ = self._part_sizes(len(raw))
+                train = raw[:n_train]
+                validation = raw[n_train : n_train + n_validation]
+                test = raw[n_train + n_validation :]
             need = self.hparams["seq_len"] + 1
-            if len(train) < need or len(val) < need:
+            if min(len(train), len(validation), len(test)) < need:
                 raise ConfigError(f"dataset {dataset!r} too short for seq_len={need - 1}: {len(train)} train / "
-                                  f"{len(val)} held-out bytes", field="task.seq_len")
-            self._data = (
-                torch.frombuffer(bytearray(train), dtype=torch.uint8),
-                torch.frombuffer(bytearray(val), dtype=torch.uint8),
-            )
-        return self._data
+                                  f"{len(validation)} validation / {len(test)} test bytes", field="task.seq_len")
+            self._data = tuple(torch.frombuffer(bytearray(part), dtype=torch.uint8)
+                               for part in (train, validation, test))  # type: ignore[assignment]
+        return self._data  # type: ignore[return-value]
 
     def train_batch(self, step: int, batch_size: int, generator: torch.Generator) -> Batch:
-        train, _ = self.splits()
+        train = self.splits()[0]
         t = self.hparams["seq_len"]
         starts = torch.randint(len(train) - t, (batch_size,), generator=generator)  # [B]
         windows = train[starts[:, None] + torch.arange(t + 1)].long()  # [B, T+1]
         x, y = windows[:, :-1], windows[:, 1:]
         return Batch(x, y, torch.ones_like(x, dtype=torch.bool))
 
-    def eval_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Consecutive windows from the start of the held-out part ``(inputs[n, T], targets[n, T])``:
-        each target byte once; ``n`` as in the class docstring (``eval_tokens`` bounds it)."""
-        _, val = self.splits()
+    def _windows(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consecutive windows from the start of ``part``, ``(inputs[n, T], targets[n, T])``: each
+        target byte once, all inside ``part``; ``n`` as in the class docstring (``eval_tokens`` bounds it)."""
         t = self.hparams["seq_len"]
-        n = min((len(val) - 1) // t, max(1, self.hparams["eval_tokens"] // t))
-        x = val[: n * t].long().view(n, t)
-        y = val[1 : n * t + 1].long().view(n, t)
-        return x, y
+        n = min((len(part) - 1) // t, max(1, self.hparams["eval_tokens"] // t))
+        return part[: n * t].long().view(n, t), part[1 : n * t + 1].long().view(n, t)
+
+    def eval_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation windows that every periodic evaluation scores (see :meth:`_windows`)."""
+        return self._windows(self.splits()[1])
+
+    def test_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test windows that the final test metrics score (see :meth:`_windows`)."""
+        return self._windows(self.splits()[2])
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+    def _score(self, model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor], device: torch.device | str,
+               batch_size: int) -> dict[str, float]:
+        """Mean next-byte cross-entropy of ``model`` over ``windows`` as loss, perplexity and bits per byte."""
         was_training = model.training
         model.eval()
-        x, y = self.eval_windows()
+        x, y = windows
         total = 0.0
         try:
             for rows in batched(x.shape[0], batch_size):
@@ -494,6 +591,17 @@ class ByteLM(Task):
             model.train(was_training)
         loss = total / y.numel()
         return {"loss": loss, "perplexity": perplexity(loss), "bpc": loss / math.log(2)}
+
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        """Loss, perplexity and bpc on the validation windows (periodic evaluation)."""
+        return self._score(model, self.eval_windows(), device, batch_size)
+
+    def test_metrics(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        """Loss, perplexity and bpc on the test windows (once, after training)."""
+        return self._score(model, self.test_windows(), device, batch_size)
+
+    def test_metric_directions(self) -> dict[str, Direction]:
+        return self.metric_directions()
 
     def metric_directions(self) -> dict[str, Direction]:
         return {"bpc": "minimize", "loss": "minimize", "perplexity": "minimize"}

@@ -11,10 +11,16 @@ Tasks are registered by plugins through ``register_tasks(register)``. A task is 
   :meth:`Task.state_dict` / :meth:`Task.load_state_dict` so a curriculum survives a checkpoint;
 * :meth:`Task.evaluate` — the evaluation protocol, returning a flat ``{metric: float}``;
 * :meth:`Task.metric_directions` — the name and direction of every metric :meth:`evaluate` reports,
-  so a search can validate its objectives before running anything.
+  so a search can validate its objectives before running anything;
+* :meth:`Task.test_metrics` / :meth:`Task.test_metric_directions` (optional; default none) — final
+  metrics on a test set that :meth:`evaluate` never scores. The trial runner calls it once, after
+  training, and reports its metrics with the prefix :data:`TEST_PREFIX` (``loss`` -> ``test_loss``).
+  Periodic evaluations, which drive pruning, only ever run :meth:`evaluate`, so a search that
+  selects on the validation metrics leaves the test metrics an unbiased estimate of the selected trial.
 
 Metric names use only letters, digits and underscores (``acc_4x``, not ``acc@4x``): MLflow rejects
-``@`` in metric names and Ray Tune splits keys on ``/``.
+``@`` in metric names and Ray Tune splits keys on ``/``. Names starting with ``test_`` are reserved
+for the prefixed test metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from psmsearch.components import HyperParameter
 from psmsearch.errors import ConfigError
 
 Direction = Literal["maximize", "minimize"]
+
+TEST_PREFIX = "test_"
+"""Prefix of the final test-set metrics in a trial's metrics (``test_perplexity``)."""
 
 
 @dataclass
@@ -141,6 +150,19 @@ class Task:
     def metric_directions(self) -> dict[str, Direction]:
         """Every metric :meth:`evaluate` reports and whether larger (maximize) or smaller is better."""
         raise NotImplementedError(_missing(self, "metric_directions"))
+
+    def test_metrics(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+        """Final metrics on the task's test set, ``{metric: value}`` without the ``test_`` prefix.
+
+        Called once by the trial runner after training ends, never by periodic evaluations (so
+        pruning and early stopping never see the test set). The test set must be disjoint from the
+        training data and from what :meth:`evaluate` scores. Default: no test set, no metrics.
+        """
+        return {}
+
+    def test_metric_directions(self) -> dict[str, Direction]:
+        """Every metric :meth:`test_metrics` reports (unprefixed) and its direction; default none."""
+        return {}
 
     @property
     def train_sequence_length(self) -> tuple[int, str] | None:

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from psmsearch import interrupts
 from psmsearch import distributed as dist
-from psmsearch.tasks import Batch, Task
+from psmsearch.tasks import TEST_PREFIX, Batch, Task
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -288,27 +288,42 @@ class Trainer:
         return loss, accuracy
 
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics of the current model.
+        """The task's metrics of the current model (a periodic evaluation; never the test set).
 
         A model whose outputs hold NaN or inf fails the trial here instead of being scored: argmax
         turns NaN logits into class 0, which a task would count as real predictions (a broken
         aggregator that training at short curriculum lengths never called shows up only here).
         """
+        return self._guarded("evaluation", self.task.evaluate)
+
+    def test_metrics(self) -> dict[str, float]:
+        """The task's final test-set metrics of the current model, prefixed ``test_``.
+
+        Called once after training (by the trial runner, on rank 0), never from :meth:`fit`, so no
+        periodic evaluation or callback sees them. Non-finite model outputs raise
+        :class:`TrialDiverged` as in :meth:`evaluate`.
+        """
+        metrics = self._guarded("test evaluation", self.task.test_metrics)
+        return {f"{TEST_PREFIX}{name}": value for name, value in metrics.items()}
+
+    def _guarded(self, what: str, score: Callable[[nn.Module, torch.device, int], dict[str, float]]) -> dict[str, float]:
+        """``score(model, device, eval_batch_size)`` as floats, or :class:`TrialDiverged` naming ``what``
+        if any floating-point output of the model held NaN or inf meanwhile."""
         broken: list[str] = []
 
         def check_outputs(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if not broken and isinstance(output, torch.Tensor) and output.is_floating_point() \
                     and not bool(torch.isfinite(output).all()):
                 length = output.shape[1] if output.dim() > 1 else output.shape[0]
-                broken.append(f"the model's outputs hold NaN or inf on evaluation sequences of length {length}")
+                broken.append(f"the model's outputs hold NaN or inf on {what} sequences of length {length}")
 
         hook = self.model.register_forward_hook(check_outputs)
         try:
-            metrics = self.task.evaluate(self.model, self.device, self.config.eval_batch_size)
+            metrics = score(self.model, self.device, self.config.eval_batch_size)
         finally:
             hook.remove()
         if broken:
-            raise TrialDiverged(self.step, f"evaluation: {broken[0]}")
+            raise TrialDiverged(self.step, f"{what}: {broken[0]}")
         return {k: float(v) for k, v in metrics.items()}
 
     # -- the loop -------------------------------------------------------------------------------

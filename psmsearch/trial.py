@@ -35,7 +35,7 @@ from psmsearch.config import ComponentSpec, ModelConfig, model_at, unknown_field
 from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
-from psmsearch.tasks import Task
+from psmsearch.tasks import TEST_PREFIX, Task
 from psmsearch.trainer import Callback, TrainConfig, Trainer, TrialStopped, seeded_global_rng
 from psmsearch.yamlio import SourceMap, parse_value, parse_yaml
 
@@ -233,7 +233,10 @@ def run_trial(
 ) -> dict[str, float]:
     """Train and evaluate one trial; returns every metric as a flat ``{name: float}``.
 
-    ``callback(step, metrics)`` receives each periodic evaluation and may raise
+    The metrics are the last periodic evaluation (the task's validation metrics), training
+    throughput, the task's test-set metrics prefixed ``test_`` (computed once after training, see
+    :meth:`~psmsearch.tasks.Task.test_metrics`) and the streaming inference measurements.
+    ``callback(step, metrics)`` receives each periodic evaluation (never a ``test_`` metric) and may raise
     :class:`~psmsearch.trainer.TrialPruned`; a diverging run raises
     :class:`~psmsearch.trainer.TrialDiverged`. With ``checkpoint_path`` (and
     ``train.checkpoint_every``) checkpoints are written; ``resume=True`` continues from one.
@@ -273,7 +276,9 @@ def _run(
     metrics.update(
         train_steps=float(result.steps), train_seconds=result.seconds, train_tokens_per_s=result.tokens_per_s
     )
-    if dist.rank() == 0:  # one rank measures inference; the others would only repeat it
+    if dist.rank() == 0:  # one rank scores the test set and measures inference; the others would only repeat it
+        with _phase("computing test metrics", metrics):
+            metrics.update(trainer.test_metrics())  # once, after training: no callback or pruner sees these
         with _phase("measuring streaming inference", metrics):
             metrics.update(inference_metrics(model, task.vocab_size, config.metrics, device))
     return metrics
@@ -390,7 +395,9 @@ def _data_parallel_worker(rank: int, raw: dict[str, Any], out_dir: str, checkpoi
 
 def metric_directions(config: TrialConfig) -> dict[str, str]:
     """Every metric :func:`run_trial` reports for ``config`` that a search may optimise, with its direction."""
-    directions: dict[str, str] = dict(make_task(config).metric_directions())
+    task = make_task(config)
+    directions: dict[str, str] = dict(task.metric_directions())
+    directions.update({f"{TEST_PREFIX}{name}": d for name, d in task.test_metric_directions().items()})
     directions.update(train_tokens_per_s="maximize", params="minimize")
     if config.metrics.enabled:
         from psmsearch.tasks import count_tag

@@ -70,7 +70,7 @@ def test_data_parallel_trial_matches_single_process() -> None:
         "metrics": {"enabled": False},
     })
     parallel, single = run_trial_data_parallel(config, 2), run_trial(config)
-    for name in ("acc_1x", "acc_2x", "final_acc_2x", "train_loss"):
+    for name in ("acc_1x", "acc_2x", "final_acc_2x", "train_loss", "test_acc_1x", "test_acc_2x"):  # rank 0 tests
         assert parallel[name] == pytest.approx(single[name], abs=1e-5)
 
 

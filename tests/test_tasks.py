@@ -17,6 +17,7 @@ from torch import nn
 from psmsearch.errors import ConfigError
 from psmsearch.plugins.tasks import MQAR, ByteLM, GroupWordProblem, S5WordProblem, group_elements
 from psmsearch.registry import get_registry
+from psmsearch.tasks import sequence_bucket
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -85,11 +86,57 @@ def test_group_train_and_eval_sequences_never_overlap() -> None:
     assert len(train | evaluation) <= 125
 
 
-def test_eval_stream_is_separate_from_training_seed() -> None:
+def test_group_validation_and_test_sets_are_disjoint_from_each_other_and_from_training() -> None:
+    """Z5 words of length 3 (125 sequences): without the hash partition the three sets would collide."""
+    task = GroupWordProblem(group="Z5", train_length=3, curriculum=False, eval_max_multiple=1, eval_samples=64)
+    generator = torch.Generator().manual_seed(0)
+    train = {tuple(row) for step in range(40) for row in task.train_batch(step, 50, generator).inputs.tolist()}
+    validation = {tuple(row) for row in task.eval_sets()[1][0].tolist()}
+    test = {tuple(row) for row in task.test_sets()[1][0].tolist()}
+    assert len(train) > 60 and len(validation) >= 2 and len(test) >= 2
+    assert train.isdisjoint(validation) and train.isdisjoint(test) and validation.isdisjoint(test)
+    # the partition is the documented one: h mod 20 == 0 validation, == 10 test, h mod 10 != 0 training
+    assert (sequence_bucket(task.eval_sets()[1][0], 20) == 0).all()
+    assert (sequence_bucket(task.test_sets()[1][0], 20) == 10).all()
+    assert (sequence_bucket(torch.tensor(sorted(train)), 10) != 0).all()
+
+
+def test_synthetic_held_out_sets_follow_eval_seed_not_the_trial_seed() -> None:
+    """A seed sweep retrains but must score every seed on the same validation and test sequences."""
     a = GroupWordProblem(group="S3", seed=0, eval_samples=16)
     b = GroupWordProblem(group="S3", seed=1, eval_samples=16)
-    assert not torch.equal(a.eval_sets()[4][0], b.eval_sets()[4][0])
-    assert torch.equal(a.eval_sets()[4][0], GroupWordProblem(group="S3", seed=0, eval_samples=16).eval_sets()[4][0])
+    other = GroupWordProblem(group="S3", seed=0, eval_samples=16, eval_seed=5)
+    assert torch.equal(a.eval_sets()[4][0], b.eval_sets()[4][0])
+    assert torch.equal(a.test_sets()[4][0], b.test_sets()[4][0])
+    assert not torch.equal(a.eval_sets()[4][0], other.eval_sets()[4][0])
+    assert not torch.equal(a.test_sets()[4][0], other.test_sets()[4][0])
+    m0, m1 = MQAR(seed=0, eval_samples=16), MQAR(seed=1, eval_samples=16)
+    assert torch.equal(m0.eval_batch().inputs, m1.eval_batch().inputs)
+    assert torch.equal(m0.test_batch().inputs, m1.test_batch().inputs)
+    assert not torch.equal(m0.test_batch().inputs, MQAR(seed=0, eval_samples=16, eval_seed=3).test_batch().inputs)
+    with pytest.raises(ConfigError, match=r"task\.eval_seed"):
+        MQAR(eval_seed="zero")
+
+
+def test_group_test_metrics_score_the_test_sets() -> None:
+    task = GroupWordProblem(group="A4", train_length=4, eval_max_multiple=4, eval_samples=16)
+    assert task.test_metrics(GroupOracle(task)) == {f"{k}_{m}x": 1.0 for k in ("acc", "final_acc") for m in (1, 2, 4)}
+    assert set(task.test_metric_directions()) == set(task.test_metrics(GroupOracle(task)))
+
+    class WrongOnTest(nn.Module):
+        """Perfect on every sequence except the test sequences of length 8, where it is always wrong."""
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            logits = GroupOracle(task)(tokens)
+            test_rows = {tuple(r) for r in task.test_sets()[2][0].tolist()}
+            for b, row in enumerate(tokens.tolist()):
+                if tuple(row) in test_rows:
+                    logits[b] = logits[b].roll(1, dims=-1)
+            return logits
+
+    assert task.evaluate(WrongOnTest())["acc_2x"] == 1.0  # periodic evaluation never scores a test sequence
+    tested = task.test_metrics(WrongOnTest())
+    assert tested["acc_2x"] == 0.0 and tested["acc_1x"] == 1.0
 
 
 def test_curriculum_advances_on_accuracy_and_checkpoints() -> None:
@@ -194,7 +241,11 @@ def test_mqar_train_and_eval_never_overlap() -> None:
     generator = torch.Generator().manual_seed(0)
     train = {tuple(r) for s in range(20) for r in task.train_batch(s, 100, generator).inputs.tolist()}
     evaluation = {tuple(r) for r in task.eval_batch().inputs.tolist()}
+    test = {tuple(r) for r in task.test_batch().inputs.tolist()}
     assert train.isdisjoint(evaluation) and len(evaluation) >= 2 and len(train) > 30
+    assert train.isdisjoint(test) and evaluation.isdisjoint(test) and len(test) >= 1
+    # one-hot logits on the right value: cross-entropy log(e + 8) - 1 at every query (vocabulary 9)
+    assert task.test_metrics(RecallOracle(9)) == {"acc": 1.0, "loss": pytest.approx(math.log(math.e + 8) - 1)}
 
 
 def test_mqar_rejects_impossible_layouts() -> None:
@@ -213,17 +264,69 @@ needs_text = pytest.mark.skipif(
 @needs_text
 def test_lm_reads_real_text_with_disjoint_split() -> None:
     task = ByteLM(path=str(SHAKESPEARE), seq_len=64, eval_tokens=4096)
-    train, val = task.splits()
+    train, val, test = task.splits()
     raw = SHAKESPEARE.read_bytes()
-    assert bytes(train.tolist()) + bytes(val.tolist()) == raw
-    assert len(val) == len(raw) - int(len(raw) * 0.9)
+    cut = int(len(raw) * 0.9)  # the training part is what it was before the test split
+    middle = cut + (len(raw) - cut) // 2
+    assert bytes(train.tolist()) == raw[:cut]
+    assert bytes(val.tolist()) == raw[cut:middle] and bytes(test.tolist()) == raw[middle:]
     batch = task.train_batch(0, 8, torch.Generator().manual_seed(0))
     assert torch.equal(batch.targets[:, :-1], batch.inputs[:, 1:]) and batch.mask.all()
     text = bytes(batch.inputs[0].tolist())
     assert text in raw[: len(train)]
     x, y = task.eval_windows()
     assert x.shape == (64, 64) and torch.equal(x.flatten()[1:], y.flatten()[:-1])
-    assert bytes(y.flatten().tolist()) == raw[len(train) + 1 : len(train) + 1 + 4096]
+    assert bytes(x.flatten().tolist()) == raw[cut : cut + 4096]
+    assert bytes(y.flatten().tolist()) == raw[cut + 1 : cut + 1 + 4096]
+    x, y = task.test_windows()
+    assert x.shape == (64, 64)
+    assert bytes(x.flatten().tolist()) == raw[middle : middle + 4096]
+    assert bytes(y.flatten().tolist()) == raw[middle + 1 : middle + 1 + 4096]
+
+
+@needs_text
+def test_lm_validation_test_and_training_byte_ranges_are_disjoint() -> None:
+    """Every byte a window reads (input or target) lies in its own part: training windows before
+    ``cut``, validation in ``[cut, middle)``, test in ``[middle, len)``, at any eval_tokens."""
+    raw = SHAKESPEARE.read_bytes()
+    cut = int(len(raw) * 0.8)
+    middle = cut + (len(raw) - cut) // 2
+    task = ByteLM(path=str(SHAKESPEARE), seq_len=1000, val_fraction=0.2, eval_tokens=2**30)
+    batch = task.train_batch(0, 256, torch.Generator().manual_seed(0))
+    for inputs, targets in zip(batch.inputs.tolist(), batch.targets.tolist()):
+        read = bytes([*inputs, targets[-1]])
+        assert read in raw[:cut] and read not in raw[cut:]  # 1001-byte windows of real text are unique
+    for windows, (lo, hi) in ((task.eval_windows(), (cut, middle)), (task.test_windows(), (middle, len(raw)))):
+        x, y = windows
+        read = bytes(torch.cat([x.flatten(), y.flatten()[-1:]]).tolist())
+        assert raw[lo : lo + len(read)] == read and lo + len(read) <= hi
+        assert hi - (lo + len(read)) < 1000  # eval_tokens=2**30: the whole part up to its last partial window
+
+
+@needs_text
+def test_lm_test_perplexity_is_exp_of_the_mean_nll_over_exactly_the_test_bytes() -> None:
+    """A bigram model's next-byte loss depends on the byte pair only, so the reference needs no windows:
+    the mean NLL of ``raw[j + 1]`` given ``raw[j]`` over the scored pairs of the test part."""
+    raw = SHAKESPEARE.read_bytes()
+    cut = int(len(raw) * 0.98)
+    middle = cut + (len(raw) - cut) // 2
+    torch.manual_seed(0)
+    bigram = nn.Embedding(256, 256)
+    task = ByteLM(path=str(SHAKESPEARE), seq_len=50, val_fraction=0.02, eval_tokens=2**30)
+    scored = (len(raw) - middle - 1) // 50 * 50
+    pairs = torch.tensor(list(raw[middle : middle + scored + 1]))
+    with torch.no_grad():
+        nll = -torch.log_softmax(bigram.weight.double(), -1)[pairs[:-1], pairs[1:]].mean().item()
+    metrics = task.test_metrics(bigram, batch_size=7)
+    assert metrics["loss"] == pytest.approx(nll, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert metrics["bpc"] == pytest.approx(nll / math.log(2), rel=1e-5)
+    val_pairs = torch.tensor(list(raw[cut : cut + (middle - cut - 1) // 50 * 50 + 1]))
+    with torch.no_grad():
+        val_nll = -torch.log_softmax(bigram.weight.double(), -1)[val_pairs[:-1], val_pairs[1:]].mean().item()
+    assert task.evaluate(bigram)["loss"] == pytest.approx(val_nll, rel=1e-5)
+    assert abs(val_nll - nll) > 1e-4  # the two parts really are different text
+    assert set(task.test_metric_directions()) == set(metrics)
 
 
 @needs_text
@@ -260,6 +363,7 @@ def test_lm_eval_tokens_bounds_the_scored_prefix_and_its_maximum_scores_the_whol
     """The docstring once said every held-out byte is scored; only the first eval_tokens are."""
     raw = SHAKESPEARE.read_bytes()
     held_out = raw[int(len(raw) * 0.9):]
+    held_out = held_out[: len(held_out) // 2]  # the validation half: what periodic evaluation scores
     some = ByteLM(path=str(SHAKESPEARE), seq_len=100, eval_tokens=1050)
     _, y = some.eval_windows()
     assert bytes(y.flatten().tolist()) == held_out[1:1001]  # 10 whole windows of the start
@@ -281,7 +385,9 @@ def test_lm_check_refuses_a_text_too_short_for_seq_len_naming_file_and_sizes(tmp
             ByteLM(path=str(short), seq_len=32).check()
         assert info.value.field == "task.path"
         train = int(size * 0.9)
-        assert f"{str(short)!r} has {size} bytes: {train} train / {size - train} held-out" in str(info.value)
+        val = (size - train) // 2
+        assert (f"{str(short)!r} has {size} bytes: {train} train / {size - train} held-out "
+                f"({val} validation + {size - train - val} test;") in str(info.value)
         with pytest.raises(ConfigError, match=r"task\.path"):
             ByteLM(path=str(short), seq_len=32).splits()  # training reports the same error
     smallest = int(re.search(r"needs at least (\d+) bytes", str(info.value)).group(1))
@@ -290,11 +396,11 @@ def test_lm_check_refuses_a_text_too_short_for_seq_len_naming_file_and_sizes(tmp
         task = ByteLM(path=str(short), seq_len=32)
         raw = short.read_bytes()
         split = int(len(raw) * 0.9)
-        assert fits == (split >= 33 and len(raw) - split >= 33)
+        assert fits == (split >= 33 and (len(raw) - split) // 2 >= 33)  # validation is the smaller half
         if fits:
             task.check()
-            train, val = task.splits()
-            assert len(train) >= 33 and len(val) >= 33
+            train, val, test = task.splits()
+            assert len(train) >= 33 and len(val) >= 33 and len(test) >= 33
         else:
             with pytest.raises(ConfigError):
                 task.check()
