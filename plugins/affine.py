@@ -464,7 +464,10 @@ class DeltaNetEncoder(_AffineEncoder):
 
     def _queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k = super()._queries_keys(x)  # [*, c', H, dk] each
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        # normalize's eps (1e-12) is 0 in float16, and a zero key (the padding of a partial chunk)
+        # then becomes 0/0 = NaN, which the masked readout spreads as 0 * NaN; keep eps representable.
+        eps = max(1e-12, torch.finfo(k.dtype).tiny)
+        return F.normalize(q, dim=-1, eps=eps), F.normalize(k, dim=-1, eps=eps)
 
     def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k, self.beta_scale * torch.sigmoid(self.beta_proj(x))  # [*, c', H, dk], [*, c', H]

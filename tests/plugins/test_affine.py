@@ -509,18 +509,20 @@ def test_language_model_streams_like_parallel(encoder: str) -> None:
     assert stream.state_nbytes() == stream.expected_nbytes()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("encoder", ENCODERS)
-def test_bfloat16_layer_runs_parallel_and_streaming_close_to_float64(encoder: str) -> None:
-    """A bf16 layer (DeltaNet's triangular solve has no 16-bit kernel, so it runs in float32 inside)
-    computes, parallel and streaming, what the float64 layer does, within bf16's precision."""
-    x = inputs(length=19).bfloat16()
-    layer = make_layer(encoder, 4, dtype=torch.bfloat16)
+def test_16_bit_layer_runs_parallel_and_streaming_close_to_float64(encoder: str, dtype: torch.dtype) -> None:
+    """A bf16 or fp16 layer (DeltaNet's triangular solve has no 16-bit kernel, so it runs in float32
+    inside) computes, parallel and streaming, what the float64 layer does, within 16-bit precision.
+    T = 19 at c = 4 pads the last chunk: in float16 DeltaNet's normalised zero keys were NaN."""
+    x = inputs(length=19).to(dtype)
+    layer = make_layer(encoder, 4, dtype=dtype)
     with torch.no_grad():
         want = copy.deepcopy(layer).double()(x.double())  # [B, T, d]: the same bf16 weights and inputs, float64 arithmetic
         parallel = layer(x)
         streamed = layer.stream(BATCH).feed(x)
     scale = want.abs().max().item()
     for name, got in (("parallel", parallel), ("streaming", streamed)):
-        assert got.dtype == torch.bfloat16, name
+        assert got.dtype == dtype, name
         diff = (got.double() - want).abs().max().item()
         assert diff <= 0.05 * scale, f"{name}: bf16 differs from float64 by {diff:.3g} (scale {scale:.3g})"
