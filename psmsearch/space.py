@@ -419,7 +419,23 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
     drawn = smoke_sample(space, smoke_samples)
     if drawn:
         space.warnings.extend(_contrary_directions(space, validate_sample(space, drawn[0])))
+    space.warnings.extend(_test_set_objectives(space))
     return space
+
+
+def _test_set_objectives(space: SearchSpace) -> list[str]:
+    """Objectives on final test-set metrics (``test_...``): allowed, but they undo what the split is for.
+
+    Periodic evaluations never report them, so the pruner has nothing to compare, and a search that
+    selects on the test set turns it into one more validation figure.
+    """
+    return [
+        f"{space.source.where(f'objectives.{i}.metric')}: objectives.{i}.metric: {o.metric!r} is a test-set metric, "
+        "computed once after training: the pruner never sees it, and selecting trials on it makes it a "
+        f"validation figure; optimise {o.metric[len('test_'):]!r} and report {o.metric!r} instead"
+        for i, o in enumerate(space.objectives)
+        if o.metric.startswith("test_")
+    ]
 
 
 def _validate_objectives(header: SpaceHeader, where: SourceMap) -> None:

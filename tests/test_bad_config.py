@@ -204,6 +204,22 @@ def test_an_objective_against_its_metrics_direction_is_warned_before_anything_ru
     assert "warning:" not in _run(["search", str(natural), "--storage", unreachable]).output
 
 
+def test_a_test_set_objective_is_warned_before_anything_runs(tmp_path: Path) -> None:
+    """Selecting on test_... metrics makes the test split a validation split again, and nothing prunes."""
+    space = copy.deepcopy(TINY_SPACE)
+    space["objectives"] = [{"metric": "test_acc_2x", "direction": "maximize"}]
+    path = tmp_path / "test-objective.yaml"
+    text = yaml.safe_dump(space, sort_keys=False)
+    path.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "metric: test_acc_2x" in row)
+    (tmp_path / "a-file").write_text("")
+    unreachable = f"sqlite:///{tmp_path / 'a-file' / 'y.db'}"  # stops the search right after loading the space
+    output = _assert_clean_error(_run(["search", str(path), "--storage", unreachable]), ["cannot open the Optuna storage"])
+    assert (f"warning: {path}:{line}: objectives.0.metric: 'test_acc_2x' is a test-set metric, computed once after "
+            "training") in output
+    assert "optimise 'acc_2x' and report 'test_acc_2x' instead" in output
+
+
 def test_missing_file(tmp_path: Path) -> None:
     _assert_clean_error(_run(["search", str(tmp_path / "nope.yaml")]), ["no such file", "nope.yaml"])
 
