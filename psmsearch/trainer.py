@@ -207,6 +207,18 @@ class Trainer:
         progress = min(1.0, max(fractions))
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    def _agreed_seconds(self, seconds: float) -> float:
+        """Training time as every data-parallel rank will use it: with a time budget, the ranks' mean.
+
+        Each rank times its own steps, and the clocks differ. With a time budget they would then
+        disagree on the learning rate (replicas drift apart) and on the last step (one rank waits
+        forever in a collective the others never join), so the time is averaged over ranks each step.
+        """
+        if self.config.time_budget_s is None or not dist.is_active():
+            return seconds
+        total = dist.all_reduce_sum(torch.tensor([seconds], dtype=torch.float64, device=self.device))
+        return float(total.item()) / dist.world_size()
+
     def _budget_left(self) -> bool:
         cfg = self.config
         if cfg.steps is not None and self.step >= cfg.steps:
@@ -347,7 +359,7 @@ class Trainer:
                 loss, accuracy = self.train_step()
                 self.task.observe_train(self.step, accuracy)
                 self.step += 1
-                self.train_seconds += time.perf_counter() - started
+                self.train_seconds = self._agreed_seconds(self.train_seconds + time.perf_counter() - started)
                 self.recent_losses = [*self.recent_losses[-49:], loss]
                 advance(self.step, self.train_seconds, loss)
                 if self.step % cfg.eval_every == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,34 @@ def worker(rank: int, out_dir: str) -> None:
     trainer.optimizer.zero_grad()
     trainer.fit()
     torch.save(weights(trainer), Path(out_dir) / f"weights{rank}.pt")
+
+
+def budget_worker(rank: int, out_dir: str) -> None:
+    """A time-budgeted run in which rank 1's steps take 30 ms longer than rank 0's."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    task = GroupWordProblem(group="S3", train_length=6, curriculum=False, eval_max_multiple=1, eval_samples=8)
+    config = TrainConfig(steps=None, time_budget_s=0.8, batch_size=6, warmup_steps=0, eval_every=10_000)
+    trainer = Trainer(build_model(MODEL, task.vocab_size), task, config)
+    sample = task.train_batch
+
+    def slower_on_rank_1(*args: object, **kwargs: object) -> Batch:
+        if rank == 1:
+            time.sleep(0.03)
+        return sample(*args, **kwargs)
+
+    task.train_batch = slower_on_rank_1  # type: ignore[method-assign]
+    trainer.fit()
+    torch.save({"steps": trainer.step, "weights": weights(trainer)}, Path(out_dir) / f"budget{rank}.pt")
+
+
+def test_ranks_with_a_time_budget_stop_together_with_equal_weights(tmp_path: Path) -> None:
+    """Each rank timed itself: the slower rank stopped first while the other waited in a collective,
+    and the ranks' learning rates (a function of elapsed time) differed, so replicas drifted apart."""
+    dist.launch(budget_worker, 2, str(tmp_path))
+    first, second = (torch.load(tmp_path / f"budget{rank}.pt") for rank in (0, 1))
+    assert first["steps"] == second["steps"] > 1
+    assert torch.equal(first["weights"], second["weights"])
 
 
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
