@@ -447,6 +447,10 @@ class ByteLM(Task):
     score the same number of bytes when the parts are large enough; an ``eval_tokens`` of at least
     the part's size (its maximum, 2**30, always is) scores the whole part up to its last partial
     window. Validation and test bytes are disjoint from each other and from every training window.
+
+    ``bpc`` is bits per *byte* (``loss / ln 2``): the model predicts UTF-8 bytes, so for ASCII text
+    such as tinyshakespeare it is bits per character, and for other text it is not (a character of
+    several bytes costs the sum of its bytes' bits).
     """
 
     name = "lm"
