@@ -140,6 +140,10 @@ def _worker(rank_: int, fn: Callable[..., Any], world_size_: int, port: int, bac
     setup(rank_, world_size_, port, backend)
     try:
         fn(rank_, *args)
+        # Every rank arrives before any tears down: rank 0 hosts the store the others still talk to,
+        # and a worker aborted (SIGABRT, "terminate called without an active exception") once in
+        # CI at exit, with its peer still finishing. Only on success: a failed peer never arrives.
+        torch_dist.barrier()
     except forward as err:
         _save_error(err, Path(error_dir) / f"error{rank_}.pkl")
         raise
