@@ -139,6 +139,8 @@ class _ChunkGLATriton(torch.autograd.Function):
         grads = _ChunkGLATritonGradients.apply(q, k, v, log_gate, initial_state, ctx.chunk_size, ctx.scale,
                                                d_out, d_final)
         needed = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
+        if d_out is None:
+            needed[0] = None  # q reaches the outputs only: None, as autograd through the reference gives
         return (*needed, None, None)
 
     @staticmethod
