@@ -92,6 +92,10 @@ class AttentionBlock(nn.Module):
 class AttentionLanguageModel(nn.Module):
     """``embedding -> L x AttentionBlock -> norm -> head``; ``window=None`` is GPT, else SWA."""
 
+    uses_every_parameter = True
+    """Every parameter takes part in every training step (no flow control), so data parallelism
+    need not search for unused ones (see :func:`psmsearch.distributed.wrap_model`)."""
+
     def __init__(self, config: ModelConfig, vocab_size: int, window: int | None) -> None:
         super().__init__()
         self.config = config

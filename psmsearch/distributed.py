@@ -78,14 +78,18 @@ def all_gather_object(obj: Any) -> list[Any]:
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(model)`` inside a process group, else ``model`` itself.
 
-    Unused parameters are looked for on every step: a PSM's aggregator takes no part in a step
-    whose sequences fit in one chunk (a curriculum's first lengths), and DDP without the search
-    fails that step's reduction ("Expected to have finished reduction in the prior iteration").
+    Unused parameters are looked for on every step unless the model says it has none
+    (``uses_every_parameter = True``, as the attention baselines do): a PSM's aggregator takes no
+    part in a step whose sequences fit in one chunk (a curriculum's first lengths), and plugin
+    components may branch, so DDP without the search fails such a step's reduction ("Expected to
+    have finished reduction in the prior iteration"). The search is skipped where it is not needed
+    because it costs a graph traversal per step and DDP warns on every rank when it finds nothing.
     """
     if not is_active():
         return model
     device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    find_unused = not getattr(model, "uses_every_parameter", False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def free_port() -> int:

@@ -91,7 +91,7 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.load(tmp_path / f"weights{rank}.pt"), weights(single), atol=1e-5, rtol=1e-4)
 
 
-def test_data_parallel_trial_matches_single_process() -> None:
+def test_data_parallel_trial_matches_single_process(capfd: pytest.CaptureFixture[str]) -> None:
     config = TrialConfig.from_dict({
         "task": {"name": "group", "group": "Z5", "train_length": 4, "eval_max_multiple": 2, "eval_samples": 16},
         "model": {"kind": "gpt", "d_model": 16, "n_layers": 1, "n_heads": 2},
@@ -101,6 +101,8 @@ def test_data_parallel_trial_matches_single_process() -> None:
     parallel, single = run_trial_data_parallel(config, 2), run_trial(config)
     for name in ("acc_1x", "acc_2x", "final_acc_2x", "train_loss", "test_acc_1x", "test_acc_2x"):  # rank 0 tests
         assert parallel[name] == pytest.approx(single[name], abs=1e-5)
+    # GPT uses every parameter every step: no search for unused ones, so no DDP warning on any rank
+    assert "find_unused_parameters" not in capfd.readouterr().err
 
 
 def test_data_parallel_psm_with_a_curriculum_matches_single_process() -> None:
@@ -146,3 +148,4 @@ def test_helpers_are_identity_outside_a_process_group() -> None:
     t = torch.ones(3)
     assert dist.all_reduce_sum(t) is t
     assert dist.default_backend("cpu") == "gloo"
+
