@@ -3,7 +3,10 @@
 Progress goes to stderr; stdout gets a metrics table, and with ``--json`` its last line is one JSON
 object of every metric (so scripts can ``tail -n 1``). Invalid input raises
 :class:`~psmsearch.errors.ConfigError`, which the main CLI turns into exit code 2 without a traceback;
-a diverged or pruned run exits with code 1 and says why.
+a diverged or pruned run exits with code 1 and says why. A component or task that raises (a plugin's
+bug) also exits with code 1: the metrics measured before the failure are still printed (and given as
+JSON), then one line names the phase, the exception and the plugin line it came from;
+``--traceback`` adds the full traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import click
 from psmsearch import jsonout
 from psmsearch.registry import require_loaded_plugins
 from psmsearch.trainer import TrialStopped
-from psmsearch.trial import load_trial_config, run_trial, run_trial_data_parallel
+from psmsearch.trial import TrialPhaseError, load_trial_config, run_trial, run_trial_data_parallel
 
 
 COUNT_METRIC = re.compile(r"(^|_)(bytes|params|num_states)(_|$)")
@@ -67,9 +70,10 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
 @click.option("--resume", is_flag=True, help="continue from --checkpoint (from step 0 if the file does not exist yet)")
 @click.option("--eval-log/--no-eval-log", default=True, help="print each periodic evaluation to stderr")
 @click.option("--nproc", type=click.IntRange(1, 1024), default=1, help="data-parallel processes on this machine (gloo on CPU, NCCL on CUDA)")
+@click.option("--traceback", "show_traceback", is_flag=True, help="when a component or task raises, print the full traceback too")
 def train(
     config: Path, overrides: tuple[str, ...], as_json: bool, progress: bool, checkpoint: Path | None,
-    resume: bool, eval_log: bool, nproc: int,
+    resume: bool, eval_log: bool, nproc: int, show_traceback: bool,
 ) -> None:
     """Train and evaluate one trial described by CONFIG (a trial YAML file)."""
     if resume and checkpoint is None:
@@ -92,9 +96,27 @@ def train(
     except TrialStopped as err:
         click.echo(f"trial stopped: {err}", err=True)
         sys.exit(1)
+    except TrialPhaseError as err:
+        _report_failure(err, f"{config.name}: {trial.task.name} / {trial.model.kind}", as_json, show_traceback)
+        sys.exit(1)
     print_metrics(metrics, f"{config.name}: {trial.task.name} / {trial.model.kind}")
     if as_json:
         click.echo(jsonout.dumps(metrics, sort_keys=True))
+
+
+def _report_failure(err: TrialPhaseError, title: str, as_json: bool, show_traceback: bool) -> None:
+    """What the trial measured before it failed (stdout, as a successful run shows its metrics), then one
+    line naming the phase, the exception and where it was raised (stderr); the traceback on request."""
+    if err.metrics:
+        print_metrics(err.metrics, f"{title} (measured before the failure)")
+        if as_json:
+            click.echo(jsonout.dumps(err.metrics, sort_keys=True))
+    if show_traceback and err.__cause__ is not None:
+        import traceback
+
+        click.echo("".join(traceback.format_exception(err.__cause__)).rstrip(), err=True)
+    hint = "" if show_traceback or err.__cause__ is None else " (--traceback shows the full traceback)"
+    click.echo(f"trial failed in {err}{hint}", err=True)
 
 
 def main() -> None:

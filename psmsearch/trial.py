@@ -345,8 +345,9 @@ def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_pat
     result depends on the process count (and is reproducible for a given one). Rank 0 writes the
     checkpoints; every rank resumes from the same file. Rank 0's evaluations reach ``callback`` in
     this process (which may raise :class:`~psmsearch.trainer.TrialPruned` to stop every worker); a
-    worker's :class:`~psmsearch.errors.PSMSearchError` or :class:`~psmsearch.trainer.TrialStopped` is
-    raised here as the same type and message, as :func:`run_trial` would raise it.
+    worker's :class:`~psmsearch.errors.PSMSearchError`, :class:`~psmsearch.trainer.TrialStopped` or
+    :class:`TrialPhaseError` (with the metrics measured before it) is raised here as the same type and
+    message, as :func:`run_trial` would raise it.
     """
     backend = dist.default_backend(resolve_device(config.device))
     if resume and checkpoint_path and Path(checkpoint_path).is_file():
@@ -359,7 +360,8 @@ def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_pat
 
     with tempfile.TemporaryDirectory(prefix="psmsearch-ddp-") as tmp:
         dist.launch(_data_parallel_worker, world_size, config.model_dump(mode="json"), tmp, checkpoint, resume,
-                    backend=backend, on_message=on_message, forward=(PSMSearchError, TrialStopped))
+                    backend=backend, on_message=on_message,
+                    forward=(PSMSearchError, TrialStopped, TrialPhaseError))
         result = Path(tmp) / "metrics.json"
         if not result.is_file():  # a worker was stopped on its own (a signal sent to it, not to us)
             raise KeyboardInterrupt("a data-parallel worker stopped before the trial ended")

@@ -256,3 +256,52 @@ def test_resume_refuses_a_different_trial_naming_the_fields_and_allows_a_longer_
                                    "--no-progress", "--no-eval-log", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["train_steps"] == 8
+
+
+STREAM_FAILING_AGGREGATOR = '''
+import torch
+from psmsearch import Aggregator, hookimpl
+
+class StreamFail(Aggregator):
+    name = "streamfail"
+    state_kind = "tokens"
+    associative = False
+
+    def __init__(self, context, **hparams):
+        super().__init__(context, **hparams)
+        k, d = context.encoder.state_shape
+        self.initial = torch.nn.Parameter(torch.zeros(k, d))
+
+    def forward(self, older, newer):
+        if not torch.is_grad_enabled() and older.shape[0] == 1:  # one sequence without gradients: streaming
+            raise RuntimeError("streaming not supported")
+        return newer + older
+
+    def initial_state(self, batch_shape):
+        return self.initial.expand(*batch_shape, *self.initial.shape)
+
+@hookimpl
+def register_aggregators(register):
+    register(StreamFail)
+'''
+
+
+def test_a_failing_plugin_prints_what_was_measured_and_one_line(tmp_path: Path) -> None:
+    """A plugin that raised inside ``train`` gave a 110-line traceback in place of the metrics it had
+    measured; now the metrics are printed, then one line with the phase and the plugin's line, exit 1."""
+    from clihelpers import run_cli
+
+    (tmp_path / "streamfail.py").write_text(STREAM_FAILING_AGGREGATOR)
+    config = {**TINY, "model": {**TINY["model"], "aggregator": "streamfail"}, "train": {**TINY["train"], "steps": 2}}
+    path = write(tmp_path, config)
+    result = run_cli("--plugin", str(tmp_path / "streamfail.py"), "train", str(path), "--json", "--no-progress",
+                     "--no-eval-log", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("trial failed in measuring streaming inference: RuntimeError: streaming not supported"
+                           f" (at {tmp_path / 'streamfail.py'}:"), last
+    assert last.endswith("in forward) (--traceback shows the full traceback)"), last
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["train_steps"] == 2 and {"acc_1x", "test_acc_1x", "train_loss"} <= set(measured)
+    assert "measured before the failure" in result.stdout
