@@ -92,29 +92,38 @@ def plugins_command(as_json: bool) -> None:
 def print_table(table: Table) -> None:
     """Print ``table`` on stdout at the terminal's width, or piped at ``COLUMNS`` when that is set.
 
-    Piped without ``COLUMNS``, rich would assume 80 columns and cut cells. There the table gets 120
-    columns, or more where its longest words need them, and its widest columns are narrowed only
-    down to their longest word: text wraps inside its cell, no cell is cut.
+    Piped without ``COLUMNS``, rich would assume 80 columns and cut cells; there the table gets 120
+    columns, or more where its longest words need them. At any width the widest columns are
+    narrowed first, each only down to its longest word, so text wraps between words inside its
+    cell; where even the longest words do not fit (a narrow terminal), they fold onto the next line
+    of their cell instead of ending in an ellipsis. No cell is cut.
     """
     console = Console()
-    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():  # rich takes COLUMNS when it is digits
-        console.print(table)
-        return
     wide = Console(width=100_000)
     spans = [_content_widths(wide, column) for column in table.columns]
     whole = wide.measure(table)
-    width = max(120, whole.minimum)
+    fixed = console.is_terminal or os.environ.get("COLUMNS", "").isdigit()  # rich takes COLUMNS when it is digits
+    width = console.width if fixed else max(120, whole.minimum)
     budget = width - (whole.maximum - sum(widest for _, widest in spans))  # less borders and padding
     caps = [widest for _, widest in spans]
-    while sum(caps) > budget:  # the budget holds every column's longest word, so this ends with none cut
-        narrowable = [i for i, (word, _) in enumerate(spans) if caps[i] > word]
-        if not narrowable:
-            break
-        caps[max(narrowable, key=lambda i: caps[i])] -= 1
-    for column, cap, (_, widest) in zip(table.columns, caps, spans):
-        if cap < widest:
-            column.max_width = cap
-    Console(width=width).print(table)
+    floors = ([word for word, _ in spans], [min(word, _NARROWEST) for word, _ in spans])
+    for floor in floors:  # first down to each column's longest word, then, only if need be, below it
+        while sum(caps) > budget:
+            narrowable = [i for i, cap in enumerate(caps) if cap > floor[i]]
+            if not narrowable:
+                break
+            caps[max(narrowable, key=lambda i: caps[i])] -= 1
+    fits = sum(caps) <= budget
+    for column, cap in zip(table.columns, caps):
+        column.overflow = "fold"
+        column.max_width = cap
+        if fits:
+            column.min_width = cap  # as planned: rich would share a shortfall out evenly
+    (console if fixed else Console(width=width)).print(table)
+
+
+_NARROWEST = 8
+"""Columns are narrowed below their longest word only down to this many characters (or that word)."""
 
 
 def _content_widths(console: Console, column: Column) -> tuple[int, int]:

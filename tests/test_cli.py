@@ -96,10 +96,17 @@ def test_plugins_table_piped_wraps_inside_cells_instead_of_running_hundreds_of_c
     assert "state_tokens=" in pool[5]
 
 
-def test_plugins_table_piped_honours_columns() -> None:
-    result = run_cli("plugins", env={"COLUMNS": "100"})
+def test_plugins_table_at_80_columns_folds_long_words_instead_of_cutting_them() -> None:
+    """At a fixed width (a terminal, or COLUMNS) too narrow for the longest words, rich cut them with an
+    ellipsis ("psmsearch…"); they now fold onto the next line of their cell."""
+    result = run_cli("plugins", "--json")
+    components = json.loads(result.stdout)["components"]
+    result = run_cli("plugins", env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
-    assert max(len(line) for line in result.stdout.splitlines()) <= 100
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "…" not in result.stdout
+    shown = [[cell.replace(" ", "") for cell in row[:4]] for row in table_rows(result.stdout)]
+    assert shown == [[c["kind"], c["name"], c["plugin"], c["state_kind"] or "-"] for c in components]
 
 
 def test_check_unknown_name_exits_2_with_a_suggestion_and_no_traceback() -> None:
