@@ -522,8 +522,11 @@ class ByteLM(Task):
             )
 
     def _missing_file(self) -> ConfigError:
+        path = resolve_text_path(self.settings["path"])
+        problem = f"is a directory ({path})" if path.is_dir() else \
+            f"not found (tried {Path.cwd()} and the repository root)"
         return ConfigError(
-            f"text file {self.settings['path']!r} not found (tried {Path.cwd()} and the repository root); "
+            f"text file {self.settings['path']!r} {problem}; "
             "set task.path to a text file or task.dataset to a Hugging Face dataset",
             field="task.path",
         )

@@ -32,6 +32,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as err:
+            if err.option_name == "--plugin" and ctx.invoked_subcommand:
+                err.message += (f" --plugin is an option of psmsearch itself and goes before the command: "
+                                f"psmsearch --plugin PATH {ctx.invoked_subcommand} ...")
+            raise
         except PSMSearchError as err:
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)

@@ -47,6 +47,10 @@ class HyperParameterError(ValueError):
         return type(self), (str(self.args[0]), self.name)
 
 
+PLUGIN_HINT = ("A plugin's {kind}s are registered once it is loaded: psmsearch --plugin PATH COMMAND ..., "
+               "PSMSEARCH_PLUGINS=PATH, or an installed package's entry point")
+
+
 class UnknownComponentError(PSMSearchError, KeyError):
     """A component name is not registered; the message suggests the closest registered names."""
 
@@ -56,10 +60,15 @@ class UnknownComponentError(PSMSearchError, KeyError):
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         allowed = ", ".join(known) or "none registered"
         self.kind, self.name, self.known = kind, name, known
-        super().__init__(f"unknown {kind} {name!r}.{hint} Registered {kind}s: {allowed}")
+        plugins = "" if kind == "component kind" else " " + PLUGIN_HINT.format(kind=kind)
+        super().__init__(f"unknown {kind} {name!r}.{hint} Registered {kind}s: {allowed}.{plugins}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+    def __reduce__(self) -> tuple[type["UnknownComponentError"], tuple[str, str, list[str]]]:
+        """Pickled as its constructor's arguments (Ray and worker processes send errors back)."""
+        return type(self), (self.kind, self.name, self.known)
 
 
 class IncompatibleComponentsError(PSMSearchError):

@@ -4,7 +4,7 @@ Plugins come from four places, loaded in this order through one pluggy manager:
 
 1. the built-in default plugins (:data:`DEFAULT_PLUGINS`, ordinary modules under ``psmsearch.plugins``);
 2. installed packages exposing an entry point in the group ``psmsearch``;
-3. ``PSMSEARCH_PLUGINS``: comma-separated module names or paths to ``.py`` files / package folders;
+3. ``PSMSEARCH_PLUGINS``: module names or paths to ``.py`` files / package folders, separated by commas or ``:``;
 4. paths or module names passed explicitly (the CLI's ``--plugin PATH``).
 
 A plugin that fails to import, or whose hook raises, is recorded in :attr:`Registry.failures`
@@ -197,8 +197,15 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def env_plugin_specs() -> list[str]:
-    """Plugin specs named by ``PSMSEARCH_PLUGINS`` (comma-separated, blanks ignored)."""
-    return [s.strip() for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
+    """Plugin specs named by ``PSMSEARCH_PLUGINS``, blanks ignored.
+
+    Separated by commas or, as in ``PATH``, by ``os.pathsep`` (``a.py:b.py``); module names and
+    plugin paths cannot contain either. Paths are made absolute here, against the working directory,
+    so that what a run records (its plugins' tags, ``plugins --json``) names the file that was loaded.
+    """
+    raw = os.environ.get(ENV_VAR, "").replace(os.pathsep, ",")
+    specs = [s.strip() for s in raw.split(",") if s.strip()]
+    return [str(Path(s).expanduser().resolve()) if _looks_like_path(s) else s for s in specs]
 
 
 class _Loader:

@@ -403,6 +403,10 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
         raise where.error("", f"a search space is a mapping with name, task, model, train and objectives; got {type(data).__name__}")
     header_keys = set(SpaceHeader.model_fields)
     allowed = [*header_keys, *TrialConfig.model_fields]
+    if not header_keys & set(data) and set(data) & set(TrialConfig.model_fields):
+        raise where.error("", "this is a trial config (no name or objectives), not a search space: run it with "
+                          f"`psmsearch train {where.source}`, or add name: and objectives: to search around it "
+                          "(see search_spaces/)")
     for key in data:
         if key not in allowed:
             raise where.error(str(key), unknown_field_message(str(key), allowed))

@@ -106,7 +106,7 @@ class TrainConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW's (beta1, beta2), each 0 <= b < 1")
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1.0, description="final lr as a fraction of lr")
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null turns clipping off")
     eval_every: int = Field(200, ge=1, description="evaluate every this many steps (and at the end)")
     eval_batch_size: int = Field(64, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="save a checkpoint every this many steps")

@@ -190,6 +190,7 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
     raw, lines = parse_yaml(text, source)
     raw = {} if raw is None else raw
     if isinstance(raw, dict):
+        _refuse_a_search_space(raw, source, lines)
         raw = apply_overrides(raw, overrides)
     try:
         return TrialConfig.from_dict(raw, source, registry)
@@ -201,6 +202,22 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         if origin == f"--set {err.field}":  # "--set task.path: ..." names the field once, not twice
             err.args = (f"{origin}: {err.detail}", *err.args[1:])
         raise err from None
+
+
+SEARCH_SPACE_KEYS = ("objectives", "driver", "tracking")
+"""Top-level keys of a search-space file that a trial config never has."""
+
+
+def _refuse_a_search_space(raw: dict[str, Any], source: str, lines: SourceMap) -> None:
+    """A search-space file given to ``train`` failed on its first ``{choice: ...}`` with a type error;
+    it is recognised by its header keys and named as what it is."""
+    header = [key for key in SEARCH_SPACE_KEYS if key in raw]
+    if header:
+        raise ConfigError(
+            f"this is a search space (it has {', '.join(header)}), not a trial config: run it with "
+            f"`psmsearch search {source}`; `psmsearch train` takes one trial (task, model, train, ...; "
+            "see examples/configs/)", source=lines.where(header[0]),
+        )
 
 
 def _origin(field: str, overrides: Sequence[str], lines: SourceMap) -> str:
@@ -426,9 +443,13 @@ def _config_error(err: ValidationError, source: str) -> ConfigError:
         message = "this field is required"
     else:
         message = f"{first.get('input')!r} is not allowed: {message}"
-    more = len(err.errors()) - 1
-    if more:
-        message += f" (and {more} more error{'s' if more > 1 else ''})"
+        parent = model_at(TrialConfig, loc[:-1])
+        described = parent.model_fields.get(loc[-1]) if parent else None
+        if described is not None and described.description:
+            message += f" ({loc[-1]}: {described.description})"
+    others = list(dict.fromkeys(".".join(str(p) for p in e["loc"]) for e in err.errors()[1:]))
+    if others:
+        message += f" (and {len(err.errors()) - 1} more: {', '.join(others)})"
     return ConfigError(message, source=source, field=field)
 
 

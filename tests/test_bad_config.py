@@ -253,3 +253,20 @@ def test_yaml_objects_are_never_constructed(tmp_path: Path, monkeypatch: pytest.
     path.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
     _assert_clean_error(_run(["search", str(path)]), ["malformed YAML", "python/object/apply"])
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_search_space_given_to_train_and_a_trial_config_given_to_search_are_named_as_such() -> None:
+    """Swapped files failed on their first field: ``train`` on a ``{choice: ...}`` (a type error),
+    ``search`` with "name: Field required"; each now says what the file is and which command takes it."""
+    from clihelpers import run_cli
+
+    repo = Path(__file__).resolve().parents[1]
+    space, trial = repo / "search_spaces" / "quick.yaml", repo / "examples" / "configs" / "group_tpsm.yaml"
+    result = run_cli("train", str(space))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"this is a search space (it has objectives, driver), not a trial config: run it with `psmsearch search {space}`" \
+        in result.stderr
+    result = run_cli("search", str(trial))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"this is a trial config (no name or objectives), not a search space: run it with `psmsearch train {trial}`" \
+        in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -197,3 +198,25 @@ def test_a_categorical_choice_matches_without_bool_or_float_coercion() -> None:
     assert flag.validate(False) is False
     with pytest.raises(ValueError):
         flag.validate(0)
+
+
+def test_env_var_takes_path_separators_and_records_absolute_paths(fresh_registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``a.py:b.py`` (PATH style) failed as one file name, and relative paths were recorded as typed
+    while --plugin recorded them absolute."""
+    monkeypatch.chdir(FIXTURES)
+    monkeypatch.setenv(fresh_registry.ENV_VAR, f"broken_components.py{os.pathsep}duplicate_name.py")
+    registry = fresh_registry.load_registry()
+    assert registry.get("aggregator", "zz_wrong_shape").plugin == str(FIXTURES / "broken_components.py")
+    assert any(f.plugin == str(FIXTURES / "duplicate_name.py") for f in registry.failures)
+    assert not any("broken_components.py" in f.plugin for f in registry.failures)
+
+
+def test_an_unknown_component_error_says_how_plugins_are_loaded_and_survives_pickling(fresh_registry) -> None:
+    import pickle
+
+    with pytest.raises(UnknownComponentError) as caught:
+        fresh_registry.load_registry().get("aggregator", "mixmlp")
+    message = str(caught.value)
+    assert "Did you mean 'mlp'?" in message and "A plugin's aggregators are registered once it is loaded: psmsearch --plugin PATH COMMAND" in message
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert type(again) is UnknownComponentError and str(again) == message and again.name == "mixmlp"

@@ -343,9 +343,11 @@ def test_lm_metrics_of_a_uniform_model() -> None:
     assert metrics["perplexity"] == pytest.approx(256.0)
 
 
-def test_lm_missing_file_and_dataset_errors() -> None:
+def test_lm_missing_file_and_dataset_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"task\.path.*no/such\.txt"):
         ByteLM(path="no/such.txt").check()
+    with pytest.raises(ConfigError, match=rf"task\.path: text file '{tmp_path}' is a directory"):
+        ByteLM(path=str(tmp_path)).check()  # was "not found", which sent the user looking for a missing file
     if importlib.util.find_spec("datasets") is None:
         with pytest.raises(ConfigError, match=r"task\.dataset.*datasets"):
             ByteLM(dataset="wikitext-103-raw-v1").check()

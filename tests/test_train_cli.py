@@ -78,6 +78,19 @@ def test_bad_value_names_file_field_value_and_allowed(tmp_path: Path) -> None:
     assert str(path) in message and "task.group" in message and "'S9'" in message and "'S5'" in message
 
 
+def test_a_refused_value_says_what_the_field_is_for_and_names_every_other_refused_field(tmp_path: Path) -> None:
+    """``grad_clip: 0`` said only "greater than 0" (not how to turn clipping off), and further errors
+    were a count ("and 1 more error") without the fields."""
+    path = write(tmp_path, TINY)
+    with pytest.raises(ConfigError) as info:
+        load_trial_config(path, ["train.grad_clip=0"])
+    assert str(info.value).endswith("train.grad_clip: 0 is not allowed: Input should be greater than 0 "
+                                    "(grad_clip: max global gradient norm; null turns clipping off)"), str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_trial_config(path, ["train.grad_clip=0", "train.lr=-1"])
+    assert str(info.value).endswith("(and 1 more: train.grad_clip)"), str(info.value)
+
+
 def test_unknown_field_lists_allowed_fields(tmp_path: Path) -> None:
     path = write(tmp_path, {**TINY, "train": {**TINY["train"], "stpes": 3}})
     with pytest.raises(ConfigError, match=r"train\.stpes.*unknown field 'stpes'; allowed: .*steps"):
