@@ -24,6 +24,9 @@ same number and parameters, and the searcher samples new trials until the experi
 one's). Trials that ended stay as they are and count towards ``--trials``: completed, stopped by
 ASHA and failed ones alike (a failed trial is not run again, as the Optuna driver counts a failed
 trial and moves on). The summary lists every trial of the experiment, earlier sessions' too.
+A Ray experiment has one driving process at a time (Tune cannot share it as Optuna shares a study):
+the driver holds a lock in the experiment's folder for the whole search, and a second command on
+the same experiment, ``--resume`` or not, is refused while the first one runs.
 Tune saves the experiment's state only every ~10 s, so after the search process was killed
 (SIGKILL, a crash) the restored state may be older than MLflow:
 
@@ -50,6 +53,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import optuna
+
+try:
+    import fcntl
+except ImportError:  # Windows: no driver lock
+    fcntl = None  # type: ignore[assignment]
 
 from psmsearch.errors import ConfigError
 from psmsearch.optuna_driver import SearchResult, make_sampler
@@ -654,16 +662,55 @@ def _max_reports(space: SearchSpace) -> int:
 
 
 CLAIM_FILE = ".psmsearch-started"
-"""Created (exclusively) in a new Ray experiment's folder before anything else: the search's name is taken."""
+"""Created in a new Ray experiment's folder before anything else: the search's name is taken."""
+LOCK_FILE = ".psmsearch-driver.lock"
+"""Locked (``flock``) by the process driving a Ray experiment, for as long as it drives it."""
+
+
+@contextmanager
+def _driving(experiment: Path) -> Iterator[None]:
+    """Hold the experiment's driver lock for the whole search; refuse when another process holds it.
+
+    A Ray experiment has one driver at a time: two Tuners in one folder each sample and run their
+    own trials (same numbers, one MLflow parent) and overwrite each other's state. The lock is taken
+    before anything is checked or created, by new and resumed searches alike, so of two commands
+    started together (``--resume`` or not) exactly one runs. The kernel drops it when the process
+    dies, so a killed search never blocks its ``--resume``. Without ``fcntl`` (Windows) there is no lock.
+    """
+    experiment.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(experiment / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _driven_elsewhere(experiment, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _driven_elsewhere(experiment: Path, pid: str) -> ConfigError:
+    """The error for a Ray search another live process is running (it holds :data:`LOCK_FILE`)."""
+    who = f"process {pid}" if pid.isdigit() else "another process"
+    return ConfigError(
+        f"the Ray search {experiment.name!r} in {experiment.parent} is being run by {who} now; a Ray search has "
+        "one driving process at a time (Tune cannot share an experiment as an Optuna study is shared): wait "
+        "for it to end and then pass --resume to add trials, or choose another name with --study / another "
+        "folder with --storage",
+    )
 
 
 def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
     """Whether the Ray experiment exists; an existing one needs ``--resume`` (as an Optuna study does).
 
-    A new search first creates :data:`CLAIM_FILE` in its folder with ``O_EXCL``: of two searches started
-    at the same moment without ``--resume``, which both find nothing Tune could restore, the second
-    is refused instead of running a second Tuner in the same folder. The claim also refuses a search
-    whose earlier process stopped before Tune first saved its state; ``--resume`` then starts it anew.
+    Called under :func:`_driving`. A new search creates :data:`CLAIM_FILE` in its folder first,
+    exclusively without ``--resume``: a search whose earlier process stopped before Tune first saved
+    its state is refused then, and ``--resume`` starts it anew.
     """
     from ray import tune
 
@@ -673,15 +720,15 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
             f"a Ray search {experiment.name!r} already exists in {experiment.parent}; pass --resume to continue it, "
             "or choose another name with --study / another folder with --storage",
         )
-    if not exists and not options.resume:
-        experiment.mkdir(parents=True, exist_ok=True)
+    if not exists:
+        flags = os.O_CREAT | os.O_WRONLY | (0 if options.resume else os.O_EXCL)
         try:
-            os.close(os.open(experiment / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.close(os.open(experiment / CLAIM_FILE, flags, 0o644))
         except FileExistsError:
             raise ConfigError(
                 f"a Ray search {experiment.name!r} was already started in {experiment.parent} (by a process "
-                "starting it now, or one that stopped before Tune saved any state); pass --resume to continue "
-                "or restart it, or choose another name with --study / another folder with --storage",
+                "that stopped before Tune saved any state); pass --resume to restart it, "
+                "or choose another name with --study / another folder with --storage",
             ) from None
     return exists
 
@@ -733,13 +780,19 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     _prepare_environment(options)
     if options.address:
         _check_reachable(options.address)  # before anything is created for the search
-    name = options.study or space.name
-    experiment = results_dir(options) / name
+    experiment = results_dir(options) / (options.study or space.name)
+    with _driving(experiment):
+        return _drive(space, options, experiment)
+
+
+def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> SearchResult:
+    """The search itself, run while this process holds the experiment's driver lock."""
+    name = experiment.name
     restore = _check_new_or_resumed(experiment, options)
     try:
         tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=lambda: not restore)
     except BaseException:
-        if not restore and not options.resume:
+        if not restore:
             _release_claim(experiment)
         raise
     context = TrialContext(

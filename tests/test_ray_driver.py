@@ -362,7 +362,7 @@ def test_a_ray_search_already_being_started_is_refused_and_a_tracking_error_give
     result = run_cli("search", str(space), "--driver", "ray", "--no-progress", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: a Ray search 'tiny' was already started in " in result.stderr
-    assert "pass --resume to continue or restart it" in result.stderr
+    assert "pass --resume to restart it" in result.stderr
 
     (experiment / CLAIM_FILE).unlink()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -371,6 +371,59 @@ def test_a_ray_search_already_being_started_is_refused_and_a_tracking_error_give
                      cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "is deleted; restore it" in result.stderr, result.stderr[-3000:]
     assert not (experiment / CLAIM_FILE).exists(), "a search that never started keeps no claim on its name"
+
+
+def test_a_ray_search_another_process_is_driving_is_refused_with_or_without_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `--resume` commands on a new name both found nothing to restore, skipped the claim and ran
+    two Tuners in one folder (two trial-0 runs under one parent). A driving process now holds a lock
+    in the experiment's folder; a second search, `--resume` or not, is refused while it runs, before
+    Ray or MLflow is touched. (Both commands started together: the slow test below.)"""
+    import fcntl
+
+    from searchhelpers import write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import LOCK_FILE, QUIET_ENV, run_ray_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():  # the driver sets them for Ray; restored after the test
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    space = load_space(write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"}), smoke_samples=1)
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    experiment.mkdir(parents=True)
+    with open(experiment / LOCK_FILE, "w") as held:  # the driving process's lock, as it holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        for resume in (True, False):
+            options = SearchOptions(trials=1, resume=resume, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
+                                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+            with pytest.raises(ConfigError, match=r"the Ray search 'tiny' in .* is being run by process 4242 now"):
+                run_ray_search(space, options)
+    assert sorted(p.name for p in experiment.iterdir()) == [LOCK_FILE], "a refused search creates nothing"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_two_resumes_of_a_new_ray_search_started_together_run_it_once(tmp_path: Path, private_env: dict[str, str]) -> None:
+    """The reported race end to end: two `search --driver ray --resume` on a new name at once. One
+    runs the search, the other is refused by name; MLflow holds one run of trial 0."""
+    from searchhelpers import mlflow_runs, write_space
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    command = [sys.executable, "-m", "psmsearch", "search", str(space), "--driver", "ray", "--resume", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "PSMSEARCH_PLUGINS"} | private_env
+    both = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in both]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "is being run by process" in refused and "Traceback" not in refused, refused[-3000:]
+    trials = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert [r.info.run_name for r in trials] == ["tiny-trial-0"]
 
 
 def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:
