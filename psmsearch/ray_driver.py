@@ -278,11 +278,14 @@ class _Book:
                                       run_id=run_id or (recorded.info.run_id if recorded is not None else None)))
         self.progress.best = self._best()
 
+    def unfinished(self) -> bool:
+        """Whether a trial started in this session never ended here."""
+        return any(number not in self.outcomes for number in self.started.values())
+
     def interrupted(self, trials: int) -> bool:
         """Whether Tune stopped early on Ctrl-C (it returns normally): a started trial never ended here,
         or the experiment holds fewer ended trials than were asked for."""
-        unfinished = any(number not in self.outcomes for number in self.started.values())
-        return unfinished or len(self.outcomes) < trials
+        return self.unfinished() or len(self.outcomes) < trials
 
     def close_unfinished(self) -> None:
         """Runs of trials that started but never ended here (an interrupted search) become KILLED."""
@@ -738,6 +741,33 @@ def _release_claim(experiment: Path) -> None:
     (experiment / CLAIM_FILE).unlink(missing_ok=True)
 
 
+TUNER_FILE = "tuner.pkl"
+"""Where Tune pickles a Tuner (its search generator included) in the experiment's folder."""
+
+
+def saved_with_fixed_budget(experiment: Path) -> bool:
+    """Whether a restorable Ray experiment was saved by a psmsearch from before ``--resume`` could raise
+    its budget (commit 9e2c35e): its ``tuner.pkl`` then holds a plain ``OptunaSearch``, where every
+    later one holds a reference to :func:`_search_for_active` (how :class:`BudgetedSearch` pickles).
+
+    Tune restores such a search with its first command's ``--trials`` and ``--jobs``, and
+    ``Tuner.restore`` takes no other search algorithm, so a larger ``--trials`` samples nothing.
+    """
+    pickled = experiment / TUNER_FILE
+    return pickled.is_file() and _search_for_active.__name__.encode() not in pickled.read_bytes()
+
+
+def _fixed_budget_error(experiment: Path, held: int, asked: int) -> ConfigError:
+    """The error for a resume that asked an old-format experiment for more trials than it can sample."""
+    return ConfigError(
+        f"the Ray search {experiment.name!r} in {experiment.parent} was saved by a psmsearch from before "
+        f"--resume could add trials (commit 9e2c35e): its saved searcher keeps its first command's --trials and "
+        f"--jobs, so it holds {held} ended trials and samples no more (asked for {asked}); start a new search "
+        "with --study NAME to run more trials (compare shows each search's trials)",
+        field="--trials",
+    )
+
+
 def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, experiment: Path, restore: bool) -> "Tuner":
     """A new Tuner, or the experiment's restored one: unfinished trials run again, errored ones do not
     (they count as failed), and its search generator takes this command's ``--trials`` and ``--jobs``."""
@@ -789,6 +819,7 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
     """The search itself, run while this process holds the experiment's driver lock."""
     name = experiment.name
     restore = _check_new_or_resumed(experiment, options)
+    fixed_budget = restore and saved_with_fixed_budget(experiment)
     try:
         tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=lambda: not restore)
     except BaseException:
@@ -819,6 +850,9 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
                         progress.note(f"the search already holds {held} ended trials (asked for {options.trials}); "
                                       "no new trial is sampled")
                 tuner.fit()
+            if fixed_budget and not book.unfinished() and len(book.outcomes) < options.trials:
+                status = "FINISHED"  # the search ran all it could; the command asked for more than it can give
+                raise _fixed_budget_error(experiment, len(book.outcomes), options.trials)
             if book.interrupted(options.trials):
                 raise KeyboardInterrupt
             status = "FINISHED"

@@ -426,6 +426,41 @@ def test_two_resumes_of_a_new_ray_search_started_together_run_it_once(tmp_path: 
     assert [r.info.run_name for r in trials] == ["tiny-trial-0"]
 
 
+OLD_FORMAT = Path(__file__).parent / "fixtures" / "ray_pre_9e2c35e" / "tiny"
+
+
+def test_an_experiment_saved_before_resume_could_add_trials_is_recognised(tmp_path: Path) -> None:
+    """Its tuner.pkl holds a plain OptunaSearch; every later one refers to the budgeted search."""
+    from psmsearch.ray_driver import saved_with_fixed_budget
+
+    assert saved_with_fixed_budget(OLD_FORMAT)
+    assert not saved_with_fixed_budget(tmp_path), "no saved Tuner: nothing to tell"
+
+
+@pytest.mark.slow
+def test_resuming_an_old_format_experiment_with_more_trials_says_why_none_is_added(
+        tmp_path: Path, private_env: dict[str, str]) -> None:
+    """A Ray search saved before 9e2c35e, resumed with a larger --trials, sampled nothing and exited
+    130 with 'interrupted ... run the same command with --resume to continue' (which never helps).
+    It now stops with an error naming the cause and what to do; asking for what it holds is a plain resume."""
+    from searchhelpers import mlflow_runs, write_space
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    shutil.copytree(OLD_FORMAT, tmp_path / DEFAULT_RESULTS / "tiny")
+    more = run_cli("search", str(space), "--driver", "ray", "--resume", "--trials", "2", "--no-progress",
+                   env=private_env, cwd=tmp_path, timeout=300)
+    assert more.returncode == 2 and "Traceback" not in more.stderr, more.stderr[-3000:]
+    assert "error: --trials: the Ray search 'tiny' in " in more.stderr
+    assert "holds 1 ended trials and samples no more (asked for 2); start a new search with --study NAME" in more.stderr
+    parents = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
+    assert [r.info.status for r in parents] == ["FINISHED"]
+
+    same = run_cli("search", str(space), "--driver", "ray", "--resume", "--trials", "1", "--no-progress", "--json",
+                   env=private_env, cwd=tmp_path, timeout=300)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert [t["status"] for t in json.loads(same.stdout.strip().splitlines()[-1])["trials"]] == ["complete"]
+
+
 def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:
     """Ray retries an unreachable GCS for minutes with its own warnings only; psmsearch probes first."""
     from searchhelpers import write_space
