@@ -44,6 +44,7 @@ a loopback ``--address`` (``127.0.0.1:PORT``) the driver joins a single-machine 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -664,8 +665,13 @@ def _max_reports(space: SearchSpace) -> int:
     return 10_000
 
 
+TUNER_FILE = "tuner.pkl"
+"""Where Tune pickles a Tuner (its search generator included) in the experiment's folder."""
+
+
 CLAIM_FILE = ".psmsearch-started"
-"""Created in a new Ray experiment's folder before anything else: the search's name is taken."""
+"""Created in a new Ray experiment's folder before anything else: the search's name is taken. It
+records the search's objectives (JSON), which a resume must share."""
 LOCK_FILE = ".psmsearch-driver.lock"
 """Locked (``flock``) by the process driving a Ray experiment, for as long as it drives it."""
 
@@ -708,41 +714,71 @@ def _driven_elsewhere(experiment: Path, pid: str) -> ConfigError:
     )
 
 
-def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
-    """Whether the Ray experiment exists; an existing one needs ``--resume`` (as an Optuna study does).
+def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: SearchSpace) -> bool:
+    """Whether the Ray experiment exists; an existing one needs ``--resume`` and the same objectives
+    (as an Optuna study does).
 
     Called under :func:`_driving`. A new search creates :data:`CLAIM_FILE` in its folder first,
-    exclusively without ``--resume``: a search whose earlier process stopped before Tune first saved
-    its state is refused then, and ``--resume`` starts it anew.
+    exclusively without ``--resume`` (a search whose earlier process stopped before Tune first saved
+    its state is refused then, and ``--resume`` starts it anew), and records its objectives there.
+    Existence is what ``Tuner.can_restore`` checks (a saved ``tuner.pkl``), read without importing Ray.
     """
-    from ray import tune
-
-    exists = tune.Tuner.can_restore(str(experiment))
+    exists = (experiment / TUNER_FILE).is_file()
     if exists and not options.resume:
         raise ConfigError(
             f"a Ray search {experiment.name!r} already exists in {experiment.parent}; pass --resume to continue it, "
             "or choose another name with --study / another folder with --storage",
         )
-    if not exists:
-        flags = os.O_CREAT | os.O_WRONLY | (0 if options.resume else os.O_EXCL)
-        try:
-            os.close(os.open(experiment / CLAIM_FILE, flags, 0o644))
-        except FileExistsError:
-            raise ConfigError(
-                f"a Ray search {experiment.name!r} was already started in {experiment.parent} (by a process "
-                "that stopped before Tune saved any state); pass --resume to restart it, "
-                "or choose another name with --study / another folder with --storage",
-            ) from None
-    return exists
+    if exists:
+        _check_objectives(experiment, space)
+        return True
+    flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | (0 if options.resume else os.O_EXCL)
+    try:
+        fd = os.open(experiment / CLAIM_FILE, flags, 0o644)
+    except FileExistsError:
+        raise ConfigError(
+            f"a Ray search {experiment.name!r} was already started in {experiment.parent} (by a process "
+            "that stopped before Tune saved any state); pass --resume to restart it, "
+            "or choose another name with --study / another folder with --storage",
+        ) from None
+    with os.fdopen(fd, "w") as claim:
+        json.dump({"objectives": _objectives(space)}, claim)
+    return False
+
+
+def _objectives(space: SearchSpace) -> list[dict[str, str]]:
+    """The space's objectives as recorded in the claim file."""
+    return [o.model_dump() for o in space.objectives]
+
+
+def _shown(objectives: list[dict[str, str]]) -> str:
+    """``acc_2x (maximize), state_bytes_64 (minimize)``."""
+    return ", ".join(f"{o.get('metric')} ({o.get('direction')})" for o in objectives)
+
+
+def _check_objectives(experiment: Path, space: SearchSpace) -> None:
+    """A resumed experiment's objectives, recorded in its claim, must be the space's.
+
+    Tune restores the searcher and the scheduler with the objectives they were made with: a resume
+    with others failed in Tune's loop, with a traceback, once the first new trial reported. An
+    experiment without the record (made before it was written) is not checked.
+    """
+    try:
+        recorded = json.loads((experiment / CLAIM_FILE).read_text())["objectives"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if recorded != _objectives(space):
+        raise ConfigError(
+            f"the Ray search {experiment.name!r} in {experiment.parent} was started with the objectives "
+            f"{_shown(recorded)}, but the space asks for {_shown(_objectives(space))}; a restored search keeps "
+            "ranking by its own: resume it with those objectives, or choose another name with --study",
+            field="objectives",
+        )
 
 
 def _release_claim(experiment: Path) -> None:
     """Give the name back when a new search stops before Tune has saved anything (a tracking error)."""
     (experiment / CLAIM_FILE).unlink(missing_ok=True)
-
-
-TUNER_FILE = "tuner.pkl"
-"""Where Tune pickles a Tuner (its search generator included) in the experiment's folder."""
 
 
 def saved_with_fixed_budget(experiment: Path) -> bool:
@@ -818,7 +854,7 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
 def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> SearchResult:
     """The search itself, run while this process holds the experiment's driver lock."""
     name = experiment.name
-    restore = _check_new_or_resumed(experiment, options)
+    restore = _check_new_or_resumed(experiment, options, space)
     fixed_budget = restore and saved_with_fixed_budget(experiment)
     try:
         tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=lambda: not restore)

@@ -461,6 +461,34 @@ def test_resuming_an_old_format_experiment_with_more_trials_says_why_none_is_add
     assert [t["status"] for t in json.loads(same.stdout.strip().splitlines()[-1])["trials"]] == ["complete"]
 
 
+def test_a_ray_resume_with_other_objectives_is_refused_before_anything_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune restores the searcher and scheduler with the objectives they were made with: a resume
+    whose space asked for others ran, then died in Tune's loop with a TuneError traceback at the first
+    new trial's report (exit 1, a trial run KILLED, the parent KILLED). The claim records the
+    objectives; a resume with others is refused by name, with the MLflow store untouched."""
+    from searchhelpers import write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, run_ray_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    shutil.copytree(OLD_FORMAT, experiment)  # a saved Tuner: the experiment exists
+    (experiment / CLAIM_FILE).write_text(json.dumps({"objectives": [{"metric": "acc_2x", "direction": "maximize"}]}))
+    space = load_space(write_space(tmp_path, objectives=[{"metric": "acc_1x", "direction": "minimize"}]), smoke_samples=1)
+    options = SearchOptions(trials=2, resume=True, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
+                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"was started with the objectives acc_2x \(maximize\), but the space asks "
+                                          r"for acc_1x \(minimize\); .* choose another name with --study"):
+        run_ray_search(space, options)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:
     """Ray retries an unreachable GCS for minutes with its own warnings only; psmsearch probes first."""
     from searchhelpers import write_space
