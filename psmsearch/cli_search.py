@@ -153,11 +153,8 @@ def compare(experiment: str | None, search_name: str | None, tracking_uri: str |
     parent = parents[0]
     name = parent.data.tags.get("psmsearch.search", "?")
     trials = rows_from_runs(tracker.runs(name, parent=parent.info.run_id))
-    reported = sorted({metric for row in trials for metric in row.metrics})
-    missing = [o.metric for o in objectives if trials and not any(o.metric in row.metrics for row in trials)]
-    if missing:
-        raise ConfigError(f"no trial of search {name!r} reported {', '.join(repr(m) for m in missing)}; "
-                          f"metrics reported: {', '.join(reported) or 'none'}", field="--objective")
+    if objective_specs:
+        _check_reported(objectives, trials, name)
     rows = rank(trials, objectives)
     plots = _write_plots(rows, objectives, out_dir)
     for path in plots:
@@ -171,6 +168,19 @@ def compare(experiment: str | None, search_name: str | None, tracking_uri: str |
     print_rows(rows, objectives, title=f"experiment {experiment}, search {name}{latest}")
     for path in plots:
         click.echo(f"plot: {path}")
+
+
+def _check_reported(objectives: Sequence[Objective], trials: Sequence[TrialRow], name: str) -> None:
+    """Refuse an ``--objective`` that no trial of the search reported (a mistyped metric).
+
+    Only overrides are checked: a search's own objectives are missing from a trial that failed
+    (a NaN objective is not stored), and such a search is shown with its failures, not refused.
+    """
+    reported = sorted({metric for row in trials for metric in row.metrics})
+    missing = [o.metric for o in objectives if trials and not any(o.metric in row.metrics for row in trials)]
+    if missing:
+        raise ConfigError(f"no trial of search {name!r} reported {', '.join(repr(m) for m in missing)}; "
+                          f"metrics reported: {', '.join(reported) or 'none'}", field="--objective")
 
 
 def _write_plots(rows: Sequence[Any], objectives: Sequence[Objective], out_dir: Path) -> list[Path]:

@@ -24,6 +24,9 @@ same number and parameters, and the searcher samples new trials until the experi
 one's). Trials that ended stay as they are and count towards ``--trials``: completed, stopped by
 ASHA and failed ones alike (a failed trial is not run again, as the Optuna driver counts a failed
 trial and moves on). The summary lists every trial of the experiment, earlier sessions' too.
+A Ray experiment has one driving process at a time (Tune cannot share it as Optuna shares a study):
+the driver holds a lock in the experiment's folder for the whole search, and a second command on
+the same experiment, ``--resume`` or not, is refused while the first one runs.
 Tune saves the experiment's state only every ~10 s, so after the search process was killed
 (SIGKILL, a crash) the restored state may be older than MLflow:
 
@@ -41,6 +44,7 @@ a loopback ``--address`` (``127.0.0.1:PORT``) the driver joins a single-machine 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -50,6 +54,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import optuna
+
+try:
+    import fcntl
+except ImportError:  # Windows: no driver lock
+    fcntl = None  # type: ignore[assignment]
 
 from psmsearch.errors import ConfigError
 from psmsearch.optuna_driver import SearchResult, make_sampler
@@ -270,11 +279,14 @@ class _Book:
                                       run_id=run_id or (recorded.info.run_id if recorded is not None else None)))
         self.progress.best = self._best()
 
+    def unfinished(self) -> bool:
+        """Whether a trial started in this session never ended here."""
+        return any(number not in self.outcomes for number in self.started.values())
+
     def interrupted(self, trials: int) -> bool:
         """Whether Tune stopped early on Ctrl-C (it returns normally): a started trial never ended here,
         or the experiment holds fewer ended trials than were asked for."""
-        unfinished = any(number not in self.outcomes for number in self.started.values())
-        return unfinished or len(self.outcomes) < trials
+        return self.unfinished() or len(self.outcomes) < trials
 
     def close_unfinished(self) -> None:
         """Runs of trials that started but never ended here (an interrupted search) become KILLED."""
@@ -653,42 +665,143 @@ def _max_reports(space: SearchSpace) -> int:
     return 10_000
 
 
+TUNER_FILE = "tuner.pkl"
+"""Where Tune pickles a Tuner (its search generator included) in the experiment's folder."""
+
+
 CLAIM_FILE = ".psmsearch-started"
-"""Created (exclusively) in a new Ray experiment's folder before anything else: the search's name is taken."""
+"""Created in a new Ray experiment's folder before anything else: the search's name is taken. It
+records the search's objectives (JSON), which a resume must share."""
+LOCK_FILE = ".psmsearch-driver.lock"
+"""Locked (``flock``) by the process driving a Ray experiment, for as long as it drives it."""
 
 
-def _check_new_or_resumed(experiment: Path, options: SearchOptions) -> bool:
-    """Whether the Ray experiment exists; an existing one needs ``--resume`` (as an Optuna study does).
+@contextmanager
+def _driving(experiment: Path) -> Iterator[None]:
+    """Hold the experiment's driver lock for the whole search; refuse when another process holds it.
 
-    A new search first creates :data:`CLAIM_FILE` in its folder with ``O_EXCL``: of two searches started
-    at the same moment without ``--resume``, which both find nothing Tune could restore, the second
-    is refused instead of running a second Tuner in the same folder. The claim also refuses a search
-    whose earlier process stopped before Tune first saved its state; ``--resume`` then starts it anew.
+    A Ray experiment has one driver at a time: two Tuners in one folder each sample and run their
+    own trials (same numbers, one MLflow parent) and overwrite each other's state. The lock is taken
+    before anything is checked or created, by new and resumed searches alike, so of two commands
+    started together (``--resume`` or not) exactly one runs. The kernel drops it when the process
+    dies, so a killed search never blocks its ``--resume``. Without ``fcntl`` (Windows) there is no lock.
     """
-    from ray import tune
+    experiment.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(experiment / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _driven_elsewhere(experiment, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
-    exists = tune.Tuner.can_restore(str(experiment))
+
+def _driven_elsewhere(experiment: Path, pid: str) -> ConfigError:
+    """The error for a Ray search another live process is running (it holds :data:`LOCK_FILE`)."""
+    who = f"process {pid}" if pid.isdigit() else "another process"
+    return ConfigError(
+        f"the Ray search {experiment.name!r} in {experiment.parent} is being run by {who} now; a Ray search has "
+        "one driving process at a time (Tune cannot share an experiment as an Optuna study is shared): wait "
+        "for it to end and then pass --resume to add trials, or choose another name with --study / another "
+        "folder with --storage",
+    )
+
+
+def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: SearchSpace) -> bool:
+    """Whether the Ray experiment exists; an existing one needs ``--resume`` and the same objectives
+    (as an Optuna study does).
+
+    Called under :func:`_driving`. A new search creates :data:`CLAIM_FILE` in its folder first,
+    exclusively without ``--resume`` (a search whose earlier process stopped before Tune first saved
+    its state is refused then, and ``--resume`` starts it anew), and records its objectives there.
+    Existence is what ``Tuner.can_restore`` checks (a saved ``tuner.pkl``), read without importing Ray.
+    """
+    exists = (experiment / TUNER_FILE).is_file()
     if exists and not options.resume:
         raise ConfigError(
             f"a Ray search {experiment.name!r} already exists in {experiment.parent}; pass --resume to continue it, "
             "or choose another name with --study / another folder with --storage",
         )
-    if not exists and not options.resume:
-        experiment.mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(experiment / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            raise ConfigError(
-                f"a Ray search {experiment.name!r} was already started in {experiment.parent} (by a process "
-                "starting it now, or one that stopped before Tune saved any state); pass --resume to continue "
-                "or restart it, or choose another name with --study / another folder with --storage",
-            ) from None
-    return exists
+    if exists:
+        _check_objectives(experiment, space)
+        return True
+    flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | (0 if options.resume else os.O_EXCL)
+    try:
+        fd = os.open(experiment / CLAIM_FILE, flags, 0o644)
+    except FileExistsError:
+        raise ConfigError(
+            f"a Ray search {experiment.name!r} was already started in {experiment.parent} (by a process "
+            "that stopped before Tune saved any state); pass --resume to restart it, "
+            "or choose another name with --study / another folder with --storage",
+        ) from None
+    with os.fdopen(fd, "w") as claim:
+        json.dump({"objectives": _objectives(space)}, claim)
+    return False
+
+
+def _objectives(space: SearchSpace) -> list[dict[str, str]]:
+    """The space's objectives as recorded in the claim file."""
+    return [o.model_dump() for o in space.objectives]
+
+
+def _shown(objectives: list[dict[str, str]]) -> str:
+    """``acc_2x (maximize), state_bytes_64 (minimize)``."""
+    return ", ".join(f"{o.get('metric')} ({o.get('direction')})" for o in objectives)
+
+
+def _check_objectives(experiment: Path, space: SearchSpace) -> None:
+    """A resumed experiment's objectives, recorded in its claim, must be the space's.
+
+    Tune restores the searcher and the scheduler with the objectives they were made with: a resume
+    with others failed in Tune's loop, with a traceback, once the first new trial reported. An
+    experiment without the record (made before it was written) is not checked.
+    """
+    try:
+        recorded = json.loads((experiment / CLAIM_FILE).read_text())["objectives"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if recorded != _objectives(space):
+        raise ConfigError(
+            f"the Ray search {experiment.name!r} in {experiment.parent} was started with the objectives "
+            f"{_shown(recorded)}, but the space asks for {_shown(_objectives(space))}; a restored search keeps "
+            "ranking by its own: resume it with those objectives, or choose another name with --study",
+            field="objectives",
+        )
 
 
 def _release_claim(experiment: Path) -> None:
     """Give the name back when a new search stops before Tune has saved anything (a tracking error)."""
     (experiment / CLAIM_FILE).unlink(missing_ok=True)
+
+
+def saved_with_fixed_budget(experiment: Path) -> bool:
+    """Whether a restorable Ray experiment was saved by a psmsearch from before ``--resume`` could raise
+    its budget (commit 9e2c35e): its ``tuner.pkl`` then holds a plain ``OptunaSearch``, where every
+    later one holds a reference to :func:`_search_for_active` (how :class:`BudgetedSearch` pickles).
+
+    Tune restores such a search with its first command's ``--trials`` and ``--jobs``, and
+    ``Tuner.restore`` takes no other search algorithm, so a larger ``--trials`` samples nothing.
+    """
+    pickled = experiment / TUNER_FILE
+    return pickled.is_file() and _search_for_active.__name__.encode() not in pickled.read_bytes()
+
+
+def _fixed_budget_error(experiment: Path, held: int, asked: int) -> ConfigError:
+    """The error for a resume that asked an old-format experiment for more trials than it can sample."""
+    return ConfigError(
+        f"the Ray search {experiment.name!r} in {experiment.parent} was saved by a psmsearch from before "
+        f"--resume could add trials (commit 9e2c35e): its saved searcher keeps its first command's --trials and "
+        f"--jobs, so it holds {held} ended trials and samples no more (asked for {asked}); start a new search "
+        "with --study NAME to run more trials (compare shows each search's trials)",
+        field="--trials",
+    )
 
 
 def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, experiment: Path, restore: bool) -> "Tuner":
@@ -733,13 +846,20 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     _prepare_environment(options)
     if options.address:
         _check_reachable(options.address)  # before anything is created for the search
-    name = options.study or space.name
-    experiment = results_dir(options) / name
-    restore = _check_new_or_resumed(experiment, options)
+    experiment = results_dir(options) / (options.study or space.name)
+    with _driving(experiment):
+        return _drive(space, options, experiment)
+
+
+def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> SearchResult:
+    """The search itself, run while this process holds the experiment's driver lock."""
+    name = experiment.name
+    restore = _check_new_or_resumed(experiment, options, space)
+    fixed_budget = restore and saved_with_fixed_budget(experiment)
     try:
         tracker, parent = open_tracking(space, options, "ray", storage=str(experiment), fresh=lambda: not restore)
     except BaseException:
-        if not restore and not options.resume:
+        if not restore:
             _release_claim(experiment)
         raise
     context = TrialContext(
@@ -766,6 +886,9 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
                         progress.note(f"the search already holds {held} ended trials (asked for {options.trials}); "
                                       "no new trial is sampled")
                 tuner.fit()
+            if fixed_budget and not book.unfinished() and len(book.outcomes) < options.trials:
+                status = "FINISHED"  # the search ran all it could; the command asked for more than it can give
+                raise _fixed_budget_error(experiment, len(book.outcomes), options.trials)
             if book.interrupted(options.trials):
                 raise KeyboardInterrupt
             status = "FINISHED"

@@ -150,6 +150,7 @@ def parse_dimension(path: str, spec: dict[str, Any], where: SourceMap) -> Dimens
     if kind == "choice":
         if not isinstance(value, list) or not value:
             raise where.error(path, f"choice must be a non-empty list, got {value!r}")
+        _check_distinct_choices(path, value, where)
         return Dimension(path, "choice", choices=value)
     if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise where.error(path, f"{kind} range must be [low, high] numbers, got {value!r}")
@@ -174,6 +175,18 @@ def parse_dimension(path: str, spec: dict[str, Any], where: SourceMap) -> Dimens
         if kind == "float" and not (numeric and _finite(step) and step > 0 and not log):
             raise where.error(f"{path}.step", f"a float range's step must be a finite number > 0 (and not used with log), got {step!r}")
     return Dimension(path, kind, low=low, high=high, log=log, step=step)
+
+
+def _check_distinct_choices(path: str, choices: list[Any], where: SourceMap) -> None:
+    """Refuse two choices of different types that compare equal: Optuna stores a categorical value as
+    the index of the first equal choice, so of ``[1, true]`` (``True == 1``) or ``[2, 2.0]`` only the
+    first is ever sampled. (A value listed twice is left to the component check, which names it.)"""
+    labels = [_label(c) for c in choices]
+    for i, label in enumerate(labels):
+        first = next(j for j, other in enumerate(labels) if other == label)
+        if first != i and type(labels[first]) is not type(label):
+            raise where.error(path, f"choice values {choices[first]!r} and {choices[i]!r} are equal as Optuna compares "
+                                    "them, so only the first could ever be sampled; list each value once")
 
 
 def _finite(value: float) -> bool:

@@ -362,7 +362,7 @@ def test_a_ray_search_already_being_started_is_refused_and_a_tracking_error_give
     result = run_cli("search", str(space), "--driver", "ray", "--no-progress", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: a Ray search 'tiny' was already started in " in result.stderr
-    assert "pass --resume to continue or restart it" in result.stderr
+    assert "pass --resume to restart it" in result.stderr
 
     (experiment / CLAIM_FILE).unlink()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -371,6 +371,122 @@ def test_a_ray_search_already_being_started_is_refused_and_a_tracking_error_give
                      cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "is deleted; restore it" in result.stderr, result.stderr[-3000:]
     assert not (experiment / CLAIM_FILE).exists(), "a search that never started keeps no claim on its name"
+
+
+def test_a_ray_search_another_process_is_driving_is_refused_with_or_without_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `--resume` commands on a new name both found nothing to restore, skipped the claim and ran
+    two Tuners in one folder (two trial-0 runs under one parent). A driving process now holds a lock
+    in the experiment's folder; a second search, `--resume` or not, is refused while it runs, before
+    Ray or MLflow is touched. (Both commands started together: the slow test below.)"""
+    import fcntl
+
+    from searchhelpers import write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import LOCK_FILE, QUIET_ENV, run_ray_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():  # the driver sets them for Ray; restored after the test
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    space = load_space(write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"}), smoke_samples=1)
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    experiment.mkdir(parents=True)
+    with open(experiment / LOCK_FILE, "w") as held:  # the driving process's lock, as it holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        for resume in (True, False):
+            options = SearchOptions(trials=1, resume=resume, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
+                                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+            with pytest.raises(ConfigError, match=r"the Ray search 'tiny' in .* is being run by process 4242 now"):
+                run_ray_search(space, options)
+    assert sorted(p.name for p in experiment.iterdir()) == [LOCK_FILE], "a refused search creates nothing"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_two_resumes_of_a_new_ray_search_started_together_run_it_once(tmp_path: Path, private_env: dict[str, str]) -> None:
+    """The reported race end to end: two `search --driver ray --resume` on a new name at once. One
+    runs the search, the other is refused by name; MLflow holds one run of trial 0."""
+    from searchhelpers import mlflow_runs, write_space
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    command = [sys.executable, "-m", "psmsearch", "search", str(space), "--driver", "ray", "--resume", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "PSMSEARCH_PLUGINS"} | private_env
+    both = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in both]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "is being run by process" in refused and "Traceback" not in refused, refused[-3000:]
+    trials = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert [r.info.run_name for r in trials] == ["tiny-trial-0"]
+
+
+OLD_FORMAT = Path(__file__).parent / "fixtures" / "ray_pre_9e2c35e" / "tiny"
+
+
+def test_an_experiment_saved_before_resume_could_add_trials_is_recognised(tmp_path: Path) -> None:
+    """Its tuner.pkl holds a plain OptunaSearch; every later one refers to the budgeted search."""
+    from psmsearch.ray_driver import saved_with_fixed_budget
+
+    assert saved_with_fixed_budget(OLD_FORMAT)
+    assert not saved_with_fixed_budget(tmp_path), "no saved Tuner: nothing to tell"
+
+
+@pytest.mark.slow
+def test_resuming_an_old_format_experiment_with_more_trials_says_why_none_is_added(
+        tmp_path: Path, private_env: dict[str, str]) -> None:
+    """A Ray search saved before 9e2c35e, resumed with a larger --trials, sampled nothing and exited
+    130 with 'interrupted ... run the same command with --resume to continue' (which never helps).
+    It now stops with an error naming the cause and what to do; asking for what it holds is a plain resume."""
+    from searchhelpers import mlflow_runs, write_space
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    shutil.copytree(OLD_FORMAT, tmp_path / DEFAULT_RESULTS / "tiny")
+    more = run_cli("search", str(space), "--driver", "ray", "--resume", "--trials", "2", "--no-progress",
+                   env=private_env, cwd=tmp_path, timeout=300)
+    assert more.returncode == 2 and "Traceback" not in more.stderr, more.stderr[-3000:]
+    assert "error: --trials: the Ray search 'tiny' in " in more.stderr
+    assert "holds 1 ended trials and samples no more (asked for 2); start a new search with --study NAME" in more.stderr
+    parents = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
+    assert [r.info.status for r in parents] == ["FINISHED"]
+
+    same = run_cli("search", str(space), "--driver", "ray", "--resume", "--trials", "1", "--no-progress", "--json",
+                   env=private_env, cwd=tmp_path, timeout=300)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert [t["status"] for t in json.loads(same.stdout.strip().splitlines()[-1])["trials"]] == ["complete"]
+
+
+def test_a_ray_resume_with_other_objectives_is_refused_before_anything_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune restores the searcher and scheduler with the objectives they were made with: a resume
+    whose space asked for others ran, then died in Tune's loop with a TuneError traceback at the first
+    new trial's report (exit 1, a trial run KILLED, the parent KILLED). The claim records the
+    objectives; a resume with others is refused by name, with the MLflow store untouched."""
+    from searchhelpers import write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, run_ray_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    shutil.copytree(OLD_FORMAT, experiment)  # a saved Tuner: the experiment exists
+    (experiment / CLAIM_FILE).write_text(json.dumps({"objectives": [{"metric": "acc_2x", "direction": "maximize"}]}))
+    space = load_space(write_space(tmp_path, objectives=[{"metric": "acc_1x", "direction": "minimize"}]), smoke_samples=1)
+    options = SearchOptions(trials=2, resume=True, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
+                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"was started with the objectives acc_2x \(maximize\), but the space asks "
+                                          r"for acc_1x \(minimize\); .* choose another name with --study"):
+        run_ray_search(space, options)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:

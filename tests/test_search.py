@@ -319,6 +319,32 @@ def test_a_non_finite_objective_fails_the_trial_and_keeps_its_other_metrics(tmp_
     assert row["metrics"]["acc_1x"] == pytest.approx(run.data.metrics["acc_1x"])
 
 
+def test_compare_shows_a_search_whose_trials_failed_on_their_objective(finished_search) -> None:
+    """A trial whose objective was NaN is FAILED without that metric (MLflow stores no NaN). When no
+    trial had it, compare refused the search with "--objective: no trial ... reported 'score'", an
+    option nobody passed. The search's own objectives are not checked so: its failures are listed."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+    from psmsearch.tracking import Tracker
+
+    work, _ = finished_search
+    uri = f"sqlite:///{work / 'mlflow.db'}"  # an existing store: a new one takes seconds to create
+    tracker = Tracker(uri, "all-failed")  # what a search writes: a parent run and a failed trial run under it
+    parent = tracker.parent_run("all-failed", {}, {"objectives": [{"metric": "score", "direction": "maximize"}]})
+    run = tracker.trial_run(parent, "all-failed", 0, {"search.model.chunk_size": 2}, {})
+    tracker.log_metrics(run, {"train_loss": 0.5, "score": float("nan")})  # no length metric: no plot to draw
+    tracker.set_tags(run, {"psmsearch.status": "failed", "psmsearch.error": "objective 'score' is nan"})
+    tracker.finish(run, "FAILED")
+    args = ["compare", "--tracking-uri", uri, "--experiment", "all-failed"]
+    result = CliRunner().invoke(main, [*args, "--json", "--out", str(work / "plots-all-failed")])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output.strip().splitlines()[-1])["trials"]
+    assert (row["status"], row["error"], row["objectives"]) == ("failed", "objective 'score' is nan", {"score": None})
+    typo = CliRunner().invoke(main, [*args, "--objective", "scor:max"])
+    assert typo.exit_code == 2 and "--objective: no trial of search 'all-failed' reported 'scor'" in typo.output, typo.output
+
+
 def test_parallel_jobs_run_exactly_the_trials_asked_for(tmp_path: Path) -> None:
     """With --jobs 2 the last free slot used to start two trials at once: 3 asked, 4 run."""
     space = write_space(tmp_path, driver={"trials": 3, "startup_trials": 1, "pruner": "none"})
