@@ -116,6 +116,13 @@ def test_check_unknown_name_exits_2_with_a_suggestion_and_no_traceback() -> None
     assert "Traceback" not in result.stderr
 
 
+def test_plugin_given_after_the_command_says_where_it_goes() -> None:
+    result = run_cli("search", "space.yaml", "--plugin", "my_agg.py")
+    assert result.returncode == 2
+    assert ("No such option '--plugin'. --plugin is an option of psmsearch itself and goes before the command: "
+            "psmsearch --plugin PATH search ...") in result.stderr
+
+
 def test_unknown_cli_option_exits_2() -> None:
     result = run_cli("plugins", "--jsn")
     assert result.returncode == 2
