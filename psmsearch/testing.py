@@ -523,17 +523,24 @@ def _layer_stream_equals_parallel(a: _Assembly) -> str:
 
 def _layer_batch_independent(a: _Assembly) -> str:
     """Each sequence of a batch is computed on its own: a component that mixes the batch (a mean
-    over dim 0, a batch-norm) agrees with itself on every path, so only changing one sequence shows it."""
+    over dim 0, a batch-norm) agrees with itself on every path, so only changing the batch shows it.
+
+    Sequence ``b`` of ``[a, b]`` is run again as ``[b, a']``: in another slot, beside a changed
+    partner. A leak may run one way only (``f[:1]``, a ``[0]`` meant for another axis, hands
+    sequence 0 to the others and leaves sequence 0 alone), so changing sequence 1 and watching
+    sequence 0 would miss it; moving the watched sequence catches a leak in either direction (and
+    a dependence on the slot) at the cost of one run per path.
+    """
     generator = torch.Generator().manual_seed(62)
-    x = torch.randn(BATCH, 5 * CHUNK + 1, D_MODEL, generator=generator)  # [B, T, d]
-    bumped = x.clone()
-    bumped[1:] += torch.randn(bumped[1:].shape, generator=generator)
+    x = torch.randn(2, 5 * CHUNK + 1, D_MODEL, generator=generator)  # [2, T, d]: sequences a, b
+    changed = x[0] + torch.randn(x[0].shape, generator=generator)  # [T, d]: a'
+    moved = torch.stack([x[1], changed])  # [2, T, d]: b, a'
     with torch.no_grad():
         for name, run in (("parallel", a.layer), ("streaming", lambda t: _streamed(a.layer, t))):
-            diff = (run(bumped)[0] - run(x)[0]).abs().max().item()
-            _require(diff <= ATOL, f"{name}: changing sequence 1 of the batch changed sequence 0's outputs by {diff:.3g}; "
-                                   "each sequence must be computed on its own")
-    return f"B={BATCH}, parallel and streaming"
+            diff = (run(moved)[0] - run(x)[1]).abs().max().item()
+            _require(diff <= ATOL, f"{name}: sequence 1 run again in slot 0 beside a changed sequence gave outputs that "
+                                   f"differ by {diff:.3g}; each sequence must be computed on its own")
+    return "B=2, a sequence moved to the other slot beside a changed partner, parallel and streaming"
 
 
 def _layer_float64(a: _Assembly) -> str:
