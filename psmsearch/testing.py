@@ -619,7 +619,27 @@ def _layer_state_nbytes(a: _Assembly) -> str:
                 seen.append(measured)
         if associative:
             _require(len(set(seen)) == 1, f"associative aggregator but retained bytes grow with n: {seen}")
-    return f"B=1 bytes after 1..16 chunks: {seen}"
+    tokens = _partial_chunk_nbytes(a)
+    return f"B=1 bytes after 1..16 chunks: {seen}; and after each of {tokens} tokens streamed one at a time"
+
+
+def _partial_chunk_nbytes(a: _Assembly) -> int:
+    """Between chunk boundaries the stream also holds the partial chunk's features, which
+    ``expected_nbytes`` counts at their logical size: token by token over two chunks and one more
+    token, measured and expected bytes must agree there too. Features that are views of a wider
+    buffer keep all of it alive while buffered, which whole-chunk feeds never show. Returns the
+    number of tokens streamed."""
+    tokens = 2 * CHUNK + 1
+    for batch in (BATCH, 1):
+        stream = a.layer.stream(batch)
+        with torch.no_grad():
+            for t in range(1, tokens + 1):
+                stream.step(torch.randn(batch, D_MODEL))
+                measured, expected = stream.state_nbytes(), stream.expected_nbytes()
+                _require(measured == expected, f"B={batch}, after {t} tokens streamed one at a time ({stream.position} in "
+                                               f"the partial chunk) streaming holds {measured} bytes but state_nbytes and "
+                                               f"the buffered features account for {expected}")
+    return tokens
 
 
 Check = Callable[[_Assembly], str]

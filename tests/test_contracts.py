@@ -100,3 +100,14 @@ def test_batch_check_catches_a_leak_that_runs_one_way(registry) -> None:
         _layer_batch_independent(assembly)
     healthy = _assemble(registry.get("head", "attention").cls, registry, seed=0)
     assert "moved to the other slot" in _layer_batch_independent(healthy)
+
+
+def test_state_bytes_check_streams_partial_chunks(registry) -> None:
+    """``zz_pins_wide_projection``'s buffered features keep a buffer twice their size alive; whole-chunk
+    feeds (all the check streamed) never buffer features, so it passed. The check runs alone here."""
+    from psmsearch.testing import ContractViolation, _assemble, _layer_state_nbytes
+
+    assembly = _assemble(registry.get("encoder", "zz_pins_wide_projection").cls, registry, seed=0)
+    with pytest.raises(ContractViolation, match=r"B=2, after 1 tokens streamed one at a time \(1 in the partial chunk\) "
+                                                r"streaming holds 512 bytes but state_nbytes and the buffered features account for 256"):
+        _layer_state_nbytes(assembly)
