@@ -91,6 +91,8 @@ class PSMLayer(nn.Module):
         if fused and scan_mode != "auto":
             raise ValueError(f"fused=True replaces the prefix scan, so scan_mode must be 'auto', got {scan_mode!r}")
         batch, length, d = x.shape
+        if length == 0:  # no chunk to scan; the stream's feed answers an empty input the same way
+            return x.new_empty(batch, 0, d)  # [B, 0, d]
         c = self.chunk_size
         n_chunks = math.ceil(length / c)
         padded = F.pad(x, (0, 0, 0, n_chunks * c - length))  # [B, N*c, d]

@@ -156,8 +156,14 @@ class OnlineScan:
     increment (``cur = agg(roots[k], cur)`` while ``roots[k]`` is occupied). ``folds[k]`` caches the
     fold of the occupied roots ``>= k`` (highest first), so after a push that lands in slot ``j``
     (all lower slots empty) the prefix is ``folds[j] = agg(folds[j'], roots[j])``, ``j'`` the next
-    occupied slot above: one call per emitted prefix plus amortised one per carry. Memory is at
-    most ``ceil(log2(n + 1))`` roots and as many folds.
+    occupied slot above: one call per emitted prefix plus amortised one per carry.
+
+    A fold is kept only while a later push can read it: ``folds[j]`` is read by a push that lands
+    in a lower slot with every slot between empty, which cannot happen once slot ``j - 1`` is
+    occupied (it stays occupied until the carry that replaces ``roots[j]``). So the push that lands
+    in ``j - 1`` drops ``folds[j]``. Memory is the ``popcount(n) <= ceil(log2(n + 1))`` roots plus
+    one fold per occupied slot whose next lower slot is empty (slot 0 included): at most
+    ``ceil(log2(n + 1)) + 1`` distinct states (11, not 19, after 1023 chunks).
 
     For an associative aggregator the parenthesization does not matter and a single running state
     is kept (``num_roots == 1``).
@@ -192,6 +198,8 @@ class OnlineScan:
         self.roots[k] = cur
         above = next((j for j in range(k + 1, len(self.roots)) if self.roots[j] is not None), None)
         self.folds[k] = cur if above is None else self.agg(self.folds[above], cur)
+        if above == k + 1:
+            self.folds[above] = None  # no later push reads it before the carry into `above` (see the class doc)
 
     def prefix(self) -> State:
         """The exclusive prefix state for the next chunk (``initial_state`` before any push)."""

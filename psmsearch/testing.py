@@ -523,17 +523,24 @@ def _layer_stream_equals_parallel(a: _Assembly) -> str:
 
 def _layer_batch_independent(a: _Assembly) -> str:
     """Each sequence of a batch is computed on its own: a component that mixes the batch (a mean
-    over dim 0, a batch-norm) agrees with itself on every path, so only changing one sequence shows it."""
+    over dim 0, a batch-norm) agrees with itself on every path, so only changing the batch shows it.
+
+    Sequence ``b`` of ``[a, b]`` is run again as ``[b, a']``: in another slot, beside a changed
+    partner. A leak may run one way only (``f[:1]``, a ``[0]`` meant for another axis, hands
+    sequence 0 to the others and leaves sequence 0 alone), so changing sequence 1 and watching
+    sequence 0 would miss it; moving the watched sequence catches a leak in either direction (and
+    a dependence on the slot) at the cost of one run per path.
+    """
     generator = torch.Generator().manual_seed(62)
-    x = torch.randn(BATCH, 5 * CHUNK + 1, D_MODEL, generator=generator)  # [B, T, d]
-    bumped = x.clone()
-    bumped[1:] += torch.randn(bumped[1:].shape, generator=generator)
+    x = torch.randn(2, 5 * CHUNK + 1, D_MODEL, generator=generator)  # [2, T, d]: sequences a, b
+    changed = x[0] + torch.randn(x[0].shape, generator=generator)  # [T, d]: a'
+    moved = torch.stack([x[1], changed])  # [2, T, d]: b, a'
     with torch.no_grad():
         for name, run in (("parallel", a.layer), ("streaming", lambda t: _streamed(a.layer, t))):
-            diff = (run(bumped)[0] - run(x)[0]).abs().max().item()
-            _require(diff <= ATOL, f"{name}: changing sequence 1 of the batch changed sequence 0's outputs by {diff:.3g}; "
-                                   "each sequence must be computed on its own")
-    return f"B={BATCH}, parallel and streaming"
+            diff = (run(moved)[0] - run(x)[1]).abs().max().item()
+            _require(diff <= ATOL, f"{name}: sequence 1 run again in slot 0 beside a changed sequence gave outputs that "
+                                   f"differ by {diff:.3g}; each sequence must be computed on its own")
+    return "B=2, a sequence moved to the other slot beside a changed partner, parallel and streaming"
 
 
 def _layer_float64(a: _Assembly) -> str:
@@ -612,7 +619,27 @@ def _layer_state_nbytes(a: _Assembly) -> str:
                 seen.append(measured)
         if associative:
             _require(len(set(seen)) == 1, f"associative aggregator but retained bytes grow with n: {seen}")
-    return f"B=1 bytes after 1..16 chunks: {seen}"
+    tokens = _partial_chunk_nbytes(a)
+    return f"B=1 bytes after 1..16 chunks: {seen}; and after each of {tokens} tokens streamed one at a time"
+
+
+def _partial_chunk_nbytes(a: _Assembly) -> int:
+    """Between chunk boundaries the stream also holds the partial chunk's features, which
+    ``expected_nbytes`` counts at their logical size: token by token over two chunks and one more
+    token, measured and expected bytes must agree there too. Features that are views of a wider
+    buffer keep all of it alive while buffered, which whole-chunk feeds never show. Returns the
+    number of tokens streamed."""
+    tokens = 2 * CHUNK + 1
+    for batch in (BATCH, 1):
+        stream = a.layer.stream(batch)
+        with torch.no_grad():
+            for t in range(1, tokens + 1):
+                stream.step(torch.randn(batch, D_MODEL))
+                measured, expected = stream.state_nbytes(), stream.expected_nbytes()
+                _require(measured == expected, f"B={batch}, after {t} tokens streamed one at a time ({stream.position} in "
+                                               f"the partial chunk) streaming holds {measured} bytes but state_nbytes and "
+                                               f"the buffered features account for {expected}")
+    return tokens
 
 
 Check = Callable[[_Assembly], str]

@@ -53,6 +53,15 @@ def test_feeding_no_tokens_returns_an_empty_output_and_keeps_the_state() -> None
     assert stream.tokens_seen == 0 and stream.scan.count == 0
 
 
+def test_parallel_pass_on_no_tokens_returns_an_empty_output_as_streaming_does() -> None:
+    """There is no chunk to scan; the parallel pass raised 'prefix_scan needs at least one chunk'."""
+    config = ModelConfig(d_model=16, chunk_size=2, head={"name": "attention", "heads": 2}, aggregator={"name": "attention", "heads": 2})
+    layer = PSMLayer.from_config(config)
+    x = torch.zeros(3, 0, 16, dtype=torch.float64)
+    assert layer.double()(x).shape == (3, 0, 16) and layer(x).dtype == torch.float64
+    assert build_model(config, vocab_size=5)(torch.zeros(3, 0, dtype=torch.long)).shape == (3, 0, 5)
+
+
 def test_gradients_of_parallel_path_match_streaming_path() -> None:
     torch.manual_seed(1)
     layer = PSMLayer.from_config(ModelConfig(d_model=16, chunk_size=3, encoder="pool", aggregator="mlp", head={"name": "attention", "heads": 2}))

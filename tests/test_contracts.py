@@ -58,9 +58,9 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
          "does not implement initial_state(), which every aggregator must; see the docstring of psmsearch.Aggregator"),
         ("aggregator", "zz_blocked_scan", "associativity", "N=9: its fast scan() differs from the tree scan by"),
         ("aggregator", "zz_batch_leak", "batch_independent",
-         "parallel: changing sequence 1 of the batch changed sequence 0's outputs by"),
+         "parallel: sequence 1 run again in slot 0 beside a changed sequence gave outputs that differ by"),
         ("head", "zz_head_batch_leak", "batch_independent",
-         "parallel: changing sequence 1 of the batch changed sequence 0's outputs by"),
+         "parallel: sequence 1 run again in slot 0 beside a changed sequence gave outputs that differ by"),
         ("head", "zz_forward_last_off_by_one", "forward_last", "c'=2: forward_last differs from forward(prefix, f)[..., -1, :] by"),
         ("head", "zz_forward_last_off_by_one", "stream_equals_parallel", "token-by-token streaming differs from the parallel forward"),
         ("head", "zz_unrefreshed_buffer", "meta_build",
@@ -87,3 +87,27 @@ def test_a_component_that_cannot_be_copied_fails_a_check_instead_of_crashing_the
     results = {r.check: r for r in check_component(registry.get("aggregator", "zz_holds_a_lock"), registry)}
     assert not results["randomised_copy"].passed and "cannot pickle" in results["randomised_copy"].message
     assert results["associativity"].passed, "the checks of the component as built still run"
+
+
+def test_batch_check_catches_a_leak_that_runs_one_way(registry) -> None:
+    """``zz_reads_sequence_0`` adds sequence 0's features to every sequence and leaves sequence 0 alone.
+    Changing sequence 1 and watching sequence 0 passed it, and with that every check of the suite;
+    the check is run alone here (a whole ``check_component`` takes tens of seconds)."""
+    from psmsearch.testing import ContractViolation, _assemble, _layer_batch_independent
+
+    assembly = _assemble(registry.get("head", "zz_reads_sequence_0").cls, registry, seed=0)
+    with pytest.raises(ContractViolation, match="parallel: sequence 1 run again in slot 0 beside a changed sequence"):
+        _layer_batch_independent(assembly)
+    healthy = _assemble(registry.get("head", "attention").cls, registry, seed=0)
+    assert "moved to the other slot" in _layer_batch_independent(healthy)
+
+
+def test_state_bytes_check_streams_partial_chunks(registry) -> None:
+    """``zz_pins_wide_projection``'s buffered features keep a buffer twice their size alive; whole-chunk
+    feeds (all the check streamed) never buffer features, so it passed. The check runs alone here."""
+    from psmsearch.testing import ContractViolation, _assemble, _layer_state_nbytes
+
+    assembly = _assemble(registry.get("encoder", "zz_pins_wide_projection").cls, registry, seed=0)
+    with pytest.raises(ContractViolation, match=r"B=2, after 1 tokens streamed one at a time \(1 in the partial chunk\) "
+                                                r"streaming holds 512 bytes but state_nbytes and the buffered features account for 256"):
+        _layer_state_nbytes(assembly)

@@ -203,6 +203,32 @@ def test_online_scan_is_amortised_constant_calls_and_logarithmic_memory() -> Non
     assert agg.calls / 1024 <= 2.0
 
 
+def folds_a_later_prefix_reads(n: int) -> int:
+    """Distinct states an online scan over ``n`` chunks must hold, counted from the binary counter alone.
+
+    The roots (the set bits of ``n``), plus the cached fold of an occupied slot ``j`` below the top one
+    when slot ``j - 1`` is empty (or ``j = 0``): the prefix itself, or what a later push landing under
+    ``j`` with empty slots between reads. Once slot ``j - 1`` is occupied no push lands there before
+    the carry that replaces ``roots[j]``. The top slot's fold is its root.
+    """
+    bits = [j for j in range(n.bit_length()) if n >> j & 1]
+    folds = [j for j in bits[:-1] if j == 0 or not n >> (j - 1) & 1]
+    return len(bits) + len(folds)
+
+
+def test_online_scan_keeps_only_the_folds_a_later_prefix_reads() -> None:
+    """After 2^k - 1 chunks every slot is occupied and only the lowest fold (the prefix) is read again:
+    1023 chunks hold ten roots and one fold, not ten roots and nine folds."""
+    scan = OnlineScan(Symbolic(), (1,))
+    for t in range(1, 1025):
+        scan.push(symbols(t)[:, t - 1])
+        assert scan.prefix()[0] == expected_prefix(t)
+        held = len({id(s) for s in scan.retained()})
+        assert held == folds_a_later_prefix_reads(t), f"after {t} chunks"
+        assert held <= math.ceil(math.log2(t + 1)) + 1
+    assert folds_a_later_prefix_reads(1023) == 11
+
+
 def test_online_prefix_costs_no_extra_call() -> None:
     agg = Symbolic()
     scan = OnlineScan(agg, (1,))
