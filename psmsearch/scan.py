@@ -25,8 +25,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, Protocol
 
+import numpy as np
+import torch
+
 from psmsearch import states as S
 from psmsearch.states import State
+
+_LEAF_TYPES = (torch.Tensor, np.ndarray)
 
 ScanMode = Literal["auto", "tree", "sequential"]
 
@@ -39,6 +44,48 @@ class AggregatorLike(Protocol):
     def __call__(self, older: State, newer: State) -> State: ...
 
     def initial_state(self, batch_shape: tuple[int, ...]) -> State: ...
+
+
+class StateShapeError(ValueError):
+    """An aggregator returned a state shaped unlike its inputs (its contract: the shape of ``newer``)."""
+
+    names_its_origin = True  # the message names the aggregator's file and line; no caller frame is added
+
+
+def _component_origin(obj: Any) -> str:
+    """`` (FILE:LINE)`` of ``obj``'s class definition, or ``""`` where Python cannot tell."""
+    import inspect
+
+    try:
+        cls = type(obj)
+        return f" ({inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]})"
+    except (TypeError, OSError):
+        return ""
+
+
+def shape_checked(agg: Callable[[State, State], State]) -> Callable[[State, State], State]:
+    """``agg`` with every result compared against ``newer``: a wrong shape is named where it is made.
+
+    A plugin aggregator that returned, say, ``[*, 2k, d]`` for ``[*, k, d]`` inputs failed later in
+    whatever read the prefixes (the head, or the task's loss), blamed on that code. The check costs
+    one shape comparison per call (one call per tree level in training, a few per streamed chunk).
+    """
+
+    def combine(older: State, newer: State) -> State:
+        out = agg(older, newer)
+        got = [tuple(leaf.shape) for leaf in S.leaves(out)] if isinstance(out, (tuple, *_LEAF_TYPES)) else None
+        want = [tuple(leaf.shape) for leaf in S.leaves(newer)]
+        if got != want:
+            name = getattr(agg, "name", type(agg).__name__)
+            shown = "a " + type(out).__name__ if got is None else f"shapes {got}"
+            raise StateShapeError(
+                f"aggregator {name!r}{_component_origin(agg)} returned {shown} for inputs of shapes "
+                f"{[tuple(leaf.shape) for leaf in S.leaves(older)]} (older) and {want} (newer); "
+                "agg(older, newer) must return a state shaped like newer"
+            )
+        return out
+
+    return combine
 
 
 def _batch_shape(states: State) -> tuple[int, ...]:
@@ -146,7 +193,7 @@ def prefix_scan(agg: AggregatorLike, states: State, mode: ScanMode = "auto") -> 
         if result is not None:
             return result
     engine = _sequential_scan if mode == "sequential" else _tree_scan
-    return _with_initial(agg, engine(agg, states), batch_shape)
+    return _with_initial(agg, engine(shape_checked(agg), states), batch_shape)
 
 
 class OnlineScan:
@@ -171,6 +218,7 @@ class OnlineScan:
 
     def __init__(self, agg: AggregatorLike, batch_shape: tuple[int, ...] | None = None) -> None:
         self.agg = agg
+        self._combine = shape_checked(agg)
         self.batch_shape = batch_shape
         self.associative = bool(getattr(agg, "associative", False))
         self.roots: list[State | None] = []
@@ -184,11 +232,11 @@ class OnlineScan:
             self.batch_shape = tuple(S.leaves(state)[0].shape[:1])
         self.count += 1
         if self.associative:
-            self.running = state if self.running is None else self.agg(self.running, state)
+            self.running = state if self.running is None else self._combine(self.running, state)
             return
         cur, k = state, 0
         while k < len(self.roots) and self.roots[k] is not None:
-            cur = self.agg(self.roots[k], cur)
+            cur = self._combine(self.roots[k], cur)
             self.roots[k] = None
             self.folds[k] = None
             k += 1
@@ -197,7 +245,7 @@ class OnlineScan:
             self.folds.append(None)
         self.roots[k] = cur
         above = next((j for j in range(k + 1, len(self.roots)) if self.roots[j] is not None), None)
-        self.folds[k] = cur if above is None else self.agg(self.folds[above], cur)
+        self.folds[k] = cur if above is None else self._combine(self.folds[above], cur)
         if above == k + 1:
             self.folds[above] = None  # no later push reads it before the carry into `above` (see the class doc)
 

@@ -327,6 +327,8 @@ def _phase(phase: str, metrics: dict[str, float]) -> Iterator[None]:
 def where_raised(err: BaseException) -> str:
     """`` (at FILE:LINE in FUNCTION)`` of the innermost frame of ``err`` in user or plugin code: not in
     an installed package (torch, numpy) or the standard library, nor in psmsearch's engine."""
+    if getattr(err, "names_its_origin", False):  # the engine found the fault and its message says whose
+        return ""
     excluded = (*{p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}, _ENGINE_DIR)
     frames = [frame for frame in traceback.extract_tb(err.__traceback__)
               if not frame.filename.startswith("<") and not frame.filename.startswith(excluded)]

@@ -302,3 +302,33 @@ def test_retained_bytes_count_a_pinned_storage_in_full() -> None:
     assert S.nbytes(view) == 32
     assert S.retained_nbytes([view]) == big.numel() * 4
     assert S.retained_nbytes([view, big]) == big.numel() * 4
+
+
+class Widening(Twisted):
+    """Returns twice the slots it was given: the plugin bug ``torch.cat([newer, older], dim=-2)``."""
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        return torch.cat([newer, older], dim=-1)
+
+
+@pytest.mark.parametrize("mode", ["tree", "sequential", "online"])
+def test_an_aggregator_returning_the_wrong_shape_is_named_where_it_happens(mode: str) -> None:
+    """A wrong-shape aggregator failed later in the task's loss ("Sizes of tensors must match ... at
+    plugins/tasks.py"), with nothing naming the aggregator; every engine now names it, its file and
+    the shapes."""
+    from psmsearch.scan import StateShapeError
+
+    states = torch.randn(2, 5, 3, dtype=torch.float64)  # [B, N, width]
+    pattern = (r"aggregator 'Widening' \(.*test_scan\.py:\d+\) returned shapes \[\(2, (\d+, )?6\)\] for inputs of "
+               r"shapes \[\(2, (\d+, )?3\)\] \(older\) and \[\(2, (\d+, )?3\)\] \(newer\); agg\(older, newer\) must return "
+               r"a state shaped like newer")  # the tree's batched levels add a pairs dim
+    with pytest.raises(StateShapeError, match=pattern) as caught:
+        if mode == "online":
+            scan = OnlineScan(Widening(3))
+            for i in range(5):
+                scan.push(states[:, i])
+        else:
+            prefix_scan(Widening(3), states, mode=mode)
+    from psmsearch.trial import where_raised
+
+    assert where_raised(caught.value) == ""  # a failed trial adds no caller's line (it named the task's loss)
