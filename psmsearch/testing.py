@@ -602,13 +602,17 @@ def _streamed(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([stream.step(x[:, t]) for t in range(x.shape[1])], dim=1)  # [B, T, d]
 
 
+CHUNK_COUNTS = (1, 2, 3, 7, 8, 16)
+"""Chunk counts at which streaming memory is measured: 2^k - 1 (most roots held) and 2^k (one root)."""
+
+
 def _layer_state_nbytes(a: _Assembly) -> str:
     associative = type(a.aggregator).associative
     for batch in (BATCH, 1):  # batch 1 too: there a slice of a larger buffer is often contiguous, so a view slips through
         stream = a.layer.stream(batch)
         seen: list[int] = []
         with torch.no_grad():
-            for n_chunks in (1, 2, 3, 7, 8, 16):
+            for n_chunks in CHUNK_COUNTS:
                 while stream.scan.count < n_chunks:
                     stream.feed(torch.randn(batch, CHUNK, D_MODEL))
                 measured, expected = stream.state_nbytes(), stream.expected_nbytes()
@@ -620,7 +624,8 @@ def _layer_state_nbytes(a: _Assembly) -> str:
         if associative:
             _require(len(set(seen)) == 1, f"associative aggregator but retained bytes grow with n: {seen}")
     tokens = _partial_chunk_nbytes(a)
-    return f"B=1 bytes after 1..16 chunks: {seen}; and after each of {tokens} tokens streamed one at a time"
+    counts = ", ".join(str(n) for n in CHUNK_COUNTS)
+    return f"B=1 bytes after {counts} chunks: {seen}; and after each of {tokens} tokens streamed one at a time"
 
 
 def _partial_chunk_nbytes(a: _Assembly) -> int:

@@ -88,6 +88,8 @@ def test_unknown_hyperparameter_and_bad_value_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"model.aggregator.depth: aggregator 'attention' has no hyperparameter 'depth'; allowed: heads, layers, mlp_ratio") as unknown:
         validate_model_config(ModelConfig(aggregator={"name": "attention", "depth": 3}))
     assert unknown.value.field == "model.aggregator.depth"
+    with pytest.raises(ConfigError, match=r"has no hyperparameter 'layer' \(did you mean 'layers'\?\); allowed: heads"):
+        validate_model_config(ModelConfig(aggregator={"name": "attention", "layer": 3}))  # a typo gets a suggestion
     with pytest.raises(ConfigError, match=r"hyperparameter 'layers': 9 is out of range; expected int in \[1, 6\]") as bad:
         validate_model_config(ModelConfig(aggregator={"name": "attention", "layers": 9}))
     assert bad.value.field == "model.aggregator.layers"
