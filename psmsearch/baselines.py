@@ -63,8 +63,8 @@ class CausalSelfAttention(nn.Module):
         if self.window is not None:
             visible &= k_pos[None, :] > q_pos[:, None] - self.window
         mixed = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v  # [B, H, Tq, dh]
-        b, _, t, _ = mixed.shape
-        return self.out(mixed.transpose(1, 2).reshape(b, t, -1))  # [B, Tq, d]
+        b, h, t, dh = mixed.shape
+        return self.out(mixed.transpose(1, 2).reshape(b, t, h * dh))  # [B, Tq, d] (no -1: Tq may be 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(x.shape[1], device=x.device)

@@ -41,6 +41,16 @@ def test_streaming_equals_parallel(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gpt", "swa"])
+def test_no_tokens_give_empty_logits_in_parallel_and_streaming(kind: str) -> None:
+    """The parallel pass raised on T = 0 ("cannot reshape tensor of 0 elements"), unlike a PSM's."""
+    model = make(kind)
+    empty = torch.zeros(2, 0, dtype=torch.long)  # [B, 0]
+    with torch.no_grad():
+        assert model(empty).shape == (2, 0, VOCAB)
+        assert model.stream(2).feed(empty).shape == (2, 0, VOCAB)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "swa"])
 def test_causal(kind: str) -> None:
     model = make(kind)
     tokens = torch.randint(VOCAB, (2, 30))
