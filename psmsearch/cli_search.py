@@ -46,6 +46,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
     settings = space.header.driver
     options = SearchOptions(
         trials=trials or settings.trials, jobs=jobs or settings.jobs, storage=storage or settings.storage,
+        storage_field="--storage" if storage or not settings.storage else f"{space.source.where('driver.storage')}: driver.storage",
         study=study or settings.study, resume=resume, tracking_uri=tracking_uri, experiment=experiment,
         address=address or settings.address,
         gpus_per_trial=settings.gpus_per_trial if gpus_per_trial is None else gpus_per_trial,

@@ -27,7 +27,8 @@ from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values, open_tracking
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, retry_locked, sqlite_init_lock, without_password
+from psmsearch.tracking import (Tracker, retry_locked, sqlite_in_memory, sqlite_init_lock, sqlite_missing_folder,
+                                without_password)
 
 INTERRUPTED = "interrupted"
 
@@ -50,6 +51,41 @@ class SearchResult:
 def default_storage() -> str:
     """SQLite file ``psmsearch.db`` in the working directory."""
     return f"sqlite:///{Path.cwd() / 'psmsearch.db'}"
+
+
+STORAGE_EXAMPLE = "an Optuna storage URL such as sqlite:///psmsearch.db (or postgresql://..., mysql://...)"
+
+
+def check_storage_url(url: str, where: str) -> None:
+    """Raise a ConfigError naming ``where`` (``--storage``, the file's ``driver.storage``) unless ``url``
+    is a database URL Optuna can open.
+
+    Checked before anything is opened, since SQLAlchemy's errors name neither the option nor what it
+    expects ("Could not parse SQLAlchemy URL"), and a SQLite file in a missing folder failed on the
+    schema lock file beside it (``x.db.init-lock``), which the user never named.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = without_password(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        folder = " (a folder is what --driver ray takes as --storage)" if Path(url).expanduser().is_dir() else ""
+        raise ConfigError(f"{shown!r} is not a database URL{folder}; expected {STORAGE_EXAMPLE}", field=where) from None
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"{shown!r}: unknown database scheme {parsed.drivername!r}; expected {STORAGE_EXAMPLE}",
+                          field=where) from None
+    if parsed.get_backend_name() != "sqlite":
+        return
+    if sqlite_in_memory(url):
+        raise ConfigError(f"{shown!r} is an in-memory database, lost when the command ends (--resume could never "
+                          "find the study); use a file such as sqlite:///psmsearch.db", field=where)
+    missing = sqlite_missing_folder(url)
+    if missing is not None:
+        raise ConfigError(f"{shown!r}: the folder {str(missing)!r} of the SQLite file does not exist", field=where)
 
 
 def make_storage(url: str, options: SearchOptions) -> RDBStorage:
@@ -172,6 +208,7 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
     """Run (or resume, or join) the study for ``space`` until it holds ``options.trials`` counted trials."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # psmsearch reports trial failures itself, without tracebacks
     storage_url = options.storage or default_storage()
+    check_storage_url(storage_url, options.storage_field)
     storage = make_storage(storage_url, options)
     study_name = options.study or space.name
     exists = study_name in optuna.get_all_study_names(storage)

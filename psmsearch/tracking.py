@@ -80,19 +80,35 @@ def check_tracking_uri(uri: str, where: str) -> None:
         raise ConfigError(f"{uri!r} is a file store, which MLflow no longer writes; use a database such as "
                           "sqlite:///mlflow.db (MLflow's default) or a tracking server", field=where)
     if scheme == "sqlite":
-        folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent if rest else None
-        if not rest or Path(rest).name == ":memory:":  # also after absolute_uri made it /cwd/:memory:
+        if sqlite_in_memory(uri):
             raise ConfigError(f"{uri!r} is an in-memory database, lost when the command ends (and MLflow would "
                               "write a file named ':memory:'); use a file such as sqlite:///mlflow.db", field=where)
-        if folder is not None and not folder.resolve().is_dir():
-            raise ConfigError(f"{uri!r}: the folder {str(folder.resolve())!r} of the SQLite file does not exist",
-                              field=where)
+        missing = sqlite_missing_folder(uri)
+        if missing is not None:
+            raise ConfigError(f"{uri!r}: the folder {str(missing)!r} of the SQLite file does not exist", field=where)
         return
     if scheme in _SERVER_SCHEMES:
         _check_reachable(uri, where)
         return
     if scheme not in (*_DATABASE_SCHEMES, *_OTHER_SCHEMES):
         raise ConfigError(f"{uri!r}: unknown tracking URI scheme {scheme!r}; expected one of {allowed}", field=where)
+
+
+def sqlite_in_memory(uri: str) -> bool:
+    """Whether a ``sqlite://`` URI names an in-memory database (also once :func:`absolute_uri` made it
+    ``/cwd/:memory:``): nothing written there outlives the command."""
+    rest = uri.partition("://")[2]
+    return not rest or Path(rest).name == ":memory:"
+
+
+def sqlite_missing_folder(uri: str) -> Path | None:
+    """The folder of a ``sqlite:///`` URI's file when it does not exist (SQLite then fails with an error
+    naming neither the URI nor the folder), else ``None``."""
+    rest = uri.partition("://")[2]
+    if not rest:
+        return None
+    folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent.resolve()
+    return None if folder.is_dir() else folder
 
 
 def _check_reachable(uri: str, where: str, timeout: float = 5.0) -> None:

@@ -194,6 +194,41 @@ def test_a_bad_tracking_uri_is_refused_before_the_study_exists(tmp_path: Path, u
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'psmsearch.db'}") == [], "a study was left behind"
 
 
+@pytest.mark.parametrize(("storage", "message"), [
+    ("{tmp}", "'{tmp}' is not a database URL (a folder is what --driver ray takes as --storage); expected an Optuna "
+              "storage URL such as sqlite:///psmsearch.db"),
+    ("sqlite:////nonexistent_folder_psm/x.db", "'sqlite:////nonexistent_folder_psm/x.db': the folder "
+                                              "'/nonexistent_folder_psm' of the SQLite file does not exist"),
+    ("bogus://x", "'bogus://x': unknown database scheme 'bogus'; expected an Optuna storage URL"),
+    ("sqlite:///:memory:", "'sqlite:///:memory:' is an in-memory database, lost when the command ends"),
+], ids=["folder", "missing-folder", "unknown-scheme", "in-memory"])
+def test_a_bad_storage_url_names_the_option_and_what_it_takes(tmp_path: Path, storage: str, message: str) -> None:
+    """A folder gave SQLAlchemy's "Could not parse SQLAlchemy URL", and a SQLite file in a missing folder
+    named psmsearch's own lock file (x.db.init-lock); both now say what --storage takes, as --tracking-uri does."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    storage, message = storage.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    result = CliRunner().invoke(main, ["search", str(space), "--storage", storage, "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: --storage: {message}") and len(result.output.strip().splitlines()) == 1
+    assert "init-lock" not in result.output and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_bad_storage_in_the_space_file_names_its_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none", "storage": str(tmp_path)})
+    result = CliRunner().invoke(main, ["search", str(space), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    line = next(i for i, text in enumerate(space.read_text().splitlines(), 1) if text.strip().startswith("storage:"))
+    assert f"error: {space}:{line}: driver.storage: '{tmp_path}' is not a database URL" in result.output
+
+
 def test_compare_refuses_an_objective_no_trial_reported_and_an_unwritable_out(finished_search) -> None:
     work, _ = finished_search
     result = run_cli("compare", "--experiment", "tiny", "--objective", "acc_8x:max", cwd=work)
