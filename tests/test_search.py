@@ -380,6 +380,41 @@ def test_compare_shows_a_search_whose_trials_failed_on_their_objective(finished_
     assert typo.exit_code == 2 and "--objective: no trial of search 'all-failed' reported 'scor'" in typo.output, typo.output
 
 
+def test_a_trial_run_its_trial_never_recorded_is_closed_on_resume(finished_search, tmp_path: Path) -> None:
+    """A Ctrl-C or SIGKILL inside Tracker.trial_run, after MLflow created the run but before its id was
+    stored on the Optuna trial, left a RUNNING run that --resume never closed. Resume now closes such
+    runs as KILLED, but never the run of a trial still RUNNING (another process may share the study)."""
+    from psmsearch.optuna_driver import run_optuna_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+    from psmsearch.tracking import Tracker
+
+    work, _ = finished_search
+    uri = f"sqlite:///{work / 'mlflow.db'}"  # an existing store: a new one takes seconds to create
+    storage = f"sqlite:///{tmp_path / 'psmsearch.db'}"
+    space = load_space(write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"}), smoke_samples=1)
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    tracker = Tracker(uri, "orphan-runs")
+    parent = tracker.parent_run("tiny", {"psmsearch.driver": "optuna"}, {}, storage=storage)
+    interrupted = study.ask()  # the run exists; the interrupt came before on_run stored its id
+    orphan = tracker.trial_run(parent, "tiny", interrupted.number, {"search.model.chunk_size": 2}, {})
+    interrupted.set_user_attr("state", "interrupted")
+    study.tell(interrupted, state=TrialState.FAIL)
+    study.tell(study.ask(), 0.5)  # the budget of one trial is met: the resume trains nothing
+
+    options = SearchOptions(trials=1, storage=storage, resume=True, tracking_uri=uri, experiment="orphan-runs", progress=False)
+    run_optuna_search(space, options)
+    closed = tracker.client.get_run(orphan)
+    assert closed.info.status == "KILLED" and closed.data.tags["psmsearch.status"] == "interrupted"
+
+    from psmsearch.optuna_driver import close_orphan_runs
+
+    live = study.ask()  # another process's trial, between creating its run and recording it
+    live_run = tracker.trial_run(parent, "tiny", live.number, {}, {})
+    assert close_orphan_runs(study, tracker, parent) == 0
+    assert tracker.client.get_run(live_run).info.status == "RUNNING"
+
+
 def test_parallel_jobs_run_exactly_the_trials_asked_for(tmp_path: Path) -> None:
     """With --jobs 2 the last free slot used to start two trials at once: 3 asked, 4 run."""
     space = write_space(tmp_path, driver={"trials": 3, "startup_trials": 1, "pruner": "none"})
