@@ -117,6 +117,18 @@ class Dimension:
             return trial.suggest_int(self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.path, float(self.low), float(self.high), step=self.step, log=self.log)
 
+    def describe(self) -> dict[str, Any]:
+        """What this dimension draws from, JSON-ready and as a space file writes it: ``{"choice": [...]}``
+        (choices as Optuna labels them) or ``{"int": [low, high]}`` with ``log`` / ``step`` where set."""
+        if self.kind == "choice":
+            return {"choice": [_label(c) for c in self.choices]}
+        described: dict[str, Any] = {self.kind: [self.low, self.high]}
+        if self.log:
+            described["log"] = True
+        if self.step is not None:
+            described["step"] = self.step
+        return described
+
 
 def _label(value: Any) -> Any:
     """Optuna categorical values must be primitives; other choices are labelled by their JSON."""
@@ -281,6 +293,38 @@ class SearchSpace:
             if len(options) > 1:
                 values[f"model.{kind}"] = [name for name, _, _ in options]
         return values
+
+    def dimension_record(self) -> dict[str, dict[str, Any]]:
+        """Every parameter the space can sample, by its Optuna name, with what it is drawn from (JSON-ready).
+
+        The non-component dimensions, the component choices (their names) and each component's
+        searched hyperparameters (``search: all`` ones over their declared ranges). A restored Ray
+        searcher keeps sampling the space it was saved with while trials are rebuilt from the file,
+        so a resume compares this record with the one saved when the search started.
+        """
+        record = {dim.path: dim.describe() for dim in self.dimensions()}
+        model = self.template.get("model")
+        if not isinstance(model, dict):
+            return record
+        for kind in COMPONENT_KINDS:
+            options = _component_options(model, kind, self.source)
+            if len(options) > 1:
+                record[f"model.{kind}"] = {"choice": [name for name, _, _ in options]}
+            for name, params, _ in options:
+                record.update(self._component_dimensions(kind, name, params))
+        return record
+
+    def _component_dimensions(self, kind: str, name: str, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The searched hyperparameters of one component option, described as in :meth:`dimension_record`."""
+        found = {}
+        for hp in self.registry.get(kind, name).hyperparameters:
+            path = f"model.{kind}.{name}.{hp.name}"
+            value = params.get(hp.name)
+            if is_dimension(value):
+                found[path] = parse_dimension(path, value, self.source).describe()
+            elif hp.name not in params and params.get("search") == "all":
+                found[path] = _declared_dimension(path, hp).describe()
+        return found
 
     def dimensions(self) -> list[Dimension]:
         """The non-component dimensions (for documentation and smoke tests)."""
