@@ -561,6 +561,7 @@ def _validate_components(space: SearchSpace) -> None:
                 if key not in declared:
                     raise space.source.error(f"{path}.{key}", f"{kind} {name!r} has no hyperparameter {key!r}; allowed: {', '.join(sorted(declared)) or 'none'}")
                 hp = declared[key]
+                _check_dimension_type(f"{path}.{key}", hp, value, space.source)
                 values = _dimension_extremes(f"{path}.{key}", value, space.source)
                 for v in values:
                     try:
@@ -586,6 +587,26 @@ def _validate_components(space: SearchSpace) -> None:
                     f"{kind} {name!r} has state_kind {state_kind!r}, which no listed encoder produces "
                     f"(encoder state kinds: {sorted(encoder_kinds)}); it would never be sampled",
                 )
+
+
+def _check_dimension_type(path: str, hp: Any, value: Any, where: SourceMap) -> None:
+    """Refuse a range whose kind cannot draw the hyperparameter's values, at the dimension's own line.
+
+    Only the bounds of a range are checked against the hyperparameter, so a ``float`` range on an int
+    one (``{float: [8.0, 64.0]}``) passed and its first sampled value failed a trial, reported at another
+    line. A range on a bool or categorical hyperparameter is refused the same way; an ``int`` range on a
+    float one draws valid floats and is allowed.
+    """
+    if not is_dimension(value):
+        return
+    dim = parse_dimension(path, value, where)
+    if dim.kind == "choice" or (dim.kind, hp.type) in (("int", "int"), ("float", "float"), ("int", "float")):
+        return
+    use = {"int": "{int: [lo, hi]}", "float": "{float: [lo, hi]}", "bool": "{choice: [false, true]}",
+           "categorical": "{choice: [...]} among " + ", ".join(repr(c) for c in hp.choices or ())}[hp.type]
+    article = {"int": "an", "float": "a"}
+    raise where.error(path, f"{hp.name} is {article.get(hp.type, 'a')} {hp.type} hyperparameter; use {use}, "
+                            f"not {article[dim.kind]} {dim.kind} range")
 
 
 def _dimension_extremes(path: str, value: Any, where: SourceMap) -> list[Any]:
