@@ -559,7 +559,9 @@ def _validate_components(space: SearchSpace) -> None:
                         raise space.source.error(f"{path}.search", f"search must be 'all', got {value!r}")
                     continue
                 if key not in declared:
-                    raise space.source.error(f"{path}.{key}", f"{kind} {name!r} has no hyperparameter {key!r}; allowed: {', '.join(sorted(declared)) or 'none'}")
+                    raise space.source.error(f"{path}.{key}", f"{kind} {name!r} has no hyperparameter {key!r}; allowed: "
+                                                              f"{', '.join(sorted(declared)) or 'none'}."
+                                                              f"{suggest(str(key), declared)}")
                 hp = declared[key]
                 _check_dimension_type(f"{path}.{key}", hp, value, space.source)
                 values = _dimension_extremes(f"{path}.{key}", value, space.source)

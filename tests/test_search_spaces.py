@@ -190,3 +190,9 @@ def test_an_int_range_on_a_float_hyperparameter_is_allowed(tmp_path: Path) -> No
                        head="linear_readout_diag")
     assert all(isinstance(c["model"]["encoder"]["gate_temperature"], int) for c in smoke_sample(load_space(path), 4))
 
+
+def test_an_unknown_hyperparameter_suggests_the_close_one(tmp_path: Path) -> None:
+    path = _space_with(tmp_path, aggregator={"name": "attention", "layer": 1, "heads": 2})
+    with pytest.raises(ConfigError, match=r"model\.aggregator\.layer: aggregator 'attention' has no hyperparameter "
+                                          r"'layer'; allowed: heads, layers, mlp_ratio\. Did you mean 'layers'\?$"):
+        load_space(path, smoke_samples=1)
