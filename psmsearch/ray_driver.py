@@ -62,7 +62,7 @@ except ImportError:  # Windows: no driver lock
 
 from psmsearch.errors import ConfigError
 from psmsearch.optuna_driver import SearchResult, make_sampler
-from psmsearch.progress import SearchProgress
+from psmsearch.progress import SearchProgress, pareto_text
 from psmsearch.registry import ENV_VAR as PLUGINS_ENV_VAR
 from psmsearch.registry import env_plugin_specs, get_registry
 from psmsearch.report import TrialRow, rank
@@ -328,13 +328,13 @@ class _Book:
     def _best(self) -> str:
         complete = [o for o in self.outcomes.values() if o.state == "complete"]
         if not complete:
-            return "-"
+            return "best -"
         rows = [TrialRow(f"trial {o.number}", self.space.name, o.state, {}, o.metrics) for o in complete]
         ranked = rank(rows, self.space.objectives)
         if len(self.space.objectives) > 1:
-            return f"{sum(r.pareto for r in ranked)} on the Pareto front"
+            return pareto_text(sum(r.pareto for r in ranked))
         metric = self.space.objectives[0].metric
-        return f"{metric}={ranked[0].metrics[metric]:.4g} ({ranked[0].name})"
+        return f"best {metric}={ranked[0].metrics[metric]:.4g} ({ranked[0].name})"
 
     def _close_runs(self, number: int, run_id: str | None, status: str, tags: dict[str, str]) -> tuple[str, str | None]:
         """Close this trial's runs still RUNNING. Returns the error the worker recorded, if any, and

@@ -506,6 +506,28 @@ def test_piped_progress_is_one_line_per_started_and_per_ended_trial(tmp_path: Pa
     assert "  [3/3  done 3  pruned 0  failed 0  running 0  best acc_2x=" in logged[-1], "counted once the study has it"
 
 
+def test_progress_lines_count_the_pareto_front_in_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A multi-objective search's standing read "best 1 on the Pareto front"; it now counts trials."""
+    from psmsearch.progress import SearchProgress
+    from psmsearch.search import TrialOutcome
+    from psmsearch.space import load_space
+
+    objectives = [{"metric": "acc_2x", "direction": "maximize"}, {"metric": "state_bytes_64", "direction": "minimize"}]
+    space = load_space(write_space(tmp_path, objectives=objectives), smoke_samples=1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    with SearchProgress(space, 3) as progress:  # not a terminal: one line per started and per ended trial
+        progress.refresh(study)
+        for values in ([0.5, 128.0], [0.4, 256.0], [0.6, 512.0]):  # the second is dominated by the first
+            trial = study.ask()
+            progress.started(trial.number)
+            progress.finished(TrialOutcome(trial.number, "complete", dict(zip(["acc_2x", "state_bytes_64"], values)), {}))
+            study.tell(trial, values)
+            progress.refresh(study)
+    ends = [line for line in capsys.readouterr().err.splitlines() if " complete: " in line]
+    assert [line.rpartition("running 0  ")[2] for line in ends] == [
+        "1 trial on the Pareto front]", "1 trial on the Pareto front]", "2 trials on the Pareto front]"]
+
+
 @pytest.mark.parametrize("progress", [[], ["--no-progress"]], ids=["piped-progress", "no-progress"])
 def test_a_failed_trials_error_is_printed_once(tmp_path: Path, progress: list[str]) -> None:
     task = {"name": "fail_task", "group": "Z5", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16}
