@@ -11,7 +11,7 @@ from rich.table import Table
 
 from psmsearch import jsonout
 from psmsearch.errors import ConfigError
-from psmsearch.report import TrialRow, objectives_from_parent, rank, rows_from_runs, write_plots
+from psmsearch.report import TrialRow, format_param, objectives_from_parent, rank, rows_from_runs, write_plots
 from psmsearch.search import SearchOptions
 from psmsearch.space import Objective
 
@@ -120,7 +120,7 @@ def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title:
     for row in rows:
         values = [format_metric(o.metric, row.metrics[o.metric]) if o.metric in row.metrics else "-" for o in objectives]
         searched = {k.removeprefix("search."): v for k, v in row.params.items() if k.startswith("search.")} or row.params
-        params = ", ".join(f"{k}={v}" for k, v in sorted(searched.items()))
+        params = ", ".join(f"{k}={format_param(v)}" for k, v in sorted(searched.items()))
         table.add_row(row.name, row.status, "*" if row.pareto else "", *values, params)
     print_table(table)
 

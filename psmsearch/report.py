@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,20 @@ class TrialRow:
     pareto: bool = False
     error: str = ""
     run_id: str = ""
+
+
+def format_param(text: str) -> str:
+    """A trial parameter as a table shows it: a float to 4 significant digits, as metrics are shown
+    (``init_gate=0.1156``, not ``0.11557967901161792``); integers, names and the rest as given."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return text
+    if re.fullmatch(r"[+-]?\d+", text.strip()) or not math.isfinite(value):
+        return text
+    if abs(value) >= 1e4:  # no exponent, as metrics; no thousands separator inside a comma-separated list
+        return f"{float(f'{value:.4g}'):.0f}"
+    return f"{value:.4g}"
 
 
 def pareto_front(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[bool]:

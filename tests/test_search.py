@@ -476,6 +476,22 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert report["experiment"] == "e1" and report["search"] == "sa" and len(report["trials"]) == 1
 
 
+def test_tables_show_float_parameters_to_4_significant_digits(capsys: pytest.CaptureFixture[str]) -> None:
+    """Float parameters were printed at full precision (init_gate=0.11557967901161792); they are now
+    shown as metrics are, while integers and names stay as given (the JSON keeps every digit)."""
+    from psmsearch.cli_search import print_rows
+    from psmsearch.report import TrialRow
+    from psmsearch.space import Objective
+
+    params = {"search.model.encoder.gla.init_gate": "0.11557967901161792", "search.train.lr": "1.2345678e-05",
+              "search.model.chunk_size": "16", "search.model.aggregator": "attention", "search.train.big": "123456.789"}
+    row = TrialRow("tiny-trial-0", "tiny", "complete", params, {"acc_2x": 0.5})
+    print_rows([row], [Objective(metric="acc_2x")], title="t")
+    [[*_, shown]] = table_rows(capsys.readouterr().out)
+    assert shown == ("model.aggregator=attention, model.chunk_size=16, model.encoder.gla.init_gate=0.1156, "
+                     "train.big=123500, train.lr=1.235e-05")
+
+
 def test_ranking_breaks_ties_by_trial_number_whatever_the_input_order() -> None:
     from psmsearch.report import TrialRow, rank
     from psmsearch.space import Objective
