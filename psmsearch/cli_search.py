@@ -205,9 +205,9 @@ def _latest_experiment(uri: str, search_name: str | None = None) -> str:
     """The experiment of the latest search tracked at ``uri`` (of the search named ``search_name``)."""
     from mlflow.tracking import MlflowClient
 
-    from psmsearch.tracking import KIND_TAG, SEARCH_TAG, retry_locked, sqlite_init_lock
+    from psmsearch.tracking import KIND_TAG, SEARCH_TAG, quiet_schema_setup, retry_locked, sqlite_init_lock
 
-    with sqlite_init_lock(uri):
+    with sqlite_init_lock(uri), quiet_schema_setup():
         client = MlflowClient(tracking_uri=uri)
     experiments = retry_locked(lambda: client.search_experiments())
     ids = [e.experiment_id for e in experiments]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -165,6 +166,30 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+SCHEMA_LOGGERS = ("mlflow.store.db.utils", "alembic")
+"""Loggers that report a tracking store's schema creation and migrations at INFO."""
+
+
+@contextlib.contextmanager
+def quiet_schema_setup() -> Iterator[None]:
+    """Raise :data:`SCHEMA_LOGGERS` to WARNING while a tracking store is opened, then restore them.
+
+    Opening a new SQLite store printed MLflow's 'INFO mlflow.store.db.utils: Creating initial MLflow
+    database tables...' and 'Updating database tables' among a search's own lines (``make demo``);
+    warnings and errors from the same loggers still show.
+    """
+    loggers = [logging.getLogger(name) for name in SCHEMA_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def param_text(value: Any) -> str:
     """MLflow param text: scalars as ``str``, containers as JSON (MLflow caps values at 6000 chars)."""
     text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
@@ -216,7 +241,7 @@ class Tracker:
     def __post_init__(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        with sqlite_init_lock(self.tracking_uri):  # creating the client creates (migrates) the store
+        with sqlite_init_lock(self.tracking_uri), quiet_schema_setup():  # the client creates (migrates) the store
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = retry_locked(self._experiment_id)
 

@@ -492,6 +492,24 @@ def test_tables_show_float_parameters_to_4_significant_digits(capsys: pytest.Cap
                      "train.big=123500, train.lr=1.235e-05")
 
 
+def test_a_new_tracking_store_is_opened_without_mlflows_info_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`make demo` printed MLflow's 'INFO mlflow.store.db.utils: Creating initial MLflow database tables...'
+    and 'Updating database tables' when it created mlflow.db. They are silenced below WARNING while a
+    store is opened (MLflow's logger level is restored after), and their warnings still show."""
+    import logging
+
+    from psmsearch.tracking import SCHEMA_LOGGERS, Tracker, quiet_schema_setup
+
+    level = logging.getLogger(SCHEMA_LOGGERS[0]).level
+    Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quiet")
+    assert (tmp_path / "mlflow.db").exists()
+    assert "database tables" not in capfd.readouterr().err
+    assert logging.getLogger(SCHEMA_LOGGERS[0]).level == level
+    with quiet_schema_setup():
+        logging.getLogger(SCHEMA_LOGGERS[0]).warning("a real warning from the store")
+    assert "a real warning from the store" in capfd.readouterr().err
+
+
 def test_ranking_breaks_ties_by_trial_number_whatever_the_input_order() -> None:
     from psmsearch.report import TrialRow, rank
     from psmsearch.space import Objective
