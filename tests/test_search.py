@@ -510,6 +510,27 @@ def test_a_new_tracking_store_is_opened_without_mlflows_info_lines(tmp_path: Pat
     assert "a real warning from the store" in capfd.readouterr().err
 
 
+def test_compare_plots_label_their_points_and_tell_coinciding_curves_apart() -> None:
+    """objectives.png had no trial labels, and in memory_vs_n.png trials with identical memory drew
+    exactly on top of each other, showing one line for several legend entries."""
+    from matplotlib import pyplot as plt
+
+    from psmsearch.report import MEMORY_METRIC, TrialRow, curves_figure, objectives_figure, rank
+    from psmsearch.space import Objective
+
+    objectives = [Objective(metric="acc_2x"), Objective(metric="state_bytes_64", direction="minimize")]
+    points = [(0.5, 128.0), (0.4, 256.0), (0.5, 128.0)]  # trials 0 and 2 coincide
+    rows = rank([TrialRow(f"tiny-trial-{i}", "tiny", "complete", {}, {"acc_2x": acc, "state_bytes_64": memory,
+                                                                      "state_bytes_128": 2 * memory})
+                 for i, (acc, memory) in enumerate(points)], objectives)
+    scatter = objectives_figure(rows, objectives)
+    assert sorted(text.get_text() for text in scatter.axes[0].texts) == ["trial 0, trial 2", "trial 1"]
+    curves = curves_figure(rows, MEMORY_METRIC, "tokens streamed n", "bytes", logy=True).axes[0]
+    assert [text.get_text() for text in curves.get_legend().get_texts()] == ["trial 0 = trial 2", "trial 1"]
+    assert len({(line.get_marker(), line.get_linestyle()) for line in curves.get_lines()}) == 2
+    plt.close("all")
+
+
 def test_ranking_breaks_ties_by_trial_number_whatever_the_input_order() -> None:
     from psmsearch.report import TrialRow, rank
     from psmsearch.space import Objective
