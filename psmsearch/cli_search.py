@@ -67,7 +67,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         click.echo("interrupted: completed trials are kept; run the same command with --resume to continue", err=True)
         sys.exit(130)
     rows = [
-        TrialRow(f"trial-{o.number}", space.name, o.state, {k: str(v) for k, v in o.params.items()}, o.metrics, error=o.error,
+        TrialRow(f"{result.study_name}-trial-{o.number}", space.name, o.state, {k: str(v) for k, v in o.params.items()}, o.metrics, error=o.error,
                  run_id=o.run_id or "")
         for o in result.outcomes
     ]

@@ -207,7 +207,7 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert result.returncode == 0, result.stderr[-4000:]
     statuses = {t["name"]: t["status"] for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
-    assert statuses == {"trial-0": "failed", "trial-1": "complete"}
+    assert statuses == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete"}
     assert (tmp_path / DEFAULT_RESULTS / "ray-tiny").is_dir()
 
     from mlflow.tracking import MlflowClient
@@ -276,16 +276,16 @@ def test_a_trial_whose_worker_dies_is_recorded_with_rays_error(tmp_path: Path, p
                      "--tracking-uri", uri, "--no-progress", "--json", env=private_env, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = {t["name"]: t for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
-    assert {name: row["status"] for name, row in rows.items()} == {"trial-0": "failed", "trial-1": "complete"}
+    assert {name: row["status"] for name, row in rows.items()} == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete"}
     died = "worker process has died"
-    assert died in rows["trial-0"]["error"], rows["trial-0"]
+    assert died in rows["ray-tiny-trial-0"]["error"], rows["ray-tiny-trial-0"]
     failed_line = next(line for line in result.stderr.splitlines() if line.startswith("trial 0 failed:"))
     assert "unknown error" not in failed_line
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    run = client.get_run(rows["trial-0"]["run_id"])
+    run = client.get_run(rows["ray-tiny-trial-0"]["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["psmsearch.status"] == "failed"
     assert died in run.data.tags["psmsearch.error"], run.data.tags["psmsearch.error"]
 
@@ -319,14 +319,14 @@ def test_a_resumed_search_runs_more_trials_at_more_jobs_and_keeps_failed_trials(
         return runs
 
     first, _ = search("--trials", "2", "--no-progress")
-    assert {name: row["status"] for name, row in first.items()} == {"trial-0": "failed", "trial-1": "complete"}
+    assert {name: row["status"] for name, row in first.items()} == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete"}
 
     resumed, stderr = search("--trials", "4", "--jobs", "2", "--resume")
     statuses = {name: row["status"] for name, row in resumed.items()}
-    assert statuses == {"trial-0": "failed", "trial-1": "complete", "trial-2": "complete", "trial-3": "complete"}
-    assert "the first trial fails on purpose" in resumed["trial-0"]["error"]
-    assert resumed["trial-1"]["run_id"] == first["trial-1"]["run_id"]
-    assert resumed["trial-1"]["objectives"] == first["trial-1"]["objectives"]
+    assert statuses == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete", "ray-tiny-trial-2": "complete", "ray-tiny-trial-3": "complete"}
+    assert "the first trial fails on purpose" in resumed["ray-tiny-trial-0"]["error"]
+    assert resumed["ray-tiny-trial-1"]["run_id"] == first["ray-tiny-trial-1"]["run_id"]
+    assert resumed["ray-tiny-trial-1"]["objectives"] == first["ray-tiny-trial-1"]["objectives"]
     events = [line for line in stderr.splitlines() if line.startswith("[ray-tiny] trial ")]
     first_end = next(i for i, line in enumerate(events) if " started" not in line)
     assert {"[ray-tiny] trial 2 started", "[ray-tiny] trial 3 started"} <= set(events[:first_end]), stderr[-4000:]  # --jobs 2

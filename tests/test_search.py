@@ -81,6 +81,14 @@ def test_summary_ranks_trials_best_first(finished_search) -> None:
     assert {t["run_id"] for t in summary["trials"]} == trial_runs
 
 
+def test_the_summary_names_trials_as_mlflow_does(finished_search) -> None:
+    """search's table said trial-4 where MLflow (and compare) say tiny-trial-4: it now uses the run's name."""
+    work, summary = finished_search
+    runs = {r.info.run_id: r.info.run_name for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"}
+    assert {t["run_id"]: t["name"] for t in summary["trials"]} == runs
+    assert sorted(runs.values()) == ["tiny-trial-0", "tiny-trial-1", "tiny-trial-2"]
+
+
 def test_compare_reads_mlflow_ranks_and_writes_plots(finished_search) -> None:
     work, summary = finished_search
     result = run_cli("compare", "--experiment", "tiny", "--json", "--out", str(work / "plots"), cwd=work)
@@ -90,6 +98,7 @@ def test_compare_reads_mlflow_ranks_and_writes_plots(finished_search) -> None:
     values = [t["objectives"]["acc_2x"] for t in report["trials"]]
     assert values == sorted(values, reverse=True)
     assert sorted(values) == sorted(t["objectives"]["acc_2x"] for t in summary["trials"])
+    assert [(t["name"], t["run_id"]) for t in report["trials"]] == [(t["name"], t["run_id"]) for t in summary["trials"]]
     assert (work / "plots" / "objectives.png").stat().st_size > 1000
     assert (work / "plots" / "accuracy_vs_length.png").exists()
     assert (work / "plots" / "memory_vs_n.png").exists()
@@ -113,7 +122,7 @@ def test_compare_table_shows_counts_as_whole_numbers(finished_search) -> None:
     for trial in summary["trials"]:
         params = trial["metrics"]["params"]
         assert params >= 1000 and params == int(params)
-        assert shown[f"tiny-{trial['name']}"] == f"{int(params):,}", "params as an integer with thousands separators"
+        assert shown[trial["name"]] == f"{int(params):,}", "params as an integer with thousands separators"
 
 
 def test_resume_of_a_finished_study_runs_nothing_more(finished_search) -> None:
@@ -306,9 +315,9 @@ def test_a_pruned_trial_shows_its_last_evaluation_in_optuna_mlflow_the_summary_a
         run = runs[trial.user_attrs["mlflow_run_id"]]
         assert run.info.status == "FINISHED" and run.data.tags["psmsearch.status"] == "pruned"  # KILLED is interrupted
         assert run.data.metrics["score"] == pytest.approx(first_evaluation)
-        assert rows[f"trial-{trial.number}"]["run_id"] == run.info.run_id
-        assert rows[f"trial-{trial.number}"]["status"] == "pruned"
-        assert rows[f"trial-{trial.number}"]["objectives"]["score"] == pytest.approx(first_evaluation)
+        assert rows[f"tiny-trial-{trial.number}"]["run_id"] == run.info.run_id
+        assert rows[f"tiny-trial-{trial.number}"]["status"] == "pruned"
+        assert rows[f"tiny-trial-{trial.number}"]["objectives"]["score"] == pytest.approx(first_evaluation)
         assert compare_rows[run.info.run_id]["objectives"]["score"] == pytest.approx(first_evaluation)
 
 
