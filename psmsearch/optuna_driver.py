@@ -29,8 +29,8 @@ from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values, open_tracking
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import (KIND_TAG, TRIAL_TAG, Tracker, retry_locked, sqlite_in_memory, sqlite_init_lock, sqlite_missing_folder,
-                                without_password)
+from psmsearch.tracking import (KIND_TAG, TRIAL_TAG, Tracker, retry_locked, sqlite_folder_problem, sqlite_in_memory,
+                                sqlite_init_lock, without_password)
 
 INTERRUPTED = "interrupted"
 
@@ -85,9 +85,9 @@ def check_storage_url(url: str, where: str) -> None:
     if sqlite_in_memory(url):
         raise ConfigError(f"{shown!r} is an in-memory database, lost when the command ends (--resume could never "
                           "find the study); use a file such as sqlite:///psmsearch.db", field=where)
-    missing = sqlite_missing_folder(url)
-    if missing is not None:
-        raise ConfigError(f"{shown!r}: the folder {str(missing)!r} of the SQLite file does not exist", field=where)
+    problem = sqlite_folder_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{shown!r}: {problem}", field=where)
 
 
 def make_storage(url: str, options: SearchOptions) -> RDBStorage:

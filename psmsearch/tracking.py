@@ -84,9 +84,9 @@ def check_tracking_uri(uri: str, where: str) -> None:
         if sqlite_in_memory(uri):
             raise ConfigError(f"{uri!r} is an in-memory database, lost when the command ends (and MLflow would "
                               "write a file named ':memory:'); use a file such as sqlite:///mlflow.db", field=where)
-        missing = sqlite_missing_folder(uri)
-        if missing is not None:
-            raise ConfigError(f"{uri!r}: the folder {str(missing)!r} of the SQLite file does not exist", field=where)
+        problem = sqlite_folder_problem(uri)
+        if problem is not None:
+            raise ConfigError(f"{uri!r}: {problem}", field=where)
         return
     if scheme in _SERVER_SCHEMES:
         _check_reachable(uri, where)
@@ -102,14 +102,18 @@ def sqlite_in_memory(uri: str) -> bool:
     return not rest or Path(rest).name == ":memory:"
 
 
-def sqlite_missing_folder(uri: str) -> Path | None:
-    """The folder of a ``sqlite:///`` URI's file when it does not exist (SQLite then fails with an error
-    naming neither the URI nor the folder), else ``None``."""
+def sqlite_folder_problem(uri: str) -> str | None:
+    """What is wrong with the folder of a ``sqlite:///`` URI's file (it does not exist, or is a file), or
+    ``None``: SQLite then fails with an error naming neither the URI nor the folder."""
     rest = uri.partition("://")[2]
     if not rest:
         return None
     folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent.resolve()
-    return None if folder.is_dir() else folder
+    if folder.is_dir():
+        return None
+    if folder.exists():
+        return f"{str(folder)!r}, the folder of the SQLite file, is not a folder"
+    return f"the folder {str(folder)!r} of the SQLite file does not exist"
 
 
 def _check_reachable(uri: str, where: str, timeout: float = 5.0) -> None:
