@@ -11,7 +11,7 @@ from rich.table import Table
 
 from psmsearch import jsonout
 from psmsearch.errors import ConfigError
-from psmsearch.report import TrialRow, objectives_from_parent, rank, rows_from_runs, write_plots
+from psmsearch.report import TrialRow, format_param, objectives_from_parent, rank, rows_from_runs, write_plots
 from psmsearch.search import SearchOptions
 from psmsearch.space import Objective
 
@@ -46,6 +46,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
     settings = space.header.driver
     options = SearchOptions(
         trials=trials or settings.trials, jobs=jobs or settings.jobs, storage=storage or settings.storage,
+        storage_field="--storage" if storage or not settings.storage else f"{space.source.where('driver.storage')}: driver.storage",
         study=study or settings.study, resume=resume, tracking_uri=tracking_uri, experiment=experiment,
         address=address or settings.address,
         gpus_per_trial=settings.gpus_per_trial if gpus_per_trial is None else gpus_per_trial,
@@ -66,7 +67,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         click.echo("interrupted: completed trials are kept; run the same command with --resume to continue", err=True)
         sys.exit(130)
     rows = [
-        TrialRow(f"trial-{o.number}", space.name, o.state, {k: str(v) for k, v in o.params.items()}, o.metrics, error=o.error,
+        TrialRow(f"{result.study_name}-trial-{o.number}", space.name, o.state, {k: str(v) for k, v in o.params.items()}, o.metrics, error=o.error,
                  run_id=o.run_id or "")
         for o in result.outcomes
     ]
@@ -119,7 +120,7 @@ def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title:
     for row in rows:
         values = [format_metric(o.metric, row.metrics[o.metric]) if o.metric in row.metrics else "-" for o in objectives]
         searched = {k.removeprefix("search."): v for k, v in row.params.items() if k.startswith("search.")} or row.params
-        params = ", ".join(f"{k}={v}" for k, v in sorted(searched.items()))
+        params = ", ".join(f"{k}={format_param(v)}" for k, v in sorted(searched.items()))
         table.add_row(row.name, row.status, "*" if row.pareto else "", *values, params)
     print_table(table)
 
@@ -204,9 +205,9 @@ def _latest_experiment(uri: str, search_name: str | None = None) -> str:
     """The experiment of the latest search tracked at ``uri`` (of the search named ``search_name``)."""
     from mlflow.tracking import MlflowClient
 
-    from psmsearch.tracking import KIND_TAG, SEARCH_TAG, retry_locked, sqlite_init_lock
+    from psmsearch.tracking import KIND_TAG, SEARCH_TAG, quiet_schema_setup, retry_locked, sqlite_init_lock
 
-    with sqlite_init_lock(uri):
+    with sqlite_init_lock(uri), quiet_schema_setup():
         client = MlflowClient(tracking_uri=uri)
     experiments = retry_locked(lambda: client.search_experiments())
     ids = [e.experiment_id for e in experiments]

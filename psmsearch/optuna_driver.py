@@ -7,6 +7,8 @@ Trial bookkeeping that survives interruption:
 * SIGKILL: the trial stays RUNNING with a stale heartbeat; on ``--resume`` Optuna's heartbeat check
   fails it and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` enqueues it again; its MLflow run
   is closed as KILLED.
+* A run created but not yet stored on its trial when the process stopped (inside
+  :meth:`Tracker.trial_run`) is found by its trial number and closed as KILLED on ``--resume``.
 * Interrupted and retried trials do not count towards ``--trials``; completed, pruned and failed
   ones do, so a resumed study ends with the number of trials asked for.
 """
@@ -27,7 +29,8 @@ from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values, open_tracking
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, retry_locked, sqlite_init_lock, without_password
+from psmsearch.tracking import (KIND_TAG, TRIAL_TAG, Tracker, retry_locked, sqlite_folder_problem, sqlite_in_memory,
+                                sqlite_init_lock, without_password)
 
 INTERRUPTED = "interrupted"
 
@@ -50,6 +53,41 @@ class SearchResult:
 def default_storage() -> str:
     """SQLite file ``psmsearch.db`` in the working directory."""
     return f"sqlite:///{Path.cwd() / 'psmsearch.db'}"
+
+
+STORAGE_EXAMPLE = "an Optuna storage URL such as sqlite:///psmsearch.db (or postgresql://..., mysql://...)"
+
+
+def check_storage_url(url: str, where: str) -> None:
+    """Raise a ConfigError naming ``where`` (``--storage``, the file's ``driver.storage``) unless ``url``
+    is a database URL Optuna can open.
+
+    Checked before anything is opened, since SQLAlchemy's errors name neither the option nor what it
+    expects ("Could not parse SQLAlchemy URL"), and a SQLite file in a missing folder failed on the
+    schema lock file beside it (``x.db.init-lock``), which the user never named.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = without_password(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        folder = " (a folder is what --driver ray takes as --storage)" if Path(url).expanduser().is_dir() else ""
+        raise ConfigError(f"{shown!r} is not a database URL{folder}; expected {STORAGE_EXAMPLE}", field=where) from None
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"{shown!r}: unknown database scheme {parsed.drivername!r}; expected {STORAGE_EXAMPLE}",
+                          field=where) from None
+    if parsed.get_backend_name() != "sqlite":
+        return
+    if sqlite_in_memory(url):
+        raise ConfigError(f"{shown!r} is an in-memory database, lost when the command ends (--resume could never "
+                          "find the study); use a file such as sqlite:///psmsearch.db", field=where)
+    problem = sqlite_folder_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{shown!r}: {problem}", field=where)
 
 
 def make_storage(url: str, options: SearchOptions) -> RDBStorage:
@@ -131,6 +169,35 @@ def _requeue_interrupted(study: optuna.Study, tracker: Tracker | None) -> int:
     return requeued
 
 
+def close_orphan_runs(study: optuna.Study, tracker: Tracker | None, parent: str | None) -> int:
+    """Close the search's trial runs still RUNNING whose Optuna trial is not, as KILLED (``interrupted``).
+
+    A Ctrl-C or SIGKILL inside :meth:`Tracker.trial_run`, after MLflow created the run but before its id
+    was stored on the trial (``mlflow_run_id``), leaves a run that :func:`_requeue_interrupted` cannot
+    find, RUNNING for ever. Runs of RUNNING trials are left alone: another process sharing the study may
+    be running them. The runs are read before the trials: a live process closes a trial's run before
+    it tells the trial, so a run still RUNNING when read again after its trial ended is an orphan.
+    Returns how many runs were closed.
+    """
+    if tracker is None or parent is None:
+        return 0
+    query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{KIND_TAG}` = 'trial' and attributes.status = 'RUNNING'"
+    runs = retry_locked(lambda: tracker.client.search_runs([tracker.experiment_id], filter_string=query))
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    closed = 0
+    for run in runs:
+        number = run.data.tags.get(TRIAL_TAG, "")
+        if not number.isdigit() or int(number) in running:
+            continue
+        if retry_locked(lambda run_id=run.info.run_id: tracker.client.get_run(run_id)).info.status != "RUNNING":
+            continue
+        tracker.set_tags(run.info.run_id, {"psmsearch.status": INTERRUPTED,
+                                           "psmsearch.error": "the search stopped while the trial's run was being created"})
+        tracker.finish(run.info.run_id, "KILLED")
+        closed += 1
+    return closed
+
+
 def _wait_for_stale(study: optuna.Study, storage: RDBStorage, options: SearchOptions, progress: SearchProgress) -> None:
     """Give trials left RUNNING by a killed process time to be detected as stale (heartbeat expired)."""
     deadline = time.monotonic() + options.grace_period + options.heartbeat_interval
@@ -172,6 +239,7 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
     """Run (or resume, or join) the study for ``space`` until it holds ``options.trials`` counted trials."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # psmsearch reports trial failures itself, without tracebacks
     storage_url = options.storage or default_storage()
+    check_storage_url(storage_url, options.storage_field)
     storage = make_storage(storage_url, options)
     study_name = options.study or space.name
     exists = study_name in optuna.get_all_study_names(storage)
@@ -206,6 +274,8 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
         if options.resume and exists:
             _wait_for_stale(study, storage, options, progress)
             _requeue_interrupted(study, tracker)
+            if orphans := close_orphan_runs(study, tracker, parent):
+                progress.note(f"closed {orphans} trial run(s) left RUNNING by an interrupted search (KILLED, interrupted)")
         progress.refresh(study)
         try:
             _optimize(space, options, study, tracker, parent, progress, result)

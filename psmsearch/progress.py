@@ -15,6 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from psmsearch.space import SearchSpace
 
 
+def pareto_text(count: int) -> str:
+    """How a multi-objective search's standing reads: ``1 trial on the Pareto front``, ``3 trials ...``
+    (it read ``best 1 on the Pareto front``)."""
+    return f"{count} trial{'' if count == 1 else 's'} on the Pareto front"
+
+
 class SearchProgress:
     """A rich progress bar over the trial budget with a status line; plain log lines when not a TTY.
 
@@ -36,7 +42,7 @@ class SearchProgress:
         self.live = enabled and self.console.is_terminal
         self.counts = {"complete": 0, "pruned": 0, "failed": 0}
         self.running: set[int] = set()
-        self.best: str = "-"
+        self.best: str = "best -"  # or "best acc_4x=0.99 (trial 3)", or "2 trials on the Pareto front"
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
@@ -60,7 +66,7 @@ class SearchProgress:
 
     def _status(self) -> str:
         c = self.counts
-        return f"done {c['complete']}  pruned {c['pruned']}  failed {c['failed']}  running {len(self.running)}  best {self.best}"
+        return f"done {c['complete']}  pruned {c['pruned']}  failed {c['failed']}  running {len(self.running)}  {self.best}"
 
     def _update_bar(self) -> None:
         if self.live:
@@ -78,7 +84,7 @@ class SearchProgress:
             detail = outcome.error
         c = self.counts
         standing = (f"{sum(c.values())}/{self.total}  done {c['complete']}  pruned {c['pruned']}  failed {c['failed']}"
-                    f"  running {len(self.running)}  best {self.best}")
+                    f"  running {len(self.running)}  {self.best}")
         self._line(f"trial {outcome.number} {outcome.state}{': ' + detail if detail else ''}  [{standing}]")
 
     def note(self, message: str) -> None:
@@ -121,9 +127,9 @@ class SearchProgress:
             objective = self.space.objectives[0]
             pick = max if objective.direction == "maximize" else min
             best = pick(complete, key=lambda t: t.value)
-            self.best = f"{objective.metric}={best.value:.4g} (trial {best.number})"
+            self.best = f"best {objective.metric}={best.value:.4g} (trial {best.number})"
         elif complete:
-            self.best = f"{len(study.best_trials)} on the Pareto front"
+            self.best = pareto_text(len(study.best_trials))
         if self.live:
             self._update_bar()
         elif self.enabled:

@@ -62,7 +62,7 @@ except ImportError:  # Windows: no driver lock
 
 from psmsearch.errors import ConfigError
 from psmsearch.optuna_driver import SearchResult, make_sampler
-from psmsearch.progress import SearchProgress
+from psmsearch.progress import SearchProgress, pareto_text
 from psmsearch.registry import ENV_VAR as PLUGINS_ENV_VAR
 from psmsearch.registry import env_plugin_specs, get_registry
 from psmsearch.report import TrialRow, rank
@@ -328,13 +328,13 @@ class _Book:
     def _best(self) -> str:
         complete = [o for o in self.outcomes.values() if o.state == "complete"]
         if not complete:
-            return "-"
+            return "best -"
         rows = [TrialRow(f"trial {o.number}", self.space.name, o.state, {}, o.metrics) for o in complete]
         ranked = rank(rows, self.space.objectives)
         if len(self.space.objectives) > 1:
-            return f"{sum(r.pareto for r in ranked)} on the Pareto front"
+            return pareto_text(sum(r.pareto for r in ranked))
         metric = self.space.objectives[0].metric
-        return f"{metric}={ranked[0].metrics[metric]:.4g} ({ranked[0].name})"
+        return f"best {metric}={ranked[0].metrics[metric]:.4g} ({ranked[0].name})"
 
     def _close_runs(self, number: int, run_id: str | None, status: str, tags: dict[str, str]) -> tuple[str, str | None]:
         """Close this trial's runs still RUNNING. Returns the error the worker recorded, if any, and
@@ -671,7 +671,7 @@ TUNER_FILE = "tuner.pkl"
 
 CLAIM_FILE = ".psmsearch-started"
 """Created in a new Ray experiment's folder before anything else: the search's name is taken. It
-records the search's objectives (JSON), which a resume must share."""
+records the search's objectives and dimensions (JSON), which a resume must share."""
 LOCK_FILE = ".psmsearch-driver.lock"
 """Locked (``flock``) by the process driving a Ray experiment, for as long as it drives it."""
 
@@ -731,6 +731,7 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: Searc
         )
     if exists:
         _check_objectives(experiment, space)
+        _check_dimensions(experiment, space)
         return True
     flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | (0 if options.resume else os.O_EXCL)
     try:
@@ -742,7 +743,7 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: Searc
             "or choose another name with --study / another folder with --storage",
         ) from None
     with os.fdopen(fd, "w") as claim:
-        json.dump({"objectives": _objectives(space)}, claim)
+        json.dump({"objectives": _objectives(space), "dimensions": space.dimension_record()}, claim)
     return False
 
 
@@ -774,6 +775,48 @@ def _check_objectives(experiment: Path, space: SearchSpace) -> None:
             "ranking by its own: resume it with those objectives, or choose another name with --study",
             field="objectives",
         )
+
+
+def _check_dimensions(experiment: Path, space: SearchSpace) -> None:
+    """A resumed experiment's dimensions, recorded in its claim, must be the space's.
+
+    Tune restores the searcher, which samples from the space it was saved with, while each trial's
+    configuration is rebuilt from the file: a new or re-ranged dimension made trials fail with
+    Optuna's FixedTrial error about a parameter or value it did not know. ``Tuner.restore`` takes no
+    other searcher, so a changed space is refused by name before anything runs. An experiment
+    without the record (started before it was written) is not checked.
+    """
+    try:
+        recorded = json.loads((experiment / CLAIM_FILE).read_text())["dimensions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    current = json.loads(json.dumps(space.dimension_record()))  # as the claim holds it
+    changes = _dimension_changes(recorded, current)
+    if not changes:
+        return
+    first = next((path for path in current if recorded.get(path) != current[path]), None)
+    raise ConfigError(
+        f"the Ray search {experiment.name!r} in {experiment.parent} was started with another search space: "
+        f"{'; '.join(changes)}. A restored search samples from the space it was saved with (Tune restores its "
+        "searcher and takes no other): resume it with that space, or start a new search with --study NAME",
+        source=space.source.where(first) if first else space.source.source, field=first,
+    )
+
+
+def _dimension_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two dimension records, one phrase per parameter, in the space's order."""
+    changes = [f"{path} is new ({_shown_dimension(spec)})" if path not in recorded else
+               f"{path} was {_shown_dimension(recorded[path])}, now {_shown_dimension(spec)}"
+               for path, spec in current.items() if recorded.get(path) != spec]
+    changes += [f"{path} ({_shown_dimension(spec)}) was removed" for path, spec in recorded.items() if path not in current]
+    return changes
+
+
+def _shown_dimension(spec: Any) -> str:
+    """``{choice: [1, 2, 4]}`` or ``{float: [0.001, 0.1], log: true}``, as a space file writes it."""
+    if not isinstance(spec, dict):
+        return json.dumps(spec)
+    return "{" + ", ".join(f"{key}: {json.dumps(value)}" for key, value in spec.items()) + "}"
 
 
 def _release_claim(experiment: Path) -> None:

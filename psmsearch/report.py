@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,20 @@ class TrialRow:
     pareto: bool = False
     error: str = ""
     run_id: str = ""
+
+
+def format_param(text: str) -> str:
+    """A trial parameter as a table shows it: a float to 4 significant digits, as metrics are shown
+    (``init_gate=0.1156``, not ``0.11557967901161792``); integers, names and the rest as given."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return text
+    if re.fullmatch(r"[+-]?\d+", text.strip()) or not math.isfinite(value):
+        return text
+    if abs(value) >= 1e4:  # no exponent, as metrics; no thousands separator inside a comma-separated list
+        return f"{float(f'{value:.4g}'):.0f}"
+    return f"{value:.4g}"
 
 
 def pareto_front(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[bool]:
@@ -99,37 +114,17 @@ def _length_curves(row: TrialRow, pattern: re.Pattern[str]) -> list[tuple[float,
     return sorted(points)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
 def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: Path, top: int = 8) -> list[Path]:
     """PNG plots: objective vs objective (with the front), accuracy vs length, memory vs n."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    scored = [r for r in rows if r.status == "complete" and all(o.metric in r.metrics for o in objectives)]
-    if scored:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        if len(objectives) >= 2:
-            x_obj, y_obj = objectives[0], objectives[1]
-            xs = [r.metrics[x_obj.metric] for r in scored]
-            ys = [r.metrics[y_obj.metric] for r in scored]
-            ax.scatter(xs, ys, c=["tab:red" if r.pareto else "tab:gray" for r in scored])
-            front = sorted((x, y) for x, y, r in zip(xs, ys, scored) if r.pareto)
-            ax.plot([p[0] for p in front], [p[1] for p in front], "r--", label="Pareto front")
-            ax.set_xlabel(f"{x_obj.metric} ({x_obj.direction})")
-            ax.set_ylabel(f"{y_obj.metric} ({y_obj.direction})")
-            ax.legend()
-        else:
-            objective = objectives[0]
-            ax.bar(range(len(scored)), [r.metrics[objective.metric] for r in scored], color=["tab:red" if r.pareto else "tab:gray" for r in scored])
-            ax.set_xticks(range(len(scored)), [_short(r.name) for r in scored], rotation=90)
-            ax.set_xlabel("trial (sorted)")
-            ax.set_ylabel(f"{objective.metric} ({objective.direction})")
-        ax.set_title("objectives")
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / "objectives.png"))
+    figure = objectives_figure(rows, objectives)
+    if figure is not None:
+        written.append(_save(figure, out_dir / "objectives.png"))
     peak = any(PEAK_MEMORY_METRIC.match(name) for row in rows for name in row.metrics)
     memory = (PEAK_MEMORY_METRIC, "most state bytes held streaming up to n") if peak else \
         (MEMORY_METRIC, "retained state bytes at n")
@@ -137,22 +132,79 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
         (LENGTH_METRIC, "accuracy_vs_length.png", "evaluation length (x training length)", "accuracy", False),
         (memory[0], "memory_vs_n.png", "tokens streamed n", memory[1], True),
     ):
-        curves = [(r, _length_curves(r, pattern)) for r in rows[:top]]
-        curves = [(r, c) for r, c in curves if c]
-        if not curves:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for row, points in curves:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_short(row.name))
-        ax.set_xscale("log", base=2)
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / filename))
+        figure = curves_figure(rows[:top], pattern, xlabel, ylabel, logy)
+        if figure is not None:
+            written.append(_save(figure, out_dir / filename))
     return written
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def objectives_figure(rows: Sequence[TrialRow], objectives: Sequence[Objective]) -> Any | None:
+    """The completed trials' objectives: a scatter of the first two, each point labelled with its trial
+    (points that coincide share one label), and the Pareto front; one objective: a bar per trial."""
+    scored = [r for r in rows if r.status == "complete" and all(o.metric in r.metrics for o in objectives)]
+    if not scored:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
+    if len(objectives) >= 2:
+        x_obj, y_obj = objectives[0], objectives[1]
+        xs = [r.metrics[x_obj.metric] for r in scored]
+        ys = [r.metrics[y_obj.metric] for r in scored]
+        ax.scatter(xs, ys, c=["tab:red" if r.pareto else "tab:gray" for r in scored])
+        for (x, y), names in _group_by_value(zip(xs, ys), (_short(r.name) for r in scored)):
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        front = sorted((x, y) for x, y, r in zip(xs, ys, scored) if r.pareto)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "r--", label="Pareto front")
+        ax.set_xlabel(f"{x_obj.metric} ({x_obj.direction})")
+        ax.set_ylabel(f"{y_obj.metric} ({y_obj.direction})")
+        ax.legend()
+    else:
+        objective = objectives[0]
+        ax.bar(range(len(scored)), [r.metrics[objective.metric] for r in scored], color=["tab:red" if r.pareto else "tab:gray" for r in scored])
+        ax.set_xticks(range(len(scored)), [_short(r.name) for r in scored], rotation=90)
+        ax.set_xlabel("trial (sorted)")
+        ax.set_ylabel(f"{objective.metric} ({objective.direction})")
+    ax.set_title("objectives")
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: str, ylabel: str, logy: bool) -> Any | None:
+    """One line per trial of the metrics ``pattern`` matches, against their length, or ``None`` if no
+    trial has them. Trials with identical curves would draw exactly on top of each other: they are
+    drawn once, labelled with all their names (``trial 0 = trial 3``), and each line has its own
+    marker and line style."""
+    curves = [(_short(r.name), points) for r in rows if (points := _length_curves(r, pattern))]
+    if not curves:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
+    for index, (points, names) in enumerate(_group_by_value((tuple(p) for _, p in curves), (n for n, _ in curves))):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)],
+                linestyle=LINESTYLES[index % len(LINESTYLES)], label=" = ".join(names))
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _group_by_value(values: Any, names: Any) -> list[tuple[Any, list[str]]]:
+    """``(value, names)`` for each distinct value, in first-seen order: what would be drawn on one spot."""
+    groups: dict[Any, list[str]] = {}
+    for value, name in zip(values, names):
+        groups.setdefault(value, []).append(name)
+    return list(groups.items())
 
 
 def _short(name: str) -> str:

@@ -34,6 +34,7 @@ class SearchOptions:
     trials: int
     jobs: int = 1
     storage: str | None = None
+    storage_field: str = "--storage"  # where ``storage`` was given, for its errors: the option or the file's field
     study: str | None = None
     resume: bool = False
     tracking_uri: str | None = None

@@ -117,6 +117,18 @@ class Dimension:
             return trial.suggest_int(self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.path, float(self.low), float(self.high), step=self.step, log=self.log)
 
+    def describe(self) -> dict[str, Any]:
+        """What this dimension draws from, JSON-ready and as a space file writes it: ``{"choice": [...]}``
+        (choices as Optuna labels them) or ``{"int": [low, high]}`` with ``log`` / ``step`` where set."""
+        if self.kind == "choice":
+            return {"choice": [_label(c) for c in self.choices]}
+        described: dict[str, Any] = {self.kind: [self.low, self.high]}
+        if self.log:
+            described["log"] = True
+        if self.step is not None:
+            described["step"] = self.step
+        return described
+
 
 def _label(value: Any) -> Any:
     """Optuna categorical values must be primitives; other choices are labelled by their JSON."""
@@ -281,6 +293,38 @@ class SearchSpace:
             if len(options) > 1:
                 values[f"model.{kind}"] = [name for name, _, _ in options]
         return values
+
+    def dimension_record(self) -> dict[str, dict[str, Any]]:
+        """Every parameter the space can sample, by its Optuna name, with what it is drawn from (JSON-ready).
+
+        The non-component dimensions, the component choices (their names) and each component's
+        searched hyperparameters (``search: all`` ones over their declared ranges). A restored Ray
+        searcher keeps sampling the space it was saved with while trials are rebuilt from the file,
+        so a resume compares this record with the one saved when the search started.
+        """
+        record = {dim.path: dim.describe() for dim in self.dimensions()}
+        model = self.template.get("model")
+        if not isinstance(model, dict):
+            return record
+        for kind in COMPONENT_KINDS:
+            options = _component_options(model, kind, self.source)
+            if len(options) > 1:
+                record[f"model.{kind}"] = {"choice": [name for name, _, _ in options]}
+            for name, params, _ in options:
+                record.update(self._component_dimensions(kind, name, params))
+        return record
+
+    def _component_dimensions(self, kind: str, name: str, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The searched hyperparameters of one component option, described as in :meth:`dimension_record`."""
+        found = {}
+        for hp in self.registry.get(kind, name).hyperparameters:
+            path = f"model.{kind}.{name}.{hp.name}"
+            value = params.get(hp.name)
+            if is_dimension(value):
+                found[path] = parse_dimension(path, value, self.source).describe()
+            elif hp.name not in params and params.get("search") == "all":
+                found[path] = _declared_dimension(path, hp).describe()
+        return found
 
     def dimensions(self) -> list[Dimension]:
         """The non-component dimensions (for documentation and smoke tests)."""
@@ -515,8 +559,11 @@ def _validate_components(space: SearchSpace) -> None:
                         raise space.source.error(f"{path}.search", f"search must be 'all', got {value!r}")
                     continue
                 if key not in declared:
-                    raise space.source.error(f"{path}.{key}", f"{kind} {name!r} has no hyperparameter {key!r}; allowed: {', '.join(sorted(declared)) or 'none'}")
+                    raise space.source.error(f"{path}.{key}", f"{kind} {name!r} has no hyperparameter {key!r}; allowed: "
+                                                              f"{', '.join(sorted(declared)) or 'none'}."
+                                                              f"{suggest(str(key), declared)}")
                 hp = declared[key]
+                _check_dimension_type(f"{path}.{key}", hp, value, space.source)
                 values = _dimension_extremes(f"{path}.{key}", value, space.source)
                 for v in values:
                     try:
@@ -542,6 +589,26 @@ def _validate_components(space: SearchSpace) -> None:
                     f"{kind} {name!r} has state_kind {state_kind!r}, which no listed encoder produces "
                     f"(encoder state kinds: {sorted(encoder_kinds)}); it would never be sampled",
                 )
+
+
+def _check_dimension_type(path: str, hp: Any, value: Any, where: SourceMap) -> None:
+    """Refuse a range whose kind cannot draw the hyperparameter's values, at the dimension's own line.
+
+    Only the bounds of a range are checked against the hyperparameter, so a ``float`` range on an int
+    one (``{float: [8.0, 64.0]}``) passed and its first sampled value failed a trial, reported at another
+    line. A range on a bool or categorical hyperparameter is refused the same way; an ``int`` range on a
+    float one draws valid floats and is allowed.
+    """
+    if not is_dimension(value):
+        return
+    dim = parse_dimension(path, value, where)
+    if dim.kind == "choice" or (dim.kind, hp.type) in (("int", "int"), ("float", "float"), ("int", "float")):
+        return
+    use = {"int": "{int: [lo, hi]}", "float": "{float: [lo, hi]}", "bool": "{choice: [false, true]}",
+           "categorical": "{choice: [...]} among " + ", ".join(repr(c) for c in hp.choices or ())}[hp.type]
+    article = {"int": "an", "float": "a"}
+    raise where.error(path, f"{hp.name} is {article.get(hp.type, 'a')} {hp.type} hyperparameter; use {use}, "
+                            f"not {article[dim.kind]} {dim.kind} range")
 
 
 def _dimension_extremes(path: str, value: Any, where: SourceMap) -> list[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -80,19 +81,39 @@ def check_tracking_uri(uri: str, where: str) -> None:
         raise ConfigError(f"{uri!r} is a file store, which MLflow no longer writes; use a database such as "
                           "sqlite:///mlflow.db (MLflow's default) or a tracking server", field=where)
     if scheme == "sqlite":
-        folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent if rest else None
-        if not rest or Path(rest).name == ":memory:":  # also after absolute_uri made it /cwd/:memory:
+        if sqlite_in_memory(uri):
             raise ConfigError(f"{uri!r} is an in-memory database, lost when the command ends (and MLflow would "
                               "write a file named ':memory:'); use a file such as sqlite:///mlflow.db", field=where)
-        if folder is not None and not folder.resolve().is_dir():
-            raise ConfigError(f"{uri!r}: the folder {str(folder.resolve())!r} of the SQLite file does not exist",
-                              field=where)
+        problem = sqlite_folder_problem(uri)
+        if problem is not None:
+            raise ConfigError(f"{uri!r}: {problem}", field=where)
         return
     if scheme in _SERVER_SCHEMES:
         _check_reachable(uri, where)
         return
     if scheme not in (*_DATABASE_SCHEMES, *_OTHER_SCHEMES):
         raise ConfigError(f"{uri!r}: unknown tracking URI scheme {scheme!r}; expected one of {allowed}", field=where)
+
+
+def sqlite_in_memory(uri: str) -> bool:
+    """Whether a ``sqlite://`` URI names an in-memory database (also once :func:`absolute_uri` made it
+    ``/cwd/:memory:``): nothing written there outlives the command."""
+    rest = uri.partition("://")[2]
+    return not rest or Path(rest).name == ":memory:"
+
+
+def sqlite_folder_problem(uri: str) -> str | None:
+    """What is wrong with the folder of a ``sqlite:///`` URI's file (it does not exist, or is a file), or
+    ``None``: SQLite then fails with an error naming neither the URI nor the folder."""
+    rest = uri.partition("://")[2]
+    if not rest:
+        return None
+    folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent.resolve()
+    if folder.is_dir():
+        return None
+    if folder.exists():
+        return f"{str(folder)!r}, the folder of the SQLite file, is not a folder"
+    return f"the folder {str(folder)!r} of the SQLite file does not exist"
 
 
 def _check_reachable(uri: str, where: str, timeout: float = 5.0) -> None:
@@ -149,6 +170,30 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+SCHEMA_LOGGERS = ("mlflow.store.db.utils", "alembic")
+"""Loggers that report a tracking store's schema creation and migrations at INFO."""
+
+
+@contextlib.contextmanager
+def quiet_schema_setup() -> Iterator[None]:
+    """Raise :data:`SCHEMA_LOGGERS` to WARNING while a tracking store is opened, then restore them.
+
+    Opening a new SQLite store printed MLflow's 'INFO mlflow.store.db.utils: Creating initial MLflow
+    database tables...' and 'Updating database tables' among a search's own lines (``make demo``);
+    warnings and errors from the same loggers still show.
+    """
+    loggers = [logging.getLogger(name) for name in SCHEMA_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def param_text(value: Any) -> str:
     """MLflow param text: scalars as ``str``, containers as JSON (MLflow caps values at 6000 chars)."""
     text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
@@ -200,7 +245,7 @@ class Tracker:
     def __post_init__(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        with sqlite_init_lock(self.tracking_uri):  # creating the client creates (migrates) the store
+        with sqlite_init_lock(self.tracking_uri), quiet_schema_setup():  # the client creates (migrates) the store
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = retry_locked(self._experiment_id)
 

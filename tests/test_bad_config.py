@@ -197,7 +197,7 @@ def test_an_objective_against_its_metrics_direction_is_warned_before_anything_ru
     lines = [i for i, row in enumerate(text.splitlines(), 1) if "direction:" in row]
     (tmp_path / "a-file").write_text("")
     unreachable = f"sqlite:///{tmp_path / 'a-file' / 'y.db'}"  # stops the search right after loading the space
-    output = _assert_clean_error(_run(["search", str(path), "--storage", unreachable]), ["cannot open the Optuna storage"])
+    output = _assert_clean_error(_run(["search", str(path), "--storage", unreachable]), ["the folder of the SQLite file, is not a folder"])
     assert f"warning: {path}:{lines[0]}: objectives.0.direction: 'acc_2x' is set to minimize, but higher is better" in output
     assert f"warning: {path}:{lines[1]}: objectives.1.direction: 'params' is set to maximize, but lower is better" in output
     natural = tmp_path / "natural.yaml"
@@ -215,7 +215,7 @@ def test_a_test_set_objective_is_warned_before_anything_runs(tmp_path: Path) -> 
     line = next(i for i, row in enumerate(text.splitlines(), 1) if "metric: test_acc_2x" in row)
     (tmp_path / "a-file").write_text("")
     unreachable = f"sqlite:///{tmp_path / 'a-file' / 'y.db'}"  # stops the search right after loading the space
-    output = _assert_clean_error(_run(["search", str(path), "--storage", unreachable]), ["cannot open the Optuna storage"])
+    output = _assert_clean_error(_run(["search", str(path), "--storage", unreachable]), ["the folder of the SQLite file, is not a folder"])
     assert (f"warning: {path}:{line}: objectives.0.metric: 'test_acc_2x' is a test-set metric, computed once after "
             "training") in output
     assert "optimise 'acc_2x' and report 'test_acc_2x' instead" in output
@@ -245,7 +245,7 @@ def test_unreachable_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     path.write_text(yaml.safe_dump(TINY_SPACE))
     (tmp_path / "a-file").write_text("")
     url = f"sqlite:///{tmp_path / 'a-file' / 'y.db'}"
-    _assert_clean_error(_run(["search", str(path), "--storage", url]), ["cannot open the Optuna storage", "--storage", url])
+    _assert_clean_error(_run(["search", str(path), "--storage", url]), ["the folder of the SQLite file, is not a folder", "--storage", url])
 
 
 def test_yaml_objects_are_never_constructed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

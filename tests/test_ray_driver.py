@@ -207,7 +207,7 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert result.returncode == 0, result.stderr[-4000:]
     statuses = {t["name"]: t["status"] for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
-    assert statuses == {"trial-0": "failed", "trial-1": "complete"}
+    assert statuses == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete"}
     assert (tmp_path / DEFAULT_RESULTS / "ray-tiny").is_dir()
 
     from mlflow.tracking import MlflowClient
@@ -276,16 +276,16 @@ def test_a_trial_whose_worker_dies_is_recorded_with_rays_error(tmp_path: Path, p
                      "--tracking-uri", uri, "--no-progress", "--json", env=private_env, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = {t["name"]: t for t in json.loads(result.stdout.strip().splitlines()[-1])["trials"]}
-    assert {name: row["status"] for name, row in rows.items()} == {"trial-0": "failed", "trial-1": "complete"}
+    assert {name: row["status"] for name, row in rows.items()} == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete"}
     died = "worker process has died"
-    assert died in rows["trial-0"]["error"], rows["trial-0"]
+    assert died in rows["ray-tiny-trial-0"]["error"], rows["ray-tiny-trial-0"]
     failed_line = next(line for line in result.stderr.splitlines() if line.startswith("trial 0 failed:"))
     assert "unknown error" not in failed_line
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    run = client.get_run(rows["trial-0"]["run_id"])
+    run = client.get_run(rows["ray-tiny-trial-0"]["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["psmsearch.status"] == "failed"
     assert died in run.data.tags["psmsearch.error"], run.data.tags["psmsearch.error"]
 
@@ -319,14 +319,14 @@ def test_a_resumed_search_runs_more_trials_at_more_jobs_and_keeps_failed_trials(
         return runs
 
     first, _ = search("--trials", "2", "--no-progress")
-    assert {name: row["status"] for name, row in first.items()} == {"trial-0": "failed", "trial-1": "complete"}
+    assert {name: row["status"] for name, row in first.items()} == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete"}
 
     resumed, stderr = search("--trials", "4", "--jobs", "2", "--resume")
     statuses = {name: row["status"] for name, row in resumed.items()}
-    assert statuses == {"trial-0": "failed", "trial-1": "complete", "trial-2": "complete", "trial-3": "complete"}
-    assert "the first trial fails on purpose" in resumed["trial-0"]["error"]
-    assert resumed["trial-1"]["run_id"] == first["trial-1"]["run_id"]
-    assert resumed["trial-1"]["objectives"] == first["trial-1"]["objectives"]
+    assert statuses == {"ray-tiny-trial-0": "failed", "ray-tiny-trial-1": "complete", "ray-tiny-trial-2": "complete", "ray-tiny-trial-3": "complete"}
+    assert "the first trial fails on purpose" in resumed["ray-tiny-trial-0"]["error"]
+    assert resumed["ray-tiny-trial-1"]["run_id"] == first["ray-tiny-trial-1"]["run_id"]
+    assert resumed["ray-tiny-trial-1"]["objectives"] == first["ray-tiny-trial-1"]["objectives"]
     events = [line for line in stderr.splitlines() if line.startswith("[ray-tiny] trial ")]
     first_end = next(i for i, line in enumerate(events) if " started" not in line)
     assert {"[ray-tiny] trial 2 started", "[ray-tiny] trial 3 started"} <= set(events[:first_end]), stderr[-4000:]  # --jobs 2
@@ -487,6 +487,59 @@ def test_a_ray_resume_with_other_objectives_is_refused_before_anything_runs(
                                           r"for acc_1x \(minimize\); .* choose another name with --study"):
         run_ray_search(space, options)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_ray_resume_with_a_changed_search_space_is_refused_before_anything_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune restores the searcher, which samples from the space saved with the experiment, while trials
+    are rebuilt from the file: a new or re-ranged dimension made trials fail with Optuna's FixedTrial
+    error. The claim records the dimensions; a resume whose space changed them is refused, naming each."""
+    from searchhelpers import TINY_SPACE, write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, _check_new_or_resumed, run_ray_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    experiment.mkdir(parents=True)
+    started = load_space(write_space(tmp_path, "started.yaml"), smoke_samples=1)
+    assert not _check_new_or_resumed(experiment, SearchOptions(trials=1), started)  # a new search claims its folder
+    claim = json.loads((experiment / CLAIM_FILE).read_text())
+    assert claim["dimensions"]["model.chunk_size"] == {"choice": [1, 2, 4]}
+    shutil.copytree(OLD_FORMAT, experiment, dirs_exist_ok=True)  # then Tune saves its state: the experiment exists
+    model = {**TINY_SPACE["model"], "chunk_size": {"choice": [1, 2, 8]}, "d_model": {"int": [16, 32], "step": 16}}
+    space = load_space(write_space(tmp_path, model=model), smoke_samples=1)
+    options = SearchOptions(trials=2, resume=True, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
+                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"space\.yaml:\d+: model\.d_model: the Ray search 'tiny' in .* was started "
+                                          r"with another search space: model\.d_model is new \(\{int: \[16, 32\], step: 16\}\); "
+                                          r"model\.chunk_size was \{choice: \[1, 2, 4\]\}, now \{choice: \[1, 2, 8\]\}\. "
+                                          r".*start a new search with --study NAME"):
+        run_ray_search(space, options)
+    assert not (tmp_path / "mlflow.db").exists()
+    assert json.loads((experiment / CLAIM_FILE).read_text()) == claim
+
+
+@pytest.mark.slow
+def test_a_real_ray_search_resumed_with_a_re_ranged_dimension_is_refused(tmp_path: Path, private_env: dict[str, str]) -> None:
+    """End to end: the claim a real search writes holds its dimensions. Resumed with a chunk size it never
+    had, the second trial failed with "The value of the parameter 'model.chunk_size' is not found ...
+    FixedTrial"; it is now refused (exit 2) before Ray starts, and the search's trials are as they were."""
+    space = SPACE.replace("shipped_mlp", "mlp") + "driver: {pruner: none, trials: 1}\n"
+    (tmp_path / "space.yaml").write_text(space)
+    (tmp_path / "changed.yaml").write_text(space.replace("chunk_size: {choice: [2, 4]}", "chunk_size: {choice: [2, 8]}"))
+    first = run_cli("search", "space.yaml", "--driver", "ray", "--no-progress", env=private_env, cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = run_cli("search", "changed.yaml", "--driver", "ray", "--resume", "--trials", "2", "--no-progress",
+                      env=private_env, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 2, resumed.stderr[-4000:]
+    assert resumed.stderr.strip().splitlines()[-1].startswith(
+        "error: changed.yaml:8: model.chunk_size: the Ray search 'ray-tiny' in ")
+    assert "model.chunk_size was {choice: [2, 4]}, now {choice: [2, 8]}" in resumed.stderr
 
 
 def test_an_unreachable_cluster_address_is_a_clear_error_within_seconds(tmp_path: Path) -> None:

@@ -81,6 +81,14 @@ def test_summary_ranks_trials_best_first(finished_search) -> None:
     assert {t["run_id"] for t in summary["trials"]} == trial_runs
 
 
+def test_the_summary_names_trials_as_mlflow_does(finished_search) -> None:
+    """search's table said trial-4 where MLflow (and compare) say tiny-trial-4: it now uses the run's name."""
+    work, summary = finished_search
+    runs = {r.info.run_id: r.info.run_name for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"}
+    assert {t["run_id"]: t["name"] for t in summary["trials"]} == runs
+    assert sorted(runs.values()) == ["tiny-trial-0", "tiny-trial-1", "tiny-trial-2"]
+
+
 def test_compare_reads_mlflow_ranks_and_writes_plots(finished_search) -> None:
     work, summary = finished_search
     result = run_cli("compare", "--experiment", "tiny", "--json", "--out", str(work / "plots"), cwd=work)
@@ -90,6 +98,7 @@ def test_compare_reads_mlflow_ranks_and_writes_plots(finished_search) -> None:
     values = [t["objectives"]["acc_2x"] for t in report["trials"]]
     assert values == sorted(values, reverse=True)
     assert sorted(values) == sorted(t["objectives"]["acc_2x"] for t in summary["trials"])
+    assert [(t["name"], t["run_id"]) for t in report["trials"]] == [(t["name"], t["run_id"]) for t in summary["trials"]]
     assert (work / "plots" / "objectives.png").stat().st_size > 1000
     assert (work / "plots" / "accuracy_vs_length.png").exists()
     assert (work / "plots" / "memory_vs_n.png").exists()
@@ -113,7 +122,7 @@ def test_compare_table_shows_counts_as_whole_numbers(finished_search) -> None:
     for trial in summary["trials"]:
         params = trial["metrics"]["params"]
         assert params >= 1000 and params == int(params)
-        assert shown[f"tiny-{trial['name']}"] == f"{int(params):,}", "params as an integer with thousands separators"
+        assert shown[trial["name"]] == f"{int(params):,}", "params as an integer with thousands separators"
 
 
 def test_resume_of_a_finished_study_runs_nothing_more(finished_search) -> None:
@@ -194,6 +203,41 @@ def test_a_bad_tracking_uri_is_refused_before_the_study_exists(tmp_path: Path, u
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'psmsearch.db'}") == [], "a study was left behind"
 
 
+@pytest.mark.parametrize(("storage", "message"), [
+    ("{tmp}", "'{tmp}' is not a database URL (a folder is what --driver ray takes as --storage); expected an Optuna "
+              "storage URL such as sqlite:///psmsearch.db"),
+    ("sqlite:////nonexistent_folder_psm/x.db", "'sqlite:////nonexistent_folder_psm/x.db': the folder "
+                                              "'/nonexistent_folder_psm' of the SQLite file does not exist"),
+    ("bogus://x", "'bogus://x': unknown database scheme 'bogus'; expected an Optuna storage URL"),
+    ("sqlite:///:memory:", "'sqlite:///:memory:' is an in-memory database, lost when the command ends"),
+], ids=["folder", "missing-folder", "unknown-scheme", "in-memory"])
+def test_a_bad_storage_url_names_the_option_and_what_it_takes(tmp_path: Path, storage: str, message: str) -> None:
+    """A folder gave SQLAlchemy's "Could not parse SQLAlchemy URL", and a SQLite file in a missing folder
+    named psmsearch's own lock file (x.db.init-lock); both now say what --storage takes, as --tracking-uri does."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    storage, message = storage.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    result = CliRunner().invoke(main, ["search", str(space), "--storage", storage, "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: --storage: {message}") and len(result.output.strip().splitlines()) == 1
+    assert "init-lock" not in result.output and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_bad_storage_in_the_space_file_names_its_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none", "storage": str(tmp_path)})
+    result = CliRunner().invoke(main, ["search", str(space), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    line = next(i for i, text in enumerate(space.read_text().splitlines(), 1) if text.strip().startswith("storage:"))
+    assert f"error: {space}:{line}: driver.storage: '{tmp_path}' is not a database URL" in result.output
+
+
 def test_compare_refuses_an_objective_no_trial_reported_and_an_unwritable_out(finished_search) -> None:
     work, _ = finished_search
     result = run_cli("compare", "--experiment", "tiny", "--objective", "acc_8x:max", cwd=work)
@@ -271,9 +315,9 @@ def test_a_pruned_trial_shows_its_last_evaluation_in_optuna_mlflow_the_summary_a
         run = runs[trial.user_attrs["mlflow_run_id"]]
         assert run.info.status == "FINISHED" and run.data.tags["psmsearch.status"] == "pruned"  # KILLED is interrupted
         assert run.data.metrics["score"] == pytest.approx(first_evaluation)
-        assert rows[f"trial-{trial.number}"]["run_id"] == run.info.run_id
-        assert rows[f"trial-{trial.number}"]["status"] == "pruned"
-        assert rows[f"trial-{trial.number}"]["objectives"]["score"] == pytest.approx(first_evaluation)
+        assert rows[f"tiny-trial-{trial.number}"]["run_id"] == run.info.run_id
+        assert rows[f"tiny-trial-{trial.number}"]["status"] == "pruned"
+        assert rows[f"tiny-trial-{trial.number}"]["objectives"]["score"] == pytest.approx(first_evaluation)
         assert compare_rows[run.info.run_id]["objectives"]["score"] == pytest.approx(first_evaluation)
 
 
@@ -345,6 +389,41 @@ def test_compare_shows_a_search_whose_trials_failed_on_their_objective(finished_
     assert typo.exit_code == 2 and "--objective: no trial of search 'all-failed' reported 'scor'" in typo.output, typo.output
 
 
+def test_a_trial_run_its_trial_never_recorded_is_closed_on_resume(finished_search, tmp_path: Path) -> None:
+    """A Ctrl-C or SIGKILL inside Tracker.trial_run, after MLflow created the run but before its id was
+    stored on the Optuna trial, left a RUNNING run that --resume never closed. Resume now closes such
+    runs as KILLED, but never the run of a trial still RUNNING (another process may share the study)."""
+    from psmsearch.optuna_driver import run_optuna_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+    from psmsearch.tracking import Tracker
+
+    work, _ = finished_search
+    uri = f"sqlite:///{work / 'mlflow.db'}"  # an existing store: a new one takes seconds to create
+    storage = f"sqlite:///{tmp_path / 'psmsearch.db'}"
+    space = load_space(write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"}), smoke_samples=1)
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    tracker = Tracker(uri, "orphan-runs")
+    parent = tracker.parent_run("tiny", {"psmsearch.driver": "optuna"}, {}, storage=storage)
+    interrupted = study.ask()  # the run exists; the interrupt came before on_run stored its id
+    orphan = tracker.trial_run(parent, "tiny", interrupted.number, {"search.model.chunk_size": 2}, {})
+    interrupted.set_user_attr("state", "interrupted")
+    study.tell(interrupted, state=TrialState.FAIL)
+    study.tell(study.ask(), 0.5)  # the budget of one trial is met: the resume trains nothing
+
+    options = SearchOptions(trials=1, storage=storage, resume=True, tracking_uri=uri, experiment="orphan-runs", progress=False)
+    run_optuna_search(space, options)
+    closed = tracker.client.get_run(orphan)
+    assert closed.info.status == "KILLED" and closed.data.tags["psmsearch.status"] == "interrupted"
+
+    from psmsearch.optuna_driver import close_orphan_runs
+
+    live = study.ask()  # another process's trial, between creating its run and recording it
+    live_run = tracker.trial_run(parent, "tiny", live.number, {}, {})
+    assert close_orphan_runs(study, tracker, parent) == 0
+    assert tracker.client.get_run(live_run).info.status == "RUNNING"
+
+
 def test_parallel_jobs_run_exactly_the_trials_asked_for(tmp_path: Path) -> None:
     """With --jobs 2 the last free slot used to start two trials at once: 3 asked, 4 run."""
     space = write_space(tmp_path, driver={"trials": 3, "startup_trials": 1, "pruner": "none"})
@@ -406,6 +485,61 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert report["experiment"] == "e1" and report["search"] == "sa" and len(report["trials"]) == 1
 
 
+def test_tables_show_float_parameters_to_4_significant_digits(capsys: pytest.CaptureFixture[str]) -> None:
+    """Float parameters were printed at full precision (init_gate=0.11557967901161792); they are now
+    shown as metrics are, while integers and names stay as given (the JSON keeps every digit)."""
+    from psmsearch.cli_search import print_rows
+    from psmsearch.report import TrialRow
+    from psmsearch.space import Objective
+
+    params = {"search.model.encoder.gla.init_gate": "0.11557967901161792", "search.train.lr": "1.2345678e-05",
+              "search.model.chunk_size": "16", "search.model.aggregator": "attention", "search.train.big": "123456.789"}
+    row = TrialRow("tiny-trial-0", "tiny", "complete", params, {"acc_2x": 0.5})
+    print_rows([row], [Objective(metric="acc_2x")], title="t")
+    [[*_, shown]] = table_rows(capsys.readouterr().out)
+    assert shown == ("model.aggregator=attention, model.chunk_size=16, model.encoder.gla.init_gate=0.1156, "
+                     "train.big=123500, train.lr=1.235e-05")
+
+
+def test_a_new_tracking_store_is_opened_without_mlflows_info_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """`make demo` printed MLflow's 'INFO mlflow.store.db.utils: Creating initial MLflow database tables...'
+    and 'Updating database tables' when it created mlflow.db. They are silenced below WARNING while a
+    store is opened (MLflow's logger level is restored after), and their warnings still show."""
+    import logging
+
+    from psmsearch.tracking import SCHEMA_LOGGERS, Tracker, quiet_schema_setup
+
+    level = logging.getLogger(SCHEMA_LOGGERS[0]).level
+    Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quiet")
+    assert (tmp_path / "mlflow.db").exists()
+    assert "database tables" not in capfd.readouterr().err
+    assert logging.getLogger(SCHEMA_LOGGERS[0]).level == level
+    with quiet_schema_setup():
+        logging.getLogger(SCHEMA_LOGGERS[0]).warning("a real warning from the store")
+    assert "a real warning from the store" in capfd.readouterr().err
+
+
+def test_compare_plots_label_their_points_and_tell_coinciding_curves_apart() -> None:
+    """objectives.png had no trial labels, and in memory_vs_n.png trials with identical memory drew
+    exactly on top of each other, showing one line for several legend entries."""
+    from matplotlib import pyplot as plt
+
+    from psmsearch.report import MEMORY_METRIC, TrialRow, curves_figure, objectives_figure, rank
+    from psmsearch.space import Objective
+
+    objectives = [Objective(metric="acc_2x"), Objective(metric="state_bytes_64", direction="minimize")]
+    points = [(0.5, 128.0), (0.4, 256.0), (0.5, 128.0)]  # trials 0 and 2 coincide
+    rows = rank([TrialRow(f"tiny-trial-{i}", "tiny", "complete", {}, {"acc_2x": acc, "state_bytes_64": memory,
+                                                                      "state_bytes_128": 2 * memory})
+                 for i, (acc, memory) in enumerate(points)], objectives)
+    scatter = objectives_figure(rows, objectives)
+    assert sorted(text.get_text() for text in scatter.axes[0].texts) == ["trial 0, trial 2", "trial 1"]
+    curves = curves_figure(rows, MEMORY_METRIC, "tokens streamed n", "bytes", logy=True).axes[0]
+    assert [text.get_text() for text in curves.get_legend().get_texts()] == ["trial 0 = trial 2", "trial 1"]
+    assert len({(line.get_marker(), line.get_linestyle()) for line in curves.get_lines()}) == 2
+    plt.close("all")
+
+
 def test_ranking_breaks_ties_by_trial_number_whatever_the_input_order() -> None:
     from psmsearch.report import TrialRow, rank
     from psmsearch.space import Objective
@@ -434,6 +568,28 @@ def test_piped_progress_is_one_line_per_started_and_per_ended_trial(tmp_path: Pa
         assert sum(line.startswith(f"[tiny] trial {number} complete: acc_2x=") for line in logged) == 1, result.stderr
     assert len(logged) == 6, result.stderr
     assert "  [3/3  done 3  pruned 0  failed 0  running 0  best acc_2x=" in logged[-1], "counted once the study has it"
+
+
+def test_progress_lines_count_the_pareto_front_in_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A multi-objective search's standing read "best 1 on the Pareto front"; it now counts trials."""
+    from psmsearch.progress import SearchProgress
+    from psmsearch.search import TrialOutcome
+    from psmsearch.space import load_space
+
+    objectives = [{"metric": "acc_2x", "direction": "maximize"}, {"metric": "state_bytes_64", "direction": "minimize"}]
+    space = load_space(write_space(tmp_path, objectives=objectives), smoke_samples=1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    with SearchProgress(space, 3) as progress:  # not a terminal: one line per started and per ended trial
+        progress.refresh(study)
+        for values in ([0.5, 128.0], [0.4, 256.0], [0.6, 512.0]):  # the second is dominated by the first
+            trial = study.ask()
+            progress.started(trial.number)
+            progress.finished(TrialOutcome(trial.number, "complete", dict(zip(["acc_2x", "state_bytes_64"], values)), {}))
+            study.tell(trial, values)
+            progress.refresh(study)
+    ends = [line for line in capsys.readouterr().err.splitlines() if " complete: " in line]
+    assert [line.rpartition("running 0  ")[2] for line in ends] == [
+        "1 trial on the Pareto front]", "1 trial on the Pareto front]", "2 trials on the Pareto front]"]
 
 
 @pytest.mark.parametrize("progress", [[], ["--no-progress"]], ids=["piped-progress", "no-progress"])

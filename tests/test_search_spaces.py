@@ -152,3 +152,47 @@ def test_malformed_model_fields_are_config_errors(tmp_path: Path, key: str, valu
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=message):
         load_space(path)
+
+
+def _space_with(tmp_path: Path, **model: object) -> Path:
+    """TINY_SPACE with these ``model`` fields, written to ``space.yaml``."""
+    import yaml
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**TINY_SPACE, "model": {**TINY_SPACE["model"], **model}}, sort_keys=False))
+    return path
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(text))
+
+
+@pytest.mark.parametrize(("model", "field", "line", "message"), [
+    ({"aggregator": {"choice": [{"name": "mlp", "mlp_ratio": {"float": [1.0, 4.0]}}, "attention"]}},
+     "model.aggregator.choice.0.mlp_ratio", "mlp_ratio:", "mlp_ratio is an int hyperparameter; use {int: [lo, hi]}, not a float range"),
+    ({"aggregator": {"name": "attention", "heads": {"float": [1, 8]}}},
+     "model.aggregator.heads", "heads:", "heads is a categorical hyperparameter; use {choice: [...]} among 1, 2, 4, 8, not a float range"),
+    ({"encoder": "linear_attention", "aggregator": "affine_scalar", "head": {"name": "linear_readout_scalar", "norm": {"int": [0, 1]}}},
+     "model.head.norm", "norm:", "norm is a bool hyperparameter; use {choice: [false, true]}, not an int range"),
+], ids=["float-range-on-int", "float-range-on-categorical", "int-range-on-bool"])
+def test_a_range_of_the_wrong_kind_is_refused_at_the_dimensions_line(
+        tmp_path: Path, model: dict, field: str, line: str, message: str) -> None:
+    """A float range on an int hyperparameter passed (its bounds are whole numbers) and its first sampled
+    value failed at another line: ``model.aggregator.mlp_ratio: ... 2.937... is not an integer``."""
+    path = _space_with(tmp_path, **model)
+    with pytest.raises(ConfigError) as refused:
+        load_space(path, smoke_samples=1)
+    assert str(refused.value) == f"{path}:{_line_of(path, line)}: {field}: {message}"
+
+
+def test_an_int_range_on_a_float_hyperparameter_is_allowed(tmp_path: Path) -> None:
+    path = _space_with(tmp_path, encoder={"name": "gla", "gate_temperature": {"int": [1, 8]}}, aggregator="affine_diag",
+                       head="linear_readout_diag")
+    assert all(isinstance(c["model"]["encoder"]["gate_temperature"], int) for c in smoke_sample(load_space(path), 4))
+
+
+def test_an_unknown_hyperparameter_suggests_the_close_one(tmp_path: Path) -> None:
+    path = _space_with(tmp_path, aggregator={"name": "attention", "layer": 1, "heads": 2})
+    with pytest.raises(ConfigError, match=r"model\.aggregator\.layer: aggregator 'attention' has no hyperparameter "
+                                          r"'layer'; allowed: heads, layers, mlp_ratio\. Did you mean 'layers'\?$"):
+        load_space(path, smoke_samples=1)
