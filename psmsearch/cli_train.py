@@ -108,7 +108,8 @@ def _report_failure(err: TrialPhaseError, title: str, as_json: bool, show_traceb
     """What the trial measured before it failed (stdout, as a successful run shows its metrics), then one
     line naming the phase, the exception and where it was raised (stderr); the traceback on request."""
     if err.metrics:
-        print_metrics(err.metrics, f"{title} (measured before the failure)")
+        click.echo(f"{title}: the trial failed; what it measured before the failure:")
+        print_metrics(err.metrics, title)
         if as_json:
             click.echo(jsonout.dumps(err.metrics, sort_keys=True))
     if show_traceback and err.__cause__ is not None:

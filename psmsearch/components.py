@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, Sequence, get_args
 import torch
 from torch import nn
 
-from psmsearch.errors import HyperParameterError, close_matches
+from psmsearch.errors import HyperParameterError, suggest
 from psmsearch.states import State, nbytes
 
 ParamType = Literal["int", "float", "categorical", "bool"]
@@ -169,10 +169,9 @@ class Component(nn.Module):
         unknown = sorted(set(given) - set(declared))
         if unknown:
             allowed = ", ".join(sorted(declared)) or "none"
-            close = close_matches(unknown[0], declared, 1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise HyperParameterError(
-                f"{cls.kind} {cls.name!r} has no hyperparameter {unknown[0]!r}{hint}; allowed: {allowed}", unknown[0]
+                f"{cls.kind} {cls.name!r} has no hyperparameter {unknown[0]!r}; allowed: {allowed}."
+                f"{suggest(unknown[0], declared)}", unknown[0]
             )
         resolved: dict[str, Any] = {}
         for name, hp in declared.items():

@@ -85,10 +85,10 @@ def test_incompatible_state_kinds_are_refused_with_a_clear_message() -> None:
 
 
 def test_unknown_hyperparameter_and_bad_value_name_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"model.aggregator.depth: aggregator 'attention' has no hyperparameter 'depth'; allowed: heads, layers, mlp_ratio") as unknown:
+    with pytest.raises(ConfigError, match=r"model.aggregator.depth: aggregator 'attention' has no hyperparameter 'depth'; allowed: heads, layers, mlp_ratio\.$") as unknown:
         validate_model_config(ModelConfig(aggregator={"name": "attention", "depth": 3}))
     assert unknown.value.field == "model.aggregator.depth"
-    with pytest.raises(ConfigError, match=r"has no hyperparameter 'layer' \(did you mean 'layers'\?\); allowed: heads"):
+    with pytest.raises(ConfigError, match=r"has no hyperparameter 'layer'; allowed: heads, layers, mlp_ratio\. Did you mean 'layers'\?$"):
         validate_model_config(ModelConfig(aggregator={"name": "attention", "layer": 3}))  # a typo gets a suggestion
     with pytest.raises(ConfigError, match=r"hyperparameter 'layers': 9 is out of range; expected int in \[1, 6\]") as bad:
         validate_model_config(ModelConfig(aggregator={"name": "attention", "layers": 9}))

@@ -317,4 +317,4 @@ def test_a_failing_plugin_prints_what_was_measured_and_one_line(tmp_path: Path) 
     assert last.endswith("in forward) (--traceback shows the full traceback)"), last
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["train_steps"] == 2 and {"acc_1x", "test_acc_1x", "train_loss"} <= set(measured)
-    assert "measured before the failure" in result.stdout
+    assert "trial.yaml: group / psm: the trial failed; what it measured before the failure:" in result.stdout
