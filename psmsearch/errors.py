@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable
 
 
 class PSMSearchError(Exception):
@@ -66,9 +66,19 @@ class UnknownComponentError(PSMSearchError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
 
-    def __reduce__(self) -> tuple[type["UnknownComponentError"], tuple[str, str, list[str]]]:
-        """Pickled as its constructor's arguments (Ray and worker processes send errors back)."""
-        return type(self), (self.kind, self.name, self.known)
+    def __reduce__(self) -> tuple[Any, tuple[type, tuple, dict[str, Any]]]:
+        """Pickled as its message and attributes, not its constructor's arguments (Ray and worker
+        processes send errors back): subclasses take other arguments (:class:`UnknownTaskError`), and a
+        located error's message no longer follows from them."""
+        return _rebuilt, (type(self), self.args, dict(vars(self)))
+
+
+def _rebuilt(cls: type, args: tuple, attrs: dict[str, Any]) -> BaseException:
+    """An exception of type ``cls`` with ``args`` and attributes ``attrs``, its ``__init__`` not run."""
+    err = cls.__new__(cls)
+    err.args = args
+    vars(err).update(attrs)
+    return err
 
 
 class IncompatibleComponentsError(PSMSearchError):

@@ -4,7 +4,7 @@ Plugins come from four places, loaded in this order through one pluggy manager:
 
 1. the built-in default plugins (:data:`DEFAULT_PLUGINS`, ordinary modules under ``psmsearch.plugins``);
 2. installed packages exposing an entry point in the group ``psmsearch``;
-3. ``PSMSEARCH_PLUGINS``: module names or paths to ``.py`` files / package folders, separated by commas or ``:``;
+3. ``PSMSEARCH_PLUGINS``: comma-separated module names or paths to ``.py`` files / package folders;
 4. paths or module names passed explicitly (the CLI's ``--plugin PATH``).
 
 A plugin that fails to import, or whose hook raises, is recorded in :attr:`Registry.failures`
@@ -197,14 +197,14 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def env_plugin_specs() -> list[str]:
-    """Plugin specs named by ``PSMSEARCH_PLUGINS``, blanks ignored.
+    """Plugin specs named by ``PSMSEARCH_PLUGINS``: comma-separated, blanks ignored.
 
-    Separated by commas or, as in ``PATH``, by ``os.pathsep`` (``a.py:b.py``); module names and
-    plugin paths cannot contain either. Paths are made absolute here, against the working directory,
-    so that what a run records (its plugins' tags, ``plugins --json``) names the file that was loaded.
+    Only commas separate: a path may hold a colon (``runs/2026-11-29T17:38/agg.py``), and ``--plugin``
+    paths travel through this variable too. A missing path that looks like ``a.py:b.py`` gets a hint
+    (:meth:`_Loader.add_spec`). Paths are made absolute here, against the working directory, so that
+    what a run records (its plugins' tags, ``plugins --json``) names the file that was loaded.
     """
-    raw = os.environ.get(ENV_VAR, "").replace(os.pathsep, ",")
-    specs = [s.strip() for s in raw.split(",") if s.strip()]
+    specs = [s.strip() for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
     return [str(Path(s).expanduser().resolve()) if _looks_like_path(s) else s for s in specs]
 
 
@@ -278,7 +278,10 @@ class _Loader:
         if _looks_like_path(spec):
             path = Path(spec).expanduser()
             if not path.exists():
-                self.fail(spec, FileNotFoundError(f"no such plugin file or folder: {path}"))
+                parts = spec.split(os.pathsep)
+                hint = (f"; plugins are separated by commas: {','.join(parts)}"
+                        if len(parts) > 1 and all(Path(p).expanduser().exists() for p in parts) else "")
+                self.fail(spec, FileNotFoundError(f"no such plugin file or folder: {path}{hint}"))
                 return
             self.registry.local_plugins.append(str(path.resolve()))
             self.add_module(str(path), lambda: _import_path(path))

@@ -200,15 +200,23 @@ def test_a_categorical_choice_matches_without_bool_or_float_coercion() -> None:
         flag.validate(0)
 
 
-def test_env_var_takes_path_separators_and_records_absolute_paths(fresh_registry, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``a.py:b.py`` (PATH style) failed as one file name, and relative paths were recorded as typed
-    while --plugin recorded them absolute."""
+def test_env_var_records_absolute_paths_and_hints_at_commas(fresh_registry, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """Relative paths were recorded as typed while --plugin recorded them absolute; ``a.py:b.py``
+    (PATH style) gets a hint, while a path holding a colon still loads."""
     monkeypatch.chdir(FIXTURES)
-    monkeypatch.setenv(fresh_registry.ENV_VAR, f"broken_components.py{os.pathsep}duplicate_name.py")
+    monkeypatch.setenv(fresh_registry.ENV_VAR, "broken_components.py, duplicate_name.py")
     registry = fresh_registry.load_registry()
     assert registry.get("aggregator", "zz_wrong_shape").plugin == str(FIXTURES / "broken_components.py")
     assert any(f.plugin == str(FIXTURES / "duplicate_name.py") for f in registry.failures)
-    assert not any("broken_components.py" in f.plugin for f in registry.failures)
+    monkeypatch.setenv(fresh_registry.ENV_VAR, f"broken_components.py{os.pathsep}duplicate_name.py")
+    failure = next(f for f in fresh_registry.load_registry().failures if "no such plugin" in f.error)
+    assert "; plugins are separated by commas: " in failure.error and "duplicate_name.py" in failure.error
+    timestamped = tmp_path / "run-2026-11-29T17:38"
+    timestamped.mkdir()
+    (timestamped / "plug.py").write_text((FIXTURES / "broken_components.py").read_text())
+    monkeypatch.setenv(fresh_registry.ENV_VAR, str(timestamped / "plug.py"))
+    assert fresh_registry.load_registry().get("aggregator", "zz_wrong_shape").plugin == str(timestamped / "plug.py")
 
 
 def test_an_unknown_component_error_says_how_plugins_are_loaded_and_survives_pickling(fresh_registry) -> None:
@@ -220,3 +228,9 @@ def test_an_unknown_component_error_says_how_plugins_are_loaded_and_survives_pic
     assert "Did you mean 'mlp'?" in message and "A plugin's aggregators are registered once it is loaded: psmsearch --plugin PATH COMMAND" in message
     again = pickle.loads(pickle.dumps(caught.value))
     assert type(again) is UnknownComponentError and str(again) == message and again.name == "mixmlp"
+    from psmsearch.trial import UnknownTaskError
+
+    task_error = UnknownTaskError("grop", ["copy", "group", "lm"], "trial.yaml")  # other constructor arguments
+    again = pickle.loads(pickle.dumps(task_error))
+    assert type(again) is UnknownTaskError and str(again) == str(task_error) and again.source == "trial.yaml"
+    assert str(again).startswith("trial.yaml: task.name: unknown task 'grop'. Did you mean 'group'?")
