@@ -101,7 +101,8 @@ def print_table(table: Table) -> None:
     columns, or more where its longest words need them. At any width the widest columns are
     narrowed first, each only down to its longest word, so text wraps between words inside its
     cell; where even the longest words do not fit (a narrow terminal), they fold onto the next line
-    of their cell instead of ending in an ellipsis. No cell is cut.
+    of their cell instead of ending in an ellipsis. No cell is cut: at a width too small for about
+    8 characters a column, the table is printed wider than asked.
     """
     console = Console()
     wide = Console(width=100_000)
@@ -118,13 +119,11 @@ def print_table(table: Table) -> None:
             if not narrowable:
                 break
             caps[max(narrowable, key=lambda i: caps[i])] -= 1
-    fits = sum(caps) <= budget
     for column, cap in zip(table.columns, caps):
         column.overflow = "fold"
-        column.max_width = cap
-        if fits:
-            column.min_width = cap  # as planned: rich would share a shortfall out evenly
-    (console if fixed else Console(width=width)).print(table)
+        column.min_width = column.max_width = cap  # as planned: rich would share a shortfall out evenly
+    overflow = sum(caps) - budget  # > 0 only below about 8 characters a column: wider than asked, nothing lost
+    (console if fixed and overflow <= 0 else Console(width=width + max(overflow, 0))).print(table)
 
 
 _NARROWEST = 8

@@ -112,11 +112,15 @@ def _report_failure(err: TrialPhaseError, title: str, as_json: bool, show_traceb
         print_metrics(err.metrics, title)
         if as_json:
             click.echo(jsonout.dumps(err.metrics, sort_keys=True))
-    if show_traceback and err.__cause__ is not None:
+    if err.__cause__ is not None:
         import traceback
 
-        click.echo("".join(traceback.format_exception(err.__cause__)).rstrip(), err=True)
-    hint = "" if show_traceback or err.__cause__ is None else " (--traceback shows the full traceback)"
+        full = "".join(traceback.format_exception(err.__cause__)).rstrip()
+    else:
+        full = getattr(err, "worker_traceback", "")  # raised in a data-parallel worker (--nproc)
+    if show_traceback and full:
+        click.echo(full, err=True)
+    hint = " (--traceback shows the full traceback)" if full and not show_traceback else ""
     click.echo(f"trial failed in {err}{hint}", err=True)
 
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -157,10 +158,11 @@ def _worker(rank_: int, fn: Callable[..., Any], world_size_: int, port: int, bac
 
 def _save_error(err: BaseException, path: Path) -> None:
     """Pickle ``err``'s type, args and attributes (not the exception itself: types with keyword-only
-    constructor arguments, like ConfigError, do not unpickle)."""
+    constructor arguments, like ConfigError, do not unpickle), plus the worker's traceback as text in
+    ``worker_traceback`` (the parent's copy has no ``__traceback__`` or ``__cause__`` of its own)."""
     cls = type(err)
-    payload = {"module": cls.__module__, "qualname": cls.__qualname__, "args": err.args,
-               "attrs": dict(vars(err))}
+    attrs = {**vars(err), "worker_traceback": "".join(traceback.format_exception(err)).rstrip()}
+    payload = {"module": cls.__module__, "qualname": cls.__qualname__, "args": err.args, "attrs": attrs}
     try:
         path.write_bytes(pickle.dumps(payload))
     except Exception:  # noqa: BLE001 - unpicklable attributes: the parent falls back to the traceback

@@ -48,6 +48,8 @@ import json
 import logging
 import math
 import os
+import socket
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -684,7 +686,9 @@ def _driving(experiment: Path) -> Iterator[None]:
     own trials (same numbers, one MLflow parent) and overwrite each other's state. The lock is taken
     before anything is checked or created, by new and resumed searches alike, so of two commands
     started together (``--resume`` or not) exactly one runs. The kernel drops it when the process
-    dies, so a killed search never blocks its ``--resume``. Without ``fcntl`` (Windows) there is no lock.
+    dies, so a killed search never blocks its ``--resume``. Without ``fcntl`` (Windows), or on a
+    file system that cannot lock (NFS mounted ``nolock``, some FUSE and Lustre mounts), the search
+    runs without the lock and says so: those searches ran before the lock existed.
     """
     experiment.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
@@ -695,17 +699,24 @@ def _driving(experiment: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _driven_elsewhere(experiment, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
+            raise _driven_elsewhere(experiment, os.pread(fd, 64, 0).decode(errors="replace").strip()) from None
+        except OSError as err:
+            print(f"warning: cannot lock {experiment / LOCK_FILE} ({err.strerror or err}): nothing stops a second "
+                  "process from driving this Ray search at the same time", file=sys.stderr)
+            yield
+            return
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def _driven_elsewhere(experiment: Path, pid: str) -> ConfigError:
-    """The error for a Ray search another live process is running (it holds :data:`LOCK_FILE`)."""
-    who = f"process {pid}" if pid.isdigit() else "another process"
+def _driven_elsewhere(experiment: Path, holder: str) -> ConfigError:
+    """The error for a Ray search another live process is running (it holds :data:`LOCK_FILE`, which
+    names it as ``PID@HOST``: on shared storage the holder may be another machine)."""
+    pid, _, host = holder.partition("@")
+    who = (f"process {pid}" + (f" on {host}" if host else "")) if pid.isdigit() else "another process"
     return ConfigError(
         f"the Ray search {experiment.name!r} in {experiment.parent} is being run by {who} now; a Ray search has "
         "one driving process at a time (Tune cannot share an experiment as an Optuna study is shared): wait "

@@ -47,19 +47,25 @@ class AggregatorLike(Protocol):
 
 
 class StateShapeError(ValueError):
-    """An aggregator returned a state shaped unlike its inputs (its contract: the shape of ``newer``)."""
+    """An aggregator returned a state shaped unlike its inputs (its contract: the shape of ``newer``).
 
-    names_its_origin = True  # the message names the aggregator's file and line; no caller frame is added
+    ``names_its_origin`` is set when the message names the aggregator's ``forward`` (file and line), so
+    a failed trial adds no caller's line of its own (that would be the code that read the bad state).
+    """
+
+    names_its_origin = False
 
 
 def _component_origin(obj: Any) -> str:
-    """`` (FILE:LINE)`` of ``obj``'s class definition, or ``""`` where Python cannot tell."""
+    """`` (forward at FILE:LINE)`` of ``obj``'s ``forward`` (of the module a ``torch.compile`` wrapper
+    holds), or ``""`` where Python cannot tell."""
     import inspect
 
+    obj = getattr(obj, "_orig_mod", obj)  # torch.compile's OptimizedModule
     try:
-        cls = type(obj)
-        return f" ({inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]})"
-    except (TypeError, OSError):
+        forward = inspect.unwrap(type(obj).forward)
+        return f" (forward at {inspect.getsourcefile(forward)}:{inspect.getsourcelines(forward)[1]})"
+    except (AttributeError, TypeError, OSError):
         return ""
 
 
@@ -76,13 +82,17 @@ def shape_checked(agg: Callable[[State, State], State]) -> Callable[[State, Stat
         got = [tuple(leaf.shape) for leaf in S.leaves(out)] if isinstance(out, (tuple, *_LEAF_TYPES)) else None
         want = [tuple(leaf.shape) for leaf in S.leaves(newer)]
         if got != want:
-            name = getattr(agg, "name", type(agg).__name__)
+            inner = getattr(agg, "_orig_mod", agg)
+            name = getattr(inner, "name", type(inner).__name__)
             shown = "a " + type(out).__name__ if got is None else f"shapes {got}"
-            raise StateShapeError(
-                f"aggregator {name!r}{_component_origin(agg)} returned {shown} for inputs of shapes "
+            origin = _component_origin(agg)
+            error = StateShapeError(
+                f"aggregator {name!r}{origin} returned {shown} for inputs of shapes "
                 f"{[tuple(leaf.shape) for leaf in S.leaves(older)]} (older) and {want} (newer); "
                 "agg(older, newer) must return a state shaped like newer"
             )
+            error.names_its_origin = bool(origin)
+            raise error
         return out
 
     return combine

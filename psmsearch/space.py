@@ -193,6 +193,10 @@ def _check_distinct_choices(path: str, choices: list[Any], where: SourceMap) -> 
     """Refuse two choices of different types that compare equal: Optuna stores a categorical value as
     the index of the first equal choice, so of ``[1, true]`` (``True == 1``) or ``[2, 2.0]`` only the
     first is ever sampled. (A value listed twice is left to the component check, which names it.)"""
+    for choice in choices:
+        if isinstance(choice, float) and math.isnan(choice):
+            raise where.error(path, "a choice is NaN, which equals nothing (Optuna could not store it as a choice); "
+                                    "list real values")
     labels = [_label(c) for c in choices]
     for i, label in enumerate(labels):
         first = next(j for j, other in enumerate(labels) if other == label)

@@ -95,20 +95,32 @@ def check_tracking_uri(uri: str, where: str) -> None:
         raise ConfigError(f"{uri!r}: unknown tracking URI scheme {scheme!r}; expected one of {allowed}", field=where)
 
 
+def _sqlite_database(uri: str) -> str:
+    """The database part of a ``sqlite://`` URI as SQLite reads it: ``sqlite:///x.db`` -> ``x.db``,
+    ``sqlite:////abs/x.db`` -> ``/abs/x.db``; the query string (``?timeout=30``) is not part of it."""
+    rest = uri.partition("://")[2].partition("?")[0]
+    return rest[1:] if rest.startswith("/") else rest
+
+
 def sqlite_in_memory(uri: str) -> bool:
-    """Whether a ``sqlite://`` URI names an in-memory database (also once :func:`absolute_uri` made it
-    ``/cwd/:memory:``): nothing written there outlives the command."""
-    rest = uri.partition("://")[2]
-    return not rest or Path(rest).name == ":memory:"
+    """Whether a ``sqlite://`` URI names an in-memory database (``sqlite://``, ``sqlite:///``,
+    ``sqlite:///:memory:?cache=shared``, also once :func:`absolute_uri` made it ``/cwd/:memory:``):
+    nothing written there outlives the command."""
+    database = _sqlite_database(uri)
+    return not database or Path(database).name == ":memory:"
 
 
 def sqlite_folder_problem(uri: str) -> str | None:
-    """What is wrong with the folder of a ``sqlite:///`` URI's file (it does not exist, or is a file), or
-    ``None``: SQLite then fails with an error naming neither the URI nor the folder."""
-    rest = uri.partition("://")[2]
-    if not rest:
+    """What is wrong with the folder of a ``sqlite:///`` URI's file (it does not exist, or is a file; or
+    the path starts with ``~``, which SQLite does not expand), or ``None``: SQLite then fails with an
+    error naming neither the URI nor the folder."""
+    database = _sqlite_database(uri)
+    if not database:
         return None
-    folder = Path(rest[1:] if rest.startswith("/") else rest).expanduser().parent.resolve()
+    if database.startswith("~"):
+        return f"SQLite does not expand '~' (it would look for a folder named '~'); write the full path: " \
+               f"sqlite:///{Path(database).expanduser()}"
+    folder = Path(database).parent.resolve()
     if folder.is_dir():
         return None
     if folder.exists():

@@ -61,6 +61,7 @@ CASES: list[tuple[str, Edit, str, list[str]]] = [
     ("no objectives", _set("objectives", []), "objectives", ["at least 1 item"]),
     ("empty choice list", _set("model.chunk_size", {"choice": []}), "model.chunk_size", ["choice must be a non-empty list"]),
     ("choices equal to Optuna", _set("model.chunk_size", {"choice": [1, True]}), "model.chunk_size", ["choice values 1 and True are equal", "only the first could ever be sampled"]),
+    ("NaN choice", _set("train.lr", {"choice": [float("nan"), 0.001]}), "train.lr", ["a choice is NaN, which equals nothing"]),
     ("int range reversed", _set("model.d_model", {"int": [64, 16]}), "model.d_model", ["low < high", "[64, 16]"]),
     ("int range of floats", _set("model.d_model", {"int": [16.5, 64]}), "model.d_model", ["int range must hold integers"]),
     ("log range from zero", _set("train.lr", {"float": [0.0, 0.1], "log": True}), "train.lr", ["log-scale range needs low > 0"]),

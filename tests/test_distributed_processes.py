@@ -121,6 +121,8 @@ def test_a_forwarded_worker_error_is_raised_as_the_same_type_and_message() -> No
         dist.launch(raise_config_error, 2, forward=(ConfigError, TrialDiverged))
     assert type(info.value) is ConfigError and info.value.field == "task.seq_len"
     assert str(info.value) in {f"trial.yaml:3: task.seq_len: bad value on rank {r}" for r in (0, 1)}
+    # the worker's traceback travels as text (train --traceback under --nproc printed nothing)
+    assert 'raise ConfigError(f"bad value on rank {rank}"' in info.value.worker_traceback
 
 
 def test_rank_0_evaluations_reach_the_parent_callback_which_can_prune() -> None:

@@ -319,7 +319,7 @@ def test_an_aggregator_returning_the_wrong_shape_is_named_where_it_happens(mode:
     from psmsearch.scan import StateShapeError
 
     states = torch.randn(2, 5, 3, dtype=torch.float64)  # [B, N, width]
-    pattern = (r"aggregator 'Widening' \(.*test_scan\.py:\d+\) returned shapes \[\(2, (\d+, )?6\)\] for inputs of "
+    pattern = (r"aggregator 'Widening' \(forward at .*test_scan\.py:\d+\) returned shapes \[\(2, (\d+, )?6\)\] for inputs of "
                r"shapes \[\(2, (\d+, )?3\)\] \(older\) and \[\(2, (\d+, )?3\)\] \(newer\); agg\(older, newer\) must return "
                r"a state shaped like newer")  # the tree's batched levels add a pairs dim
     with pytest.raises(StateShapeError, match=pattern) as caught:

@@ -210,10 +210,15 @@ def test_a_bad_tracking_uri_is_refused_before_the_study_exists(tmp_path: Path, u
                                               "'/nonexistent_folder_psm' of the SQLite file does not exist"),
     ("bogus://x", "'bogus://x': unknown database scheme 'bogus'; expected an Optuna storage URL"),
     ("sqlite:///:memory:", "'sqlite:///:memory:' is an in-memory database, lost when the command ends"),
-], ids=["folder", "missing-folder", "unknown-scheme", "in-memory"])
+    ("sqlite:///", "'sqlite:///' is an in-memory database, lost when the command ends"),
+    ("sqlite:///:memory:?cache=shared", "'sqlite:///:memory:?cache=shared' is an in-memory database"),
+    ("sqlite:///~/psm-x.db", "'sqlite:///~/psm-x.db': SQLite does not expand '~' (it would look for a folder named '~')"),
+], ids=["folder", "missing-folder", "unknown-scheme", "in-memory", "empty-name", "in-memory-query", "tilde"])
 def test_a_bad_storage_url_names_the_option_and_what_it_takes(tmp_path: Path, storage: str, message: str) -> None:
     """A folder gave SQLAlchemy's "Could not parse SQLAlchemy URL", and a SQLite file in a missing folder
-    named psmsearch's own lock file (x.db.init-lock); both now say what --storage takes, as --tracking-uri does."""
+    named psmsearch's own lock file (x.db.init-lock); both now say what --storage takes, as --tracking-uri does.
+    An empty database name and an in-memory URL with a query passed the check, and '~' (SQLite does not
+    expand it) failed later with SQLite's own error."""
     from click.testing import CliRunner
 
     from psmsearch.cli import main
@@ -602,3 +607,11 @@ def test_a_failed_trials_error_is_printed_once(tmp_path: Path, progress: list[st
     assert output.count("ValueError: the task's data source is broken") == 2, output
     for number in (0, 1):
         assert f"trial {number} failed: training and evaluation: ValueError" in result.stderr
+
+
+def test_sqlite_urls_with_a_query_string_are_accepted(tmp_path: Path) -> None:
+    """The query string was read as part of the path: 'x.db?a=/b/c' had a missing folder 'x.db?a=/b'."""
+    from psmsearch.optuna_driver import check_storage_url
+
+    for url in (f"sqlite:///{tmp_path}/x.db?timeout=30", f"sqlite:///{tmp_path}/x.db?a=/b/c"):
+        check_storage_url(url, "--storage")
