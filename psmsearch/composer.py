@@ -1,8 +1,9 @@
 """Compose a PSM layer from registered components, and run it in parallel or streaming mode.
 
-``PSMLayer.forward`` is the training path: all chunks are encoded at once, the prefix states come
-from the tree scan, and the head reads every chunk against its prefix in one batched call (or the
-head computes all three in one fused kernel, where it has one: :meth:`Head.fused_forward`).
+``PSMLayer.forward`` is the training path: all whole chunks are encoded at once, the prefix states
+come from the tree scan, and the head reads every chunk against its prefix in one batched call (or
+the head computes all three in one fused kernel, where it has one: :meth:`Head.fused_forward`); a
+partial last chunk is read on its own, as streaming reads it, never padded.
 ``PSMLayer.stream(batch_size)`` is the inference path: tokens arrive one at a time (or in whole
 chunks), features are computed token-locally, the head reads the partial chunk, and complete chunks
 are pushed into an :class:`~psmsearch.scan.OnlineScan`. Both paths compute the same function.
@@ -11,7 +12,6 @@ are pushed into an :class:`~psmsearch.scan.OnlineScan`. Both paths compute the s
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 import torch
@@ -87,6 +87,12 @@ class PSMLayer(nn.Module):
         ``fused=None`` lets the head replace summaries, scan and readout by one fused kernel where
         it offers one that pays (:meth:`Head.fused_forward`; only with ``scan_mode="auto"``);
         ``True`` requires the fused kernel, ``False`` forbids it.
+
+        A last chunk shorter than ``c`` is read as the partial chunk it is, as streaming reads it:
+        no padding token reaches the encoder, the aggregator or the head, so a component that is
+        undefined on padding (a key normalised without an epsilon is NaN on a zero token) cannot
+        put NaN into the gradients. Only a fused kernel, which needs whole chunks, sees a
+        zero-padded last chunk, and only the components its head vouches for reach it.
         """
         if fused and scan_mode != "auto":
             raise ValueError(f"fused=True replaces the prefix scan, so scan_mode must be 'auto', got {scan_mode!r}")
@@ -94,25 +100,65 @@ class PSMLayer(nn.Module):
         if length == 0:  # no chunk to scan; the stream's feed answers an empty input the same way
             return x.new_empty(batch, 0, d)  # [B, 0, d]
         c = self.chunk_size
-        n_chunks = math.ceil(length / c)
-        padded = F.pad(x, (0, 0, 0, n_chunks * c - length))  # [B, N*c, d]
-        chunks = padded.view(batch, n_chunks, c, d)  # [B, N, c, d]
-        f = self.encoder.features(chunks)  # [B, N, c, ...]
-        y = None
-        if fused or (fused is None and scan_mode == "auto"):
-            y = self.head.fused_forward(self.encoder, self.aggregator, f, required=bool(fused))  # [B, N, c, d]
-            if y is None and fused:
+        full, rest = divmod(length, c)
+        f = self.encoder.features(x[:, : full * c].reshape(batch, full, c, d)) if full else None  # [B, n, c, ...]
+        if fused or (fused is None and scan_mode == "auto" and self._head_may_fuse()):
+            y = self._fused(x, f, required=bool(fused))  # [B, T, d]
+            if y is not None:
+                return y
+            if fused:
                 raise PSMSearchError(
                     f"head {self.head.name!r} has no fused training path for encoder {self.encoder.name!r} "
                     f"and aggregator {self.aggregator.name!r} (a head fuses only the components it "
                     "recognises, never subclasses that override what its kernel computes); "
                     "use fused=None or fused=False"
                 )
+        return self._scanned(x, f, scan_mode)
+
+    def _head_may_fuse(self) -> bool:
+        """Whether the head overrides :meth:`Head.fused_forward` (else trying it would only cost time)."""
+        return type(self.head).fused_forward is not Head.fused_forward
+
+    def _fused(self, x: torch.Tensor, f: Any, required: bool) -> torch.Tensor | None:
+        """The head's fused pass over whole chunks (a partial last chunk zero-padded), or ``None``."""
+        batch, length, d = x.shape
+        c = self.chunk_size
+        full, rest = divmod(length, c)
+        if rest:
+            tail = F.pad(x[:, full * c :], (0, 0, 0, c - rest)).view(batch, 1, c, d)  # [B, 1, c, d]
+            tail_f = self.encoder.features(tail)  # [B, 1, c, ...]
+            f = tail_f if f is None else S.cat([f, tail_f], dim=1)  # [B, N, c, ...]
+        y = self.head.fused_forward(self.encoder, self.aggregator, f, required=required)  # [B, N, c, d]
         if y is None:
-            chunk_states = self.encoder.summarize(f)  # [B, N, ...]
-            prefixes = prefix_scan(self.aggregator, chunk_states, mode=scan_mode)  # [B, N, ...]
-            y = self.head(prefixes, f)  # [B, N, c, d]
-        return y.reshape(batch, n_chunks * c, d)[:, :length]
+            return None
+        return y.reshape(batch, -1, d)[:, :length]  # [B, T, d]
+
+    def _scanned(self, x: torch.Tensor, f: Any, scan_mode: str) -> torch.Tensor:
+        """Summaries of every chunk but the last, the prefix scan, and the head over each chunk.
+
+        ``f[B, n, c, ...]`` are the features of the ``n`` whole chunks (None if there are none).
+        The last chunk's summary enters no exclusive prefix, so it is not computed; the scan
+        appends the fold of the chunks before it instead (``total=True``).
+        """
+        batch, length, d = x.shape
+        c = self.chunk_size
+        full, rest = divmod(length, c)
+        n_chunks = full + (rest > 0)
+        if n_chunks == 1:
+            prefixes = S.unsqueeze(self.aggregator.initial_state((batch,)), 1)  # [B, 1, ...]
+        else:
+            read = f if rest else S.take(f, 1, slice(0, full - 1))  # [B, N-1, c, ...]
+            summaries = self.encoder.summarize(read)  # [B, N-1, ...]
+            prefixes = prefix_scan(self.aggregator, summaries, mode=scan_mode, total=True)  # [B, N, ...]
+        outputs = []
+        if full:
+            y = self.head(S.take(prefixes, 1, slice(0, full)), f)  # [B, n, c, d]
+            outputs.append(y.reshape(batch, full * c, d))
+        if rest:
+            tail_f = self.encoder.features(x[:, full * c :].reshape(batch, 1, rest, d))  # [B, 1, r, ...]
+            y = self.head(S.take(prefixes, 1, slice(full, full + 1)), tail_f)  # [B, 1, r, d]
+            outputs.append(y.reshape(batch, rest, d))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, d]
 
     def stream(self, batch_size: int) -> "LayerStream":
         """A fresh streaming state for ``batch_size`` sequences."""

@@ -111,40 +111,39 @@ def _with_initial(agg: AggregatorLike, prefixes: State | None, batch_shape: tupl
 
 
 def _tree_scan(agg: Callable[[State, State], State], states: State) -> State | None:
-    """Prefixes of chunks 1..N-1 (``p_0 = e`` is left out), in under 2·ceil(log2 N) batched calls.
+    """``p_1 .. p_M`` of ``states[B, M, ...]`` (``p_0 = e`` is left out; ``p_M`` folds all M chunks).
 
-    Upsweep: level ``k+1`` node ``j`` is ``agg(T_k[2j], T_k[2j+1])`` (an unpaired last node is
-    carried up unchanged: ``agg(x, e) = x``). Downsweep, with ``D_k[j]`` the prefix of node ``j``
-    at level ``k`` and ``R_k = D_k[1:]`` (``D_k[0] = e`` always):
-    ``D_k[2j] = D_{k+1}[j]`` and ``D_k[2j+1] = agg(D_{k+1}[j], T_k[2j])``, parent prefix first.
+    This is Blelloch's scan over ``M + 1`` chunks whose last one is never read: no prefix of chunks
+    ``0..M`` contains chunk ``M``, so every tree node that would hold it is left out, and ``U_k``
+    below is level ``k`` of that tree without its last node. Upsweep: ``U_{k+1}[j] =
+    agg(U_k[2j], U_k[2j+1])``; an unpaired last node of ``U_k`` is not carried up, since its parent
+    would hold chunk ``M``. Downsweep, with ``D_k[j]`` the prefix of node ``j`` at level ``k`` and
+    ``R_k = D_k[1:]`` (``D_k[0] = e`` always): ``D_k[2j] = D_{k+1}[j]`` and ``D_k[2j+1] =
+    agg(D_{k+1}[j], U_k[2j])``, parent prefix first. Under ``2·ceil(log2(M + 1))`` batched calls.
     """
-    n = S.size(states, 1)
-    if n == 1:
+    if S.size(states, 1) == 0:
         return None
-    levels = [states]  # levels[k]: [B, n_k, ...]
-    while S.size(levels[-1], 1) > 2:  # the root (all N chunks) is no exclusive prefix: never built
+    levels = [states]  # levels[k] = U_k: [B, u_k, ...], u_{k+1} = u_k // 2
+    while S.size(levels[-1], 1) > 1:
         level = levels[-1]
         pairs = S.size(level, 1) // 2
         older = S.take(level, 1, slice(0, 2 * pairs, 2))  # [B, pairs, ...]
         newer = S.take(level, 1, slice(1, 2 * pairs, 2))  # [B, pairs, ...]
-        parents = agg(older, newer)
-        if S.size(level, 1) % 2:
-            parents = S.cat([parents, S.take(level, 1, slice(2 * pairs, None))], dim=1)
-        levels.append(parents)
+        levels.append(agg(older, newer))
 
-    rest = S.take(levels[-1], 1, slice(0, 1))  # R at the two-node top level: [T_top[0]]
+    rest = levels[-1]  # R at the top level, [B, 1, ...]: the prefix of the top's second node
     for k in range(len(levels) - 2, -1, -1):
         level = levels[k]
-        n_k = S.size(level, 1)
-        first = S.take(level, 1, slice(0, 1))  # D_k[1] = T_k[0]
-        m = (n_k - 2) // 2  # odd nodes 2j+1 (j >= 1) that exist at this level
+        u_k = S.size(level, 1)
+        first = S.take(level, 1, slice(0, 1))  # D_k[1] = U_k[0]
+        m = (u_k - 1) // 2  # odd nodes 2j+1 (j >= 1) whose prefix is read at this level
         if m > 0:
-            lefts = S.take(level, 1, slice(2, 2 * m + 1, 2))  # T_k[2j], j = 1..m
+            lefts = S.take(level, 1, slice(2, 2 * m + 1, 2))  # U_k[2j], j = 1..m
             combined = agg(S.take(rest, 1, slice(0, m)), lefts)
             even = S.cat([first, combined], dim=1)
         else:
             even = first
-        rest = S.interleave(even, rest, dim=1, length=n_k - 1)
+        rest = S.interleave(even, rest, dim=1, length=u_k)
     return rest
 
 
@@ -167,12 +166,12 @@ def _block_reducer(
 
 
 def _sequential_scan(agg: Callable[[State, State], State], states: State) -> State | None:
-    """Prefixes of chunks 1..N-1 by the literal definition: dyadic blocks, largest first."""
+    """``p_1 .. p_M`` of ``states[B, M, ...]`` by the literal definition: dyadic blocks, largest first."""
     n = S.size(states, 1)
     chunks = [S.take(states, 1, i) for i in range(n)]  # each [B, ...]
     reduce = _block_reducer(agg, chunks)
     prefixes = []
-    for i in range(1, n):
+    for i in range(1, n + 1):
         start, acc = 0, None
         for bit in reversed(range(i.bit_length())):
             width = 1 << bit
@@ -184,26 +183,41 @@ def _sequential_scan(agg: Callable[[State, State], State], states: State) -> Sta
     return S.cat(prefixes, dim=1) if prefixes else None
 
 
-def prefix_scan(agg: AggregatorLike, states: State, mode: ScanMode = "auto") -> State:
-    """Exclusive prefix states of ``states[B, N, ...]`` -> ``[B, N, ...]``.
+def prefix_scan(agg: AggregatorLike, states: State, mode: ScanMode = "auto", *, total: bool = False) -> State:
+    """Exclusive prefix states of ``states[B, N, ...]`` -> ``[B, N, ...]`` (``[B, N + 1, ...]`` with ``total``).
 
     ``p_0`` is ``agg.initial_state((B,))``; ``p_i`` combines chunks ``0..i-1`` with the
     parenthesization of DESIGN.md §2. ``mode="auto"`` uses the aggregator's own ``scan`` when it is
     associative and provides one, else the tree; ``"tree"`` and ``"sequential"`` force the generic
     engines (the latter is a slow literal reference).
+
+    The last chunk's state enters no exclusive prefix, so the engines never pass it to ``agg``.
+    ``total=True`` appends ``p_N``, the fold of all ``N`` chunks with the same parenthesization:
+    the prefixes of ``N + 1`` chunks whose last state is not needed. A layer uses it for its last
+    chunk, whose summary no prefix reads and which may be partial (``N = 0`` is allowed then).
     """
     if mode not in ("auto", "tree", "sequential"):
         raise ValueError(f"prefix_scan mode {mode!r} is not allowed; use 'auto', 'tree' or 'sequential'")
-    if S.size(states, 1) < 1:
+    n = S.size(states, 1)
+    if n < 1 and not total:
         raise ValueError(f"prefix_scan needs at least one chunk; got states of shape {S.describe(states)}")
     batch_shape = _batch_shape(states)
-    if mode == "auto" and getattr(agg, "associative", False):
+    if mode == "auto" and n > 0 and getattr(agg, "associative", False):
         fast = getattr(agg, "scan", None)
         result = fast(states) if fast is not None else None
         if result is not None:
-            return result
+            return _append_total(agg, result, states) if total else result
     engine = _sequential_scan if mode == "sequential" else _tree_scan
-    return _with_initial(agg, engine(shape_checked(agg), states), batch_shape)
+    read = states if total else S.take(states, 1, slice(0, n - 1))  # [B, N or N-1, ...]
+    return _with_initial(agg, engine(shape_checked(agg), read), batch_shape)
+
+
+def _append_total(agg: AggregatorLike, prefixes: State, states: State) -> State:
+    """``prefixes[B, N, ...]`` of an associative scan, with the fold of all ``N`` chunks appended."""
+    n = S.size(states, 1)
+    last = S.take(states, 1, slice(n - 1, n))  # [B, 1, ...]
+    fold = last if n == 1 else shape_checked(agg)(S.take(prefixes, 1, slice(n - 1, n)), last)  # [B, 1, ...]
+    return S.cat([prefixes, fold], dim=1)  # [B, N + 1, ...]
 
 
 class OnlineScan:

@@ -9,6 +9,7 @@ from psmsearch.composer import PSMLayer, compatible_combinations, validate_model
 from psmsearch.config import ModelConfig
 from psmsearch.errors import ConfigError
 from psmsearch.model import build_model
+from psmsearch.plugins.token_state import PoolEncoder
 from psmsearch.registry import get_registry
 
 COMBINATIONS = compatible_combinations(get_registry())
@@ -71,6 +72,43 @@ def test_gradients_of_parallel_path_match_streaming_path() -> None:
     streamed = torch.stack([stream.step(x[:, t]) for t in range(10)], dim=1)
     (g_stream,) = torch.autograd.grad(streamed.square().sum(), x)
     assert torch.allclose(g_parallel, g_stream, atol=1e-5)
+
+
+class _UnitDirectionPool(PoolEncoder):
+    """Pool encoder on unit-length tokens: NaN on an all-zero token, as a key normalised without an epsilon."""
+
+    def features(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return super().features(x / x.norm(dim=-1, keepdim=True), offset)  # [*, c', d]
+
+
+@pytest.mark.parametrize("length", [9, 10, 3])
+def test_a_partial_last_chunk_is_never_padded(length: int) -> None:
+    """No zero padding reaches a component: values and gradients equal streaming's and stay finite.
+
+    With the last chunk padded by zero tokens, this encoder's features were NaN there, its summary
+    entered the upsweep pairs, and every parameter gradient was NaN (the outputs were right).
+    """
+    torch.manual_seed(3)
+    built = PSMLayer.from_config(ModelConfig(d_model=8, chunk_size=4, encoder="pool", aggregator="mlp",
+                                             head={"name": "attention", "heads": 2}))
+    layer = PSMLayer(_UnitDirectionPool(built.encoder.context), built.aggregator, built.head, 4).double()
+    x = torch.randn(2, length, 8, dtype=torch.float64)
+    weights = torch.randn(2, length, 8, dtype=torch.float64)
+
+    def loss_and_grads(run) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        y = run()  # [B, T, d]
+        grads = torch.autograd.grad((y * weights).sum(), list(layer.parameters()), allow_unused=True)
+        return y, [torch.zeros_like(p) if g is None else g for p, g in zip(layer.parameters(), grads)]
+
+    parallel, parallel_grads = loss_and_grads(lambda: layer(x))
+    stream = layer.stream(2)
+    streamed, stream_grads = loss_and_grads(lambda: torch.stack([stream.step(x[:, t]) for t in range(length)], 1))
+    assert torch.isfinite(parallel).all() and all(torch.isfinite(g).all() for g in parallel_grads)
+    assert torch.allclose(parallel, streamed, atol=1e-12)
+    for g_parallel, g_stream in zip(parallel_grads, stream_grads):
+        assert torch.allclose(g_parallel, g_stream, atol=1e-10)
+    for mode in ("tree", "sequential"):
+        assert torch.allclose(layer(x, scan_mode=mode), streamed, atol=1e-12)
 
 
 def test_incompatible_state_kinds_are_refused_with_a_clear_message() -> None:

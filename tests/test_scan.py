@@ -191,6 +191,90 @@ def test_tree_makes_under_2n_pair_evaluations_in_under_2log2n_batched_calls(n: i
     assert agg.pairs >= n - 2  # every chunk but the last two enters some pair on the way up
 
 
+class LastUnread(Symbolic):
+    """A symbolic aggregator that fails if the state of chunk ``last`` is ever passed to it."""
+
+    def __init__(self, last: str) -> None:
+        super().__init__()
+        self.last = last
+
+    def __call__(self, older: np.ndarray, newer: np.ndarray) -> np.ndarray:
+        seen = " ".join(map(str, older.ravel())) + " " + " ".join(map(str, newer.ravel()))
+        assert self.last not in seen.replace("(", " ").replace(")", " ").split(), f"{self.last} reached agg"
+        return super().__call__(older, newer)
+
+
+@pytest.mark.parametrize("mode", ["tree", "sequential"])
+def test_the_last_chunk_never_reaches_agg(mode: str) -> None:
+    """No exclusive prefix contains the last chunk, so no engine combines it (a NaN there stays out)."""
+    for n in range(1, 41):
+        prefixes = prefix_scan(LastUnread(f"x{n - 1}"), symbols(n), mode=mode)
+        assert list(prefixes[0]) == [expected_prefix(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["tree", "sequential"])
+@pytest.mark.parametrize("n", list(range(0, 41)) + [63, 64, 65, 100])
+def test_total_appends_the_fold_of_all_chunks_with_the_same_parenthesization(mode: str, n: int) -> None:
+    """``total=True`` gives the prefixes of ``n + 1`` chunks: DESIGN.md's rule up to ``p_n``."""
+    prefixes = prefix_scan(Symbolic(), symbols(n, batch=2), mode=mode, total=True)
+    assert prefixes.shape == (2, n + 1)
+    assert list(prefixes[1]) == [expected_prefix(i) for i in range(n + 1)]
+
+
+def test_total_equals_the_scan_of_one_chunk_more_bitwise_and_online() -> None:
+    torch.manual_seed(4)
+    agg = Twisted(3)
+    for n in range(1, 34):
+        states = torch.randn(2, n + 1, 3, dtype=torch.float64)  # [B, N+1, d]
+        longer = prefix_scan(agg, states, mode="tree")  # [B, N+1, d]
+        for mode in ("tree", "sequential"):
+            assert torch.equal(prefix_scan(agg, states[:, :n], mode=mode, total=True), longer), (mode, n)
+        assert torch.equal(longer, torch.stack(online_prefixes(agg, states, (2,)), dim=1))
+
+
+def test_a_nan_last_chunk_leaves_prefixes_and_gradients_finite() -> None:
+    torch.manual_seed(5)
+    agg = Twisted(4)
+    for mode in ("tree", "sequential"):
+        for n in (2, 3, 5, 8, 13):
+            states = torch.randn(2, n, 4, dtype=torch.float64)
+            states[:, -1] = float("nan")
+            states.requires_grad_(True)
+            prefixes = prefix_scan(agg, states, mode=mode)
+            (grad,) = torch.autograd.grad(prefixes.sum(), states)
+            assert torch.isfinite(prefixes).all() and torch.isfinite(grad).all(), (mode, n)
+
+
+class CumulativeSum:
+    """Associative addition with its own fast exclusive scan (a cumulative sum)."""
+
+    associative = True
+
+    def __init__(self) -> None:
+        self.scans = 0
+
+    def __call__(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        return older + newer
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(*batch_shape, 3, dtype=torch.float64)
+
+    def scan(self, states: torch.Tensor) -> torch.Tensor:
+        self.scans += 1
+        inclusive = states.cumsum(1)  # [B, N, d]
+        return torch.cat([torch.zeros_like(states[:, :1]), inclusive[:, :-1]], dim=1)  # [B, N, d]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7])
+def test_total_after_an_aggregators_own_scan(n: int) -> None:
+    agg = CumulativeSum()
+    states = torch.randn(2, n, 3, dtype=torch.float64)
+    prefixes = prefix_scan(agg, states, total=True)  # [B, N+1, d]
+    assert agg.scans == (1 if n else 0)
+    naive = torch.stack([states[:, :i].sum(1) for i in range(n + 1)], dim=1)  # [B, N+1, d]
+    assert torch.allclose(prefixes, naive, atol=1e-12)
+
+
 def test_online_scan_is_amortised_constant_calls_and_logarithmic_memory() -> None:
     agg = Symbolic()
     scan = OnlineScan(agg, (1,))

@@ -136,17 +136,20 @@ def test_deltanet_fused_pass_solves_each_chunk_once(monkeypatch: pytest.MonkeyPa
     layer = make_layer("deltanet", 8)
     layer(inputs(), fused=None).sum().backward()
     assert len(calls) == 1
-    layer(inputs(), fused=False)
+    layer(inputs(64), fused=False)  # whole chunks: the readout is one call, as the summaries are
     assert len(calls) == 3
 
 
 def test_deltanet_bfloat16_fused_pass_equals_generic() -> None:
+    """Bitwise on whole chunks (the same operations on the same shapes); within one bfloat16 step on the
+    partial last chunk, which the fused pass reads zero-padded and the generic pass as it is."""
     layer = make_layer("deltanet", 16, dtype=torch.bfloat16)
-    x = inputs().bfloat16()
+    x = inputs().bfloat16()  # [B, 37, d]: two whole chunks and 5 tokens
     with torch.no_grad():
         fused, generic = layer(x, fused=True), layer(x, fused=False)
     assert fused.dtype == torch.bfloat16
-    torch.testing.assert_close(fused, generic, rtol=0, atol=0)
+    torch.testing.assert_close(fused[:, :32], generic[:, :32], rtol=0, atol=0)
+    torch.testing.assert_close(fused[:, 32:], generic[:, 32:], rtol=1.6e-2, atol=1e-2)
 
 
 def _passthrough(method: str):  # noqa: ANN202
