@@ -101,7 +101,7 @@ class PSMLayer(nn.Module):
             return x.new_empty(batch, 0, d)  # [B, 0, d]
         c = self.chunk_size
         full, rest = divmod(length, c)
-        f = self.encoder.features(x[:, : full * c].reshape(batch, full, c, d)) if full else None  # [B, n, c, ...]
+        f = self.encoder.features(_chunked(x[:, : full * c], c)) if full else None  # [B, n, c, ...]
         if fused or (fused is None and scan_mode == "auto" and self._head_may_fuse()):
             y = self._fused(x, f, required=bool(fused))  # [B, T, d]
             if y is not None:
@@ -134,35 +134,46 @@ class PSMLayer(nn.Module):
         return y.reshape(batch, -1, d)[:, :length]  # [B, T, d]
 
     def _scanned(self, x: torch.Tensor, f: Any, scan_mode: str) -> torch.Tensor:
-        """Summaries of every chunk but the last, the prefix scan, and the head over each chunk.
+        """Summaries of the whole chunks, the prefix scan, and the head over each chunk.
 
         ``f[B, n, c, ...]`` are the features of the ``n`` whole chunks (None if there are none).
-        The last chunk's summary enters no exclusive prefix, so it is not computed; the scan
-        appends the fold of the chunks before it instead (``total=True``).
+        Every whole chunk is summarized in one call (``f`` as the encoder made it, contiguous); the
+        last chunk's summary enters no exclusive prefix, so the scan never passes it to ``agg``.
+        A partial last chunk is never summarized: the scan appends the fold of the whole chunks
+        before it instead (``total=True``).
         """
         batch, length, d = x.shape
         c = self.chunk_size
         full, rest = divmod(length, c)
-        n_chunks = full + (rest > 0)
-        if n_chunks == 1:
-            prefixes = S.unsqueeze(self.aggregator.initial_state((batch,)), 1)  # [B, 1, ...]
+        if full:
+            summaries = self.encoder.summarize(f)  # [B, n, ...]
+            prefixes = prefix_scan(self.aggregator, summaries, mode=scan_mode, total=bool(rest))  # [B, N, ...]
         else:
-            read = f if rest else S.take(f, 1, slice(0, full - 1))  # [B, N-1, c, ...]
-            summaries = self.encoder.summarize(read)  # [B, N-1, ...]
-            prefixes = prefix_scan(self.aggregator, summaries, mode=scan_mode, total=True)  # [B, N, ...]
+            prefixes = S.unsqueeze(self.aggregator.initial_state((batch,)), 1)  # [B, 1, ...]
         outputs = []
         if full:
-            y = self.head(S.take(prefixes, 1, slice(0, full)), f)  # [B, n, c, d]
+            y = self.head(_contiguous(S.take(prefixes, 1, slice(0, full))), f)  # [B, n, c, d]
             outputs.append(y.reshape(batch, full * c, d))
         if rest:
-            tail_f = self.encoder.features(x[:, full * c :].reshape(batch, 1, rest, d))  # [B, 1, r, ...]
-            y = self.head(S.take(prefixes, 1, slice(full, full + 1)), tail_f)  # [B, 1, r, d]
+            tail_f = self.encoder.features(_chunked(x[:, full * c :], rest))  # [B, 1, r, ...]
+            y = self.head(_contiguous(S.take(prefixes, 1, slice(full, full + 1))), tail_f)  # [B, 1, r, d]
             outputs.append(y.reshape(batch, rest, d))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, d]
 
     def stream(self, batch_size: int) -> "LayerStream":
         """A fresh streaming state for ``batch_size`` sequences."""
         return LayerStream(self, batch_size)
+
+
+def _chunked(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x[B, n*width, d] -> [B, n, width, d]``, contiguous as the padded tensor it replaces was
+    (components may ``view`` their inputs)."""
+    return x.contiguous().view(x.shape[0], -1, width, x.shape[-1])  # [B, n, width, d]
+
+
+def _contiguous(state: Any) -> Any:
+    """A slice of the prefixes, contiguous (a copy only where the slice is not), as heads received them whole."""
+    return S.tree_map(lambda leaf: leaf.contiguous(), state)
 
 
 class LayerStream:

@@ -9,7 +9,7 @@ from psmsearch.composer import PSMLayer, compatible_combinations, validate_model
 from psmsearch.config import ModelConfig
 from psmsearch.errors import ConfigError
 from psmsearch.model import build_model
-from psmsearch.plugins.token_state import PoolEncoder
+from psmsearch.plugins.token_state import AttentionHead, PoolEncoder
 from psmsearch.registry import get_registry
 
 COMBINATIONS = compatible_combinations(get_registry())
@@ -75,10 +75,21 @@ def test_gradients_of_parallel_path_match_streaming_path() -> None:
 
 
 class _UnitDirectionPool(PoolEncoder):
-    """Pool encoder on unit-length tokens: NaN on an all-zero token, as a key normalised without an epsilon."""
+    """Pool encoder on unit-length tokens: NaN on an all-zero token, as a key normalised without an epsilon.
+
+    It ``view``s its input, as components may: the layer hands it contiguous tensors.
+    """
 
     def features(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        return super().features(x / x.norm(dim=-1, keepdim=True), offset)  # [*, c', d]
+        flat = x.view(-1, x.shape[-1])  # [*, d]
+        return super().features((flat / flat.norm(dim=-1, keepdim=True)).view(x.shape), offset)  # [*, c', d]
+
+
+class _ViewingHead(AttentionHead):
+    """The attention head, ``view``ing the prefix it is given (which must therefore be contiguous)."""
+
+    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return super().forward(prefix.view(-1, *prefix.shape[-2:]).view(prefix.shape), f)  # [*, c', d]
 
 
 @pytest.mark.parametrize("length", [9, 10, 3])
@@ -91,7 +102,9 @@ def test_a_partial_last_chunk_is_never_padded(length: int) -> None:
     torch.manual_seed(3)
     built = PSMLayer.from_config(ModelConfig(d_model=8, chunk_size=4, encoder="pool", aggregator="mlp",
                                              head={"name": "attention", "heads": 2}))
-    layer = PSMLayer(_UnitDirectionPool(built.encoder.context), built.aggregator, built.head, 4).double()
+    head = _ViewingHead(built.head.context, heads=2)
+    head.load_state_dict(built.head.state_dict())
+    layer = PSMLayer(_UnitDirectionPool(built.encoder.context), built.aggregator, head, 4).double()
     x = torch.randn(2, length, 8, dtype=torch.float64)
     weights = torch.randn(2, length, 8, dtype=torch.float64)
 
