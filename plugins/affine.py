@@ -671,7 +671,8 @@ class _DecayReadoutHead(_ReadoutHead):
         With ``required=True`` the kernel runs on Triton where that is its default and can take
         ``c``, and else on its PyTorch reference (CUDA with ``c`` not in 16..128, or
         ``PSMSEARCH_KERNEL_BACKEND=numba``, which names a backend the kernel lacks), except that an
-        explicit ``triton`` or ``reference`` request is honoured (or reported) as asked.
+        explicit ``triton`` or ``reference`` request is honoured (or reported) as asked, and a name
+        that is no backend at all is reported by the kernel, not replaced by the reference.
         """
         plain_head = type(self).readout is _decay_readout and type(self).forward is _ReadoutHead.forward
         if not plain_head or not _is_plain_decay_pair(encoder, aggregator):
@@ -681,7 +682,8 @@ class _DecayReadoutHead(_ReadoutHead):
         on_triton = default_backend_is_triton(q, chunk)
         if not required and not on_triton:
             return None
-        backend = None if on_triton or requested_backend() in ("triton", "reference") else "reference"
+        requested = requested_backend()
+        backend = "reference" if not on_triton and requested in (None, "numba") else None
         q, k, v, log_a = (t.flatten(1, 2).transpose(1, 2) for t in (q, k, v, log_a))  # [B, H, N*c, width]
         gate = log_a.squeeze(-1) if log_a.shape[-1] == 1 else log_a  # [B, H, N*c(, dk)]
         o, _ = chunk_gated_linear_attention(q, k, v, gate, chunk_size=chunk, scale=1.0,

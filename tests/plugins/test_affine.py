@@ -311,6 +311,18 @@ def test_required_fused_path_runs_the_reference_where_the_kernel_lacks_the_backe
         assert_close(layer(inputs(), fused=True), layer(inputs(), fused=False), f"{requested} fused vs generic")
 
 
+@pytest.mark.parametrize("requested", ["bogus", "Tritonn"])
+def test_required_fused_path_reports_an_unknown_backend_name(requested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt ``PSMSEARCH_KERNEL_BACKEND`` was silently replaced by the reference on ``fused=True``
+    (the generic path reports it); both must name the variable and the allowed values."""
+    monkeypatch.setenv("PSMSEARCH_KERNEL_BACKEND", requested)
+    layer = make_layer("gla", 16)
+    message = rf"PSMSEARCH_KERNEL_BACKEND='{requested}': unknown kernel backend; expected one of \('triton', "
+    for fused in (True, False):
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            layer(inputs(), fused=fused)
+
+
 @pytest.mark.parametrize(("kwargs", "expected_calls"), [
     ({}, [False]),
     ({"fused": True}, [True]),
