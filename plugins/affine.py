@@ -24,7 +24,8 @@ the batch dims: ``q, k [*, c, H, dk]``, ``v [*, c, H, dv]``; the gate is the tok
 Scalar and diagonal decays are one code path: a scalar gate is a diagonal one of width 1 that
 broadcasts over ``dk``. Their states store ``E`` as its logarithm (``log E [*, H]`` or
 ``[*, H, dk]``, identity 0) so that cumulative transitions are sums of log-decays, never products
-that underflow to 0 and then break ``log`` in a backward pass; DeltaNet stores ``E [*, H, dk, dk]``
+that underflow to 0 and then break ``log`` in a backward pass (log-decays are floored at -50, as in
+the kernel, so a decay of exactly 0 is allowed); DeltaNet stores ``E [*, H, dk, dk]``
 itself (identity ``I``). Chunk summaries and heads use intra-chunk matmuls: decay masks are
 ``exp`` of differences of cumulative log-decays taken only where they are ``<= 0``; DeltaNet uses
 the WY/UT transform (one batched unit-triangular solve per chunk, no loop over tokens).
@@ -53,7 +54,12 @@ from torch.nn import functional as F
 
 from psmsearch import Aggregator, ComponentContext, Encoder, Head, HyperParameter, hookimpl, prefix_scan
 from psmsearch.kernels._dispatch import requested_backend
-from psmsearch.kernels.chunkwise import chunk_gated_linear_attention, default_backend_is_triton, intra_chunk_scores
+from psmsearch.kernels.chunkwise import (
+    LOG_GATE_FLOOR,
+    chunk_gated_linear_attention,
+    default_backend_is_triton,
+    intra_chunk_scores,
+)
 from psmsearch.kernels.first_order_scan import first_order_scan
 
 SCALAR = "affine-scalar"
@@ -119,6 +125,17 @@ def _promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _floored(log_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Log-decays in ``dtype``, raised to :data:`~psmsearch.kernels.chunkwise.LOG_GATE_FLOOR` as the kernel does.
+
+    A decay of exactly 0 (``log a = -inf``, a hard reset; or a 16-bit overflow) made the differences of
+    cumulative log-decays ``-inf - (-inf) = NaN`` in the summaries and readouts, where the fused kernel,
+    which floors them, gave the recurrence's value. ``e^-50`` is negligible in every dtype, and a floored
+    gate's gradient is 0, as in the kernel.
+    """
+    return log_a.to(dtype).clamp(min=LOG_GATE_FLOOR)
+
+
 def _decay_summary(k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor) -> AffineState:
     """A complete chunk's ``(log E, S)`` for scalar/diagonal decays (``log E`` keeps the gate width).
 
@@ -127,7 +144,7 @@ def _decay_summary(k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor) -> Aff
     """
     dtype = _accumulation_dtype(k, v, log_a)
     memory_dtype, log_dtype = _promoted_dtype(k, v), log_a.dtype
-    k, v, log_a = k.to(dtype), v.to(dtype), log_a.to(dtype)  # [*, c, H, dk], [*, c, H, dv], [*, c, H, g]
+    k, v, log_a = k.to(dtype), v.to(dtype), _floored(log_a, dtype)  # [*, c, H, dk], [*, c, H, dv], [*, c, H, g]
     total = log_a.sum(dim=-3)  # [*, H, g]: log of the chunk's transition
     to_end = (total.unsqueeze(-3) - log_a.cumsum(dim=-3)).exp()  # [*, c, H, g]: decay from token s to the end
     memory = torch.einsum("...shk,...shv->...hkv", k * to_end, v)  # [*, H, dk, dv]
@@ -142,7 +159,8 @@ def _decay_readout(prefix: torch.Tensor, f: Features) -> torch.Tensor:
     q, k, v, log_a = f[:4]  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
     out_dtype = _promoted_dtype(q, k, v, prefix)
     dtype = _accumulation_dtype(q, k, v, log_a, prefix)
-    q, k, v, log_a, prefix = (t.to(dtype) for t in (q, k, v, log_a, prefix))
+    q, k, v, prefix = (t.to(dtype) for t in (q, k, v, prefix))
+    log_a = _floored(log_a, dtype)  # [*, c', H, g]
     cum = log_a.cumsum(dim=-3)  # [*, c', H, g]
     inter = torch.einsum("...thk,...hkv->...thv", q * cum.exp(), prefix)  # [*, c', H, dv]
     scores = intra_chunk_scores(*(t.transpose(-3, -2) for t in (q, k, cum)))  # [*, H, c', c']
@@ -160,7 +178,8 @@ def _decay_readout_last(prefix: torch.Tensor, f: Features) -> torch.Tensor:
     q, k, v, log_a = f[:4]  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
     out_dtype = _promoted_dtype(q, k, v, prefix)
     dtype = _accumulation_dtype(q, k, v, log_a, prefix)
-    q, k, v, log_a, prefix = (t.to(dtype) for t in (q, k, v, log_a, prefix))
+    q, k, v, prefix = (t.to(dtype) for t in (q, k, v, prefix))
+    log_a = _floored(log_a, dtype)  # [*, c', H, g]
     cum = log_a.cumsum(dim=-3)  # [*, c', H, g]
     q_t, cum_t = q[..., -1, :, :], cum[..., -1, :, :]  # [*, H, dk], [*, H, g]
     inter = torch.einsum("...hk,...hkv->...hv", q_t * cum_t.exp(), prefix)  # [*, H, dv]

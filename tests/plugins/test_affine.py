@@ -230,6 +230,31 @@ def test_strong_decays_stay_finite_and_exact(path: str) -> None:
             assert_close(g, g_ref, f"{name} {path} strong decay gradients")
 
 
+@pytest.mark.parametrize("path", ["generic", "tree", "fused", "streaming"])
+def test_gates_of_exactly_zero_and_one_match_naive_recurrence(path: str) -> None:
+    """A decay of exactly 0 (log-decay ``-inf``: a hard reset) gave NaN on every path but the fused
+    kernel's, from ``-inf - (-inf)`` in the cumulative log-decays; a decay of exactly 1 is plain
+    linear attention. Outputs and gradients must equal the token loop's and be finite."""
+    layer = make_layer("gla", 7)
+    with torch.no_grad():
+        layer.encoder.gate_proj[1].bias[0] = float("-inf")  # head 0, key channel 0: logsigmoid(-inf) = -inf
+        layer.encoder.gate_proj[1].bias[1] = float("inf")  # head 0, key channel 1: logsigmoid(inf) = 0
+    run = {
+        "generic": lambda t: layer(t, fused=False),
+        "tree": lambda t: layer(t, scan_mode="tree"),
+        "fused": lambda t: layer(t, fused=True),
+        "streaming": lambda t: layer.stream(BATCH).feed(t),
+    }[path]
+    x = inputs()
+    y, grads = output_and_gradients(layer, run, x)
+    y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
+    assert all(bool(torch.isfinite(g).all()) for g in [y, *grads]), f"{path}: non-finite output or gradient"
+    assert_close(y, y_ref, f"{path} zero/one gate outputs")
+    names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"{path} zero/one gate gradient w.r.t. {name}")
+
+
 # --- the fused training path ------------------------------------------------------------------
 
 
