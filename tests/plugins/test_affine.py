@@ -44,13 +44,13 @@ DECAY_ENCODERS = [e for e in ENCODERS if TRIPLES[e][2] != "affine-dense"]
 
 
 def config(encoder: str, chunk_size: int, output_gate: bool = False, gate_before_norm: bool = False,
-           **extra: object) -> ModelConfig:
+           encoder_params: dict[str, object] | None = None, **extra: object) -> ModelConfig:
     """A model config naming the affine triple of ``encoder`` with small widths."""
     aggregator, head, _ = TRIPLES[encoder]
     return ModelConfig(
         d_model=D_MODEL,
         chunk_size=chunk_size,
-        encoder={"name": encoder, **SMALL, "output_gate": output_gate},
+        encoder={"name": encoder, **SMALL, "output_gate": output_gate, **(encoder_params or {})},
         aggregator=aggregator,
         head={"name": head, "gate_before_norm": gate_before_norm},
         **extra,
@@ -168,6 +168,35 @@ def test_gates_have_their_documented_form() -> None:
     assert no_gate.shape == (BATCH, 5, SMALL["heads"], 0), "output_gate off: an empty gate"
     torch.testing.assert_close(k.norm(dim=-1), torch.ones_like(k.norm(dim=-1)))
     assert bool(((beta > 0) & (beta < 1)).all())
+
+
+def test_data_dependent_gates_follow_their_formulas_from_the_parameters() -> None:
+    """The test above checked only the sign of Mamba2's and GLA's log-decays and the range of β, so a
+    gate that ignored ``Δ``'s scaling of the key, ``A``, GLA's temperature or DeltaNet's
+    ``negative_eigenvalues`` passed. Here every gate is recomputed from the module's weights:
+    Mamba2 ``log a = -softplus(w·x + b) exp(A_log)`` and key ``Δ k``; GLA
+    ``log α = logsigmoid(W₂ W₁ x + b) / τ``; DeltaNet ``β = sigmoid(w·x + b)``, doubled with
+    ``negative_eigenvalues``."""
+    x = inputs(5)  # [B, T, d]
+    heads, dk = SMALL["heads"], SMALL["key_dim"]
+
+    def linear(module: torch.nn.Linear, t: torch.Tensor) -> torch.Tensor:
+        return t @ module.weight.T + (0 if module.bias is None else module.bias)
+
+    mamba = make_layer("mamba2", 4).encoder
+    _, k, _, log_a, _ = mamba.features(x)
+    dt = torch.log1p(torch.exp(linear(mamba.dt_proj, x)))  # [B, T, H]: softplus
+    raw_k = linear(mamba.k_proj, x).unflatten(-1, (heads, dk))  # [B, T, H, dk]
+    torch.testing.assert_close(log_a[..., 0], -dt * mamba.a_log.exp())
+    torch.testing.assert_close(k, raw_k * dt[..., None])
+    temperature = 4.0
+    gla = PSMLayer.from_config(config("gla", 4, encoder_params={"gate_temperature": temperature})).encoder
+    logits = linear(gla.gate_proj[1], linear(gla.gate_proj[0], x)).unflatten(-1, (heads, dk))  # [B, T, H, dk]
+    torch.testing.assert_close(gla.features(x)[3], torch.log(torch.sigmoid(logits)) / temperature)
+    for negative, factor in ((False, 1.0), (True, 2.0)):
+        delta = PSMLayer.from_config(config("deltanet", 4, encoder_params={"negative_eigenvalues": negative})).encoder
+        beta = delta.features(x)[3]  # [B, T, H]
+        torch.testing.assert_close(beta, factor * torch.sigmoid(linear(delta.beta_proj, x)))
 
 
 # --- the layer against the naive recurrence ---------------------------------------------------
