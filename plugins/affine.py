@@ -24,7 +24,8 @@ the batch dims: ``q, k [*, c, H, dk]``, ``v [*, c, H, dv]``; the gate is the tok
 Scalar and diagonal decays are one code path: a scalar gate is a diagonal one of width 1 that
 broadcasts over ``dk``. Their states store ``E`` as its logarithm (``log E [*, H]`` or
 ``[*, H, dk]``, identity 0) so that cumulative transitions are sums of log-decays, never products
-that underflow to 0 and then break ``log`` in a backward pass; DeltaNet stores ``E [*, H, dk, dk]``
+that underflow to 0 and then break ``log`` in a backward pass (log-decays are floored at -50, as in
+the kernel, so a decay of exactly 0 is allowed); DeltaNet stores ``E [*, H, dk, dk]``
 itself (identity ``I``). Chunk summaries and heads use intra-chunk matmuls: decay masks are
 ``exp`` of differences of cumulative log-decays taken only where they are ``<= 0``; DeltaNet uses
 the WY/UT transform (one batched unit-triangular solve per chunk, no loop over tokens).
@@ -53,7 +54,12 @@ from torch.nn import functional as F
 
 from psmsearch import Aggregator, ComponentContext, Encoder, Head, HyperParameter, hookimpl, prefix_scan
 from psmsearch.kernels._dispatch import requested_backend
-from psmsearch.kernels.chunkwise import chunk_gated_linear_attention, default_backend_is_triton, intra_chunk_scores
+from psmsearch.kernels.chunkwise import (
+    LOG_GATE_FLOOR,
+    chunk_gated_linear_attention,
+    default_backend_is_triton,
+    intra_chunk_scores,
+)
 from psmsearch.kernels.first_order_scan import first_order_scan
 
 SCALAR = "affine-scalar"
@@ -119,6 +125,17 @@ def _promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _floored(log_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Log-decays in ``dtype``, raised to :data:`~psmsearch.kernels.chunkwise.LOG_GATE_FLOOR` as the kernel does.
+
+    A decay of exactly 0 (``log a = -inf``, a hard reset; or a 16-bit overflow) made the differences of
+    cumulative log-decays ``-inf - (-inf) = NaN`` in the summaries and readouts, where the fused kernel,
+    which floors them, gave the recurrence's value. ``e^-50`` is negligible in every dtype, and a floored
+    gate's gradient is 0, as in the kernel.
+    """
+    return log_a.to(dtype).clamp(min=LOG_GATE_FLOOR)
+
+
 def _decay_summary(k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor) -> AffineState:
     """A complete chunk's ``(log E, S)`` for scalar/diagonal decays (``log E`` keeps the gate width).
 
@@ -127,7 +144,7 @@ def _decay_summary(k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor) -> Aff
     """
     dtype = _accumulation_dtype(k, v, log_a)
     memory_dtype, log_dtype = _promoted_dtype(k, v), log_a.dtype
-    k, v, log_a = k.to(dtype), v.to(dtype), log_a.to(dtype)  # [*, c, H, dk], [*, c, H, dv], [*, c, H, g]
+    k, v, log_a = k.to(dtype), v.to(dtype), _floored(log_a, dtype)  # [*, c, H, dk], [*, c, H, dv], [*, c, H, g]
     total = log_a.sum(dim=-3)  # [*, H, g]: log of the chunk's transition
     to_end = (total.unsqueeze(-3) - log_a.cumsum(dim=-3)).exp()  # [*, c, H, g]: decay from token s to the end
     memory = torch.einsum("...shk,...shv->...hkv", k * to_end, v)  # [*, H, dk, dv]
@@ -142,7 +159,8 @@ def _decay_readout(prefix: torch.Tensor, f: Features) -> torch.Tensor:
     q, k, v, log_a = f[:4]  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
     out_dtype = _promoted_dtype(q, k, v, prefix)
     dtype = _accumulation_dtype(q, k, v, log_a, prefix)
-    q, k, v, log_a, prefix = (t.to(dtype) for t in (q, k, v, log_a, prefix))
+    q, k, v, prefix = (t.to(dtype) for t in (q, k, v, prefix))
+    log_a = _floored(log_a, dtype)  # [*, c', H, g]
     cum = log_a.cumsum(dim=-3)  # [*, c', H, g]
     inter = torch.einsum("...thk,...hkv->...thv", q * cum.exp(), prefix)  # [*, c', H, dv]
     scores = intra_chunk_scores(*(t.transpose(-3, -2) for t in (q, k, cum)))  # [*, H, c', c']
@@ -160,7 +178,8 @@ def _decay_readout_last(prefix: torch.Tensor, f: Features) -> torch.Tensor:
     q, k, v, log_a = f[:4]  # [*, c', H, dk], [*, c', H, dk], [*, c', H, dv], [*, c', H, g]
     out_dtype = _promoted_dtype(q, k, v, prefix)
     dtype = _accumulation_dtype(q, k, v, log_a, prefix)
-    q, k, v, log_a, prefix = (t.to(dtype) for t in (q, k, v, log_a, prefix))
+    q, k, v, prefix = (t.to(dtype) for t in (q, k, v, prefix))
+    log_a = _floored(log_a, dtype)  # [*, c', H, g]
     cum = log_a.cumsum(dim=-3)  # [*, c', H, g]
     q_t, cum_t = q[..., -1, :, :], cum[..., -1, :, :]  # [*, H, dk], [*, H, g]
     inter = torch.einsum("...hk,...hkv->...hv", q_t * cum_t.exp(), prefix)  # [*, H, dv]
@@ -520,7 +539,10 @@ class _DecayAggregator(_AffineAggregator):
     """Scalar/diagonal decays stored as ``log E``: ``log E = log E_old + log E_new``.
 
     ``scan`` runs the shared first-order scan kernel over chunks for ``S`` and a cumulative sum for
-    ``log E``.
+    ``log E``. For 16-bit states the transition ``exp(log E)`` is formed, and ``S`` combined, in
+    float32 (:func:`_accumulation_dtype`); only the resulting ``S`` is rounded. A bf16 ``exp`` rounds a
+    slow decay such as 0.984 by up to 0.2%, the same way in every chunk, so the error compounded over
+    the chunks a slow decay remembers.
     """
 
     def _identity_transition(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -529,12 +551,16 @@ class _DecayAggregator(_AffineAggregator):
     def forward(self, older: AffineState, newer: AffineState) -> AffineState:
         log_old, s_old = older  # [*, H(, dk)], [*, H, dk, dv]
         log_new, s_new = newer
-        return log_old + log_new, _broadcast_transition(log_new, s_old) * s_old + s_new
+        out_dtype = _promoted_dtype(log_new, s_old, s_new)
+        dtype = _accumulation_dtype(log_new, s_old, s_new)
+        memory = _broadcast_transition(log_new.to(dtype), s_old) * s_old.to(dtype) + s_new.to(dtype)  # [*, H, dk, dv]
+        return log_old + log_new, memory.to(out_dtype)
 
     def scan(self, states: AffineState) -> AffineState:
         """Exclusive prefixes over dim 1 of ``states[B, N, ...]``; prefix 0 is the zero state."""
         log_e, memory = states  # [B, N, H(, dk)], [B, N, H, dk, dv]
-        inclusive = first_order_scan(_broadcast_transition(log_e, memory), memory)  # [B, N, H, dk, dv]
+        gates = _broadcast_transition(log_e.to(_accumulation_dtype(log_e, memory)), memory)  # [B, N, H, 1|dk, 1]
+        inclusive = first_order_scan(gates, memory)  # [B, N, H, dk, dv] in memory's dtype
         log_first, memory_first = self.initial_state(log_e.shape[:1])  # [B, H(, dk)], [B, H, dk, dv]
         log_prefix = torch.cat([log_first.unsqueeze(1), log_e.cumsum(dim=1)[:, :-1]], dim=1)  # [B, N, H(, dk)]
         memory_prefix = torch.cat([memory_first.unsqueeze(1), inclusive[:, :-1]], dim=1)  # [B, N, H, dk, dv]
@@ -671,7 +697,8 @@ class _DecayReadoutHead(_ReadoutHead):
         With ``required=True`` the kernel runs on Triton where that is its default and can take
         ``c``, and else on its PyTorch reference (CUDA with ``c`` not in 16..128, or
         ``PSMSEARCH_KERNEL_BACKEND=numba``, which names a backend the kernel lacks), except that an
-        explicit ``triton`` or ``reference`` request is honoured (or reported) as asked.
+        explicit ``triton`` or ``reference`` request is honoured (or reported) as asked, and a name
+        that is no backend at all is reported by the kernel, not replaced by the reference.
         """
         plain_head = type(self).readout is _decay_readout and type(self).forward is _ReadoutHead.forward
         if not plain_head or not _is_plain_decay_pair(encoder, aggregator):
@@ -681,7 +708,8 @@ class _DecayReadoutHead(_ReadoutHead):
         on_triton = default_backend_is_triton(q, chunk)
         if not required and not on_triton:
             return None
-        backend = None if on_triton or requested_backend() in ("triton", "reference") else "reference"
+        requested = requested_backend()
+        backend = "reference" if not on_triton and requested in (None, "numba") else None
         q, k, v, log_a = (t.flatten(1, 2).transpose(1, 2) for t in (q, k, v, log_a))  # [B, H, N*c, width]
         gate = log_a.squeeze(-1) if log_a.shape[-1] == 1 else log_a  # [B, H, N*c(, dk)]
         o, _ = chunk_gated_linear_attention(q, k, v, gate, chunk_size=chunk, scale=1.0,

@@ -51,6 +51,17 @@ def test_scan_matches_reference(steps: int, gate: str, with_h0: bool, reverse: b
     check_scan("cpu", steps, gate, with_h0, reverse)
 
 
+@pytest.mark.slow  # about 5 s each in the interpreter: run by test_triton_interpret.py's slow case
+@pytest.mark.parametrize(("gate", "reverse", "non_contiguous"), [
+    ("scalar", False, True),
+    ("diagonal", True, False),
+    ("full", True, True),
+])
+def test_scan_63_steps(gate: str, reverse: bool, non_contiguous: bool) -> None:
+    """T = 63: seven full 8-step interpreter tiles and a partial one; B = 3, strided inputs too."""
+    check_scan("cpu", 63, gate, True, reverse, non_contiguous=non_contiguous, batch=3)
+
+
 @pytest.mark.parametrize(("steps", "gate", "state", "reverse"), [
     (0, "full", (2, 3, 5), False),        # no step: h0 reaches no output, its gradient is zero
     (0, "scalar", (2, 3, 5), True),
@@ -89,6 +100,14 @@ def test_chunk_one_head_scalar_gate() -> None:
 ])
 def test_chunk_matches_reference(steps: int, diagonal: bool, with_h0: bool) -> None:
     check_chunk("cpu", steps, diagonal, with_h0)
+
+
+@pytest.mark.slow  # about 6 s each in the interpreter: run by test_triton_interpret.py's slow case
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_chunk_batch_of_three_strided_inputs(diagonal: bool) -> None:
+    """B = 3 (the other cases have B = 1, so a batch index mix-up in the kernels would not show),
+    3 chunks of 16 with a partial last one, dk != dv, and every input a transposed-layout view."""
+    check_chunk("cpu", 40, diagonal, True, chunk_size=16, batch=3, dk=5, dv=7, non_contiguous=True)
 
 
 def test_chunk_strong_decay_and_odd_head_dims() -> None:

@@ -57,6 +57,16 @@ def test_scan_one_gate_for_the_whole_state(reverse: bool) -> None:
     check_scan("cuda", 300, "scalar", True, reverse, state=(1030,), gate_shape=(2, 300, 1))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_strided_inputs(reverse: bool) -> None:
+    check_scan("cuda", 63, "diagonal", True, reverse, non_contiguous=True, batch=3)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_chunk_batch_of_three_strided_inputs(diagonal: bool) -> None:
+    check_chunk("cuda", 150, diagonal, True, chunk_size=64, batch=3, dk=5, dv=7, non_contiguous=True)
+
+
 def test_chunk_one_head_scalar_gate() -> None:
     check_chunk("cuda", 200, False, True, chunk_size=64, heads=1)
 

@@ -18,7 +18,8 @@ CASES = Path(__file__).with_name("interpret_triton_cases.py")
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("selection", [
     "interpret and not slow",
-    pytest.param("interpret and slow", marks=pytest.mark.slow),  # the chunk kernel under torch.func (~30 s)
+    # the chunk kernel under torch.func (~30 s), T = 63 scans and B = 3 strided chunks (~30 s)
+    pytest.param("interpret and slow", marks=pytest.mark.slow),
 ])
 def test_triton_kernels_under_interpreter(selection: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -49,10 +49,17 @@ def scan_inputs(device: str, steps: int, gate: str, with_h0: bool, batch: int = 
     return [a, b, h0]
 
 
+def strided(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x``'s values in a non-contiguous layout (last dim outermost in memory), as a transposed tensor is."""
+    return None if x is None else x.movedim(-1, 0).contiguous().movedim(0, -1)
+
+
 def check_scan(device: str, steps: int, gate: str, with_h0: bool, reverse: bool,
-               tol: float = 1e-5, **shape: object) -> None:
-    """Triton forward and gradients equal the reference's (float32)."""
+               tol: float = 1e-5, non_contiguous: bool = False, **shape: object) -> None:
+    """Triton forward and gradients equal the reference's (float32), on contiguous or strided inputs."""
     a, b, h0 = scan_inputs(device, steps, gate, with_h0, **shape)
+    if non_contiguous:
+        a, b, h0 = strided(a), strided(b), strided(h0)
     inputs = [x.requires_grad_() for x in (a, b, h0) if x is not None]
     with _dispatch.poisoned_outputs():
         got = first_order_scan(a, b, h0, reverse=reverse, backend="triton")
@@ -74,24 +81,27 @@ def check_scan_half(device: str, dtype: torch.dtype, steps: int = 300) -> None:
 
 def chunk_inputs(device: str, steps: int, diagonal: bool, with_h0: bool, dk: int = 8, dv: int = 12,
                  heads: int = 2, decay: float = 2.0, dtype: torch.dtype = torch.float32,
-                 seed: int = 0) -> list[torch.Tensor | None]:
+                 seed: int = 0, batch: int = 1) -> list[torch.Tensor | None]:
     gen = torch.Generator().manual_seed(seed)
-    q, k = (_randn((1, heads, steps, dk), gen, device).to(dtype) for _ in range(2))
-    v = _randn((1, heads, steps, dv), gen, device).to(dtype)
-    gate_shape = (1, heads, steps, dk) if diagonal else (1, heads, steps)
+    q, k = (_randn((batch, heads, steps, dk), gen, device).to(dtype) for _ in range(2))
+    v = _randn((batch, heads, steps, dv), gen, device).to(dtype)
+    gate_shape = (batch, heads, steps, dk) if diagonal else (batch, heads, steps)
     log_gate = (-decay * torch.rand(gate_shape, generator=gen)).to(device, dtype)
-    h0 = _randn((1, heads, dk, dv), gen, device).to(dtype) if with_h0 else None
+    h0 = _randn((batch, heads, dk, dv), gen, device).to(dtype) if with_h0 else None
     return [q, k, v, log_gate, h0]
 
 
 def check_chunk(device: str, steps: int, diagonal: bool, with_h0: bool, chunk_size: int = 32,
-                tol: float = 1e-4, used: str = "both", **shape: object) -> None:
+                tol: float = 1e-4, used: str = "both", non_contiguous: bool = False, **shape: object) -> None:
     """Triton chunkwise GLA (forward, final state, gradients) equals the reference's.
 
     ``used`` picks the outputs the loss depends on: ``"both"``, ``"output"`` (the
     final state gets no gradient) or ``"final_state"`` (the outputs get none).
+    ``non_contiguous`` passes every input as a strided (transposed-layout) view.
     """
     q, k, v, log_gate, h0 = chunk_inputs(device, steps, diagonal, with_h0, **shape)
+    if non_contiguous:
+        q, k, v, log_gate, h0 = (strided(x) for x in (q, k, v, log_gate, h0))
     inputs = [x.requires_grad_() for x in (q, k, v, log_gate, h0) if x is not None]
     kwargs = dict(chunk_size=chunk_size, initial_state=h0, output_final_state=True)
     with _dispatch.poisoned_outputs():

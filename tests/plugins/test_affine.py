@@ -44,13 +44,13 @@ DECAY_ENCODERS = [e for e in ENCODERS if TRIPLES[e][2] != "affine-dense"]
 
 
 def config(encoder: str, chunk_size: int, output_gate: bool = False, gate_before_norm: bool = False,
-           **extra: object) -> ModelConfig:
+           encoder_params: dict[str, object] | None = None, **extra: object) -> ModelConfig:
     """A model config naming the affine triple of ``encoder`` with small widths."""
     aggregator, head, _ = TRIPLES[encoder]
     return ModelConfig(
         d_model=D_MODEL,
         chunk_size=chunk_size,
-        encoder={"name": encoder, **SMALL, "output_gate": output_gate},
+        encoder={"name": encoder, **SMALL, "output_gate": output_gate, **(encoder_params or {})},
         aggregator=aggregator,
         head={"name": head, "gate_before_norm": gate_before_norm},
         **extra,
@@ -170,6 +170,35 @@ def test_gates_have_their_documented_form() -> None:
     assert bool(((beta > 0) & (beta < 1)).all())
 
 
+def test_data_dependent_gates_follow_their_formulas_from_the_parameters() -> None:
+    """The test above checked only the sign of Mamba2's and GLA's log-decays and the range of β, so a
+    gate that ignored ``Δ``'s scaling of the key, ``A``, GLA's temperature or DeltaNet's
+    ``negative_eigenvalues`` passed. Here every gate is recomputed from the module's weights:
+    Mamba2 ``log a = -softplus(w·x + b) exp(A_log)`` and key ``Δ k``; GLA
+    ``log α = logsigmoid(W₂ W₁ x + b) / τ``; DeltaNet ``β = sigmoid(w·x + b)``, doubled with
+    ``negative_eigenvalues``."""
+    x = inputs(5)  # [B, T, d]
+    heads, dk = SMALL["heads"], SMALL["key_dim"]
+
+    def linear(module: torch.nn.Linear, t: torch.Tensor) -> torch.Tensor:
+        return t @ module.weight.T + (0 if module.bias is None else module.bias)
+
+    mamba = make_layer("mamba2", 4).encoder
+    _, k, _, log_a, _ = mamba.features(x)
+    dt = torch.log1p(torch.exp(linear(mamba.dt_proj, x)))  # [B, T, H]: softplus
+    raw_k = linear(mamba.k_proj, x).unflatten(-1, (heads, dk))  # [B, T, H, dk]
+    torch.testing.assert_close(log_a[..., 0], -dt * mamba.a_log.exp())
+    torch.testing.assert_close(k, raw_k * dt[..., None])
+    temperature = 4.0
+    gla = PSMLayer.from_config(config("gla", 4, encoder_params={"gate_temperature": temperature})).encoder
+    logits = linear(gla.gate_proj[1], linear(gla.gate_proj[0], x)).unflatten(-1, (heads, dk))  # [B, T, H, dk]
+    torch.testing.assert_close(gla.features(x)[3], torch.log(torch.sigmoid(logits)) / temperature)
+    for negative, factor in ((False, 1.0), (True, 2.0)):
+        delta = PSMLayer.from_config(config("deltanet", 4, encoder_params={"negative_eigenvalues": negative})).encoder
+        beta = delta.features(x)[3]  # [B, T, H]
+        torch.testing.assert_close(beta, factor * torch.sigmoid(linear(delta.beta_proj, x)))
+
+
 # --- the layer against the naive recurrence ---------------------------------------------------
 
 
@@ -228,6 +257,31 @@ def test_strong_decays_stay_finite_and_exact(path: str) -> None:
         assert_close(y, y_ref, f"{name} {path} strong decay outputs")
         for g, g_ref in zip(grads, grads_ref):
             assert_close(g, g_ref, f"{name} {path} strong decay gradients")
+
+
+@pytest.mark.parametrize("path", ["generic", "tree", "fused", "streaming"])
+def test_gates_of_exactly_zero_and_one_match_naive_recurrence(path: str) -> None:
+    """A decay of exactly 0 (log-decay ``-inf``: a hard reset) gave NaN on every path but the fused
+    kernel's, from ``-inf - (-inf)`` in the cumulative log-decays; a decay of exactly 1 is plain
+    linear attention. Outputs and gradients must equal the token loop's and be finite."""
+    layer = make_layer("gla", 7)
+    with torch.no_grad():
+        layer.encoder.gate_proj[1].bias[0] = float("-inf")  # head 0, key channel 0: logsigmoid(-inf) = -inf
+        layer.encoder.gate_proj[1].bias[1] = float("inf")  # head 0, key channel 1: logsigmoid(inf) = 0
+    run = {
+        "generic": lambda t: layer(t, fused=False),
+        "tree": lambda t: layer(t, scan_mode="tree"),
+        "fused": lambda t: layer(t, fused=True),
+        "streaming": lambda t: layer.stream(BATCH).feed(t),
+    }[path]
+    x = inputs()
+    y, grads = output_and_gradients(layer, run, x)
+    y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
+    assert all(bool(torch.isfinite(g).all()) for g in [y, *grads]), f"{path}: non-finite output or gradient"
+    assert_close(y, y_ref, f"{path} zero/one gate outputs")
+    names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"{path} zero/one gate gradient w.r.t. {name}")
 
 
 # --- the fused training path ------------------------------------------------------------------
@@ -309,6 +363,18 @@ def test_required_fused_path_runs_the_reference_where_the_kernel_lacks_the_backe
     layer = make_layer("gla", 16)
     with torch.no_grad():
         assert_close(layer(inputs(), fused=True), layer(inputs(), fused=False), f"{requested} fused vs generic")
+
+
+@pytest.mark.parametrize("requested", ["bogus", "Tritonn"])
+def test_required_fused_path_reports_an_unknown_backend_name(requested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt ``PSMSEARCH_KERNEL_BACKEND`` was silently replaced by the reference on ``fused=True``
+    (the generic path reports it); both must name the variable and the allowed values."""
+    monkeypatch.setenv("PSMSEARCH_KERNEL_BACKEND", requested)
+    layer = make_layer("gla", 16)
+    message = rf"PSMSEARCH_KERNEL_BACKEND='{requested}': unknown kernel backend; expected one of \('triton', "
+    for fused in (True, False):
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            layer(inputs(), fused=fused)
 
 
 @pytest.mark.parametrize(("kwargs", "expected_calls"), [
