@@ -256,7 +256,11 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
 def validate_model_config(config: ModelConfig, registry: Registry | None = None) -> None:
     """Check names, hyperparameters and compatibility, and build the layer on the meta device.
 
-    Raises a :class:`PSMSearchError` naming the field, the value and what is allowed.
+    Raises a :class:`PSMSearchError` naming the field, the value and what is allowed. A component
+    that rejects its arguments (``ValueError``, ``TypeError``) makes a configuration error with its
+    message. Any other exception in a constructor (a plugin's bug, or an operation the meta
+    device lacks) is not the configuration's fault: it is left to the trial, whose "building the
+    model" phase reports it with its plugin line (``train`` exits 1, a search fails that trial only).
     """
     if config.kind != "psm":
         return
@@ -282,5 +286,7 @@ def validate_model_config(config: ModelConfig, registry: Registry | None = None)
             PSMLayer.from_config(config, registry)
         except ConfigError:
             raise
-        except Exception as err:  # noqa: BLE001 - a component rejecting its arguments
+        except (ValueError, TypeError) as err:  # a component rejecting its arguments
             raise ConfigError(f"{type(err).__name__}: {err}", field="model") from None
+        except Exception:  # noqa: BLE001, S110 - not the configuration's fault: see the docstring
+            pass

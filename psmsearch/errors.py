@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import os
+import sysconfig
+import traceback
+from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -108,3 +112,17 @@ def suggest(value: str, allowed: Iterable[str]) -> str:
     """`` Did you mean 'x'?`` for the closest allowed value, or an empty string."""
     close = close_matches(str(value), allowed, 1)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def where_raised(err: BaseException) -> str:
+    """`` (at FILE:LINE in FUNCTION)`` of the innermost frame of ``err`` in user or plugin code: not in
+    an installed package (torch, numpy) or the standard library, nor in psmsearch's engine."""
+    if getattr(err, "names_its_origin", False):  # the engine found the fault and its message says whose
+        return ""
+    excluded = (*{p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}, _ENGINE_DIR)
+    frames = [frame for frame in traceback.extract_tb(err.__traceback__)
+              if not frame.filename.startswith("<") and not frame.filename.startswith(excluded)]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+
+
+_ENGINE_DIR = str(Path(__file__).resolve().parent) + os.sep  # psmsearch/; the built-in plugins are in plugins/

@@ -36,6 +36,7 @@ import torch
 from psmsearch import states as S
 from psmsearch.components import Aggregator, Component, ComponentContext, Encoder, Head
 from psmsearch.composer import PSMLayer
+from psmsearch.errors import where_raised
 from psmsearch.registry import ComponentInfo, Registry, get_registry
 from psmsearch.scan import OnlineScan, prefix_scan
 
@@ -691,7 +692,7 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
     try:
         assembly = _assemble(cls, registry, seed)
     except Exception as err:  # noqa: BLE001 - report, do not crash the suite
-        return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}")]
+        return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}{where_raised(err)}")]
     results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}")]
     try:
         randomised: _Assembly | None = copy.deepcopy(assembly, {id(assembly.registry): assembly.registry})

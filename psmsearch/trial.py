@@ -16,12 +16,9 @@ is what the Optuna and Ray drivers call. Example::
 from __future__ import annotations
 
 import json
-import os
 import re
-import sysconfig
 import tempfile
 import threading
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from psmsearch import distributed as dist
 from psmsearch.composer import validate_model_config
 from psmsearch.config import ComponentSpec, ModelConfig, model_at, unknown_field_message
-from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError
+from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError, where_raised
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
 from psmsearch.tasks import TEST_PREFIX, Task
@@ -322,20 +319,6 @@ def _phase(phase: str, metrics: dict[str, float]) -> Iterator[None]:
         raise
     except Exception as err:  # noqa: BLE001 - a component's or task's bug, reported with where it happened
         raise TrialPhaseError(phase, metrics, err) from err
-
-
-def where_raised(err: BaseException) -> str:
-    """`` (at FILE:LINE in FUNCTION)`` of the innermost frame of ``err`` in user or plugin code: not in
-    an installed package (torch, numpy) or the standard library, nor in psmsearch's engine."""
-    if getattr(err, "names_its_origin", False):  # the engine found the fault and its message says whose
-        return ""
-    excluded = (*{p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}, _ENGINE_DIR)
-    frames = [frame for frame in traceback.extract_tb(err.__traceback__)
-              if not frame.filename.startswith("<") and not frame.filename.startswith(excluded)]
-    return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
-
-
-_ENGINE_DIR = str(Path(__file__).resolve().parent) + os.sep  # psmsearch/; the built-in plugins are in plugins/
 
 
 RESUMABLE_CHANGES = ("train.steps", "train.time_budget_s", "train.eval_every", "train.eval_batch_size",

@@ -111,3 +111,19 @@ def test_state_bytes_check_streams_partial_chunks(registry) -> None:
     with pytest.raises(ContractViolation, match=r"B=2, after 1 tokens streamed one at a time \(1 in the partial chunk\) "
                                                 r"streaming holds 512 bytes but state_nbytes and the buffered features account for 256"):
         _layer_state_nbytes(assembly)
+
+
+def test_a_constructor_that_raises_fails_the_build_check_naming_its_line() -> None:
+    from psmsearch.plugins.token_state import MLPAggregator
+
+    class BuildFails(MLPAggregator):
+        name = "zz_build_fails"
+
+        def __init__(self, context, **hparams):  # noqa: ANN001, ANN003
+            super().__init__(context, **hparams)
+            raise RuntimeError("cannot build")
+
+    (result,) = check_component(BuildFails)
+    assert not result.passed and result.check == "build"
+    assert result.message.startswith(f"RuntimeError: cannot build (at {Path(__file__)}:"), result.message
+    assert result.message.endswith(" in __init__)")

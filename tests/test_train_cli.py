@@ -318,3 +318,57 @@ def test_a_failing_plugin_prints_what_was_measured_and_one_line(tmp_path: Path) 
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["train_steps"] == 2 and {"acc_1x", "test_acc_1x", "train_loss"} <= set(measured)
     assert "trial.yaml: group / psm: the trial failed; what it measured before the failure:" in result.stdout
+
+
+FAILING_CONSTRUCTORS = '''
+from psmsearch import hookimpl
+from psmsearch.plugins.token_state import MLPAggregator
+
+class BuildFails(MLPAggregator):
+    name = "buildfails"
+
+    def __init__(self, context, **hparams):
+        super().__init__(context, **hparams)
+        raise RuntimeError("cannot build")
+
+class RejectsItsArguments(MLPAggregator):
+    name = "rejects"
+
+    def __init__(self, context, **hparams):
+        super().__init__(context, **hparams)
+        raise ValueError("mlp_ratio 4 needs d_model >= 64")
+
+@hookimpl
+def register_aggregators(register):
+    register(BuildFails)
+    register(RejectsItsArguments)
+'''
+
+
+def test_a_component_whose_constructor_fails_is_a_trial_failure_naming_its_plugin_line(tmp_path: Path) -> None:
+    """It was a configuration error (exit 2) naming neither the component's plugin line nor a phase, and
+    ``--traceback`` did nothing; a search over ``[buildfails, mlp]`` was refused as a whole."""
+    from clihelpers import run_cli
+
+    plugin = tmp_path / "constructors.py"
+    plugin.write_text(FAILING_CONSTRUCTORS)
+    config = write(tmp_path, {**TINY, "model": {**TINY["model"], "aggregator": "buildfails"}})
+    result = run_cli("--plugin", str(plugin), "train", str(config), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"trial failed in building the model: RuntimeError: cannot build (at {plugin}:10 in __init__)"), last
+    traced = run_cli("--plugin", str(plugin), "train", str(config), "--no-progress", "--traceback", cwd=tmp_path)
+    assert traced.returncode == 1 and "Traceback (most recent call last)" in traced.stderr, traced.stderr
+
+
+def test_validation_reports_a_rejected_argument_and_leaves_other_constructor_failures_to_the_trial(
+        tmp_path: Path, fresh_registry) -> None:
+    from psmsearch.composer import validate_model_config
+    from psmsearch.config import ModelConfig
+
+    plugin = tmp_path / "constructors.py"
+    plugin.write_text(FAILING_CONSTRUCTORS)
+    fresh_registry.use_plugins([str(plugin)])
+    validate_model_config(ModelConfig(d_model=16, chunk_size=2, aggregator="buildfails"))  # the trial reports it
+    with pytest.raises(ConfigError, match=r"model.aggregator: mlp_ratio 4 needs d_model >= 64$"):
+        validate_model_config(ModelConfig(d_model=16, chunk_size=2, aggregator="rejects"))
