@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from psmsearch import states as S
 from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
@@ -91,8 +90,10 @@ class PSMLayer(nn.Module):
         A last chunk shorter than ``c`` is read as the partial chunk it is, as streaming reads it:
         no padding token reaches the encoder, the aggregator or the head, so a component that is
         undefined on padding (a key normalised without an epsilon is NaN on a zero token) cannot
-        put NaN into the gradients. Only a fused kernel, which needs whole chunks, sees a
-        zero-padded last chunk, and only the components its head vouches for reach it.
+        put NaN into the outputs or gradients. A fused kernel, which needs whole chunks, gets the
+        partial chunk's features padded with copies of its last position's (token-local features
+        of real tokens, so finite wherever the real ones are; causality keeps them out of every
+        real output).
         """
         if fused and scan_mode != "auto":
             raise ValueError(f"fused=True replaces the prefix scan, so scan_mode must be 'auto', got {scan_mode!r}")
@@ -101,11 +102,12 @@ class PSMLayer(nn.Module):
             return x.new_empty(batch, 0, d)  # [B, 0, d]
         c = self.chunk_size
         full, rest = divmod(length, c)
-        f = self.encoder.features(_chunked(x[:, : full * c], c)) if full else None  # [B, n, c, ...]
+        f = self.encoder.features(_chunked(x[:, : full * c], full, c)) if full else None  # [B, n, c, ...]
+        tail_f = self.encoder.features(_chunked(x[:, full * c :], 1, rest)) if rest else None  # [B, 1, r, ...]
         if fused or (fused is None and scan_mode == "auto" and self._head_may_fuse()):
-            y = self._fused(x, f, required=bool(fused))  # [B, T, d]
+            y = self._fused(f, tail_f, required=bool(fused))  # [B, N*c, d]
             if y is not None:
-                return y
+                return y[:, :length]  # [B, T, d]
             if fused:
                 raise PSMSearchError(
                     f"head {self.head.name!r} has no fused training path for encoder {self.encoder.name!r} "
@@ -113,51 +115,50 @@ class PSMLayer(nn.Module):
                     "recognises, never subclasses that override what its kernel computes); "
                     "use fused=None or fused=False"
                 )
-        return self._scanned(x, f, scan_mode)
+        return self._scanned(f, tail_f, batch, scan_mode)
 
     def _head_may_fuse(self) -> bool:
         """Whether the head overrides :meth:`Head.fused_forward` (else trying it would only cost time)."""
         return type(self.head).fused_forward is not Head.fused_forward
 
-    def _fused(self, x: torch.Tensor, f: Any, required: bool) -> torch.Tensor | None:
-        """The head's fused pass over whole chunks (a partial last chunk zero-padded), or ``None``."""
-        batch, length, d = x.shape
+    def _fused(self, f: Any, tail_f: Any, required: bool) -> torch.Tensor | None:
+        """The head's fused pass over whole chunks, the partial last one padded (see :meth:`forward`), or ``None``.
+
+        ``f[B, n, c, ...]``: the whole chunks' features (or None); ``tail_f[B, 1, r, ...]``: the
+        partial chunk's (or None). Returns ``y[B, N*c, d]``, padded rows included.
+        """
         c = self.chunk_size
-        full, rest = divmod(length, c)
-        if rest:
-            tail = F.pad(x[:, full * c :], (0, 0, 0, c - rest)).view(batch, 1, c, d)  # [B, 1, c, d]
-            tail_f = self.encoder.features(tail)  # [B, 1, c, ...]
-            f = tail_f if f is None else S.cat([f, tail_f], dim=1)  # [B, N, c, ...]
+        if tail_f is not None:
+            padded = S.tree_map(lambda leaf: _repeat_last_position(leaf, c), tail_f)  # [B, 1, c, ...]
+            f = padded if f is None else S.cat([f, padded], dim=1)  # [B, N, c, ...]
         y = self.head.fused_forward(self.encoder, self.aggregator, f, required=required)  # [B, N, c, d]
         if y is None:
             return None
-        return y.reshape(batch, -1, d)[:, :length]  # [B, T, d]
+        return y.reshape(y.shape[0], y.shape[1] * y.shape[2], y.shape[3])  # [B, N*c, d]
 
-    def _scanned(self, x: torch.Tensor, f: Any, scan_mode: str) -> torch.Tensor:
+    def _scanned(self, f: Any, tail_f: Any, batch: int, scan_mode: str) -> torch.Tensor:
         """Summaries of the whole chunks, the prefix scan, and the head over each chunk.
 
-        ``f[B, n, c, ...]`` are the features of the ``n`` whole chunks (None if there are none).
-        Every whole chunk is summarized in one call (``f`` as the encoder made it, contiguous); the
-        last chunk's summary enters no exclusive prefix, so the scan never passes it to ``agg``.
-        A partial last chunk is never summarized: the scan appends the fold of the whole chunks
-        before it instead (``total=True``).
+        ``f[B, n, c, ...]`` are the features of the ``n`` whole chunks and ``tail_f[B, 1, r, ...]``
+        those of a partial last chunk (each None where there is none). Every whole chunk is
+        summarized in one call (``f`` as the encoder made it, contiguous); the last chunk's summary
+        enters no exclusive prefix, so the tree and sequential engines never pass it to ``agg`` (an
+        associative aggregator's own ``scan`` receives it). A partial last chunk is never
+        summarized: the scan appends the fold of the whole chunks before it instead (``total=True``).
         """
-        batch, length, d = x.shape
-        c = self.chunk_size
-        full, rest = divmod(length, c)
+        full = 0 if f is None else S.size(f, 1)
         if full:
             summaries = self.encoder.summarize(f)  # [B, n, ...]
-            prefixes = prefix_scan(self.aggregator, summaries, mode=scan_mode, total=bool(rest))  # [B, N, ...]
+            prefixes = prefix_scan(self.aggregator, summaries, mode=scan_mode, total=tail_f is not None)  # [B, N, ...]
         else:
             prefixes = S.unsqueeze(self.aggregator.initial_state((batch,)), 1)  # [B, 1, ...]
         outputs = []
         if full:
             y = self.head(_contiguous(S.take(prefixes, 1, slice(0, full))), f)  # [B, n, c, d]
-            outputs.append(y.reshape(batch, full * c, d))
-        if rest:
-            tail_f = self.encoder.features(_chunked(x[:, full * c :], rest))  # [B, 1, r, ...]
+            outputs.append(y.reshape(y.shape[0], y.shape[1] * y.shape[2], y.shape[3]))  # [B, n*c, d]
+        if tail_f is not None:
             y = self.head(_contiguous(S.take(prefixes, 1, slice(full, full + 1))), tail_f)  # [B, 1, r, d]
-            outputs.append(y.reshape(batch, rest, d))
+            outputs.append(y.reshape(y.shape[0], y.shape[2], y.shape[3]))  # [B, r, d]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, d]
 
     def stream(self, batch_size: int) -> "LayerStream":
@@ -165,10 +166,16 @@ class PSMLayer(nn.Module):
         return LayerStream(self, batch_size)
 
 
-def _chunked(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``x[B, n*width, d] -> [B, n, width, d]``, contiguous as the padded tensor it replaces was
-    (components may ``view`` their inputs)."""
-    return x.contiguous().view(x.shape[0], -1, width, x.shape[-1])  # [B, n, width, d]
+def _chunked(x: torch.Tensor, chunks: int, width: int) -> torch.Tensor:
+    """``x[B, chunks*width, d] -> [B, chunks, width, d]``, contiguous as the padded tensor it replaces
+    was (components may ``view`` their inputs). The sizes are given, so an empty batch works too."""
+    return x.contiguous().view(x.shape[0], chunks, width, x.shape[-1])  # [B, chunks, width, d]
+
+
+def _repeat_last_position(leaf: torch.Tensor, width: int) -> torch.Tensor:
+    """``leaf[B, 1, r, ...] -> [B, 1, width, ...]``: the last position repeated into the missing ones."""
+    missing = leaf[:, :, -1:].expand(*leaf.shape[:2], width - leaf.shape[2], *leaf.shape[3:])  # [B, 1, width-r, ...]
+    return torch.cat([leaf, missing], dim=2)  # [B, 1, width, ...]
 
 
 def _contiguous(state: Any) -> Any:

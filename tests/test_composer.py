@@ -124,6 +124,53 @@ def test_a_partial_last_chunk_is_never_padded(length: int) -> None:
         assert torch.allclose(layer(x, scan_mode=mode), streamed, atol=1e-12)
 
 
+@pytest.mark.parametrize(("encoder", "aggregator", "head"), [
+    ("pool", "mlp", {"name": "attention", "heads": 2}),
+    ("deltanet", "affine_dense", "linear_readout_dense"),  # fused by default
+])
+@pytest.mark.parametrize("length", [3, 8, 9])
+def test_an_empty_batch_gives_an_empty_output(encoder: str, aggregator: str, head: object, length: int) -> None:
+    """A data-parallel rank gets no rows when the batch is smaller than the number of processes;
+    inferring a reshape's -1 from 0 elements failed there."""
+    config = ModelConfig(d_model=16, n_layers=1, chunk_size=4, encoder=encoder, aggregator=aggregator, head=head)
+    model = build_model(config, vocab_size=5)
+    assert model(torch.zeros(0, length, dtype=torch.long)).shape == (0, length, 5)
+
+
+def _unit_direction(encoder_class: type) -> type:
+    """``encoder_class`` on unit-length tokens: its features are NaN on an all-zero token."""
+
+    class UnitDirection(encoder_class):
+        def features(self, x: torch.Tensor, offset: int = 0):  # noqa: ANN201
+            return super().features(x / x.norm(dim=-1, keepdim=True), offset)
+
+    return UnitDirection
+
+
+@pytest.mark.parametrize(("encoder", "aggregator", "head"), [
+    ("deltanet", "affine_dense", "linear_readout_dense"),
+    ("gla", "affine_diag", "linear_readout_diag"),
+])
+def test_a_fused_pass_over_a_partial_chunk_sees_no_padding_token(encoder: str, aggregator: str, head: str) -> None:
+    """The fused kernels need whole chunks; they got the features of zero tokens, NaN for this encoder,
+    which reached a real output through the masked intra-chunk products (0 * NaN)."""
+    from psmsearch.registry import get_registry
+
+    torch.manual_seed(0)
+    built = PSMLayer.from_config(ModelConfig(d_model=16, chunk_size=4, encoder=encoder, aggregator=aggregator, head=head)).double()
+    unit = _unit_direction(get_registry().get("encoder", encoder).cls)(built.encoder.context).double()
+    unit.load_state_dict(built.encoder.state_dict())
+    layer = PSMLayer(unit, built.aggregator, built.head, 4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    stream = layer.stream(2)
+    streamed = torch.stack([stream.step(x[:, t]) for t in range(5)], dim=1)  # [B, T, d]
+    for fused in (None, True):
+        y = layer(x, fused=fused)
+        grads = torch.autograd.grad(y.square().sum(), [p for p in layer.parameters() if p.requires_grad], allow_unused=True)
+        assert torch.allclose(y, streamed, atol=1e-10), fused
+        assert all(torch.isfinite(g).all() for g in grads if g is not None), fused
+
+
 def test_incompatible_state_kinds_are_refused_with_a_clear_message() -> None:
     from psmsearch.registry import load_registry
     from pathlib import Path
