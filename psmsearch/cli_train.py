@@ -82,6 +82,8 @@ def train(
     trial = load_trial_config(config, overrides)
     if resume and not checkpoint.is_file():
         click.echo(f"no checkpoint at {checkpoint} yet: training from step 0", err=True)
+    elif resume:
+        click.echo(f"resuming from step {checkpoint_step(checkpoint)} ({checkpoint})", err=True)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         if eval_log:
@@ -96,12 +98,36 @@ def train(
     except TrialStopped as err:
         click.echo(f"trial stopped: {err}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo(_interrupted_message(checkpoint), err=True)
+        sys.exit(130)
     except TrialPhaseError as err:
         _report_failure(err, f"{config.name}: {trial.task.name} / {trial.model.kind}", as_json, show_traceback)
         sys.exit(1)
     print_metrics(metrics, f"{config.name}: {trial.task.name} / {trial.model.kind}")
     if as_json:
         click.echo(jsonout.dumps(metrics, sort_keys=True))
+
+
+def checkpoint_step(path: Path) -> int | str:
+    """The training step a checkpoint file holds, or ``"?"`` where it cannot be read (the run says why)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # noqa: BLE001 - only a message depends on it; loading the file reports the fault
+        return "?"
+
+
+def _interrupted_message(checkpoint: Path | None) -> str:
+    """What Ctrl-C or SIGTERM left behind and how to continue."""
+    if checkpoint is None:
+        return "interrupted: nothing was saved (pass --checkpoint FILE to be able to continue an interrupted run)"
+    if not checkpoint.is_file():
+        return (f"interrupted before the first checkpoint: {checkpoint} was not written "
+                "(train.checkpoint_every sets how often it is)")
+    return (f"interrupted: {checkpoint} holds step {checkpoint_step(checkpoint)}; "
+            "run the same command with --resume to continue from there")
 
 
 def _report_failure(err: TrialPhaseError, title: str, as_json: bool, show_traceback: bool) -> None:

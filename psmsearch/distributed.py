@@ -79,18 +79,30 @@ def all_gather_object(obj: Any) -> list[Any]:
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(model)`` inside a process group, else ``model`` itself.
 
-    Unused parameters are looked for on every step unless the model says it has none
-    (``uses_every_parameter = True``, as the attention baselines do): a PSM's aggregator takes no
-    part in a step whose sequences fit in one chunk (a curriculum's first lengths), and plugin
-    components may branch, so DDP without the search fails such a step's reduction ("Expected to
-    have finished reduction in the prior iteration"). The search is skipped where it is not needed
-    because it costs a graph traversal per step and DDP warns on every rank when it finds nothing.
+    DDP is told that every parameter takes part in every step (``find_unused_parameters=False``).
+    A PSM's aggregator takes no part in a step whose sequences fit in one chunk (a curriculum's
+    first lengths), and plugin components may branch; the trainer makes that true anyway by adding
+    :func:`every_parameter_term` to the loss of models that do not declare
+    ``uses_every_parameter = True``. DDP's own search for unused parameters would cost a graph
+    traversal per step and printed a warning on every rank whenever it found none.
     """
     if not is_active():
         return model
     device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    find_unused = not getattr(model, "uses_every_parameter", False)
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+
+def every_parameter_term(model: nn.Module) -> torch.Tensor | None:
+    """``0 · Σ p`` over ``model``'s trainable parameters, or None where there is no need for it.
+
+    Zero in value and in every gradient, it gives each parameter a gradient in every step, so DDP's
+    reduction completes when a step leaves some parameters out of the loss (see :func:`wrap_model`).
+    None outside a process group and for models that declare ``uses_every_parameter = True``.
+    """
+    if not is_active() or getattr(model, "uses_every_parameter", False):
+        return None
+    sums = [p.sum() for p in model.parameters() if p.requires_grad]
+    return torch.stack(sums).sum() * 0.0 if sums else None
 
 
 def free_port() -> int:

@@ -246,8 +246,10 @@ class Trainer:
         loss_value = (totals[0] / global_count).item()
         if not math.isfinite(loss_value):
             raise TrialDiverged(self.step, f"loss is {loss_value}")
+        loss = ce_sum * dist.world_size() / global_count
+        touch = dist.every_parameter_term(self.model)  # a gradient for every parameter, as DDP expects
         with self.training_rng():
-            (ce_sum * dist.world_size() / global_count).backward()
+            (loss if touch is None else loss + touch).backward()
         return loss_value, (totals[1] / global_count).item()
 
     @contextmanager

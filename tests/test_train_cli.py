@@ -220,6 +220,7 @@ def test_checkpoint_is_written_when_training_ends_and_resumed_from(tmp_path: Pat
     more = CliRunner().invoke(train, [str(path), "--set", "train.steps=9", "--checkpoint", str(checkpoint), "--resume",
                                       "--json", "--no-progress", "--no-eval-log"])
     assert more.exit_code == 0, more.output
+    assert f"resuming from step 6 ({checkpoint})" in more.stderr  # it said nothing
     assert json.loads(more.output.strip().splitlines()[-1])["train_steps"] == 9
     assert torch.load(checkpoint, weights_only=True)["step"] == 9
 
