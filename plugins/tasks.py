@@ -523,8 +523,12 @@ class ByteLM(Task):
 
     def _missing_file(self) -> ConfigError:
         path = resolve_text_path(self.settings["path"])
-        problem = f"is a directory ({path})" if path.is_dir() else \
-            f"not found (tried {Path.cwd()} and the repository root)"
+        if path.is_dir():
+            problem = f"is a directory ({path})"
+        elif Path(self.settings["path"]).expanduser().is_absolute():
+            problem = "not found"
+        else:
+            problem = f"not found (tried {Path.cwd()} and the repository root)"
         return ConfigError(
             f"text file {self.settings['path']!r} {problem}; "
             "set task.path to a text file or task.dataset to a Hugging Face dataset",

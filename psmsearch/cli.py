@@ -174,10 +174,14 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
                     click.UsageError(f"{name!r}: tasks have no contract suite; check takes components of the kinds "
                                      f"{', '.join(CHECKED_KINDS)}")
             try:
-                found = [i for i in registry.find(name) if i.kind in ("encoder", "aggregator", "head")]
+                matches = registry.find(name)
             except UnknownComponentError:
                 report_plugin_failures(registry)  # the missing component may be in a plugin that failed
                 raise
+            found = [i for i in matches if i.kind in CHECKED_KINDS]
+            if not found and matches:
+                raise click.UsageError(f"{name!r} is a task; tasks have no contract suite; check takes components "
+                                       f"of the kinds {', '.join(CHECKED_KINDS)}")
             if not found:
                 report_plugin_failures(registry)  # the missing component may be in a plugin that failed
                 known = {i.name for i in registry.all() if i.kind != "task"}

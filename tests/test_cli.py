@@ -155,6 +155,17 @@ def test_check_names_the_kinds_it_takes() -> None:
     assert "task" not in result.stderr.split("Registered component kinds:")[1]
 
 
+def test_check_of_a_task_name_says_it_is_a_task() -> None:
+    """A bare task name read as an unknown component, although ``plugins`` lists it."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    result = CliRunner().invoke(main, ["check", "group"])
+    assert result.exit_code == 2
+    assert "'group' is a task; tasks have no contract suite; check takes components of the kinds" in result.output
+
+
 def test_check_kind_name_of_a_missing_component_shows_the_plugin_that_failed_to_load() -> None:
     result = run_cli("--plugin", str(FIXTURES / "raises_deep.py"), "check", "aggregator:my_aggregator")
     assert result.returncode == 2

@@ -348,6 +348,11 @@ def test_lm_missing_file_and_dataset_errors(tmp_path: Path) -> None:
         ByteLM(path="no/such.txt").check()
     with pytest.raises(ConfigError, match=rf"task\.path: text file '{tmp_path}' is a directory"):
         ByteLM(path=str(tmp_path)).check()  # was "not found", which sent the user looking for a missing file
+    with pytest.raises(ConfigError, match=r"no/such\.txt' not found \(tried .* and the repository root\)"):
+        ByteLM(path="no/such.txt").check()
+    missing = tmp_path / "missing.txt"  # an absolute path is not tried against any folder
+    with pytest.raises(ConfigError, match=rf"text file '{missing}' not found; set task\.path"):
+        ByteLM(path=str(missing)).check()
     if importlib.util.find_spec("datasets") is None:
         with pytest.raises(ConfigError, match=r"task\.dataset.*datasets"):
             ByteLM(dataset="wikitext-103-raw-v1").check()
