@@ -257,8 +257,10 @@ class _Loader:
                 misnamed.add(impl.plugin_name)
                 close = difflib.get_close_matches(name, HOOK_NAMES, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
+                code = getattr(impl.function, "__code__", None)
+                where = f" (line {code.co_firstlineno})" if code is not None else ""
                 self.registry.failures.append(PluginFailure(
-                    impl.plugin_name, f"{name} is not a psmsearch hook{hint} (hooks: {', '.join(HOOK_NAMES)})"))
+                    impl.plugin_name, f"{name}{where} is not a psmsearch hook{hint} (hooks: {', '.join(HOOK_NAMES)})"))
         for label, module in self.manager.list_name_plugin():
             if label in self.trusted or module is None:
                 continue

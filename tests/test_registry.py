@@ -146,7 +146,7 @@ def test_hooks_that_would_do_nothing_are_reported(fresh_registry) -> None:
     mistakes, empty = str(FIXTURES / "hook_mistakes.py"), str(FIXTURES / "no_hooks.py")
     registry = fresh_registry.load_registry(extra_plugins=[mistakes, empty])
     by_plugin = {(f.plugin, f.error) for f in registry.failures}
-    assert (mistakes, "register_aggregator is not a psmsearch hook; did you mean 'register_aggregators'? (hooks: "
+    assert (mistakes, "register_aggregator (line 6) is not a psmsearch hook; did you mean 'register_aggregators'? (hooks: "
             "register_aggregators, register_encoders, register_heads, register_tasks)") in by_plugin
     assert (mistakes, "register_heads is not marked with @psmsearch.hookimpl, so it is never called") in by_plugin
     assert any(plugin == empty and error.startswith("defines no psmsearch hook, so it registers nothing")
