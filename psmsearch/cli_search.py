@@ -31,7 +31,7 @@ from psmsearch.space import Objective
 @click.option("--experiment", default=None, help="MLflow experiment (default: the space's name).")
 @click.option("--resume", is_flag=True, help="Continue (or join) an existing study without repeating completed trials.")
 @click.option("--no-progress", is_flag=True, help="No live display.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on the last line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object instead of the table (stdout holds only that object).")
 def search(space_file: Path, driver: str | None, trials: int | None, jobs: int | None, storage: str | None, study: str | None,
            address: str | None, gpus_per_trial: float | None, cpus_per_trial: float | None, tracking_uri: str | None,
            experiment: str | None, resume: bool, no_progress: bool, as_json: bool) -> None:
