@@ -130,7 +130,8 @@ def execute_trial(
     try:
         config = build_trial_config(space, sampled)
         if tracker is not None and parent_run is not None:
-            run_id = tracker.trial_run(parent_run, search or space.name, number, {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
+            run_id = tracker.trial_run(parent_run, search or space.name, number, {}, trial_tags(config, driver, space.registry))
+            _log_params(tracker, run_id, {**config.flat_params(), **_prefixed(params)})
             config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
             _best_effort(number, "log its configuration", lambda: tracker.log_text(run_id, config_yaml, "trial_config.yaml"))
             if on_run is not None:
@@ -165,6 +166,17 @@ def execute_trial(
     if tracker is not None and run_id is not None:
         _finish_run(tracker, run_id, outcome, history, [o.metric for o in space.objectives], failure_trace)
     return outcome
+
+
+def _log_params(tracker: Tracker, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log a trial's parameters once its run exists, so that a refusal (a name MLflow does not accept)
+    fails the trial with its phase named and its run closed FAILED, not left RUNNING without parameters."""
+    from psmsearch.trial import TrialPhaseError
+
+    try:
+        tracker.log_params(run_id, params)
+    except Exception as err:  # noqa: BLE001 - reported as the trial's failure, with the phase
+        raise TrialPhaseError("logging its parameters to MLflow", {}, err) from err
 
 
 def _finish_run(

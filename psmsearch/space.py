@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -431,13 +432,26 @@ def _sample_components(model: dict[str, Any], trial: Any, space: SearchSpace) ->
     viable = [e for e in encoders if all(_compatible(registry, k, model, space, registry.get("encoder", e[0]).state_kind) for k in ("aggregator", "head"))]
     encoder = _pick("encoder", viable, "", trial)
     state_kind = registry.get("encoder", encoder[0]).state_kind
-    suffix = f"[{state_kind}]" if len(state_kinds) > 1 else ""
+    suffix = kind_suffix(state_kind) if len(state_kinds) > 1 else ""
     out = {"encoder": {"name": encoder[0], **_component_params("encoder", encoder[0], encoder[1], trial, space)}}
     for kind in ("aggregator", "head"):
         options = _compatible(registry, kind, model, space, state_kind)
         name, params, _ = _pick(kind, options, suffix, trial)
         out[kind] = {"name": name, **_component_params(kind, name, params, trial, space)}
     return out
+
+
+def kind_suffix(state_kind: str) -> str:
+    """What tells apart the aggregator and head choices of each state kind, when the encoder choice spans several.
+
+    The options differ per state kind, and Optuna needs one distribution per parameter name, so the
+    choice is ``model.aggregator-tokens`` for encoders of state kind ``tokens``. The name must be a
+    valid MLflow parameter key (alphanumerics, ``_ - . /`` and spaces; MLflow refused the former
+    ``model.aggregator[tokens]``), must not contain ``/`` (Ray Tune splits config keys on it) and must
+    not read as a component hyperparameter (``model.aggregator.NAME``), hence the dash. Other
+    characters of a plugin's state kind become ``_``.
+    """
+    return "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", state_kind)
 
 
 def _compatible(registry: Registry, kind: str, model: dict[str, Any], space: SearchSpace, state_kind: str) -> list[tuple[str, dict[str, Any], str]]:

@@ -615,3 +615,50 @@ def test_sqlite_urls_with_a_query_string_are_accepted(tmp_path: Path) -> None:
 
     for url in (f"sqlite:///{tmp_path}/x.db?timeout=30", f"sqlite:///{tmp_path}/x.db?a=/b/c"):
         check_storage_url(url, "--storage")
+
+
+MIXED_MODEL = {
+    **TINY_SPACE["model"],
+    "encoder": {"choice": ["embed", "gla"]},  # two state kinds: tokens and affine_diag
+    "aggregator": {"choice": [*TINY_SPACE["model"]["aggregator"]["choice"], "affine_diag"]},
+    "head": {"choice": [{"name": "attention", "layers": 1, "heads": 2}, "linear_readout_diag"]},
+}
+
+
+@pytest.mark.slow
+def test_a_search_whose_encoders_span_state_kinds_logs_its_component_choices(tmp_path: Path) -> None:
+    """With encoders of two state kinds, the aggregator and head of each kind are separate Optuna
+    parameters. They were named ``model.aggregator[tokens]``, which MLflow refuses as a parameter
+    name, so every trial with such a choice failed while logging its parameters."""
+    space = write_space(tmp_path, model=MIXED_MODEL, driver={"trials": 4, "startup_trials": 1, "pruner": "none",
+                                                              "sampler": "random", "seed": 1})
+    result = run_cli("search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [t["status"] for t in summary["trials"]] == ["complete"] * 4, summary["trials"]
+    runs = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
+    chosen = [r.data.params for r in runs if "search.model.aggregator-tokens" in r.data.params]
+    assert chosen, "no trial drew a token-state encoder: pick another seed"
+    for params in chosen:
+        assert params["search.model.aggregator-tokens"] == params["model.aggregator"] in {"mlp", "attention"}
+        assert params["model.head"] == "attention" and "search.model.head-tokens" not in params  # its only option
+    assert {t.params.get("model.encoder") for t in optuna_trials(tmp_path / "psmsearch.db")} == {"embed", "gla"}
+
+
+def test_a_trial_whose_parameters_mlflow_refuses_fails_naming_the_phase(finished_search, tmp_path: Path) -> None:
+    """A refused parameter failed the trial with MLflow's bare message and left its run RUNNING with no
+    parameters; now the error names the phase and the run is closed FAILED, as other failures are."""
+    from psmsearch.search import execute_trial
+    from psmsearch.space import load_space
+    from psmsearch.tracking import Tracker
+
+    work, _ = finished_search
+    space = load_space(write_space(tmp_path), smoke_samples=1)
+    tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}", "refused-params")  # an existing store: fast
+    parent = tracker.parent_run("tiny", {}, {})
+    sampled = space.sample(optuna.trial.FixedTrial({"model.chunk_size": 2, "model.aggregator": "mlp"}))
+    outcome = execute_trial(space, sampled, 0, {"model.odd[name]": 1}, tracker, parent, "optuna")
+    assert outcome.state == "failed"
+    assert outcome.error.startswith("logging its parameters to MLflow: MlflowException: "), outcome.error
+    run = tracker.client.get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["psmsearch.error"] == outcome.error
