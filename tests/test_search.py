@@ -662,3 +662,32 @@ def test_a_trial_whose_parameters_mlflow_refuses_fails_naming_the_phase(finished
     assert outcome.error.startswith("logging its parameters to MLflow: MlflowException: "), outcome.error
     run = tracker.client.get_run(outcome.run_id)
     assert run.info.status == "FAILED" and run.data.tags["psmsearch.error"] == outcome.error
+
+
+def test_compare_shows_one_row_per_trial_the_latest_run_of_its_name(finished_search) -> None:
+    """Ray reruns an interrupted trial under its number after --resume: the trial then has a KILLED
+    run and the rerun's, both named ``<search>-trial-N``. compare listed both (10 rows for 8 trials)."""
+    import time
+
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+    from psmsearch.tracking import Tracker
+
+    work, _ = finished_search
+    uri = f"sqlite:///{work / 'mlflow.db'}"  # an existing store: a new one takes seconds to create
+    tracker = Tracker(uri, "rerun")
+    parent = tracker.parent_run("rerun", {}, {"objectives": [{"metric": "score", "direction": "maximize"}]})
+    interrupted = tracker.trial_run(parent, "rerun", 4, {"search.model.chunk_size": 2}, {})
+    tracker.set_tags(interrupted, {"psmsearch.status": "interrupted"})
+    tracker.finish(interrupted, "KILLED")
+    time.sleep(0.01)  # runs are ordered by their start time, in milliseconds
+    rerun = tracker.trial_run(parent, "rerun", 4, {"search.model.chunk_size": 2}, {})
+    tracker.log_metrics(rerun, {"score": 0.5})
+    tracker.set_tags(rerun, {"psmsearch.status": "complete"})
+    tracker.finish(rerun, "FINISHED")
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--experiment", "rerun", "--json",
+                                       "--out", str(work / "plots-rerun")])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output.strip().splitlines()[-1])["trials"]
+    assert (row["name"], row["status"], row["run_id"]) == ("rerun-trial-4", "complete", rerun)
