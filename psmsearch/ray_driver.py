@@ -509,7 +509,9 @@ def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
             ray.init(address=options.address, **common)
         else:
             progress.note("starting a local Ray cluster (loopback only)")
-            ray.init(include_dashboard=False, **common)
+            # "local" always starts a new cluster; no address would join the one Ray's temp dir names
+            # (ray_current_cluster, left by `ray start` or by a dead head) or RAY_ADDRESS.
+            ray.init(address="local", include_dashboard=False, **common)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         hint = (
             "; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and "

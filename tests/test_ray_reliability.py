@@ -42,6 +42,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -127,10 +128,24 @@ class Sessions:
                 pass
 
 
+def write_stale_cluster_file(ray_tmp: str) -> None:
+    """What a dead head started by ``ray start`` leaves: ``ray_current_cluster`` naming a port nobody serves.
+
+    A search without ``--address`` must start its own cluster whatever that file says; it joined the
+    one named there (and with a dead head retried its GCS for minutes).
+    """
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (Path(ray_tmp) / "ray").mkdir(parents=True, exist_ok=True)
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+
+
 @pytest.fixture
 def sessions(tmp_path: Path) -> Iterator[Sessions]:
     # Ray's Unix socket paths must stay short, so its temp dir is a short /tmp path, not tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="psr")
+    write_stale_cluster_file(ray_tmp)
     started = Sessions(tmp_path, ray_env(ray_tmp))
     try:
         yield started
