@@ -92,6 +92,12 @@ class SearchProgress:
         if self.enabled:
             self.console.print(message, highlight=False, markup=False)
 
+    def holding(self) -> None:
+        """The log line of a resumed search that keeps its own counts (Ray): what it already holds, as
+        :meth:`refresh` says it for a study (``the study holds 2/8 trials: done 2 ...``)."""
+        if self.enabled and not self.live and sum(self.counts.values()):
+            self._line(f"the study holds {sum(self.counts.values())}/{self.total} trials: {self._status()}")
+
     def started(self, number: int) -> None:
         """Trial ``number`` started in this process."""
         self.running.add(number)
