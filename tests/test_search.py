@@ -691,3 +691,30 @@ def test_compare_shows_one_row_per_trial_the_latest_run_of_its_name(finished_sea
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output.strip().splitlines()[-1])["trials"]
     assert (row["name"], row["status"], row["run_id"]) == ("rerun-trial-4", "complete", rerun)
+
+
+def test_a_trial_ended_before_the_study_counts_it_is_still_shown_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --jobs 2 both trials may end before the study counts the first: its end line read
+    ``[1/6  done 1 ... running 0]`` while the other trial, neither counted nor running, was left out."""
+    from psmsearch.progress import SearchProgress
+    from psmsearch.search import TrialOutcome
+    from psmsearch.space import load_space
+
+    space = load_space(write_space(tmp_path), smoke_samples=1)
+    study = optuna.create_study(direction="maximize")
+    with SearchProgress(space, 6) as progress:  # not a terminal: one line per started and per ended trial
+        progress.refresh(study)
+        first, second = study.ask(), study.ask()
+        for trial in (first, second):
+            progress.started(trial.number)
+        for trial, value in ((first, 0.5), (second, 0.6)):  # both threads end their trials ...
+            progress.finished(TrialOutcome(trial.number, "complete", {"acc_2x": value}, {}))
+        study.tell(first, 0.5)  # ... and the study's callback for the first runs before the second is told
+        progress.refresh(study)
+        study.tell(second, 0.6)
+        progress.refresh(study)
+    ends = [line for line in capsys.readouterr().err.splitlines() if " complete: " in line]
+    assert [line.partition("  [")[2] for line in ends] == [
+        "1/6  done 1  pruned 0  failed 0  running 1  best acc_2x=0.5 (trial 0)]",
+        "2/6  done 2  pruned 0  failed 0  running 0  best acc_2x=0.6 (trial 1)]",
+    ]
