@@ -22,7 +22,7 @@ import yaml
 from psmsearch.errors import ConfigError
 from psmsearch.registry import Registry
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
+from psmsearch.tracking import ParamsRefused, Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -130,8 +130,10 @@ def execute_trial(
     try:
         config = build_trial_config(space, sampled)
         if tracker is not None and parent_run is not None:
-            run_id = tracker.trial_run(parent_run, search or space.name, number, {}, trial_tags(config, driver, space.registry))
-            _log_params(tracker, run_id, {**config.flat_params(), **_prefixed(params)})
+            run_id, refused = _open_run(tracker, parent_run, search or space.name, number,
+                                        {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
+            if refused is not None:
+                raise refused
             config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
             _best_effort(number, "log its configuration", lambda: tracker.log_text(run_id, config_yaml, "trial_config.yaml"))
             if on_run is not None:
@@ -168,15 +170,19 @@ def execute_trial(
     return outcome
 
 
-def _log_params(tracker: Tracker, run_id: str, params: Mapping[str, Any]) -> None:
-    """Log a trial's parameters once its run exists, so that a refusal (a name MLflow does not accept)
-    fails the trial with its phase named and its run closed FAILED, not left RUNNING without parameters."""
+def _open_run(tracker: Tracker, parent: str, search: str, number: int, params: Mapping[str, Any],
+              tags: Mapping[str, str]) -> tuple[str, Exception | None]:
+    """The trial's MLflow run, and the trial's failure when MLflow refused its parameters.
+
+    The run exists then (RUNNING, without parameters): the caller closes it FAILED with the error,
+    which names the phase as other trial failures do (MLflow's bare message did not).
+    """
     from psmsearch.trial import TrialPhaseError
 
     try:
-        tracker.log_params(run_id, params)
-    except Exception as err:  # noqa: BLE001 - reported as the trial's failure, with the phase
-        raise TrialPhaseError("logging its parameters to MLflow", {}, err) from err
+        return tracker.trial_run(parent, search, number, params, tags), None
+    except ParamsRefused as err:
+        return err.run_id, TrialPhaseError("logging its parameters to MLflow", {}, err.cause)
 
 
 def _finish_run(
