@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from psmsearch.report import pareto_front
 from psmsearch.space import SearchSpace
 
 
@@ -60,9 +61,7 @@ class SearchProgress:
     def __exit__(self, *exc: Any) -> None:
         if self.live:
             self._progress.stop()
-        for outcome in self._waiting:  # the search stopped before the study counted them
-            self._log_end(outcome)
-        self._waiting = []
+        self._log_waiting(list(self._waiting))  # the search stopped before the study counted them
 
     def _status(self) -> str:
         c = self.counts
@@ -92,6 +91,12 @@ class SearchProgress:
         if self.enabled:
             self.console.print(message, highlight=False, markup=False)
 
+    def holding(self) -> None:
+        """The log line of a resumed search that keeps its own counts (Ray): what it already holds, as
+        :meth:`refresh` says it for a study (``the study holds 2/8 trials: done 2 ...``)."""
+        if self.enabled and not self.live and sum(self.counts.values()):
+            self._line(f"the study holds {sum(self.counts.values())}/{self.total} trials: {self._status()}")
+
     def started(self, number: int) -> None:
         """Trial ``number`` started in this process."""
         self.running.add(number)
@@ -101,16 +106,23 @@ class SearchProgress:
             self._line(f"trial {number} started")
 
     def finished(self, outcome: Any) -> None:
-        """A trial of this process ended (complete, pruned or failed)."""
-        self.running.discard(outcome.number)
-        if self.live or not self.enabled:
-            if outcome.state == "failed":
-                self.console.print(f"trial {outcome.number} failed: {outcome.error}", highlight=False, markup=False)
-            self._update_bar()
-        elif self._counted_by_study:
+        """A trial of this process ended (complete, pruned or failed).
+
+        A trial whose end line waits for the study to count it stays among the running until then:
+        otherwise another trial's end line, printed first, showed it neither done nor running
+        (``[1/6  done 1 ... running 0]`` with two trials started).
+        """
+        logged = not (self.live or not self.enabled)
+        if logged and self._counted_by_study:
             self._waiting.append(outcome)
-        else:
+            return
+        self.running.discard(outcome.number)
+        if logged:
             self._log_end(outcome)
+            return
+        if outcome.state == "failed":
+            self.console.print(f"trial {outcome.number} failed: {outcome.error}", highlight=False, markup=False)
+        self._update_bar()
 
     def refresh(self, study: Any) -> None:
         """Recount from the study (covers trials of other processes and resumed ones)."""
@@ -128,15 +140,23 @@ class SearchProgress:
             pick = max if objective.direction == "maximize" else min
             best = pick(complete, key=lambda t: t.value)
             self.best = f"best {objective.metric}={best.value:.4g} (trial {best.number})"
-        elif complete:
-            self.best = pareto_text(len(study.best_trials))
+        elif complete:  # from the same snapshot as the counts: the study may have more trials by now
+            directions = [o.direction for o in self.space.objectives]
+            self.best = pareto_text(sum(pareto_front([t.values for t in complete], directions)))
         if self.live:
             self._update_bar()
         elif self.enabled:
             if not self._counted_by_study and sum(self.counts.values()):
                 self._line(f"the study holds {sum(self.counts.values())}/{self.total} trials: {self._status()}")
             ended = {t.number for t in trials if t.state.is_finished()}
-            for outcome in [o for o in self._waiting if o.number in ended]:
-                self._waiting.remove(outcome)
-                self._log_end(outcome)
+            self._log_waiting([o for o in self._waiting if o.number in ended])
         self._counted_by_study = True
+
+    def _log_waiting(self, outcomes: list[Any]) -> None:
+        """End lines of these waiting trials; all of them leave the running first, as the counts
+        printed with each line already include them all."""
+        for outcome in outcomes:
+            self._waiting.remove(outcome)
+            self.running.discard(outcome.number)
+        for outcome in outcomes:
+            self._log_end(outcome)

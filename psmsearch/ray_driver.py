@@ -509,7 +509,9 @@ def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
             ray.init(address=options.address, **common)
         else:
             progress.note("starting a local Ray cluster (loopback only)")
-            ray.init(include_dashboard=False, **common)
+            # "local" always starts a new cluster; no address would join the one Ray's temp dir names
+            # (ray_current_cluster, left by `ray start` or by a dead head) or RAY_ADDRESS.
+            ray.init(address="local", include_dashboard=False, **common)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         hint = (
             "; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and "
@@ -541,12 +543,11 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 def _searcher(space: SearchSpace, portable: PortableSpace, options: SearchOptions) -> Any:
     """Optuna behind Tune's concurrency limit (``--jobs``), in a search generator of ``--trials`` trials."""
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     metrics = [o.metric for o in space.objectives]
     modes = ["max" if o.direction == "maximize" else "min" for o in space.objectives]
     single = len(metrics) == 1
-    optuna_search = OptunaSearch(
+    optuna_search = __getattr__("StepOnceOptunaSearch")(
         space=portable, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
         sampler=make_sampler(space), study_name=space.name,
     )
@@ -644,7 +645,40 @@ def _build_startup_asha() -> type:
     return StartupASHA
 
 
-_LAZY_CLASSES: dict[str, Callable[[], type]] = {"StartupASHA": _build_startup_asha, "BudgetedSearch": _build_budgeted_search}
+def _build_step_once_optuna_search() -> type:
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StepOnceOptunaSearch(OptunaSearch):
+        """Tune's ``OptunaSearch`` that reports each step of a trial to Optuna once.
+
+        A trial that Ray runs again after ``--resume`` (it was interrupted) starts over at iteration
+        1, while its Optuna trial, restored with the searcher, already holds the steps reported
+        before the interrupt; Optuna ignores a step reported twice but warns each time (a pair of
+        warning lines per evaluation). The values first reported are kept, as Optuna would keep them.
+        """
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            from ray.tune.result import TRAINING_ITERATION
+
+            ot_trial = self._ot_trials.get(trial_id)
+            single = not isinstance(self.metric, list)
+            if single and ot_trial is not None and trial_id not in self._completed_trials \
+                    and result.get(TRAINING_ITERATION) in _reported_steps(ot_trial):
+                return
+            super().on_trial_result(trial_id, result)
+
+    StepOnceOptunaSearch.__module__ = __name__
+    StepOnceOptunaSearch.__qualname__ = "StepOnceOptunaSearch"
+    return StepOnceOptunaSearch
+
+
+def _reported_steps(trial: optuna.Trial) -> set[int]:
+    """The steps an Optuna trial has intermediate values for, as its storage holds them."""
+    return next(set(t.intermediate_values) for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+_LAZY_CLASSES: dict[str, Callable[[], type]] = {"StartupASHA": _build_startup_asha, "BudgetedSearch": _build_budgeted_search,
+                                                "StepOnceOptunaSearch": _build_step_once_optuna_search}
 _BUILT: dict[str, type] = {}
 
 
@@ -936,6 +970,7 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
                     from ray.tune import ExperimentAnalysis
 
                     book.restore_ended(ExperimentAnalysis(str(experiment)).trials)
+                    progress.holding()
                     if (held := len(book.outcomes)) >= options.trials:
                         progress.note(f"the search already holds {held} ended trials (asked for {options.trials}); "
                                       "no new trial is sampled")

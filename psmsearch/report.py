@@ -61,7 +61,12 @@ def pareto_front(values: Sequence[Sequence[float]], directions: Sequence[str]) -
 
 
 def rows_from_runs(runs: Sequence[Any]) -> list[TrialRow]:
-    """MLflow trial runs -> rows."""
+    """MLflow trial runs -> rows, one per trial: the latest run of each run name.
+
+    Ray restarts an interrupted trial under its number, so after ``--resume`` a trial has two runs of
+    one name (``space-trial-4``): the interrupted one (KILLED) and the rerun. The rerun is the trial's
+    result; listing both showed more rows than trials. A row's ``run_id`` says which run it is.
+    """
     return [
         TrialRow(
             name=run.info.run_name or run.info.run_id,
@@ -72,8 +77,19 @@ def rows_from_runs(runs: Sequence[Any]) -> list[TrialRow]:
             error=run.data.tags.get("psmsearch.error", ""),
             run_id=run.info.run_id,
         )
-        for run in runs
+        for run in latest_per_name(runs)
     ]
+
+
+def latest_per_name(runs: Sequence[Any]) -> list[Any]:
+    """The latest-started run of each run name (ties by run id), in the order the names first appear."""
+    latest: dict[str, Any] = {}
+    for run in runs:
+        name = run.info.run_name or run.info.run_id
+        held = latest.get(name)
+        if held is None or (run.info.start_time or 0, run.info.run_id) > (held.info.start_time or 0, held.info.run_id):
+            latest[name] = run
+    return list(latest.values())
 
 
 def objectives_from_parent(run: Any) -> list[Objective]:

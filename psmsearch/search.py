@@ -22,7 +22,7 @@ import yaml
 from psmsearch.errors import ConfigError
 from psmsearch.registry import Registry
 from psmsearch.space import SearchSpace
-from psmsearch.tracking import Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
+from psmsearch.tracking import ParamsRefused, Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -130,7 +130,10 @@ def execute_trial(
     try:
         config = build_trial_config(space, sampled)
         if tracker is not None and parent_run is not None:
-            run_id = tracker.trial_run(parent_run, search or space.name, number, {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
+            run_id, refused = _open_run(tracker, parent_run, search or space.name, number,
+                                        {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
+            if refused is not None:
+                raise refused
             config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
             _best_effort(number, "log its configuration", lambda: tracker.log_text(run_id, config_yaml, "trial_config.yaml"))
             if on_run is not None:
@@ -165,6 +168,21 @@ def execute_trial(
     if tracker is not None and run_id is not None:
         _finish_run(tracker, run_id, outcome, history, [o.metric for o in space.objectives], failure_trace)
     return outcome
+
+
+def _open_run(tracker: Tracker, parent: str, search: str, number: int, params: Mapping[str, Any],
+              tags: Mapping[str, str]) -> tuple[str, Exception | None]:
+    """The trial's MLflow run, and the trial's failure when MLflow refused its parameters.
+
+    The run exists then (RUNNING, without parameters): the caller closes it FAILED with the error,
+    which names the phase as other trial failures do (MLflow's bare message did not).
+    """
+    from psmsearch.trial import TrialPhaseError
+
+    try:
+        return tracker.trial_run(parent, search, number, params, tags), None
+    except ParamsRefused as err:
+        return err.run_id, TrialPhaseError("logging its parameters to MLflow", {}, err.cause)
 
 
 def _finish_run(

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -431,13 +433,26 @@ def _sample_components(model: dict[str, Any], trial: Any, space: SearchSpace) ->
     viable = [e for e in encoders if all(_compatible(registry, k, model, space, registry.get("encoder", e[0]).state_kind) for k in ("aggregator", "head"))]
     encoder = _pick("encoder", viable, "", trial)
     state_kind = registry.get("encoder", encoder[0]).state_kind
-    suffix = f"[{state_kind}]" if len(state_kinds) > 1 else ""
+    suffix = kind_suffix(state_kind) if len(state_kinds) > 1 else ""
     out = {"encoder": {"name": encoder[0], **_component_params("encoder", encoder[0], encoder[1], trial, space)}}
     for kind in ("aggregator", "head"):
         options = _compatible(registry, kind, model, space, state_kind)
         name, params, _ = _pick(kind, options, suffix, trial)
         out[kind] = {"name": name, **_component_params(kind, name, params, trial, space)}
     return out
+
+
+def kind_suffix(state_kind: str) -> str:
+    """What tells apart the aggregator and head choices of each state kind, when the encoder choice spans several.
+
+    The options differ per state kind, and Optuna needs one distribution per parameter name, so the
+    choice is ``model.aggregator-tokens`` for encoders of state kind ``tokens``. The name must be a
+    valid MLflow parameter key (alphanumerics, ``_ - . /`` and spaces; MLflow refused the former
+    ``model.aggregator[tokens]``), must not contain ``/`` (Ray Tune splits config keys on it) and must
+    not read as a component hyperparameter (``model.aggregator.NAME``), hence the dash. Other
+    characters of a plugin's state kind become ``_``.
+    """
+    return "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", state_kind)
 
 
 def _compatible(registry: Registry, kind: str, model: dict[str, Any], space: SearchSpace, state_kind: str) -> list[tuple[str, dict[str, Any], str]]:
@@ -480,7 +495,7 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
     space = SearchSpace(header, template, where, registry)
     _validate_model_kinds(space)
     _validate_components(space)
-    space.dimensions()  # parses every dimension: raises on a malformed one
+    _validate_choice_types(space)  # also parses every dimension: raises on a malformed one
     drawn = smoke_sample(space, smoke_samples)
     if drawn:
         space.warnings.extend(_contrary_directions(space, validate_sample(space, drawn[0])))
@@ -593,6 +608,46 @@ def _validate_components(space: SearchSpace) -> None:
                     f"{kind} {name!r} has state_kind {state_kind!r}, which no listed encoder produces "
                     f"(encoder state kinds: {sorted(encoder_kinds)}); it would never be sampled",
                 )
+
+
+def _validate_choice_types(space: SearchSpace) -> None:
+    """Refuse a choice value of the wrong type for a numeric or bool trial field (``model.chunk_size``).
+
+    The trial validator coerces, so ``chunk_size: {choice: [4, "8"]}`` passed, Optuna stored ``'8'``
+    and the distribution was ``(4, '8')``: a study that a resume with ``[4, 8]`` would not match.
+    Component hyperparameters are checked against their declared type by :func:`_validate_components`.
+    """
+    from psmsearch.trial import TrialConfig
+
+    for dim in space.dimensions():
+        parts = dim.path.split(".")
+        parent = model_at(TrialConfig, parts[:-1])
+        field_info = parent.model_fields.get(parts[-1]) if parent is not None else None
+        if dim.kind != "choice" or field_info is None:
+            continue
+        allowed = _scalar_types(field_info.annotation)
+        for value in dim.choices:
+            if allowed and not _is_instance(value, allowed):
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+                raise space.source.error(dim.path, f"choice value {value!r} is a {type(value).__name__}; {dim.path} takes "
+                                                   f"{names} values (numbers are written without quotes)")
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...]:
+    """The plain types a field of this annotation takes (``int | None`` -> int, NoneType), or () when it
+    is not made of int, float, bool and None alone (a string, a mapping: left to the trial validator)."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    scalars = (int, float, bool, type(None))
+    return tuple(members) if members and all(m in scalars for m in members) and set(members) != {type(None)} else ()
+
+
+def _is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
+    """Whether ``value`` has one of the ``allowed`` types, as YAML gives them: a bool is not an int, an int is a float."""
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, tuple(t for t in allowed if t is not bool))
 
 
 def _check_dimension_type(path: str, hp: Any, value: Any, where: SourceMap) -> None:

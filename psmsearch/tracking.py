@@ -246,6 +246,16 @@ def _parent_filter(search: str, identity: Mapping[str, str]) -> str:
     return query
 
 
+class ParamsRefused(Exception):
+    """MLflow refused a trial run's parameters (a name it does not accept); ``run_id`` is the run,
+    created and still RUNNING, for the caller to close with the trial's failure."""
+
+    def __init__(self, run_id: str, cause: Exception) -> None:
+        self.run_id = run_id
+        self.cause = cause
+        super().__init__(f"{type(cause).__name__}: {cause}")
+
+
 @dataclass
 class Tracker:
     """Writes a search and its trials to one MLflow experiment."""
@@ -368,7 +378,10 @@ class Tracker:
                 tags={"mlflow.parentRunId": parent_id, SEARCH_TAG: search, KIND_TAG: "trial", TRIAL_TAG: str(number), **tags},
             )
         )
-        self.log_params(run.info.run_id, params)
+        try:
+            self.log_params(run.info.run_id, params)
+        except Exception as err:  # noqa: BLE001 - the caller fails the trial and closes this run
+            raise ParamsRefused(run.info.run_id, err) from err
         return run.info.run_id
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:

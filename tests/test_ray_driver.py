@@ -428,10 +428,16 @@ def test_a_file_system_that_cannot_lock_runs_the_search_with_a_warning(tmp_path:
 @pytest.mark.slow
 def test_two_resumes_of_a_new_ray_search_started_together_run_it_once(tmp_path: Path, private_env: dict[str, str]) -> None:
     """The reported race end to end: two `search --driver ray --resume` on a new name at once. One
-    runs the search, the other is refused by name; MLflow holds one run of trial 0."""
-    from searchhelpers import mlflow_runs, write_space
+    runs the search, the other is refused by name; MLflow holds one run of trial 0.
 
-    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    Its encoders span two state kinds, so the aggregator is chosen by a per-kind parameter, which
+    MLflow refused while it was named ``model.aggregator[tokens]`` (the trial failed)."""
+    from searchhelpers import TINY_SPACE, mlflow_runs, write_space
+
+    model = {**TINY_SPACE["model"], "encoder": {"choice": ["embed", "gla"]},
+             "aggregator": {"choice": [*TINY_SPACE["model"]["aggregator"]["choice"], "affine_diag"]},
+             "head": {"choice": [TINY_SPACE["model"]["head"], "linear_readout_diag"]}}
+    space = write_space(tmp_path, model=model, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
     command = [sys.executable, "-m", "psmsearch", "search", str(space), "--driver", "ray", "--resume", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "PSMSEARCH_PLUGINS"} | private_env
     both = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -442,6 +448,10 @@ def test_two_resumes_of_a_new_ray_search_started_together_run_it_once(tmp_path: 
     assert "is being run by process" in refused and "Traceback" not in refused, refused[-3000:]
     trials = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
     assert [r.info.run_name for r in trials] == ["tiny-trial-0"]
+    params = trials[0].data.params
+    assert trials[0].info.status == "FINISHED", trials[0].data.tags.get("psmsearch.error")
+    assert params["search.model.encoder"] == "embed", "the seed must draw a token-state encoder"
+    assert params["search.model.aggregator-tokens"] == params["model.aggregator"]
 
 
 OLD_FORMAT = Path(__file__).parent / "fixtures" / "ray_pre_9e2c35e" / "tiny"

@@ -38,10 +38,12 @@ What Ray's restore (``Tuner.restore``, unfinished trials run again) delivers, an
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -127,10 +129,24 @@ class Sessions:
                 pass
 
 
+def write_stale_cluster_file(ray_tmp: str) -> None:
+    """What a dead head started by ``ray start`` leaves: ``ray_current_cluster`` naming a port nobody serves.
+
+    A search without ``--address`` must start its own cluster whatever that file says; it joined the
+    one named there (and with a dead head retried its GCS for minutes).
+    """
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (Path(ray_tmp) / "ray").mkdir(parents=True, exist_ok=True)
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+
+
 @pytest.fixture
 def sessions(tmp_path: Path) -> Iterator[Sessions]:
     # Ray's Unix socket paths must stay short, so its temp dir is a short /tmp path, not tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="psr")
+    write_stale_cluster_file(ray_tmp)
     started = Sessions(tmp_path, ray_env(ray_tmp))
     try:
         yield started
@@ -179,6 +195,15 @@ def one_done_one_running(db: Path) -> tuple[dict[int, str], int] | None:
     return (finished, running[0]) if finished and len(running) == 1 else None
 
 
+def evaluations_of(db: Path, number: int) -> int:
+    """How many evaluations trial ``number``'s run has logged (its ``acc_1x`` history)."""
+    from mlflow.tracking import MlflowClient
+
+    runs = [r for r in trial_runs_while_searching(db) if r.data.tags.get("psmsearch.trial") == str(number)]
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return max((len(client.get_metric_history(r.info.run_id, "acc_1x")) for r in runs), default=0)
+
+
 def searched(run: Any) -> dict[str, str]:
     return {k: v for k, v in run.data.params.items() if k.startswith("search.")}
 
@@ -195,6 +220,7 @@ def test_ray_search_resumes_after_the_search_process_is_stopped(tmp_path: Path, 
 
     first = sessions.start(args, "first")
     completed_before, interrupted = wait_for(lambda: one_done_one_running(db), first, tmp_path / "first.err")
+    wait_for(lambda: evaluations_of(db, interrupted) >= 2, first, tmp_path / "first.err")  # steps its rerun reports again
     os.killpg(first.pid, sig)  # the whole process group: Ctrl-C in a terminal, or everything killed at once
     first.wait(timeout=120)
     stderr = (tmp_path / "first.err").read_text()
@@ -208,11 +234,18 @@ def test_ray_search_resumes_after_the_search_process_is_stopped(tmp_path: Path, 
         sessions.kill_all()
     interrupted_params = searched(next(r for r in trial_runs(db) if r.data.tags["psmsearch.trial"] == str(interrupted)))
 
-    resumed = sessions.start([*args, "--resume"], "resumed")
+    logged = [a for a in args if a != "--no-progress"]  # piped progress: one line per event
+    resumed = sessions.start([*logged, "--resume"], "resumed")
     resumed.wait(timeout=240)
     stderr = (tmp_path / "resumed.err").read_text()
     assert resumed.returncode == 0, stderr[-4000:]
     assert "Traceback" not in stderr, stderr[-4000:]
+    # The rerun trial reports its steps again; Optuna warned for each step it held already.
+    assert "already reported" not in stderr, stderr[-4000:]
+    assert f"[tiny] trial {interrupted} started" in stderr, stderr[-4000:]
+    if sig == signal.SIGINT:  # after SIGKILL, Ray's saved state may not have the last completed trial yet
+        held = len(completed_before)
+        assert f"[tiny] the study holds {held}/{TRIALS} trials: done {held}" in stderr, stderr[-4000:]
 
     runs = trial_runs(db)
     by_status: dict[str, list[Any]] = {}
@@ -237,6 +270,17 @@ def test_ray_search_resumes_after_the_search_process_is_stopped(tmp_path: Path, 
     parents = [r for r in mlflow_runs(db) if r.data.tags.get("psmsearch.kind") == "search"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+
+    # compare lists each trial once: the rerun, not the interrupted run of the same name.
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    shown = CliRunner().invoke(main, ["compare", "--tracking-uri", f"sqlite:///{db}", "--experiment", "tiny", "--json",
+                                      "--out", str(tmp_path / "plots")])
+    assert shown.exit_code == 0, shown.output
+    rows = json.loads(shown.output.strip().splitlines()[-1])["trials"]
+    assert sorted((r["name"], r["run_id"]) for r in rows) == sorted((f"tiny-trial-{n}", r.info.run_id) for n, r in finished.items())
 
     # Ray's own record agrees: the restored experiment holds the same trials, all terminated.
     from ray.tune import ExperimentAnalysis

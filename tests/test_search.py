@@ -615,3 +615,106 @@ def test_sqlite_urls_with_a_query_string_are_accepted(tmp_path: Path) -> None:
 
     for url in (f"sqlite:///{tmp_path}/x.db?timeout=30", f"sqlite:///{tmp_path}/x.db?a=/b/c"):
         check_storage_url(url, "--storage")
+
+
+MIXED_MODEL = {
+    **TINY_SPACE["model"],
+    "encoder": {"choice": ["embed", "gla"]},  # two state kinds: tokens and affine_diag
+    "aggregator": {"choice": [*TINY_SPACE["model"]["aggregator"]["choice"], "affine_diag"]},
+    "head": {"choice": [{"name": "attention", "layers": 1, "heads": 2}, "linear_readout_diag"]},
+}
+
+
+@pytest.mark.slow
+def test_a_search_whose_encoders_span_state_kinds_logs_its_component_choices(tmp_path: Path) -> None:
+    """With encoders of two state kinds, the aggregator and head of each kind are separate Optuna
+    parameters. They were named ``model.aggregator[tokens]``, which MLflow refuses as a parameter
+    name, so every trial with such a choice failed while logging its parameters."""
+    space = write_space(tmp_path, model=MIXED_MODEL, driver={"trials": 4, "startup_trials": 1, "pruner": "none",
+                                                              "sampler": "random", "seed": 1})
+    result = run_cli("search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [t["status"] for t in summary["trials"]] == ["complete"] * 4, summary["trials"]
+    runs = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
+    chosen = [r.data.params for r in runs if "search.model.aggregator-tokens" in r.data.params]
+    assert chosen, "no trial drew a token-state encoder: pick another seed"
+    for params in chosen:
+        assert params["search.model.aggregator-tokens"] == params["model.aggregator"] in {"mlp", "attention"}
+        assert params["model.head"] == "attention" and "search.model.head-tokens" not in params  # its only option
+    assert {t.params.get("model.encoder") for t in optuna_trials(tmp_path / "psmsearch.db")} == {"embed", "gla"}
+
+
+def test_a_trial_whose_parameters_mlflow_refuses_fails_naming_the_phase(finished_search, tmp_path: Path) -> None:
+    """A refused parameter failed the trial with MLflow's bare message and left its run RUNNING with no
+    parameters; now the error names the phase and the run is closed FAILED, as other failures are."""
+    from psmsearch.search import execute_trial
+    from psmsearch.space import load_space
+    from psmsearch.tracking import Tracker
+
+    work, _ = finished_search
+    space = load_space(write_space(tmp_path), smoke_samples=1)
+    tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}", "refused-params")  # an existing store: fast
+    parent = tracker.parent_run("tiny", {}, {})
+    sampled = space.sample(optuna.trial.FixedTrial({"model.chunk_size": 2, "model.aggregator": "mlp"}))
+    outcome = execute_trial(space, sampled, 0, {"model.odd[name]": 1}, tracker, parent, "optuna")
+    assert outcome.state == "failed"
+    assert outcome.error.startswith("logging its parameters to MLflow: MlflowException: "), outcome.error
+    run = tracker.client.get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["psmsearch.error"] == outcome.error
+
+
+def test_compare_shows_one_row_per_trial_the_latest_run_of_its_name(finished_search) -> None:
+    """Ray reruns an interrupted trial under its number after --resume: the trial then has a KILLED
+    run and the rerun's, both named ``<search>-trial-N``. compare listed both (10 rows for 8 trials)."""
+    import time
+
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+    from psmsearch.tracking import Tracker
+
+    work, _ = finished_search
+    uri = f"sqlite:///{work / 'mlflow.db'}"  # an existing store: a new one takes seconds to create
+    tracker = Tracker(uri, "rerun")
+    parent = tracker.parent_run("rerun", {}, {"objectives": [{"metric": "score", "direction": "maximize"}]})
+    interrupted = tracker.trial_run(parent, "rerun", 4, {"search.model.chunk_size": 2}, {})
+    tracker.set_tags(interrupted, {"psmsearch.status": "interrupted"})
+    tracker.finish(interrupted, "KILLED")
+    time.sleep(0.01)  # runs are ordered by their start time, in milliseconds
+    rerun = tracker.trial_run(parent, "rerun", 4, {"search.model.chunk_size": 2}, {})
+    tracker.log_metrics(rerun, {"score": 0.5})
+    tracker.set_tags(rerun, {"psmsearch.status": "complete"})
+    tracker.finish(rerun, "FINISHED")
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--experiment", "rerun", "--json",
+                                       "--out", str(work / "plots-rerun")])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output.strip().splitlines()[-1])["trials"]
+    assert (row["name"], row["status"], row["run_id"]) == ("rerun-trial-4", "complete", rerun)
+
+
+def test_a_trial_ended_before_the_study_counts_it_is_still_shown_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --jobs 2 both trials may end before the study counts the first: its end line read
+    ``[1/6  done 1 ... running 0]`` while the other trial, neither counted nor running, was left out."""
+    from psmsearch.progress import SearchProgress
+    from psmsearch.search import TrialOutcome
+    from psmsearch.space import load_space
+
+    space = load_space(write_space(tmp_path), smoke_samples=1)
+    study = optuna.create_study(direction="maximize")
+    with SearchProgress(space, 6) as progress:  # not a terminal: one line per started and per ended trial
+        progress.refresh(study)
+        first, second = study.ask(), study.ask()
+        for trial in (first, second):
+            progress.started(trial.number)
+        for trial, value in ((first, 0.5), (second, 0.6)):  # both threads end their trials ...
+            progress.finished(TrialOutcome(trial.number, "complete", {"acc_2x": value}, {}))
+        study.tell(first, 0.5)  # ... and the study's callback for the first runs before the second is told
+        progress.refresh(study)
+        study.tell(second, 0.6)
+        progress.refresh(study)
+    ends = [line for line in capsys.readouterr().err.splitlines() if " complete: " in line]
+    assert [line.partition("  [")[2] for line in ends] == [
+        "1/6  done 1  pruned 0  failed 0  running 1  best acc_2x=0.5 (trial 0)]",
+        "2/6  done 2  pruned 0  failed 0  running 0  best acc_2x=0.6 (trial 1)]",
+    ]

@@ -196,3 +196,24 @@ def test_an_unknown_hyperparameter_suggests_the_close_one(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"model\.aggregator\.layer: aggregator 'attention' has no hyperparameter "
                                           r"'layer'; allowed: heads, layers, mlp_ratio\. Did you mean 'layers'\?$"):
         load_space(path, smoke_samples=1)
+
+
+@pytest.mark.parametrize(("model", "shown"), [
+    ({"chunk_size": {"choice": [4, "8"]}}, r"model\.chunk_size: choice value '8' is a str; model\.chunk_size takes int values"),
+    ({"d_model": {"choice": [16, True]}}, r"model\.d_model: choice value True is a bool; model\.d_model takes int values"),
+    ({"n_layers": {"choice": [1, 2.5]}}, r"model\.n_layers: choice value 2\.5 is a float; model\.n_layers takes int values"),
+    ({"dropout": {"choice": [0.0, "0.1"]}}, r"model\.dropout: choice value '0\.1' is a str; model\.dropout takes float values"),
+])
+def test_a_choice_value_of_the_wrong_type_for_a_model_field_is_refused_at_its_line(
+        tmp_path: Path, model: dict, shown: str) -> None:
+    """The trial validator coerced, so ``chunk_size: {choice: [4, "8"]}`` validated and Optuna stored
+    the distribution ``(4, '8')``; such a choice is now refused as one for a component's hyperparameter is."""
+    path = _space_with(tmp_path, **model)
+    field = next(iter(model))
+    with pytest.raises(ConfigError, match=rf"space\.yaml:{_line_of(path, field + ':')}: {shown}"):
+        load_space(path)
+
+
+def test_a_float_field_takes_int_choices(tmp_path: Path) -> None:
+    space = load_space(_space_with(tmp_path, dropout={"choice": [0, 0.1]}), smoke_samples=1)
+    assert {d.path: d.choices for d in space.dimensions()}["model.dropout"] == [0, 0.1]
