@@ -6,6 +6,10 @@ trainer checks at every step (:func:`raise_if_stopping`): each running trial the
 step and closes its run as interrupted. A second signal only says that the command is stopping
 (raising again would break the threads' clean-up); a third exits at once, leaving any trial still
 running to ``--resume``, which finds it by its missing heartbeat.
+
+A signal can arrive while the main thread runs a finalizer (``__del__``, a weakref callback, such
+as SQLAlchemy's): Python swallows an exception raised there and prints it as "Exception ignored".
+The ``KeyboardInterrupt`` is then delivered again at the main thread's next step outside it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 
 STOP = threading.Event()
 _signals_seen = 0
+_redeliver = False  # a finalizer swallowed the first signal's KeyboardInterrupt: raise it again
+_default_unraisable_hook = sys.unraisablehook
 
 
 def raise_if_stopping() -> None:
@@ -27,9 +33,12 @@ def raise_if_stopping() -> None:
 
 
 def _handle(signum: int, _frame: Any) -> None:
-    global _signals_seen
-    _signals_seen += 1
+    global _signals_seen, _redeliver
     name = signal.Signals(signum).name
+    if _redeliver:
+        _redeliver = False
+        raise KeyboardInterrupt(name)
+    _signals_seen += 1
     if _signals_seen == 1:
         STOP.set()
         raise KeyboardInterrupt(name)
@@ -41,8 +50,23 @@ def _handle(signum: int, _frame: Any) -> None:
     os._exit(130)
 
 
+def _unraisable(unraisable: Any) -> None:
+    """Deliver a stop's ``KeyboardInterrupt`` that a finalizer swallowed again (see above); others as usual."""
+    global _redeliver
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP.is_set():
+        _redeliver = True
+        # A real signal to the main thread, a moment later: once the finalizer has returned, and it wakes
+        # a blocking wait (a signal simulated in this thread would run _handle here, inside it).
+        timer = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+        return
+    _default_unraisable_hook(unraisable)
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM as described above (main thread only, as Python requires)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handle)
         signal.signal(signal.SIGTERM, _handle)
+        sys.unraisablehook = _unraisable

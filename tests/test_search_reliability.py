@@ -191,6 +191,36 @@ def test_a_second_signal_while_stopping_does_not_raise_again() -> None:
     assert result.stdout.strip() == "worker threads stop"
 
 
+SIGNAL_IN_A_FINALIZER = """
+import os, signal, sys, threading
+from psmsearch import interrupts
+
+interrupts.install()
+
+class Finalised:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(200000):  # the handler runs here, inside the finalizer
+            pass
+
+try:
+    Finalised()  # dropped at once: its __del__ runs
+    threading.Event().wait(5)
+    sys.exit("the interrupt was lost in the finalizer")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_a_signal_that_lands_in_a_finalizer_still_interrupts() -> None:
+    """Python swallows an exception raised in ``__del__`` or a weakref callback (SQLAlchemy's, during a
+    search) and prints it with a traceback: Ctrl-C there printed "Exception ignored ... Traceback"."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_FINALIZER], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "interrupted"
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_ctrl_c_stops_parallel_trials_at_once(tmp_path: Path) -> None:
     """With --jobs 2 the trials run in threads, which Python's KeyboardInterrupt never reaches: the
     search used to train both to the end before it stopped."""
