@@ -9,7 +9,7 @@ import pytest
 
 from psmsearch.errors import ConfigError
 from psmsearch.registry import get_registry
-from psmsearch.space import load_space, smoke_sample
+from psmsearch.space import kind_suffix, load_space, smoke_sample
 from searchhelpers import TINY_SPACE
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
@@ -217,3 +217,11 @@ def test_a_choice_value_of_the_wrong_type_for_a_model_field_is_refused_at_its_li
 def test_a_float_field_takes_int_choices(tmp_path: Path) -> None:
     space = load_space(_space_with(tmp_path, dropout={"choice": [0, 0.1]}), smoke_samples=1)
     assert {d.path: d.choices for d in space.dimensions()}["model.dropout"] == [0, 0.1]
+
+
+@pytest.mark.parametrize(("state_kind", "suffix"), [
+    ("tokens", "-tokens"), ("affine-scalar", "-affine-scalar"), ("my kind/v2[x]", "-my_kind_v2_x_"), ("a.b_c", "-a.b_c"),
+])
+def test_a_state_kind_becomes_a_parameter_suffix_mlflow_and_ray_accept(state_kind: str, suffix: str) -> None:
+    """Spaces, slashes (Ray splits keys on them) and brackets (MLflow refuses them) become underscores."""
+    assert kind_suffix(state_kind) == suffix
