@@ -39,7 +39,9 @@ export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 unset PSMSEARCH_KERNEL_BACKEND TRITON_INTERPRET
 
 echo "== pytest -m gpu tests/kernels"
-timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -m gpu tests/kernels -q -rs --noconftest -p no:cacheprovider \
+# -P: the repository root must not come first on sys.path, or its psmsearch/ (which has no
+# kernels/ subfolder: setuptools maps it at install time) hides the shim.
+timeout "${TEST_TIMEOUT:-170}" "$PY" -P -m pytest -m gpu tests/kernels -q -rfEs --timeout 90 --noconftest -p no:cacheprovider \
     --durations=5 2>&1 | tee "$OUT/pytest_gpu.txt"
 echo "pytest exit: $?"
 

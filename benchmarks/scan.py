@@ -442,6 +442,15 @@ def print_cuda_table(rows: list[Row], device: str) -> None:
               f"{ref['ms'] / tri['ms']:.1f}x | {tri['copy_GB/s']:.0f}")
 
 
+def print_tuning_table(tunings: list[dict[str, Any]]) -> None:
+    """Each tuning the Triton scan made: the pick, and every candidate's time relative to it."""
+    print("Triton tile tuning (ms of 3 launches; x = time over the pick's; inf = did not compile or fit)")
+    for tuning in tunings:
+        best = tuning["candidates"][tuning["chosen"]]
+        spread = ", ".join(f"{name} {ms / best:.2f}x" for name, ms in tuning["candidates"].items())
+        print(f"{' '.join(tuning['key'])}: {tuning['chosen']} {best:.3f} ms | {spread}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = device_benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--model-sizes", action="store_true",
@@ -478,6 +487,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if torch.cuda.is_available():
             result["cuda_device"] = torch.cuda.get_device_name()
             result["cuda"] = cuda_rows(args.quick)
+            from psmsearch.kernels import first_order_scan_triton
+            result["cuda_tuning"] = first_order_scan_triton.tuning_report()
         else:
             result["cuda_note"] = "n/a: torch.cuda.is_available() is False"
     return result
@@ -490,6 +501,8 @@ def print_tables(result: dict[str, Any], cpu_only: bool) -> None:
         print_model_table(result["cpu_model_sizes"])
     if "cuda" in result:
         print_cuda_table(result["cuda"], result.get("cuda_device", "CUDA"))
+    if result.get("cuda_tuning"):
+        print_tuning_table(result["cuda_tuning"])
     elif not cpu_only and "cuda_note" in result:
         print(f"CUDA part: {result['cuda_note']}")
 

@@ -207,9 +207,13 @@ _CANDIDATES = (
     _Config(128, 32, 4, 2),
     _Config(128, 16, 4, 2),
     _Config(32, 128, 4, 2),
+    _Config(128, 8, 4, 2),
+    _Config(64, 16, 2, 2),
+    _Config(256, 32, 8, 2),
 )
 _TUNE_MIN_ELEMENTS = 1 << 22
 _tuned: dict[tuple, _Config] = {}
+_tuning_times: dict[tuple, dict[_Config, float]] = {}
 
 
 def _config(key: tuple, elements: int, launch: Callable[[_Config], None], device: torch.device) -> _Config:
@@ -223,8 +227,26 @@ def _config(key: tuple, elements: int, launch: Callable[[_Config], None], device
     if elements < _TUNE_MIN_ELEMENTS:
         return _DEFAULT_CONFIG
     if key not in _tuned:
-        _tuned[key] = min(_CANDIDATES, key=lambda cfg: _time_config(launch, cfg))
+        times = {cfg: _time_config(launch, cfg) for cfg in _CANDIDATES}
+        _tuning_times[key] = times
+        _tuned[key] = min(_CANDIDATES, key=times.__getitem__)
     return _tuned[key]
+
+
+def tuning_report() -> list[dict[str, object]]:
+    """Every tuning made in this process: the problem key, each candidate's time (ms, 3 launches) and the pick.
+
+    For benchmarks: it shows how far the chosen tile shape is ahead of the others
+    (``inf`` marks a candidate that did not compile or fit).
+    """
+    return [{"key": [str(part) for part in key],
+             "candidates": {_config_name(cfg): ms for cfg, ms in times.items()},
+             "chosen": _config_name(_tuned[key])}
+            for key, times in _tuning_times.items()]
+
+
+def _config_name(cfg: _Config) -> str:
+    return f"T{cfg.block_t}xN{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def _time_config(launch: Callable[[_Config], None], cfg: _Config) -> float:

@@ -41,6 +41,17 @@ def test_scan_tuned_large(reverse: bool) -> None:
     check_scan("cuda", 2049, "full", True, reverse, batch=4, state=(1030,), gate_shape=(4, 2049, 1030))
 
 
+@pytest.mark.parametrize("candidate", range(9))
+def test_every_candidate_tile_shape_is_right(candidate: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tuner may pick any candidate on another card or size, so each one is checked, forward and backward."""
+    from psmsearch.kernels import first_order_scan_triton as scan_triton
+
+    assert len(scan_triton._CANDIDATES) == 9, "keep the parametrization in step with _CANDIDATES"
+    cfg = scan_triton._CANDIDATES[candidate]
+    monkeypatch.setattr(scan_triton, "_config", lambda key, elements, launch, device: cfg)
+    check_scan("cuda", 301, "full", True, False, batch=2, state=(70,), gate_shape=(2, 301, 70))
+
+
 @pytest.mark.parametrize(("steps", "state", "reverse"), [(0, (2, 3, 5), False), (0, (2, 3, 5), True),
                                                       (9, (2, 3, 0), False)])
 def test_scan_empty_inputs_with_h0(steps: int, state: tuple[int, ...], reverse: bool) -> None:
