@@ -18,7 +18,11 @@ Backward (both directions): in scan order ``p``,
 ``g_p = dh_p + a_{p+1} g_{p+1}`` runs the same tile scan from the end,
 and the same kernel writes ``db = g``, ``da_p = g_p h_{p-1}`` and ``dh0 = a_0 g_0``.
 
-On CUDA the tile shape is tuned once per problem class (see :func:`_config`);
+A second forward kernel, :func:`_scan_fwd_coarse_kernel`, cuts each tile into
+groups of consecutive steps that are walked in order (one multiply-add per
+element) and runs the tile-wide scan over the groups only.
+
+On CUDA the kernel and tile shape are tuned once per problem class (see :func:`_config`);
 under ``TRITON_INTERPRET=1`` a small fixed tile keeps the interpreter fast.
 """
 
@@ -117,6 +121,69 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _load_rows(A, X, pos, row_ok, cols, a_cols, col_ok, T, N, stride_at, REVERSE: tl.constexpr):
+    """Gates and inputs of scan positions ``pos`` (``[GROUPS]``) as float32 ``[GROUPS, BLOCK_N]``.
+
+    Rows where ``row_ok`` is false or ``pos`` is past the end read as the identity ``(1, 0)``.
+    """
+    t = _time_of(pos, T, REVERSE)
+    ok = (row_ok & (pos < T))[:, None] & col_ok[None, :]
+    a = tl.load(A + t[:, None] * stride_at + a_cols[None, :], mask=ok, other=1.0).to(tl.float32)
+    x = tl.load(X + t[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    return a, x
+
+
+@triton.jit
+def _scan_fwd_coarse_kernel(
+    A, X, H0, OUT, A_COLS,
+    T, N, stride_ab, stride_at,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, GATE_FULL: tl.constexpr,
+    GROUPS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The forward of :func:`_scan_fwd_kernel` with ``SUB`` consecutive steps per group walked in order.
+
+    A tile of ``GROUPS * SUB`` steps is cut into ``GROUPS`` groups of ``SUB``
+    consecutive steps. Pass 1 folds, for each group, the ``SUB`` steps of the
+    group *before* it (the identity for the first), elementwise; the
+    associative scan over groups then gives every group's entering state, and
+    pass 2 walks each group's own steps with one multiply-add per element. The
+    tile-wide scan (shuffles, shared memory) thus runs on one row in ``SUB``;
+    pass 2 re-reads pass 1's rows, which the cache still holds.
+    """
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    col_ok = cols < N
+    a_cols = _gate_columns(A_COLS, cols, col_ok, GATE_FULL)  # [BLOCK_N]
+    groups = tl.arange(0, GROUPS) * SUB  # first step of each group within the tile  [GROUPS]
+    A += pid_b * stride_ab
+    X += pid_b * T * N
+    OUT += pid_b * T * N
+    if HAS_H0:
+        carry = tl.load(H0 + pid_b * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, T, GROUPS * SUB):
+        a_before = tl.full([GROUPS, BLOCK_N], 1.0, tl.float32)
+        x_before = tl.zeros([GROUPS, BLOCK_N], dtype=tl.float32)
+        for r in tl.static_range(SUB):
+            # step r of the previous group; none before the first group (its state is the carry)
+            a, x = _load_rows(A, X, start + groups - SUB + r, groups > 0, cols, a_cols, col_ok, T, N,
+                              stride_at, REVERSE)
+            a_before = a * a_before
+            x_before = a * x_before + x
+        a_cum, x_cum = tl.associative_scan((a_before, x_before), 0, _affine_combine)
+        h = x_cum + a_cum * carry[None, :]  # state entering each group  [GROUPS, BLOCK_N]
+        for r in tl.static_range(SUB):
+            pos = start + groups + r  # [GROUPS]
+            a, x = _load_rows(A, X, pos, pos >= 0, cols, a_cols, col_ok, T, N, stride_at, REVERSE)
+            h = a * h + x
+            t = _time_of(pos, T, REVERSE)
+            tl.store(OUT + t[:, None] * N + cols[None, :], h, mask=(pos < T)[:, None] & col_ok[None, :])
+        carry = tl.sum(tl.where(groups[:, None] == (GROUPS - 1) * SUB, h, 0.0), axis=0)  # last group
+
+
+@triton.jit
 def _load_bwd_tile(A, H, DH, start, rows, cols, a_cols, col_ok, h_init, T, N, stride_at,
                    REVERSE: tl.constexpr, NEED_DA: tl.constexpr):
     """For scan positions ``p = T-1-(start+rows)`` (descending): ``a_{p+1}``, ``dh_p``, ``h_{p-1}``.
@@ -192,10 +259,16 @@ def _scan_bwd_kernel(
 
 @dataclass(frozen=True)
 class _Config:
+    """A launch shape: ``block_t`` steps by ``block_n`` columns per tile.
+
+    ``sub > 1`` (forward only) takes :func:`_scan_fwd_coarse_kernel`, whose
+    groups walk ``sub`` consecutive steps each (``block_t // sub`` groups).
+    """
     block_t: int
     block_n: int
     num_warps: int
     num_stages: int = 1
+    sub: int = 1
 
 
 _INTERPRET_CONFIG = _Config(block_t=8, block_n=16, num_warps=1)
@@ -211,12 +284,19 @@ _CANDIDATES = (
     _Config(64, 16, 2, 2),
     _Config(256, 32, 8, 2),
 )
+_FORWARD_CANDIDATES = _CANDIDATES + (
+    _Config(128, 32, 4, 1, sub=8),
+    _Config(128, 16, 2, 1, sub=8),
+    _Config(256, 32, 4, 1, sub=16),
+    _Config(128, 64, 4, 1, sub=4),
+)
 _TUNE_MIN_ELEMENTS = 1 << 22
 _tuned: dict[tuple, _Config] = {}
 _tuning_times: dict[tuple, dict[_Config, float]] = {}
 
 
-def _config(key: tuple, elements: int, launch: Callable[[_Config], None], device: torch.device) -> _Config:
+def _config(key: tuple, elements: int, launch: Callable[[_Config], None], device: torch.device,
+            candidates: tuple[_Config, ...] = _CANDIDATES) -> _Config:
     """Tile shape for a launch: fixed for small problems and the interpreter, else tuned once per ``key``.
 
     Tuning times every candidate with CUDA events on the real arguments (the
@@ -227,26 +307,10 @@ def _config(key: tuple, elements: int, launch: Callable[[_Config], None], device
     if elements < _TUNE_MIN_ELEMENTS:
         return _DEFAULT_CONFIG
     if key not in _tuned:
-        times = {cfg: _time_config(launch, cfg) for cfg in _CANDIDATES}
+        times = {cfg: _time_config(launch, cfg) for cfg in candidates}
         _tuning_times[key] = times
-        _tuned[key] = min(_CANDIDATES, key=times.__getitem__)
+        _tuned[key] = min(candidates, key=times.__getitem__)
     return _tuned[key]
-
-
-def tuning_report() -> list[dict[str, object]]:
-    """Every tuning made in this process: the problem key, each candidate's time (ms, 3 launches) and the pick.
-
-    For benchmarks: it shows how far the chosen tile shape is ahead of the others
-    (``inf`` marks a candidate that did not compile or fit).
-    """
-    return [{"key": [str(part) for part in key],
-             "candidates": {_config_name(cfg): ms for cfg, ms in times.items()},
-             "chosen": _config_name(_tuned[key])}
-            for key, times in _tuning_times.items()]
-
-
-def _config_name(cfg: _Config) -> str:
-    return f"T{cfg.block_t}xN{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def _time_config(launch: Callable[[_Config], None], cfg: _Config) -> float:
@@ -299,16 +363,19 @@ def scan_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reve
         return out
 
     def launch(cfg: _Config) -> None:
-        _scan_fwd_kernel[_grid(cfg, n, batch)](
-            a_c, b_c, h0_c if h0_c is not None else b_c, out, a_cols,
-            steps, n, stride_ab, stride_at,
-            HAS_H0=h0_c is not None, REVERSE=reverse, GATE_FULL=a.shape[2:] == b.shape[2:],
-            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        args = (a_c, b_c, h0_c if h0_c is not None else b_c, out, a_cols, steps, n, stride_ab, stride_at)
+        flags = dict(HAS_H0=h0_c is not None, REVERSE=reverse, GATE_FULL=a.shape[2:] == b.shape[2:])
+        if cfg.sub > 1:
+            _scan_fwd_coarse_kernel[_grid(cfg, n, batch)](
+                *args, **flags, GROUPS=cfg.block_t // cfg.sub, SUB=cfg.sub, BLOCK_N=cfg.block_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            _scan_fwd_kernel[_grid(cfg, n, batch)](
+                *args, **flags, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = ("fwd", n, batch, steps.bit_length(), a.shape[2:], b.dtype, a.dtype)
-    launch(_config(key, b.numel(), launch, b.device))
+    launch(_config(key, b.numel(), launch, b.device, _FORWARD_CANDIDATES))
     return out
 
 

@@ -62,6 +62,20 @@ def test_scan_63_steps(gate: str, reverse: bool, non_contiguous: bool) -> None:
     check_scan("cpu", 63, gate, True, reverse, non_contiguous=non_contiguous, batch=3)
 
 
+@pytest.mark.parametrize(("steps", "gate", "reverse"), [
+    (1, "full", False), (21, "diagonal", True), (37, "scalar", False), (37, "full", True),
+])
+def test_scan_coarse_forward(steps: int, gate: str, reverse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward kernel whose groups walk consecutive steps (CUDA tuning may pick it), on a tiny tile:
+    4 groups of 4 steps, so T = 37 spans two tiles and a partial third; the backward keeps its kernel."""
+    from psmsearch.kernels import first_order_scan_triton as scan_triton
+
+    coarse = scan_triton._Config(block_t=16, block_n=16, num_warps=1, sub=4)
+    monkeypatch.setattr(scan_triton, "_config", lambda key, elements, launch, device, candidates=None:
+                        coarse if candidates is scan_triton._FORWARD_CANDIDATES else scan_triton._INTERPRET_CONFIG)
+    check_scan("cpu", steps, gate, True, reverse, batch=3)
+
+
 @pytest.mark.parametrize(("steps", "gate", "state", "reverse"), [
     (0, "full", (2, 3, 5), False),        # no step: h0 reaches no output, its gradient is zero
     (0, "scalar", (2, 3, 5), True),

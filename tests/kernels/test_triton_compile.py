@@ -79,6 +79,9 @@ def test_first_order_scan_kernels_compile(dtype: str, reverse: bool) -> None:
     tile = {"BLOCK_T": 64, "BLOCK_N": 64}
     _compile(scan._scan_fwd_kernel, {"HAS_H0": True, "REVERSE": reverse, "GATE_FULL": False, **tile},
              _typed(dtype, "A X H0 OUT", int64="A_COLS"))
+    _compile(scan._scan_fwd_coarse_kernel,
+             {"HAS_H0": True, "REVERSE": reverse, "GATE_FULL": False, "GROUPS": 16, "SUB": 8, "BLOCK_N": 32},
+             _typed(dtype, "A X H0 OUT", int64="A_COLS"))
     _compile(scan._scan_bwd_kernel,
              {"HAS_H0": True, "REVERSE": reverse, "NEED_DA": True, "GATE_FULL": True, **tile},
              _typed(dtype, "A H H0 DH", fp32="DB DA DH0", int64="A_COLS"))

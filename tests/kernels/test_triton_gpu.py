@@ -41,15 +41,19 @@ def test_scan_tuned_large(reverse: bool) -> None:
     check_scan("cuda", 2049, "full", True, reverse, batch=4, state=(1030,), gate_shape=(4, 2049, 1030))
 
 
-@pytest.mark.parametrize("candidate", range(9))
+@pytest.mark.parametrize("candidate", range(13))
 def test_every_candidate_tile_shape_is_right(candidate: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tuner may pick any candidate on another card or size, so each one is checked, forward and backward."""
+    """The tuner may pick any candidate on another card or size, so each one is checked, forward and
+    backward (a forward-only candidate leaves the backward on its default shape)."""
     from psmsearch.kernels import first_order_scan_triton as scan_triton
 
-    assert len(scan_triton._CANDIDATES) == 9, "keep the parametrization in step with _CANDIDATES"
-    cfg = scan_triton._CANDIDATES[candidate]
-    monkeypatch.setattr(scan_triton, "_config", lambda key, elements, launch, device: cfg)
-    check_scan("cuda", 301, "full", True, False, batch=2, state=(70,), gate_shape=(2, 301, 70))
+    assert len(scan_triton._FORWARD_CANDIDATES) == 13, "keep the parametrization in step with the candidates"
+    cfg = scan_triton._FORWARD_CANDIDATES[candidate]
+    monkeypatch.setattr(scan_triton, "_config", lambda key, elements, launch, device, candidates=None:
+                        cfg if cfg in (candidates or scan_triton._CANDIDATES) else scan_triton._DEFAULT_CONFIG)
+    for reverse in (False, True):
+        check_scan("cuda", 301, "full", True, reverse, batch=2, state=(70,), gate_shape=(2, 301, 70))
+    check_scan("cuda", 300, "scalar", True, False, state=(1030,), gate_shape=(2, 300, 1))
 
 
 @pytest.mark.parametrize(("steps", "state", "reverse"), [(0, (2, 3, 5), False), (0, (2, 3, 5), True),
