@@ -313,6 +313,23 @@ def _config(key: tuple, elements: int, launch: Callable[[_Config], None], device
     return _tuned[key]
 
 
+def tuning_report() -> list[dict[str, object]]:
+    """Every tuning made in this process: the problem key, each candidate's time (ms, 3 launches) and the pick.
+
+    For benchmarks: it shows how far the chosen tile shape is ahead of the others
+    (``inf`` marks a candidate that did not compile or fit).
+    """
+    return [{"key": [str(part) for part in key],
+             "candidates": {_config_name(cfg): ms for cfg, ms in times.items()},
+             "chosen": _config_name(_tuned[key])}
+            for key, times in _tuning_times.items()]
+
+
+def _config_name(cfg: _Config) -> str:
+    sub = f" sub{cfg.sub}" if cfg.sub > 1 else ""
+    return f"T{cfg.block_t}xN{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{sub}"
+
+
 def _time_config(launch: Callable[[_Config], None], cfg: _Config) -> float:
     try:
         launch(cfg)

@@ -109,6 +109,35 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     assert result["cpu_clean_caches"] is True and "caches left clean before each timed call" in table
 
 
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="triton is not installed")
+def test_scan_tuning_report_names_every_candidate_and_the_pick(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """What the CUDA part of the scan benchmark saves and prints about the tuner (filled by hand: no GPU here)."""
+    from psmsearch.kernels import first_order_scan_triton as scan_triton
+
+    fast, slow = scan_triton._FORWARD_CANDIDATES[-1], scan_triton._DEFAULT_CONFIG
+    key = ("fwd", 1536, 8, 17, torch.Size([1536]), torch.bfloat16, torch.bfloat16)
+    monkeypatch.setattr(scan_triton, "_tuning_times", {key: {slow: 3.0, fast: 1.5}})
+    monkeypatch.setattr(scan_triton, "_tuned", {key: fast})
+    report = scan_triton.tuning_report()
+    assert report == [{"key": [str(part) for part in key],
+                       "candidates": {"T64xN64 w4 s2": 3.0, "T128xN64 w4 s1 sub4": 1.5},
+                       "chosen": "T128xN64 w4 s1 sub4"}]
+    _load("scan").print_tuning_table(json.loads(json.dumps(report)))
+    out = capsys.readouterr().out
+    assert "T128xN64 w4 s1 sub4 1.500 ms | T64xN64 w4 s2 2.00x, T128xN64 w4 s1 sub4 1.00x" in out
+
+
+def test_scan_benchmark_reprints_the_saved_h200_run() -> None:
+    """The CUDA table of a saved GPU run (benchmarks/measured) reprints from its JSON, with the same figures."""
+    saved = BENCHMARKS / "measured" / "scan_cuda_h200_2026-11-29.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "scan.py"), "--from-json", str(saved)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "CUDA (NVIDIA H200)" in run.stdout
+    assert "float32 | 65536 | fwd | 2.804 | 3446 | 91% |" in run.stdout
+    assert "Triton tile tuning" in run.stdout
+
+
 def test_cache_sizes_as_linux_writes_them() -> None:
     timing = _load("bench_timing")
     assert [timing.cache_size_bytes(text) for text in ("32768K\n", "1M", "512", "", "big")] == [

@@ -49,7 +49,7 @@ def _naive(reverse: bool):  # noqa: ANN202
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    torch.testing.assert_close(got.cpu(), want, rtol=TOL, atol=TOL, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=TOL, atol=TOL, msg=lambda m: f"{what}: {m}")
 
 
 def check_grad_and_jvp(device: str, backend: str, steps: int, gate: str, reverse: bool) -> None:
@@ -159,7 +159,7 @@ def check_higher_derivatives(device: str, backend: str, reverse: bool, dtype: to
 
     def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
         scale = want.abs().max().item() or 1.0
-        torch.testing.assert_close(got.cpu().double() / scale, want.double() / scale, rtol=tol, atol=tol,
+        torch.testing.assert_close(got.cpu().double() / scale, want.cpu().double() / scale, rtol=tol, atol=tol,
                                    msg=lambda m: f"{what}: {m}")
 
     names = ("a", "b", "h0")
