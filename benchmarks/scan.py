@@ -444,10 +444,14 @@ def print_cuda_table(rows: list[Row], device: str) -> None:
 
 def print_tuning_table(tunings: list[dict[str, Any]]) -> None:
     """Each tuning the Triton scan made: the pick, and every candidate's time relative to it."""
-    print("Triton tile tuning (ms of 3 launches; x = time over the pick's; inf = did not compile or fit)")
+    print("Triton tile tuning (ms of 3 launches; x = time over the pick's; failed = did not compile or fit)")
     for tuning in tunings:
         best = tuning["candidates"][tuning["chosen"]]
-        spread = ", ".join(f"{name} {ms / best:.2f}x" for name, ms in tuning["candidates"].items())
+        if best is None:
+            print(f"{' '.join(tuning['key'])}: every candidate failed")
+            continue
+        spread = ", ".join(f"{name} " + ("failed" if ms is None else f"{ms / best:.2f}x")
+                           for name, ms in tuning["candidates"].items())
         print(f"{' '.join(tuning['key'])}: {tuning['chosen']} {best:.3f} ms | {spread}")
 
 

@@ -317,10 +317,10 @@ def tuning_report() -> list[dict[str, object]]:
     """Every tuning made in this process: the problem key, each candidate's time (ms, 3 launches) and the pick.
 
     For benchmarks: it shows how far the chosen tile shape is ahead of the others
-    (``inf`` marks a candidate that did not compile or fit).
+    (``None`` marks a candidate that did not compile or fit, so the report stays valid JSON).
     """
     return [{"key": [str(part) for part in key],
-             "candidates": {_config_name(cfg): ms for cfg, ms in times.items()},
+             "candidates": {_config_name(cfg): (ms if math.isfinite(ms) else None) for cfg, ms in times.items()},
              "chosen": _config_name(_tuned[key])}
             for key, times in _tuning_times.items()]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -117,15 +118,17 @@ def test_scan_tuning_report_names_every_candidate_and_the_pick(monkeypatch: pyte
 
     fast, slow = scan_triton._FORWARD_CANDIDATES[-1], scan_triton._DEFAULT_CONFIG
     key = ("fwd", 1536, 8, 17, torch.Size([1536]), torch.bfloat16, torch.bfloat16)
-    monkeypatch.setattr(scan_triton, "_tuning_times", {key: {slow: 3.0, fast: 1.5}})
+    broken = scan_triton._CANDIDATES[1]
+    monkeypatch.setattr(scan_triton, "_tuning_times", {key: {slow: 3.0, fast: 1.5, broken: math.inf}})
     monkeypatch.setattr(scan_triton, "_tuned", {key: fast})
     report = scan_triton.tuning_report()
     assert report == [{"key": [str(part) for part in key],
-                       "candidates": {"T64xN64 w4 s2": 3.0, "T128xN64 w4 s1 sub4": 1.5},
+                       "candidates": {"T64xN64 w4 s2": 3.0, "T128xN64 w4 s1 sub4": 1.5, "T32xN64 w4 s2": None},
                        "chosen": "T128xN64 w4 s1 sub4"}]
-    _load("scan").print_tuning_table(json.loads(json.dumps(report)))
+    saved = json.dumps(report, allow_nan=False)  # strict JSON: a failed candidate is null, not Infinity
+    _load("scan").print_tuning_table(json.loads(saved))
     out = capsys.readouterr().out
-    assert "T128xN64 w4 s1 sub4 1.500 ms | T64xN64 w4 s2 2.00x, T128xN64 w4 s1 sub4 1.00x" in out
+    assert "T128xN64 w4 s1 sub4 1.500 ms | T64xN64 w4 s2 2.00x, T128xN64 w4 s1 sub4 1.00x, T32xN64 w4 s2 failed" in out
 
 
 def test_scan_benchmark_reprints_the_saved_h200_run() -> None:

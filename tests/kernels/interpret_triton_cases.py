@@ -26,6 +26,7 @@ from triton_kernel_checks import (  # noqa: E402
     check_decay_layer,
     check_decay_layer_other_chunk,
     check_scan,
+    check_scan_half,
     check_triton_decision,
     chunk_inputs,
 )
@@ -62,18 +63,33 @@ def test_scan_63_steps(gate: str, reverse: bool, non_contiguous: bool) -> None:
     check_scan("cpu", 63, gate, True, reverse, non_contiguous=non_contiguous, batch=3)
 
 
-@pytest.mark.parametrize(("steps", "gate", "reverse"), [
-    (1, "full", False), (21, "diagonal", True), (37, "scalar", False), (37, "full", True),
+@pytest.mark.parametrize(("steps", "gate", "with_h0", "reverse", "layout"), [
+    (1, "full", True, False, {}),
+    (21, "diagonal", True, True, {}),
+    (37, "scalar", False, False, {}),                                 # no initial state
+    (37, "full", True, True, {"non_contiguous": True}),               # strided inputs
+    (37, "diagonal", False, True, {"gate_shape": (1, 1, 2, 3, 1)}),   # one gate for every batch row and step
 ])
-def test_scan_coarse_forward(steps: int, gate: str, reverse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scan_coarse_forward(steps: int, gate: str, with_h0: bool, reverse: bool, layout: dict[str, object],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The forward kernel whose groups walk consecutive steps (CUDA tuning may pick it), on a tiny tile:
     4 groups of 4 steps, so T = 37 spans two tiles and a partial third; the backward keeps its kernel."""
+    _force_coarse_forward(monkeypatch)
+    check_scan("cpu", steps, gate, with_h0, reverse, batch=3, **layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scan_coarse_forward_half_inputs(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    _force_coarse_forward(monkeypatch)
+    check_scan_half("cpu", dtype, steps=37)
+
+
+def _force_coarse_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     from psmsearch.kernels import first_order_scan_triton as scan_triton
 
     coarse = scan_triton._Config(block_t=16, block_n=16, num_warps=1, sub=4)
     monkeypatch.setattr(scan_triton, "_config", lambda key, elements, launch, device, candidates=None:
                         coarse if candidates is scan_triton._FORWARD_CANDIDATES else scan_triton._INTERPRET_CONFIG)
-    check_scan("cpu", steps, gate, True, reverse, batch=3)
 
 
 @pytest.mark.parametrize(("steps", "gate", "state", "reverse"), [

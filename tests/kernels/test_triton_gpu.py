@@ -52,8 +52,9 @@ def test_every_candidate_tile_shape_is_right(candidate: int, monkeypatch: pytest
     monkeypatch.setattr(scan_triton, "_config", lambda key, elements, launch, device, candidates=None:
                         cfg if cfg in (candidates or scan_triton._CANDIDATES) else scan_triton._DEFAULT_CONFIG)
     for reverse in (False, True):
-        check_scan("cuda", 301, "full", True, reverse, batch=2, state=(70,), gate_shape=(2, 301, 70),
-                   tol=1e-4)
+        check_scan("cuda", 301, "full", True, reverse, batch=2, state=(70,), gate_shape=(2, 301, 70))
+    # The gate gradient here sums 1030 columns' terms in float32: one element of 600 was seen off by
+    # 1.9e-5 (relative 5.7e-5) from the reference on an H200, hence the looser tolerance for this case only.
     check_scan("cuda", 300, "scalar", True, False, state=(1030,), gate_shape=(2, 300, 1), tol=1e-4)
 
 
