@@ -22,7 +22,7 @@ from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
 from psmsearch.config import ComponentSpec, ModelConfig
 from psmsearch.errors import ConfigError, HyperParameterError, IncompatibleComponentsError, PSMSearchError
 from psmsearch.registry import Registry, get_registry
-from psmsearch.scan import OnlineScan, prefix_scan
+from psmsearch.scan import OnlineScan, checked_initial_state, prefix_scan
 
 
 def check_compatible(registry: Registry, encoder: str, aggregator: str, head: str) -> None:
@@ -151,7 +151,7 @@ class PSMLayer(nn.Module):
             summaries = self.encoder.summarize(f)  # [B, n, ...]
             prefixes = prefix_scan(self.aggregator, summaries, mode=scan_mode, total=tail_f is not None)  # [B, N, ...]
         else:
-            prefixes = S.unsqueeze(self.aggregator.initial_state((batch,)), 1)  # [B, 1, ...]
+            prefixes = S.unsqueeze(self.initial_prefix(batch), 1)  # [B, 1, ...]
         outputs = []
         if full:
             y = self.head(_contiguous(S.take(prefixes, 1, slice(0, full))), f)  # [B, n, c, d]
@@ -160,6 +160,12 @@ class PSMLayer(nn.Module):
             y = self.head(_contiguous(S.take(prefixes, 1, slice(full, full + 1))), tail_f)  # [B, 1, r, d]
             outputs.append(y.reshape(y.shape[0], y.shape[2], y.shape[3]))  # [B, r, d]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, d]
+
+    def initial_prefix(self, batch: int) -> S.State:
+        """The aggregator's ``initial_state((batch,))``, checked against the encoder's ``state_shape``."""
+        shape = self.encoder.state_shape
+        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        return checked_initial_state(self.aggregator, (batch,), [(batch, *s) for s in shapes])
 
     def stream(self, batch_size: int) -> "LayerStream":
         """A fresh streaming state for ``batch_size`` sequences."""
@@ -190,7 +196,7 @@ class LayerStream:
         self.layer = layer
         self.batch_size = batch_size
         self.scan = OnlineScan(layer.aggregator, (batch_size,))
-        self.prefix = self.scan.prefix()
+        self.prefix = layer.initial_prefix(batch_size)
         self.buffer: Any = None  # features of the current partial chunk, [B, j, ...]
         self.position = 0  # tokens in the current partial chunk
         self.tokens_seen = 0

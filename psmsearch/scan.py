@@ -56,17 +56,50 @@ class StateShapeError(ValueError):
     names_its_origin = False
 
 
-def _component_origin(obj: Any) -> str:
-    """`` (forward at FILE:LINE)`` of ``obj``'s ``forward`` (of the module a ``torch.compile`` wrapper
+def _component_origin(obj: Any, method: str = "forward") -> str:
+    """`` (METHOD at FILE:LINE)`` of ``obj``'s ``method`` (of the module a ``torch.compile`` wrapper
     holds), or ``""`` where Python cannot tell."""
     import inspect
 
     obj = getattr(obj, "_orig_mod", obj)  # torch.compile's OptimizedModule
     try:
-        forward = inspect.unwrap(type(obj).forward)
-        return f" (forward at {inspect.getsourcefile(forward)}:{inspect.getsourcelines(forward)[1]})"
+        function = inspect.unwrap(getattr(type(obj), method))
+        return f" ({method} at {inspect.getsourcefile(function)}:{inspect.getsourcelines(function)[1]})"
     except (AttributeError, TypeError, OSError):
         return ""
+
+
+def _leaf_shapes(state: Any) -> list[tuple[int, ...]] | None:
+    """Shapes of a state's tensors, or None where ``state`` is not a state (a list, a number, None)."""
+    return [tuple(leaf.shape) for leaf in S.leaves(state)] if isinstance(state, (tuple, *_LEAF_TYPES)) else None
+
+
+def _name_of(agg: Any) -> str:
+    inner = getattr(agg, "_orig_mod", agg)
+    return getattr(inner, "name", type(inner).__name__)
+
+
+def checked_initial_state(agg: AggregatorLike, batch_shape: tuple[int, ...],
+                          want: list[tuple[int, ...]]) -> State:
+    """``agg.initial_state(batch_shape)``, refused unless its tensors have the shapes ``want``.
+
+    ``want`` is the shape of a chunk state with ``batch_shape`` in front (the head reads the initial
+    state where it reads every other prefix). A plugin whose ``initial_state`` left out the batch
+    dims otherwise failed in the head, with a torch error blamed on the head's line.
+    """
+    state = agg.initial_state(batch_shape)
+    got = _leaf_shapes(state)
+    if got != want:
+        shown = "a " + type(state).__name__ if got is None else f"shapes {got}"
+        origin = _component_origin(agg, "initial_state")
+        error = StateShapeError(
+            f"aggregator {_name_of(agg)!r}{origin}: initial_state({batch_shape}) returned {shown}, but the "
+            f"chunk states have shapes {want}; initial_state must return a state shaped like them, batch "
+            "dims first"
+        )
+        error.names_its_origin = bool(origin)
+        raise error
+    return state
 
 
 def shape_checked(agg: Callable[[State, State], State]) -> Callable[[State, State], State]:
@@ -79,15 +112,13 @@ def shape_checked(agg: Callable[[State, State], State]) -> Callable[[State, Stat
 
     def combine(older: State, newer: State) -> State:
         out = agg(older, newer)
-        got = [tuple(leaf.shape) for leaf in S.leaves(out)] if isinstance(out, (tuple, *_LEAF_TYPES)) else None
+        got = _leaf_shapes(out)
         want = [tuple(leaf.shape) for leaf in S.leaves(newer)]
         if got != want:
-            inner = getattr(agg, "_orig_mod", agg)
-            name = getattr(inner, "name", type(inner).__name__)
             shown = "a " + type(out).__name__ if got is None else f"shapes {got}"
             origin = _component_origin(agg)
             error = StateShapeError(
-                f"aggregator {name!r}{origin} returned {shown} for inputs of shapes "
+                f"aggregator {_name_of(agg)!r}{origin} returned {shown} for inputs of shapes "
                 f"{[tuple(leaf.shape) for leaf in S.leaves(older)]} (older) and {want} (newer); "
                 "agg(older, newer) must return a state shaped like newer"
             )
@@ -102,9 +133,11 @@ def _batch_shape(states: State) -> tuple[int, ...]:
     return tuple(S.leaves(states)[0].shape[:1])
 
 
-def _with_initial(agg: AggregatorLike, prefixes: State | None, batch_shape: tuple[int, ...]) -> State:
-    """Prepend ``initial_state`` (the prefix of chunk 0) to the prefixes of chunks 1..N-1."""
-    first = S.unsqueeze(agg.initial_state(batch_shape), 1)  # [B, 1, ...]
+def _with_initial(agg: AggregatorLike, prefixes: State | None, states: State) -> State:
+    """Prepend ``initial_state`` (the prefix of chunk 0) to the prefixes of chunks 1..N-1 of ``states``."""
+    batch_shape = _batch_shape(states)
+    want = [batch_shape + tuple(leaf.shape[2:]) for leaf in S.leaves(states)]
+    first = S.unsqueeze(checked_initial_state(agg, batch_shape, want), 1)  # [B, 1, ...]
     if prefixes is None:
         return first
     return S.cat([first, prefixes], dim=1)
@@ -201,15 +234,29 @@ def prefix_scan(agg: AggregatorLike, states: State, mode: ScanMode = "auto", *, 
     n = S.size(states, 1)
     if n < 1 and not total:
         raise ValueError(f"prefix_scan needs at least one chunk; got states of shape {S.describe(states)}")
-    batch_shape = _batch_shape(states)
     if mode == "auto" and n > 0 and getattr(agg, "associative", False):
         fast = getattr(agg, "scan", None)
         result = fast(states) if fast is not None else None
         if result is not None:
+            _check_own_scan(agg, result, states)
             return _append_total(agg, result, states) if total else result
     engine = _sequential_scan if mode == "sequential" else _tree_scan
     read = states if total else S.take(states, 1, slice(0, n - 1))  # [B, N or N-1, ...]
-    return _with_initial(agg, engine(shape_checked(agg), read), batch_shape)
+    return _with_initial(agg, engine(shape_checked(agg), read), states)
+
+
+def _check_own_scan(agg: AggregatorLike, prefixes: Any, states: State) -> None:
+    """An associative aggregator's own ``scan`` must return one prefix per chunk, shaped like ``states``."""
+    got, want = _leaf_shapes(prefixes), _leaf_shapes(states)
+    if got != want:
+        shown = "a " + type(prefixes).__name__ if got is None else f"shapes {got}"
+        origin = _component_origin(agg, "scan")
+        error = StateShapeError(
+            f"aggregator {_name_of(agg)!r}{origin}: scan returned {shown} for chunk states of shapes {want}; "
+            "it must return the exclusive prefixes shaped like the states (or None to use the generic scan)"
+        )
+        error.names_its_origin = bool(origin)
+        raise error
 
 
 def _append_total(agg: AggregatorLike, prefixes: State, states: State) -> State:

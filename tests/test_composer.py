@@ -9,7 +9,7 @@ from psmsearch.composer import PSMLayer, compatible_combinations, validate_model
 from psmsearch.config import ModelConfig
 from psmsearch.errors import ConfigError
 from psmsearch.model import build_model
-from psmsearch.plugins.token_state import AttentionHead, PoolEncoder
+from psmsearch.plugins.token_state import AttentionHead, MLPAggregator, PoolEncoder
 from psmsearch.registry import get_registry
 
 COMBINATIONS = compatible_combinations(get_registry())
@@ -267,3 +267,29 @@ def test_exported_model_equals_eager(encoder: str, aggregator: str, head: str) -
     tokens = torch.randint(0, 13, (2, 23))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+class _BatchlessMLP(MLPAggregator):
+    """The plugin bug ``return self.initial``: an initial state without the batch dims."""
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(4, 8)
+
+
+@pytest.mark.parametrize("path", ["whole chunks", "one partial chunk", "streaming"])
+def test_an_initial_state_without_batch_dims_names_the_aggregator(path: str) -> None:
+    """Every path that reads ``initial_state`` checks it against the encoder's ``state_shape``; it
+    failed in the head before, blamed on the head's line."""
+    from psmsearch.scan import StateShapeError
+
+    built = PSMLayer.from_config(ModelConfig(d_model=8, chunk_size=4, encoder="pool", aggregator="mlp",
+                                             head={"name": "attention", "heads": 2}))
+    layer = PSMLayer(built.encoder, _BatchlessMLP(built.aggregator.context), built.head, 4)
+    x = torch.randn(2, 9 if path == "whole chunks" else 3, 8)
+    with pytest.raises(StateShapeError, match=r"'mlp' \(initial_state at .*test_composer\.py:\d+\): "
+                                              r"initial_state\(\(2,\)\) returned shapes \[\(4, 8\)\], but the "
+                                              r"chunk states have shapes \[\(2, 4, 8\)\]"):
+        if path == "streaming":
+            layer.stream(2)
+        else:
+            layer(x)

@@ -416,3 +416,40 @@ def test_an_aggregator_returning_the_wrong_shape_is_named_where_it_happens(mode:
     from psmsearch.trial import where_raised
 
     assert where_raised(caught.value) == ""  # a failed trial adds no caller's line (it named the task's loss)
+
+
+class BatchlessStart(Twisted):
+    """Its ``initial_state`` leaves out the batch dims: the plugin bug ``return self.initial``."""
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(self.width, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["tree", "sequential"])
+def test_an_initial_state_of_the_wrong_shape_is_named_where_it_is_made(mode: str) -> None:
+    """It failed in whatever read the prefixes (torch.cat, or the head), blamed on that line."""
+    from psmsearch.scan import StateShapeError
+    from psmsearch.trial import where_raised
+
+    pattern = (r"aggregator 'BatchlessStart' \(initial_state at .*test_scan\.py:\d+\): initial_state\(\(2,\)\) "
+               r"returned shapes \[\(3,\)\], but the chunk states have shapes \[\(2, 3\)\]")
+    with pytest.raises(StateShapeError, match=pattern) as caught:
+        prefix_scan(BatchlessStart(3), torch.randn(2, 5, 3, dtype=torch.float64), mode=mode)
+    assert where_raised(caught.value) == ""
+
+
+class ShortOwnScan(Twisted):
+    """Associative in name, with its own ``scan`` returning one prefix too few."""
+
+    associative = True
+
+    def scan(self, states: torch.Tensor) -> torch.Tensor:
+        return states[:, :-1]
+
+
+def test_an_own_scan_of_the_wrong_shape_is_named() -> None:
+    from psmsearch.scan import StateShapeError
+
+    with pytest.raises(StateShapeError, match=r"'ShortOwnScan' \(scan at .*test_scan\.py:\d+\): scan returned "
+                                              r"shapes \[\(2, 4, 3\)\] for chunk states of shapes \[\(2, 5, 3\)\]"):
+        prefix_scan(ShortOwnScan(3), torch.randn(2, 5, 3, dtype=torch.float64))
