@@ -51,6 +51,21 @@ KIND_FIELDS: dict[str, frozenset[str]] = {
 MODEL_FIELDS: frozenset[str] = frozenset().union(*KIND_FIELDS.values())
 
 
+def unread_model_field_message(key: str, kinds: Sequence[str], how: str = "set", fix: str = "drop it") -> str:
+    """Why model field ``key`` is refused when the model kind is one of ``kinds``, or ``""`` if one reads it.
+
+    ``ModelConfig`` holds the fields of every kind, so a field that the chosen kind ignores (``n_heads``
+    under ``kind: psm``) would validate and then do nothing; ``train`` and ``search`` refuse it instead.
+    """
+    if key not in MODEL_FIELDS or any(key in KIND_FIELDS[k] for k in kinds):
+        return ""
+    users = sorted(k for k, fields in KIND_FIELDS.items() if key in fields)
+    message = f"{how}, but model.kind {'/'.join(kinds)} never reads it (read by: {', '.join(users)}); {fix}"
+    if key == "n_heads" and "psm" in kinds:
+        message += " (a PSM's attention heads are its components' hyperparameters, e.g. aggregator: {name: attention, heads: 4})"
+    return message
+
+
 class ModelConfig(BaseModel):
     """A model: a PSM (``kind: psm``) or a baseline (``gpt``: full causal attention, ``swa``: sliding window)."""
 

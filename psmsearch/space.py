@@ -32,7 +32,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from psmsearch.config import KIND_FIELDS, MODEL_FIELDS, model_at, unknown_field_message
+from psmsearch.config import KIND_FIELDS, MODEL_FIELDS, model_at, unknown_field_message, unread_model_field_message
 from psmsearch.errors import ConfigError, PSMSearchError, suggest
 from psmsearch.registry import Registry, get_registry
 from psmsearch.yamlio import SourceMap, load_yaml
@@ -544,7 +544,8 @@ def _contrary_directions(space: SearchSpace, config: Any) -> list[str]:
 
 
 def _validate_model_kinds(space: SearchSpace) -> None:
-    """A searched model field that no possible ``model.kind`` reads would never be sampled: an error."""
+    """A model field that no possible ``model.kind`` reads would be ignored by every trial (or, searched,
+    never sampled): an error, so that ``n_heads: 8`` under ``kind: psm`` does not silently do nothing."""
     model = space.template.get("model", {})
     if not isinstance(model, dict):
         return
@@ -555,10 +556,10 @@ def _validate_model_kinds(space: SearchSpace) -> None:
         return  # an unknown or malformed kind: the trial validator names it
     for key, value in model.items():
         searched = is_dimension(value) or (key in COMPONENT_KINDS and isinstance(value, dict) and "choice" in value)
-        if key in MODEL_FIELDS and searched and not any(key in KIND_FIELDS[k] for k in readers):
-            users = sorted(k for k, fields in KIND_FIELDS.items() if key in fields)
-            raise space.source.error(f"model.{key}", f"searched, but model.kind {'/'.join(readers)} never reads it "
-                                                       f"(read by: {', '.join(users)}); fix it or drop the dimension")
+        message = unread_model_field_message(key, readers, *(("searched", "fix it or drop the dimension")
+                                                             if searched else ("set", "drop it")))
+        if message:
+            raise space.source.error(f"model.{key}", message)
 
 
 def _validate_components(space: SearchSpace) -> None:

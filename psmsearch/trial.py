@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from psmsearch import distributed as dist
 from psmsearch.composer import validate_model_config
-from psmsearch.config import ComponentSpec, ModelConfig, model_at, unknown_field_message
+from psmsearch.config import KIND_FIELDS, ComponentSpec, ModelConfig, model_at, unknown_field_message, unread_model_field_message
 from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError, where_raised
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.registry import Registry, get_registry
@@ -190,6 +190,8 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         _refuse_a_search_space(raw, source, lines)
         raw = apply_overrides(raw, overrides)
     try:
+        if isinstance(raw, dict):
+            _refuse_unread_model_fields(raw.get("model"), source)
         return TrialConfig.from_dict(raw, source, registry)
     except ConfigError as err:
         if not err.field or err.source != source:
@@ -199,6 +201,17 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         if origin == f"--set {err.field}":  # "--set task.path: ..." names the field once, not twice
             err.args = (f"{origin}: {err.detail}", *err.args[1:])
         raise err from None
+
+
+def _refuse_unread_model_fields(model: Any, source: str) -> None:
+    """A model field the trial's kind ignores (``n_heads`` under ``kind: psm``), given in the file or by
+    ``--set``, would change nothing: refused, naming the kinds that read it."""
+    if not isinstance(model, dict) or model.get("kind", "psm") not in KIND_FIELDS:
+        return  # no model, or an unknown kind: TrialConfig names it
+    for key in model:
+        message = unread_model_field_message(key, [model.get("kind", "psm")])
+        if message:
+            raise ConfigError(message, field=f"model.{key}", source=source)
 
 
 SEARCH_SPACE_KEYS = ("objectives", "driver", "tracking")

@@ -132,6 +132,27 @@ def test_a_searched_field_no_model_kind_reads_is_an_error(tmp_path: Path) -> Non
         load_space(path)
 
 
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("psm", r"model\.n_heads: set, but model.kind psm never reads it \(read by: gpt, swa\); drop it \(a PSM's "
+            r"attention heads are its components' hyperparameters"),
+    ({"choice": ["psm", "gpt"]}, None),  # gpt trials read it
+])
+def test_a_fixed_field_no_model_kind_reads_is_an_error(tmp_path: Path, kind: object, expected: str | None) -> None:
+    """``n_heads: 8`` under ``kind: psm`` validated and then changed nothing."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml").read_text())
+    data["model"]["kind"] = kind
+    data["model"]["n_heads"] = 8
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if expected is None:
+        load_space(path)
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            load_space(path)
+
+
 def test_every_model_field_belongs_to_some_kind() -> None:
     """Sampling drops the fields a kind does not read: a new ModelConfig field must be classified."""
     from psmsearch.config import MODEL_FIELDS, ModelConfig

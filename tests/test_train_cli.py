@@ -110,6 +110,20 @@ def test_an_overridden_value_is_blamed_on_its_set(tmp_path: Path) -> None:
         load_trial_config(path, ["model.chunk_size=0"])
 
 
+def test_a_model_field_the_kind_never_reads_is_refused_at_its_line_or_set(tmp_path: Path) -> None:
+    """``n_heads`` under ``kind: psm`` (or ``chunk_size`` under ``gpt``) validated and then did nothing."""
+    path = write(tmp_path, {**TINY, "model": {**TINY["model"], "kind": "psm", "n_heads": 8}})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "n_heads" in text)
+    with pytest.raises(ConfigError, match=rf"trial\.yaml:{line}: model\.n_heads: set, but model\.kind psm never "
+                                          r"reads it \(read by: gpt, swa\); drop it \(a PSM's attention heads"):
+        load_trial_config(path)
+    gpt = write(tmp_path, {**TINY, "model": {"kind": "gpt", "d_model": 16, "n_heads": 2}})
+    with pytest.raises(ConfigError, match=r"^--set model\.chunk_size: set, but model\.kind gpt never reads it "
+                                          r"\(read by: psm\); drop it$"):
+        load_trial_config(gpt, ["model.chunk_size=4"])
+    assert load_trial_config(gpt).model.n_heads == 2
+
+
 @pytest.mark.parametrize(("section", "key", "value", "field", "line_key"), [
     ("task", "group", "S9", "task.group", "group"),
     ("model", "aggregator", {"name": "attention", "layers": 99}, "model.aggregator.layers", "layers"),
