@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import click
 from rich.console import Console
@@ -22,6 +22,9 @@ from psmsearch.cli_search import compare, search
 from psmsearch.cli_train import train
 from psmsearch.errors import PSMSearchError
 from psmsearch.registry import Registry, get_registry, use_plugins
+
+if TYPE_CHECKING:
+    from psmsearch.testing import CheckResult
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error or warning is one line however long: never cut at 80 columns
 
@@ -163,6 +166,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
     from psmsearch.testing import CheckResult, check_components
 
     registry = get_registry()
+    missing: list[CheckResult] = []  # named components that are not registered while a plugin failed to load
     if check_all:
         infos = [info for info in registry.all() if info.kind in ("encoder", "aggregator", "head")]
     elif names:
@@ -176,14 +180,18 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
             try:
                 matches = registry.find(name)
             except UnknownComponentError:
-                report_plugin_failures(registry)  # the missing component may be in a plugin that failed
+                if registry.failures:  # most likely defined by the plugin that failed: a failed check, not a typo
+                    missing.append(_not_registered(name, registry))
+                    continue
                 raise
             found = [i for i in matches if i.kind in CHECKED_KINDS]
             if not found and matches:
                 raise click.UsageError(f"{name!r} is a task; tasks have no contract suite; check takes components "
                                        f"of the kinds {', '.join(CHECKED_KINDS)}")
             if not found:
-                report_plugin_failures(registry)  # the missing component may be in a plugin that failed
+                if registry.failures:
+                    missing.append(_not_registered(name, registry))
+                    continue
                 known = {i.name for i in registry.all() if i.kind != "task"}
                 raise UnknownComponentError("component", name, known)
             infos.extend(found)
@@ -191,7 +199,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
         raise click.UsageError("name at least one component, or pass --all")
     load_failures = [CheckResult(f"plugin {failure.plugin}", "load", False, failure.error)
                      for failure in registry.failures]
-    results = load_failures + check_components(infos, registry)
+    results = load_failures + missing + check_components(infos, registry)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
     else:
@@ -201,6 +209,15 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
     failed = sum(not r.passed for r in results)
     click.echo(f"{len(results) - failed} passed, {failed} failed", err=as_json)
     sys.exit(1 if failed else 0)
+
+
+def _not_registered(name: str, registry: Registry) -> CheckResult:
+    """The failed check of a named component that is not registered while some plugin failed to load."""
+    from psmsearch.testing import CheckResult
+
+    plugins = ", ".join(sorted({failure.plugin for failure in registry.failures}))
+    return CheckResult(f"component {name!r}", "registered", False,
+                       f"not registered; it may be defined by the plugin that failed to load ({plugins})")
 
 
 main.add_command(train)
