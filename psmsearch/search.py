@@ -200,12 +200,25 @@ def _finish_run(
     if outcome.error:
         tags["psmsearch.error"] = outcome.error
     if outcome.state != "pruned" and outcome.metrics:  # a pruned trial's metrics are its logged evaluations
-        _best_effort(outcome.number, "log its results", lambda: tracker.log_metrics(run_id, outcome.metrics))
+        step, final = final_metrics_to_log(outcome.metrics, history)
+        _best_effort(outcome.number, "log its results", lambda: tracker.log_metrics(run_id, final, step))
     if failure_trace:
         _best_effort(outcome.number, "log its results", lambda: tracker.log_text(run_id, failure_trace, "error.txt"))
     if history:
         _best_effort(outcome.number, "log its results", lambda: _log_curves(tracker, run_id, history, objectives))
     _best_effort(outcome.number, "close its run", lambda: _close(tracker, run_id, status, tags))
+
+
+def final_metrics_to_log(metrics: dict[str, float],
+                         history: list[tuple[int, dict[str, float]]]) -> tuple[int, dict[str, float]]:
+    """The step to log a trial's final metrics at, and those of them not already logged there.
+
+    The final metrics are the last evaluation plus what is measured once (throughput, test set,
+    streaming). Logged at step 0 they gave every learning curve in MLflow a last point drawn at its
+    start; at the last evaluated step, each value already logged there is left out (no duplicate point).
+    """
+    step, logged = history[-1] if history else (0, {})
+    return step, {k: v for k, v in metrics.items() if logged.get(k) != v}
 
 
 def _best_effort(number: int, what: str, action: Callable[[], Any]) -> None:

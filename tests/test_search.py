@@ -67,7 +67,11 @@ def test_step_metrics_and_config_artifact_are_logged(finished_search) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     run = next(r for r in mlflow_runs(work / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc_1x")]
-    assert 3 in steps and 6 in steps
+    assert steps == [3, 6]  # the final metrics added a third point at step 0 (the curve's start)
+    once = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
+    assert {key: steps for key, steps in once.items() if steps != [3, 6]} == {
+        key: [6] for key, steps in once.items() if steps != [3, 6]}  # measured once: at the last step
+    assert any(steps == [6] for steps in once.values())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "trial_config.yaml" in artifacts and "curves.png" in artifacts
 
