@@ -293,3 +293,62 @@ def test_an_initial_state_without_batch_dims_names_the_aggregator(path: str) -> 
             layer.stream(2)
         else:
             layer(x)
+
+
+def test_the_head_reads_bitwise_the_same_prefixes_in_training_and_streaming() -> None:
+    """DESIGN §2: both modes use one parenthesization, so with a non-associative aggregator (exact in
+    float64 only if the calls are the same) the prefixes the head receives are equal bit for bit, for
+    chunk counts that are not powers of two and with a partial last chunk."""
+    from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
+
+    width, chunk = 3, 3
+
+    class Corners(Encoder):
+        name, state_kind = "corners", "bitwise"
+
+        def features(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+            return x * 1.0
+
+        def summarize(self, f: torch.Tensor) -> torch.Tensor:
+            return f.select(-2, 0) * 0.5 + f.select(-2, -1) * 0.25  # [*, d]
+
+        @property
+        def state_shape(self) -> tuple[int]:
+            return (width,)
+
+    class Twisted(Aggregator):
+        name, state_kind = "twisted", "bitwise"
+
+        def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(older) * 0.9 + newer * 0.7 + older * newer.flip(-1) * 0.3 - newer.square() * 0.1
+
+        def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.full((*batch_shape, width), 0.123, dtype=torch.float64)
+
+    seen: list[torch.Tensor] = []
+
+    class Recording(Head):
+        name, state_kind = "recording", "bitwise"
+
+        def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+            seen.append(prefix.detach().clone())
+            return prefix.unsqueeze(-2) + f.cumsum(-2)  # [*, c', d]
+
+    encoder = Corners(ComponentContext(width, chunk))
+    context = ComponentContext(width, chunk, encoder)
+    layer = PSMLayer(encoder, Twisted(context), Recording(context), chunk)
+    torch.manual_seed(0)
+    for chunks in (1, 2, 3, 5, 6, 7, 11, 13):
+        for extra in (0, 1, 2):
+            steps = chunks * chunk + extra
+            x = torch.randn(2, steps, width, dtype=torch.float64)
+            for mode in ("auto", "sequential"):
+                seen.clear()
+                y = layer(x, scan_mode=mode)
+                trained = torch.cat([s.reshape(2, -1, width) for s in seen], 1)  # [B, chunks (+1), d]
+                seen.clear()
+                stream = layer.stream(2)
+                streamed_y = torch.stack([stream.step(x[:, t]) for t in range(steps)], 1)
+                streamed = torch.stack(seen[::chunk], 1)  # the head runs once per token; one prefix per chunk
+                assert torch.equal(trained, streamed), (chunks, extra, mode)
+                assert torch.equal(y, streamed_y), (chunks, extra, mode)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from psmsearch.plugins.token_state import AttentionHead, EmbedEncoder, MLPAggregator
 from psmsearch.testing import assert_component_ok, check_component
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -127,3 +129,71 @@ def test_a_constructor_that_raises_fails_the_build_check_naming_its_line() -> No
     assert not result.passed and result.check == "build"
     assert result.message.startswith(f"RuntimeError: cannot build (at {Path(__file__)}:"), result.message
     assert result.message.endswith(" in __init__)")
+
+
+class _MixesTokens(EmbedEncoder):
+    """Features that read the other tokens of the chunk: not computable token by token while streaming."""
+
+    name = "zz_mixes_tokens"
+
+    def features(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        f = super().features(x, offset)  # [*, c, d]
+        return f + 0.5 * f.mean(-2, keepdim=True)
+
+
+class _PromisesOtherShape(EmbedEncoder):
+    """``state_shape`` one slot short of what ``summarize`` returns."""
+
+    name = "zz_promises_other_shape"
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        slots, width = super().state_shape
+        return slots - 1, width
+
+
+class _MixesPairs(MLPAggregator):
+    """Mixes the pairs of one batched call (a tree level): the tree's prefixes then depend on the batching."""
+
+    name = "zz_mixes_pairs"
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        out = super().forward(older, newer)
+        return out + 0.1 * out.mean(1, keepdim=True) if out.dim() == 4 else out  # [B, pairs, k, d]
+
+
+class _DependsOnChunkLength(AttentionHead):
+    """Scales its output by c'/c: a partial chunk's outputs differ from the full chunk's first ones."""
+
+    name = "zz_depends_on_chunk_length"
+
+    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return super().forward(prefix, f) * (f.shape[-2] / self.context.chunk_size)
+
+
+class _NarrowOutput(AttentionHead):
+    """Returns one feature too few."""
+
+    name = "zz_narrow_output"
+
+    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return super().forward(prefix, f)[..., :-1]
+
+
+@pytest.mark.parametrize(("cls", "check", "evidence"), [
+    (_MixesTokens, "_encoder_token_local", "features of token 0 alone (offset=0) differ from the whole chunk's"),
+    (_PromisesOtherShape, "_encoder_shapes", "state_shape promises"),
+    (_MixesPairs, "_aggregator_scan_paths", "tree and sequential prefixes differ"),
+    (_DependsOnChunkLength, "_head_partial", "partial-chunk output differs from the full chunk's first 1"),
+    (_NarrowOutput, "_head_shapes", "output shape [2, 3, 4, 31], expected [2, 3, 4, 32]"),
+])
+def test_each_check_without_a_failing_fixture_above_catches_its_bug(registry, cls: type, check: str,
+                                                                    evidence: str) -> None:
+    """The checks token_local_features, shapes (encoder), tree_equals_online, partial_chunks and
+    shapes_and_finite (head) fail a component with the bug each exists for; run alone, as a whole
+    ``check_component`` takes tens of seconds."""
+    from psmsearch import testing
+
+    with pytest.raises(testing.ContractViolation) as caught:
+        getattr(testing, check)(testing._assemble(cls, registry, seed=0))
+    assert evidence in str(caught.value)
