@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,7 +132,10 @@ def _length_curves(row: TrialRow, pattern: re.Pattern[str]) -> list[tuple[float,
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", "-.", ":")
+LINESTYLES = ("-", "-.", ":")  # finished trials; dashed is kept for trials stopped early
+STOPPED_STYLE = {"linestyle": "--", "markerfacecolor": "none", "alpha": 0.7}
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+WIDE_RANGE = 100.0  # max/min above which positive values go on a log axis
 
 
 def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: Path, top: int = 8) -> list[Path]:
@@ -165,46 +169,146 @@ def _pyplot() -> Any:
 
 def objectives_figure(rows: Sequence[TrialRow], objectives: Sequence[Objective]) -> Any | None:
     """The completed trials' objectives: a scatter of the first two, each point labelled with its trial
-    (points that coincide share one label), and the Pareto front; one objective: a bar per trial."""
+    (points that coincide share one label), and the Pareto front as a staircase; one objective: a bar
+    per trial. Pruned and failed trials are left out: their values come from an evaluation before the
+    end of training (or none), not a result, and :func:`rank` keeps them off the front. Wide-ranging
+    positive objectives go on a log axis and byte counts read B/KiB/MiB (:func:`scale_objective_axis`)."""
     scored = [r for r in rows if r.status == "complete" and all(o.metric in r.metrics for o in objectives)]
     if not scored:
         return None
     fig, ax = _pyplot().subplots(figsize=(6, 4.5))
     if len(objectives) >= 2:
-        x_obj, y_obj = objectives[0], objectives[1]
-        xs = [r.metrics[x_obj.metric] for r in scored]
-        ys = [r.metrics[y_obj.metric] for r in scored]
-        ax.scatter(xs, ys, c=["tab:red" if r.pareto else "tab:gray" for r in scored])
-        for (x, y), names in _group_by_value(zip(xs, ys), (_short(r.name) for r in scored)):
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
-        front = sorted((x, y) for x, y, r in zip(xs, ys, scored) if r.pareto)
-        ax.plot([p[0] for p in front], [p[1] for p in front], "r--", label="Pareto front")
-        ax.set_xlabel(f"{x_obj.metric} ({x_obj.direction})")
-        ax.set_ylabel(f"{y_obj.metric} ({y_obj.direction})")
-        ax.legend()
+        _scatter_two_objectives(ax, scored, objectives[0], objectives[1])
     else:
         objective = objectives[0]
-        ax.bar(range(len(scored)), [r.metrics[objective.metric] for r in scored], color=["tab:red" if r.pareto else "tab:gray" for r in scored])
+        values = [r.metrics[objective.metric] for r in scored]
+        ax.bar(range(len(scored)), values, color=["tab:red" if r.pareto else "tab:gray" for r in scored])
         ax.set_xticks(range(len(scored)), [_short(r.name) for r in scored], rotation=90)
         ax.set_xlabel("trial (sorted)")
         ax.set_ylabel(f"{objective.metric} ({objective.direction})")
+        scale_objective_axis(ax, "y", objective.metric, values)
     ax.set_title("objectives")
     fig.tight_layout()
     return fig
+
+
+def _scatter_two_objectives(ax: Any, scored: Sequence[TrialRow], x_obj: Objective, y_obj: Objective) -> None:
+    """Each trial at (first objective, second objective), labelled; the front as a staircase."""
+    xs = [r.metrics[x_obj.metric] for r in scored]
+    ys = [r.metrics[y_obj.metric] for r in scored]
+    ax.scatter(xs, ys, c=["tab:red" if r.pareto else "tab:gray" for r in scored], zorder=3)
+    for (x, y), names in _group_by_value(zip(xs, ys), (_short(r.name) for r in scored)):
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    steps = front_staircase([(x, y) for x, y, r in zip(xs, ys, scored) if r.pareto], x_obj.direction)
+    ax.plot([p[0] for p in steps], [p[1] for p in steps], "r--", label="Pareto front")
+    ax.set_xlabel(f"{x_obj.metric} ({x_obj.direction})")
+    ax.set_ylabel(f"{y_obj.metric} ({y_obj.direction})")
+    scale_objective_axis(ax, "x", x_obj.metric, xs)
+    scale_objective_axis(ax, "y", y_obj.metric, ys)
+    ax.legend()
+
+
+def front_staircase(front: Sequence[tuple[float, float]], x_direction: str) -> list[tuple[float, float]]:
+    """The vertices of a two-objective Pareto front drawn as the step function it is.
+
+    The points are taken in increasing x; between two neighbours the corner is the one worse than both
+    in both objectives. Along a front, whatever y's direction, y worsens as x improves: so when x is
+    maximised the corner is ``(left x, right y)``, when it is minimised ``(right x, left y)``. The steps
+    are then the edge of what the front attains: every point on them is matched or beaten by a trial
+    on the front. A straight segment between two trials drew trade-offs that no trial reached.
+    """
+    ordered = sorted(set(front))
+    vertices = ordered[:1]
+    for (x0, y0), (x1, y1) in zip(ordered, ordered[1:]):
+        vertices += [(x0, y1) if x_direction == "maximize" else (x1, y0), (x1, y1)]
+    return vertices
+
+
+def is_bytes_metric(metric: str) -> bool:
+    """Whether a metric counts bytes (``peak_state_bytes_4k``, ``state_bytes_1024``): its name says so."""
+    return "bytes" in metric.lower()
+
+
+def wants_log_scale(values: Sequence[float]) -> bool:
+    """Whether values are positive and their max/min exceeds :data:`WIDE_RANGE`. On a linear axis the
+    small ones collapse onto zero (a GPT's KV cache of MiBs put every PSM state of a few KiB at "0.0",
+    3,968 B and 896 B alike); on a log axis equal ratios are equal distances."""
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > WIDE_RANGE
+
+
+def format_bytes(value: float, _position: Any = None) -> str:
+    """A byte count as a tick label in binary units: ``896 B``, ``3.88 KiB``, ``2 MiB`` (3 significant
+    digits, no exponent); ``_position`` is the tick's index, which matplotlib's FuncFormatter passes."""
+    power = _binary_power(value)
+    scaled = value / 1024.0**power
+    return f"{scaled:.0f} {BINARY_UNITS[power]}" if abs(scaled) >= 100 else f"{scaled:.3g} {BINARY_UNITS[power]}"
+
+
+def _binary_power(value: float) -> int:
+    """The index in :data:`BINARY_UNITS` of the largest unit not above ``|value|`` (0 below 1 KiB)."""
+    power = 0
+    while abs(value) >= 1024 and power < len(BINARY_UNITS) - 1:
+        value /= 1024
+        power += 1
+    return power
+
+
+def scale_objective_axis(ax: Any, which: str, metric: str, values: Sequence[float]) -> None:
+    """Put one objective's axis (``which``: "x" or "y") on a log scale when :func:`wants_log_scale`
+    says so, and label a byte count's ticks in B/KiB/MiB: on a log axis at powers of 2 (1 KiB, 4 KiB,
+    ...), on a linear one at round numbers of the axis's unit (10 KiB, 15 KiB, not 9.77 KiB)."""
+    from matplotlib import ticker
+
+    bytes_valued = is_bytes_metric(metric)
+    log = wants_log_scale(values)
+    if log:
+        getattr(ax, f"set_{which}scale")("log", base=2 if bytes_valued else 10)
+    if not bytes_valued:
+        return
+    axis = getattr(ax, f"{which}axis")
+    if not log:
+        axis.set_major_locator(_binary_locator_class()(nbins="auto", steps=[1, 2, 2.5, 5, 10]))
+    axis.set_major_formatter(ticker.FuncFormatter(format_bytes))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+@cache
+def _binary_locator_class() -> type:
+    """matplotlib's MaxNLocator picking round numbers of the view's binary unit (defined on first use,
+    as matplotlib is imported only when plotting)."""
+    from matplotlib import ticker
+
+    class BinaryLocator(ticker.MaxNLocator):
+        def tick_values(self, vmin: float, vmax: float) -> Any:
+            unit = 1024.0 ** _binary_power(max(abs(vmin), abs(vmax)))
+            return super().tick_values(vmin / unit, vmax / unit) * unit
+
+    return BinaryLocator
 
 
 def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: str, ylabel: str, logy: bool) -> Any | None:
     """One line per trial of the metrics ``pattern`` matches, against their length, or ``None`` if no
     trial has them. Trials with identical curves would draw exactly on top of each other: they are
     drawn once, labelled with all their names (``trial 0 = trial 3``), and each line has its own
-    marker and line style."""
-    curves = [(_short(r.name), points) for r in rows if (points := _length_curves(r, pattern))]
+    marker and line style.
+
+    A trial that did not complete (pruned, failed) is drawn dashed with hollow markers and labelled
+    with how it stopped (``trial 5 (pruned at step 200)``); finished trials never use the dashed
+    style. Its curve is its last evaluation before training ended (what the pruner judged), useful to
+    see why it was stopped but not a result beside finished trials: objectives.png leaves such trials
+    out for that reason, and memory_vs_n.png has none unless they logged memory (measured after
+    training), in which case they are marked the same way.
+    """
+    curves = [(_short(r.name), stop_note(r), tuple(points)) for r in rows if (points := _length_curves(r, pattern))]
     if not curves:
         return None
     fig, ax = _pyplot().subplots(figsize=(6, 4.5))
-    for index, (points, names) in enumerate(_group_by_value((tuple(p) for _, p in curves), (n for n, _ in curves))):
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)],
-                linestyle=LINESTYLES[index % len(LINESTYLES)], label=" = ".join(names))
+    groups = _group_by_value(((points, note) for _, note, points in curves), (name for name, _, _ in curves))
+    for index, ((points, note), names) in enumerate(groups):
+        style = STOPPED_STYLE if note else {"linestyle": LINESTYLES[index % len(LINESTYLES)]}
+        label = " = ".join(names) + (f" ({note})" if note else "")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)], label=label, **style)
     ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log")
@@ -213,6 +317,15 @@ def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: st
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def stop_note(row: TrialRow) -> str:
+    """How a trial that did not complete stopped, for a legend: ``pruned at step 200`` (the step from
+    its error, as the Optuna and Ray drivers word it), ``failed``; empty for a complete trial."""
+    if row.status == "complete":
+        return ""
+    match = re.search(r"\bat step (\d+)", row.error)
+    return f"{row.status} at step {match.group(1)}" if match else row.status
 
 
 def _group_by_value(values: Any, names: Any) -> list[tuple[Any, list[str]]]:
