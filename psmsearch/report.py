@@ -148,11 +148,11 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
     peak = any(PEAK_MEMORY_METRIC.match(name) for row in rows for name in row.metrics)
     memory = (PEAK_MEMORY_METRIC, "most state bytes held streaming up to n") if peak else \
         (MEMORY_METRIC, "retained state bytes at n")
-    for pattern, filename, xlabel, ylabel, logy in (
+    for pattern, filename, xlabel, ylabel, bytes_y in (
         (LENGTH_METRIC, "accuracy_vs_length.png", "evaluation length (x training length)", "accuracy", False),
         (memory[0], "memory_vs_n.png", "tokens streamed n", memory[1], True),
     ):
-        figure = curves_figure(rows[:top], pattern, xlabel, ylabel, logy)
+        figure = curves_figure(rows[:top], pattern, xlabel, ylabel, bytes_y)
         if figure is not None:
             written.append(_save(figure, out_dir / filename))
     return written
@@ -287,11 +287,12 @@ def _binary_locator_class() -> type:
     return BinaryLocator
 
 
-def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: str, ylabel: str, logy: bool) -> Any | None:
+def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: str, ylabel: str,
+                  bytes_y: bool) -> Any | None:
     """One line per trial of the metrics ``pattern`` matches, against their length, or ``None`` if no
     trial has them. Trials with identical curves would draw exactly on top of each other: they are
     drawn once, labelled with all their names (``trial 0 = trial 3``), and each line has its own
-    marker and line style.
+    marker and line style. With ``bytes_y`` the values are byte counts (memory against n).
 
     A trial that did not complete (pruned, failed) is drawn dashed with hollow markers and labelled
     with how it stopped (``trial 5 (pruned at step 200)``); finished trials never use the dashed
@@ -310,8 +311,8 @@ def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: st
         label = " = ".join(names) + (f" ({note})" if note else "")
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)], label=label, **style)
     ax.set_xscale("log", base=2)
-    if logy:
-        ax.set_yscale("log")
+    if bytes_y:  # as an objective axis: log where the values span > 100x (a KV cache), B/KiB/MiB ticks
+        scale_objective_axis(ax, "y", "bytes", [y for points, _ in (g[0] for g in groups) for _, y in points])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize="small")

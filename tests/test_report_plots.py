@@ -114,14 +114,14 @@ def test_a_pruned_or_failed_trial_is_dashed_and_named_how_it_stopped_in_accuracy
         TrialRow("s-trial-3", "s", "failed", {}, {**curve, "acc_4x": 0.1}, error="loss is nan"),
     ]
     ranked = rank(trials, [Objective(metric="acc_4x")])
-    ax = curves_figure(ranked, LENGTH_METRIC, "length", "accuracy", logy=False).axes[0]
+    ax = curves_figure(ranked, LENGTH_METRIC, "length", "accuracy", bytes_y=False).axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["trial 0", "trial 1", "trial 2 (pruned at step 200)", "trial 3 (failed)"]
     lines = {line.get_label(): line for line in ax.get_lines()}
     for label in labels[2:]:
         assert (lines[label].get_linestyle(), lines[label].get_markerfacecolor()) == ("--", "none"), label
     assert all(lines[label].get_linestyle() != "--" for label in labels[:2])
-    memory_ax = curves_figure(ranked, MEMORY_METRIC, "n", "bytes", logy=True).axes[0]
+    memory_ax = curves_figure(ranked, MEMORY_METRIC, "n", "bytes", bytes_y=True).axes[0]
     assert [t.get_text() for t in memory_ax.get_legend().get_texts()] == ["trial 0 = trial 1"]
     scatter = objectives_figure(ranked, [Objective(metric="acc_4x")]).axes[0]
     assert [t.get_text() for t in scatter.get_xticklabels()] == ["trial 0", "trial 1"]
@@ -134,3 +134,17 @@ def test_a_stop_note_takes_the_step_from_either_drivers_wording() -> None:
     assert note("pruned", "pruned at step 200 with acc_4x=0.1959 (median rule)") == "pruned at step 200"
     assert note("pruned", "stopped by ASHA at step 300") == "pruned at step 300"
     assert (note("pruned", "pruned"), note("failed", "loss is nan"), note("complete", "")) == ("pruned", "failed", "")
+
+
+@pytest.mark.parametrize(("memory", "scale"), [
+    ({"state_bytes_1k": 2816.0, "state_bytes_4k": 2816.0}, "linear"),           # a PSM's constant state
+    ({"state_bytes_1k": 266_240.0, "state_bytes_4k": 1_064_960.0}, "log"),      # with a KV cache beside it
+])
+def test_memory_vs_n_labels_bytes_in_binary_units(memory: dict[str, float], scale: str) -> None:
+    """memory_vs_n.png labelled its axis 3x10^3; it now scales and labels bytes as objectives.png does."""
+    trials = [TrialRow("s-trial-0", "s", "complete", {}, {"state_bytes_1k": 896.0, "state_bytes_4k": 896.0}),
+              TrialRow("s-trial-1", "s", "complete", {}, memory)]
+    ax = curves_figure(trials, MEMORY_METRIC, "n", "bytes", bytes_y=True).axes[0]
+    assert ax.get_yscale() == scale
+    labels = tick_labels(ax.yaxis)
+    assert labels and all(label.endswith(("B", "KiB", "MiB")) for label in labels), labels
