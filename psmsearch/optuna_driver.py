@@ -238,6 +238,7 @@ def _create_study_first(space: SearchSpace, options: SearchOptions, storage: Bas
 def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     """Run (or resume, or join) the study for ``space`` until it holds ``options.trials`` counted trials."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # psmsearch reports trial failures itself, without tracebacks
+    space.check_sampler()  # before the storage, the study and the MLflow run exist
     storage_url = options.storage or default_storage()
     check_storage_url(storage_url, options.storage_field)
     storage = make_storage(storage_url, options)

@@ -931,6 +931,7 @@ def _quiet_tune() -> Iterator[None]:
 def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     """Run (or, with ``options.resume``, continue) the search for ``space`` on a Ray cluster."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space.check_sampler()  # before the experiment's folder, its claim and the MLflow run exist
     _prepare_environment(options)
     if options.address:
         _check_reachable(options.address)  # before anything is created for the search

@@ -183,12 +183,25 @@ def parse_dimension(path: str, spec: dict[str, Any], where: SourceMap) -> Dimens
         raise where.error(path, f"a log-scale range needs low > 0, got {low}")
     step = spec.get("step")
     if step is not None:
-        numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
-        if kind == "int" and not (numeric and float(step).is_integer() and step >= 1 and not log):
-            raise where.error(f"{path}.step", f"an int range's step must be an integer >= 1 (and not used with log), got {step!r}")
-        if kind == "float" and not (numeric and _finite(step) and step > 0 and not log):
-            raise where.error(f"{path}.step", f"a float range's step must be a finite number > 0 (and not used with log), got {step!r}")
+        _check_step(path, kind, step, log, where)
     return Dimension(path, kind, low=low, high=high, log=log, step=step)
+
+
+def _check_step(path: str, kind: str, step: Any, log: bool, where: SourceMap) -> None:
+    """Refuse a range's ``step`` that is not a valid step, or that comes with ``log: true``.
+
+    Optuna draws a log-scale range without steps, so the pair is refused on its own terms: one
+    message for both once said "step must be an integer >= 1 (and not used with log), got 8",
+    which read as if 8 were the fault.
+    """
+    if log:
+        raise where.error(f"{path}.step", f"step and log cannot be combined in one {kind} range (here step: {step!r} "
+                                          "with log: true): Optuna draws a log-scale range without steps; keep one of them")
+    numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
+    if kind == "int" and not (numeric and float(step).is_integer() and step >= 1):
+        raise where.error(f"{path}.step", f"an int range's step must be an integer >= 1 (and not used with log), got {step!r}")
+    if kind == "float" and not (numeric and _finite(step) and step > 0):
+        raise where.error(f"{path}.step", f"a float range's step must be a finite number > 0 (and not used with log), got {step!r}")
 
 
 def _check_distinct_choices(path: str, choices: list[Any], where: SourceMap) -> None:
@@ -262,6 +275,16 @@ class SearchSpace:
         if isinstance(model, dict) and not unused & set(COMPONENT_KINDS):
             resolved["model"] = {**resolved.get("model", {}), **_sample_components(template["model"], trial, self)}
         return resolved
+
+    def check_sampler(self) -> None:
+        """Raise the ConfigError of a ``driver.sampler`` this space cannot have (see :meth:`grid`).
+
+        Run when the space is loaded and again by each driver before it creates anything (a study,
+        a Ray folder, an MLflow run): the grid was once first built after those, so a refused search
+        left an empty study and a RUNNING parent run, and the fixed space then needed ``--resume``.
+        """
+        if self.header.driver.sampler == "grid":
+            self.grid()
 
     def grid(self) -> dict[str, list[Any]]:
         """Every parameter and its values, for exhaustive grid search of a finite space.
@@ -496,6 +519,7 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
     _validate_model_kinds(space)
     _validate_components(space)
     _validate_choice_types(space)  # also parses every dimension: raises on a malformed one
+    space.check_sampler()
     drawn = smoke_sample(space, smoke_samples)
     if drawn:
         space.warnings.extend(_contrary_directions(space, validate_sample(space, drawn[0])))

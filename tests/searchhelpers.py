@@ -24,6 +24,14 @@ TINY_SPACE: dict[str, Any] = {
     "driver": {"trials": 3, "startup_trials": 1, "pruner": "none"},
 }
 
+MIXED_MODEL: dict[str, Any] = {
+    **TINY_SPACE["model"],
+    "encoder": {"choice": ["embed", "gla"]},  # two state kinds: tokens and affine_diag
+    "aggregator": {"choice": [*TINY_SPACE["model"]["aggregator"]["choice"], "affine_diag"]},
+    "head": {"choice": [{"name": "attention", "layers": 1, "heads": 2}, "linear_readout_diag"]},
+}
+"""TINY_SPACE's model with encoders of two state kinds, each with its own aggregators and heads."""
+
 
 def write_space(directory: Path, name: str = "space.yaml", **changes: Any) -> Path:
     """Write TINY_SPACE (with top-level ``changes``) to ``directory/name``."""

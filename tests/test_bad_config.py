@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from psmsearch.cli import main
-from searchhelpers import TINY_SPACE
+from searchhelpers import MIXED_MODEL, TINY_SPACE
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -84,7 +84,10 @@ CASES: list[tuple[str, Edit, str, list[str]]] = [
     ("unknown model kind", _set("model.kind", "rnn"), "model.kind", ["'rnn'", "'psm', 'gpt' or 'swa'"]),
     ("bad space name", _set("name", "my space"), "name", ["should match pattern"]),
     ("int step not an integer", _set("model.d_model", {"int": [16, 64], "step": 0.5}), "model.d_model.step", ["an int range's step must be an integer >= 1", "0.5"]),
-    ("step with log scale", _set("train.lr", {"float": [0.001, 0.1], "log": True, "step": 1}), "train.lr.step", ["not used with log"]),
+    ("step with log scale", _set("train.lr", {"float": [0.001, 0.1], "log": True, "step": 1}), "train.lr.step", ["step and log cannot be combined in one float range"]),
+    ("int step with log scale", _set("model.d_model", {"int": [16, 64], "log": True, "step": 8}), "model.d_model.step", ["step and log cannot be combined in one int range", "step: 8 with log: true"]),
+    ("grid over a float range", lambda s: (_set("driver.sampler", "grid")(s), _set("train.lr", {"float": [0.001, 0.01], "log": True})(s)), "train.lr", ["sampler 'grid' needs choice dimensions only; this is a float range"]),
+    ("grid over encoders of two state kinds", lambda s: (_set("driver.sampler", "grid")(s), _set("model", MIXED_MODEL)(s)), "model.encoder", ["sampler 'grid' needs encoders of a single state kind"]),
     ("choice never sampleable", _set("model.aggregator", {"choice": ["mlp", "affine_scalar"]}), "model.aggregator.choice.1", ["'affine_scalar' has state_kind 'affine-scalar'", "never be sampled"]),
     ("duplicate component choice", _set("model.aggregator", {"choice": ["mlp", "mlp"]}), "model.aggregator", ["'mlp' is listed twice"]),
     ("missing name", _drop("name"), "name", ["Field required"]),
@@ -166,6 +169,23 @@ def test_error_points_at_the_line_of_the_bad_field_of_each_section(tmp_path: Pat
     path.write_text(text)
     line = next(i for i, row in enumerate(text.splitlines(), 1) if row.strip() == f"{key}: {value}")
     _assert_clean_error(_run(["search", str(path)]), [f"{path}:{line}: {field}: "])
+
+
+@pytest.mark.parametrize(("dimension", "message"), [
+    ("{int: [16, 64], log: true, step: 8}", "step and log cannot be combined in one int range (here step: 8 with log: "
+                                            "true): Optuna draws a log-scale range without steps; keep one of them"),
+    ("{int: [16, 64], step: 0}", "an int range's step must be an integer >= 1 (and not used with log), got 0"),
+    ("{int: [16, 64], step: 2.5}", "an int range's step must be an integer >= 1 (and not used with log), got 2.5"),
+], ids=["step with log", "step 0", "step 2.5"])
+def test_an_int_steps_message_says_whether_log_or_the_step_is_at_fault(tmp_path: Path, dimension: str, message: str) -> None:
+    """``step: 8`` with ``log: true`` said "step must be an integer >= 1 (and not used with log), got 8",
+    which read as if 8 were a bad step; the pair now has its own message, a bad step keeps its own."""
+    text = yaml.safe_dump(TINY_SPACE, sort_keys=False).replace("  d_model: 16\n", f"  d_model: {dimension}\n")
+    path = tmp_path / "step.yaml"
+    path.write_text(text)
+    line = text.splitlines().index(f"  d_model: {dimension}") + 1
+    output = _assert_clean_error(_run(["search", str(path), "--no-progress"]), [f"{path}:{line}: model.d_model.step: {message}"])
+    assert output.count("error:") == 1
 
 
 def test_a_key_given_twice_is_an_error_at_its_second_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

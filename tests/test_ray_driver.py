@@ -407,6 +407,30 @@ def test_a_ray_search_another_process_is_driving_is_refused_with_or_without_resu
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_ray_search_the_grid_sampler_refuses_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Ray driver built its sampler (and the grid) with the Tuner, after claiming the experiment's
+    folder and opening the search's MLflow run: a refused grid left the claim, and the fixed space then
+    needed --resume. A space ``load_space`` never checked (built in code) is now refused first."""
+    from searchhelpers import MIXED_MODEL, write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import QUIET_ENV, run_ray_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():  # the driver sets them for Ray; restored after the test
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    space = load_space(write_space(tmp_path, model=MIXED_MODEL, driver={"trials": 1, "pruner": "none"}), smoke_samples=1)
+    space.header.driver.sampler = "grid"  # after load_space's checks, as in a space built in code
+    options = SearchOptions(trials=1, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
+                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"space\.yaml:\d+: model\.encoder: sampler 'grid' needs encoders of a single "
+                                          r"state kind"):
+        run_ray_search(space, options)
+    assert not (tmp_path / DEFAULT_RESULTS).exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_file_system_that_cannot_lock_runs_the_search_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """flock failing with ENOLCK (NFS mounted nolock) stopped every Ray search with a bare OSError."""

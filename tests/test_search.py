@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from psmsearch.errors import ConfigError
 
 from clihelpers import run_cli, table_rows
-from searchhelpers import TINY_SPACE, mlflow_runs, optuna_trials, write_space
+from searchhelpers import MIXED_MODEL, TINY_SPACE, mlflow_runs, optuna_trials, write_space
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -479,6 +479,59 @@ def test_a_study_created_after_the_exists_check_is_refused_not_joined(tmp_path: 
     assert optuna.get_all_study_names(storage) == ["s"]
 
 
+GRID_DRIVER = {"trials": 1, "startup_trials": 1, "pruner": "none", "sampler": "grid"}
+LOG_LR_TRAIN = {**TINY_SPACE["train"], "lr": {"float": [1.0e-3, 1.0e-2], "log": True}}
+
+
+def test_a_space_the_grid_sampler_refuses_leaves_no_study_or_run_and_the_fixed_space_starts_afresh(
+        finished_search, tmp_path: Path) -> None:
+    """The grid was built after the study and the search's MLflow run were created: a float range under
+    ``sampler: grid`` was refused (exit 2) but left an empty study and a RUNNING parent run, and the fixed
+    space then failed with "study 'tiny' already exists ... pass --resume". It is refused before both now."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    work, _ = finished_search
+    storage = f"sqlite:///{tmp_path / 'psmsearch.db'}"
+    optuna.create_study(study_name="another", storage=storage)  # a storage in use, which must gain no study
+    # an existing MLflow store: a new one takes seconds to create
+    common = ["--no-progress", "--storage", storage, "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+              "--experiment", "grid-refused"]
+    bad = write_space(tmp_path, "bad.yaml", train=LOG_LR_TRAIN, driver=GRID_DRIVER)
+    line = bad.read_text().splitlines().index("  lr:") + 1
+    result = CliRunner().invoke(main, ["search", str(bad), *common])
+    assert result.exit_code == 2, result.output
+    assert f"error: {bad}:{line}: train.lr: sampler 'grid' needs choice dimensions only; this is a float range" \
+        in result.output
+    assert optuna.get_all_study_names(storage) == ["another"], "the refused search left a study behind"
+    assert mlflow_runs(work / "mlflow.db", "grid-refused") == [], "the refused search left an MLflow run behind"
+
+    fixed = write_space(tmp_path, "fixed.yaml", driver=GRID_DRIVER)
+    result = CliRunner().invoke(main, ["search", str(fixed), *common])
+    assert result.exit_code == 0, result.output
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE]
+    runs = mlflow_runs(work / "mlflow.db", "grid-refused")
+    assert sorted((r.data.tags["psmsearch.kind"], r.info.status) for r in runs) == [("search", "FINISHED"),
+                                                                                     ("trial", "FINISHED")]
+
+
+def test_the_optuna_driver_checks_the_sampler_before_it_creates_anything(tmp_path: Path) -> None:
+    """``load_space`` refuses a grid the space cannot have; a space it never checked (built in code) is
+    refused by the driver too, before its storage, study and MLflow store exist."""
+    from psmsearch.optuna_driver import run_optuna_search
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    space = load_space(write_space(tmp_path, train=LOG_LR_TRAIN, driver={"trials": 1, "pruner": "none"}), smoke_samples=1)
+    space.header.driver.sampler = "grid"  # after load_space's checks, as in a space built in code
+    options = SearchOptions(trials=1, storage=f"sqlite:///{tmp_path / 'psmsearch.db'}",
+                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    with pytest.raises(ConfigError, match=r"space\.yaml:\d+: train\.lr: sampler 'grid' needs choice dimensions only"):
+        run_optuna_search(space, options)
+    assert not (tmp_path / "psmsearch.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_store(tmp_path: Path) -> None:
     result = run_cli("compare", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow database at" in result.stderr
@@ -619,14 +672,6 @@ def test_sqlite_urls_with_a_query_string_are_accepted(tmp_path: Path) -> None:
 
     for url in (f"sqlite:///{tmp_path}/x.db?timeout=30", f"sqlite:///{tmp_path}/x.db?a=/b/c"):
         check_storage_url(url, "--storage")
-
-
-MIXED_MODEL = {
-    **TINY_SPACE["model"],
-    "encoder": {"choice": ["embed", "gla"]},  # two state kinds: tokens and affine_diag
-    "aggregator": {"choice": [*TINY_SPACE["model"]["aggregator"]["choice"], "affine_diag"]},
-    "head": {"choice": [{"name": "attention", "layers": 1, "heads": 2}, "linear_readout_diag"]},
-}
 
 
 @pytest.mark.slow
