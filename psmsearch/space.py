@@ -299,7 +299,7 @@ class SearchSpace:
             common = frozenset.intersection(*(KIND_FIELDS.get(k, frozenset()) if isinstance(k, str) else frozenset()
                                               for k in kinds))
             conditional = sorted(k for k, v in model.items() if k not in common and k != "kind"
-                                 and (is_dimension(v) or (k in COMPONENT_KINDS and isinstance(v, dict) and "choice" in v)))
+                                 and (is_dimension(v) or (k in COMPONENT_KINDS and _searches_components(v))))
             if conditional:
                 raise self.source.error(f"model.{conditional[0]}", "sampler 'grid' needs every dimension in every "
                                         "trial; this one is searched only for some model kinds")
@@ -318,7 +318,8 @@ class SearchSpace:
             options = _compatible(self.registry, kind, model, self, state_kind)
             for _, params, path in options:
                 if params.get("search") == "all" or any(is_dimension(v) for v in params.values()):
-                    raise self.source.error(path, "sampler 'grid' needs fixed component hyperparameters (no dimensions, no search: all)")
+                    raise self.source.error(path, "sampler 'grid' needs fixed component hyperparameters (no dimensions, no "
+                                            "search: all, no list of components, which searches them)")
             if len(options) > 1:
                 values[f"model.{kind}"] = [name for name, _, _ in options]
         return values
@@ -390,12 +391,28 @@ def _collect(node: Any, path: str, where: SourceMap, found: list[Dimension]) -> 
             _collect(value, f"{path}.{i}", where, found)
 
 
+def _searches_components(value: Any) -> bool:
+    """Whether a component field's value searches over components: ``{choice: [...]}`` or a plain list."""
+    return isinstance(value, list) or (isinstance(value, dict) and "choice" in value)
+
+
 def _component_options(model: dict[str, Any], kind: str, where: SourceMap) -> list[tuple[str, dict[str, Any], str]]:
-    """``(name, params, path)`` for each option of a component field (a fixed spec is one option)."""
+    """``(name, params, path)`` for each option of a component field (a fixed spec is one option).
+
+    A plain list (``aggregator: [attention, mlp, gla]``, DESIGN.md §3) is the short form of a search
+    over components and their own hyperparameters: each entry is a choice with ``search: all``
+    (its declared ranges, minus the values the entry fixes). ``{choice: [...]}`` chooses among the
+    components as written (their defaults, unless an entry says ``search: all``).
+    """
     default = {"encoder": "embed", "aggregator": "attention", "head": "attention"}[kind]
     value = model.get(kind, default)
     path = f"model.{kind}"
-    if is_dimension(value):
+    search_all = isinstance(value, list)
+    if search_all:
+        if not value:
+            raise where.error(path, "an empty list of components; name at least one")
+        entries, paths = value, [f"{path}.{i}" for i in range(len(value))]
+    elif is_dimension(value):
         if "choice" not in value:
             raise where.error(path, f"a component can only be searched with choice, got {sorted(value)}")
         entries = parse_dimension(path, value, where).choices
@@ -405,9 +422,10 @@ def _component_options(model: dict[str, Any], kind: str, where: SourceMap) -> li
     options = []
     for entry, entry_path in zip(entries, paths):
         if isinstance(entry, str):
-            options.append((entry, {}, entry_path))
+            options.append((entry, {"search": "all"} if search_all else {}, entry_path))
         elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            options.append((entry["name"], {k: v for k, v in entry.items() if k != "name"}, entry_path))
+            params = {k: v for k, v in entry.items() if k != "name"}
+            options.append((entry["name"], {"search": "all", **params} if search_all else params, entry_path))
         else:
             raise where.error(entry_path, f"a component is a name or a mapping with 'name', got {entry!r}")
     names = [name for name, _, _ in options]
@@ -579,7 +597,7 @@ def _validate_model_kinds(space: SearchSpace) -> None:
     if not readers:
         return  # an unknown or malformed kind: the trial validator names it
     for key, value in model.items():
-        searched = is_dimension(value) or (key in COMPONENT_KINDS and isinstance(value, dict) and "choice" in value)
+        searched = is_dimension(value) or (key in COMPONENT_KINDS and _searches_components(value))
         message = unread_model_field_message(key, readers, *(("searched", "fix it or drop the dimension")
                                                              if searched else ("set", "drop it")))
         if message:

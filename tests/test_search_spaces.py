@@ -247,3 +247,50 @@ def test_a_float_field_takes_int_choices(tmp_path: Path) -> None:
 def test_a_state_kind_becomes_a_parameter_suffix_mlflow_and_ray_accept(state_kind: str, suffix: str) -> None:
     """Spaces, slashes (Ray splits keys on them) and brackets (MLflow refuses them) become underscores."""
     assert kind_suffix(state_kind) == suffix
+
+
+def test_a_plain_list_of_components_searches_each_ones_own_hyperparameters(tmp_path: Path) -> None:
+    """DESIGN.md §3's ``aggregator: [attention, mlp]`` was refused ("a component is a name or a mapping");
+    it is the short form of a choice with ``search: all``, a mapping entry fixing what it names."""
+    import optuna
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml").read_text())
+    data["driver"]["sampler"] = "random"
+    data["model"]["aggregator"] = ["mlp", {"name": "attention", "layers": 1}]
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(data, sort_keys=False))
+    data["model"]["aggregator"] = {"choice": [{"name": "mlp", "search": "all"},
+                                             {"name": "attention", "layers": 1, "search": "all"}]}
+    long = tmp_path / "long.yaml"
+    long.write_text(yaml.safe_dump(data, sort_keys=False))
+    space = load_space(short)
+    assert space.dimension_record() == load_space(long).dimension_record()
+    assert "model.aggregator.mlp.mlp_ratio" in space.dimension_record()
+    assert "model.aggregator.attention.layers" not in space.dimension_record()  # fixed by its entry
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        aggregator = space.sample(trial)["model"]["aggregator"]
+        seen.add(aggregator["name"])
+        searched = {k.rsplit(".", 1)[1] for k in trial.params if k.startswith("model.aggregator.")}
+        assert searched == ({"mlp_ratio"} if aggregator["name"] == "mlp" else {"heads", "mlp_ratio"})
+        study.tell(trial, 0.0)
+    assert seen == {"mlp", "attention"}
+
+
+def test_a_grid_refuses_a_plain_list_of_components_at_its_entry(tmp_path: Path) -> None:
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml").read_text())
+    data["model"]["aggregator"] = ["mlp", "attention"]
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"model\.aggregator\.0: sampler 'grid' needs fixed component "
+                                          r"hyperparameters \(no dimensions, no search: all, no list of components"):
+        load_space(path)
+    data["model"]["aggregator"] = []
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"model\.aggregator: an empty list of components; name at least one"):
+        load_space(path)
