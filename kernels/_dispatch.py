@@ -64,20 +64,24 @@ def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_tensor_inputs(kernel: str, **tensors: object) -> None:
-    """Raise ``TypeError`` unless every named input is a real floating-point tensor (or None).
+    """Raise ``TypeError`` unless every named input is a tensor of one of :data:`KERNEL_DTYPES` (or None).
 
     Integer inputs would be computed in float and cut back to whole numbers, complex ones would
-    lose their imaginary part: both silently wrong, so both are refused by name.
+    lose their imaginary part, float8 ones would get float8 outputs: silently wrong or lossy, so all
+    are refused by name.
     """
     for name, tensor in tensors.items():
         if tensor is None:
             continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{kernel}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.dtype.is_floating_point:
-            raise TypeError(f"{kernel}: {name} has dtype {tensor.dtype}; expected a real floating-point dtype "
-                            "(float16, bfloat16, float32 or float64)")
+        if tensor.dtype not in KERNEL_DTYPES:  # float8 too: its outputs would be rounded to 8 bits
+            raise TypeError(f"{kernel}: {name} has dtype {tensor.dtype}; expected float16, bfloat16, float32 or "
+                            "float64")
 
 
 def _requested_backend(backend: str | None) -> tuple[str | None, str]:
@@ -168,6 +172,17 @@ def _check_triton_usable(source: str, device_is_cuda: bool, tensors: tuple[torch
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The accumulation dtype: float64 if any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def initial_state_in(state: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A float64 initial state beside float32-computed inputs, cast to float32 (differentiably).
+
+    The kernels compute in the inputs' dtype and cast the initial state to it; casting first means
+    such a state neither steers the backend choice (Triton takes no float64) nor is refused by Triton.
+    """
+    if state is not None and state.dtype == torch.float64 and dtype != torch.float64:
+        return state.to(dtype)
+    return state
 
 
 def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -91,6 +91,7 @@ def chunk_gated_linear_attention(
         or wider.
     """
     _check_inputs(q, k, v, log_gate, initial_state, chunk_size)
+    initial_state = _dispatch.initial_state_in(initial_state, _dispatch.compute_dtype(q, k, v, log_gate))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = [t for t in (q, k, v, log_gate, initial_state) if t is not None]
     chosen = _dispatch.select_backend(backend, *tensors, kernel=KERNEL)
@@ -102,7 +103,8 @@ def chunk_gated_linear_attention(
 
         o, final = chunk_gla_triton(q, k, v, log_gate, initial_state, chunk_size, scale)
     else:
-        o, final = chunk_gla_reference(q, k, v, log_gate, initial_state, chunk_size, scale)
+        # One chunk longer than the sequence computes the same as one chunk of T steps, at C^2 not T^2 cost.
+        o, final = chunk_gla_reference(q, k, v, log_gate, initial_state, min(chunk_size, q.shape[2]), scale)
     return o, (final if output_final_state else None)
 
 
@@ -140,6 +142,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: t
         raise ValueError(f"initial_state must be [B, H, dk, dv], got {tuple(initial_state.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    devices = {name: t.device for name, t in (("q", q), ("k", k), ("v", v), ("log_gate", log_gate),
+                                              ("initial_state", initial_state)) if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"{KERNEL}: every input must be on one device; got {listed}")
 
 
 def gate_per_channel(log_gate: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ def _scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bo
           backend: str | None) -> torch.Tensor:
     """The call itself: checks, backend choice, and the kernels with or without the autograd Function."""
     _check_shapes(a, b, h0)
+    h0 = _dispatch.initial_state_in(h0, _dispatch.compute_dtype(a, b))
     tensors = [t for t in (a, b, h0) if t is not None]
     cpu_default = "numba" if b.shape[1] >= MIN_COMPILED_CPU_STEPS else "reference"
     chosen = _dispatch.select_backend(backend, *tensors, kernel="first_order_scan",
@@ -141,16 +142,18 @@ def _needs_autograd(tensors: Sequence[torch.Tensor]) -> bool:
 def _check_shapes(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
     _dispatch.check_tensor_inputs("first_order_scan", a=a, b=b, h0=h0)
     if b.dim() < 2:
-        raise ValueError(f"b must be [B, T, *S], got shape {tuple(b.shape)}")
+        raise ValueError(f"first_order_scan: b must be [B, T, *S], got shape {tuple(b.shape)}")
     if a.dim() != b.dim():
-        raise ValueError(f"a must have b's rank {b.dim()}, got shape {tuple(a.shape)}")
+        raise ValueError(f"first_order_scan: a must have b's rank {b.dim()} (b is {tuple(b.shape)}; size-1 dims "
+                         f"broadcast), got shape {tuple(a.shape)}")
     if not _broadcasts_to(a.shape, b.shape):
-        raise ValueError(f"a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
+        raise ValueError(f"first_order_scan: a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
     state_shape = b.shape[:1] + b.shape[2:]
     if h0 is not None and not _broadcasts_to(h0.shape, state_shape):
-        raise ValueError(f"h0 {tuple(h0.shape)} does not broadcast to [B, *S] {tuple(state_shape)}")
+        raise ValueError(f"first_order_scan: h0 {tuple(h0.shape)} does not broadcast to [B, *S] {tuple(state_shape)}")
     if a.device != b.device or (h0 is not None and h0.device != b.device):
-        raise ValueError("a, b and h0 must be on the same device")
+        devices = f"a on {a.device}, b on {b.device}" + ("" if h0 is None else f", h0 on {h0.device}")
+        raise ValueError(f"first_order_scan: a, b and h0 must be on the same device; got {devices}")
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:

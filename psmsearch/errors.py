@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import sysconfig
 import traceback
+from functools import cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -119,10 +121,19 @@ def where_raised(err: BaseException) -> str:
     an installed package (torch, numpy) or the standard library, nor in psmsearch's engine."""
     if getattr(err, "names_its_origin", False):  # the engine found the fault and its message says whose
         return ""
-    excluded = (*{p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}, _ENGINE_DIR)
+    excluded = (*{p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}, *_engine_dirs())
     frames = [frame for frame in traceback.extract_tb(err.__traceback__)
               if not frame.filename.startswith("<") and not frame.filename.startswith(excluded)]
     return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
 
 
 _ENGINE_DIR = str(Path(__file__).resolve().parent) + os.sep  # psmsearch/; the built-in plugins are in plugins/
+
+
+@cache
+def _engine_dirs() -> tuple[str, ...]:
+    """psmsearch/ and the folder of psmsearch.kernels, which an editable install maps from the repository's
+    kernels/ (a plugin's bad call then named the kernel's argument check, not the plugin's line)."""
+    spec = importlib.util.find_spec("psmsearch.kernels")
+    kernels = [str(Path(p).resolve()) + os.sep for p in (spec.submodule_search_locations or [])] if spec else []
+    return (_ENGINE_DIR, *kernels)

@@ -101,6 +101,15 @@ def test_scan_empty_inputs_with_h0(steps: int, gate: str, state: tuple[int, ...]
     check_scan("cpu", steps, gate, True, reverse, state=state)
 
 
+def test_scan_float64_h0_beside_float32_inputs() -> None:
+    """Triton refused it ("Triton supports float32/bfloat16/float16 inputs"); h0 is cast to float32 first."""
+    from psmsearch.kernels import first_order_scan
+
+    a, b, h0 = torch.rand(2, 9, 3) * 0.5 + 0.5, torch.randn(2, 9, 3), torch.randn(2, 3, dtype=torch.float64)
+    got = first_order_scan(a, b, h0, backend="triton")
+    torch.testing.assert_close(got, first_order_scan(a, b, h0.float(), backend="reference"), rtol=1e-6, atol=1e-6)
+
+
 def test_scan_gate_broadcast_over_batch_and_time() -> None:
     check_scan("cpu", 11, "diagonal", True, False, gate_shape=(1, 1, 2, 3, 1))
 

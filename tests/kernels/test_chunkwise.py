@@ -50,7 +50,7 @@ def test_reference_matches_loop(steps: int, diagonal: bool, with_h0: bool) -> No
         torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64, 1 << 20])  # the last: one chunk far longer than T
 def test_any_chunk_size(chunk_size: int) -> None:
     q, k, v, log_gate, _ = _inputs(40, True, False)
     o, _ = chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=chunk_size, scale=0.3,
@@ -100,16 +100,31 @@ def test_shape_errors() -> None:
         chunk_gated_linear_attention(q, k, v, log_gate, initial_state=torch.zeros(B, H, DV, DK))
     with pytest.raises(ValueError, match="at least one time step"):
         chunk_gated_linear_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], log_gate[:, :, :0])
+    with pytest.raises(ValueError, match=r"chunk_gated_linear_attention: every input must be on one device; got q "
+                                         r"on cpu, k on cpu, v on cpu, log_gate on cpu, initial_state on meta"):
+        chunk_gated_linear_attention(q, k, v, log_gate, initial_state=torch.zeros(B, H, DK, DV, device="meta"))
 
 
 def test_inputs_and_chunk_sizes_of_the_wrong_type_are_refused_by_name() -> None:
     """An int64 q was computed in float and cut back to whole numbers; a float or None chunk size
     failed deep inside padding."""
     q, k, v, log_gate, _ = _inputs(20, False, False, dtype=torch.float32)
-    with pytest.raises(TypeError, match="q has dtype torch.int64; expected a real floating-point dtype"):
+    with pytest.raises(TypeError, match="q has dtype torch.int64; expected float16, bfloat16, float32 or float64"):
         chunk_gated_linear_attention(q.long(), k, v, log_gate)
+    with pytest.raises(TypeError, match="v has dtype torch.float8_e4m3fn; expected float16, bfloat16, float32"):
+        chunk_gated_linear_attention(q, k, v.to(torch.float8_e4m3fn), log_gate)  # outputs rounded to 8 bits
     with pytest.raises(TypeError, match="log_gate must be a torch.Tensor, got float"):
         chunk_gated_linear_attention(q, k, v, -0.1)
     for chunk_size in (16.0, None, True):
         with pytest.raises(TypeError, match="chunk_size must be a positive int"):
             chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=chunk_size)
+
+
+def test_a_float64_initial_state_beside_float32_inputs_is_cast_to_float32() -> None:
+    q, k, v, log_gate, h0 = _inputs(20, True, True, dtype=torch.float32)
+    wide = h0.double().requires_grad_()
+    o, final = chunk_gated_linear_attention(q, k, v, log_gate, initial_state=wide, output_final_state=True)
+    want_o, want_final = chunk_gated_linear_attention(q, k, v, log_gate, initial_state=h0, output_final_state=True)
+    assert o.dtype == final.dtype == torch.float32
+    assert torch.equal(o, want_o) and torch.equal(final, want_final)
+    assert torch.autograd.grad(final.sum(), wide)[0].dtype == torch.float64

@@ -160,8 +160,14 @@ def test_triton_refuses_float64(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_shape_errors() -> None:
     b = torch.zeros(2, 5, 3, 4)
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(ValueError, match=r"^first_order_scan: a must have b's rank 4 \(b is \(2, 5, 3, 4\); size-1 "
+                                         r"dims broadcast\), got shape \(2, 5, 3\)") as caught:
         first_order_scan(torch.zeros(2, 5, 3), b)
+    from psmsearch.errors import where_raised
+
+    # A failed trial names the caller's line (a plugin's scan), not the kernel's argument check, also where
+    # an editable install maps psmsearch.kernels from the repository's kernels/ folder.
+    assert where_raised(caught.value).startswith(f" (at {__file__}:"), where_raised(caught.value)
     with pytest.raises(ValueError, match="broadcast"):
         first_order_scan(torch.zeros(2, 5, 2, 4), b)
     with pytest.raises(ValueError, match="h0"):
@@ -181,6 +187,7 @@ def test_inputs_that_are_not_real_float_tensors_are_refused_by_name(backend: str
         ((a, torch.full((1, 70, 2), 3)), "b has dtype torch.int64"),
         ((a.to(torch.int32), b), "a has dtype torch.int32"),
         ((a, b.to(torch.complex64)), "b has dtype torch.complex64"),
+        ((a, b.to(torch.float8_e5m2)), "b has dtype torch.float8_e5m2; expected float16, bfloat16, float32 or float64"),
         ((0.5, b), "a must be a torch.Tensor, got float"),
         ((a, b.numpy()), "b must be a torch.Tensor, got ndarray"),
         ((a, b, torch.zeros(1, 2, dtype=torch.int64)), "h0 has dtype torch.int64"),
@@ -258,3 +265,15 @@ def test_transformed_calls_go_through_the_autograd_function(backend: str, monkey
     calls.clear()
     torch.vmap(lambda b_: first_order_scan(a, b_, backend=backend))(b.unsqueeze(0))
     assert calls, "a vmapped input skipped the Function"
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_a_float64_h0_beside_float32_inputs_is_cast_to_float32(backend: str) -> None:
+    """As documented: the scan computes in the inputs' dtype and casts h0 to it; the gradient is float64."""
+    a, b = torch.rand(2, 70, 3) * 0.5 + 0.5, torch.randn(2, 70, 3)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    got = first_order_scan(a, b, h0, backend=backend)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, first_order_scan(a, b, h0.detach().float(), backend=backend))
+    (grad,) = torch.autograd.grad(got.sum(), h0)
+    assert grad.dtype == torch.float64
