@@ -212,12 +212,16 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
 
 
 def _not_registered(name: str, registry: Registry) -> CheckResult:
-    """The failed check of a named component that is not registered while some plugin failed to load."""
+    """The failed check of a named component that is not registered while some plugin failed to load
+    (with the closest registered names: it may be a typo all the same)."""
+    from psmsearch.errors import suggest
     from psmsearch.testing import CheckResult
 
     plugins = ", ".join(sorted({failure.plugin for failure in registry.failures}))
+    known = {info.name for info in registry.all() if info.kind in CHECKED_KINDS}
     return CheckResult(f"component {name!r}", "registered", False,
-                       f"not registered; it may be defined by the plugin that failed to load ({plugins})")
+                       f"not registered; it may be defined by the plugin that failed to load ({plugins})."
+                       f"{suggest(name.rpartition(':')[2], known)}")
 
 
 main.add_command(train)

@@ -60,7 +60,9 @@ def unread_model_field_message(key: str, kinds: Sequence[str], how: str = "set",
     if key not in MODEL_FIELDS or any(key in KIND_FIELDS[k] for k in kinds):
         return ""
     users = sorted(k for k, fields in KIND_FIELDS.items() if key in fields)
-    message = f"{how}, but model.kind {'/'.join(kinds)} never reads it (read by: {', '.join(users)}); {fix}"
+    message = f"model.kind {'/'.join(kinds)} never reads it (read by: {', '.join(users)}); {fix}"
+    if how:
+        message = f"{how}, but {message}"
     if key == "n_heads" and "psm" in kinds:
         message += " (a PSM's attention heads are its components' hyperparameters, e.g. aggregator: {name: attention, heads: 4})"
     return message

@@ -122,12 +122,22 @@ def where_raised(err: BaseException) -> str:
     if getattr(err, "names_its_origin", False):  # the engine found the fault and its message says whose
         return ""
     excluded = (*{p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"])}, *_engine_dirs())
+    plugins = _plugin_dirs()  # the built-in plugins are plugins, installed under psmsearch/ or not
     frames = [frame for frame in traceback.extract_tb(err.__traceback__)
-              if not frame.filename.startswith("<") and not frame.filename.startswith(excluded)]
+              if not frame.filename.startswith("<")
+              and (frame.filename.startswith(plugins) or not frame.filename.startswith(excluded))]
     return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
 
 
 _ENGINE_DIR = str(Path(__file__).resolve().parent) + os.sep  # psmsearch/; the built-in plugins are in plugins/
+
+
+@cache
+def _plugin_dirs() -> tuple[str, ...]:
+    """The folder of psmsearch.plugins: inside psmsearch/ (and site-packages) in a normal install, where
+    a built-in component's line was hidden as if it were the engine's."""
+    spec = importlib.util.find_spec("psmsearch.plugins")
+    return tuple(str(Path(p).resolve()) + os.sep for p in (spec.submodule_search_locations or [])) if spec else ()
 
 
 @cache

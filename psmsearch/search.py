@@ -134,7 +134,7 @@ def execute_trial(
                                         {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
             if refused is not None:
                 raise refused
-            config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+            config_yaml = yaml.safe_dump(config.resolved(), sort_keys=False)
             _best_effort(number, "log its configuration", lambda: tracker.log_text(run_id, config_yaml, "trial_config.yaml"))
             if on_run is not None:
                 on_run(run_id)

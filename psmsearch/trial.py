@@ -21,7 +21,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -77,6 +77,13 @@ class TrialConfig(BaseModel):
         if not DEVICE_PATTERN.match(value):
             raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
         return value
+
+    def resolved(self) -> dict[str, Any]:
+        """The whole config as plain data (``trial_config.yaml``), the model with only the fields its kind
+        reads, so that the file runs with ``psmsearch train`` and says nothing that had no effect."""
+        data = self.model_dump(mode="json")
+        data["model"] = {k: v for k, v in data["model"].items() if k in KIND_FIELDS[self.model.kind]}
+        return data
 
     def flat_params(self) -> dict[str, Any]:
         """Flat ``{"task": ..., "task.group": ..., "model.d_model": ..., "train.lr": ...}`` for tracking."""
@@ -176,8 +183,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry: Registry | None = None) -> TrialConfig:
-    """Read, override and validate a trial YAML file."""
+def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry: Registry | None = None,
+                      warn: Callable[[str], None] | None = None) -> TrialConfig:
+    """Read, override and validate a trial YAML file.
+
+    ``warn`` receives one located message (``FILE:LINE: model.n_heads: ...`` or ``--set ...``) per
+    model field that the trial's kind ignores and that differs from its default: not an error, since
+    switching a config's kind with ``--set model.kind=gpt`` leaves the other kind's fields behind.
+    """
     path = Path(path)
     source = str(path)
     try:
@@ -190,9 +203,7 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         _refuse_a_search_space(raw, source, lines)
         raw = apply_overrides(raw, overrides)
     try:
-        if isinstance(raw, dict):
-            _refuse_unread_model_fields(raw.get("model"), source)
-        return TrialConfig.from_dict(raw, source, registry)
+        config = TrialConfig.from_dict(raw, source, registry)
     except ConfigError as err:
         if not err.field or err.source != source:
             raise
@@ -201,17 +212,35 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         if origin == f"--set {err.field}":  # "--set task.path: ..." names the field once, not twice
             err.args = (f"{origin}: {err.detail}", *err.args[1:])
         raise err from None
+    if warn is not None:
+        for key, message in unread_model_fields(raw.get("model"), config.model.kind):
+            origin = _origin(f"model.{key}", overrides, lines)
+            warn(f"{origin}: {message}" if origin.startswith("--set") else f"{origin}: model.{key}: {message}")
+    return config
 
 
-def _refuse_unread_model_fields(model: Any, source: str) -> None:
-    """A model field the trial's kind ignores (``n_heads`` under ``kind: psm``), given in the file or by
-    ``--set``, would change nothing: refused, naming the kinds that read it."""
-    if not isinstance(model, dict) or model.get("kind", "psm") not in KIND_FIELDS:
-        return  # no model, or an unknown kind: TrialConfig names it
-    for key in model:
-        message = unread_model_field_message(key, [model.get("kind", "psm")])
-        if message:
-            raise ConfigError(message, field=f"model.{key}", source=source)
+def unread_model_fields(model: Any, kind: str) -> list[tuple[str, str]]:
+    """``(field, why)`` for each field of a raw model mapping that ``kind`` ignores and that is not its default.
+
+    ``n_heads: 8`` under ``kind: psm`` validated and then changed nothing. A default value is not
+    reported: a trial's own resolved config (``trial_config.yaml``) may hold every field.
+    """
+    if not isinstance(model, dict):
+        return []
+    found = []
+    for key, value in model.items():
+        message = unread_model_field_message(key, [kind], "", "it changes nothing")
+        if message and not _is_default_model_value(key, value):
+            found.append((key, message))
+    return found
+
+
+def _is_default_model_value(key: str, value: Any) -> bool:
+    default = ModelConfig.model_fields[key].default
+    if isinstance(default, ComponentSpec):
+        given = {"name": value} if isinstance(value, str) else value
+        return isinstance(given, dict) and given == default.flat()
+    return value == default
 
 
 SEARCH_SPACE_KEYS = ("objectives", "driver", "tracking")

@@ -221,3 +221,13 @@ def test_readme_command_table_matches_every_commands_options() -> None:
     for param in main.params:
         if isinstance(param, click.Option):
             assert param.opts[-1] in table, f"README's command table lacks the global {param.opts[-1]}"
+
+
+def test_a_missing_name_beside_a_failed_plugin_still_gets_a_suggestion() -> None:
+    from psmsearch.cli import _not_registered
+    from psmsearch.registry import load_registry
+
+    registry = load_registry(extra_plugins=[str(FIXTURES / "broken_import.py")])
+    assert registry.failures
+    result = _not_registered("aggregator:atention", registry)
+    assert not result.passed and result.message.endswith("broken_import.py). Did you mean 'attention'?")

@@ -453,3 +453,19 @@ def test_an_own_scan_of_the_wrong_shape_is_named() -> None:
     with pytest.raises(StateShapeError, match=r"'ShortOwnScan' \(scan at .*test_scan\.py:\d+\): scan returned "
                                               r"shapes \[\(2, 4, 3\)\] for chunk states of shapes \[\(2, 5, 3\)\]"):
         prefix_scan(ShortOwnScan(3), torch.randn(2, 5, 3, dtype=torch.float64))
+
+
+def test_a_built_in_plugin_line_is_named_in_a_normal_install_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed without -e, psmsearch/plugins/ sits inside psmsearch/ and site-packages, which where_raised
+    skips as engine and library code: a built-in component's own line was hidden."""
+    import sysconfig
+
+    from psmsearch import errors
+
+    plugins = sysconfig.get_paths()["purelib"] + "/psmsearch/plugins/"
+    monkeypatch.setattr(errors, "_plugin_dirs", lambda: (plugins,))
+    namespace: dict[str, object] = {}
+    exec(compile("def build():\n    raise ValueError('bad width')\n", plugins + "token_state.py", "exec"), namespace)
+    with pytest.raises(ValueError) as caught:
+        namespace["build"]()  # type: ignore[operator]
+    assert errors.where_raised(caught.value) == f" (at {plugins}token_state.py:2 in build)"

@@ -74,6 +74,11 @@ def test_step_metrics_and_config_artifact_are_logged(finished_search) -> None:
     assert any(steps == [6] for steps in once.values())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "trial_config.yaml" in artifacts and "curves.png" in artifacts
+    from psmsearch.trial import load_trial_config
+
+    warnings: list[str] = []  # the resolved config runs as written (it held n_heads and window under psm)
+    load_trial_config(client.download_artifacts(run.info.run_id, "trial_config.yaml", str(work)), warn=warnings.append)
+    assert warnings == []
 
 
 def test_summary_ranks_trials_best_first(finished_search) -> None:
