@@ -23,6 +23,7 @@ the prefix of chunk 0 is ``agg.initial_state(batch_shape)``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
@@ -56,17 +57,46 @@ class StateShapeError(ValueError):
     names_its_origin = False
 
 
-def _component_origin(obj: Any, method: str = "forward") -> str:
+def _component_origin(obj: Any, method: str = "forward", args: tuple[Any, ...] | None = None) -> str:
     """`` (METHOD at FILE:LINE)`` of ``obj``'s ``method`` (of the module a ``torch.compile`` wrapper
-    holds), or ``""`` where Python cannot tell."""
+    holds), or ``""`` where Python cannot tell. With the ``args`` of the bad call, LINE is the line that
+    returned the bad result (see :func:`_returning_line`), else the method's ``def`` line."""
     import inspect
 
     obj = getattr(obj, "_orig_mod", obj)  # torch.compile's OptimizedModule
     try:
         function = inspect.unwrap(getattr(type(obj), method))
-        return f" ({method} at {inspect.getsourcefile(function)}:{inspect.getsourcelines(function)[1]})"
+        line = (_returning_line(obj, method, function, args) if args is not None else None) \
+            or inspect.getsourcelines(function)[1]
+        return f" ({method} at {inspect.getsourcefile(function)}:{line})"
     except (AttributeError, TypeError, OSError):
         return ""
+
+
+def _returning_line(obj: Any, method: str, function: Callable[..., Any], args: tuple[Any, ...]) -> int | None:
+    """The line whose ``return`` gave the bad result: ``method`` called again on the same arguments while
+    a profiler notes where its frame returns (on the error path only; None where that does not work).
+
+    With several ``return`` statements in a plugin's ``forward``, the ``def`` line left the author to
+    guess which one made the state of the wrong shape.
+    """
+    code = getattr(function, "__code__", None)
+    returned: list[int] = []
+
+    def profile(frame: Any, event: str, _arg: Any) -> None:
+        if event == "return" and frame.f_code is code:
+            returned.append(frame.f_lineno)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        with torch.no_grad():
+            getattr(obj, method)(*args)
+    except Exception:  # noqa: BLE001 - only the message's line depends on it
+        return None
+    finally:
+        sys.setprofile(previous)
+    return returned[-1] if returned else None
 
 
 def _leaf_shapes(state: Any) -> list[tuple[int, ...]] | None:
@@ -91,7 +121,7 @@ def checked_initial_state(agg: AggregatorLike, batch_shape: tuple[int, ...],
     got = _leaf_shapes(state)
     if got != want:
         shown = "a " + type(state).__name__ if got is None else f"shapes {got}"
-        origin = _component_origin(agg, "initial_state")
+        origin = _component_origin(agg, "initial_state", (batch_shape,))
         error = StateShapeError(
             f"aggregator {_name_of(agg)!r}{origin}: initial_state({batch_shape}) returned {shown}, but the "
             f"chunk states have shapes {want}; initial_state must return a state shaped like them, batch "
@@ -116,7 +146,7 @@ def shape_checked(agg: Callable[[State, State], State]) -> Callable[[State, Stat
         want = [tuple(leaf.shape) for leaf in S.leaves(newer)]
         if got != want:
             shown = "a " + type(out).__name__ if got is None else f"shapes {got}"
-            origin = _component_origin(agg)
+            origin = _component_origin(agg, "forward", (older, newer))
             error = StateShapeError(
                 f"aggregator {_name_of(agg)!r}{origin} returned {shown} for inputs of shapes "
                 f"{[tuple(leaf.shape) for leaf in S.leaves(older)]} (older) and {want} (newer); "
@@ -250,7 +280,7 @@ def _check_own_scan(agg: AggregatorLike, prefixes: Any, states: State) -> None:
     got, want = _leaf_shapes(prefixes), _leaf_shapes(states)
     if got != want:
         shown = "a " + type(prefixes).__name__ if got is None else f"shapes {got}"
-        origin = _component_origin(agg, "scan")
+        origin = _component_origin(agg, "scan", (states,))
         error = StateShapeError(
             f"aggregator {_name_of(agg)!r}{origin}: scan returned {shown} for chunk states of shapes {want}; "
             "it must return the exclusive prefixes shaped like the states (or None to use the generic scan)"

@@ -469,3 +469,28 @@ def test_a_built_in_plugin_line_is_named_in_a_normal_install_too(monkeypatch: py
     with pytest.raises(ValueError) as caught:
         namespace["build"]()  # type: ignore[operator]
     assert errors.where_raised(caught.value) == f" (at {plugins}token_state.py:2 in build)"
+
+
+class TwoReturns(Twisted):
+    """Right shape on one branch, wrong on the other: the message names the return that was taken."""
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        if older.shape[0] > 100:
+            return older + newer
+        return torch.cat([newer, older], dim=-1)
+
+
+def test_a_wrong_shape_names_the_line_of_the_return_that_made_it() -> None:
+    """It named the ``def`` line, leaving the author of a forward with several returns to guess."""
+    import inspect
+
+    from psmsearch.scan import StateShapeError
+
+    lines, first = inspect.getsourcelines(TwoReturns.forward)
+    wrong = first + next(i for i, text in enumerate(lines) if "torch.cat" in text)
+    with pytest.raises(StateShapeError, match=rf"\(forward at .*test_scan\.py:{wrong}\) returned shapes"):
+        prefix_scan(TwoReturns(3), torch.randn(2, 5, 3, dtype=torch.float64), mode="tree")
+    with pytest.raises(StateShapeError, match=rf"\(forward at .*test_scan\.py:{wrong}\) returned shapes"):
+        scan = OnlineScan(TwoReturns(3))
+        for i in range(3):
+            scan.push(torch.randn(2, 3, dtype=torch.float64))
