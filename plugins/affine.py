@@ -1,4 +1,4 @@
-"""Associative (affine) PSM components: linear attention, RetNet, Mamba2, GLA and DeltaNet.
+"""Associative (affine) PSM components: linear attention, RetNet, Mamba2, mLSTM, GLA and DeltaNet.
 
 Every model here keeps, per head, a matrix state ``S ∈ R^{d_k × d_v}`` updated token by token as
 ``S_t = E_t ▷ S_{t-1} + k_t v_tᵀ`` (DeltaNet: ``+ β_t k_t v_tᵀ``) and read out as ``o_t = S_tᵀ q_t``.
@@ -11,7 +11,8 @@ the state kind; only triples of one kind are compatible:
 state kind          encoders               ``E_t``           aggregator           head
 ==================  =====================  ================  ===================  ======================
 ``affine-scalar``   ``linear_attention``,  ``a_t I``         ``affine_scalar``    ``linear_readout_scalar``
-                    ``retnet``, ``mamba2``
+                    ``retnet``, ``mamba2``,
+                    ``mlstm``
 ``affine-diag``     ``gla``                ``diag(α_t)``     ``affine_diag``      ``linear_readout_diag``
 ``affine-dense``    ``deltanet``           ``I - β k kᵀ``    ``affine_dense``     ``linear_readout_dense``
 ==================  =====================  ================  ===================  ======================
@@ -20,7 +21,8 @@ Representation. Encoder features are ``(q, k, v, gate, out_gate)`` with the chun
 the batch dims: ``q, k [*, c, H, dk]``, ``v [*, c, H, dv]``; the gate is the token's log-decay
 ``[*, c, H, 1]`` (scalar kinds) or ``[*, c, H, dk]`` (diagonal), or DeltaNet's ``β [*, c, H]``;
 ``out_gate [*, c, H, dv]`` are the output gate's logits (GLA's ``r``, Mamba2's ``z``), or
-``[*, c, H, 0]`` when the encoder's ``output_gate`` is off.
+``[*, c, H, 0]`` when the encoder's ``output_gate`` is off. mLSTM's values carry one more column of
+ones, the input of its normaliser, which the head divides by (:class:`MLSTMEncoder`).
 Scalar and diagonal decays are one code path: a scalar gate is a diagonal one of width 1 that
 broadcasts over ``dk``. Their states store ``E`` as its logarithm (``log E [*, H]`` or
 ``[*, H, dk]``, identity 0) so that cumulative transitions are sums of log-decays, never products
@@ -264,6 +266,8 @@ class _AffineEncoder(Encoder):
     """
 
     hyperparameters = SHARED_HYPERPARAMETERS
+    normalizer_column: ClassVar[bool] = False
+    """Whether the last value column is a normaliser the head divides by (mLSTM's ``n``), not a value."""
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
@@ -461,6 +465,69 @@ class GLAEncoder(_DecayEncoder):
         return k, F.logsigmoid(logits) / self.hparams["gate_temperature"]  # [*, c', H, dk] each
 
 
+class MLSTMEncoder(_DecayEncoder):
+    """xLSTM's mLSTM: exponential input gate, sigmoid forget gate and a normaliser state per head.
+
+    ``C_t = f_t C_{t-1} + i_t k_t v_tᵀ``, ``n_t = f_t n_{t-1} + i_t k_t`` and the head reads
+    ``h_t = C_tᵀ q_t / max(|n_tᵀ q_t|, 1)``, with ``f_t = sigmoid(f̃_t)`` and ``i_t = exp(ĩ_t)``
+    (one of each per head and token, ``[ĩ, f̃] = W x + b``). The normaliser is one more value
+    column: values are ``[v_t, 1]``, so ``S = [C | n] ∈ R^{d_k × (d_v + 1)}`` is an ordinary
+    scalar-decay state (``log E = logsigmoid(f̃)``, key ``i_t k_t``), combined by ``affine_scalar``
+    and read by ``linear_readout_scalar``, which divides by the last column wherever the encoder
+    has one (:attr:`normalizer_column`).
+
+    Both pre-activations are soft-capped, ``cap · tanh(· / cap)`` (``gate_soft_cap``, as in xLSTM
+    7B), so ``i_t <= e^cap``: with the default 15 that is 3.3e6, and float32 and bfloat16 states stay
+    far from overflow without xLSTM's running max-stabiliser ``m_t`` (which only rescales ``C`` and
+    ``n`` together and cancels in ``h``). float16 ends at 65504: there a cap of about 10 or less
+    keeps ``i_t`` representable. Initialisation as in xLSTM: forget-gate biases spaced from 3 to 6
+    over the heads, input-gate biases from N(0, 0.1); the gate weights start at a tenth of
+    PyTorch's default (xLSTM starts them at 0), so the gates depend on the data from the first step.
+    The block's convolution, skip and output gate are not part of this sequence mixer.
+    """
+
+    name = "mlstm"
+    state_kind = SCALAR
+    normalizer_column: ClassVar[bool] = True
+    hyperparameters = (
+        *SHARED_HYPERPARAMETERS,
+        HyperParameter(
+            "gate_soft_cap", "float", 15.0, low=5.0, high=50.0,
+            help="gate pre-activations are capped as cap·tanh(x/cap); the input gate exp(ĩ) stays <= e^cap",
+        ),
+    )
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        self.gate_proj = nn.Linear(context.d_model, self.heads * 2)  # per head: [ĩ, f̃]
+        with torch.no_grad():
+            self.gate_proj.weight.mul_(0.1)
+            biases = self.gate_proj.bias.view(self.heads, 2)  # [H, 2]
+            biases[:, 0].normal_(0.0, 0.1)
+            biases[:, 1].copy_(torch.linspace(3.0, 6.0, self.heads))
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft-capped pre-activations ``(ĩ, f̃)``, each ``[*, c', H]``."""
+        cap = self.hparams["gate_soft_cap"]
+        capped = cap * torch.tanh(self._split_heads(self.gate_proj(x), 2) / cap)  # [*, c', H, 2]
+        return capped[..., 0], capped[..., 1]
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        input_pre, forget_pre = self.gates(x)  # [*, c', H] each
+        return k * input_pre.exp().unsqueeze(-1), F.logsigmoid(forget_pre).unsqueeze(-1)  # [*, c', H, dk], [*, c', H, 1]
+
+    def features(self, x: torch.Tensor, offset: int = 0) -> Features:
+        """:meth:`_AffineEncoder.features` with a column of ones after the values (the normaliser's input)."""
+        q, k, v, log_f, out_gate = super().features(x, offset)  # v [*, c', H, dv]
+        values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # [*, c', H, dv + 1]
+        return q, k, values, log_f, out_gate
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int]:
+        """Shape of ``S = [C | n]`` per sequence: ``(H, dk, dv + 1)``."""
+        return (self.heads, self.key_dim, self.value_dim + 1)
+
+
 class DeltaNetEncoder(_AffineEncoder):
     """DeltaNet: ``E_t = I - β_t k_t k_tᵀ``, input ``β_t k_t v_tᵀ``; L2-normalised queries and keys.
 
@@ -619,11 +686,18 @@ class _ReadoutHead(Head):
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
         _, (heads, _, value_dim) = _encoder_state_shape(context, f"head {self.name!r}")
+        self.normalized = bool(getattr(context.encoder, "normalizer_column", False))
+        if self.normalized:
+            value_dim -= 1  # the last column is the normaliser n, not a value
         self.norm = nn.RMSNorm(value_dim, eps=1e-5) if self.hparams["norm"] else nn.Identity()
         self.out = nn.Linear(heads * value_dim, context.d_model, bias=False)
 
     def project(self, o: torch.Tensor, out_gate: torch.Tensor) -> torch.Tensor:
-        """``o[*, c', H, dv]``, ``out_gate[*, c', H, dv or 0]`` -> ``y[*, c', d]``."""
+        """``o[*, c', H, dv]`` (``dv + 1`` with a normaliser), ``out_gate[*, c', H, dv or 0]`` -> ``y[*, c', d]``.
+
+        Every path (training, fused, streaming) ends here, so mLSTM's normalisation is applied once, here.
+        """
+        o = self.normalize(o)  # [*, c', H, dv]
         if not out_gate.shape[-1]:
             o = self.norm(o)  # [*, c', H, dv]
         elif self.hparams["gate_before_norm"]:
@@ -631,6 +705,15 @@ class _ReadoutHead(Head):
         else:
             o = self.norm(o) * F.silu(out_gate)  # [*, c', H, dv]
         return self.out(o.flatten(-2))  # [*, c', d]
+
+    def normalize(self, o: torch.Tensor) -> torch.Tensor:
+        """``o[..., :dv] / max(|o[..., dv]|, 1)`` where the encoder's last value column is a normaliser
+        (mLSTM's ``h = Cᵀq / max(|nᵀq|, 1)``), else ``o`` itself. Divides in float32 at least."""
+        if not self.normalized:
+            return o
+        dtype = _accumulation_dtype(o)
+        values, normalizer = o[..., :-1].to(dtype), o[..., -1:].to(dtype)  # [*, H, dv], [*, H, 1]
+        return (values / normalizer.abs().clamp(min=1.0)).to(o.dtype)
 
     def forward(self, prefix: AffineState, f: Features) -> torch.Tensor:
         """``prefix (E, S [*, H, dk, dv])``, ``f[*, c', ...]`` -> ``y[*, c', d]``; ``E`` is not needed."""
@@ -773,7 +856,7 @@ class DenseReadoutHead(_ReadoutHead):
 
 @hookimpl
 def register_encoders(register: Callable[..., None]) -> None:
-    for cls in (LinearAttentionEncoder, RetNetEncoder, Mamba2Encoder, GLAEncoder, DeltaNetEncoder):
+    for cls in (LinearAttentionEncoder, RetNetEncoder, Mamba2Encoder, MLSTMEncoder, GLAEncoder, DeltaNetEncoder):
         register(cls)
 
 

@@ -171,7 +171,7 @@ def test_chunk_mixed_dtypes() -> None:
     check_chunk_mixed_dtypes("cpu")
 
 
-@pytest.mark.parametrize("encoder", ["mamba2", "gla"])
+@pytest.mark.parametrize("encoder", ["mamba2", "mlstm", "gla"])
 def test_decay_layer_trains_through_the_triton_kernel(encoder: str) -> None:
     check_decay_layer("cpu", encoder)
 

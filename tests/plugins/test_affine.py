@@ -35,6 +35,7 @@ TRIPLES = {
     "linear_attention": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
     "retnet": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
     "mamba2": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
+    "mlstm": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
     "gla": ("affine_diag", "linear_readout_diag", "affine-diag"),
     "deltanet": ("affine_dense", "linear_readout_dense", "affine-dense"),
 }
@@ -69,7 +70,10 @@ def inputs(length: int = LENGTH, seed: int = 1, dtype: torch.dtype = torch.float
 
 
 def naive_readout(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
-    """``o[B, T, H, dv]`` by the literal recurrence, one token at a time, from the layer's features."""
+    """``o[B, T, H, dv]`` by the literal recurrence, one token at a time, from the layer's features
+    (mLSTM's from its weights, by :func:`naive_mlstm_readout`)."""
+    if layer.encoder.name == "mlstm":
+        return naive_mlstm_readout(layer, x)
     q, k, v, gate, _ = layer.encoder.features(x)  # [B, T, H, dk], [B, T, H, dk], [B, T, H, dv], [B, T, H, ...]
     heads, dk, dv = layer.encoder.state_shape[1]
     dense = layer.encoder.state_kind == "affine-dense"
@@ -85,6 +89,34 @@ def naive_readout(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
         else:
             state = gate[:, t, :, :, None].exp() * state + outer  # [B, H, dk, dv]
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))  # [B, H, dv]
+    return torch.stack(outputs, dim=1)  # [B, T, H, dv]
+
+
+def naive_mlstm_readout(layer: PSMLayer, x: torch.Tensor) -> torch.Tensor:
+    """xLSTM's mLSTM with its matrix memory ``C`` and normaliser ``n`` kept apart, token by token.
+
+    Everything comes from the encoder's weights, not its features (which fold ``n`` into a value
+    column): ``[ĩ, f̃] = cap·tanh((W x + b) / cap)``, ``C_t = σ(f̃) C + e^ĩ k vᵀ``,
+    ``n_t = σ(f̃) n + e^ĩ k``, ``h_t = Cᵀq / max(|nᵀq|, 1)`` with ``q`` scaled by ``d_k^-1/2``.
+    """
+    enc = layer.encoder
+    heads, dk, dv = enc.heads, enc.key_dim, enc.value_dim
+    q = enc.feature_map((x @ enc.q_proj.weight.T).unflatten(-1, (heads, dk))) / dk**0.5  # [B, T, H, dk]
+    k = enc.feature_map((x @ enc.k_proj.weight.T).unflatten(-1, (heads, dk)))  # [B, T, H, dk]
+    v = (x @ enc.v_proj.weight.T).unflatten(-1, (heads, dv))  # [B, T, H, dv]
+    cap = enc.hparams["gate_soft_cap"]
+    pre = cap * torch.tanh((x @ enc.gate_proj.weight.T + enc.gate_proj.bias).unflatten(-1, (heads, 2)) / cap)
+    input_gate, forget_gate = pre[..., 0].exp(), torch.sigmoid(pre[..., 1])  # [B, T, H] each
+    memory = x.new_zeros(x.shape[0], heads, dk, dv)  # [B, H, dk, dv]
+    normalizer = x.new_zeros(x.shape[0], heads, dk)  # [B, H, dk]
+    outputs = []
+    for t in range(x.shape[1]):
+        f_t, i_t = forget_gate[:, t, :, None], input_gate[:, t, :, None]  # [B, H, 1]
+        memory = f_t[..., None] * memory + i_t[..., None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+        normalizer = f_t * normalizer + i_t * k[:, t]
+        numerator = torch.einsum("bhk,bhkv->bhv", q[:, t], memory)  # [B, H, dv]
+        denominator = (q[:, t] * normalizer).sum(-1).abs().clamp(min=1.0)  # [B, H]
+        outputs.append(numerator / denominator[..., None])
     return torch.stack(outputs, dim=1)  # [B, T, H, dv]
 
 
@@ -159,7 +191,7 @@ def test_gates_have_their_documented_form() -> None:
     retnet = make_layer("retnet", 4).encoder
     expected = torch.log(1 - 2.0 ** -(5.0 + torch.arange(SMALL["heads"])))  # [H]
     torch.testing.assert_close(retnet.features(x)[3][0, 0, :, 0], expected)
-    for name in ("mamba2", "gla"):
+    for name in ("mamba2", "mlstm", "gla"):
         log_a = make_layer(name, 4).encoder.features(x)[3]
         assert bool((log_a < 0).all()), f"{name}: decays must lie in (0, 1)"
     gla_gate = make_layer("gla", 4).encoder.features(x)[3]
@@ -174,7 +206,8 @@ def test_data_dependent_gates_follow_their_formulas_from_the_parameters() -> Non
     """The test above checked only the sign of Mamba2's and GLA's log-decays and the range of β, so a
     gate that ignored ``Δ``'s scaling of the key, ``A``, GLA's temperature or DeltaNet's
     ``negative_eigenvalues`` passed. Here every gate is recomputed from the module's weights:
-    Mamba2 ``log a = -softplus(w·x + b) exp(A_log)`` and key ``Δ k``; GLA
+    Mamba2 ``log a = -softplus(w·x + b) exp(A_log)`` and key ``Δ k``; mLSTM
+    ``log f = logsigmoid(f̃)``, key ``e^ĩ k`` and a column of ones after the values; GLA
     ``log α = logsigmoid(W₂ W₁ x + b) / τ``; DeltaNet ``β = sigmoid(w·x + b)``, doubled with
     ``negative_eigenvalues``."""
     x = inputs(5)  # [B, T, d]
@@ -193,6 +226,12 @@ def test_data_dependent_gates_follow_their_formulas_from_the_parameters() -> Non
     gla = PSMLayer.from_config(config("gla", 4, encoder_params={"gate_temperature": temperature})).encoder
     logits = linear(gla.gate_proj[1], linear(gla.gate_proj[0], x)).unflatten(-1, (heads, dk))  # [B, T, H, dk]
     torch.testing.assert_close(gla.features(x)[3], torch.log(torch.sigmoid(logits)) / temperature)
+    mlstm = PSMLayer.from_config(config("mlstm", 4, encoder_params={"gate_soft_cap": 6.0})).encoder
+    _, k, v, log_f, _ = mlstm.features(x)
+    pre = 6.0 * torch.tanh(linear(mlstm.gate_proj, x).unflatten(-1, (heads, 2)) / 6.0)  # [B, T, H, 2]
+    torch.testing.assert_close(log_f[..., 0], torch.log(torch.sigmoid(pre[..., 1])))
+    torch.testing.assert_close(k, linear(mlstm.k_proj, x).unflatten(-1, (heads, dk)) * pre[..., 0, None].exp())
+    torch.testing.assert_close(v[..., -1], torch.ones_like(v[..., -1]), msg="mLSTM's normaliser column")
     for negative, factor in ((False, 1.0), (True, 2.0)):
         delta = PSMLayer.from_config(config("deltanet", 4, encoder_params={"negative_eigenvalues": negative})).encoder
         beta = delta.features(x)[3]  # [B, T, H]
@@ -240,6 +279,58 @@ def test_output_gate_matches_naive_recurrence_outputs_and_gradients(encoder: str
     assert "encoder.out_gate_proj.weight" in names
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert_close(g, g_ref, f"{encoder} {path} gated gradient w.r.t. {name}")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16])
+@pytest.mark.parametrize("path", ["generic", "fused", "streaming"])
+def test_mlstm_normaliser_divides_where_it_exceeds_one(path: str, chunk_size: int) -> None:
+    """At its initialisation mLSTM's ``|nᵀq|`` may stay below 1, where ``max(|nᵀq|, 1)`` divides by 1
+    and a head that ignored ``n`` would pass the tests above. Input-gate biases of 3 (``i ≈ 20``)
+    put ``|nᵀq|`` above 1 at most positions and below it at some: both branches of the max, outputs
+    and gradients, against the recurrence with ``C`` and ``n`` kept apart. The head's RMSNorm is off:
+    it divides each head's readout by its own scale, so it would cancel the normaliser's division."""
+    torch.manual_seed(0)
+    model = config("mlstm", chunk_size, output_gate=True).model_dump()
+    model["head"]["params"]["norm"] = False
+    layer = PSMLayer.from_config(ModelConfig(**model))
+    with torch.no_grad():
+        layer.encoder.gate_proj.bias.view(SMALL["heads"], 2)[:, 0].fill_(3.0)
+    x = inputs()
+    with torch.no_grad():
+        q, k, v, log_f, _ = layer.encoder.features(x)  # v [B, T, H, dv + 1]
+        normalizer = torch.zeros(BATCH, SMALL["heads"], SMALL["key_dim"])  # [B, H, dk]
+        above = []
+        for t in range(LENGTH):
+            normalizer = log_f[:, t].exp() * normalizer + k[:, t]
+            above.append((q[:, t] * normalizer).sum(-1).abs() > 1.0)  # [B, H]
+        share = torch.stack(above).float().mean().item()
+    assert 0.5 < share < 1.0, f"|nᵀq| > 1 at {share:.0%} of positions: both branches must occur"
+    run = {
+        "generic": lambda t: layer(t, fused=False),
+        "fused": lambda t: layer(t, fused=True),
+        "streaming": lambda t: layer.stream(BATCH).feed(t),
+    }[path]
+    y, grads = output_and_gradients(layer, run, x)
+    y_ref, grads_ref = output_and_gradients(layer, lambda t: naive_layer(layer, t), x)
+    assert_close(y, y_ref, f"mlstm {path} c={chunk_size} outputs")
+    names = ["x", *(n for n, p in layer.named_parameters() if p.requires_grad)]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"mlstm {path} c={chunk_size} gradient w.r.t. {name}")
+
+
+def test_mlstm_gates_are_soft_capped() -> None:
+    """Input-gate pre-activations of 1000 are capped at ``gate_soft_cap``: keys grow by at most
+    ``e^cap`` and the layer stays finite (uncapped, ``e^1000`` is inf in float32)."""
+    layer = PSMLayer.from_config(config("mlstm", 4, encoder_params={"gate_soft_cap": 15.0}))
+    with torch.no_grad():
+        layer.encoder.gate_proj.bias.view(SMALL["heads"], 2)[:, 0].fill_(1000.0)
+        x = inputs()
+        input_pre, forget_pre = layer.encoder.gates(x)  # [B, T, H] each
+        assert input_pre.max().item() <= 15.0 and forget_pre.abs().max().item() <= 15.0
+        assert input_pre.max().item() > 14.9
+        y = layer(x)
+    assert bool(torch.isfinite(y).all())
+    assert_close(y, naive_layer(layer, x), "mlstm at the cap")
 
 
 @pytest.mark.parametrize("path", ["generic", "fused"])

@@ -17,6 +17,7 @@ from psmsearch.config import ModelConfig
 TRIPLES = {
     "gla": ("affine_diag", "linear_readout_diag"),
     "mamba2": ("affine_scalar", "linear_readout_scalar"),
+    "mlstm": ("affine_scalar", "linear_readout_scalar"),
     "retnet": ("affine_scalar", "linear_readout_scalar"),
 }
 
@@ -36,6 +37,7 @@ def decay_layer(encoder: str, chunk_size: int, d_model: int = 32, **encoder_para
     ("gla", {"gate_temperature": 1.0}),  # strong per-channel decays: the cumulative gates reach -100s
     ("gla", {}),
     ("mamba2", {}),
+    ("mlstm", {}),
     ("retnet", {}),
 ])
 def test_bfloat16_generic_and_streaming_paths_accumulate_like_the_fused_kernel(encoder: str,
