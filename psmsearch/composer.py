@@ -240,11 +240,25 @@ class LayerStream:
     def retained(self) -> list[Any]:
         """Every state tensor this stream keeps alive (not the layer's parameters)."""
         held = list(self.scan.retained())
-        if self.scan.count > 0:
+        if self.scan.count > 0 or self._holds_initial_prefix():
             held.append(self.prefix)
         if self.buffer is not None:
             held.append(self.buffer)
         return held
+
+    def _holds_initial_prefix(self) -> bool:
+        """Whether, before the first chunk completes, the aggregator's initial state is memory of this
+        stream's own (the affine zero state), not a view of the layer's parameters (T-PSM's learned
+        initial tokens, expanded over the batch), which the model holds anyway.
+
+        After the first chunk the prefix is one of the scan's states and counted with them.
+        """
+        if self.scan.count > 0:
+            return False
+        model_storages = {(str(t.device), t.untyped_storage().data_ptr())
+                          for t in (*self.layer.parameters(), *self.layer.buffers())}
+        return any((str(leaf.device), leaf.untyped_storage().data_ptr()) not in model_storages
+                   for leaf in S.leaves(self.prefix) if isinstance(leaf, torch.Tensor))
 
     def state_nbytes(self) -> int:
         """Bytes this stream's retained tensors really occupy (each storage once)."""
@@ -253,10 +267,11 @@ class LayerStream:
     def expected_nbytes(self) -> int:
         """The components' own accounting of what this stream should hold right now.
 
-        Retained chunk states times ``encoder.state_nbytes`` plus the partial chunk's features.
+        Retained chunk states (and an initial prefix of the stream's own before the first chunk)
+        times ``encoder.state_nbytes``, plus the partial chunk's features.
         """
         per_state = self.layer.encoder.state_nbytes(self.batch_size, _dtype_of(self.layer))
-        n_states = len({id(s) for s in self.scan.retained()})
+        n_states = len({id(s) for s in self.scan.retained()}) + self._holds_initial_prefix()
         return n_states * per_state + (S.nbytes(self.buffer) if self.buffer is not None else 0)
 
 

@@ -6,12 +6,15 @@ since no per-token outputs are needed) and then asked what it holds:
 * ``state_bytes_<n>``: bytes the stream's state tensors keep alive (each storage once) at ``n``, and
   ``expected_state_bytes_<n>``: the model's own accounting, which must agree;
 * ``peak_state_bytes_<n>`` and, for PSMs, ``peak_num_states_<n>``: the most the stream held at any
-  measured point up to ``n``. A binary-counter scan holds the most roots just before a power of two
-  (``2^k - 1`` chunks) and a single root at ``2^k`` chunks, so ``state_bytes`` at a power-of-two ``n``
-  (every default) is its best case. The features of a partial chunk are held too, most with
+  measured point up to ``n``. A binary-counter scan holds a single root at ``2^k`` chunks, so
+  ``state_bytes`` at a power-of-two ``n`` (every default) is its best case, and the most states
+  (roots plus cached folds) at chunk counts that :func:`psmsearch.scan.held_state_counts` finds:
+  1, 3, 7, 13, 27, 53, ... 853, 1707 chunks each hold more than any fewer do (not only ``2^k - 1``:
+  853 chunks hold 11 states, 511 hold 10, so a peak up to n = 1000 taken at ``2^k - 1`` alone was one
+  state short). The features of a partial chunk are held too, most with
   ``c - 1`` tokens buffered (for an affine layer they outweigh the state), so the stream is also
-  measured at every token count ``c 2^k - 1`` on the way, which makes the peak the worst case a
-  deployment must provision for;
+  measured ``c - 1`` tokens past each of those chunk counts, which makes the peak the worst case a
+  deployment must provision for, where every chunk state has the same size (every built-in);
 * ``latency_ms_<n>`` and ``latency_max_ms_<n>``: mean and slowest wall time of one ``step`` after
   ``n``, over whole chunks (at least ``latency_tokens`` steps), on a second stream, so the timed
   steps never move where memory is measured;
@@ -31,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from psmsearch.scan import held_state_counts
 from psmsearch.tasks import count_tag
 
 
@@ -191,13 +195,22 @@ def _aligned_chunk(model: nn.Module, feed_chunk: int) -> int:
 
 
 def _fullest_points(chunk_size: int, longest: int) -> set[int]:
-    """Token counts ``c 2^k - 1`` up to ``longest``: ``2^k - 1`` whole chunks, where a binary-counter
-    scan holds the most roots, plus the ``c - 1`` tokens of the fullest partial chunk."""
-    points, k = set(), 0
-    while chunk_size * 2**k - 1 <= longest:
-        if chunk_size * 2**k - 1 >= 1:
-            points.add(chunk_size * 2**k - 1)
-        k += 1
+    """Token counts up to ``longest`` where the stream holds more than at any count before it.
+
+    For every number of whole chunks ``m`` after which a binary-counter scan holds more states than
+    after any fewer (:func:`~psmsearch.scan.held_state_counts`; ``m = 0`` included), the count
+    ``m c + c - 1``: those chunks plus the ``c - 1`` tokens of the fullest partial chunk. Between
+    two such points the states held are no more than at the first, and the partial chunk is no
+    fuller, so the largest of these points and ``n`` itself is the most held up to ``n``.
+    """
+    counts = held_state_counts(longest // chunk_size)
+    points, most = set(), -1
+    for chunks, held in enumerate(counts):
+        if held > most:
+            most = held
+            point = (chunks + 1) * chunk_size - 1
+            if 1 <= point <= longest:
+                points.add(point)
     return points
 
 

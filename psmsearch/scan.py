@@ -377,3 +377,36 @@ class OnlineScan:
     def state_nbytes(self) -> int:
         """Bytes of memory the retained states really hold (each storage counted once)."""
         return S.retained_nbytes(self.retained())
+
+
+def held_state_counts(pushes: int) -> list[int]:
+    """Distinct states a non-associative :class:`OnlineScan` retains after 0, 1, ..., ``pushes`` pushes.
+
+    The count depends on the number of pushes only, so it is worked out here on occupancy flags,
+    without states, following :meth:`OnlineScan.push` step by step (roots carried into the first
+    empty slot; the new root's fold is the root itself when no slot above is occupied, else a state
+    of its own; the fold of the next slot up is dropped when that slot is occupied). The peak is
+    not reached only at ``2^k - 1`` pushes, where the roots are: after 13 pushes (0b1101) the scan
+    holds 5 states, after 7 and 15 only 4. Memory metrics use this to know where to measure.
+    """
+    roots: list[bool] = []
+    folds: list[str | None] = []  # None: no fold; "root": the root itself; "own": a state of its own
+    held, counts = 0, [0]
+    for _ in range(pushes):
+        k = 0
+        while k < len(roots) and roots[k]:
+            held -= 1 + (folds[k] == "own")
+            roots[k], folds[k] = False, None
+            k += 1
+        if k == len(roots):
+            roots.append(False)
+            folds.append(None)
+        roots[k] = True
+        above = next((j for j in range(k + 1, len(roots)) if roots[j]), None)
+        folds[k] = "root" if above is None else "own"
+        held += 1 + (folds[k] == "own")
+        if above == k + 1:
+            held -= folds[above] == "own"
+            folds[above] = None
+        counts.append(held)
+    return counts
