@@ -18,7 +18,10 @@ since no per-token outputs are needed) and then asked what it holds:
 * ``latency_ms_<n>`` and ``latency_max_ms_<n>``: mean and slowest wall time of one ``step`` after
   ``n``, over whole chunks (at least ``latency_tokens`` steps), on a second stream, so the timed
   steps never move where memory is measured;
-* ``peak_alloc_bytes_<n>`` (CUDA only): the allocator's peak while streaming up to ``n``;
+* ``peak_alloc_bytes_<n>`` (CUDA only): the allocator's peak while streaming up to ``n``. PyTorch
+  keeps one peak per device and process, so it includes the weights, and under ``--jobs`` > 1 on one
+  GPU (trials are threads of one process) whatever concurrent trials allocated meanwhile: compare
+  trials on it only where each had its GPU to itself;
 * ``num_states_<n>`` for PSMs: chunk states held (roots plus cached folds).
 
 Lengths are counted as in :func:`psmsearch.tasks.count_tag` (``65536 -> 64k``).
