@@ -1,7 +1,7 @@
 """``psmsearch train CONFIG.yaml [--set key=value ...] [--json]``: run one trial from a YAML file.
 
-Progress goes to stderr; stdout gets a metrics table, and with ``--json`` its last line is one JSON
-object of every metric (so scripts can ``tail -n 1``). Invalid input raises
+Progress goes to stderr; stdout gets a metrics table, or with ``--json`` one JSON object of every
+metric and nothing else (as ``search --json``, ``compare --json`` and ``plugins --json`` do). Invalid input raises
 :class:`~psmsearch.errors.ConfigError`, which the main CLI turns into exit code 2 without a traceback;
 a diverged or pruned run exits with code 1 and says why. A component or task that raises (a plugin's
 bug) also exits with code 1: the metrics measured before the failure are still printed (and given as
@@ -104,9 +104,10 @@ def train(
     except TrialPhaseError as err:
         _report_failure(err, f"{config.name}: {trial.task.name} / {trial.model.kind}", as_json, show_traceback)
         sys.exit(1)
-    print_metrics(metrics, f"{config.name}: {trial.task.name} / {trial.model.kind}")
     if as_json:
         click.echo(jsonout.dumps(metrics, sort_keys=True))
+    else:
+        print_metrics(metrics, f"{config.name}: {trial.task.name} / {trial.model.kind}")
 
 
 def checkpoint_step(path: Path) -> int | str:
@@ -131,13 +132,14 @@ def _interrupted_message(checkpoint: Path | None) -> str:
 
 
 def _report_failure(err: TrialPhaseError, title: str, as_json: bool, show_traceback: bool) -> None:
-    """What the trial measured before it failed (stdout, as a successful run shows its metrics), then one
-    line naming the phase, the exception and where it was raised (stderr); the traceback on request."""
-    if err.metrics:
+    """What the trial measured before it failed (stdout, as a successful run shows its metrics: a table,
+    or with ``--json`` their JSON object alone), then one line naming the phase, the exception and where
+    it was raised (stderr); the traceback on request."""
+    if err.metrics and as_json:
+        click.echo(jsonout.dumps(err.metrics, sort_keys=True))
+    elif err.metrics:
         click.echo(f"{title}: the trial failed; what it measured before the failure:")
         print_metrics(err.metrics, title)
-        if as_json:
-            click.echo(jsonout.dumps(err.metrics, sort_keys=True))
     if err.__cause__ is not None:
         import traceback
 

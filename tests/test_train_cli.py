@@ -34,20 +34,23 @@ def write(tmp_path: Path, data: object, name: str = "trial.yaml") -> Path:
     return path
 
 
-def test_train_prints_table_and_json_with_overrides(tmp_path: Path) -> None:
+def test_train_prints_a_table_or_with_json_one_object_alone_with_overrides(tmp_path: Path) -> None:
+    """``--json`` makes stdout one JSON object and nothing else (it used to follow the table), as with
+    ``search --json``; without it, the same metrics as a table."""
     path = write(tmp_path, TINY)
-    result = CliRunner().invoke(
-        train, [str(path), "--set", "model.chunk_size=1", "--set", "task.group=S3", "--json", "--no-progress", "--no-eval-log"]
-    )
+    args = [str(path), "--set", "model.chunk_size=1", "--set", "task.group=S3", "--no-progress", "--no-eval-log"]
+    result = CliRunner().invoke(train, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output.strip().splitlines()[-1])
+    metrics = json.loads(result.stdout)
     assert {"acc_1x", "acc_2x", "final_acc_2x", "train_loss", "params", "state_bytes_64", "latency_ms_64"} <= set(metrics)
     assert metrics["train_steps"] == 6
     assert metrics["state_bytes_64"] == metrics["expected_state_bytes_64"]
-    table = "\n".join(result.output.strip().splitlines()[:-1])
-    assert "acc_1x" in table and "state_bytes_64" in table
-    shown = {row[0]: row[1] for row in table_rows(table)}
-    assert shown["params"] == f"{int(metrics['params']):,}" and "e+" not in table
+    table = CliRunner().invoke(train, args)
+    assert table.exit_code == 0, table.output
+    assert "acc_1x" in table.stdout and "state_bytes_64" in table.stdout and "{" not in table.stdout
+    shown = {row[0]: row[1] for row in table_rows(table.stdout)}
+    assert shown["params"] == f"{int(metrics['params']):,}" and "e+" not in table.stdout
+    assert shown["acc_1x"] == format_metric("acc_1x", metrics["acc_1x"]), "the same run, the same figures"
 
 
 @pytest.mark.parametrize(("name", "value", "shown"), [
@@ -354,9 +357,13 @@ def test_a_failing_plugin_prints_what_was_measured_and_one_line(tmp_path: Path) 
     assert last.startswith("trial failed in measuring streaming inference: RuntimeError: streaming not supported"
                            f" (at {tmp_path / 'streamfail.py'}:"), last
     assert last.endswith("in forward) (--traceback shows the full traceback)"), last
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = json.loads(result.stdout)  # --json: the object alone on stdout
     assert measured["train_steps"] == 2 and {"acc_1x", "test_acc_1x", "train_loss"} <= set(measured)
-    assert "trial.yaml: group / psm: the trial failed; what it measured before the failure:" in result.stdout
+    as_table = run_cli("--plugin", str(tmp_path / "streamfail.py"), "train", str(path), "--no-progress",
+                       "--no-eval-log", cwd=tmp_path)
+    assert as_table.returncode == 1, as_table.stderr
+    assert "trial.yaml: group / psm: the trial failed; what it measured before the failure:" in as_table.stdout
+    assert "train_steps" in as_table.stdout and "{" not in as_table.stdout
 
 
 FAILING_CONSTRUCTORS = '''
