@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import optuna
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from psmsearch.config import KIND_FIELDS, MODEL_FIELDS, model_at, unknown_field_message, unread_model_field_message
@@ -290,7 +291,11 @@ class SearchSpace:
         """Every parameter and its values, for exhaustive grid search of a finite space.
 
         Only spaces whose dimensions are all choices, with no conditional component parameters and
-        a single state kind, have a grid; otherwise this names what stands in the way.
+        a single state kind, have a grid; otherwise this names what stands in the way. A component
+        choice (``{choice: [...]}`` or a plain list) is one dimension over the component names, so
+        each of its options must leave nothing to search: a plain list entry (or ``search: all``)
+        qualifies when it fixes every hyperparameter its component declares, or the component
+        declares none.
         """
         values: dict[str, list[Any]] = {}
         model = self.template.get("model", {})
@@ -316,13 +321,45 @@ class SearchSpace:
         for kind in COMPONENT_KINDS:
             # exactly the options sampling can pick: those of the encoders' state kind
             options = _compatible(self.registry, kind, model, self, state_kind)
-            for _, params, path in options:
-                if params.get("search") == "all" or any(is_dimension(v) for v in params.values()):
-                    raise self.source.error(path, "sampler 'grid' needs fixed component hyperparameters (no dimensions, no "
-                                            "search: all, no list of components, which searches them)")
+            for name, params, path in options:
+                self._refuse_open_component(kind, name, params, path, listed=isinstance(model.get(kind), list))
             if len(options) > 1:
                 values[f"model.{kind}"] = [name for name, _, _ in options]
         return values
+
+    def _refuse_open_component(self, kind: str, name: str, params: dict[str, Any], path: str, listed: bool) -> None:
+        """Raise the ConfigError of a component option that would still search a hyperparameter under a grid.
+
+        Such a parameter is drawn only when its component is chosen, and Optuna's grid holds one
+        fixed list of parameters for every trial, so it cannot take a conditional one. A plain list
+        entry stands for ``search: all`` (see :func:`_component_options`), which opens exactly the
+        declared hyperparameters the entry does not fix: with none left it opens nothing, and the
+        grid is just the listed components. The error is located at the entry (or at the dimension
+        written in it), names what is still open and the entry to write instead.
+        """
+        given = {k: v for k, v in params.items() if k != "search"}
+        for key, value in given.items():
+            if is_dimension(value):
+                raise self.source.error(f"{path}.{key}", f"sampler 'grid' needs fixed component hyperparameters; "
+                                                         f"{key} is a dimension here, drawn only when {kind} {name!r} "
+                                                         "is chosen (a conditional parameter, which a grid cannot hold): "
+                                                         "fix it to one value, or use sampler random or tpe")
+        if params.get("search") != "all":
+            return
+        declared = self.registry.get(kind, name).hyperparameters
+        opened = [hp for hp in declared if hp.name not in given]
+        if not opened:
+            return
+        how = ("a plain list of components searches every hyperparameter an entry does not fix" if listed
+               else "search: all searches every hyperparameter the entry does not fix")
+        ranges = ", ".join(f"{hp.name}: {_flow(_declared_dimension(hp.name, hp).describe())}" for hp in opened)
+        entry = _flow({"name": name, **given, **{hp.name: hp.default for hp in opened}})
+        defaults = "its declared default" if len(opened) == 1 else "their declared defaults"
+        rewrite = entry if listed else f"{entry} (without search: all)"
+        raise self.source.error(path, f"sampler 'grid' needs fixed component hyperparameters, but {how}: {kind} "
+                                      f"{name!r} leaves {_and(opened)} open ({ranges}); write {rewrite} to keep it in "
+                                      f"the grid ({defaults} filled in), or use sampler random or tpe to search "
+                                      f"{'it' if len(opened) == 1 else 'them'}")
 
     def dimension_record(self) -> dict[str, dict[str, Any]]:
         """Every parameter the space can sample, by its Optuna name, with what it is drawn from (JSON-ready).
@@ -448,6 +485,17 @@ def _component_params(kind: str, name: str, params: dict[str, Any], trial: Any, 
         elif search_all:
             out[hp.name] = _declared_dimension(param_path, hp).suggest(trial)
     return out
+
+
+def _flow(value: Any) -> str:
+    """``value`` as YAML in flow style, as a space file would write it inline (``{name: mlp, mlp_ratio: 2}``)."""
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf).strip()
+
+
+def _and(hyperparameters: list[Any]) -> str:
+    """The names of ``hyperparameters`` as a sentence lists them: ``layers, heads and mlp_ratio``."""
+    names = [hp.name for hp in hyperparameters]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _declared_dimension(path: str, hp: Any) -> Dimension:

@@ -537,6 +537,51 @@ def test_the_optuna_driver_checks_the_sampler_before_it_creates_anything(tmp_pat
     assert not (tmp_path / "psmsearch.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+PLAIN_LIST_MODEL = {
+    **TINY_SPACE["model"],
+    "chunk_size": {"choice": [1, 2]},
+    "encoder": ["embed"],  # declares no hyperparameters: search: all opens nothing
+    "aggregator": [{"name": "mlp", "mlp_ratio": 1}, {"name": "attention", "layers": 1, "heads": 2, "mlp_ratio": 1}],
+    "head": [{"name": "attention", "layers": 1, "heads": 2, "mlp_ratio": 1}],
+}
+
+
+def test_a_grid_search_over_plain_lists_of_fixed_components_runs_each_listed_combination_once(tmp_path: Path) -> None:
+    """``aggregator: [...]`` is the short form of a choice with ``search: all``; grid refused it at its entry
+    even where every entry fixes what its component declares. Such a list is now a grid dimension over
+    the listed components: 6 trials asked for, the 4 points of chunk size x aggregator run, each once,
+    with the hyperparameters their entries fix. An entry that leaves one open is still refused, at its line,
+    before a study or a run exists."""
+    open_model = {**PLAIN_LIST_MODEL, "aggregator": [PLAIN_LIST_MODEL["aggregator"][0], {"name": "attention", "layers": 1}]}
+    bad = write_space(tmp_path, "bad.yaml", model=open_model, driver={**GRID_DRIVER, "trials": 6})
+    line = bad.read_text().splitlines().index("  - name: attention") + 1
+    result = run_cli("search", str(bad), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2
+    assert (f"error: {bad}:{line}: model.aggregator.1: sampler 'grid' needs fixed component hyperparameters, but a plain "
+            "list of components searches every hyperparameter an entry does not fix: aggregator 'attention' leaves heads "
+            "and mlp_ratio open") in result.stderr
+    assert "write {name: attention, layers: 1, heads: 4, mlp_ratio: 2} to keep it in the grid" in result.stderr
+    assert not (tmp_path / "psmsearch.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+    space = write_space(tmp_path, model=PLAIN_LIST_MODEL, driver={**GRID_DRIVER, "trials": 6})
+    result = run_cli("search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    trials = optuna_trials(tmp_path / "psmsearch.db")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert sorted((t.params["model.chunk_size"], t.params["model.aggregator"]) for t in trials) == [
+        (1, "attention"), (1, "mlp"), (2, "attention"), (2, "mlp")]
+    assert all(set(t.params) == {"model.chunk_size", "model.aggregator"} for t in trials)
+    children = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
+    assert len(children) == 4
+    for run in children:
+        params = run.data.params
+        fixed = {"mlp": {"model.aggregator.mlp_ratio": "1"},
+                 "attention": {"model.aggregator.layers": "1", "model.aggregator.heads": "2",
+                               "model.aggregator.mlp_ratio": "1"}}[params["model.aggregator"]]
+        assert {k: params.get(k) for k in fixed} == fixed
+        assert params["model.encoder"] == "embed" and params["model.head.heads"] == "2"
+
+
 def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_store(tmp_path: Path) -> None:
     result = run_cli("compare", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow database at" in result.stderr

@@ -280,17 +280,115 @@ def test_a_plain_list_of_components_searches_each_ones_own_hyperparameters(tmp_p
     assert seen == {"mlp", "attention"}
 
 
-def test_a_grid_refuses_a_plain_list_of_components_at_its_entry(tmp_path: Path) -> None:
+MLP_FIXED = {"name": "mlp", "mlp_ratio": 1}
+ATTENTION_FIXED = {"name": "attention", "layers": 1, "heads": 2, "mlp_ratio": 1}
+GLA_FIXED = {"name": "gla", "heads": 2, "key_dim": 8, "value_dim": 8, "feature_map": "identity", "output_gate": False,
+             "gate_rank": 4, "gate_temperature": 16.0}
+
+
+@pytest.mark.parametrize(("model", "components"), [
+    ({"encoder": ["embed", {"name": "pool", "state_tokens": 2, "heads": 2}], "aggregator": [MLP_FIXED, ATTENTION_FIXED],
+      "head": [ATTENTION_FIXED]},
+     {"model.encoder": ["embed", "pool"], "model.aggregator": ["mlp", "attention"]}),
+    # components that declare no hyperparameters (embed, affine_diag) leave nothing to search either
+    ({"encoder": ["embed"], "aggregator": [MLP_FIXED, ATTENTION_FIXED], "head": ATTENTION_FIXED},
+     {"model.aggregator": ["mlp", "attention"]}),
+    ({"encoder": [GLA_FIXED], "aggregator": ["affine_diag"], "head": [{"name": "linear_readout_diag", "norm": True,
+                                                                        "gate_before_norm": False}]},
+     {}),
+], ids=["tokens", "no-hyperparameters", "affine-diag"])
+def test_a_grid_over_plain_lists_of_fixed_components_is_exactly_the_listed_combinations(
+        tmp_path: Path, model: dict, components: dict) -> None:
+    """A plain list stands for ``search: all`` on each entry, and grid refused it at its entry even where
+    every entry fixes all its component declares (or it declares none), a finite grid. The grid is now
+    the listed components crossed with the other choices, and a grid search draws each point once,
+    each component with the values its entry fixes and nothing else."""
+    import itertools
+
+    path = _space_with(tmp_path, **model)
+    text = path.read_text().replace("  pruner: none\n", "  pruner: none\n  sampler: grid\n")
+    path.write_text(text)
+    space = load_space(path, smoke_samples=2)
+    grid = {"model.chunk_size": [1, 2, 4], **components}
+    assert space.grid() == grid
+    points = []
+
+    def objective(trial: optuna.Trial) -> float:
+        config = space.sample(trial)
+        assert set(trial.params) == set(grid), "a grid trial drew a parameter outside the grid"
+        points.append(tuple(trial.params[name] for name in grid))
+        for kind in ("encoder", "aggregator", "head"):
+            listed = model[kind] if isinstance(model[kind], list) else [model[kind]]
+            entry = next(e for e in listed if (e if isinstance(e, str) else e["name"]) == config["model"][kind]["name"])
+            assert config["model"][kind] == ({"name": entry} if isinstance(entry, str) else entry)
+        return 0.0
+
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(space.grid(), seed=0))
+    expected = sorted(itertools.product(*grid.values()))
+    study.optimize(objective, n_trials=2 * len(expected))  # the grid stops the study once every point ran
+    assert sorted(points) == expected
+
+
+@pytest.mark.parametrize(("aggregator", "field", "line", "message"), [
+    (["mlp", "attention"], "model.aggregator.0", "- mlp",
+     "sampler 'grid' needs fixed component hyperparameters, but a plain list of components searches every "
+     "hyperparameter an entry does not fix: aggregator 'mlp' leaves mlp_ratio open (mlp_ratio: {int: [1, 8]}); "
+     "write {name: mlp, mlp_ratio: 2} to keep it in the grid (its declared default filled in), or use sampler "
+     "random or tpe to search it"),
+    ([MLP_FIXED, {"name": "attention", "layers": 1}], "model.aggregator.1", "- name: attention",
+     "aggregator 'attention' leaves heads and mlp_ratio open (heads: {choice: [1, 2, 4, 8]}, mlp_ratio: {int: [1, 8]}); "
+     "write {name: attention, layers: 1, heads: 4, mlp_ratio: 2} to keep it in the grid (their declared defaults "
+     "filled in), or use sampler random or tpe to search them"),
+    ({"choice": [{"name": "mlp", "search": "all"}, "attention"]}, "model.aggregator.choice.0", "- name: mlp",
+     "but search: all searches every hyperparameter the entry does not fix: aggregator 'mlp' leaves mlp_ratio open "
+     "(mlp_ratio: {int: [1, 8]}); write {name: mlp, mlp_ratio: 2} (without search: all) to keep it in the grid"),
+    ([{"name": "mlp", "mlp_ratio": {"choice": [1, 2]}}, ATTENTION_FIXED], "model.aggregator.0.mlp_ratio", "mlp_ratio:",
+     "sampler 'grid' needs fixed component hyperparameters; mlp_ratio is a dimension here, drawn only when aggregator "
+     "'mlp' is chosen (a conditional parameter, which a grid cannot hold): fix it to one value"),
+], ids=["list-entry-by-name", "list-entry-partly-fixed", "search-all", "dimension-in-entry"])
+def test_a_grid_refuses_a_component_entry_that_leaves_a_hyperparameter_open(
+        tmp_path: Path, aggregator: object, field: str, line: str, message: str) -> None:
+    """The grid holds one list of parameters for every trial; a hyperparameter searched only when its
+    component is chosen cannot be in it. The error names the file, the entry's line and path, what is
+    open and the entry to write instead."""
+    import re
+
     import yaml
 
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml").read_text())
-    data["model"]["aggregator"] = ["mlp", "attention"]
+    data["model"]["aggregator"] = aggregator
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(ConfigError, match=r"model\.aggregator\.0: sampler 'grid' needs fixed component "
-                                          r"hyperparameters \(no dimensions, no search: all, no list of components"):
+    with pytest.raises(ConfigError) as caught:
         load_space(path)
+    assert str(caught.value).startswith(f"{path}:{_line_of(path, line)}: {field}: sampler 'grid' needs fixed component "
+                                        "hyperparameters")
+    assert message in str(caught.value)
     data["model"]["aggregator"] = []
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(ConfigError, match=r"model\.aggregator: an empty list of components; name at least one"):
+    with pytest.raises(ConfigError, match=re.escape("model.aggregator: an empty list of components; name at least one")):
         load_space(path)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2"])
+def test_the_other_samplers_search_what_a_plain_list_leaves_open(tmp_path: Path, sampler: str) -> None:
+    """Only the grid needs the entries fixed: the other samplers take the list as the short form of
+    ``search: all`` and draw each component's open hyperparameters, and none where an entry fixes all."""
+    from psmsearch.optuna_driver import make_sampler
+
+    for aggregator, searched in (([{"name": "mlp", "mlp_ratio": 1}, "attention"],
+                                  {"mlp": set(), "attention": {"layers", "heads", "mlp_ratio"}}),
+                                 ([MLP_FIXED, ATTENTION_FIXED], {"mlp": set(), "attention": set()})):
+        path = _space_with(tmp_path, aggregator=aggregator)
+        path.write_text(path.read_text().replace("  pruner: none\n", f"  pruner: none\n  sampler: {sampler}\n"))
+        space = load_space(path, smoke_samples=2)
+        assert space.header.driver.sampler == sampler
+        study = optuna.create_study(sampler=make_sampler(space))
+        seen = set()
+        for _ in range(16):
+            trial = study.ask()
+            name = space.sample(trial)["model"]["aggregator"]["name"]
+            seen.add(name)
+            assert {k.rsplit(".", 1)[1] for k in trial.params if k.startswith("model.aggregator.")} == searched[name]
+            study.tell(trial, 0.0)
+        assert seen == {"mlp", "attention"}
