@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from psmsearch.plot_labels import group_label, group_labels, key_letter, key_lines, short_name
 from psmsearch.space import Objective
 
 LENGTH_METRIC = re.compile(r"^acc_(\d+(?:\.\d+)?)x$")
@@ -136,10 +137,23 @@ LINESTYLES = ("-", "-.", ":")  # finished trials; dashed is kept for trials stop
 STOPPED_STYLE = {"linestyle": "--", "markerfacecolor": "none", "alpha": 0.7}
 BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 WIDE_RANGE = 100.0  # max/min above which positive values go on a log axis
+FIGSIZE = (6.0, 4.5)  # inches; a plot's area keeps its size in them, the figure grows for a key or legend
+PAD_INCHES = 0.1  # room kept between a figure's edge and a legend or key added beside the plot
+BAR_INCHES = 0.16  # width per bar of the one-objective chart, room for its rotated trial name
+BARS_MARGIN_INCHES = 1.2  # the bar chart's width besides its bars (y axis, margins)
+MAX_WIDTH_INCHES = 16.0  # the widest bar chart; past it only every k-th bar is named
+CHAR_EM = 0.6  # width of an average character of a key, in ems, for wrapping it to the figure
+LABEL_OFFSET_POINTS = 4  # from a point to its label
+MARKER_POINTS = 6  # the scatter's marker size (diameter), kept clear of other points' labels
+LABEL_BACKGROUND = {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+
+KeyEntry = tuple[str, Sequence[str]]  # (heading, trial names): one entry of the key under a plot
+PointGroup = tuple[tuple[float, float], list[str], bool]  # a scatter point, its trials, on the front
 
 
 def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: Path, top: int = 8) -> list[Path]:
-    """PNG plots: objective vs objective (with the front), accuracy vs length, memory vs n."""
+    """PNG plots: objective vs objective (with the front), accuracy vs length, memory vs n (the ``top``
+    distinct curves of the best trials each: trials on one curve cost no more room than one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     figure = objectives_figure(rows, objectives)
@@ -152,7 +166,7 @@ def write_plots(rows: list[TrialRow], objectives: Sequence[Objective], out_dir: 
         (LENGTH_METRIC, "accuracy_vs_length.png", "evaluation length (x training length)", "accuracy", False),
         (memory[0], "memory_vs_n.png", "tokens streamed n", memory[1], True),
     ):
-        figure = curves_figure(rows[:top], pattern, xlabel, ylabel, bytes_y)
+        figure = curves_figure(rows, pattern, xlabel, ylabel, bytes_y, top=top)
         if figure is not None:
             written.append(_save(figure, out_dir / filename))
     return written
@@ -172,40 +186,115 @@ def objectives_figure(rows: Sequence[TrialRow], objectives: Sequence[Objective])
     (points that coincide share one label), and the Pareto front as a staircase; one objective: a bar
     per trial. Pruned and failed trials are left out: their values come from an evaluation before the
     end of training (or none), not a result, and :func:`rank` keeps them off the front. Wide-ranging
-    positive objectives go on a log axis and byte counts read B/KiB/MiB (:func:`scale_objective_axis`)."""
+    positive objectives go on a log axis and byte counts read B/KiB/MiB (:func:`scale_objective_axis`).
+
+    Labels are bounded (:mod:`psmsearch.plot_labels`), placed inside the plot clear of each other and
+    left out of the layout: a label naming 10 coinciding trials made ``tight_layout`` shrink the plot
+    to 0.12 of the figure's width, and from 12 on it gave up and the label ran off the figure. A point whose
+    trials do not fit in its label gets a key letter, and the key under the plot names them all, as it
+    names the trials of points too crowded for a label of their own."""
     scored = [r for r in rows if r.status == "complete" and all(o.metric in r.metrics for o in objectives)]
     if not scored:
         return None
-    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    points: list[PointGroup] = []
     if len(objectives) >= 2:
-        _scatter_two_objectives(ax, scored, objectives[0], objectives[1])
+        points = _scatter_two_objectives(ax, scored, objectives[0], objectives[1])
     else:
-        objective = objectives[0]
-        values = [r.metrics[objective.metric] for r in scored]
-        ax.bar(range(len(scored)), values, color=["tab:red" if r.pareto else "tab:gray" for r in scored])
-        ax.set_xticks(range(len(scored)), [_short(r.name) for r in scored], rotation=90)
-        ax.set_xlabel("trial (sorted)")
-        ax.set_ylabel(f"{objective.metric} ({objective.direction})")
-        scale_objective_axis(ax, "y", objective.metric, values)
+        _bar_per_trial(ax, scored, objectives[0])
     ax.set_title("objectives")
     fig.tight_layout()
+    _add_key(fig, _label_points(ax, points))
     return fig
 
 
-def _scatter_two_objectives(ax: Any, scored: Sequence[TrialRow], x_obj: Objective, y_obj: Objective) -> None:
-    """Each trial at (first objective, second objective), labelled; the front as a staircase."""
+def _bar_per_trial(ax: Any, scored: Sequence[TrialRow], objective: Objective) -> None:
+    """One bar per trial, in rank order, each named below it. The figure widens with the number of
+    bars (up to :data:`MAX_WIDTH_INCHES`) so the names never overlap; past that every k-th is named."""
+    values = [r.metrics[objective.metric] for r in scored]
+    count = len(scored)
+    width = min(MAX_WIDTH_INCHES, max(FIGSIZE[0], BARS_MARGIN_INCHES + count * BAR_INCHES))
+    ax.figure.set_size_inches(width, FIGSIZE[1])
+    every = math.ceil(count * BAR_INCHES / (width - BARS_MARGIN_INCHES))
+    ax.bar(range(count), values, color=["tab:red" if r.pareto else "tab:gray" for r in scored])
+    ticks = range(0, count, every)
+    ax.set_xticks(ticks, [short_name(scored[i].name) for i in ticks], rotation=90, fontsize="small")
+    ax.set_xlabel("trial (sorted)" if every == 1 else f"trial (sorted; every {_ordinal(every)} named)")
+    ax.set_ylabel(f"{objective.metric} ({objective.direction})")
+    scale_objective_axis(ax, "y", objective.metric, values)
+
+
+def _ordinal(number: int) -> str:
+    """``2`` -> ``2nd``, ``11`` -> ``11th``, ``23`` -> ``23rd``."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def _scatter_two_objectives(ax: Any, scored: Sequence[TrialRow], x_obj: Objective, y_obj: Objective) -> list[PointGroup]:
+    """Each trial at (first objective, second objective); the front as a staircase. Returns the
+    distinct points with their trials' names, for :func:`_label_points` once the layout is done."""
     xs = [r.metrics[x_obj.metric] for r in scored]
     ys = [r.metrics[y_obj.metric] for r in scored]
-    ax.scatter(xs, ys, c=["tab:red" if r.pareto else "tab:gray" for r in scored], zorder=3)
-    for (x, y), names in _group_by_value(zip(xs, ys), (_short(r.name) for r in scored)):
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
-    steps = front_staircase([(x, y) for x, y, r in zip(xs, ys, scored) if r.pareto], x_obj.direction)
+    ax.scatter(xs, ys, s=MARKER_POINTS**2, c=["tab:red" if r.pareto else "tab:gray" for r in scored], zorder=3)
+    front = [(x, y) for x, y, r in zip(xs, ys, scored) if r.pareto]
+    steps = front_staircase(front, x_obj.direction)
     ax.plot([p[0] for p in steps], [p[1] for p in steps], "r--", label="Pareto front")
     ax.set_xlabel(f"{x_obj.metric} ({x_obj.direction})")
     ax.set_ylabel(f"{y_obj.metric} ({y_obj.direction})")
     scale_objective_axis(ax, "x", x_obj.metric, xs)
     scale_objective_axis(ax, "y", y_obj.metric, ys)
     ax.legend()
+    return [(point, names, point in front) for point, names in _group_by_value(zip(xs, ys), (r.name for r in scored))]
+
+
+def _label_points(ax: Any, points: Sequence[PointGroup]) -> list[KeyEntry]:
+    """Label the points of a laid-out scatter, front first, then the points with most trials, then by
+    rank: each where its label fits inside the plot without covering another label or point. Returns
+    the key's entries: the trials of each lettered label, and of the points left without one."""
+    renderer = ax.figure.canvas.get_renderer()
+    taken = [_marker_box(ax, point) for point, _, _ in points]
+    entries: list[KeyEntry] = []
+    crowded: list[str] = []
+    for point, names, _ in sorted(points, key=lambda p: (not p[2], -len(p[1]))):
+        label = group_label(names, key_letter(len(entries)))
+        if not _place_label(ax, point, label.text, taken, renderer):
+            crowded += names
+        elif label.key:
+            entries.append((label.key, names))
+    return entries + ([("no room for their labels", crowded)] if crowded else [])
+
+
+def _marker_box(ax: Any, point: tuple[float, float]) -> Any:
+    """The box, in display pixels, that a scatter point's marker covers."""
+    from matplotlib.transforms import Bbox
+
+    x, y = ax.transData.transform(point)
+    radius = MARKER_POINTS / 2 * ax.figure.dpi / 72
+    return Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+
+
+def _place_label(ax: Any, point: tuple[float, float], text: str, taken: list[Any], renderer: Any) -> bool:
+    """Write ``text`` beside a point on the first side where it lies inside the plot and clear of the
+    ``taken`` boxes (which it then joins), trying first the side facing the middle of the plot (left of
+    a point in the right half, below one near the top). A label is left out of the layout, which must
+    never shrink the plot to make room for it, and has a light background, to stay readable where it
+    crosses the front's line. False, and nothing written, where no side is free."""
+    fx, fy = (ax.transData + ax.transAxes.inverted()).transform(point)
+    left, below = bool(fx > 0.5), bool(fy > 0.85)
+    plot = ax.get_window_extent(renderer)
+    for to_left, to_below in ((left, below), (left, not below), (not left, below), (not left, not below)):
+        offset = (LABEL_OFFSET_POINTS * (-1 if to_left else 1), LABEL_OFFSET_POINTS * (-1 if to_below else 1))
+        annotation = ax.annotate(text, point, textcoords="offset points", xytext=offset, fontsize="small",
+                                 ha="right" if to_left else "left", va="top" if to_below else "bottom",
+                                 bbox=LABEL_BACKGROUND)
+        annotation.set_in_layout(False)
+        box = annotation.get_window_extent(renderer)
+        inside = plot.x0 <= box.x0 and box.x1 <= plot.x1 and plot.y0 <= box.y0 and box.y1 <= plot.y1
+        if inside and not any(box.overlaps(other) for other in taken):
+            taken.append(box)
+            return True
+        annotation.remove()
+    return False
 
 
 def front_staircase(front: Sequence[tuple[float, float]], x_direction: str) -> list[tuple[float, float]]:
@@ -288,11 +377,12 @@ def _binary_locator_class() -> type:
 
 
 def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: str, ylabel: str,
-                  bytes_y: bool) -> Any | None:
+                  bytes_y: bool, top: int | None = None) -> Any | None:
     """One line per trial of the metrics ``pattern`` matches, against their length, or ``None`` if no
     trial has them. Trials with identical curves would draw exactly on top of each other: they are
-    drawn once, labelled with all their names (``trial 0 = trial 3``), and each line has its own
-    marker and line style. With ``bytes_y`` the values are byte counts (memory against n).
+    drawn once, labelled with all their names (``trials 0, 3``), and each line has its own marker and
+    line style. ``top`` keeps the first that many distinct curves (rows come ranked; ``None``: all), so
+    every trial on a drawn curve is named with it. With ``bytes_y`` the values are byte counts (memory against n).
 
     A trial that did not complete (pruned, failed) is drawn dashed with hollow markers and labelled
     with how it stopped (``trial 5 (pruned at step 200)``); finished trials never use the dashed
@@ -300,24 +390,77 @@ def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: st
     see why it was stopped but not a result beside finished trials: objectives.png leaves such trials
     out for that reason, and memory_vs_n.png has none unless they logged memory (measured after
     training), in which case they are marked the same way.
-    """
-    curves = [(_short(r.name), stop_note(r), tuple(points)) for r in rows if (points := _length_curves(r, pattern))]
+
+    The legend stands right of the plot, never over the lines, and its entries are bounded like the
+    objectives' labels (a curve whose trials do not fit gets a key letter and the key under the plot):
+    the plot keeps its size whatever the number of trials."""
+    curves = [(r.name, stop_note(r), tuple(points)) for r in rows if (points := _length_curves(r, pattern))]
     if not curves:
         return None
-    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
-    groups = _group_by_value(((points, note) for _, note, points in curves), (name for name, _, _ in curves))
-    for index, ((points, note), names) in enumerate(groups):
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    groups = _group_by_value(((points, note) for _, note, points in curves), (name for name, _, _ in curves))[:top]
+    labels = group_labels([names for _, names in groups])
+    for index, (((points, note), _), label) in enumerate(zip(groups, labels)):
         style = STOPPED_STYLE if note else {"linestyle": LINESTYLES[index % len(LINESTYLES)]}
-        label = " = ".join(names) + (f" ({note})" if note else "")
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)], label=label, **style)
+        text = label.text + (f" ({note})" if note else "")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)], label=text, **style)
     ax.set_xscale("log", base=2)
     if bytes_y:  # as an objective axis: log where the values span > 100x (a KV cache), B/KiB/MiB ticks
         scale_objective_axis(ax, "y", "bytes", [y for points, _ in (g[0] for g in groups) for _, y in points])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
     fig.tight_layout()
+    _legend_right_of_plot(ax)
+    _add_key(fig, [(label.key, label.names) for label in labels if label.key])
     return fig
+
+
+def _legend_right_of_plot(ax: Any) -> None:
+    """The legend outside the plot, to its right, with the figure widened to hold it: inside the
+    plot it covered the lines (with ``loc="best"`` too, once its entries were long)."""
+    fig = ax.figure
+    legend = ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    right = legend.get_window_extent(fig.canvas.get_renderer()).x1 / fig.dpi
+    _extend_figure(fig, right=max(0.0, right + PAD_INCHES - fig.get_size_inches()[0]))
+
+
+def _add_key(fig: Any, entries: Sequence[KeyEntry]) -> None:
+    """Under everything drawn, the key naming the trials of each entry (a lettered label's, or those
+    of points without a label: :func:`psmsearch.plot_labels.key_lines`), the figure lengthened to hold
+    it; nothing without entries. The plot keeps its size and its place from the top of the figure."""
+    width, height = fig.get_size_inches()
+    fontsize = _small_points()
+    lines = key_lines(entries, int((width - 2 * PAD_INCHES) * 72 / (fontsize * CHAR_EM)))
+    if not lines:
+        return
+    renderer = fig.canvas.get_renderer()
+    top = height - fig.get_tightbbox(renderer).y0 + 1.5 * PAD_INCHES  # the key's top, from the figure's top
+    key = fig.text(PAD_INCHES / width, 0.0, "\n".join(lines), ha="left", va="top", fontsize=fontsize)
+    key_height = key.get_window_extent(renderer).height / fig.dpi
+    _extend_figure(fig, bottom=max(0.0, top + key_height + 1.5 * PAD_INCHES - height))
+    width, height = fig.get_size_inches()
+    key.set_position((PAD_INCHES / width, 1.0 - top / height))
+
+
+def _small_points() -> float:
+    """The size in points of matplotlib's ``small`` font, which labels and legends use."""
+    from matplotlib.font_manager import FontProperties
+
+    return FontProperties(size="small").get_size_in_points()
+
+
+def _extend_figure(fig: Any, right: float = 0.0, bottom: float = 0.0) -> None:
+    """Add ``right`` and ``bottom`` inches to a laid-out figure, keeping each axes' size and its place
+    from the figure's top-left corner, and so everything anchored to it (labels, a legend)."""
+    if right <= 0 and bottom <= 0:
+        return
+    width, height = fig.get_size_inches()
+    boxes = [(ax, ax.get_position()) for ax in fig.axes]
+    new_width, new_height = width + right, height + bottom
+    fig.set_size_inches(new_width, new_height)
+    for ax, box in boxes:
+        ax.set_position([box.x0 * width / new_width, (box.y0 * height + bottom) / new_height,
+                         box.width * width / new_width, box.height * height / new_height])
 
 
 def stop_note(row: TrialRow) -> str:
@@ -335,12 +478,6 @@ def _group_by_value(values: Any, names: Any) -> list[tuple[Any, list[str]]]:
     for value, name in zip(values, names):
         groups.setdefault(value, []).append(name)
     return list(groups.items())
-
-
-def _short(name: str) -> str:
-    """``quick-s3-trial-4`` -> ``trial 4`` for plot labels."""
-    _, _, number = name.rpartition("trial-")
-    return f"trial {number}" if number.isdigit() else name
 
 
 def _save(fig: Any, path: Path) -> Path:

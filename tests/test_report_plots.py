@@ -1,14 +1,19 @@
-"""compare's plots, checked on the matplotlib figures built from trial rows made here (no search, no MLflow)."""
+"""compare's plots, checked on the matplotlib figures: most from trial rows made here; those about many
+trials on one spot from the trials of a search written to a real MLflow store (SQLite), as compare reads them."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from matplotlib import pyplot as plt
 
-from psmsearch.report import (LENGTH_METRIC, MEMORY_METRIC, TrialRow, curves_figure, format_bytes, objectives_figure,
-                              rank, stop_note, wants_log_scale)
+from psmsearch.plot_labels import group_labels, key_lines, short_name, trial_list
+from psmsearch.report import (LENGTH_METRIC, MEMORY_METRIC, PEAK_MEMORY_METRIC, TrialRow, curves_figure, format_bytes,
+                              objectives_figure, objectives_from_parent, rank, rows_from_runs, stop_note,
+                              wants_log_scale, write_plots)
 from psmsearch.space import Objective
 
 BYTES = "peak_state_bytes_4k"
@@ -122,7 +127,7 @@ def test_a_pruned_or_failed_trial_is_dashed_and_named_how_it_stopped_in_accuracy
         assert (lines[label].get_linestyle(), lines[label].get_markerfacecolor()) == ("--", "none"), label
     assert all(lines[label].get_linestyle() != "--" for label in labels[:2])
     memory_ax = curves_figure(ranked, MEMORY_METRIC, "n", "bytes", bytes_y=True).axes[0]
-    assert [t.get_text() for t in memory_ax.get_legend().get_texts()] == ["trial 0 = trial 1"]
+    assert [t.get_text() for t in memory_ax.get_legend().get_texts()] == ["trials 0, 1"]
     scatter = objectives_figure(ranked, [Objective(metric="acc_4x")]).axes[0]
     assert [t.get_text() for t in scatter.get_xticklabels()] == ["trial 0", "trial 1"]
 
@@ -148,3 +153,212 @@ def test_memory_vs_n_labels_bytes_in_binary_units(memory: dict[str, float], scal
     assert ax.get_yscale() == scale
     labels = tick_labels(ax.yaxis)
     assert labels and all(label.endswith(("B", "KiB", "MiB")) for label in labels), labels
+
+
+# Many trials on one spot: a search of 41 trials in a real MLflow store. 30 of them (every number but
+# 1, 5, 9, ...: not one run of consecutive numbers) solve the task with the same state size, so they
+# share one point of objectives.png and one curve of each curves plot; 10 others are spread out; the
+# last one was pruned.
+SEARCH = "crowded"
+COINCIDING = [i for i in range(40) if i % 4 != 1]
+SPREAD = [i for i in range(40) if i % 4 == 1]
+PRUNED = 40
+LONGEST_LABEL = 40  # characters: a label that names more trials than that says how many it leaves out
+MIN_AXES_FRACTION = 0.6  # of the figure's width and height, whatever the number of trials
+
+
+def trial_metrics(number: int) -> dict[str, float]:
+    if number in COINCIDING:
+        return {"acc_1x": 1.0, "acc_2x": 1.0, "acc_4x": 1.0, "peak_state_bytes_1k": 6144.0, "peak_state_bytes_4k": 6144.0}
+    if number == PRUNED:
+        return {"acc_1x": 0.5, "acc_2x": 0.3, "acc_4x": 0.2}
+    k = SPREAD.index(number)
+    acc = 0.3 + 0.06 * k
+    memory = 1024.0 * (1 + k % 5)
+    return {"acc_1x": 1.0, "acc_2x": (1 + acc) / 2, "acc_4x": acc, "peak_state_bytes_1k": memory, "peak_state_bytes_4k": memory}
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[TrialRow], list[Objective]]:
+    """The search's trials as compare reads them back from MLflow (ranked), and its objectives."""
+    from psmsearch.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}", SEARCH)
+    objectives = [{"metric": "acc_4x", "direction": "maximize"}, {"metric": "peak_state_bytes_4k", "direction": "minimize"}]
+    parent = tracker.parent_run(SEARCH, {}, {"objectives": objectives})
+    for number in [*range(40), PRUNED]:
+        run = tracker.trial_run(parent, SEARCH, number, {"search.model.chunk_size": 2 + number % 3}, {})
+        tracker.log_metrics(run, trial_metrics(number))
+        pruned = number == PRUNED
+        tracker.set_tags(run, {"psmsearch.status": "pruned" if pruned else "complete",
+                               **({"psmsearch.error": "pruned at step 200 with acc_4x=0.2 (median rule)"} if pruned else {})})
+        tracker.finish(run)
+    tracker.finish(parent)
+    [search] = tracker.runs(SEARCH, kind="search")
+    read_objectives = objectives_from_parent(search)
+    rows = rows_from_runs(tracker.runs(SEARCH, parent=search.info.run_id))
+    assert len(rows) == 41
+    return rank(rows, read_objectives), read_objectives
+
+
+def only(rows: list[TrialRow], numbers: list[int]) -> list[TrialRow]:
+    return [row for row in rows if int(row.name.rsplit("-", 1)[1]) in numbers]
+
+
+def axes_inches(fig: Any) -> tuple[float, float]:
+    fig.canvas.draw()
+    box, (width, height) = fig.axes[0].get_position(), fig.get_size_inches()
+    return box.width * width, box.height * height
+
+
+def assert_plot_keeps_its_size(fig: Any, baseline: Any) -> None:
+    """The plot is as large (inches) as when each of its points or curves is one trial's, and a large
+    part of the figure."""
+    assert axes_inches(fig) == pytest.approx(axes_inches(baseline), rel=0.01)
+    box = fig.axes[0].get_position()
+    assert box.width >= MIN_AXES_FRACTION and box.height >= MIN_AXES_FRACTION, box
+
+
+def assert_inside(inner: Any, outer: Any, what: str) -> None:
+    assert outer.x0 - 0.5 <= inner.x0 and inner.x1 <= outer.x1 + 0.5 and outer.y0 - 0.5 <= inner.y0 and \
+        inner.y1 <= outer.y1 + 0.5, f"{what} {inner} is not inside {outer}"
+
+
+def assert_nothing_off_the_figure(fig: Any) -> None:
+    """Everything drawn (plot, ticks, axis labels, title, legend, key) lies inside the figure."""
+    fig.canvas.draw()
+    (width, height), drawn = fig.get_size_inches(), fig.get_tightbbox(fig.canvas.get_renderer())
+    assert -0.01 <= drawn.x0 and drawn.x1 <= width + 0.01 and -0.01 <= drawn.y0 and drawn.y1 <= height + 0.01, \
+        f"drawn over {drawn.bounds} (inches), the figure is {width} x {height}"
+
+
+def named_trials(texts: list[str]) -> set[int]:
+    """The trial numbers the texts name: ``trial 4``, ``trials 0, 2–4, 6`` (a key entry wrapped over
+    lines included); ``(+N more)`` names none."""
+    numbers: set[int] = set()
+    for text in texts:
+        for listed in re.findall(r"trials? ([\d, –]+)", re.sub(r"\n\s+", " ", text)):
+            for item in filter(None, (part.strip() for part in listed.split(","))):
+                first, _, last = item.partition("–")
+                numbers.update(range(int(first), int(last or first) + 1))
+    return numbers
+
+
+def figure_texts(fig: Any) -> list[str]:
+    return [text.get_text() for text in fig.texts]
+
+
+@pytest.mark.parametrize("coinciding", [8, 30])
+def test_objectives_plot_keeps_its_size_when_many_trials_share_a_point(crowded, coinciding: int) -> None:
+    """All the coinciding trials' names were joined on their point: with 8 the label made tight_layout
+    shrink the plot to 0.29 of the figure's width (0.12 with 10), from 12 on tight_layout gave up and
+    the label ran off the figure. Labels are now bounded and inside the plot, which keeps its size."""
+    rows, objectives = crowded
+    fig = objectives_figure(only(rows, SPREAD + COINCIDING[:coinciding]), objectives)
+    baseline = objectives_figure(only(rows, SPREAD + COINCIDING[:1]), objectives)  # the same points, one trial each
+    assert_plot_keeps_its_size(fig, baseline)
+    assert_nothing_off_the_figure(fig)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in ax.texts]
+    for label, box in zip(ax.texts, boxes):
+        assert len(label.get_text()) <= LONGEST_LABEL, label.get_text()
+        assert_inside(box, ax.get_window_extent(renderer), repr(label.get_text()))
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "labels overlap"
+
+
+def test_every_trial_on_the_objectives_plot_is_named_on_its_point_or_in_the_key(crowded) -> None:
+    rows, objectives = crowded
+    fig = objectives_figure(rows, objectives)
+    point_labels = [label.get_text() for label in fig.axes[0].texts]
+    assert named_trials(point_labels + figure_texts(fig)) == set(range(40)), "each complete trial, the pruned one left out"
+    [crowded_label] = [text for text in point_labels if "more)" in text]
+    key, _, shown = crowded_label.partition(": ")
+    assert re.fullmatch(r"[A-Z]", key) and re.fullmatch(r"trials [\d, –]+ \(\+\d+ more\)", shown), crowded_label
+    [key_text] = figure_texts(fig)
+    assert named_trials([key_text]) == set(COINCIDING) and key_text.startswith(f"{key}: trials 0, 2–4, 6–8,"), key_text
+
+
+@pytest.mark.parametrize("coinciding", [12, 30])
+@pytest.mark.parametrize(("pattern", "bytes_y"), [(LENGTH_METRIC, False), (PEAK_MEMORY_METRIC, True)],
+                         ids=["accuracy_vs_length", "memory_vs_n"])
+def test_curves_keep_the_plot_clear_and_its_size_when_many_trials_share_a_curve(crowded, pattern: Any, bytes_y: bool,
+                                                                                coinciding: int) -> None:
+    """accuracy_vs_length and memory_vs_n named coinciding trials ``trial 0 = trial 2 = ...`` in a
+    legend inside the plot, over the lines; the legend grew with the number of trials and the plot
+    shrank (to 0.46 of the figure's width with 12; from 20 on tight_layout gave up). The legend is
+    now beside the plot, its entries bounded, and the key names every trial."""
+    rows, _ = crowded
+    fig = curves_figure(only(rows, SPREAD + COINCIDING[:coinciding] + [PRUNED]), pattern, "n", "y", bytes_y)
+    baseline = curves_figure(only(rows, SPREAD + COINCIDING[:1] + [PRUNED]), pattern, "n", "y", bytes_y)  # the same curves
+    assert_plot_keeps_its_size(fig, baseline)
+    assert_nothing_off_the_figure(fig)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend()
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1, "the legend covers the plot"
+    entries = [text.get_text() for text in legend.get_texts()]
+    assert all(len(entry) <= LONGEST_LABEL for entry in entries), entries
+    drawn = set(SPREAD + COINCIDING[:coinciding]) | ({PRUNED} if pattern is LENGTH_METRIC else set())
+    assert named_trials(entries + figure_texts(fig)) == drawn
+    assert f"trial {PRUNED} (pruned at step 200)" in entries or pattern is not LENGTH_METRIC
+
+
+def test_curves_keep_the_best_distinct_curves_and_name_every_trial_on_them(crowded) -> None:
+    """``top`` counted trials, so the 30 trials of one curve took its places, and the legend named
+    only the first of them: it now counts curves."""
+    rows, _ = crowded
+    fig = curves_figure(rows, PEAK_MEMORY_METRIC, "n", "bytes", bytes_y=True, top=2)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 2
+    entries = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert named_trials(entries + figure_texts(fig)) == set(COINCIDING) | {17, 37}, entries  # 17 and 37: same memory
+
+
+def test_one_objective_names_every_bar_without_overlap_and_keeps_the_plot(crowded) -> None:
+    """40 bars' names overlapped on a 6-inch figure: the figure widens with the bars instead."""
+    rows, objectives = crowded
+    fig = objectives_figure(rows, objectives[:1])
+    baseline = objectives_figure(only(rows, SPREAD[:3]), objectives[:1])
+    assert_nothing_off_the_figure(fig)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    width, height = axes_inches(fig)
+    assert width >= axes_inches(baseline)[0] and height >= 0.95 * axes_inches(baseline)[1]
+    assert ax.get_position().height >= MIN_AXES_FRACTION
+    renderer = fig.canvas.get_renderer()
+    ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert named_trials([t.get_text() for t in ticks]) == set(range(40))
+    boxes = [t.get_window_extent(renderer) for t in ticks]
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), "bar names overlap"
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # matplotlib's "Tight layout not applied": a label did not fit
+def test_write_plots_writes_the_crowded_search_without_a_layout_warning(crowded, tmp_path: Path) -> None:
+    rows, objectives = crowded
+    written = write_plots(rows, objectives, tmp_path)
+    assert [p.name for p in written] == ["objectives.png", "accuracy_vs_length.png", "memory_vs_n.png"]
+
+
+def test_a_label_names_its_trials_in_bounded_text() -> None:
+    consecutive = [f"s-trial-{i}" for i in range(3, 33)]
+    spread = [f"s-trial-{i}" for i in range(0, 200, 2)]
+    assert trial_list(consecutive, 32) == "trials 3–32"
+    assert trial_list(["s-trial-4"], 32) == "trial 4" and trial_list(["s-trial-2", "s-trial-0"], 32) == "trials 0, 2"
+    assert trial_list(spread, 32) == "trials 0, 2, 4, 6, 8 (+95 more)"
+    assert short_name("0123456789abcdef0123456789abcdef") == "0123456789abcde…" and short_name("s-trial-7") == "trial 7"
+    labels = group_labels([["s-trial-1"], spread, consecutive, spread[:50]])
+    assert [(label.text, label.key) for label in labels] == [
+        ("trial 1", ""), ("A: trials 0, 2, 4, 6 (+96 more)", "A"), ("trials 3–32", ""),
+        ("B: trials 0, 2, 4, 6 (+46 more)", "B")]
+    assert all(len(label.text) <= 32 for label in labels)
+
+
+def test_the_key_shares_its_bounded_lines_among_its_entries() -> None:
+    many = [f"s-trial-{i}" for i in range(0, 2000, 3)]
+    lines = key_lines([("A", many), ("B", many[:5]), ("no room for their labels", many[:40])], width=60)
+    assert len(lines) <= 6 and all(len(line) <= 60 for line in lines), lines
+    assert [line[:3] for line in lines if not line.startswith(" ")] == ["A: ", "B: ", "no "]
+    assert lines[0].startswith("A: trials 0, 3, 6,") and "more)" in lines[1]
+    overflowing = key_lines([(chr(65 + i), many[:3]) for i in range(9)], width=60)
+    assert len(overflowing) == 6 and overflowing[-1].startswith("… 4 more:"), overflowing

@@ -645,9 +645,9 @@ def test_compare_plots_label_their_points_and_tell_coinciding_curves_apart() -> 
                                                                       "state_bytes_128": 2 * memory})
                  for i, (acc, memory) in enumerate(points)], objectives)
     scatter = objectives_figure(rows, objectives)
-    assert sorted(text.get_text() for text in scatter.axes[0].texts) == ["trial 0, trial 2", "trial 1"]
+    assert sorted(text.get_text() for text in scatter.axes[0].texts) == ["trial 1", "trials 0, 2"]
     curves = curves_figure(rows, MEMORY_METRIC, "tokens streamed n", "bytes", bytes_y=True).axes[0]
-    assert [text.get_text() for text in curves.get_legend().get_texts()] == ["trial 0 = trial 2", "trial 1"]
+    assert [text.get_text() for text in curves.get_legend().get_texts()] == ["trials 0, 2", "trial 1"]
     assert len({(line.get_marker(), line.get_linestyle()) for line in curves.get_lines()}) == 2
     plt.close("all")
 
