@@ -11,8 +11,9 @@ the state kind; only triples of one kind are compatible:
 state kind          encoders               ``E_t``           aggregator           head
 ==================  =====================  ================  ===================  ======================
 ``affine-scalar``   ``linear_attention``,  ``a_t I``         ``affine_scalar``    ``linear_readout_scalar``
-                    ``retnet``, ``mamba2``,
-                    ``mlstm``
+                    ``retnet``, ``mamba2``
+``affine-scalar-``  ``mlstm``              ``f_t I``         ``affine_scalar_``   ``linear_readout_``
+``normalized``                                               ``normalized``       ``normalized``
 ``affine-diag``     ``gla``                ``diag(α_t)``     ``affine_diag``      ``linear_readout_diag``
 ``affine-dense``    ``deltanet``           ``I - β k kᵀ``    ``affine_dense``     ``linear_readout_dense``
 ==================  =====================  ================  ===================  ======================
@@ -22,7 +23,7 @@ the batch dims: ``q, k [*, c, H, dk]``, ``v [*, c, H, dv]``; the gate is the tok
 ``[*, c, H, 1]`` (scalar kinds) or ``[*, c, H, dk]`` (diagonal), or DeltaNet's ``β [*, c, H]``;
 ``out_gate [*, c, H, dv]`` are the output gate's logits (GLA's ``r``, Mamba2's ``z``), or
 ``[*, c, H, 0]`` when the encoder's ``output_gate`` is off. mLSTM's values carry one more column of
-ones, the input of its normaliser, which the head divides by (:class:`MLSTMEncoder`).
+ones, the input of its normaliser, which its head divides by (:class:`MLSTMEncoder`).
 Scalar and diagonal decays are one code path: a scalar gate is a diagonal one of width 1 that
 broadcasts over ``dk``. Their states store ``E`` as its logarithm (``log E [*, H]`` or
 ``[*, H, dk]``, identity 0) so that cumulative transitions are sums of log-decays, never products
@@ -65,6 +66,7 @@ from psmsearch.kernels.chunkwise import (
 from psmsearch.kernels.first_order_scan import first_order_scan
 
 SCALAR = "affine-scalar"
+NORMALIZED = "affine-scalar-normalized"
 DIAG = "affine-diag"
 DENSE = "affine-dense"
 
@@ -266,8 +268,6 @@ class _AffineEncoder(Encoder):
     """
 
     hyperparameters = SHARED_HYPERPARAMETERS
-    normalizer_column: ClassVar[bool] = False
-    """Whether the last value column is a normaliser the head divides by (mLSTM's ``n``), not a value."""
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
@@ -472,23 +472,26 @@ class MLSTMEncoder(_DecayEncoder):
     ``h_t = C_tᵀ q_t / max(|n_tᵀ q_t|, 1)``, with ``f_t = sigmoid(f̃_t)`` and ``i_t = exp(ĩ_t)``
     (one of each per head and token, ``[ĩ, f̃] = W x + b``). The normaliser is one more value
     column: values are ``[v_t, 1]``, so ``S = [C | n] ∈ R^{d_k × (d_v + 1)}`` is an ordinary
-    scalar-decay state (``log E = logsigmoid(f̃)``, key ``i_t k_t``), combined by ``affine_scalar``
-    and read by ``linear_readout_scalar``, which divides by the last column wherever the encoder
-    has one (:attr:`normalizer_column`).
+    scalar-decay state (``log E = logsigmoid(f̃)``, key ``i_t k_t``). Its state kind is
+    ``affine-scalar-normalized``, not ``affine-scalar``: the maths of ``⊕`` is the same
+    (``affine_scalar_normalized`` is ``affine_scalar`` under that kind), but a head must know that
+    the last column is ``n`` and divide by it (``linear_readout_normalized``), so a head written for
+    plain ``[dk, dv]`` states, which would read ``n`` as a value, is refused as incompatible.
 
     Both pre-activations are soft-capped, ``cap · tanh(· / cap)`` (``gate_soft_cap``, as in xLSTM
     7B), so ``i_t <= e^cap``: with the default 15 that is 3.3e6, and float32 and bfloat16 states stay
     far from overflow without xLSTM's running max-stabiliser ``m_t`` (which only rescales ``C`` and
-    ``n`` together and cancels in ``h``). float16 ends at 65504: there a cap of about 10 or less
-    keeps ``i_t`` representable. Initialisation as in xLSTM: forget-gate biases spaced from 3 to 6
+    ``n`` together and cancels in ``h``). float16 ends at 65504, and a state sums ``i_t k_t v_tᵀ``
+    over the forget gate's window, so float16 states can overflow whatever the cap: use bfloat16.
+    The gates are computed in float32 whatever the layer's dtype (a bf16 ``ĩ`` of 8 is off by up to
+    0.03, ``e^ĩ`` by 3%) and the key ``e^ĩ k`` and ``log f`` are rounded once. Initialisation as in xLSTM: forget-gate biases spaced from 3 to 6
     over the heads, input-gate biases from N(0, 0.1); the gate weights start at a tenth of
     PyTorch's default (xLSTM starts them at 0), so the gates depend on the data from the first step.
     The block's convolution, skip and output gate are not part of this sequence mixer.
     """
 
     name = "mlstm"
-    state_kind = SCALAR
-    normalizer_column: ClassVar[bool] = True
+    state_kind = NORMALIZED
     hyperparameters = (
         *SHARED_HYPERPARAMETERS,
         HyperParameter(
@@ -507,14 +510,17 @@ class MLSTMEncoder(_DecayEncoder):
             biases[:, 1].copy_(torch.linspace(3.0, 6.0, self.heads))
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft-capped pre-activations ``(ĩ, f̃)``, each ``[*, c', H]``."""
+        """Soft-capped pre-activations ``(ĩ, f̃)``, each ``[*, c', H]``, in float32 at least."""
+        dtype = _accumulation_dtype(x, self.gate_proj.weight)
+        weight, bias = self.gate_proj.weight.to(dtype), self.gate_proj.bias.to(dtype)
         cap = self.hparams["gate_soft_cap"]
-        capped = cap * torch.tanh(self._split_heads(self.gate_proj(x), 2) / cap)  # [*, c', H, 2]
+        capped = cap * torch.tanh(self._split_heads(F.linear(x.to(dtype), weight, bias), 2) / cap)  # [*, c', H, 2]
         return capped[..., 0], capped[..., 1]
 
     def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        input_pre, forget_pre = self.gates(x)  # [*, c', H] each
-        return k * input_pre.exp().unsqueeze(-1), F.logsigmoid(forget_pre).unsqueeze(-1)  # [*, c', H, dk], [*, c', H, 1]
+        input_pre, forget_pre = self.gates(x)  # [*, c', H] each, float32 at least
+        key = (k * input_pre.exp().unsqueeze(-1)).to(k.dtype)  # [*, c', H, dk]
+        return key, F.logsigmoid(forget_pre).unsqueeze(-1).to(k.dtype)  # [*, c', H, dk], [*, c', H, 1]
 
     def features(self, x: torch.Tensor, offset: int = 0) -> Features:
         """:meth:`_AffineEncoder.features` with a column of ones after the values (the normaliser's input)."""
@@ -641,6 +647,14 @@ class AffineScalarAggregator(_DecayAggregator):
     state_kind = SCALAR
 
 
+class AffineScalarNormalizedAggregator(_DecayAggregator):
+    """``affine_scalar``'s ⊕ for states whose last value column is a normaliser (mLSTM): the same maths,
+    under the state kind that only normalising heads read."""
+
+    name = "affine_scalar_normalized"
+    state_kind = NORMALIZED
+
+
 class AffineDiagAggregator(_DecayAggregator):
     """⊕ for per-key-channel decays (GLA): state ``(log α [H, dk], S)``."""
 
@@ -682,11 +696,12 @@ class _ReadoutHead(Head):
 
     hyperparameters = (NORM, GATE_BEFORE_NORM)
     readout: ClassVar[Callable[[torch.Tensor, Features], torch.Tensor]]
+    normalized: ClassVar[bool] = False
+    """Whether the state's last value column is a normaliser to divide by (``affine-scalar-normalized``)."""
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
         _, (heads, _, value_dim) = _encoder_state_shape(context, f"head {self.name!r}")
-        self.normalized = bool(getattr(context.encoder, "normalizer_column", False))
         if self.normalized:
             value_dim -= 1  # the last column is the normaliser n, not a value
         self.norm = nn.RMSNorm(value_dim, eps=1e-5) if self.hparams["norm"] else nn.Identity()
@@ -707,8 +722,8 @@ class _ReadoutHead(Head):
         return self.out(o.flatten(-2))  # [*, c', d]
 
     def normalize(self, o: torch.Tensor) -> torch.Tensor:
-        """``o[..., :dv] / max(|o[..., dv]|, 1)`` where the encoder's last value column is a normaliser
-        (mLSTM's ``h = Cᵀq / max(|nᵀq|, 1)``), else ``o`` itself. Divides in float32 at least."""
+        """``o[..., :dv] / max(|o[..., dv]|, 1)`` for a normalised state kind (mLSTM's
+        ``h = Cᵀq / max(|nᵀq|, 1)``), else ``o`` itself. Divides in float32 at least."""
         if not self.normalized:
             return o
         dtype = _accumulation_dtype(o)
@@ -808,6 +823,14 @@ class ScalarReadoutHead(_DecayReadoutHead):
     state_kind = SCALAR
 
 
+class NormalizedReadoutHead(_DecayReadoutHead):
+    """Readout for one decay per head with a normaliser column (mLSTM): ``o = Cᵀq / max(|nᵀq|, 1)``."""
+
+    name = "linear_readout_normalized"
+    state_kind = NORMALIZED
+    normalized = True
+
+
 class DiagReadoutHead(_DecayReadoutHead):
     """Readout for per-key-channel decays (GLA); exact intra-chunk decay masks in 16-step sub-blocks."""
 
@@ -862,11 +885,11 @@ def register_encoders(register: Callable[..., None]) -> None:
 
 @hookimpl
 def register_aggregators(register: Callable[..., None]) -> None:
-    for cls in (AffineScalarAggregator, AffineDiagAggregator, AffineDenseAggregator):
+    for cls in (AffineScalarAggregator, AffineScalarNormalizedAggregator, AffineDiagAggregator, AffineDenseAggregator):
         register(cls)
 
 
 @hookimpl
 def register_heads(register: Callable[..., None]) -> None:
-    for cls in (ScalarReadoutHead, DiagReadoutHead, DenseReadoutHead):
+    for cls in (ScalarReadoutHead, NormalizedReadoutHead, DiagReadoutHead, DenseReadoutHead):
         register(cls)

@@ -4,8 +4,8 @@ Progress goes to stderr; stdout gets a metrics table, or with ``--json`` one JSO
 metric and nothing else (as ``search --json``, ``compare --json`` and ``plugins --json`` do). Invalid input raises
 :class:`~psmsearch.errors.ConfigError`, which the main CLI turns into exit code 2 without a traceback;
 a diverged or pruned run exits with code 1 and says why. A component or task that raises (a plugin's
-bug) also exits with code 1: the metrics measured before the failure are still printed (and given as
-JSON), then one line names the phase, the exception and the plugin line it came from;
+bug) also exits with code 1: the metrics measured before the failure are still printed (as JSON alone
+with ``--json``), then one line names the phase, the exception and the plugin line it came from;
 ``--traceback`` adds the full traceback.
 """
 
@@ -64,7 +64,7 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
 @click.command("train")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a field, e.g. --set model.chunk_size=4 (repeatable; values are YAML)")
-@click.option("--json", "as_json", is_flag=True, help="end stdout with one JSON object of all metrics")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object of all metrics on stdout, and nothing else there")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr (only on a terminal)")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="checkpoint file (written every train.checkpoint_every steps and when training ends)")
 @click.option("--resume", is_flag=True, help="continue from --checkpoint (from step 0 if the file does not exist yet)")

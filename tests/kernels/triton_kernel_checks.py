@@ -219,7 +219,7 @@ def _decay_layer(device: str, encoder: str, chunk_size: int) -> Any:
     from psmsearch.config import ModelConfig
 
     aggregator, head = {"mamba2": ("affine_scalar", "linear_readout_scalar"),
-                        "mlstm": ("affine_scalar", "linear_readout_scalar"),
+                        "mlstm": ("affine_scalar_normalized", "linear_readout_normalized"),
                         "gla": ("affine_diag", "linear_readout_diag")}[encoder]
     torch.manual_seed(0)
     config = ModelConfig(d_model=24, chunk_size=chunk_size, aggregator=aggregator, head=head,

@@ -35,7 +35,7 @@ TRIPLES = {
     "linear_attention": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
     "retnet": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
     "mamba2": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
-    "mlstm": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
+    "mlstm": ("affine_scalar_normalized", "linear_readout_normalized", "affine-scalar-normalized"),
     "gla": ("affine_diag", "linear_readout_diag", "affine-diag"),
     "deltanet": ("affine_dense", "linear_readout_dense", "affine-dense"),
 }
@@ -168,6 +168,13 @@ def test_only_matching_triples_are_compatible() -> None:
     assert combos == {(e, a, h) for e, (a, h, _) in TRIPLES.items()}
     with pytest.raises(IncompatibleComponentsError, match="state_kind"):
         check_compatible(get_registry(), "gla", "affine_scalar", "linear_readout_scalar")
+    # mLSTM's last value column is its normaliser: a head for plain [dk, dv] states would read it as a
+    # value, and the normalising head would divide another encoder's last value by itself
+    for triple in (("mlstm", "affine_scalar", "linear_readout_scalar"),
+                   ("mlstm", "affine_scalar_normalized", "linear_readout_scalar"),
+                   ("mamba2", "affine_scalar_normalized", "linear_readout_normalized")):
+        with pytest.raises(IncompatibleComponentsError, match="affine-scalar-normalized"):
+            check_compatible(get_registry(), *triple)
 
 
 def test_hyperparameters_are_declared_and_validated() -> None:

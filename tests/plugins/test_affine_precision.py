@@ -17,7 +17,7 @@ from psmsearch.config import ModelConfig
 TRIPLES = {
     "gla": ("affine_diag", "linear_readout_diag"),
     "mamba2": ("affine_scalar", "linear_readout_scalar"),
-    "mlstm": ("affine_scalar", "linear_readout_scalar"),
+    "mlstm": ("affine_scalar_normalized", "linear_readout_normalized"),
     "retnet": ("affine_scalar", "linear_readout_scalar"),
 }
 
@@ -57,6 +57,24 @@ def test_bfloat16_generic_and_streaming_paths_accumulate_like_the_fused_kernel(e
     for name in ("generic", "streaming"):
         assert got[name].dtype == torch.bfloat16
         assert error[name] <= 1.5 * error["fused"] + 2e-3, f"{encoder} {params}: relative errors {error}"
+
+
+def test_bfloat16_mlstm_computes_its_gates_in_float32() -> None:
+    """With input-gate biases of 5 (``e^ĩ`` about 150) and no norm to hide a scale error, a bf16 mLSTM
+    whose gates ran in bf16 was 60-75% off its float64 twin (the same bf16 weights and inputs;
+    ``‖y - y64‖ / ‖y64‖`` over three inputs): ``ĩ`` rounded by up to 2^-8 relative moves ``e^ĩ`` by
+    as much, and the normaliser's division of two sums that cancel amplifies it. Computed in float32
+    and rounded once into the key, 8.5-10%: what rounding ``e^ĩ k`` to bf16 costs there."""
+    layer = decay_layer("mlstm", 16)
+    with torch.no_grad():
+        layer.encoder.gate_proj.bias.view(2, 2)[:, 0].fill_(5.0)
+    layer = layer.bfloat16()
+    x = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1)).bfloat16()  # [B, T, d]
+    with torch.no_grad():
+        want = copy.deepcopy(layer).double()(x.double())  # [B, T, d]
+        for name, got in (("parallel", layer(x)), ("streaming", layer.stream(2).feed(x))):
+            error = ((got.double() - want).norm() / want.norm()).item()
+            assert got.dtype == torch.bfloat16 and error <= 0.2, f"{name}: relative error {error:.3g}"
 
 
 @pytest.mark.parametrize("path", ["generic", "tree", "streaming"])
