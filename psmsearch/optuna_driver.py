@@ -15,8 +15,10 @@ Trial bookkeeping that survives interruption:
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,26 @@ def check_storage_url(url: str, where: str) -> None:
         raise ConfigError(f"{shown!r}: {problem}", field=where)
 
 
+class QueueSafeRDBStorage(RDBStorage):
+    """An :class:`~optuna.storages.RDBStorage` whose trial state changes are serialised in this process.
+
+    Optuna takes a queued (``WAITING``) trial by reading its state and setting it ``RUNNING`` in one
+    transaction, relying on ``SELECT ... FOR UPDATE``, which SQLite ignores: two threads of
+    ``study.optimize(n_jobs=N)`` could both read ``WAITING`` and both run the trial. A resumed
+    search re-queues its interrupted trials (and the heartbeat check its killed ones), so under
+    ``--jobs 2`` a trial ran twice, and the second ``tell`` raised "Cannot tell a COMPLETE trial"
+    (optuna#4002). With the lock the second thread reads ``RUNNING`` and takes the next trial.
+    Processes sharing one SQLite file are not covered: use a server database for those.
+    """
+
+    _state_lock = threading.Lock()
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        with self._state_lock:
+            return super().set_trial_state_values(trial_id, state, values)
+
+
 def make_storage(url: str, options: SearchOptions) -> RDBStorage:
     """An RDB storage with heartbeats (to detect killed trials) and a generous SQLite lock timeout."""
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
@@ -97,7 +119,7 @@ def make_storage(url: str, options: SearchOptions) -> RDBStorage:
     try:
         with sqlite_init_lock(url):
             return retry_locked(
-                lambda: RDBStorage(
+                lambda: QueueSafeRDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=options.heartbeat_interval,

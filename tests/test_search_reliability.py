@@ -277,3 +277,32 @@ def test_an_unwritable_artifact_store_does_not_fail_trials_or_the_search(tmp_pat
     assert [o.state for o in result.outcomes] == ["complete"]
     assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE]
     assert [r.info.status for r in trial_runs(tmp_path / "mlflow.db")] == ["FINISHED"]
+
+
+def test_parallel_jobs_take_each_queued_trial_once(tmp_path: Path) -> None:
+    """A resumed search re-queues its interrupted trials, which ``study.optimize(n_jobs=...)`` threads
+    then take from the SQLite study. SQLite ignores ``SELECT ... FOR UPDATE``, so with Optuna's own
+    storage two threads took the same queued trial: 2-4 of 24 ran twice in each of three rounds here,
+    and the second ``tell`` raised "Cannot tell a COMPLETE trial" (a resumed ``--jobs 2`` search
+    crashed or ran a trial twice). The driver's storage serialises the hand-out."""
+    from collections import Counter
+
+    from psmsearch.optuna_driver import make_storage
+    from psmsearch.search import SearchOptions
+
+    for round_ in range(3):
+        storage = make_storage(f"sqlite:///{tmp_path / f'queue{round_}.db'}", SearchOptions(trials=1))
+        study = optuna.create_study(study_name="queue", storage=storage)
+        for x in range(24):
+            study.enqueue_trial({"x": float(x)})
+        runs: Counter[float] = Counter()
+
+        def objective(trial: optuna.Trial) -> float:
+            x = trial.suggest_float("x", 0.0, 100.0)
+            runs[x] += 1
+            time.sleep(0.01)
+            return x
+
+        study.optimize(objective, n_trials=24, n_jobs=4)
+        assert runs == Counter({float(x): 1 for x in range(24)}), f"round {round_}: {runs}"
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 24
