@@ -45,24 +45,41 @@ class HyperParameter:
     log: bool = False
     choices: tuple[Any, ...] | None = None
     help: str = ""
+    origin: tuple[str, int] | None = field(default=None, init=False, compare=False, repr=False)
+    """``(file, line)`` of the ``HyperParameter(...)`` call, for the registry's error messages."""
 
     def __post_init__(self) -> None:
-        if self.type in ("int", "float") and (self.low is None or self.high is None):
-            raise ValueError(f"hyperparameter {self.name!r}: numeric types need low and high")
-        if self.type == "categorical" and not self.choices:
-            raise ValueError(f"hyperparameter {self.name!r}: categorical needs choices")
+        """Remember where the declaration was written; nothing is checked here.
+
+        A check raising here would raise while the plugin's module is imported, and take every
+        other component of that plugin with it, unnamed: :meth:`declaration_problems` runs when the
+        component is registered and is reported with its name and this line.
+        """
+        frame = sys._getframe(1)  # the dataclass's generated __init__, or dataclasses.replace()
+        while frame is not None and (frame.f_code.co_filename == __file__
+                                     or frame.f_code.co_filename.endswith(("dataclasses.py", "<string>"))):
+            frame = frame.f_back
+        if frame is not None:
+            object.__setattr__(self, "origin", (frame.f_code.co_filename, frame.f_lineno))
 
     def declaration_problems(self) -> list[str]:
-        """What is wrong with this declaration (empty if nothing): an unknown type, bounds that are not
-        finite numbers, ``low > high``, a log scale from ``low <= 0``, a default it does not allow.
+        """What is wrong with this declaration (empty if nothing): an unknown type, missing bounds or
+        choices, bounds that are not finite numbers, ``low > high``, a log scale from ``low <= 0``, a
+        default it does not allow.
 
         The registry reports these as a failure of the plugin that declared the parameter, naming
-        the component, so a search never meets them as a sampler error.
+        the component and the line of the declaration, so a search never meets them as a sampler error.
         """
         if self.type not in _PARAM_TYPES:
             return [f"type {self.type!r} is not one of {', '.join(_PARAM_TYPES)}"]
+        if self.type == "categorical" and not self.choices:
+            return ["a categorical parameter needs choices=(...), the values it may take"]
         problems = []
         if self.type in ("int", "float"):
+            missing = [bound for bound in ("low", "high") if getattr(self, bound) is None]
+            if missing:
+                return [f"{' and '.join(missing)} missing: {self.type} parameters need low= and high=, the range a "
+                        "search samples from"]
             for bound in ("low", "high"):
                 value = getattr(self, bound)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

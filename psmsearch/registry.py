@@ -268,7 +268,8 @@ class _Loader:
                         and not hasattr(getattr(module, hook), f"{PROJECT}_impl")]
             for hook in unmarked:
                 self.registry.failures.append(PluginFailure(
-                    label, f"{hook} is not marked with @psmsearch.hookimpl, so it is never called"))
+                    label, f"{hook} is not marked with @psmsearch.hookimpl, so it is never called "
+                    f"(put @psmsearch.hookimpl on the line above its def){_defined_at(getattr(module, hook))}"))
             if label in misnamed or unmarked:
                 continue
             if not any(caller.has_spec() for caller in self.manager.get_hookcallers(module) or ()):
@@ -310,8 +311,9 @@ class _Loader:
         def register(cls: type, name: str | None = None) -> None:
             try:
                 info = _describe(kind, cls, plugin, name)
-            except PluginError as err:
-                self.registry.failures.append(PluginFailure(plugin, f"{err}{_defined_at(cls)}"))
+            except PluginError as err:  # located at the declaration it names, else at the class
+                location = getattr(err, "location", "") or _defined_at(cls)
+                self.registry.failures.append(PluginFailure(plugin, f"{err}{location}"))
                 return
             except Exception as err:  # noqa: BLE001 - one bad class must not cost the plugin's others
                 label = getattr(cls, "__name__", repr(cls))
@@ -332,6 +334,15 @@ class _Loader:
         return register
 
 
+# What a component class must define itself: the base class's version only raises NotImplementedError,
+# so a class without it would register, list and build, and fail every trial that uses it.
+REQUIRED_METHODS: dict[str, tuple[tuple[str, str], ...]] = {
+    "encoder": (("features", "features(x, offset)"), ("summarize", "summarize(f)"), ("state_shape", "state_shape")),
+    "aggregator": (("forward", "forward(older, newer)"), ("initial_state", "initial_state(batch_shape)")),
+    "head": (("forward", "forward(prefix, f)"),),
+}
+
+
 def _describe(kind: str, cls: type, plugin: str, name: str | None) -> ComponentInfo:
     """Validate a registered class and describe it, or raise a PluginError saying what is wrong."""
     if kind in COMPONENT_KINDS:
@@ -350,6 +361,12 @@ def _describe(kind: str, cls: type, plugin: str, name: str | None) -> ComponentI
     state_kind = getattr(cls, "state_kind", None) if kind in COMPONENT_KINDS else None
     if kind in COMPONENT_KINDS and not state_kind:
         raise PluginError(f"{kind} {name!r} declares no state_kind")
+    if kind in COMPONENT_KINDS:
+        missing = [signature for method, signature in REQUIRED_METHODS[kind]
+                   if getattr(cls, method, None) is getattr(COMPONENT_KINDS[kind], method)]
+        if missing:
+            raise PluginError(f"{kind} {name!r} does not define {' or '.join(missing)}, which every {kind} must "
+                              f"(see the docstring of psmsearch.{COMPONENT_KINDS[kind].__name__})")
     associative = bool(getattr(cls, "associative", False)) if kind == "aggregator" else None
     doc = (getattr(cls, "description", "") or (cls.__doc__ or "")).strip().splitlines()
     return ComponentInfo(name, kind, plugin, cls, state_kind, associative, hyperparameters, doc[0] if doc else "")
@@ -374,7 +391,9 @@ def _declared_hyperparameters(kind: str, name: str, declared: Any) -> tuple[Hype
             raise PluginError(f"{kind} {name!r}: hyperparameters must be {expected}, got an element {hp!r}")
         problems = hp.declaration_problems()
         if problems:
-            raise PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r}: {'; '.join(problems)}")
+            error = PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r}: {'; '.join(problems)}")
+            error.location = f" (at {hp.origin[0]}:{hp.origin[1]})" if hp.origin else ""
+            raise error
         if hp.name in seen:
             raise PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r} is declared twice")
         seen.add(hp.name)
@@ -437,9 +456,11 @@ def require_loaded_plugins(command: str, registry: Registry | None = None) -> Re
     registry = registry or get_registry()
     if registry.failures:
         listed = "; ".join(str(failure) for failure in registry.failures)
-        count = len(registry.failures)
+        count = len({failure.plugin for failure in registry.failures})
+        problems = len(registry.failures)
+        counted = f" ({problems} problems)" if problems > count else ""
         raise PluginError(
-            f"{count} plugin{'s' if count > 1 else ''} failed to load, so {command} would run without "
+            f"{count} plugin{'s' if count > 1 else ''} failed to load{counted}, so {command} would run without "
             f"{'their' if count > 1 else 'its'} components (or with a built-in of the same name): {listed}. "
             "Fix the plugin, or leave it out (--plugin, PSMSEARCH_PLUGINS, or its installed package); "
             "`psmsearch plugins` shows what loaded"

@@ -27,6 +27,7 @@ failure then says so.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -36,7 +37,7 @@ import torch
 from psmsearch import states as S
 from psmsearch.components import Aggregator, Component, ComponentContext, Encoder, Head
 from psmsearch.composer import PSMLayer
-from psmsearch.errors import where_raised
+from psmsearch.errors import suggest, where_raised
 from psmsearch.registry import ComponentInfo, Registry, get_registry
 from psmsearch.scan import OnlineScan, prefix_scan
 
@@ -103,12 +104,22 @@ class _Assembly:
         return self.encoder.summarize(self.encoder.features(self.inputs(n_chunks, seed)))  # [B, N, ...]
 
 
+def _class_location(cls: type) -> str:
+    """`` (at FILE:LINE)`` of a class definition, or ``""`` where Python cannot tell."""
+    try:
+        return f" (at {inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]})"
+    except (TypeError, OSError):
+        return ""
+
+
 def _partner(registry: Registry, kind: str, state_kind: str) -> type[Component]:
     for name in registry.names(kind):
         info = registry.get(kind, name)
         if info.state_kind == state_kind:
             return info.cls
-    raise ContractViolation(f"no registered {kind} has state_kind {state_kind!r} to test against")
+    kinds = sorted({registry.get(kind, other).state_kind for other in registry.names(kind)})
+    raise ContractViolation(f"no registered {kind} has state_kind {state_kind!r} to test against "
+                            f"(state kinds of the registered {kind}s: {', '.join(kinds)}).{suggest(state_kind, kinds)}")
 
 
 def _assemble(cls: type[Component], registry: Registry, seed: int) -> _Assembly:
@@ -314,13 +325,18 @@ def _aggregator_associativity(a: _Assembly) -> str:
     right = agg(x, agg(y, z))
     diff = _max_diff(left, right)
     scale = max(leaf.abs().max().item() for leaf in S.leaves(left)) or 1.0
-    _require(diff <= 1e-9 * max(scale, 1.0), f"claims associative but (xy)z and x(yz) differ by {diff:.3g} (float64)")
+    _require(diff <= 1e-9 * max(scale, 1.0), f"claims associative but (xy)z and x(yz) differ by {diff:.3g} (float64): "
+             f"set associative = False on {type(a.aggregator).__name__}{_class_location(type(a.aggregator))}, "
+             "unless forward(older, newer) is meant to be associative")
     if a.aggregator.scan(a.chunk_states(1, 43)) is None:
         return "(xy)z == x(yz) in float64; no fast scan"
     for n in FAST_SCAN_CHUNKS:
         states = a.chunk_states(n, 43 + n)
         diff = _max_diff(a.aggregator.scan(states), prefix_scan(a.aggregator, states, mode="tree"))
-        _require(diff <= ATOL, f"N={n}: its fast scan() differs from the tree scan by {diff:.3g}")
+        _require(diff <= ATOL, f"N={n}: its fast scan() differs from the tree scan by {diff:.3g}; scan(states "
+                 "[B, N, ...]) must return the exclusive prefixes, position 0 the initial_state and position i "
+                 "the fold of states 0..i-1 oldest first, as prefix_scan(aggregator, states) does (an inclusive "
+                 "scan is one position off)")
     for n in (17, 65):
         states = tuple_requires_grad(a.chunk_states(n, 90 + n))
         grads = []

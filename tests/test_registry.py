@@ -148,7 +148,8 @@ def test_hooks_that_would_do_nothing_are_reported(fresh_registry) -> None:
     by_plugin = {(f.plugin, f.error) for f in registry.failures}
     assert (mistakes, "register_aggregator (line 6) is not a psmsearch hook; did you mean 'register_aggregators'? (hooks: "
             "register_aggregators, register_encoders, register_heads, register_tasks)") in by_plugin
-    assert (mistakes, "register_heads is not marked with @psmsearch.hookimpl, so it is never called") in by_plugin
+    assert (mistakes, "register_heads is not marked with @psmsearch.hookimpl, so it is never called (put "
+            f"@psmsearch.hookimpl on the line above its def) (at {mistakes}:11)") in by_plugin
     assert any(plugin == empty and error.startswith("defines no psmsearch hook, so it registers nothing")
                for plugin, error in by_plugin), registry.failures
     assert len(registry.failures) == 3, registry.failures
@@ -174,13 +175,57 @@ def test_an_import_failure_names_the_plugins_own_line(fresh_registry) -> None:
     assert "Traceback" in failure.detail
 
 
-def test_a_declaration_that_raises_at_import_is_located_in_the_plugin(fresh_registry) -> None:
-    """The innermost frame is psmsearch's own HyperParameter check; the plugin's line is what helps."""
+def test_a_declaration_missing_choices_or_a_bound_is_named_at_its_line(fresh_registry) -> None:
+    """``HyperParameter("mode", "categorical", 1)`` or a float without ``high`` raised while the module was
+    imported: the error named neither component nor line, and the plugin's good aggregator was lost."""
     path = FIXTURES / "bad_categorical.py"
     registry = fresh_registry.load_registry(extra_plugins=[str(path)])
-    (failure,) = registry.failures
-    line = next(number for number, text in enumerate(path.read_text().splitlines(), 1) if "HyperParameter(" in text)
-    assert failure.error.endswith(f"(at {path}:{line})"), failure.error
+    lines = path.read_text().splitlines()
+    line_of = {name: next(n for n, text in enumerate(lines, 1) if f'HyperParameter("{name}"' in text)
+               for name in ("mode", "ratio")}
+    assert sorted(f.error for f in registry.failures) == [
+        "aggregator 'no_choices': hyperparameter 'mode': a categorical parameter needs choices=(...), the values "
+        f"it may take (at {path}:{line_of['mode']})",
+        "aggregator 'no_high': hyperparameter 'ratio': high missing: float parameters need low= and high=, the "
+        f"range a search samples from (at {path}:{line_of['ratio']})",
+    ]
+    assert registry.get("aggregator", "fine_sum").plugin == str(path)
+
+
+def test_a_component_without_a_required_method_fails_to_register(fresh_registry, tmp_path: Path) -> None:
+    """An aggregator without ``initial_state`` registered, listed and built, then failed every trial of a
+    search; now the plugin's load reports it, located at the class, and its other components load."""
+    plugin = tmp_path / "no_initial.py"
+    plugin.write_text(
+        "from psmsearch import Aggregator, Head, hookimpl\n"
+        "class NoInitial(Aggregator):\n"
+        "    name = 'no_initial'\n"
+        "    state_kind = 'tokens'\n"
+        "    def forward(self, older, newer):\n"
+        "        return newer\n"
+        "class NoForward(Head):\n"
+        "    name = 'no_forward'\n"
+        "    state_kind = 'tokens'\n"
+        "class Fine(NoInitial):\n"
+        "    name = 'fine'\n"
+        "    def initial_state(self, batch_shape):\n"
+        "        return None\n"
+        "@hookimpl\n"
+        "def register_aggregators(register):\n"
+        "    register(NoInitial)\n"
+        "    register(Fine)\n"
+        "@hookimpl\n"
+        "def register_heads(register):\n"
+        "    register(NoForward)\n"
+    )
+    registry = fresh_registry.load_registry(extra_plugins=[str(plugin)])
+    assert sorted(f.error for f in registry.failures) == [
+        "aggregator 'no_initial' does not define initial_state(batch_shape), which every aggregator must (see the "
+        f"docstring of psmsearch.Aggregator) (at {plugin}:2)",
+        "head 'no_forward' does not define forward(prefix, f), which every head must (see the docstring of "
+        f"psmsearch.Head) (at {plugin}:7)",
+    ]
+    assert registry.get("aggregator", "fine").plugin == str(plugin)
 
 
 def test_a_categorical_choice_matches_without_bool_or_float_coercion() -> None:
