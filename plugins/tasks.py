@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
@@ -23,6 +26,7 @@ from torch import nn
 from psmsearch import HyperParameter, hookimpl
 from psmsearch.errors import ConfigError
 from psmsearch.tasks import (
+    LAUNCH_DIR_ENV,
     Batch,
     Direction,
     Task,
@@ -384,16 +388,25 @@ class MQAR(Task):
 DEFAULT_TEXT = "../shared/data/tinyshakespeare.txt"
 
 
+def text_path_bases() -> list[Path]:
+    """Where a relative ``task.path`` is looked for, in order: the directory the command was started
+    in (a Ray trial runs in a working directory of its own), the working directory, the repository root."""
+    launch = os.environ.get(LAUNCH_DIR_ENV)
+    bases = [Path(launch)] if launch else []
+    bases += [Path.cwd(), Path(__file__).resolve().parent.parent]
+    return list(dict.fromkeys(bases))
+
+
 def resolve_text_path(path: str) -> Path:
-    """A relative path is tried against the working directory, then against the repository root."""
+    """A relative path is tried against each of :func:`text_path_bases`; the first that holds the file wins."""
     candidate = Path(path).expanduser()
     if candidate.is_absolute():
         return candidate
-    repo_root = Path(__file__).resolve().parent.parent
-    for base in (Path.cwd(), repo_root):
+    bases = text_path_bases()
+    for base in bases:
         if (base / candidate).is_file():
             return (base / candidate).resolve()
-    return (Path.cwd() / candidate).resolve()
+    return (bases[0] / candidate).resolve()
 
 
 def _require_datasets(dataset: str) -> Any:
@@ -409,6 +422,49 @@ def _require_datasets(dataset: str) -> Any:
     return datasets
 
 
+def _joined_rows(rows: Sequence[str]) -> str:
+    """A text split's rows as one text: joined with newlines where they have none (a local text file
+    loaded line by line), concatenated where they keep their own. The Hub's WikiText rows end in
+    ``"\n"`` and its blank lines (``" \n"`` in the raw files) are ``""``: joined with newlines every
+    line got a second one (+2.9% bytes, 35,526 -> 64,767 newlines on tinyshakespeare cut that way);
+    concatenated, with ``"\n"`` for each empty row, the text is the raw file's but for the space
+    of its blank lines."""
+    sample = [row for row in itertools.islice(iter(rows), 1000) if row]
+    if sample and all(row.endswith("\n") for row in sample):
+        return "".join(row or "\n" for row in rows)
+    return "\n".join(rows)
+
+
+_SPLIT_FILE = re.compile(r"(?:^|[._-])(train|valid|validation|test)(?:[._-]|$)")
+_TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
+
+
+def local_split_files(folder: Path) -> dict[str, Path] | None:
+    """``{"train": ..., "validation": ..., "test": ...}`` text files of a local folder, by name, or None
+    where the folder holds no such files (a local Hugging Face dataset: parquet, json...).
+
+    A split's file has the split in its name (``train``, ``valid`` or ``validation``, ``test``, between
+    separators) and ends in .txt, .raw or .tokens: the WikiText archives' ``wiki.train.raw``,
+    ``wiki.valid.raw``, ``wiki.test.raw`` as unpacked, or ``train.txt`` etc. They are read as bytes,
+    exactly, without the ``datasets`` package. A ConfigError if a split is missing or ambiguous.
+    """
+    found: dict[str, list[Path]] = {"train": [], "validation": [], "test": []}
+    for entry in sorted(folder.iterdir()):
+        match = _SPLIT_FILE.search(entry.name.lower())
+        if entry.is_file() and entry.suffix.lower() in _TEXT_SUFFIXES and match:
+            found["validation" if match.group(1).startswith("valid") else match.group(1)].append(entry)
+    if not any(found.values()):
+        return None
+    problems = [f"{split}: {', '.join(p.name for p in paths) or 'none'}" for split, paths in found.items()
+                if len(paths) != 1]
+    if problems:
+        raise ConfigError(
+            f"dataset folder {str(folder)!r}: need one text file per split, named with train, valid(ation) and "
+            f"test and ending in {', '.join(_TEXT_SUFFIXES)} (e.g. wiki.train.raw, wiki.valid.raw, wiki.test.raw); "
+            f"found {'; '.join(problems)}", field="task.dataset")
+    return {split: paths[0] for split, paths in found.items()}
+
+
 def _load_hf_text(dataset: str) -> tuple[bytes, bytes, bytes | None]:
     """Train, validation and test text of a Hugging Face dataset (test ``None`` where the dataset has
     only one held-out split), or a ConfigError saying why not."""
@@ -418,7 +474,7 @@ def _load_hf_text(dataset: str) -> tuple[bytes, bytes, bytes | None]:
         data = datasets.load_dataset(family, config)
     except Exception as err:  # noqa: BLE001 - network, unknown name: all are the user's to fix
         raise ConfigError(f"could not load dataset {dataset!r}: {type(err).__name__}: {err}", field="task.dataset") from None
-    splits = {name: "\n".join(data[name]["text"]).encode() for name in data}
+    splits = {name: _joined_rows(data[name]["text"]).encode() for name in data}
     if "train" not in splits or not ({"validation", "test"} & set(splits)):
         raise ConfigError(f"dataset {dataset!r} has splits {sorted(splits)}; need train and validation", field="task.dataset")
     if "validation" in splits and "test" in splits:
@@ -460,6 +516,7 @@ class ByteLM(Task):
         HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="tokens scored per evaluation (validation) and by the final test metrics (test): the first this many of each part (rounded down to whole windows); 2**30 scores all"),
     )
     options = {"path": DEFAULT_TEXT, "dataset": None}
+    option_types = {"dataset": str}
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         super().__init__(seed, **params)
@@ -479,12 +536,31 @@ class ByteLM(Task):
         when training loads it). Checked before a search samples, so a too-short file fails once
         as a config error instead of failing every trial."""
         if self.settings["dataset"]:
-            _require_datasets(self.settings["dataset"])
+            if self.settings["path"] != DEFAULT_TEXT:
+                raise ConfigError(
+                    f"task.path ({self.settings['path']!r}) and task.dataset ({self.settings['dataset']!r}) are both "
+                    "set, and a dataset replaces the text file: remove one of them", field="task.path")
+            files = self._local_split_files()
+            if files is None:
+                _require_datasets(self.settings["dataset"])
+                return
+            need = self.hparams["seq_len"] + 1
+            short = {split: path.stat().st_size for split, path in files.items() if path.stat().st_size < need}
+            if short:
+                raise ConfigError(
+                    f"dataset folder {self.settings['dataset']!r}: "
+                    + ", ".join(f"{files[split].name} has {size} bytes" for split, size in short.items())
+                    + f"; each split needs at least seq_len + 1 = {need}", field="task.dataset")
             return
         path = resolve_text_path(self.settings["path"])
         if not path.is_file():
             raise self._missing_file()
         self._check_split(path, path.stat().st_size)
+
+    def _local_split_files(self) -> dict[str, Path] | None:
+        """The split files of a ``dataset`` that is a local folder of them (:func:`local_split_files`)."""
+        folder = resolve_text_path(self.settings["dataset"])
+        return local_split_files(folder) if folder.is_dir() else None
 
     def _split_point(self, size: int) -> int:
         """Bytes of a ``size``-byte file that go to training; the rest is held out."""
@@ -528,7 +604,8 @@ class ByteLM(Task):
         elif Path(self.settings["path"]).expanduser().is_absolute():
             problem = "not found"
         else:
-            problem = f"not found (tried {Path.cwd()} and the repository root)"
+            tried = [str(base) for base in text_path_bases()[:-1]]
+            problem = f"not found (tried {', '.join(tried)} and the repository root)"
         return ConfigError(
             f"text file {self.settings['path']!r} {problem}; "
             "set task.path to a text file or task.dataset to a Hugging Face dataset",
@@ -539,7 +616,10 @@ class ByteLM(Task):
         """(train, validation, test) bytes as uint8 tensors, loaded once; see the class docstring."""
         if self._data is None:
             dataset = self.settings["dataset"]
-            if dataset:
+            files = self._local_split_files() if dataset else None
+            if files is not None:
+                train, validation, test = (files[split].read_bytes() for split in ("train", "validation", "test"))
+            elif dataset:
                 train, validation, test = _load_hf_text(dataset)
                 if test is None:
                     held_out = validation

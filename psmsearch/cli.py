@@ -22,6 +22,7 @@ from psmsearch.cli_search import compare, search
 from psmsearch.cli_train import train
 from psmsearch.errors import PSMSearchError
 from psmsearch.registry import Registry, get_registry, use_plugins
+from psmsearch.tasks import LAUNCH_DIR_ENV
 
 if TYPE_CHECKING:
     from psmsearch.testing import CheckResult
@@ -58,6 +59,7 @@ class _Group(click.Group):
 def main(plugins: Sequence[str]) -> None:
     """Search the design space of Prefix-Scannable Models."""
     interrupts.install()  # SIGTERM (what schedulers send) stops a command as Ctrl-C does, threads included
+    os.environ.setdefault(LAUNCH_DIR_ENV, os.getcwd())  # relative data paths mean the same in every worker
     if plugins:
         use_plugins(plugins)
 

@@ -66,6 +66,12 @@ class Batch:
         return int(self.inputs.numel())
 
 
+LAUNCH_DIR_ENV = "PSMSEARCH_LAUNCH_DIR"
+"""Environment variable holding the directory the ``psmsearch`` command was started in. The CLI sets it;
+subprocesses and Ray workers inherit it, so a task can resolve a relative data path as the user meant
+it even where a trial runs in a working directory of its own (Ray Tune's trial directories)."""
+
+
 class Task:
     """Base class of tasks: declares its name, hyperparameters and options like components do."""
 
@@ -74,6 +80,8 @@ class Task:
     hyperparameters: ClassVar[Sequence[HyperParameter]] = ()
     options: ClassVar[Mapping[str, Any]] = {}
     """Non-searchable settings with their defaults (e.g. a data path); the default's type is enforced."""
+    option_types: ClassVar[Mapping[str, type]] = {}
+    """The type of an option whose default is ``None`` (which says nothing of the type): ``{"dataset": str}``."""
     description: ClassVar[str] = ""
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
@@ -106,13 +114,16 @@ class Task:
 
     @classmethod
     def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
-        """Options with defaults filled in; a value must have its default's type (or be null)."""
+        """Options with defaults filled in; a value must have its default's type, or the one
+        :attr:`option_types` declares where the default is ``None`` (or be null)."""
         resolved = dict(cls.options)
         for key, value in given.items():
             default = cls.options[key]
-            if value is not None and default is not None and not isinstance(value, type(default)):
+            expected = cls.option_types.get(key) or (type(default) if default is not None else None)
+            if value is not None and expected is not None and (
+                    not isinstance(value, expected) or isinstance(value, bool) and expected is not bool):
                 raise ConfigError(
-                    f"task {cls.name!r}: {value!r} is not a {type(default).__name__}", field=f"task.{key}"
+                    f"task {cls.name!r}: {value!r} is not a {expected.__name__}", field=f"task.{key}"
                 )
             resolved[key] = value
         return resolved

@@ -17,7 +17,7 @@ from torch import nn
 from psmsearch.errors import ConfigError
 from psmsearch.plugins.tasks import MQAR, ByteLM, GroupWordProblem, S5WordProblem, group_elements
 from psmsearch.registry import get_registry
-from psmsearch.tasks import sequence_bucket
+from psmsearch.tasks import LAUNCH_DIR_ENV, sequence_bucket
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -363,6 +363,81 @@ def test_lm_missing_file_and_dataset_errors(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode != 0
     assert "ConfigError: task.dataset: could not load dataset 'wikitext-103-raw-v1'" in result.stderr
+
+
+def test_lm_refuses_both_path_and_dataset_and_a_dataset_that_is_not_a_name() -> None:
+    """``task.path`` was silently ignored beside ``task.dataset`` (the shipped WikiText space says to set
+    one and drop the other); ``dataset: 5`` passed the checks and failed in training with an AttributeError."""
+    with pytest.raises(ConfigError, match=r"task\.path: task\.path \('mine\.txt'\) and task\.dataset "
+                                          r"\('wikitext-103-raw-v1'\) are both set"):
+        ByteLM(path="mine.txt", dataset="wikitext-103-raw-v1").check()
+    with pytest.raises(ConfigError, match=r"task\.dataset: task 'lm': 5 is not a str"):
+        ByteLM(dataset=5)
+
+
+@needs_text
+def test_lm_relative_path_is_found_from_the_directory_the_command_started_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray trial runs in a working directory of its own: a relative ``task.path`` that the search's
+    check found failed every trial. The CLI records where it started (``PSMSEARCH_LAUNCH_DIR``)."""
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "mine.txt").write_bytes(SHAKESPEARE.read_bytes()[:20000])
+    (tmp_path / "trial").mkdir()
+    monkeypatch.chdir(tmp_path / "trial")
+    monkeypatch.delenv(LAUNCH_DIR_ENV, raising=False)
+    with pytest.raises(ConfigError, match=r"not found \(tried .*trial and the repository root\)"):
+        ByteLM(path="mine.txt", seq_len=32).check()
+    monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path / "launch"))
+    task = ByteLM(path="mine.txt", seq_len=32)
+    task.check()
+    assert sum(len(part) for part in task.splits()) == 20000
+
+
+@needs_text
+def test_lm_dataset_folder_of_split_files_is_read_exactly_without_the_datasets_package(tmp_path: Path) -> None:
+    """WikiText-103 unpacked offline is three files, wiki.{train,valid,test}.raw: a folder of them went
+    to the ``datasets`` loader and failed with "An error occurred while generating the dataset", and
+    ``task.path`` takes one file, cut by offset, not the benchmark's splits."""
+    raw = SHAKESPEARE.read_bytes()
+    parts = {"wiki.train.raw": raw[:900_000], "wiki.valid.raw": raw[900_000:1_000_000], "wiki.test.raw": raw[1_000_000:]}
+    for name, data in parts.items():
+        (tmp_path / name).write_bytes(data)
+    task = ByteLM(dataset=str(tmp_path), seq_len=64)
+    task.check()
+    assert [bytes(part.tolist()) for part in task.splits()] == list(parts.values())
+    (tmp_path / "train.txt").write_bytes(b"x" * 100)
+    with pytest.raises(ConfigError, match=r"need one text file per split.*found train: train\.txt, wiki\.train\.raw"):
+        ByteLM(dataset=str(tmp_path), seq_len=64).check()
+    (tmp_path / "train.txt").unlink()
+    (tmp_path / "wiki.test.raw").write_bytes(b"short")
+    with pytest.raises(ConfigError, match=r"wiki\.test\.raw has 5 bytes; each split needs at least seq_len \+ 1 = 65"):
+        ByteLM(dataset=str(tmp_path), seq_len=64).check()
+
+
+@needs_text
+def test_lm_dataset_rows_that_keep_their_newlines_are_not_given_a_second_one(tmp_path: Path) -> None:
+    """The Hub's WikiText rows end in a newline and its blank lines are empty rows; joined with
+    newlines, every line got a second one. A local parquet dataset shaped that way (tinyshakespeare,
+    whose blank lines have no space) now gives back the text's exact bytes."""
+    pytest.importorskip("datasets", reason="the lm task's dataset option needs the `datasets` package")
+    code = f"""
+import pyarrow as pa, pyarrow.parquet as pq
+from psmsearch.plugins.tasks import ByteLM
+raw = open({str(SHAKESPEARE)!r}, encoding="utf-8").read()
+cuts = [0, raw.index("\\n", int(len(raw) * 0.9)) + 1, raw.index("\\n", int(len(raw) * 0.95)) + 1, len(raw)]
+names = ("train", "validation", "test")
+for name, start, end in zip(names, cuts, cuts[1:]):
+    rows = [line if line.strip() else "" for line in raw[start:end].splitlines(keepends=True)]
+    pq.write_table(pa.table({{"text": rows}}), {str(tmp_path)!r} + f"/data/{{name}}-00000-of-00001.parquet")
+parts = ByteLM(dataset={str(tmp_path / "data")!r}, seq_len=64).splits()
+for name, start, end, part in zip(names, cuts, cuts[1:], parts):
+    assert bytes(part.tolist()) == raw[start:end].encode(), name
+print("identical")
+"""
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "identical", result.stderr[-2000:]
 
 
 @needs_text
