@@ -39,7 +39,7 @@ from psmsearch.components import Aggregator, Component, ComponentContext, Encode
 from psmsearch.composer import PSMLayer
 from psmsearch.errors import suggest, where_raised
 from psmsearch.registry import ComponentInfo, Registry, get_registry
-from psmsearch.scan import OnlineScan, prefix_scan
+from psmsearch.scan import OnlineScan, _component_origin, prefix_scan
 
 D_MODEL = 32
 CHUNK = 4
@@ -182,10 +182,12 @@ def _encoder_gradients(a: _Assembly) -> str:
 def _aggregator_shapes(a: _Assembly) -> str:
     older, newer = a.chunk_states(3, 4), a.chunk_states(3, 5)
     out = a.aggregator(older, newer)
-    _require(_shapes(out) == _shapes(newer), f"agg(older, newer) has shapes {_shapes(out)}, inputs have {_shapes(newer)}")
+    _require(_shapes(out) == _shapes(newer), f"agg(older, newer){_component_origin(a.aggregator, 'forward', (older, newer))} "
+             f"has shapes {_shapes(out)}, inputs have {_shapes(newer)}")
     init = a.aggregator.initial_state((BATCH,))
     expected = [s[:1] + s[2:] for s in _shapes(newer)]
-    _require(_shapes(init) == expected, f"initial_state((B,)) has shapes {_shapes(init)}, expected {expected}")
+    _require(_shapes(init) == expected, f"initial_state((B,)){_component_origin(a.aggregator, 'initial_state', ((BATCH,),))} "
+             f"has shapes {_shapes(init)}, expected {expected}")
     return f"{_shapes(out)}"
 
 

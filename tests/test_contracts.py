@@ -31,7 +31,9 @@ def test_builtin_components_pass_every_check(registry, kind: str, name: str) -> 
 @pytest.mark.parametrize(
     "kind, name, failing_check, evidence",
     [
-        ("aggregator", "zz_wrong_shape", "shapes", "agg(older, newer) has shapes [[2, 3, 8, 32]], inputs have [[2, 3, 4, 32]]"),
+        ("aggregator", "zz_wrong_shape", "shapes",  # located at the return that made the state (it was not)
+         f"agg(older, newer) (forward at {FIXTURES / 'broken_components.py'}:17) has shapes [[2, 3, 8, 32]], "
+         "inputs have [[2, 3, 4, 32]]"),
         ("aggregator", "zz_nan", "finite_outputs", "produced NaN or inf"),
         ("aggregator", "zz_fake_assoc", "associativity", "claims associative but (xy)z and x(yz) differ"),
         ("head", "zz_peeking", "causal_within_chunk", "changing chunk token 1 changed outputs at positions < 1"),
