@@ -160,10 +160,31 @@ def _import_path(path: Path) -> ModuleType:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
+    except ModuleNotFoundError as err:
+        del sys.modules[module_name]
+        sibling = _sibling_module(path, err.name)
+        if sibling is not None:
+            raise ModuleNotFoundError(
+                f"{err}{_where(err)}: {sibling.name} sits beside the plugin, but a plugin file is loaded alone (and shipped "
+                f"alone to Ray workers); make the folder {path.parent} a package (an __init__.py that imports the "
+                f"hooks, with `from . import {err.name}` in the plugin) and pass the folder to --plugin",
+                name=err.name) from err
+        raise
     except BaseException:
         del sys.modules[module_name]
         raise
     return module
+
+
+def _sibling_module(path: Path, missing: str | None) -> Path | None:
+    """The file or package beside plugin ``path`` that a failed ``import missing`` meant, if there is one."""
+    if not missing:
+        return None
+    top = missing.split(".")[0]
+    for candidate in (path.parent / f"{top}.py", path.parent / top):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def _where(err: BaseException) -> str:

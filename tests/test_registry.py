@@ -279,3 +279,20 @@ def test_an_unknown_component_error_says_how_plugins_are_loaded_and_survives_pic
     again = pickle.loads(pickle.dumps(task_error))
     assert type(again) is UnknownTaskError and str(again) == str(task_error) and again.source == "trial.yaml"
     assert str(again).startswith("trial.yaml: task.name: unknown task 'grop'. Did you mean 'group'?")
+
+
+def test_a_plugin_file_importing_its_sibling_says_how_to_make_a_package(fresh_registry, tmp_path: Path) -> None:
+    """``from gate_helpers import ...`` beside a single-file plugin failed with a bare ModuleNotFoundError;
+    a plugin file is loaded (and shipped to Ray) alone, so the message says to make the folder a package."""
+    (tmp_path / "gate_helpers.py").write_text("SCALE = 2\n")
+    plugin = tmp_path / "uses_sibling.py"
+    plugin.write_text("from psmsearch import hookimpl\nfrom gate_helpers import SCALE\n")
+    registry = fresh_registry.load_registry(extra_plugins=[str(plugin)])
+    (failure,) = [f for f in registry.failures if f.plugin == str(plugin)]
+    assert failure.error.startswith(f"ModuleNotFoundError: No module named 'gate_helpers' (at {plugin}:2): "
+                                    "gate_helpers.py sits beside the plugin, but a plugin file is loaded alone"), failure.error
+    assert f"make the folder {tmp_path} a package" in failure.error
+    (tmp_path / "gate_helpers.py").unlink()
+    registry = fresh_registry.load_registry(extra_plugins=[str(plugin)])
+    (failure,) = [f for f in registry.failures if f.plugin == str(plugin)]
+    assert "sits beside" not in failure.error, "no sibling: the plain error"
