@@ -398,13 +398,14 @@ def text_path_bases() -> list[Path]:
 
 
 def resolve_text_path(path: str) -> Path:
-    """A relative path is tried against each of :func:`text_path_bases`; the first that holds the file wins."""
+    """A relative path is tried against each of :func:`text_path_bases`; the first where it exists (a
+    file, or a folder of split files for ``task.dataset``) wins."""
     candidate = Path(path).expanduser()
     if candidate.is_absolute():
         return candidate
     bases = text_path_bases()
     for base in bases:
-        if (base / candidate).is_file():
+        if (base / candidate).exists():
             return (base / candidate).resolve()
     return (bases[0] / candidate).resolve()
 
@@ -450,6 +451,8 @@ def local_split_files(folder: Path) -> dict[str, Path] | None:
     """
     found: dict[str, list[Path]] = {"train": [], "validation": [], "test": []}
     for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):  # hidden: editor backups, macOS's ._ metadata files from archives
+            continue
         match = _SPLIT_FILE.search(entry.name.lower())
         if entry.is_file() and entry.suffix.lower() in _TEXT_SUFFIXES and match:
             found["validation" if match.group(1).startswith("valid") else match.group(1)].append(entry)
@@ -536,7 +539,7 @@ class ByteLM(Task):
         when training loads it). Checked before a search samples, so a too-short file fails once
         as a config error instead of failing every trial."""
         if self.settings["dataset"]:
-            if self.settings["path"] != DEFAULT_TEXT:
+            if self.settings["path"] not in (DEFAULT_TEXT, None):
                 raise ConfigError(
                     f"task.path ({self.settings['path']!r}) and task.dataset ({self.settings['dataset']!r}) are both "
                     "set, and a dataset replaces the text file: remove one of them", field="task.path")
@@ -604,8 +607,9 @@ class ByteLM(Task):
         elif Path(self.settings["path"]).expanduser().is_absolute():
             problem = "not found"
         else:
-            tried = [str(base) for base in text_path_bases()[:-1]]
-            problem = f"not found (tried {', '.join(tried)} and the repository root)"
+            repo_root = Path(__file__).resolve().parent.parent
+            tried = [str(base) for base in text_path_bases() if base != repo_root]
+            problem = f"not found (tried {', '.join([*tried, 'the repository root'])})"
         return ConfigError(
             f"text file {self.settings['path']!r} {problem}; "
             "set task.path to a text file or task.dataset to a Hugging Face dataset",

@@ -59,7 +59,7 @@ class _Group(click.Group):
 def main(plugins: Sequence[str]) -> None:
     """Search the design space of Prefix-Scannable Models."""
     interrupts.install()  # SIGTERM (what schedulers send) stops a command as Ctrl-C does, threads included
-    os.environ.setdefault(LAUNCH_DIR_ENV, os.getcwd())  # relative data paths mean the same in every worker
+    os.environ[LAUNCH_DIR_ENV] = os.getcwd()  # relative data paths mean the same in every worker
     if plugins:
         use_plugins(plugins)
 

@@ -20,3 +20,17 @@ def fresh_registry(monkeypatch: pytest.MonkeyPatch):
     yield registry
     os.environ.pop(registry.ENV_VAR, None)
     registry.reset_registry()
+
+
+@pytest.fixture(autouse=True)
+def _launch_dir_restored():
+    """The CLI records the directory it started in (``PSMSEARCH_LAUNCH_DIR``) in the environment; run
+    in-process by ``CliRunner`` it would stay set for later tests and the subprocesses they start."""
+    from psmsearch.tasks import LAUNCH_DIR_ENV
+
+    saved = os.environ.get(LAUNCH_DIR_ENV)
+    yield
+    if saved is None:
+        os.environ.pop(LAUNCH_DIR_ENV, None)
+    else:
+        os.environ[LAUNCH_DIR_ENV] = saved

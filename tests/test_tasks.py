@@ -19,6 +19,8 @@ from psmsearch.plugins.tasks import MQAR, ByteLM, GroupWordProblem, S5WordProble
 from psmsearch.registry import get_registry
 from psmsearch.tasks import LAUNCH_DIR_ENV, sequence_bucket
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -348,7 +350,9 @@ def test_lm_missing_file_and_dataset_errors(tmp_path: Path) -> None:
         ByteLM(path="no/such.txt").check()
     with pytest.raises(ConfigError, match=rf"task\.path: text file '{tmp_path}' is a directory"):
         ByteLM(path=str(tmp_path)).check()  # was "not found", which sent the user looking for a missing file
-    with pytest.raises(ConfigError, match=r"no/such\.txt' not found \(tried .* and the repository root\)"):
+    with pytest.raises(ConfigError, match=rf"no/such\.txt' not found \(tried {re.escape(str(Path.cwd()))}, the "
+                                          r"repository root\)" if Path.cwd() != REPO_ROOT else
+                                          r"no/such\.txt' not found \(tried the repository root\)"):
         ByteLM(path="no/such.txt").check()
     missing = tmp_path / "missing.txt"  # an absolute path is not tried against any folder
     with pytest.raises(ConfigError, match=rf"text file '{missing}' not found; set task\.path"):
@@ -363,6 +367,15 @@ def test_lm_missing_file_and_dataset_errors(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode != 0
     assert "ConfigError: task.dataset: could not load dataset 'wikitext-103-raw-v1'" in result.stderr
+
+
+def test_lm_dataset_beside_a_null_path_is_not_refused_as_both_set(tmp_path: Path) -> None:
+    """``path: null`` beside a dataset was refused as "task.path (None) and task.dataset are both set"."""
+    for name, data in (("train.txt", b"a" * 100), ("valid.txt", b"b" * 100), ("test.txt", b"c" * 100), (".train.txt", b"")):
+        (tmp_path / name).write_bytes(data)  # a hidden file does not make the train split ambiguous
+    task = ByteLM(path=None, dataset=str(tmp_path), seq_len=32)
+    task.check()
+    assert [bytes(part.tolist())[:1] for part in task.splits()] == [b"a", b"b", b"c"]
 
 
 def test_lm_refuses_both_path_and_dataset_and_a_dataset_that_is_not_a_name() -> None:
@@ -385,7 +398,7 @@ def test_lm_relative_path_is_found_from_the_directory_the_command_started_in(
     (tmp_path / "trial").mkdir()
     monkeypatch.chdir(tmp_path / "trial")
     monkeypatch.delenv(LAUNCH_DIR_ENV, raising=False)
-    with pytest.raises(ConfigError, match=r"not found \(tried .*trial and the repository root\)"):
+    with pytest.raises(ConfigError, match=rf"not found \(tried {re.escape(str(tmp_path / 'trial'))}, the repository root\)"):
         ByteLM(path="mine.txt", seq_len=32).check()
     monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path / "launch"))
     task = ByteLM(path="mine.txt", seq_len=32)
