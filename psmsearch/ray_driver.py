@@ -24,6 +24,8 @@ same number and parameters, and the searcher samples new trials until the experi
 one's). Trials that ended stay as they are and count towards ``--trials``: completed, stopped by
 ASHA and failed ones alike (a failed trial is not run again, as the Optuna driver counts a failed
 trial and moves on). The summary lists every trial of the experiment, earlier sessions' too.
+A resume whose space differs from the one the experiment was started with (other than in
+:data:`psmsearch.definition.RESUMABLE_FIELDS`) is refused before anything runs, as an Optuna study's is.
 A Ray experiment has one driving process at a time (Tune cannot share it as Optuna shares a study):
 the driver holds a lock in the experiment's folder for the whole search, and a second command on
 the same experiment, ``--resume`` or not, is refused while the first one runs.
@@ -62,6 +64,7 @@ try:
 except ImportError:  # Windows: no driver lock
     fcntl = None  # type: ignore[assignment]
 
+from psmsearch.definition import changed_space_error, definition_changes, search_definition
 from psmsearch.errors import ConfigError
 from psmsearch.optuna_driver import SearchResult, make_sampler
 from psmsearch.progress import SearchProgress, pareto_text
@@ -707,7 +710,8 @@ TUNER_FILE = "tuner.pkl"
 
 CLAIM_FILE = ".psmsearch-started"
 """Created in a new Ray experiment's folder before anything else: the search's name is taken. It
-records the search's objectives and dimensions (JSON), which a resume must share."""
+records the search's objectives, dimensions and definition (JSON; see :mod:`psmsearch.definition`), which
+a resume must share."""
 LOCK_FILE = ".psmsearch-driver.lock"
 """Locked (``flock``) by the process driving a Ray experiment, for as long as it drives it."""
 
@@ -776,7 +780,7 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: Searc
         )
     if exists:
         _check_objectives(experiment, space)
-        _check_dimensions(experiment, space)
+        _check_definition(experiment, space)
         return True
     flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | (0 if options.resume else os.O_EXCL)
     try:
@@ -788,7 +792,8 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: Searc
             "or choose another name with --study / another folder with --storage",
         ) from None
     with os.fdopen(fd, "w") as claim:
-        json.dump({"objectives": _objectives(space), "dimensions": space.dimension_record()}, claim)
+        json.dump({"objectives": _objectives(space), "dimensions": space.dimension_record(),
+                   "definition": search_definition(space)}, claim)
     return False
 
 
@@ -822,8 +827,41 @@ def _check_objectives(experiment: Path, space: SearchSpace) -> None:
         )
 
 
+RAY_RESTORE_REASON = ("Trials of one search must be trained and sampled alike to be ranked together, and a restored "
+                      "Ray search samples from the space it was saved with (Tune restores its searcher and takes no other).")
+
+
+def _check_definition(experiment: Path, space: SearchSpace) -> None:
+    """A resumed experiment's definition, recorded in its claim, must be the space's (see
+    :mod:`psmsearch.definition`): the Optuna driver checks its studies the same way.
+
+    Tune restores the searcher with the dimensions it was saved with, while each trial is built
+    from the file: a changed ``train.steps`` trained the new trials otherwise than the first ones,
+    and a new or re-ranged dimension failed them with Optuna's FixedTrial error. A claim without the
+    record (written before it was kept) is checked on its dimensions, and the record is added to it.
+    """
+    claim_path = experiment / CLAIM_FILE
+    try:
+        claim = json.loads(claim_path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(claim, dict):
+        return
+    recorded = claim.get("definition")
+    if not isinstance(recorded, dict):
+        _check_dimensions(experiment, space)
+        claim["definition"] = search_definition(space)
+        claim_path.write_text(json.dumps(claim))  # under the driver lock: no other process writes it now
+        return
+    changes = definition_changes(recorded, space)
+    if changes:
+        raise changed_space_error(f"the Ray search {experiment.name!r} in {experiment.parent}", changes, space,
+                                  why=RAY_RESTORE_REASON)
+
+
 def _check_dimensions(experiment: Path, space: SearchSpace) -> None:
-    """A resumed experiment's dimensions, recorded in its claim, must be the space's.
+    """A resumed experiment's dimensions, recorded in its claim, must be the space's (claims written
+    before the whole definition was recorded; see :func:`_check_definition`).
 
     Tune restores the searcher, which samples from the space it was saved with, while each trial's
     configuration is rebuilt from the file: a new or re-ranged dimension made trials fail with
@@ -842,8 +880,8 @@ def _check_dimensions(experiment: Path, space: SearchSpace) -> None:
     first = next((path for path in current if recorded.get(path) != current[path]), None)
     raise ConfigError(
         f"the Ray search {experiment.name!r} in {experiment.parent} was started with another search space: "
-        f"{'; '.join(changes)}. A restored search samples from the space it was saved with (Tune restores its "
-        "searcher and takes no other): resume it with that space, or start a new search with --study NAME",
+        f"{'; '.join(changes)}. {RAY_RESTORE_REASON} Restore the space file as it was to resume it, or start a "
+        "new search with --study NAME",
         source=space.source.where(first) if first else space.source.source, field=first,
     )
 

@@ -568,12 +568,51 @@ def test_a_ray_resume_with_a_changed_search_space_is_refused_before_anything_run
     options = SearchOptions(trials=2, resume=True, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
                             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(ConfigError, match=r"space\.yaml:\d+: model\.d_model: the Ray search 'tiny' in .* was started "
-                                          r"with another search space: model\.d_model is new \(\{int: \[16, 32\], step: 16\}\); "
+                                          r"with another search space: model\.d_model was 16, now \{int: \[16, 32\], step: 16\}; "
                                           r"model\.chunk_size was \{choice: \[1, 2, 4\]\}, now \{choice: \[1, 2, 8\]\}\. "
                                           r".*start a new search with --study NAME"):
         run_ray_search(space, options)
     assert not (tmp_path / "mlflow.db").exists()
     assert json.loads((experiment / CLAIM_FILE).read_text()) == claim
+
+
+def test_a_ray_resume_with_other_training_is_refused_as_an_optuna_one_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the dimensions were compared: a resume with another ``train.steps`` ran the new trials with
+    it (the trial function takes the resuming command's space) beside trials trained otherwise. The claim
+    records the search's whole definition (psmsearch.definition), checked as an Optuna study's is; what
+    may change (``--trials``, ``driver.jobs``, the description, ``threads``) still resumes. A claim from
+    before the record was kept is checked on its dimensions and given the record."""
+    from searchhelpers import TINY_SPACE, write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, _check_new_or_resumed
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    experiment.mkdir(parents=True)
+    assert not _check_new_or_resumed(experiment, SearchOptions(trials=1), load_space(write_space(tmp_path), smoke_samples=1))
+    claim = json.loads((experiment / CLAIM_FILE).read_text())
+    assert claim["definition"]["train.steps"] == 6
+    shutil.copytree(OLD_FORMAT, experiment, dirs_exist_ok=True)  # Tune saved its state: the experiment exists
+    resume = SearchOptions(trials=4, resume=True)
+    longer = load_space(write_space(tmp_path, "longer.yaml", train={**TINY_SPACE["train"], "steps": 12}), smoke_samples=1)
+    with pytest.raises(ConfigError) as refused:
+        _check_new_or_resumed(experiment, resume, longer)
+    line = (tmp_path / "longer.yaml").read_text().splitlines().index("  steps: 12") + 1
+    assert str(refused.value).startswith(
+        f"{tmp_path / 'longer.yaml'}:{line}: train.steps: the Ray search 'tiny' in {experiment.parent} was started with "
+        "another search space: train.steps was 6, now 12. Trials of one search must be trained and sampled alike")
+    assert "start a new search with --study NAME" in str(refused.value)
+    allowed = load_space(write_space(tmp_path, "allowed.yaml", description="more", threads=2,
+                                     driver={**TINY_SPACE["driver"], "trials": 4, "jobs": 2}), smoke_samples=1)
+    assert _check_new_or_resumed(experiment, resume, allowed)
+
+    (experiment / CLAIM_FILE).write_text(json.dumps({k: v for k, v in claim.items() if k != "definition"}))
+    assert _check_new_or_resumed(experiment, resume, longer)  # an old claim: its dimensions are the same
+    assert json.loads((experiment / CLAIM_FILE).read_text())["definition"]["train.steps"] == 12
 
 
 @pytest.mark.slow

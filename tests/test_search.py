@@ -817,3 +817,33 @@ def test_a_trial_ended_before_the_study_counts_it_is_still_shown_running(tmp_pat
         "1/6  done 1  pruned 0  failed 0  running 1  best acc_2x=0.5 (trial 0)]",
         "2/6  done 2  pruned 0  failed 0  running 0  best acc_2x=0.6 (trial 1)]",
     ]
+
+
+def test_resume_refuses_a_changed_space_naming_each_field_and_allows_what_may_change(tmp_path: Path) -> None:
+    """``--resume`` with another ``train.steps`` trained the study's later trials otherwise than its first
+    ones, silently. The study records what defines the search; a resume that changes it is refused before
+    anything runs (the MLflow parent run untouched), naming each field with its old and new value. The
+    budget, parallelism, description, device and threads may change."""
+    driver = {"trials": 1, "startup_trials": 1, "pruner": "none"}
+    space = write_space(tmp_path, driver=driver)
+    assert run_cli("search", str(space), "--no-progress", cwd=tmp_path).returncode == 0
+    changed = write_space(tmp_path, "changed.yaml", driver=driver, train={**TINY_SPACE["train"], "steps": 12},
+                          model={**TINY_SPACE["model"], "chunk_size": {"choice": [1, 2]}})
+    result = run_cli("search", str(changed), "--resume", "--trials", "2", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    line = changed.read_text().splitlines().index("  chunk_size:") + 1
+    [error] = result.stderr.strip().splitlines()
+    assert error.startswith(
+        f"error: {changed}:{line}: model.chunk_size: study 'tiny' in sqlite:///{tmp_path / 'psmsearch.db'} was started "
+        "with another search space: model.chunk_size was {choice: [1, 2, 4]}, now {choice: [1, 2]}; train.steps was "
+        "6, now 12. "), error
+    assert "start a new search with --study NAME" in error and "only the space's name and description, driver.trials" in error
+    assert len(optuna_trials(tmp_path / "psmsearch.db")) == 1
+    [parent] = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
+    assert parent.info.status == "FINISHED"
+
+    allowed = write_space(tmp_path, "allowed.yaml", description="more trials", device="cpu", threads=2,
+                          driver={**driver, "trials": 2, "jobs": 2, "grace_period": 20})
+    result = run_cli("search", str(allowed), "--resume", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE] * 2
