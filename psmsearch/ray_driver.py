@@ -142,6 +142,7 @@ class TrialContext:
     step_metric: str | None  # the objective reported at each evaluation (one objective only)
     resumed: bool = False  # a restored experiment: a trial may already have a FINISHED run
     search: str | None = None  # the search's name in MLflow (the study name; default the space's)
+    plugin_labels: Mapping[str, str] = field(default_factory=dict)  # shipped module name -> the path the user gave
 
 
 def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -176,7 +177,7 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
     sampled = space.sample(optuna.trial.FixedTrial(params))
     outcome = execute_trial(
         space, sampled, number, params, tracker, context.parent_run, "ray", report,
-        on_run=lambda run_id: run.update(id=run_id), search=context.search,
+        on_run=lambda run_id: run.update(id=run_id), search=context.search, plugin_labels=context.plugin_labels,
     )
     if outcome.state != "complete":
         raise TrialFailed(outcome.error or outcome.state)
@@ -472,7 +473,8 @@ def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
     """The job's ``runtime_env``: plugin files and folders uploaded as ``py_modules``, named by module.
 
     A module name passes through unchanged: it must be installed on the cluster (as entry-point
-    plugins are).
+    plugins are). Workers record the plugins by the names given here (:func:`shipped_plugin_labels`
+    maps them back).
     """
     modules: list[str] = []
     names: list[str] = []
@@ -481,13 +483,30 @@ def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
         if path.exists():
             path = path.resolve()
             modules.append(str(path))
-            names.append(path.stem if path.is_file() else path.name)
+            names.append(_shipped_name(path))
         else:
             names.append(spec)
     env: dict[str, Any] = {"env_vars": {PLUGINS_ENV_VAR: ",".join(names)}} if names else {}
     if modules:
         env["py_modules"] = modules
     return env
+
+
+def _shipped_name(path: Path) -> str:
+    """The module name a worker imports a shipped plugin file or folder under: ``my_agg`` for ``/x/my_agg.py``."""
+    return path.stem if path.is_file() else path.name
+
+
+def shipped_plugin_labels(specs: list[str]) -> dict[str, str]:
+    """For each plugin file or folder shipped to the workers, its module name there -> the path the user
+    gave (absolute), so that a trial's plugin tags and ``trial_config.yaml`` name the file under either
+    driver: the Optuna driver's registry knows it by its path, a Ray worker's by its module name."""
+    labels: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.exists():
+            labels[_shipped_name(path.resolve())] = spec
+    return labels
 
 
 def _prepare_environment(options: SearchOptions) -> None:
@@ -992,6 +1011,7 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
         parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore, search=name,
+        plugin_labels=shipped_plugin_labels(env_plugin_specs()),
     )
     result = SearchResult(name, str(experiment), tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 from clihelpers import run_cli
 from psmsearch.ray_driver import DEFAULT_RESULTS_DIR as DEFAULT_RESULTS
@@ -158,6 +159,7 @@ def test_ray_search_on_a_cluster_tracks_nested_runs_and_ships_plugins(cluster: C
     assert parent.info.run_id == summary["parent_run"]
     assert parent.info.status == "FINISHED" and parent.data.tags["psmsearch.driver"] == "ray"
     assert sorted(r.data.tags["psmsearch.trial"] for r in trials) == ["0", "1"]
+    plugin = str((tmp_path / "shipped_plugin.py").resolve())
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["psmsearch.driver"] == "ray"
@@ -165,6 +167,11 @@ def test_ray_search_on_a_cluster_tracks_nested_runs_and_ships_plugins(cluster: C
         assert run.data.params["model.aggregator"] == "shipped_mlp"
         assert run.data.params["search.model.chunk_size"] in {"2", "4"}
         assert {"acc_1x", "acc_2x", "train_seconds", "params"} <= set(run.data.metrics)
+        # the file as the user gave it, as under the Optuna driver; the worker knows it as module 'shipped_plugin'
+        assert run.data.tags["psmsearch.plugin.aggregator"] == plugin
+        config = Path(client.download_artifacts(run.info.run_id, "trial_config.yaml", str(tmp_path / run.info.run_id)))
+        assert f"# Run it again with: psmsearch --plugin {plugin} train trial_config.yaml" in config.read_text()
+        assert yaml.safe_load(config.read_text())["plugins"] == {"model.aggregator": plugin}
 
 
 FAILS_ONCE_PLUGIN = '''

@@ -819,6 +819,45 @@ def test_a_trial_ended_before_the_study_counts_it_is_still_shown_running(tmp_pat
     ]
 
 
+PLUGIN_FILE = FIXTURES / "plugin_aggregators.py"
+"""A user's plugin file: ``my_mlp`` works, ``always_fails`` fails every trial (its ``forward`` raises)."""
+
+
+def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_which_to_pass(tmp_path: Path) -> None:
+    """The plugin tag holds the plugin file's path, and trial_config.yaml records it (a comment header and
+    the plugins field): without it, ``psmsearch train trial_config.yaml`` failed with a bare "unknown
+    aggregator 'my_mlp'"; it now names the recorded plugin and the --plugin to pass."""
+    from mlflow.tracking import MlflowClient
+
+    model = {**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "my_mlp", "mlp_ratio": 1}}
+    space = write_space(tmp_path, model=model, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    result = run_cli("--plugin", str(PLUGIN_FILE), "search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [trial] = json.loads(result.stdout)["trials"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = client.get_run(trial["run_id"]).data.tags
+    plugin = str(PLUGIN_FILE.resolve())
+    assert tags["psmsearch.plugin.aggregator"] == plugin
+    assert tags["psmsearch.plugin.head"] == "psmsearch.plugins.token_state"
+    config = Path(client.download_artifacts(trial["run_id"], "trial_config.yaml", str(tmp_path)))
+    text = config.read_text()
+    assert text.startswith("# Trial 0 of search 'tiny', as it ran.\n")
+    assert f"#   model.aggregator 'my_mlp': --plugin {plugin}\n" in text
+    assert f"# Run it again with: psmsearch --plugin {plugin} train trial_config.yaml\n" in text
+    import yaml
+
+    assert yaml.safe_load(text)["plugins"] == {"model.aggregator": plugin}  # built-in components are not listed
+
+    bare = run_cli("train", str(config), "--no-progress", cwd=tmp_path)
+    assert bare.returncode == 2, bare.stderr
+    assert "unknown aggregator 'my_mlp'" in bare.stderr
+    assert (f"This config's plugins field records that aggregator 'my_mlp' came from the plugin '{plugin}': run "
+            f"psmsearch --plugin {plugin} train {config}") in bare.stderr
+    rerun = run_cli("--plugin", plugin, "train", str(config), "--json", "--no-progress", "--no-eval-log", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr == "" and "acc_2x" in json.loads(rerun.stdout)
+
+
 def test_resume_refuses_a_changed_space_naming_each_field_and_allows_what_may_change(tmp_path: Path) -> None:
     """``--resume`` with another ``train.steps`` trained the study's later trials otherwise than its first
     ones, silently. The study records what defines the search; a resume that changes it is refused before
