@@ -30,12 +30,16 @@ from psmsearch.space import Objective
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db).")
 @click.option("--experiment", default=None, help="MLflow experiment (default: the space's name).")
 @click.option("--resume", is_flag=True, help="Continue (or join) an existing study without repeating completed trials.")
-@click.option("--no-progress", is_flag=True, help="No live display.")
+@click.option("--no-progress", is_flag=True, help="No live display and no per-trial start/end lines; failed trials' errors are still printed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object instead of the table (stdout holds only that object).")
 def search(space_file: Path, driver: str | None, trials: int | None, jobs: int | None, storage: str | None, study: str | None,
            address: str | None, gpus_per_trial: float | None, cpus_per_trial: float | None, tracking_uri: str | None,
            experiment: str | None, resume: bool, no_progress: bool, as_json: bool) -> None:
-    """Run a search over the space in SPACE_FILE and print the trials, best first."""
+    """Run a search over the space in SPACE_FILE and print the trials, best first.
+
+    Exits 1 when the search holds trials and none of them completed (after printing them), 2 on bad
+    input, 130 when interrupted; otherwise 0.
+    """
     from psmsearch.registry import require_loaded_plugins
     from psmsearch.space import load_space
 
@@ -84,6 +88,26 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         for row in ranked:
             if row.error and row.status != "failed":  # a failure's error went to stderr once, as it happened
                 click.echo(f"{row.name} {row.status}: {row.error}")
+    if result.outcomes and not any(o.state == "complete" for o in result.outcomes):
+        click.echo(f"error: {none_completed(result, tracking_uri)}", err=True)
+        sys.exit(1)
+
+
+def none_completed(result: Any, tracking_uri: str | None) -> str:
+    """Why ``search`` exits 1: the search holds trials and none of them completed, so it has no result.
+
+    Everything is recorded as usual (the summary was printed, Optuna and MLflow hold every trial);
+    the exit status lets a script tell such a search (a plugin aggregator that fails every trial)
+    from one that found something. Says how many failed and were pruned, and where to read why.
+    """
+    counts = {state: sum(o.state == state for o in result.outcomes) for state in ("failed", "pruned")}
+    parts = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
+    where = "this command's failures are above ('trial N failed: ...')"
+    if result.parent_run:
+        uri = f" --tracking-uri {tracking_uri}" if tracking_uri else ""
+        where += (f", and `psmsearch compare --search {result.study_name}{uri}` lists every trial with its error "
+                  "(as its MLflow run holds it: tag psmsearch.error, artifact error.txt)")
+    return f"no trial of search {result.study_name!r} completed ({parts}, of {len(result.outcomes)}): {where}"
 
 
 def _check_study_name(value: str | None) -> str | None:

@@ -345,7 +345,8 @@ class _Book:
     def _close_runs(self, number: int, run_id: str | None, status: str, tags: dict[str, str]) -> tuple[str, str | None]:
         """Close this trial's runs still RUNNING. Returns the error the worker recorded, if any, and
         the trial's run: ``run_id``, else the newest run closed here (a worker that died before its
-        first report never told the driver its run)."""
+        first report never told the driver its run), else its newest run (a trial that failed before
+        its first report closed its run itself: the summary's row named no run)."""
         if self.tracker is None or self.parent is None:
             return "", run_id
         tracker = self.tracker
@@ -357,7 +358,7 @@ class _Book:
                 closed = closed or run.info.run_id
                 tracker.set_tags(run.info.run_id, tags)
                 tracker.finish(run.info.run_id, status)
-        return recorded, run_id or closed
+        return recorded, run_id or closed or (runs[0].info.run_id if runs else None)
 
     def _runs_of(self, number: int) -> list[Any]:
         """This search's runs of trial ``number``, newest first (a resumed trial has several)."""

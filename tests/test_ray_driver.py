@@ -233,6 +233,31 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
     assert "pass --resume to continue it" in line
 
 
+def test_a_ray_search_in_which_no_trial_completed_exits_1_naming_the_plugin_as_given(
+        tmp_path: Path, private_env: dict[str, str]) -> None:
+    """A plugin aggregator that raises fails every trial: the Ray search exits 1
+    (it exited 0) after its JSON, with one line saying so; the trial's run tags the plugin file as the
+    user gave it (Ray workers load it as the bare module 'plugin_aggregators', which the tag held)."""
+    plugin = Path(__file__).parent / "fixtures" / "plugin_aggregators.py"
+    (tmp_path / "space.yaml").write_text(SPACE.replace("shipped_mlp", "always_fails") + "driver: {pruner: none}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("--plugin", str(plugin), "search", "space.yaml", "--driver", "ray", "--trials", "1",
+                     "--tracking-uri", uri, "--no-progress", "--json", env=private_env, cwd=tmp_path, timeout=240)
+    assert result.returncode == 1, result.stderr[-4000:]
+    [trial] = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
+    assert trial["status"] == "failed" and "RuntimeError: my plugin's bug" in trial["error"]
+    assert trial["run_id"], "a trial that failed before its first report named no run"
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: no trial of search 'ray-tiny' completed (1 failed, of 1): this command's failures are above")
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(trial["run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["psmsearch.plugin.aggregator"] == str(plugin.resolve())
+    assert run.data.tags["psmsearch.plugin.head"] == "psmsearch.plugins.token_state"
+
+
 @pytest.fixture
 def private_env() -> Iterator[dict[str, str]]:
     """The environment of a search that starts its own loopback cluster, its session files under a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -709,7 +710,7 @@ def test_a_failed_trials_error_is_printed_once(tmp_path: Path, progress: list[st
     task = {"name": "fail_task", "group": "Z5", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16}
     space = write_space(tmp_path, task=task, driver={"trials": 2, "pruner": "none"})
     result = run_cli("--plugin", str(FIXTURES / "failing_components.py"), "search", str(space), *progress, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # no trial completed
     output = result.stdout + result.stderr
     assert output.count("ValueError: the task's data source is broken") == 2, output
     for number in (0, 1):
@@ -821,6 +822,43 @@ def test_a_trial_ended_before_the_study_counts_it_is_still_shown_running(tmp_pat
 
 PLUGIN_FILE = FIXTURES / "plugin_aggregators.py"
 """A user's plugin file: ``my_mlp`` works, ``always_fails`` fails every trial (its ``forward`` raises)."""
+
+
+def test_a_search_in_which_no_trial_completed_exits_1_and_still_prints_and_records_everything(tmp_path: Path) -> None:
+    """A plugin aggregator that raises fails every trial. The search exited 0, so a script
+    could not tell it from one that found something; it now exits 1 after its JSON (stdout holds it
+    alone), with one stderr line saying how many trials failed and where to read why."""
+    model = {**TINY_SPACE["model"], "aggregator": "always_fails"}
+    space = write_space(tmp_path, model=model, driver={"trials": 2, "startup_trials": 1, "pruner": "none"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("--plugin", str(PLUGIN_FILE), "search", str(space), "--tracking-uri", uri, "--json",
+                     "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert [t["status"] for t in summary["trials"]] == ["failed", "failed"]
+    assert all("RuntimeError: my plugin's bug" in t["error"] for t in summary["trials"])
+    assert result.stderr.count("RuntimeError: my plugin's bug") == 2  # each failure's line, once
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no trial of search 'tiny' completed (2 failed, of 2): this command's failures are above")
+    assert f"`psmsearch compare --search tiny --tracking-uri {uri}` lists every trial with its error" in last
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.FAIL] * 2
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert sorted(r.info.status for r in runs if r.data.tags.get("psmsearch.kind") == "trial") == ["FAILED"] * 2
+    [parent] = [r for r in runs if r.data.tags.get("psmsearch.kind") == "search"]
+    assert parent.info.status == "FINISHED"  # the search itself ran to its end
+
+
+def test_a_search_in_which_some_trials_completed_exits_0(tmp_path: Path) -> None:
+    """One trial of the grid fails, the other completes: the search has a result, so it exits 0."""
+    model = {**TINY_SPACE["model"], "chunk_size": 2,
+             "aggregator": {"choice": ["always_fails", {"name": "my_mlp", "mlp_ratio": 1}]}}
+    space = write_space(tmp_path, model=model, driver={"trials": 2, "sampler": "grid", "pruner": "none"})
+    result = run_cli("--plugin", str(PLUGIN_FILE), "search", str(space), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(row[1] for row in table_rows(result.stdout)) == ["complete", "failed"]
+    assert re.search(r"^trial [01] failed: training and evaluation: RuntimeError: my plugin's bug \(at ",
+                     result.stderr, re.MULTILINE), result.stderr
+    assert "error:" not in result.stderr
 
 
 def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_which_to_pass(tmp_path: Path) -> None:
