@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -584,6 +585,12 @@ def test_a_grid_search_over_plain_lists_of_fixed_components_runs_each_listed_com
 
 
 def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_store(tmp_path: Path) -> None:
+    """Also: ``--search A --search B`` kept only B. Now both searches' trials are ranked together (one
+    Pareto front), each row naming its search (a table column, a JSON field), each search found in its own
+    experiment; the plots go to each search's parent run in a folder naming both. A search named twice,
+    or searches with other objectives (without --objective), are refused."""
+    from mlflow.tracking import MlflowClient
+
     result = run_cli("compare", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow database at" in result.stderr
     assert not (tmp_path / "mlflow.db").exists(), "compare only reads"
@@ -596,6 +603,49 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["experiment"] == "e1" and report["search"] == "sa" and len(report["trials"]) == 1
+    assert [s["search"] for s in report["searches"]] == ["sa"]
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def compare(*args: str) -> Any:  # in this process: a second each, where a new process takes several
+        return CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--out", str(tmp_path / "plots"), *args])
+
+    result = compare("--search", "sa", "--search", "sb", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["experiment"] is None and report["search"] is None  # neither is one value here
+    assert [(s["search"], s["experiment"]) for s in report["searches"]] == [("sa", "e1"), ("sb", "e2")]
+    assert sorted((t["search"], t["name"]) for t in report["trials"]) == [("sa", "sa-trial-0"), ("sb", "sb-trial-0")]
+    values = [t["objectives"]["acc_2x"] for t in report["trials"]]
+    assert values == sorted(values, reverse=True) and report["trials"][0]["pareto"]
+    client = MlflowClient(tracking_uri=uri)
+    for entry in report["searches"]:
+        logged = {a.path for a in client.list_artifacts(entry["parent_run"], "compare_sa+sb")}
+        assert "compare_sa+sb/objectives.png" in logged, logged
+
+    table = compare("--search", "sa", "--search", "sb")
+    assert table.exit_code == 0, table.output
+    assert "search sa (experiment e1), search sb (experiment e2): ranked together" in table.stdout
+    assert sorted(row[:2] for row in table_rows(table.stdout)) == [["sa", "sa-trial-0"], ["sb", "sb-trial-0"]]
+
+    twice = compare("--search", "sa", "--search", "sb", "--search", "sa")
+    assert twice.exit_code == 2
+    assert "error: --search: search 'sa' is named twice; name each search once" in twice.stderr
+
+    from psmsearch.tracking import Tracker
+
+    tracker = Tracker(uri, "e3")  # a search ranked on another metric
+    tracker.parent_run("sc", {}, {"objectives": [{"metric": "params", "direction": "minimize"}]})
+    mixed = compare("--search", "sa", "--search", "sc")
+    assert mixed.exit_code == 2
+    assert ("error: --objective: the searches were run with other objectives (sa: acc_2x:max; sc: params:min); pass "
+            "--objective METRIC:max|min (repeatable) to rank them together on the same ones") in mixed.stderr
+    overridden = compare("--search", "sa", "--search", "sc", "--objective", "acc_2x:max", "--json")
+    assert overridden.exit_code == 0, overridden.output
+    assert [t["search"] for t in json.loads(overridden.stdout)["trials"]] == ["sa"]  # sc has no trial
 
 
 def test_tables_show_float_parameters_to_4_significant_digits(capsys: pytest.CaptureFixture[str]) -> None:
@@ -846,6 +896,10 @@ def test_a_search_in_which_no_trial_completed_exits_1_and_still_prints_and_recor
     assert sorted(r.info.status for r in runs if r.data.tags.get("psmsearch.kind") == "trial") == ["FAILED"] * 2
     [parent] = [r for r in runs if r.data.tags.get("psmsearch.kind") == "search"]
     assert parent.info.status == "FINISHED"  # the search itself ran to its end
+    compared = run_cli("compare", "--search", "tiny", "--tracking-uri", uri, "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    for number in (0, 1):  # compare lists each trial's error under its table, as the message says
+        assert f"tiny-trial-{number} failed: training and evaluation: RuntimeError: my plugin's bug (at " in compared.stdout
 
 
 def test_a_search_in_which_some_trials_completed_exits_0(tmp_path: Path) -> None:
