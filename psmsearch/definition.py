@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from psmsearch.errors import ConfigError
+from psmsearch.errors import ConfigError, PSMSearchError
 from psmsearch.space import (COMPONENT_KINDS, SearchSpace, _component_options, _declared_dimension, is_dimension,
                              parse_dimension)
 
@@ -111,19 +111,17 @@ def _definition(space: SearchSpace) -> tuple[dict[str, Any], set[str]]:
         template["model"] = {k: v for k, v in model.items() if k not in COMPONENT_KINDS}
     given: dict[str, Any] = {}
     _flatten(template, "", given, space)
-    default_paths: set[str] = set()
     filled: dict[str, Any] = {}
     _flatten(defaults, "", filled, space)
-    for path, value in filled.items():
-        if path not in given and not any(p.startswith(path + ".") or path.startswith(p + ".") for p in given):
-            default_paths.add(path)
-    merged = {**filled, **given}
-    for path, value in _task_defaults(space).items():
-        if path not in merged:
-            merged[path] = value
-            default_paths.add(path)
-    ordered = {path: merged[path] for path in [*given, *filled, *merged] if path in merged}
-    record.update(ordered)
+    filled.update(_task_defaults(space))
+
+    def set_by_file(path: str) -> bool:  # the file gives this field, or a field above or below it
+        return any(p == path or p.startswith(path + ".") or path.startswith(p + ".") for p in given)
+
+    defaulted = {path: value for path, value in filled.items() if not set_by_file(path)}
+    record.update(given)
+    record.update(defaulted)
+    default_paths = set(defaulted)
     if model is not None or "model" not in space.template:
         components, component_defaults = _components(space, model or {})
         record.update(components)
@@ -139,7 +137,7 @@ def _task_defaults(space: SearchSpace) -> dict[str, Any]:
         return {}
     try:
         cls = space.registry.get("task", name).cls
-    except Exception:  # noqa: BLE001 - an unknown task was refused when the space loaded; nothing to fill
+    except PSMSearchError:  # an unknown task was refused when the space loaded; nothing to fill
         return {}
     out: dict[str, Any] = {"task.name": name}
     out.update({f"task.{hp.name}": hp.default for hp in cls.hyperparameters})

@@ -370,7 +370,7 @@ def test_a_non_finite_objective_fails_the_trial_and_keeps_its_other_metrics(tmp_
         driver={"trials": 1, "startup_trials": 1, "pruner": "none"},
     )
     result = run_cli("--plugin", str(FIXTURES / "scripted_score.py"), "search", str(space), "--json", "--no-progress", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # its only trial failed: no trial completed
     [row] = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
     assert row["status"] == "failed" and f"objective 'score' is {special}; objectives must be finite numbers" in row["error"]
     [run] = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
@@ -589,7 +589,11 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     Pareto front), each row naming its search (a table column, a JSON field), each search found in its own
     experiment; the plots go to each search's parent run in a folder naming both. A search named twice,
     or searches with other objectives (without --objective), are refused."""
+    from click.testing import CliRunner
     from mlflow.tracking import MlflowClient
+
+    from psmsearch.cli import main
+    from psmsearch.tracking import Tracker
 
     result = run_cli("compare", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow database at" in result.stderr
@@ -604,9 +608,6 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     report = json.loads(result.stdout)
     assert report["experiment"] == "e1" and report["search"] == "sa" and len(report["trials"]) == 1
     assert [s["search"] for s in report["searches"]] == ["sa"]
-    from click.testing import CliRunner
-
-    from psmsearch.cli import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -634,8 +635,6 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     twice = compare("--search", "sa", "--search", "sb", "--search", "sa")
     assert twice.exit_code == 2
     assert "error: --search: search 'sa' is named twice; name each search once" in twice.stderr
-
-    from psmsearch.tracking import Tracker
 
     tracker = Tracker(uri, "e3")  # a search ranked on another metric
     tracker.parent_run("sc", {}, {"objectives": [{"metric": "params", "direction": "minimize"}]})
