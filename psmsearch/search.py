@@ -122,25 +122,28 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
     """A trial's ``trial_config.yaml``: its resolved configuration, which ``psmsearch train`` runs again.
 
     Components and a task that are not built in are recorded in the ``plugins`` field (field ->
-    plugin), and a comment header says which ``--plugin`` to pass: without the plugin ``train``
-    knows no such aggregator, and its error now names the recorded plugin.
+    ``{name, plugin}``), and a comment header says which ``--plugin`` to pass: without the plugin
+    ``train`` knows no such aggregator, and its error names the recorded plugin.
     """
     from psmsearch.registry import DEFAULT_PLUGINS
 
-    plugins = {field_name: plugin for field_name, plugin in component_plugins(config, registry, plugin_labels).items()
+    names = {"task": config.task.name}
+    if config.model.kind == "psm":
+        names.update({f"model.{kind}": getattr(config.model, kind).name for kind in ("encoder", "aggregator", "head")})
+    plugins = {field_name: {"name": names[field_name], "plugin": plugin}
+               for field_name, plugin in component_plugins(config, registry, plugin_labels).items()
                if plugin not in DEFAULT_PLUGINS}
-    data = config.model_copy(update={"plugins": plugins}).resolved()
-    text = yaml.safe_dump(data, sort_keys=False)
+    text = yaml.safe_dump(config.model_validate({**config.model_dump(), "plugins": plugins}).resolved(), sort_keys=False)
     if not plugins:
         return text
     local = {*registry.local_plugins, *(plugin_labels or {}).values()}
     lines = [f"# {title}" if title else "# A trial's configuration, as it ran.",
              "# Components that are not built in, from these plugins (the plugins field below):"]
-    for field_name, plugin in plugins.items():
-        name = config.task.name if field_name == "task" else getattr(config.model, field_name.split(".")[1]).name
+    for field_name, entry in plugins.items():
+        plugin = entry["plugin"]
         how = f"--plugin {plugin}" if plugin in local else f"the installed plugin package {plugin!r} (entry point)"
-        lines.append(f"#   {field_name} {name!r}: {how}")
-    passed = " ".join(f"--plugin {p}" for p in dict.fromkeys(plugins.values()) if p in local)
+        lines.append(f"#   {field_name} {entry['name']!r}: {how}")
+    passed = " ".join(f"--plugin {p}" for p in dict.fromkeys(e["plugin"] for e in plugins.values()) if p in local)
     lines.append(f"# Run it again with: psmsearch {passed + ' ' if passed else ''}train trial_config.yaml")
     return "\n".join(lines) + "\n" + text
 

@@ -54,6 +54,16 @@ PLUGIN_FIELDS = ("task", "model.encoder", "model.aggregator", "model.head")
 """The fields of a trial config that name a task or component, the keys of its ``plugins`` record."""
 
 
+class PluginRecord(BaseModel):
+    """Where the task or component a trial config names at one field came from: ``{name: my_agg,
+    plugin: /path/my_agg.py}`` (a plugin file or folder as given, or a module or entry-point name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    plugin: str
+
+
 class TaskSpec(ComponentSpec):
     """A registered task by name plus its parameters: ``task: {name: group, group: S5}`` or ``task: lm``."""
 
@@ -75,11 +85,11 @@ class TrialConfig(BaseModel):
         "many tiny ops; on a 2-core CPU one thread trained a 100k-parameter T-PSM 4.4x faster than two.",
     )
 
-    plugins: dict[str, str] = Field(
+    plugins: dict[str, PluginRecord] = Field(
         default_factory=dict,
-        description="the plugin each component that is not built in came from, by the field naming it (task, "
-        "model.encoder, model.aggregator, model.head): written into a search trial's trial_config.yaml so that "
-        "`psmsearch train` can say which --plugin to pass; it loads nothing itself",
+        description="the name and plugin of each task or component that is not built in, by the field naming it "
+        "(task, model.encoder, model.aggregator, model.head): written into a search trial's trial_config.yaml so "
+        "that `psmsearch train` can say which --plugin to pass; it loads nothing itself",
     )
 
     @field_validator("device")
@@ -91,7 +101,7 @@ class TrialConfig(BaseModel):
 
     @field_validator("plugins")
     @classmethod
-    def _plugin_fields(cls, value: dict[str, str]) -> dict[str, str]:
+    def _plugin_fields(cls, value: dict[str, PluginRecord]) -> dict[str, PluginRecord]:
         unknown = sorted(set(value) - set(PLUGIN_FIELDS))
         if unknown:
             raise ValueError(f"{unknown[0]!r} names no component; the keys are {', '.join(PLUGIN_FIELDS)}")
@@ -262,16 +272,17 @@ def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry |
     """
     plugins = raw.get("plugins") if isinstance(raw, dict) else None
     key = "task" if field in ("task", "task.name") else field
-    if not isinstance(plugins, dict) or key not in PLUGIN_FIELDS or not isinstance(plugins.get(key), str):
-        return ""
+    entry = plugins.get(key) if isinstance(plugins, dict) and key in PLUGIN_FIELDS else None
     name = _named_component(raw, key)
+    if not isinstance(entry, dict) or not isinstance(entry.get("plugin"), str) or entry.get("name") != name:
+        return ""  # nothing recorded for the component the config names now (a --set may have changed it)
     kind = "task" if key == "task" else key.split(".")[1]
     try:
         (registry or get_registry()).get(kind, name or "")
         return ""  # registered: the error is about something else
     except UnknownComponentError:
         pass
-    plugin = plugins[key]
+    plugin = entry["plugin"]
     if "/" in plugin or plugin.endswith(".py") or Path(plugin).exists():
         missing = "" if Path(plugin).exists() else " (no such file or folder here: pass the plugin's path on this machine)"
         action = f"run psmsearch --plugin {plugin} train {source}{missing}"
@@ -283,7 +294,8 @@ def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry |
 
 def other_plugins(config: TrialConfig, registry: Registry | None = None) -> list[tuple[str, str]]:
     """``(field, why)`` for each entry of ``config.plugins`` whose task or component is registered here
-    from another plugin than the one recorded: the same name may be another implementation."""
+    from another plugin than the one recorded: the same name may be another implementation. Entries
+    for a name the config no longer gives there (a ``--set`` changed it) say nothing."""
     registry = registry or get_registry()
     found = []
     for key, recorded in config.plugins.items():
@@ -292,9 +304,9 @@ def other_plugins(config: TrialConfig, registry: Registry | None = None) -> list
         kind = "task" if key == "task" else key.split(".")[1]
         name = config.task.name if key == "task" else getattr(config.model, kind).name
         current = registry.get(kind, name).plugin
-        if current != recorded:
-            found.append((key, f"the trial ran {kind} {name!r} from the plugin {recorded!r}; here {name!r} comes "
-                               f"from {current!r}, which may be another implementation"))
+        if recorded.name == name and current != recorded.plugin:
+            found.append((key, f"the trial ran {kind} {name!r} from the plugin {recorded.plugin!r}; here {name!r} "
+                               f"comes from {current!r}, which may be another implementation"))
     return found
 
 

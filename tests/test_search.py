@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from psmsearch.errors import ConfigError
@@ -917,8 +918,12 @@ def test_a_search_in_which_some_trials_completed_exits_0(tmp_path: Path) -> None
 def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_which_to_pass(tmp_path: Path) -> None:
     """The plugin tag holds the plugin file's path, and trial_config.yaml records it (a comment header and
     the plugins field): without it, ``psmsearch train trial_config.yaml`` failed with a bare "unknown
-    aggregator 'my_mlp'"; it now names the recorded plugin and the --plugin to pass."""
+    aggregator 'my_mlp'"; it now names the recorded plugin and the --plugin to pass. A component that a
+    --set renamed has no record (no hint); one registered here from another file is a warning."""
     from mlflow.tracking import MlflowClient
+
+    from psmsearch.registry import load_registry
+    from psmsearch.trial import load_trial_config
 
     model = {**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "my_mlp", "mlp_ratio": 1}}
     space = write_space(tmp_path, model=model, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
@@ -935,9 +940,8 @@ def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_wh
     assert text.startswith("# Trial 0 of search 'tiny', as it ran.\n")
     assert f"#   model.aggregator 'my_mlp': --plugin {plugin}\n" in text
     assert f"# Run it again with: psmsearch --plugin {plugin} train trial_config.yaml\n" in text
-    import yaml
-
-    assert yaml.safe_load(text)["plugins"] == {"model.aggregator": plugin}  # built-in components are not listed
+    recorded = {"model.aggregator": {"name": "my_mlp", "plugin": plugin}}
+    assert yaml.safe_load(text)["plugins"] == recorded  # built-in components are not listed
 
     bare = run_cli("train", str(config), "--no-progress", cwd=tmp_path)
     assert bare.returncode == 2, bare.stderr
@@ -947,6 +951,17 @@ def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_wh
     rerun = run_cli("--plugin", plugin, "train", str(config), "--json", "--no-progress", "--no-eval-log", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr == "" and "acc_2x" in json.loads(rerun.stdout)
+
+    builtin = load_registry()  # no plugin: what `train` knows without --plugin
+    with pytest.raises(ConfigError, match="unknown aggregator 'other'") as unknown:
+        load_trial_config(config, ["model.aggregator.name=other"], registry=builtin)
+    assert "plugins field" not in str(unknown.value), "the record is of my_mlp, not of the name --set gave"
+    warnings: list[str] = []
+    (tmp_path / "copy.py").write_text(PLUGIN_FILE.read_text())  # my_mlp from another file: perhaps another my_mlp
+    load_trial_config(config, registry=load_registry(extra_plugins=[str(tmp_path / "copy.py")]), warn=warnings.append)
+    assert warnings == [f"{config}:{text.splitlines().index('  model.aggregator:') + 1}: plugins.model.aggregator: the "
+                        f"trial ran aggregator 'my_mlp' from the plugin '{plugin}'; here 'my_mlp' comes from "
+                        f"'{tmp_path / 'copy.py'}', which may be another implementation"]
 
 
 def test_resume_refuses_a_changed_space_naming_each_field_and_allows_what_may_change(tmp_path: Path) -> None:
