@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,12 +31,16 @@ from psmsearch.space import Objective
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db).")
 @click.option("--experiment", default=None, help="MLflow experiment (default: the space's name).")
 @click.option("--resume", is_flag=True, help="Continue (or join) an existing study without repeating completed trials.")
-@click.option("--no-progress", is_flag=True, help="No live display.")
+@click.option("--no-progress", is_flag=True, help="No live display and no per-trial start/end lines; failed trials' errors are still printed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object instead of the table (stdout holds only that object).")
 def search(space_file: Path, driver: str | None, trials: int | None, jobs: int | None, storage: str | None, study: str | None,
            address: str | None, gpus_per_trial: float | None, cpus_per_trial: float | None, tracking_uri: str | None,
            experiment: str | None, resume: bool, no_progress: bool, as_json: bool) -> None:
-    """Run a search over the space in SPACE_FILE and print the trials, best first."""
+    """Run a search over the space in SPACE_FILE and print the trials, best first.
+
+    Exits 1 when the search holds trials and none of them completed (after printing them), 2 on bad
+    input, 130 when interrupted; otherwise 0.
+    """
     from psmsearch.registry import require_loaded_plugins
     from psmsearch.space import load_space
 
@@ -84,6 +89,26 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         for row in ranked:
             if row.error and row.status != "failed":  # a failure's error went to stderr once, as it happened
                 click.echo(f"{row.name} {row.status}: {row.error}")
+    if result.outcomes and not any(o.state == "complete" for o in result.outcomes):
+        click.echo(f"error: {none_completed(result, tracking_uri)}", err=True)
+        sys.exit(1)
+
+
+def none_completed(result: Any, tracking_uri: str | None) -> str:
+    """Why ``search`` exits 1: the search holds trials and none of them completed, so it has no result.
+
+    Everything is recorded as usual (the summary was printed, Optuna and MLflow hold every trial);
+    the exit status lets a script tell such a search (a plugin aggregator that fails every trial)
+    from one that found something. Says how many failed and were pruned, and where to read why.
+    """
+    counts = {state: sum(o.state == state for o in result.outcomes) for state in ("failed", "pruned")}
+    parts = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
+    where = "this command's failures are above ('trial N failed: ...')"
+    if result.parent_run:
+        uri = f" --tracking-uri {tracking_uri}" if tracking_uri else ""
+        where += (f", and `psmsearch compare --search {result.study_name}{uri}` lists every trial with its error "
+                  "(as its MLflow run holds it: tag psmsearch.error, artifact error.txt)")
+    return f"no trial of search {result.study_name!r} completed ({parts}, of {len(result.outcomes)}): {where}"
 
 
 def _check_study_name(value: str | None) -> str | None:
@@ -105,12 +130,15 @@ def _row_json(row: TrialRow, objectives: Sequence[Objective]) -> dict[str, Any]:
     }
 
 
-def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title: str) -> None:
-    """A table of trials: objectives, the Pareto mark, the searched parameters and the status."""
+def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title: str, show_search: bool = False) -> None:
+    """A table of trials: objectives, the Pareto mark, the searched parameters and the status (and,
+    ``show_search``, the search each trial belongs to: ``compare`` of several searches)."""
     from psmsearch.cli import print_table
     from psmsearch.cli_train import format_metric
 
     table = Table(title=title)
+    if show_search:
+        table.add_column("search")
     table.add_column("trial")
     table.add_column("status")
     table.add_column("front")
@@ -121,20 +149,28 @@ def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title:
         values = [format_metric(o.metric, row.metrics[o.metric]) if o.metric in row.metrics else "-" for o in objectives]
         searched = {k.removeprefix("search."): v for k, v in row.params.items() if k.startswith("search.")} or row.params
         params = ", ".join(f"{k}={format_param(v)}" for k, v in sorted(searched.items()))
-        table.add_row(row.name, row.status, "*" if row.pareto else "", *values, params)
+        table.add_row(*([row.search] if show_search else []), row.name, row.status, "*" if row.pareto else "", *values, params)
     print_table(table)
 
 
 @click.command("compare")
-@click.option("--experiment", default=None, help="MLflow experiment (default: the most recent psmsearch search's).")
-@click.option("--search", "search_name", default=None, help="Only trials of this search (study) name.")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the most recent psmsearch search's; "
+              "with --search, each named search's own).")
+@click.option("--search", "search_names", multiple=True, metavar="NAME",
+              help="Only trials of this search (study) name; repeat it to rank several searches together.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db).")
 @click.option("--objective", "objective_specs", multiple=True, metavar="METRIC:max|min", help="Override the objectives logged by the search.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("psmsearch_compare"), help="Where to write the PNG plots.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranked trials as JSON.")
-def compare(experiment: str | None, search_name: str | None, tracking_uri: str | None, objective_specs: Sequence[str], out_dir: Path, as_json: bool) -> None:
-    """Rank the trials of an MLflow experiment, mark the Pareto front and write plots."""
-    from psmsearch.tracking import Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
+def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: str | None, objective_specs: Sequence[str],
+            out_dir: Path, as_json: bool) -> None:
+    """Rank the trials of an MLflow experiment, mark the Pareto front and write plots.
+
+    ``--search`` repeated ranks the trials of several searches together (one table, one Pareto
+    front, a ``search`` column), each search found in ``--experiment`` or, without it, in the
+    experiment of its latest run; their objectives must agree unless ``--objective`` sets them.
+    """
+    from psmsearch.tracking import absolute_uri, check_tracking_uri, default_tracking_uri
 
     uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
     where = "--tracking-uri" if tracking_uri else "the default tracking URI"
@@ -143,35 +179,108 @@ def compare(experiment: str | None, search_name: str | None, tracking_uri: str |
     if database is not None and not database.exists():  # compare only reads: never create an empty store
         raise ConfigError(f"no MLflow database at {database} ({where}); run `psmsearch search SPACE.yaml` here "
                           "first, or pass --tracking-uri", field="--tracking-uri")
-    experiment = experiment or _latest_experiment(uri, search_name)
-    tracker = Tracker(uri, experiment, create=False)
-    parents = sorted(tracker.runs(search_name, kind="search"), key=lambda run: run.info.start_time, reverse=True)
-    if not parents:
-        raise ConfigError(f"no psmsearch search found in experiment {experiment!r} at {uri}", field="--experiment")
-    objectives = [_parse_objective(s) for s in objective_specs] or objectives_from_parent(parents[0])
-    if not objectives:
-        raise ConfigError(f"the search in experiment {experiment!r} logged no objectives; pass --objective METRIC:max|min", field="--objective")
-    parent = parents[0]
-    name = parent.data.tags.get("psmsearch.search", "?")
-    trials = rows_from_runs(tracker.runs(name, parent=parent.info.run_id))
+    repeated = sorted({name for name in search_names if search_names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"search {repeated[0]!r} is named twice; name each search once (repeat --search to "
+                          "compare several searches)", field="--search")
+    picked = [_pick_search(uri, experiment, name) for name in (search_names or [None])]
+    objectives = [_parse_objective(s) for s in objective_specs] or _shared_objectives(picked)
+    names = [p.name for p in picked]
+    trials = [row for p in picked for row in rows_from_runs(p.tracker.runs(p.name, parent=p.parent.info.run_id))]
     if objective_specs:
-        _check_reported(objectives, trials, name)
+        _check_reported(objectives, trials, names)
     rows = rank(trials, objectives)
-    plots = _write_plots(rows, objectives, out_dir)
-    for path in plots:
-        tracker.log_artifact(parent.info.run_id, path)
+    several = len(picked) > 1
+    plots = _write_plots(_plot_rows(rows) if several else rows, objectives, out_dir)
+    for p in picked:  # several searches' plots go beside each one's own, in a folder naming them all
+        for path in plots:
+            p.tracker.log_artifact(p.parent.info.run_id, path, "compare_" + "+".join(names) if several else None)
+    experiments = list(dict.fromkeys(p.experiment for p in picked))
     if as_json:
-        click.echo(jsonout.dumps({"experiment": experiment, "search": name, "objectives": [o.model_dump() for o in objectives],
-                               "trials": [_row_json(r, objectives) for r in rows], "plots": [str(p) for p in plots]}))
+        click.echo(jsonout.dumps({
+            "experiment": experiments[0] if len(experiments) == 1 else None, "search": None if several else names[0],
+            "searches": [{"search": p.name, "experiment": p.experiment, "parent_run": p.parent.info.run_id} for p in picked],
+            "objectives": [o.model_dump() for o in objectives],
+            "trials": [{**_row_json(r, objectives), "search": r.search} for r in rows], "plots": [str(p) for p in plots],
+        }))
         return
-    latest = f" (the latest of {len(parents)} searches{'' if search_name else ' here; --search NAME picks one'})" \
-        if len(parents) > 1 else ""
-    print_rows(rows, objectives, title=f"experiment {experiment}, search {name}{latest}")
+    if several:
+        title = f"{', '.join(f'search {p.name} (experiment {p.experiment})' for p in picked)}: ranked together"
+    else:
+        (only,) = picked
+        latest = f" (the latest of {only.count} searches{'' if search_names else ' here; --search NAME picks one'})" \
+            if only.count > 1 else ""
+        title = f"experiment {only.experiment}, search {only.name}{latest}"
+    print_rows(rows, objectives, title=title, show_search=several)
+    for row in rows:
+        if row.error:
+            click.echo(f"{row.name} {row.status}: {row.error}")
     for path in plots:
         click.echo(f"plot: {path}")
 
 
-def _check_reported(objectives: Sequence[Objective], trials: Sequence[TrialRow], name: str) -> None:
+@dataclass
+class _Picked:
+    """One search ``compare`` shows: its name, experiment, tracker, latest parent run and how many it has."""
+
+    name: str
+    experiment: str
+    tracker: Any
+    parent: Any
+    count: int
+
+
+def _pick_search(uri: str, experiment: str | None, search_name: str | None) -> _Picked:
+    """The latest search named ``search_name`` (any search when None) in ``experiment``, or, without
+    one, in the experiment where such a search ran last."""
+    from psmsearch.tracking import Tracker
+
+    found_in = experiment or _latest_experiment(uri, search_name)
+    tracker = Tracker(uri, found_in, create=False)
+    parents = sorted(tracker.runs(search_name, kind="search"), key=lambda run: run.info.start_time, reverse=True)
+    if not parents:
+        what = f"search {search_name!r}" if search_name else "psmsearch search"
+        raise ConfigError(f"no {what} found in experiment {found_in!r} at {uri}", field="--experiment")
+    name = parents[0].data.tags.get("psmsearch.search", "?")
+    return _Picked(name, found_in, tracker, parents[0], len(parents))
+
+
+def _shared_objectives(picked: Sequence[_Picked]) -> list[Objective]:
+    """The objectives the searches logged, which must be the same for them to be ranked together."""
+    logged = [objectives_from_parent(p.parent) for p in picked]
+    if not logged[0]:
+        raise ConfigError(f"the search {picked[0].name!r} in experiment {picked[0].experiment!r} logged no objectives; "
+                          "pass --objective METRIC:max|min", field="--objective")
+    if any(objectives != logged[0] for objectives in logged[1:]):
+        listed = "; ".join(f"{p.name}: {_shown_objectives(o)}" for p, o in zip(picked, logged))
+        raise ConfigError(f"the searches were run with other objectives ({listed}); pass --objective METRIC:max|min "
+                          "(repeatable) to rank them together on the same ones", field="--objective")
+    return logged[0]
+
+
+def _shown_objectives(objectives: Sequence[Objective]) -> str:
+    """``acc_2x:max, params:min`` (as ``--objective`` takes them), or ``none``."""
+    return ", ".join(f"{o.metric}:{'max' if o.direction == 'maximize' else 'min'}" for o in objectives) or "none"
+
+
+PLOT_SEARCH_CHARS = 10
+"""The longest search name written on the plots of several searches (longer ones are cut)."""
+
+
+def _plot_rows(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    """Rows of several searches, named for the plots ``SEARCH N``: the plots name a single search's
+    trials ``trial N``, which would not tell apart trial 0 of two searches. Search names are cut to
+    :data:`PLOT_SEARCH_CHARS` characters, or numbered ``#1``, ``#2`` (in ``--search`` order) where cut ones coincide."""
+    from psmsearch.report import trial_number
+
+    searches = list(dict.fromkeys(row.search for row in rows))
+    cut = {s: s if len(s) <= PLOT_SEARCH_CHARS else s[: PLOT_SEARCH_CHARS - 1] + "…" for s in searches}
+    if len(set(cut.values())) < len(searches):
+        cut = {s: f"#{i + 1}" for i, s in enumerate(searches)}
+    return [replace(row, name=f"{cut[row.search]} {trial_number(row.name)}") for row in rows]
+
+
+def _check_reported(objectives: Sequence[Objective], trials: Sequence[TrialRow], names: Sequence[str]) -> None:
     """Refuse an ``--objective`` that no trial of the search reported (a mistyped metric).
 
     Only overrides are checked: a search's own objectives are missing from a trial that failed
@@ -180,7 +289,8 @@ def _check_reported(objectives: Sequence[Objective], trials: Sequence[TrialRow],
     reported = sorted({metric for row in trials for metric in row.metrics})
     missing = [o.metric for o in objectives if trials and not any(o.metric in row.metrics for row in trials)]
     if missing:
-        raise ConfigError(f"no trial of search {name!r} reported {', '.join(repr(m) for m in missing)}; "
+        searches = f"search {names[0]!r}" if len(names) == 1 else f"searches {', '.join(repr(n) for n in names)}"
+        raise ConfigError(f"no trial of {searches} reported {', '.join(repr(m) for m in missing)}; "
                           f"metrics reported: {', '.join(reported) or 'none'}", field="--objective")
 
 

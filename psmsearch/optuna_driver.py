@@ -27,6 +27,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from psmsearch.definition import DEFINITION_ATTR, changed_space_error, definition_changes, search_definition
 from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, objective_values, open_tracking
@@ -272,8 +273,11 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
     if exists:  # a mismatch is reported before the search's MLflow run is opened
         existing = optuna.load_study(study_name=study_name, storage=storage)
         _check_directions(existing, space, study_name)
+        _check_definition(existing, space, storage_url)
         trials_before = len(existing.get_trials(deepcopy=False))
     created = not exists and _create_study_first(space, options, storage, storage_url, study_name)
+    if not exists:  # created here, or joined (--resume) after another process created it a moment ago
+        _check_definition(optuna.load_study(study_name=study_name, storage=storage), space, storage_url)
     try:
         tracker, parent = open_tracking(space, options, "optuna", storage=storage_url,
                                         fresh=lambda: _trial_count(storage, study_name) == 0)
@@ -368,6 +372,23 @@ def _check_directions(study: optuna.Study, space: SearchSpace, name: str) -> Non
             "a study's values of one metric cannot be ranked against another's: use another study name",
             field="objectives",
         )
+
+
+def _check_definition(study: optuna.Study, space: SearchSpace, storage_url: str) -> None:
+    """Record what defines the search on a study that has no record yet; refuse a space that differs
+    from the recorded one (see :mod:`psmsearch.definition`).
+
+    Without it a ``--resume`` with, say, another ``train.steps`` silently trained the study's later
+    trials otherwise than its first ones, and ranked them together. A study created before the record
+    was kept adopts the resuming space's definition.
+    """
+    recorded = study.user_attrs.get(DEFINITION_ATTR)
+    if recorded is None:
+        study.set_user_attr(DEFINITION_ATTR, search_definition(space))
+        return
+    changes = definition_changes(recorded, space)
+    if changes:
+        raise changed_space_error(f"study {study.study_name!r} in {without_password(storage_url)}", changes, space)
 
 
 def _record_objectives(study: optuna.Study, space: SearchSpace) -> None:

@@ -24,6 +24,8 @@ same number and parameters, and the searcher samples new trials until the experi
 one's). Trials that ended stay as they are and count towards ``--trials``: completed, stopped by
 ASHA and failed ones alike (a failed trial is not run again, as the Optuna driver counts a failed
 trial and moves on). The summary lists every trial of the experiment, earlier sessions' too.
+A resume whose space differs from the one the experiment was started with (other than in
+:data:`psmsearch.definition.RESUMABLE_FIELDS`) is refused before anything runs, as an Optuna study's is.
 A Ray experiment has one driving process at a time (Tune cannot share it as Optuna shares a study):
 the driver holds a lock in the experiment's folder for the whole search, and a second command on
 the same experiment, ``--resume`` or not, is refused while the first one runs.
@@ -62,6 +64,7 @@ try:
 except ImportError:  # Windows: no driver lock
     fcntl = None  # type: ignore[assignment]
 
+from psmsearch.definition import changed_space_error, definition_changes, search_definition
 from psmsearch.errors import ConfigError
 from psmsearch.optuna_driver import SearchResult, make_sampler
 from psmsearch.progress import SearchProgress, pareto_text
@@ -139,6 +142,7 @@ class TrialContext:
     step_metric: str | None  # the objective reported at each evaluation (one objective only)
     resumed: bool = False  # a restored experiment: a trial may already have a FINISHED run
     search: str | None = None  # the search's name in MLflow (the study name; default the space's)
+    plugin_labels: Mapping[str, str] = field(default_factory=dict)  # shipped module name -> the path the user gave
 
 
 def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -173,7 +177,7 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
     sampled = space.sample(optuna.trial.FixedTrial(params))
     outcome = execute_trial(
         space, sampled, number, params, tracker, context.parent_run, "ray", report,
-        on_run=lambda run_id: run.update(id=run_id), search=context.search,
+        on_run=lambda run_id: run.update(id=run_id), search=context.search, plugin_labels=context.plugin_labels,
     )
     if outcome.state != "complete":
         raise TrialFailed(outcome.error or outcome.state)
@@ -341,7 +345,8 @@ class _Book:
     def _close_runs(self, number: int, run_id: str | None, status: str, tags: dict[str, str]) -> tuple[str, str | None]:
         """Close this trial's runs still RUNNING. Returns the error the worker recorded, if any, and
         the trial's run: ``run_id``, else the newest run closed here (a worker that died before its
-        first report never told the driver its run)."""
+        first report never told the driver its run), else its newest run (a trial that failed before
+        its first report closed its run itself: the summary's row named no run)."""
         if self.tracker is None or self.parent is None:
             return "", run_id
         tracker = self.tracker
@@ -353,7 +358,7 @@ class _Book:
                 closed = closed or run.info.run_id
                 tracker.set_tags(run.info.run_id, tags)
                 tracker.finish(run.info.run_id, status)
-        return recorded, run_id or closed
+        return recorded, run_id or closed or (runs[0].info.run_id if runs else None)
 
     def _runs_of(self, number: int) -> list[Any]:
         """This search's runs of trial ``number``, newest first (a resumed trial has several)."""
@@ -469,7 +474,8 @@ def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
     """The job's ``runtime_env``: plugin files and folders uploaded as ``py_modules``, named by module.
 
     A module name passes through unchanged: it must be installed on the cluster (as entry-point
-    plugins are).
+    plugins are). Workers record the plugins by the names given here (:func:`shipped_plugin_labels`
+    maps them back).
     """
     modules: list[str] = []
     names: list[str] = []
@@ -478,13 +484,30 @@ def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
         if path.exists():
             path = path.resolve()
             modules.append(str(path))
-            names.append(path.stem if path.is_file() else path.name)
+            names.append(_shipped_name(path))
         else:
             names.append(spec)
     env: dict[str, Any] = {"env_vars": {PLUGINS_ENV_VAR: ",".join(names)}} if names else {}
     if modules:
         env["py_modules"] = modules
     return env
+
+
+def _shipped_name(path: Path) -> str:
+    """The module name a worker imports a shipped plugin file or folder under: ``my_agg`` for ``/x/my_agg.py``."""
+    return path.stem if path.is_file() else path.name
+
+
+def shipped_plugin_labels(specs: list[str]) -> dict[str, str]:
+    """For each plugin file or folder shipped to the workers, its module name there -> the path the user
+    gave (absolute), so that a trial's plugin tags and ``trial_config.yaml`` name the file under either
+    driver: the Optuna driver's registry knows it by its path, a Ray worker's by its module name."""
+    labels: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.exists():
+            labels[_shipped_name(path.resolve())] = spec
+    return labels
 
 
 def _prepare_environment(options: SearchOptions) -> None:
@@ -707,7 +730,8 @@ TUNER_FILE = "tuner.pkl"
 
 CLAIM_FILE = ".psmsearch-started"
 """Created in a new Ray experiment's folder before anything else: the search's name is taken. It
-records the search's objectives and dimensions (JSON), which a resume must share."""
+records the search's objectives, dimensions and definition (JSON; see :mod:`psmsearch.definition`), which
+a resume must share."""
 LOCK_FILE = ".psmsearch-driver.lock"
 """Locked (``flock``) by the process driving a Ray experiment, for as long as it drives it."""
 
@@ -776,7 +800,7 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: Searc
         )
     if exists:
         _check_objectives(experiment, space)
-        _check_dimensions(experiment, space)
+        _check_definition(experiment, space)
         return True
     flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | (0 if options.resume else os.O_EXCL)
     try:
@@ -788,7 +812,8 @@ def _check_new_or_resumed(experiment: Path, options: SearchOptions, space: Searc
             "or choose another name with --study / another folder with --storage",
         ) from None
     with os.fdopen(fd, "w") as claim:
-        json.dump({"objectives": _objectives(space), "dimensions": space.dimension_record()}, claim)
+        json.dump({"objectives": _objectives(space), "dimensions": space.dimension_record(),
+                   "definition": search_definition(space)}, claim)
     return False
 
 
@@ -822,8 +847,41 @@ def _check_objectives(experiment: Path, space: SearchSpace) -> None:
         )
 
 
+RAY_RESTORE_REASON = ("Trials of one search must be trained and sampled alike to be ranked together, and a restored "
+                      "Ray search samples from the space it was saved with (Tune restores its searcher and takes no other).")
+
+
+def _check_definition(experiment: Path, space: SearchSpace) -> None:
+    """A resumed experiment's definition, recorded in its claim, must be the space's (see
+    :mod:`psmsearch.definition`): the Optuna driver checks its studies the same way.
+
+    Tune restores the searcher with the dimensions it was saved with, while each trial is built
+    from the file: a changed ``train.steps`` trained the new trials otherwise than the first ones,
+    and a new or re-ranged dimension failed them with Optuna's FixedTrial error. A claim without the
+    record (written before it was kept) is checked on its dimensions, and the record is added to it.
+    """
+    claim_path = experiment / CLAIM_FILE
+    try:
+        claim = json.loads(claim_path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(claim, dict):
+        return
+    recorded = claim.get("definition")
+    if not isinstance(recorded, dict):
+        _check_dimensions(experiment, space)
+        claim["definition"] = search_definition(space)
+        claim_path.write_text(json.dumps(claim))  # under the driver lock: no other process writes it now
+        return
+    changes = definition_changes(recorded, space)
+    if changes:
+        raise changed_space_error(f"the Ray search {experiment.name!r} in {experiment.parent}", changes, space,
+                                  why=RAY_RESTORE_REASON)
+
+
 def _check_dimensions(experiment: Path, space: SearchSpace) -> None:
-    """A resumed experiment's dimensions, recorded in its claim, must be the space's.
+    """A resumed experiment's dimensions, recorded in its claim, must be the space's (claims written
+    before the whole definition was recorded; see :func:`_check_definition`).
 
     Tune restores the searcher, which samples from the space it was saved with, while each trial's
     configuration is rebuilt from the file: a new or re-ranged dimension made trials fail with
@@ -842,8 +900,8 @@ def _check_dimensions(experiment: Path, space: SearchSpace) -> None:
     first = next((path for path in current if recorded.get(path) != current[path]), None)
     raise ConfigError(
         f"the Ray search {experiment.name!r} in {experiment.parent} was started with another search space: "
-        f"{'; '.join(changes)}. A restored search samples from the space it was saved with (Tune restores its "
-        "searcher and takes no other): resume it with that space, or start a new search with --study NAME",
+        f"{'; '.join(changes)}. {RAY_RESTORE_REASON} Restore the space file as it was to resume it, or start a "
+        "new search with --study NAME",
         source=space.source.where(first) if first else space.source.source, field=first,
     )
 
@@ -954,6 +1012,7 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
         parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore, search=name,
+        plugin_labels=shipped_plugin_labels(env_plugin_specs()),
     )
     result = SearchResult(name, str(experiment), tracker.experiment if tracker else None, parent)
     with SearchProgress(space, options.trials, enabled=options.progress) as progress:

@@ -81,18 +81,71 @@ def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[f
     return [float(metrics[objective.metric]) for objective in space.objectives]
 
 
-def trial_tags(config: Any, driver: str, registry: Registry) -> dict[str, str]:
+def trial_tags(config: Any, driver: str, registry: Registry, plugin_labels: Mapping[str, str] | None = None) -> dict[str, str]:
     """Tags that let MLflow filter trials: driver, model kind, state kind, associativity, and the
-    plugin each component and the task came from (a module name or a file path)."""
+    plugin each component and the task came from (see :func:`component_plugins`)."""
+    plugins = component_plugins(config, registry, plugin_labels)
     tags = {"psmsearch.driver": driver, "psmsearch.model_kind": config.model.kind, "psmsearch.task": config.task.name,
-            "psmsearch.plugin.task": registry.get("task", config.task.name).plugin}
+            "psmsearch.plugin.task": plugins["task"]}
     if config.model.kind == "psm":
         aggregator = registry.get("aggregator", config.model.aggregator.name)
         tags["psmsearch.state_kind"] = str(aggregator.state_kind)
         tags["psmsearch.associative"] = str(aggregator.associative).lower()
         for kind in ("encoder", "aggregator", "head"):
-            tags[f"psmsearch.plugin.{kind}"] = registry.get(kind, getattr(config.model, kind).name).plugin
+            tags[f"psmsearch.plugin.{kind}"] = plugins[f"model.{kind}"]
     return tags
+
+
+def component_plugins(config: Any, registry: Registry, plugin_labels: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The plugin the task and each component of ``config`` came from, by the field that names it
+    (``task``, and ``model.encoder`` / ``aggregator`` / ``head`` for a PSM): a module name, or the
+    plugin file or folder as the user gave it (made absolute).
+
+    ``plugin_labels`` maps the name a plugin was loaded under to the one to record: Ray workers
+    import a shipped plugin file by its bare module name (``my_agg``, see
+    :func:`psmsearch.ray_driver.worker_runtime_env`), while the search named ``/path/my_agg.py``,
+    as the Optuna driver's tags and ``trial_config.yaml`` say.
+    """
+    labels = plugin_labels or {}
+    fields = [("task", "task", config.task.name)]
+    if config.model.kind == "psm":
+        fields += [(f"model.{kind}", kind, getattr(config.model, kind).name) for kind in ("encoder", "aggregator", "head")]
+    out = {}
+    for field_name, kind, name in fields:
+        plugin = registry.get(kind, name).plugin
+        out[field_name] = labels.get(plugin, plugin)
+    return out
+
+
+def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[str, str] | None = None,
+                      title: str = "") -> str:
+    """A trial's ``trial_config.yaml``: its resolved configuration, which ``psmsearch train`` runs again.
+
+    Components and a task that are not built in are recorded in the ``plugins`` field (field ->
+    ``{name, plugin}``), and a comment header says which ``--plugin`` to pass: without the plugin
+    ``train`` knows no such aggregator, and its error names the recorded plugin.
+    """
+    from psmsearch.registry import DEFAULT_PLUGINS
+
+    names = {"task": config.task.name}
+    if config.model.kind == "psm":
+        names.update({f"model.{kind}": getattr(config.model, kind).name for kind in ("encoder", "aggregator", "head")})
+    plugins = {field_name: {"name": names[field_name], "plugin": plugin}
+               for field_name, plugin in component_plugins(config, registry, plugin_labels).items()
+               if plugin not in DEFAULT_PLUGINS}
+    text = yaml.safe_dump(config.model_validate({**config.model_dump(), "plugins": plugins}).resolved(), sort_keys=False)
+    if not plugins:
+        return text
+    local = {*registry.local_plugins, *(plugin_labels or {}).values()}
+    lines = [f"# {title}" if title else "# A trial's configuration, as it ran.",
+             "# Components that are not built in, from these plugins (the plugins field below):"]
+    for field_name, entry in plugins.items():
+        plugin = entry["plugin"]
+        how = f"--plugin {plugin}" if plugin in local else f"the installed plugin package {plugin!r} (entry point)"
+        lines.append(f"#   {field_name} {entry['name']!r}: {how}")
+    passed = " ".join(f"--plugin {p}" for p in dict.fromkeys(e["plugin"] for e in plugins.values()) if p in local)
+    lines.append(f"# Run it again with: psmsearch {passed + ' ' if passed else ''}train trial_config.yaml")
+    return "\n".join(lines) + "\n" + text
 
 
 def build_trial_config(space: SearchSpace, sampled: dict[str, Any]) -> Any:
@@ -113,6 +166,7 @@ def execute_trial(
     report: Report | None = None,
     on_run: Callable[[str], None] | None = None,
     search: str | None = None,
+    plugin_labels: Mapping[str, str] | None = None,
 ) -> TrialOutcome:
     """Run one trial end to end; never raises for a failing trial (the outcome says what failed).
 
@@ -120,6 +174,8 @@ def execute_trial(
     :class:`psmsearch.trainer.TrialPruned`. KeyboardInterrupt is re-raised after the run is closed
     as KILLED, so the caller can stop the search and resume later. ``search`` names the search in the
     trial's MLflow run (the study name, ``--study``; default the space's name), as the parent run is named.
+    ``plugin_labels`` maps the names plugins were loaded under here to the ones the search gave
+    (:func:`component_plugins`), for the run's plugin tags and ``trial_config.yaml``.
     """
     from psmsearch.trainer import TrialDiverged, TrialPruned
     from psmsearch.trial import TrialPhaseError, run_trial, where_raised
@@ -131,10 +187,12 @@ def execute_trial(
         config = build_trial_config(space, sampled)
         if tracker is not None and parent_run is not None:
             run_id, refused = _open_run(tracker, parent_run, search or space.name, number,
-                                        {**config.flat_params(), **_prefixed(params)}, trial_tags(config, driver, space.registry))
+                                        {**config.flat_params(), **_prefixed(params)},
+                                        trial_tags(config, driver, space.registry, plugin_labels))
             if refused is not None:
                 raise refused
-            config_yaml = yaml.safe_dump(config.resolved(), sort_keys=False)
+            config_yaml = trial_config_text(config, space.registry, plugin_labels,
+                                            title=f"Trial {number} of search {search or space.name!r}, as it ran.")
             _best_effort(number, "log its configuration", lambda: tracker.log_text(run_id, config_yaml, "trial_config.yaml"))
             if on_run is not None:
                 on_run(run_id)

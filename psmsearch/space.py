@@ -567,7 +567,8 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
     if not isinstance(data, dict):
         raise where.error("", f"a search space is a mapping with name, task, model, train and objectives; got {type(data).__name__}")
     header_keys = set(SpaceHeader.model_fields)
-    allowed = [*header_keys, *TrialConfig.model_fields]
+    # ``plugins`` records where a trial's components came from (trial_config.yaml); a search writes it itself
+    allowed = [*header_keys, *(name for name in TrialConfig.model_fields if name != "plugins")]
     if not header_keys & set(data) and set(data) & set(TrialConfig.model_fields):
         raise where.error("", "this is a trial config (no name or objectives), not a search space: run it with "
                           f"`psmsearch train {where.source}`, or add name: and objectives: to search around it "

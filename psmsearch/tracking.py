@@ -413,8 +413,9 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         retry_locked(lambda: self.client.log_text(run_id, text, artifact_file))
 
-    def log_artifact(self, run_id: str, path: str | Path) -> None:
-        retry_locked(lambda: self.client.log_artifact(run_id, str(path)))
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Attach the file at ``path`` to the run, in the folder ``artifact_path`` of its artifacts (default: their root)."""
+        retry_locked(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """End a run: FINISHED, FAILED or KILLED."""

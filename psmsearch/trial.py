@@ -50,6 +50,20 @@ class UnknownTaskError(UnknownComponentError, ConfigError):
         self.args = (f"{where}: {self.args[0]}",)
 
 
+PLUGIN_FIELDS = ("task", "model.encoder", "model.aggregator", "model.head")
+"""The fields of a trial config that name a task or component, the keys of its ``plugins`` record."""
+
+
+class PluginRecord(BaseModel):
+    """Where the task or component a trial config names at one field came from: ``{name: my_agg,
+    plugin: /path/my_agg.py}`` (a plugin file or folder as given, or a module or entry-point name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    plugin: str
+
+
 class TaskSpec(ComponentSpec):
     """A registered task by name plus its parameters: ``task: {name: group, group: S5}`` or ``task: lm``."""
 
@@ -71,6 +85,13 @@ class TrialConfig(BaseModel):
         "many tiny ops; on a 2-core CPU one thread trained a 100k-parameter T-PSM 4.4x faster than two.",
     )
 
+    plugins: dict[str, PluginRecord] = Field(
+        default_factory=dict,
+        description="the name and plugin of each task or component that is not built in, by the field naming it "
+        "(task, model.encoder, model.aggregator, model.head): written into a search trial's trial_config.yaml so "
+        "that `psmsearch train` can say which --plugin to pass; it loads nothing itself",
+    )
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -78,11 +99,21 @@ class TrialConfig(BaseModel):
             raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
         return value
 
+    @field_validator("plugins")
+    @classmethod
+    def _plugin_fields(cls, value: dict[str, PluginRecord]) -> dict[str, PluginRecord]:
+        unknown = sorted(set(value) - set(PLUGIN_FIELDS))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} names no component; the keys are {', '.join(PLUGIN_FIELDS)}")
+        return value
+
     def resolved(self) -> dict[str, Any]:
         """The whole config as plain data (``trial_config.yaml``), the model with only the fields its kind
         reads, so that the file runs with ``psmsearch train`` and says nothing that had no effect."""
         data = self.model_dump(mode="json")
         data["model"] = {k: v for k, v in data["model"].items() if k in KIND_FIELDS[self.model.kind]}
+        if not data["plugins"]:
+            del data["plugins"]
         return data
 
     def flat_params(self) -> dict[str, Any]:
@@ -207,6 +238,9 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
     except ConfigError as err:
         if not err.field or err.source != source:
             raise
+        hint = recorded_plugin_hint(raw, err.field, source, registry)
+        if hint:
+            err.detail = f"{err.detail.rstrip('.')}. {hint}"
         origin = _origin(err.field, overrides, lines)
         err.located(origin)
         if origin == f"--set {err.field}":  # "--set task.path: ..." names the field once, not twice
@@ -216,7 +250,64 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         for key, message in unread_model_fields(raw.get("model"), config.model.kind):
             origin = _origin(f"model.{key}", overrides, lines)
             warn(f"{origin}: {message}" if origin.startswith("--set") else f"{origin}: model.{key}: {message}")
+        for key, message in other_plugins(config, registry):
+            warn(f"{lines.where(f'plugins.{key}')}: plugins.{key}: {message}")
     return config
+
+
+def _named_component(raw: dict[str, Any], key: str) -> str | None:
+    """The task or component name a raw config gives at ``key`` (a :data:`PLUGIN_FIELDS` entry)."""
+    node: Any = raw.get("task") if key == "task" else (raw.get("model") or {}).get(key.split(".")[1])
+    if isinstance(node, dict):
+        node = node.get("name")
+    return node if isinstance(node, str) else None
+
+
+def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry | None = None) -> str:
+    """What to do when the task or component at ``field`` is not registered and the config's ``plugins``
+    record (written into a search trial's ``trial_config.yaml``) names the plugin it came from; else ``""``.
+
+    ``train`` never loads a plugin a config names (a file could run any code): it says which
+    ``--plugin`` to pass.
+    """
+    plugins = raw.get("plugins") if isinstance(raw, dict) else None
+    key = "task" if field in ("task", "task.name") else field
+    entry = plugins.get(key) if isinstance(plugins, dict) and key in PLUGIN_FIELDS else None
+    name = _named_component(raw, key)
+    if not isinstance(entry, dict) or not isinstance(entry.get("plugin"), str) or entry.get("name") != name:
+        return ""  # nothing recorded for the component the config names now (a --set may have changed it)
+    kind = "task" if key == "task" else key.split(".")[1]
+    try:
+        (registry or get_registry()).get(kind, name or "")
+        return ""  # registered: the error is about something else
+    except UnknownComponentError:
+        pass
+    plugin = entry["plugin"]
+    if "/" in plugin or plugin.endswith(".py") or Path(plugin).exists():
+        missing = "" if Path(plugin).exists() else " (no such file or folder here: pass the plugin's path on this machine)"
+        action = f"run psmsearch --plugin {plugin} train {source}{missing}"
+    else:
+        action = (f"install the package that provides it, or, if it is a module on the Python path, run "
+                  f"psmsearch --plugin {plugin} train {source}")
+    return f"This config's plugins field records that {kind} {name!r} came from the plugin {plugin!r}: {action}"
+
+
+def other_plugins(config: TrialConfig, registry: Registry | None = None) -> list[tuple[str, str]]:
+    """``(field, why)`` for each entry of ``config.plugins`` whose task or component is registered here
+    from another plugin than the one recorded: the same name may be another implementation. Entries
+    for a name the config no longer gives there (a ``--set`` changed it) say nothing."""
+    registry = registry or get_registry()
+    found = []
+    for key, recorded in config.plugins.items():
+        if key != "task" and config.model.kind != "psm":
+            continue
+        kind = "task" if key == "task" else key.split(".")[1]
+        name = config.task.name if key == "task" else getattr(config.model, kind).name
+        current = registry.get(kind, name).plugin
+        if recorded.name == name and current != recorded.plugin:
+            found.append((key, f"the trial ran {kind} {name!r} from the plugin {recorded.plugin!r}; here {name!r} "
+                               f"comes from {current!r}, which may be another implementation"))
+    return found
 
 
 def unread_model_fields(model: Any, kind: str) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 from clihelpers import run_cli
 from psmsearch.ray_driver import DEFAULT_RESULTS_DIR as DEFAULT_RESULTS
@@ -158,6 +159,7 @@ def test_ray_search_on_a_cluster_tracks_nested_runs_and_ships_plugins(cluster: C
     assert parent.info.run_id == summary["parent_run"]
     assert parent.info.status == "FINISHED" and parent.data.tags["psmsearch.driver"] == "ray"
     assert sorted(r.data.tags["psmsearch.trial"] for r in trials) == ["0", "1"]
+    plugin = str((tmp_path / "shipped_plugin.py").resolve())
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["psmsearch.driver"] == "ray"
@@ -165,6 +167,11 @@ def test_ray_search_on_a_cluster_tracks_nested_runs_and_ships_plugins(cluster: C
         assert run.data.params["model.aggregator"] == "shipped_mlp"
         assert run.data.params["search.model.chunk_size"] in {"2", "4"}
         assert {"acc_1x", "acc_2x", "train_seconds", "params"} <= set(run.data.metrics)
+        # the file as the user gave it, as under the Optuna driver; the worker knows it as module 'shipped_plugin'
+        assert run.data.tags["psmsearch.plugin.aggregator"] == plugin
+        config = Path(client.download_artifacts(run.info.run_id, "trial_config.yaml", str(tmp_path / run.info.run_id)))
+        assert f"# Run it again with: psmsearch --plugin {plugin} train trial_config.yaml" in config.read_text()
+        assert yaml.safe_load(config.read_text())["plugins"] == {"model.aggregator": {"name": "shipped_mlp", "plugin": plugin}}
 
 
 FAILS_ONCE_PLUGIN = '''
@@ -224,6 +231,31 @@ def test_ray_search_on_a_private_cluster_records_a_failed_trial_and_goes_on(tmp_
     [line] = [line for line in again.stderr.splitlines() if "already exists" in line]
     assert line.startswith("error: a Ray search 'ray-tiny' already exists in "), "--resume was not passed: no '--resume:' prefix"
     assert "pass --resume to continue it" in line
+
+
+def test_a_ray_search_in_which_no_trial_completed_exits_1_naming_the_plugin_as_given(
+        tmp_path: Path, private_env: dict[str, str]) -> None:
+    """A plugin aggregator that raises fails every trial: the Ray search exits 1
+    (it exited 0) after its JSON, with one line saying so; the trial's run tags the plugin file as the
+    user gave it (Ray workers load it as the bare module 'plugin_aggregators', which the tag held)."""
+    plugin = Path(__file__).parent / "fixtures" / "plugin_aggregators.py"
+    (tmp_path / "space.yaml").write_text(SPACE.replace("shipped_mlp", "always_fails") + "driver: {pruner: none}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("--plugin", str(plugin), "search", "space.yaml", "--driver", "ray", "--trials", "1",
+                     "--tracking-uri", uri, "--no-progress", "--json", env=private_env, cwd=tmp_path, timeout=240)
+    assert result.returncode == 1, result.stderr[-4000:]
+    [trial] = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
+    assert trial["status"] == "failed" and "RuntimeError: my plugin's bug" in trial["error"]
+    assert trial["run_id"], "a trial that failed before its first report named no run"
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: no trial of search 'ray-tiny' completed (1 failed, of 1): this command's failures are above")
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(trial["run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["psmsearch.plugin.aggregator"] == str(plugin.resolve())
+    assert run.data.tags["psmsearch.plugin.head"] == "psmsearch.plugins.token_state"
 
 
 @pytest.fixture
@@ -568,12 +600,51 @@ def test_a_ray_resume_with_a_changed_search_space_is_refused_before_anything_run
     options = SearchOptions(trials=2, resume=True, progress=False, storage=str(tmp_path / DEFAULT_RESULTS),
                             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(ConfigError, match=r"space\.yaml:\d+: model\.d_model: the Ray search 'tiny' in .* was started "
-                                          r"with another search space: model\.d_model is new \(\{int: \[16, 32\], step: 16\}\); "
+                                          r"with another search space: model\.d_model was 16, now \{int: \[16, 32\], step: 16\}; "
                                           r"model\.chunk_size was \{choice: \[1, 2, 4\]\}, now \{choice: \[1, 2, 8\]\}\. "
                                           r".*start a new search with --study NAME"):
         run_ray_search(space, options)
     assert not (tmp_path / "mlflow.db").exists()
     assert json.loads((experiment / CLAIM_FILE).read_text()) == claim
+
+
+def test_a_ray_resume_with_other_training_is_refused_as_an_optuna_one_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the dimensions were compared: a resume with another ``train.steps`` ran the new trials with
+    it (the trial function takes the resuming command's space) beside trials trained otherwise. The claim
+    records the search's whole definition (psmsearch.definition), checked as an Optuna study's is; what
+    may change (``--trials``, ``driver.jobs``, the description, ``threads``) still resumes. A claim from
+    before the record was kept is checked on its dimensions and given the record."""
+    from searchhelpers import TINY_SPACE, write_space
+
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, _check_new_or_resumed
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+    experiment = tmp_path / DEFAULT_RESULTS / "tiny"
+    experiment.mkdir(parents=True)
+    assert not _check_new_or_resumed(experiment, SearchOptions(trials=1), load_space(write_space(tmp_path), smoke_samples=1))
+    claim = json.loads((experiment / CLAIM_FILE).read_text())
+    assert claim["definition"]["train.steps"] == 6
+    shutil.copytree(OLD_FORMAT, experiment, dirs_exist_ok=True)  # Tune saved its state: the experiment exists
+    resume = SearchOptions(trials=4, resume=True)
+    longer = load_space(write_space(tmp_path, "longer.yaml", train={**TINY_SPACE["train"], "steps": 12}), smoke_samples=1)
+    with pytest.raises(ConfigError) as refused:
+        _check_new_or_resumed(experiment, resume, longer)
+    line = (tmp_path / "longer.yaml").read_text().splitlines().index("  steps: 12") + 1
+    assert str(refused.value).startswith(
+        f"{tmp_path / 'longer.yaml'}:{line}: train.steps: the Ray search 'tiny' in {experiment.parent} was started with "
+        "another search space: train.steps was 6, now 12. Trials of one search must be trained and sampled alike")
+    assert "start a new search with --study NAME" in str(refused.value)
+    allowed = load_space(write_space(tmp_path, "allowed.yaml", description="more", threads=2,
+                                     driver={**TINY_SPACE["driver"], "trials": 4, "jobs": 2}), smoke_samples=1)
+    assert _check_new_or_resumed(experiment, resume, allowed)
+
+    (experiment / CLAIM_FILE).write_text(json.dumps({k: v for k, v in claim.items() if k != "definition"}))
+    assert _check_new_or_resumed(experiment, resume, longer)  # an old claim: its dimensions are the same
+    assert json.loads((experiment / CLAIM_FILE).read_text())["definition"]["train.steps"] == 12
 
 
 @pytest.mark.slow

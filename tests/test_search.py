@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from psmsearch.errors import ConfigError
@@ -368,7 +371,7 @@ def test_a_non_finite_objective_fails_the_trial_and_keeps_its_other_metrics(tmp_
         driver={"trials": 1, "startup_trials": 1, "pruner": "none"},
     )
     result = run_cli("--plugin", str(FIXTURES / "scripted_score.py"), "search", str(space), "--json", "--no-progress", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # its only trial failed: no trial completed
     [row] = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
     assert row["status"] == "failed" and f"objective 'score' is {special}; objectives must be finite numbers" in row["error"]
     [run] = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "trial"]
@@ -583,6 +586,16 @@ def test_a_grid_search_over_plain_lists_of_fixed_components_runs_each_listed_com
 
 
 def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_store(tmp_path: Path) -> None:
+    """Also: ``--search A --search B`` kept only B. Now both searches' trials are ranked together (one
+    Pareto front), each row naming its search (a table column, a JSON field), each search found in its own
+    experiment; the plots go to each search's parent run in a folder naming both. A search named twice,
+    or searches with other objectives (without --objective), are refused."""
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from psmsearch.cli import main
+    from psmsearch.tracking import Tracker
+
     result = run_cli("compare", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow database at" in result.stderr
     assert not (tmp_path / "mlflow.db").exists(), "compare only reads"
@@ -595,6 +608,44 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["experiment"] == "e1" and report["search"] == "sa" and len(report["trials"]) == 1
+    assert [s["search"] for s in report["searches"]] == ["sa"]
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def compare(*args: str) -> Any:  # in this process: a second each, where a new process takes several
+        return CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--out", str(tmp_path / "plots"), *args])
+
+    result = compare("--search", "sa", "--search", "sb", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["experiment"] is None and report["search"] is None  # neither is one value here
+    assert [(s["search"], s["experiment"]) for s in report["searches"]] == [("sa", "e1"), ("sb", "e2")]
+    assert sorted((t["search"], t["name"]) for t in report["trials"]) == [("sa", "sa-trial-0"), ("sb", "sb-trial-0")]
+    values = [t["objectives"]["acc_2x"] for t in report["trials"]]
+    assert values == sorted(values, reverse=True) and report["trials"][0]["pareto"]
+    client = MlflowClient(tracking_uri=uri)
+    for entry in report["searches"]:
+        logged = {a.path for a in client.list_artifacts(entry["parent_run"], "compare_sa+sb")}
+        assert "compare_sa+sb/objectives.png" in logged, logged
+
+    table = compare("--search", "sa", "--search", "sb")
+    assert table.exit_code == 0, table.output
+    assert "search sa (experiment e1), search sb (experiment e2): ranked together" in table.stdout
+    assert sorted(row[:2] for row in table_rows(table.stdout)) == [["sa", "sa-trial-0"], ["sb", "sb-trial-0"]]
+
+    twice = compare("--search", "sa", "--search", "sb", "--search", "sa")
+    assert twice.exit_code == 2
+    assert "error: --search: search 'sa' is named twice; name each search once" in twice.stderr
+
+    tracker = Tracker(uri, "e3")  # a search ranked on another metric
+    tracker.parent_run("sc", {}, {"objectives": [{"metric": "params", "direction": "minimize"}]})
+    mixed = compare("--search", "sa", "--search", "sc")
+    assert mixed.exit_code == 2
+    assert ("error: --objective: the searches were run with other objectives (sa: acc_2x:max; sc: params:min); pass "
+            "--objective METRIC:max|min (repeatable) to rank them together on the same ones") in mixed.stderr
+    overridden = compare("--search", "sa", "--search", "sc", "--objective", "acc_2x:max", "--json")
+    assert overridden.exit_code == 0, overridden.output
+    assert [t["search"] for t in json.loads(overridden.stdout)["trials"]] == ["sa"]  # sc has no trial
 
 
 def test_tables_show_float_parameters_to_4_significant_digits(capsys: pytest.CaptureFixture[str]) -> None:
@@ -709,7 +760,7 @@ def test_a_failed_trials_error_is_printed_once(tmp_path: Path, progress: list[st
     task = {"name": "fail_task", "group": "Z5", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16}
     space = write_space(tmp_path, task=task, driver={"trials": 2, "pruner": "none"})
     result = run_cli("--plugin", str(FIXTURES / "failing_components.py"), "search", str(space), *progress, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # no trial completed
     output = result.stdout + result.stderr
     assert output.count("ValueError: the task's data source is broken") == 2, output
     for number in (0, 1):
@@ -817,3 +868,127 @@ def test_a_trial_ended_before_the_study_counts_it_is_still_shown_running(tmp_pat
         "1/6  done 1  pruned 0  failed 0  running 1  best acc_2x=0.5 (trial 0)]",
         "2/6  done 2  pruned 0  failed 0  running 0  best acc_2x=0.6 (trial 1)]",
     ]
+
+
+PLUGIN_FILE = FIXTURES / "plugin_aggregators.py"
+"""A user's plugin file: ``my_mlp`` works, ``always_fails`` fails every trial (its ``forward`` raises)."""
+
+
+def test_a_search_in_which_no_trial_completed_exits_1_and_still_prints_and_records_everything(tmp_path: Path) -> None:
+    """A plugin aggregator that raises fails every trial. The search exited 0, so a script
+    could not tell it from one that found something; it now exits 1 after its JSON (stdout holds it
+    alone), with one stderr line saying how many trials failed and where to read why."""
+    model = {**TINY_SPACE["model"], "aggregator": "always_fails"}
+    space = write_space(tmp_path, model=model, driver={"trials": 2, "startup_trials": 1, "pruner": "none"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("--plugin", str(PLUGIN_FILE), "search", str(space), "--tracking-uri", uri, "--json",
+                     "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert [t["status"] for t in summary["trials"]] == ["failed", "failed"]
+    assert all("RuntimeError: my plugin's bug" in t["error"] for t in summary["trials"])
+    assert result.stderr.count("RuntimeError: my plugin's bug") == 2  # each failure's line, once
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no trial of search 'tiny' completed (2 failed, of 2): this command's failures are above")
+    assert f"`psmsearch compare --search tiny --tracking-uri {uri}` lists every trial with its error" in last
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.FAIL] * 2
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert sorted(r.info.status for r in runs if r.data.tags.get("psmsearch.kind") == "trial") == ["FAILED"] * 2
+    [parent] = [r for r in runs if r.data.tags.get("psmsearch.kind") == "search"]
+    assert parent.info.status == "FINISHED"  # the search itself ran to its end
+    compared = run_cli("compare", "--search", "tiny", "--tracking-uri", uri, "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    for number in (0, 1):  # compare lists each trial's error under its table, as the message says
+        assert f"tiny-trial-{number} failed: training and evaluation: RuntimeError: my plugin's bug (at " in compared.stdout
+
+
+def test_a_search_in_which_some_trials_completed_exits_0(tmp_path: Path) -> None:
+    """One trial of the grid fails, the other completes: the search has a result, so it exits 0."""
+    model = {**TINY_SPACE["model"], "chunk_size": 2,
+             "aggregator": {"choice": ["always_fails", {"name": "my_mlp", "mlp_ratio": 1}]}}
+    space = write_space(tmp_path, model=model, driver={"trials": 2, "sampler": "grid", "pruner": "none"})
+    result = run_cli("--plugin", str(PLUGIN_FILE), "search", str(space), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(row[1] for row in table_rows(result.stdout)) == ["complete", "failed"]
+    assert re.search(r"^trial [01] failed: training and evaluation: RuntimeError: my plugin's bug \(at ",
+                     result.stderr, re.MULTILINE), result.stderr
+    assert "error:" not in result.stderr
+
+
+def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_which_to_pass(tmp_path: Path) -> None:
+    """The plugin tag holds the plugin file's path, and trial_config.yaml records it (a comment header and
+    the plugins field): without it, ``psmsearch train trial_config.yaml`` failed with a bare "unknown
+    aggregator 'my_mlp'"; it now names the recorded plugin and the --plugin to pass. A component that a
+    --set renamed has no record (no hint); one registered here from another file is a warning."""
+    from mlflow.tracking import MlflowClient
+
+    from psmsearch.registry import load_registry
+    from psmsearch.trial import load_trial_config
+
+    model = {**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "my_mlp", "mlp_ratio": 1}}
+    space = write_space(tmp_path, model=model, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    result = run_cli("--plugin", str(PLUGIN_FILE), "search", str(space), "--json", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [trial] = json.loads(result.stdout)["trials"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = client.get_run(trial["run_id"]).data.tags
+    plugin = str(PLUGIN_FILE.resolve())
+    assert tags["psmsearch.plugin.aggregator"] == plugin
+    assert tags["psmsearch.plugin.head"] == "psmsearch.plugins.token_state"
+    config = Path(client.download_artifacts(trial["run_id"], "trial_config.yaml", str(tmp_path)))
+    text = config.read_text()
+    assert text.startswith("# Trial 0 of search 'tiny', as it ran.\n")
+    assert f"#   model.aggregator 'my_mlp': --plugin {plugin}\n" in text
+    assert f"# Run it again with: psmsearch --plugin {plugin} train trial_config.yaml\n" in text
+    recorded = {"model.aggregator": {"name": "my_mlp", "plugin": plugin}}
+    assert yaml.safe_load(text)["plugins"] == recorded  # built-in components are not listed
+
+    bare = run_cli("train", str(config), "--no-progress", cwd=tmp_path)
+    assert bare.returncode == 2, bare.stderr
+    assert "unknown aggregator 'my_mlp'" in bare.stderr
+    assert (f"This config's plugins field records that aggregator 'my_mlp' came from the plugin '{plugin}': run "
+            f"psmsearch --plugin {plugin} train {config}") in bare.stderr
+    rerun = run_cli("--plugin", plugin, "train", str(config), "--json", "--no-progress", "--no-eval-log", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr == "" and "acc_2x" in json.loads(rerun.stdout)
+
+    builtin = load_registry()  # no plugin: what `train` knows without --plugin
+    with pytest.raises(ConfigError, match="unknown aggregator 'other'") as unknown:
+        load_trial_config(config, ["model.aggregator.name=other"], registry=builtin)
+    assert "plugins field" not in str(unknown.value), "the record is of my_mlp, not of the name --set gave"
+    warnings: list[str] = []
+    (tmp_path / "copy.py").write_text(PLUGIN_FILE.read_text())  # my_mlp from another file: perhaps another my_mlp
+    load_trial_config(config, registry=load_registry(extra_plugins=[str(tmp_path / "copy.py")]), warn=warnings.append)
+    assert warnings == [f"{config}:{text.splitlines().index('  model.aggregator:') + 1}: plugins.model.aggregator: the "
+                        f"trial ran aggregator 'my_mlp' from the plugin '{plugin}'; here 'my_mlp' comes from "
+                        f"'{tmp_path / 'copy.py'}', which may be another implementation"]
+
+
+def test_resume_refuses_a_changed_space_naming_each_field_and_allows_what_may_change(tmp_path: Path) -> None:
+    """``--resume`` with another ``train.steps`` trained the study's later trials otherwise than its first
+    ones, silently. The study records what defines the search; a resume that changes it is refused before
+    anything runs (the MLflow parent run untouched), naming each field with its old and new value. The
+    budget, parallelism, description, device and threads may change."""
+    driver = {"trials": 1, "startup_trials": 1, "pruner": "none"}
+    space = write_space(tmp_path, driver=driver)
+    assert run_cli("search", str(space), "--no-progress", cwd=tmp_path).returncode == 0
+    changed = write_space(tmp_path, "changed.yaml", driver=driver, train={**TINY_SPACE["train"], "steps": 12},
+                          model={**TINY_SPACE["model"], "chunk_size": {"choice": [1, 2]}})
+    result = run_cli("search", str(changed), "--resume", "--trials", "2", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    line = changed.read_text().splitlines().index("  chunk_size:") + 1
+    [error] = result.stderr.strip().splitlines()
+    assert error.startswith(
+        f"error: {changed}:{line}: model.chunk_size: study 'tiny' in sqlite:///{tmp_path / 'psmsearch.db'} was started "
+        "with another search space: model.chunk_size was {choice: [1, 2, 4]}, now {choice: [1, 2]}; train.steps was "
+        "6, now 12. "), error
+    assert "start a new search with --study NAME" in error and "only the space's name and description, driver.trials" in error
+    assert len(optuna_trials(tmp_path / "psmsearch.db")) == 1
+    [parent] = [r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]
+    assert parent.info.status == "FINISHED"
+
+    allowed = write_space(tmp_path, "allowed.yaml", description="more trials", device="cpu", threads=2,
+                          driver={**driver, "trials": 2, "jobs": 2, "grace_period": 20})
+    result = run_cli("search", str(allowed), "--resume", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.COMPLETE] * 2

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from clihelpers import run_cli
+from clihelpers import run_cli, table_rows
 from searchhelpers import mlflow_runs, optuna_trials, write_space
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -68,11 +68,19 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path: Path, fres
 
 
 def test_a_task_that_raises_fails_its_trial_not_the_search(tmp_path: Path) -> None:
+    """Every trial fails, each recorded as usual, and the search goes on to the end; it then exits 1
+    (it exited 0, so a script could not tell it from a search that found something) with one line
+    saying so after the table, which is still printed."""
     task = {"name": "fail_task", "group": "Z5", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16}
     space = write_space(tmp_path, task=task, driver={"trials": 2, "pruner": "none"})
     result = run_cli("--plugin", str(FIXTURES / "failing_components.py"), "search", str(space), "--no-progress", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "ValueError: the task's data source is broken (at " in result.stderr.replace(" \n", " ")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no trial of search 'tiny' completed (2 failed, of 2): this command's failures are above "
+        "('trial N failed: ...'), and `psmsearch compare --search tiny` lists every trial with its error (as its "
+        "MLflow run holds it: tag psmsearch.error, artifact error.txt)")
+    assert [row[:2] for row in table_rows(result.stdout)] == [["tiny-trial-0", "failed"], ["tiny-trial-1", "failed"]]
     assert [t.state for t in optuna_trials(tmp_path / "psmsearch.db")] == [TrialState.FAIL] * 2
     assert [r.info.status for r in trial_runs(tmp_path / "mlflow.db")] == ["FAILED"] * 2
 
