@@ -73,6 +73,7 @@ from psmsearch.registry import env_plugin_specs, get_registry
 from psmsearch.report import TrialRow, rank
 from psmsearch.search import SearchOptions, TrialOutcome, execute_trial, open_tracking
 from psmsearch.space import SearchSpace
+from psmsearch.tasks import LAUNCH_DIR_ENV
 from psmsearch.tracking import KIND_TAG, TRIAL_TAG, Tracker, param_text, retry_locked
 
 if TYPE_CHECKING:
@@ -475,7 +476,10 @@ def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
 
     A module name passes through unchanged: it must be installed on the cluster (as entry-point
     plugins are). Workers record the plugins by the names given here (:func:`shipped_plugin_labels`
-    maps them back).
+    maps them back). The directory the command started in goes along (``PSMSEARCH_LAUNCH_DIR``): a
+    Ray trial runs in a working directory of its own, and workers of a cluster joined with
+    ``--address`` do not inherit the driver's environment, so a relative ``task.path`` is looked for
+    there (it must exist on every node).
     """
     modules: list[str] = []
     names: list[str] = []
@@ -487,7 +491,10 @@ def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
             names.append(_shipped_name(path))
         else:
             names.append(spec)
-    env: dict[str, Any] = {"env_vars": {PLUGINS_ENV_VAR: ",".join(names)}} if names else {}
+    env_vars = {LAUNCH_DIR_ENV: os.environ.get(LAUNCH_DIR_ENV) or os.getcwd()}
+    if names:
+        env_vars[PLUGINS_ENV_VAR] = ",".join(names)
+    env: dict[str, Any] = {"env_vars": env_vars}
     if modules:
         env["py_modules"] = modules
     return env

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+from psmsearch import interrupts
+
 try:
     import fcntl
 except ImportError:  # Windows: no schema-creation lock (concurrent first use is then unsupported)
@@ -149,10 +151,15 @@ def _check_reachable(uri: str, where: str, timeout: float = 5.0) -> None:
 
 
 def retry_locked(fn: Callable[[], T], attempts: int = 40, delay: float = 0.25) -> T:
-    """Call ``fn``, retrying while SQLite reports a transient conflict with another process."""
+    """Call ``fn``, retrying while SQLite reports a transient conflict with another process.
+
+    Each call runs whole, a Ctrl-C held back until it returns (:func:`psmsearch.interrupts.deferred`): cut
+    inside SQLAlchemy, it could leave a transaction holding the store's lock.
+    """
     for attempt in range(attempts):
         try:
-            return fn()
+            with interrupts.deferred():
+                return fn()
         except Exception as err:  # noqa: BLE001 - narrowed by the message below
             text = str(err).lower()
             transient = any(marker in text for marker in TRANSIENT_SQLITE_ERRORS)

@@ -719,3 +719,22 @@ def test_a_trial_stopped_by_asha_shows_its_last_evaluation(tmp_path: Path) -> No
         assert run.data.metrics["score"] == pytest.approx(first_evaluation)
         assert row["objectives"]["score"] == pytest.approx(first_evaluation)
         assert row["metrics"]["acc_1x"] == pytest.approx(run.data.metrics["acc_1x"])
+
+
+def test_the_workers_get_the_directory_the_command_started_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative ``task.path`` is looked for in ``PSMSEARCH_LAUNCH_DIR``; a private local cluster inherits it
+    from the driver, but workers of a cluster joined with ``--address`` do not: the job's runtime_env
+    carries it, beside the shipped plugins."""
+    from psmsearch.ray_driver import worker_runtime_env
+    from psmsearch.tasks import LAUNCH_DIR_ENV
+
+    monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path))
+    assert worker_runtime_env([]) == {"env_vars": {LAUNCH_DIR_ENV: str(tmp_path)}}
+    plugin = tmp_path / "my_agg.py"
+    plugin.write_text("")
+    env = worker_runtime_env([str(plugin)])
+    assert env["env_vars"] == {LAUNCH_DIR_ENV: str(tmp_path), "PSMSEARCH_PLUGINS": "my_agg"}
+    assert env["py_modules"] == [str(plugin.resolve())]
+    monkeypatch.delenv(LAUNCH_DIR_ENV)
+    monkeypatch.chdir(tmp_path)
+    assert worker_runtime_env([])["env_vars"][LAUNCH_DIR_ENV] == str(tmp_path), "library use: the working directory"

@@ -199,6 +199,49 @@ def test_a_second_signal_while_stopping_does_not_raise_again() -> None:
     assert result.stdout.strip() == "worker threads stop"
 
 
+SIGNAL_IN_A_DATABASE_CALL = """
+import os, signal, sys, threading
+from psmsearch import interrupts
+
+interrupts.install()
+steps = []
+try:
+    with interrupts.deferred():
+        with interrupts.deferred():  # nested: only the outermost block's end raises
+            os.kill(os.getpid(), signal.SIGINT)
+            threading.Event().wait(0.2)
+            steps.append("inner finished")
+        assert interrupts.STOP.is_set(), "worker threads are told at once"
+        steps.append("outer finished")
+    sys.exit("the held-back interrupt was lost")
+except KeyboardInterrupt as err:
+    print(steps, str(err))
+"""
+
+
+def test_a_signal_inside_a_database_call_is_raised_when_the_call_returns() -> None:
+    """A KeyboardInterrupt raised inside SQLAlchemy could leave a transaction holding SQLite's lock, and the
+    interrupted trial's clean-up (and Optuna's heartbeat thread) then waited on it: the SIGINT resume test
+    hung about once in 10-20 runs. Storage and tracking calls now run whole, the interrupt raised after."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_DATABASE_CALL], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['inner finished', 'outer finished'] SIGINT"
+
+
+def test_every_storage_and_tracking_call_holds_a_signal_back() -> None:
+    from psmsearch.optuna_driver import QueueSafeRDBStorage
+    from psmsearch.tracking import retry_locked
+
+    for name in ("create_new_trial", "set_trial_user_attr", "set_trial_intermediate_value", "get_all_trials",
+                 "set_trial_state_values", "record_heartbeat"):
+        assert getattr(getattr(QueueSafeRDBStorage, name), "__wrapped__", None) is not None, name
+    from psmsearch import interrupts
+
+    depth = []
+    retry_locked(lambda: depth.append(interrupts._deferring))
+    assert depth == [1]
+
+
 SIGNAL_IN_A_FINALIZER = """
 import os, signal, sys, threading
 from psmsearch import interrupts
