@@ -129,6 +129,38 @@ def test_a_forwarded_worker_error_is_raised_as_the_same_type_and_message() -> No
     assert 'raise ConfigError(f"bad value on rank {rank}"' in info.value.worker_traceback
 
 
+def print_and_register_an_exit_hook(rank: int, out_dir: str) -> None:
+    import atexit
+
+    print(f"rank {rank} done", end="")  # no newline, no flush: only the worker's own flush sends it
+    atexit.register(lambda: (Path(out_dir) / f"finalised{rank}").touch())
+
+
+def test_a_finished_worker_flushes_its_output_and_skips_finalisation(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that had finished and torn down its group aborted at exit in CI ("terminate called without
+    an active exception"), failing a finished trial. A finished worker now leaves without finalising
+    (no atexit hooks, no C++ static destructors), its buffered output flushed first."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the workers' stdout is a buffered file here
+    dist.launch(print_and_register_an_exit_hook, 2, str(tmp_path))
+    out = capfd.readouterr().out
+    assert "rank 0 done" in out and "rank 1 done" in out
+    assert not list(tmp_path.iterdir()), "a finished worker ran its atexit hooks"
+
+
+def abort_on_rank_1(rank: int) -> None:
+    if rank == 1:
+        os.abort()
+
+
+def test_a_worker_killed_by_a_fatal_signal_prints_its_python_stack(capfd: pytest.CaptureFixture[str]) -> None:
+    """So that the next such abort says where it happened (CI showed only the C++ message)."""
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="process 1 terminated with signal SIGABRT"):
+        dist.launch(abort_on_rank_1, 2)
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Aborted" in err and "in abort_on_rank_1" in err, err
+
+
 def test_rank_0_evaluations_reach_the_parent_callback_which_can_prune() -> None:
     """Evaluation lines were missing under --nproc: the CLI's log callback never ran. A callback that
     prunes in the parent stops the workers as it stops a single-process trial."""
