@@ -44,7 +44,7 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
     from psmsearch.registry import require_loaded_plugins
     from psmsearch.space import load_space
 
-    require_loaded_plugins("the search")
+    require_loaded_plugins("the search", warn=lambda message: click.echo(f"warning: {message}", err=True))
     space = load_space(space_file)
     for warning in space.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -78,7 +78,7 @@ def train(
     """Train and evaluate one trial described by CONFIG (a trial YAML file)."""
     if resume and checkpoint is None:
         raise click.UsageError("--resume needs --checkpoint PATH, the file to continue from")
-    require_loaded_plugins("training")
+    require_loaded_plugins("training", warn=lambda message: click.echo(f"warning: {message}", err=True))
     trial = load_trial_config(config, overrides, warn=lambda message: click.echo(f"warning: {message}", err=True))
     if resume and not checkpoint.is_file():
         click.echo(f"no checkpoint at {checkpoint} yet: training from step 0", err=True)

@@ -76,18 +76,25 @@ class ComponentInfo:
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """A plugin that could not be loaded or registered something invalid."""
+    """A plugin that could not be loaded or registered something invalid.
+
+    ``source`` says how the plugin came to be loaded: ``named`` (``--plugin`` or ``PSMSEARCH_PLUGINS``,
+    the user's own choice for this run), ``installed`` (an installed package's entry point, loaded in
+    every run) or ``built-in``. See :func:`require_loaded_plugins` for what each means to a run.
+    """
 
     plugin: str
     error: str
     detail: str = ""
+    source: str = "named"
 
     def __str__(self) -> str:
-        return f"plugin {self.plugin!r}: {self.error}"
+        where = " (installed package)" if self.source == "installed" else ""
+        return f"plugin {self.plugin!r}{where}: {self.error}"
 
     def as_dict(self) -> dict[str, str]:
         """The JSON shape of a failure in ``psmsearch plugins --json``."""
-        return {"plugin": self.plugin, "error": self.error, "detail": self.detail}
+        return {"plugin": self.plugin, "error": self.error, "detail": self.detail, "source": self.source}
 
 
 @dataclass
@@ -108,7 +115,12 @@ class Registry:
         try:
             return self.components[kind][name]
         except (KeyError, TypeError):
-            raise UnknownComponentError(kind, name, self.components[kind]) from None
+            error = UnknownComponentError(kind, name, self.components[kind])
+        if self.failures:  # the name may be one that a plugin which failed to load would have registered
+            plugins = ", ".join(dict.fromkeys(repr(failure.plugin) for failure in self.failures))
+            error.args = (f"{error.args[0]} These plugins failed to load, and {name!r} may be one of theirs: "
+                          f"{plugins} (`psmsearch plugins` says why).",)
+        raise error
 
     def names(self, kind: str) -> list[str]:
         """Registered names of one kind, sorted."""
@@ -236,8 +248,15 @@ class _Loader:
         self.registry = registry
         self.manager = _plugin_manager()
         self.trusted: set[str] = set()
+        self.sources: dict[str, str] = {}  # plugin label -> PluginFailure.source
 
-    def add_module(self, label: str, load: Callable[[], Any]) -> None:
+    def record(self, label: str, error: str, detail: str = "") -> None:
+        """Record a failure of the plugin loaded under ``label``, with how it came to be loaded."""
+        source = "built-in" if label in self.trusted else self.sources.get(label, "named")
+        self.registry.failures.append(PluginFailure(label, error, detail, source))
+
+    def add_module(self, label: str, load: Callable[[], Any], source: str = "named") -> None:
+        self.sources.setdefault(label, source)
         try:
             module = load()
         except BaseException as err:  # noqa: BLE001 - a broken plugin must not stop the others
@@ -252,9 +271,9 @@ class _Loader:
         except pluggy.PluginValidationError as err:  # a hook declared with other arguments than the spec's
             hook = next((name for name in HOOK_NAMES if f"hook {name!r}" in str(err)), "the hook")
             function = getattr(module, hook, None)
-            self.registry.failures.append(PluginFailure(
+            self.record(
                 label, f"{' '.join(str(err).split())}; a hook takes one argument: define it as {hook}(register)"
-                f"{_defined_at(function)}"))
+                f"{_defined_at(function)}")
             return
         except Exception as err:  # noqa: BLE001
             self.fail(label, err)
@@ -264,7 +283,7 @@ class _Loader:
     def fail(self, label: str, err: BaseException, prefix: str = "") -> None:
         detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         message = f"{prefix}{type(err).__name__}: {err}{_where(err)}"
-        self.registry.failures.append(PluginFailure(label, message, detail))
+        self.record(label, message, detail)
 
     def check_hooks(self) -> None:
         """Report hook functions that would silently do nothing: a name that is not one of our hooks
@@ -280,23 +299,23 @@ class _Loader:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 code = getattr(impl.function, "__code__", None)
                 where = f" (line {code.co_firstlineno})" if code is not None else ""
-                self.registry.failures.append(PluginFailure(
-                    impl.plugin_name, f"{name}{where} is not a psmsearch hook{hint} (hooks: {', '.join(HOOK_NAMES)})"))
+                self.record(
+                    impl.plugin_name, f"{name}{where} is not a psmsearch hook{hint} (hooks: {', '.join(HOOK_NAMES)})")
         for label, module in self.manager.list_name_plugin():
             if label in self.trusted or module is None:
                 continue
             unmarked = [hook for hook in HOOK_NAMES if callable(getattr(module, hook, None))
                         and not hasattr(getattr(module, hook), f"{PROJECT}_impl")]
             for hook in unmarked:
-                self.registry.failures.append(PluginFailure(
+                self.record(
                     label, f"{hook} is not marked with @psmsearch.hookimpl, so it is never called "
-                    f"(put @psmsearch.hookimpl on the line above its def){_defined_at(getattr(module, hook))}"))
+                    f"(put @psmsearch.hookimpl on the line above its def){_defined_at(getattr(module, hook))}")
             if label in misnamed or unmarked:
                 continue
             if not any(caller.has_spec() for caller in self.manager.get_hookcallers(module) or ()):
-                self.registry.failures.append(PluginFailure(
+                self.record(
                     label, f"defines no psmsearch hook, so it registers nothing (expected functions such as "
-                    f"register_aggregators(register) marked with @psmsearch.hookimpl; hooks: {', '.join(HOOK_NAMES)})"))
+                    f"register_aggregators(register) marked with @psmsearch.hookimpl; hooks: {', '.join(HOOK_NAMES)})")
 
     def add_spec(self, spec: str) -> None:
         if _looks_like_path(spec):
@@ -318,9 +337,9 @@ class _Loader:
             hook = getattr(self.manager.hook, HOOK_FOR_KIND[kind])
             for impl in hook.get_hookimpls():
                 if "register" not in impl.argnames:
-                    self.registry.failures.append(PluginFailure(
+                    self.record(
                         impl.plugin_name, f"{HOOK_FOR_KIND[kind]}() takes no register argument, so it cannot register "
-                        f"anything: define it as {HOOK_FOR_KIND[kind]}(register){_defined_at(impl.function)}"))
+                        f"anything: define it as {HOOK_FOR_KIND[kind]}(register){_defined_at(impl.function)}")
                     continue
                 callback = self._register_callback(kind, impl.plugin_name)
                 try:
@@ -334,7 +353,7 @@ class _Loader:
                 info = _describe(kind, cls, plugin, name)
             except PluginError as err:  # located at the declaration it names, else at the class
                 location = getattr(err, "location", "") or _defined_at(cls)
-                self.registry.failures.append(PluginFailure(plugin, f"{err}{location}"))
+                self.record(plugin, f"{err}{location}")
                 return
             except Exception as err:  # noqa: BLE001 - one bad class must not cost the plugin's others
                 label = getattr(cls, "__name__", repr(cls))
@@ -342,13 +361,8 @@ class _Loader:
                 return
             existing = self.registry.components[kind].get(info.name)
             if existing is not None:
-                self.registry.failures.append(
-                    PluginFailure(
-                        plugin,
-                        f"{kind} {info.name!r} is registered twice: by plugin {existing.plugin!r} "
-                        f"and by plugin {plugin!r}; keeping the one from {existing.plugin!r}",
-                    )
-                )
+                self.record(plugin, f"{kind} {info.name!r} is registered twice: by plugin {existing.plugin!r} "
+                                    f"and by plugin {plugin!r}; keeping the one from {existing.plugin!r}")
                 return
             self.registry.components[kind][info.name] = info
 
@@ -429,7 +443,7 @@ def load_registry(extra_plugins: Sequence[str] = (), defaults: Iterable[str] = D
         loader.trusted.add(module_name)
         loader.add_module(module_name, lambda m=module_name: importlib.import_module(m))
     for entry_point in importlib.metadata.entry_points(group=PROJECT):
-        loader.add_module(entry_point.name, entry_point.load)
+        loader.add_module(entry_point.name, entry_point.load, source="installed")
     for spec in [*env_plugin_specs(), *extra_plugins]:
         loader.add_spec(spec)
     loader.check_hooks()
@@ -467,18 +481,26 @@ def reset_registry() -> Registry:
     return _REGISTRY
 
 
-def require_loaded_plugins(command: str, registry: Registry | None = None) -> Registry:
-    """The registry, or a :class:`PluginError` if any plugin failed to load.
+def require_loaded_plugins(command: str, registry: Registry | None = None,
+                           warn: Callable[[str], None] | None = None) -> Registry:
+    """The registry, or a :class:`PluginError` if a plugin this run was told to load failed to.
 
-    A search or a training run with a broken plugin would train without its components, or, where
-    the plugin meant to replace a name, with the built-in of that name, and the results would not
-    say so. ``plugins`` and ``check`` still run and report the failures.
+    A plugin named for the run (``--plugin``, ``PSMSEARCH_PLUGINS``) or a built-in that failed stops
+    ``search`` and ``train`` before anything runs: it was named to be used, and a search without its
+    components, or with a built-in standing in for a name it meant to take, would spend its budget on
+    something else. An installed package's plugin loads in every run, named or not; its failure goes
+    to ``warn`` (one line each) and the run goes on, so that one broken package does not take the
+    tool down (DESIGN.md §5). A component it would have registered is then unknown, and that error
+    names the plugins that failed (:meth:`Registry.get`); a name it registered a second time stays
+    with its first registration, as the warning says and each trial's plugin tag records.
+    ``plugins`` and ``check`` run whatever failed and report every failure.
     """
     registry = registry or get_registry()
-    if registry.failures:
-        listed = "; ".join(str(failure) for failure in registry.failures)
-        count = len({failure.plugin for failure in registry.failures})
-        problems = len(registry.failures)
+    blocking = [failure for failure in registry.failures if failure.source != "installed"]
+    if blocking:
+        listed = "; ".join(str(failure) for failure in blocking)
+        count = len({failure.plugin for failure in blocking})
+        problems = len(blocking)
         counted = f" ({problems} problems)" if problems > count else ""
         raise PluginError(
             f"{count} plugin{'s' if count > 1 else ''} failed to load{counted}, so {command} would run without "
@@ -486,4 +508,7 @@ def require_loaded_plugins(command: str, registry: Registry | None = None) -> Re
             "Fix the plugin, or leave it out (--plugin, PSMSEARCH_PLUGINS, or its installed package); "
             "`psmsearch plugins` shows what loaded"
         )
+    for failure in registry.failures:
+        if warn is not None:
+            warn(f"{failure} ({command} goes on without it; `psmsearch plugins` shows what loaded)")
     return registry

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from clihelpers import run_cli
 
@@ -75,3 +76,92 @@ def test_without_the_package_the_name_is_unknown() -> None:
     result = run_cli("check", "gated")
     assert result.returncode == 2
     assert "unknown component 'gated'" in result.stderr
+
+
+BROKEN_PACKAGE = {
+    "pyproject.toml": """
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "psmsearch-broken"
+version = "0.1.0"
+
+[project.entry-points.psmsearch]
+broken = "psmsearch_broken_import"
+duplicate = "psmsearch_duplicate"
+
+[tool.setuptools]
+py-modules = ["psmsearch_broken_import", "psmsearch_duplicate"]
+""",
+    "psmsearch_broken_import.py": 'raise RuntimeError("this package is broken on purpose")\n',
+    "psmsearch_duplicate.py": (Path(__file__).parent / "fixtures" / "duplicate_name.py").read_text(),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An installed package with two entry points: one fails at import, one registers ``attention`` again."""
+    root = tmp_path_factory.mktemp("broken")
+    source = root / "psmsearch-broken"
+    source.mkdir()
+    for name, text in BROKEN_PACKAGE.items():
+        (source / name).write_text(text)
+    target = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        check=True,
+        timeout=300,
+    )
+    return target
+
+
+def test_an_installed_packages_failures_are_listed_as_installed(broken_site: Path) -> None:
+    result = run_cli("plugins", "--json", env=_env(broken_site))
+    assert result.returncode == 0, result.stderr
+    failures = {f["plugin"]: f for f in json.loads(result.stdout)["failures"]}
+    assert set(failures) == {"broken", "duplicate"}
+    assert all(f["source"] == "installed" for f in failures.values())
+    assert "RuntimeError: this package is broken on purpose" in failures["broken"]["error"]
+    assert "aggregator 'attention' is registered twice" in failures["duplicate"]["error"]
+
+
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_a_broken_installed_package_does_not_stop_search_or_train(broken_site: Path, tmp_path: Path, command: str) -> None:
+    """DESIGN.md §5: one broken plugin never takes the tool down. An installed package loads in every
+    run; its failures were refusals (exit 2) for every search and training run until it was uninstalled.
+    Now each is a warning, and `attention`, which the package registered a second time, stays the built-in."""
+    from searchhelpers import TINY_SPACE, write_space
+
+    write_space(tmp_path, driver={**TINY_SPACE["driver"], "trials": 2})
+    trial = {k: TINY_SPACE[k] for k in ("task", "train")}
+    trial["model"] = {**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "attention", "layers": 1, "heads": 2}}
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(trial))
+    args = ["search", "space.yaml", "--json", "--no-progress"] if command == "search" else ["train", "trial.yaml", "--json"]
+    result = run_cli(*args, env=_env(broken_site), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: plugin ")]
+    assert len(warnings) == 2, result.stderr
+    assert any("'broken' (installed package): RuntimeError: this package is broken on purpose" in w for w in warnings)
+    assert any("'duplicate' (installed package): aggregator 'attention' is registered twice" in w
+               and "keeping the one from 'psmsearch.plugins." in w for w in warnings)
+    assert "Traceback" not in result.stderr
+    output = json.loads(result.stdout)
+    if command == "train":
+        assert output["acc_2x"] >= 0.0
+    else:
+        assert [t["status"] for t in output["trials"]] == ["complete", "complete"], output
+
+
+def test_a_component_a_broken_installed_package_would_provide_is_unknown_naming_the_package(
+        broken_site: Path, tmp_path: Path) -> None:
+    from searchhelpers import TINY_SPACE
+
+    trial = {k: TINY_SPACE[k] for k in ("task", "train")}
+    trial["model"] = {**TINY_SPACE["model"], "chunk_size": 2, "aggregator": "brokenagg"}
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(trial))
+    result = run_cli("train", "trial.yaml", env=_env(broken_site), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "unknown aggregator 'brokenagg'" in result.stderr
+    assert "These plugins failed to load, and 'brokenagg' may be one of theirs: 'broken', 'duplicate'" in result.stderr
