@@ -9,13 +9,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
 from torch import nn
 
 from psmsearch.errors import ConfigError
-from psmsearch.plugins.tasks import MQAR, ByteLM, GroupWordProblem, S5WordProblem, group_elements
+from psmsearch.plugins.tasks import MQAR, ByteLM, GroupWordProblem, S5WordProblem, _load_hf_text, group_elements
 from psmsearch.registry import get_registry
 from psmsearch.tasks import LAUNCH_DIR_ENV, sequence_bucket
 
@@ -461,6 +462,146 @@ print("identical")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "identical", result.stderr[-2000:]
+
+
+def reference_text(rows: list[str]) -> bytes:
+    """The lm task's text of a split's rows, written plainly: when some row has text and every row with
+    text ends in a newline, the rows are concatenated with ``"\n"`` for each empty row (the Hub's
+    WikiText); otherwise they are joined with ``"\n"``. Decided from all rows."""
+    with_text = [row for row in rows if row != ""]
+    if with_text and all(row[-1] == "\n" for row in with_text):
+        return "".join(row if row != "" else "\n" for row in rows).encode("utf-8")
+    return "\n".join(rows).encode("utf-8")
+
+
+@pytest.fixture
+def parquet_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, list[Any]]], str]:
+    """``write({split: rows})`` writes a local parquet dataset, one file per split named the Hub's way,
+    and returns its folder for ``task.dataset``; ``datasets`` caches it under tmp_path, offline."""
+    datasets = pytest.importorskip("datasets", reason="the lm task's dataset option needs the `datasets` package")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    def write(splits: dict[str, list[Any]]) -> str:
+        folder = tmp_path / "data"
+        folder.mkdir()
+        for split, rows in splits.items():
+            pq.write_table(pa.table({"text": pa.array(rows, pa.string())}), folder / f"{split}-00000-of-00001.parquet")
+        return str(folder)
+
+    return write
+
+
+def wikitext_rows(n: int, start: int = 0) -> list[str]:
+    """``n`` rows shaped like the Hub's WikiText: each line ends in ``"\n"``, a blank line is ``""``."""
+    return ["" if i % 5 == 0 else "\n" if i % 11 == 0 else f" = line {i} =\n" if i % 7 == 0 else f"word {i} , and more\n"
+            for i in range(start, start + n)]
+
+
+def plain_rows(n: int, start: int = 0) -> list[str]:
+    """``n`` rows of a text loaded line by line: no newlines, a blank line is ``""``."""
+    return ["" if i % 6 == 0 else f"line {i}" for i in range(start, start + n)]
+
+
+@pytest.mark.parametrize("make_rows", [wikitext_rows, plain_rows], ids=["rows-keep-newlines", "rows-without-newlines"])
+def test_lm_dataset_rows_are_joined_exactly_in_both_layouts(
+        parquet_dataset: Callable[..., str], make_rows: Callable[..., list[str]]) -> None:
+    """Rows that end in newlines (with empty rows for blank lines) are concatenated, rows without are
+    joined with newlines; 2,500 rows span several of the Arrow chunks that ``datasets`` writes."""
+    splits = {"train": make_rows(2500), "validation": make_rows(1200, 2500), "test": make_rows(900, 3700)}
+    texts = _load_hf_text(parquet_dataset(splits))
+    assert [bytes(text) for text in texts] == [reference_text(rows) for rows in splits.values()]
+
+
+@pytest.mark.parametrize("rows, layout", [
+    (wikitext_rows(1500) + ["a row without its newline"] + wikitext_rows(500, 1500), "joined"),
+    ([""] * 1000 + wikitext_rows(600, 1), "concatenated"),
+], ids=["newline-rows-then-one-without", "empty-rows-then-newline-rows"])
+def test_lm_dataset_layout_is_decided_from_all_rows(
+        parquet_dataset: Callable[..., str], rows: list[str], layout: str) -> None:
+    """The layout was decided from the first 1000 rows: a later row without its newline was run into
+    the next line, and rows with newlines after 1000 empty ones got a second newline each."""
+    texts = _load_hf_text(parquet_dataset({"train": rows, "validation": wikitext_rows(50)}))
+    assert bytes(texts[0]) == reference_text(rows)
+    assert bytes(texts[0]) == ("\n".join(rows) if layout == "joined" else "".join(row or "\n" for row in rows)).encode()
+
+
+@pytest.mark.parametrize("newline", ["\n", ""], ids=["rows-keep-newlines", "rows-without-newlines"])
+def test_lm_dataset_text_of_several_byte_characters_is_its_utf8(parquet_dataset: Callable[..., str], newline: str) -> None:
+    """Characters of two, three and four UTF-8 bytes come out as their UTF-8 bytes, across chunks."""
+    words = ["café", "naïve", "€", "日本語", "😀", "plain", ""]
+    rows = [f"{words[i % len(words)]} {i}{newline}" if i % 9 else "" for i in range(2100)]
+    texts = _load_hf_text(parquet_dataset({"train": rows, "test": rows[::-1]}))
+    assert [bytes(text) for text in texts[:2]] == [reference_text(rows), reference_text(rows[::-1])]
+    assert texts[2] is None and len(texts[0]) > len(reference_text(rows).decode())
+
+
+@pytest.mark.parametrize("newline", ["\n", ""], ids=["rows-keep-newlines", "rows-without-newlines"])
+def test_lm_dataset_null_row_is_refused_naming_dataset_split_and_row(
+        parquet_dataset: Callable[..., str], newline: str) -> None:
+    """A null row was taken for a blank line where rows keep their newlines and failed with a TypeError
+    where they do not; it is neither, so it is refused."""
+    validation = [f"line {i}{newline}" for i in range(2000)]
+    validation[1500] = None
+    folder = parquet_dataset({"train": [f"line{newline}"] * 10, "validation": validation})
+    with pytest.raises(ConfigError, match=rf"task\.dataset: dataset '{re.escape(folder)}' split 'validation': "
+                                          r"row 1500 of column 'text' is null \(1 null row in the split\)"):
+        _load_hf_text(folder)
+
+
+@pytest.mark.parametrize("arrow_type", ["string", "large_string", "string_view"])
+def test_lm_dataset_splits_of_each_arrow_string_type_and_an_empty_split(
+        monkeypatch: pytest.MonkeyPatch, arrow_type: str) -> None:
+    """An empty split gives no bytes (a parquet file of no rows cannot be loaded by ``datasets``, so the
+    dataset is built in memory here), and ``large_string`` and ``string_view`` columns join as ``string``."""
+    datasets = pytest.importorskip("datasets", reason="the lm task's dataset option needs the `datasets` package")
+    features = datasets.Features({"text": datasets.Value(arrow_type)})
+    splits = {"train": wikitext_rows(1100), "validation": plain_rows(30), "test": []}
+    data = datasets.DatasetDict({name: datasets.Dataset.from_dict({"text": rows}, features=features)
+                                 for name, rows in splits.items()})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: data)
+    assert [bytes(text) for text in _load_hf_text("in-memory")] == [reference_text(rows) for rows in splits.values()]
+
+
+def test_lm_dataset_text_is_held_once_its_held_out_halves_views_of_one_buffer(parquet_dataset: Callable[..., str]) -> None:
+    """Each split's text was a str, its bytes and a bytearray copy, and a dataset's one held-out split
+    was halved by slicing bytes; now the joined buffer is the tensor's memory and the halves are views."""
+    rows = {"train": wikitext_rows(3000), "validation": plain_rows(1000)}
+    parts = ByteLM(dataset=parquet_dataset(rows), seq_len=32).splits()
+    held_out = reference_text(rows["validation"])
+    assert [bytes(part.numpy()) for part in parts] == [reference_text(rows["train"]), held_out[: len(held_out) // 2],
+                                                      held_out[len(held_out) // 2 :]]
+    assert parts[0].untyped_storage().nbytes() == len(parts[0])
+    assert parts[1].untyped_storage().data_ptr() == parts[2].untyped_storage().data_ptr()
+
+
+def test_joined_rows_matches_the_reference_across_chunks_blocks_and_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random rows in both layouts, cut into Arrow chunks that are slices of a larger array, each of the
+    three string types, joined in blocks of a few rows: the same bytes as the plain reference."""
+    pa = pytest.importorskip("pyarrow")
+    import random
+
+    from psmsearch.plugins import tasks
+
+    rng = random.Random(0)
+    pieces = ["a", "é", "€", "😀", "\n", " "]
+    for _ in range(400):
+        newline = rng.choice(["\n", ""])
+        rows = ["" if rng.random() < 0.3 else "".join(rng.choices(pieces, k=rng.randint(0, 4))) + newline
+                for _ in range(rng.randint(0, 25))]
+        cuts = sorted(rng.sample(range(len(rows) + 1), min(len(rows) + 1, rng.randint(0, 3))))
+        bounds = [0, *cuts, len(rows)]
+        arrow_type = rng.choice([pa.string(), pa.large_string()])
+        padded = pa.array(["before", *rows, "after"], arrow_type)
+        column = pa.chunked_array([padded.slice(1 + a, b - a) for a, b in zip(bounds, bounds[1:])], type=arrow_type)
+        if rng.random() < 0.25:
+            column = column.cast(pa.string_view())
+        monkeypatch.setattr(tasks, "_JOIN_BLOCK_ROWS", rng.choice([1, 2, 5, 1 << 16]))
+        text = tasks._joined_rows(tasks._text_column("random", "train", pa.table({"text": column})))
+        assert isinstance(text, bytearray) and bytes(text) == reference_text(rows), rows
 
 
 @needs_text
