@@ -387,7 +387,8 @@ def held_state_counts(pushes: int) -> list[int]:
     empty slot; the new root's fold is the root itself when no slot above is occupied, else a state
     of its own; the fold of the next slot up is dropped when that slot is occupied). The peak is
     not reached only at ``2^k - 1`` pushes, where the roots are: after 13 pushes (0b1101) the scan
-    holds 5 states, after 7 and 15 only 4. Memory metrics use this to know where to measure.
+    holds 5 states, as after 15, where 7 and 14 hold 4; 853 hold 11 where 511 hold 10. Memory
+    metrics use this to know where to measure.
     """
     roots: list[bool] = []
     folds: list[str | None] = []  # None: no fold; "root": the root itself; "own": a state of its own

@@ -182,6 +182,20 @@ def test_incompatible_state_kinds_are_refused_with_a_clear_message() -> None:
         validate_model_config(config, registry)
 
 
+def test_building_a_layer_of_incompatible_components_is_refused_before_any_is_built() -> None:
+    """The composer's own check (DESIGN.md §3), for code that builds a model without validating its
+    config first: an affine aggregator between token-state components failed inside the aggregator's
+    constructor instead ("'int' object is not iterable"), naming nothing."""
+    from psmsearch.errors import IncompatibleComponentsError
+
+    config = ModelConfig(d_model=16, encoder="embed", aggregator="affine_diag", head="attention")
+    with pytest.raises(IncompatibleComponentsError, match=(
+            r"^incompatible components: encoder 'embed' has state_kind 'tokens', aggregator 'affine_diag' has "
+            r"state_kind 'affine-diag', head 'attention' has state_kind 'tokens'; encoder, aggregator and head "
+            r"must share one state_kind$")):
+        build_model(config, 5)
+
+
 def test_unknown_hyperparameter_and_bad_value_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"model.aggregator.depth: aggregator 'attention' has no hyperparameter 'depth'; allowed: heads, layers, mlp_ratio\.$") as unknown:
         validate_model_config(ModelConfig(aggregator={"name": "attention", "depth": 3}))

@@ -296,3 +296,32 @@ def test_a_plugin_file_importing_its_sibling_says_how_to_make_a_package(fresh_re
     registry = fresh_registry.load_registry(extra_plugins=[str(plugin)])
     (failure,) = [f for f in registry.failures if f.plugin == str(plugin)]
     assert "sits beside" not in failure.error, "no sibling: the plain error"
+
+
+NO_STATE_KIND = '''
+import torch
+from psmsearch import Aggregator, hookimpl
+
+class NoKind(Aggregator):
+    name = "no_kind"
+    def forward(self, older, newer):
+        return older + newer
+    def initial_state(self, batch_shape):
+        return torch.zeros(*batch_shape, 1)
+
+@hookimpl
+def register_aggregators(register):
+    register(NoKind)
+'''
+
+
+def test_a_component_without_a_state_kind_is_a_failure_not_a_component(fresh_registry, tmp_path: Path) -> None:
+    """DESIGN.md §3: every component declares a state_kind; without one the composer could not tell
+    what it combines with, so it is reported at its class and never registered."""
+    plugin = tmp_path / "no_kind.py"
+    plugin.write_text(NO_STATE_KIND)
+    registry = fresh_registry.load_registry(extra_plugins=[str(plugin)])
+    assert "no_kind" not in registry.names("aggregator")
+    (failure,) = registry.failures
+    assert failure.plugin == str(plugin)
+    assert failure.error == f"aggregator 'no_kind' declares no state_kind (at {plugin}:5)"

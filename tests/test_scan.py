@@ -494,3 +494,65 @@ def test_a_wrong_shape_names_the_line_of_the_return_that_made_it() -> None:
         scan = OnlineScan(TwoReturns(3))
         for i in range(3):
             scan.push(torch.randn(2, 3, dtype=torch.float64))
+
+
+class SymbolicAssociative(Symbolic):
+    """:class:`Symbolic` claiming associativity, optionally with its own exclusive scan: the strings
+    still show every call's operands, and ``e`` (the initial state) reaching ``agg`` fails at once."""
+
+    associative = True
+
+    def __init__(self, own_scan: bool) -> None:
+        super().__init__()
+        self.own_scan = own_scan
+
+    def scan(self, states: np.ndarray) -> np.ndarray | None:
+        if not self.own_scan:
+            return None
+        out = np.empty_like(states)  # [B, N]
+        out[:, 0] = "e"
+        for i in range(1, states.shape[1]):
+            out[:, i] = states[:, 0] if i == 1 else self(out[:, i - 1], states[:, i - 1])
+        return out
+
+
+def left_fold(i: int) -> str:
+    """``((x0 x1) x2) ...``: the running fold of chunks ``0 .. i-1`` (``e`` for none)."""
+    acc = "e" if i == 0 else "x0"
+    for k in range(1, i):
+        acc = f"({acc} x{k})"
+    return acc
+
+
+@pytest.mark.parametrize("own_scan", [False, True], ids=["generic", "own-scan"])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8])
+def test_an_associative_aggregator_never_receives_the_initial_state(own_scan: bool, n: int) -> None:
+    """DESIGN.md §2: the identity is structural, so no path calls ``agg`` with ``e``, associative or not
+    (an associative aggregator may learn its ``initial_state``, which is then no identity): the
+    parallel scan with and without ``total``, its own scan followed by ``total``, and streaming."""
+    agg = SymbolicAssociative(own_scan)
+    prefixes = prefix_scan(agg, symbols(n, batch=2), total=True)  # [B, N+1]
+    expected = [left_fold(i) for i in range(n + 1)] if own_scan else [expected_prefix(i) for i in range(n + 1)]
+    assert list(prefixes[1]) == expected
+    assert list(prefix_scan(agg, symbols(n, batch=2))[0]) == expected[:n]
+    stream = OnlineScan(SymbolicAssociative(own_scan), (2,))
+    assert stream.prefix()[0] == "e"
+    for i in range(n):
+        stream.push(symbols(n, batch=2)[:, i])
+        assert stream.prefix()[0] == left_fold(i + 1)
+
+
+class NonAssociativeWithAScan(Symbolic):
+    """A non-associative aggregator that also defines ``scan``: the engine must not use it."""
+
+    def scan(self, states: np.ndarray) -> np.ndarray:
+        raise AssertionError("the own scan of a non-associative aggregator was used")
+
+
+@pytest.mark.parametrize("total", [False, True])
+def test_an_own_scan_is_used_only_when_the_aggregator_is_associative(total: bool) -> None:
+    """DESIGN.md §3: ``scan(states)`` is a fast path of associative aggregators only; a non-associative
+    one keeps the exact tree parenthesization whatever it defines."""
+    for n in (1, 2, 5, 8):
+        prefixes = prefix_scan(NonAssociativeWithAScan(), symbols(n), total=total)
+        assert list(prefixes[0]) == [expected_prefix(i) for i in range(n + total)]
