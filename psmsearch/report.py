@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 
-from psmsearch.plot_labels import group_label, group_labels, key_letter, key_lines, short_name
+from psmsearch.plot_labels import KeyEntry, group_label, group_labels, key_letter, key_lines, short_name, trial_params
 from psmsearch.space import Objective
 
 LENGTH_METRIC = re.compile(r"^acc_(\d+(?:\.\d+)?)x$")
@@ -45,6 +45,17 @@ def format_param(text: str) -> str:
     if abs(value) >= 1e4:  # no exponent, as metrics; no thousands separator inside a comma-separated list
         return f"{float(f'{value:.4g}'):.0f}"
     return f"{value:.4g}"
+
+
+def plot_params(rows: Sequence[TrialRow]) -> dict[str, str]:
+    """Each trial's parameters that differ among ``rows``, the trials one plot shows, as its labels
+    write them (:func:`psmsearch.plot_labels.trial_params`: ``attention c=16``). Only the searched
+    ones (``search.*``, as the table lists them) where the trials have any: the others follow from
+    them (an mlp aggregator's ``mlp_ratio``) or are the same for all. Values read as in the table."""
+    searched = any(key.startswith("search.") for row in rows for key in row.params)
+    return trial_params({row.name: {key.removeprefix("search."): format_param(value)
+                                    for key, value in row.params.items() if key.startswith("search.") or not searched}
+                         for row in rows})
 
 
 def pareto_front(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[bool]:
@@ -147,7 +158,6 @@ LABEL_OFFSET_POINTS = 4  # from a point to its label
 MARKER_POINTS = 6  # the scatter's marker size (diameter), kept clear of other points' labels
 LABEL_BACKGROUND = {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
 
-KeyEntry = tuple[str, Sequence[str]]  # (heading, trial names): one entry of the key under a plot
 PointGroup = tuple[tuple[float, float], list[str], bool]  # a scatter point, its trials, on the front
 
 
@@ -192,36 +202,71 @@ def objectives_figure(rows: Sequence[TrialRow], objectives: Sequence[Objective])
     left out of the layout: a label naming 10 coinciding trials made ``tight_layout`` shrink the plot
     to 0.12 of the figure's width, and from 12 on it gave up and the label ran off the figure. A point whose
     trials do not fit in its label gets a key letter, and the key under the plot names them all, as it
-    names the trials of points too crowded for a label of their own."""
+    names the trials of points too crowded for a label of their own.
+
+    Each label (a bar's name) also says what its trials are: the parameters that differ among the
+    trials plotted (:func:`plot_params`: ``trial 4: attention c=16``). Coinciding trials that differ
+    in them are keyed, the key giving each set of parameters with its trials."""
     scored = [r for r in rows if r.status == "complete" and all(o.metric in r.metrics for o in objectives)]
     if not scored:
         return None
+    params = plot_params(scored)
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     points: list[PointGroup] = []
+    entries: list[KeyEntry] = []
     if len(objectives) >= 2:
         points = _scatter_two_objectives(ax, scored, objectives[0], objectives[1])
     else:
-        _bar_per_trial(ax, scored, objectives[0])
+        entries = _bar_per_trial(ax, scored, objectives[0], params)
     ax.set_title("objectives")
     fig.tight_layout()
-    _add_key(fig, _label_points(ax, points))
+    _add_key(fig, entries + _label_points(ax, points, params))
     return fig
 
 
-def _bar_per_trial(ax: Any, scored: Sequence[TrialRow], objective: Objective) -> None:
-    """One bar per trial, in rank order, each named below it. The figure widens with the number of
-    bars (up to :data:`MAX_WIDTH_INCHES`) so the names never overlap; past that every k-th is named."""
+def _bar_per_trial(ax: Any, scored: Sequence[TrialRow], objective: Objective, params: dict[str, str]) -> list[KeyEntry]:
+    """One bar per trial, in rank order, each named below it with its parameters (``params``: one line
+    of at most :data:`psmsearch.plot_labels.LABEL_CHARS`, keyed where they do not fit). The figure
+    widens with the number of bars (up to :data:`MAX_WIDTH_INCHES`) so the names never overlap; past
+    that every k-th is named; it lengthens by what the names add to bare trial names, so the plot keeps
+    its height. Returns the key's entries."""
     values = [r.metrics[objective.metric] for r in scored]
     count = len(scored)
     width = min(MAX_WIDTH_INCHES, max(FIGSIZE[0], BARS_MARGIN_INCHES + count * BAR_INCHES))
     ax.figure.set_size_inches(width, FIGSIZE[1])
     every = math.ceil(count * BAR_INCHES / (width - BARS_MARGIN_INCHES))
     ax.bar(range(count), values, color=["tab:red" if r.pareto else "tab:gray" for r in scored])
-    ticks = range(0, count, every)
-    ax.set_xticks(ticks, [short_name(scored[i].name) for i in ticks], rotation=90, fontsize="small")
+    entries = _name_bars(ax, {i: scored[i].name for i in range(0, count, every)}, params)
     ax.set_xlabel("trial (sorted)" if every == 1 else f"trial (sorted; every {_ordinal(every)} named)")
     ax.set_ylabel(f"{objective.metric} ({objective.direction})")
     scale_objective_axis(ax, "y", objective.metric, values)
+    return entries
+
+
+def _name_bars(ax: Any, names: dict[int, str], params: dict[str, str]) -> list[KeyEntry]:
+    """Name the bars at the positions ``names`` holds, each with its trial's ``params``, and lengthen
+    the figure by as much as the longest name runs past the longest bare trial name (``trial 12``):
+    ``tight_layout`` then gives the names that room and the plot the height it has without them.
+    Returns the key's entries, for names whose parameters do not fit."""
+    fig = ax.figure
+    labels = group_labels([[name] for name in names.values()], params=params, lines=1)
+    ax.set_xticks(list(names), [label.text for label in labels], rotation=90, fontsize="small")
+    bare = _longest_inches(fig, map(short_name, names.values()))
+    extra = _longest_inches(fig, [label.text for label in labels]) - bare
+    fig.set_size_inches(fig.get_size_inches()[0], FIGSIZE[1] + max(0.0, extra))
+    return [label.entry for label in labels if label.entry]
+
+
+def _longest_inches(fig: Any, texts: Iterable[str]) -> float:
+    """How long the longest of ``texts`` runs in the ``small`` font (a rotated bar name: how tall)."""
+    probe = fig.text(0, 0, "", fontsize="small")
+    renderer = fig.canvas.get_renderer()
+    longest = 0.0
+    for text in texts:
+        probe.set_text(text)
+        longest = max(longest, probe.get_window_extent(renderer).width / fig.dpi)
+    probe.remove()
+    return longest
 
 
 def _ordinal(number: int) -> str:
@@ -247,21 +292,24 @@ def _scatter_two_objectives(ax: Any, scored: Sequence[TrialRow], x_obj: Objectiv
     return [(point, names, point in front) for point, names in _group_by_value(zip(xs, ys), (r.name for r in scored))]
 
 
-def _label_points(ax: Any, points: Sequence[PointGroup]) -> list[KeyEntry]:
+def _label_points(ax: Any, points: Sequence[PointGroup], params: dict[str, str]) -> list[KeyEntry]:
     """Label the points of a laid-out scatter, front first, then the points with most trials, then by
-    rank: each where its label fits inside the plot without covering another label or point. Returns
-    the key's entries: the trials of each lettered label, and of the points left without one."""
+    rank: each where its label (its trials and their ``params``) fits inside the plot without covering
+    another label or point. Returns the key's entries: the trials of each lettered label, and of the
+    points left without one, with their parameters."""
     renderer = ax.figure.canvas.get_renderer()
     taken = [_marker_box(ax, point) for point, _, _ in points]
     entries: list[KeyEntry] = []
     crowded: list[str] = []
+    letters = 0
     for point, names, _ in sorted(points, key=lambda p: (not p[2], -len(p[1]))):
-        label = group_label(names, key_letter(len(entries)))
+        label = group_label(names, key_letter(letters), params=params)
         if not _place_label(ax, point, label.text, taken, renderer):
             crowded += names
-        elif label.key:
-            entries.append((label.key, names))
-    return entries + ([("no room for their labels", crowded)] if crowded else [])
+        elif label.entry:
+            entries.append(label.entry)
+            letters += bool(label.key)
+    return entries + ([KeyEntry("no room for their labels", tuple(crowded), params)] if crowded else [])
 
 
 def _marker_box(ax: Any, point: tuple[float, float]) -> Any:
@@ -393,17 +441,19 @@ def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: st
 
     The legend stands right of the plot, never over the lines, and its entries are bounded like the
     objectives' labels (a curve whose trials do not fit gets a key letter and the key under the plot):
-    the plot keeps its size whatever the number of trials."""
+    the plot keeps its size whatever the number of trials. As there, an entry gives its trials'
+    parameters that differ among the trials drawn (:func:`plot_params`)."""
     curves = [(r.name, stop_note(r), tuple(points)) for r in rows if (points := _length_curves(r, pattern))]
     if not curves:
         return None
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     groups = _group_by_value(((points, note) for _, note, points in curves), (name for name, _, _ in curves))[:top]
-    labels = group_labels([names for _, names in groups])
+    drawn = {name for _, names in groups for name in names}
+    labels = group_labels([names for _, names in groups], params=plot_params([r for r in rows if r.name in drawn]))
     for index, (((points, note), _), label) in enumerate(zip(groups, labels)):
         style = STOPPED_STYLE if note else {"linestyle": LINESTYLES[index % len(LINESTYLES)]}
-        text = label.text + (f" ({note})" if note else "")
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)], label=text, **style)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)],
+                label=_with_note(label.text, note), **style)
     ax.set_xscale("log", base=2)
     if bytes_y:  # as an objective axis: log where the values span > 100x (a KV cache), B/KiB/MiB ticks
         scale_objective_axis(ax, "y", "bytes", [y for points, _ in (g[0] for g in groups) for _, y in points])
@@ -411,8 +461,15 @@ def curves_figure(rows: Sequence[TrialRow], pattern: re.Pattern[str], xlabel: st
     ax.set_ylabel(ylabel)
     fig.tight_layout()
     _legend_right_of_plot(ax)
-    _add_key(fig, [(label.key, label.names) for label in labels if label.key])
+    _add_key(fig, [label.entry for label in labels if label.entry])
     return fig
+
+
+def _with_note(text: str, note: str) -> str:
+    """A legend entry: the label with how its trials stopped at the end of its first line (the one
+    naming them: ``trial 5: mlp c=4 (pruned at step 200)``), where they did not complete."""
+    first, newline, rest = text.partition("\n")
+    return f"{first} ({note}){newline}{rest}" if note else text
 
 
 def _legend_right_of_plot(ax: Any) -> None:
@@ -425,9 +482,10 @@ def _legend_right_of_plot(ax: Any) -> None:
 
 
 def _add_key(fig: Any, entries: Sequence[KeyEntry]) -> None:
-    """Under everything drawn, the key naming the trials of each entry (a lettered label's, or those
-    of points without a label: :func:`psmsearch.plot_labels.key_lines`), the figure lengthened to hold
-    it; nothing without entries. The plot keeps its size and its place from the top of the figure."""
+    """Under everything drawn, the key naming the trials of each entry and their parameters (a
+    lettered label's, or those of points without a label: :func:`psmsearch.plot_labels.key_lines`),
+    the figure lengthened to hold it; nothing without entries. The plot keeps its size and its place
+    from the top of the figure."""
     width, height = fig.get_size_inches()
     fontsize = _small_points()
     lines = key_lines(entries, int((width - 2 * PAD_INCHES) * 72 / (fontsize * CHAR_EM)))

@@ -1,18 +1,21 @@
 """compare's plots, checked on the matplotlib figures: most from trial rows made here; those about many
-trials on one spot from the trials of a search written to a real MLflow store (SQLite), as compare reads them."""
+trials on one spot, and about the parameters the labels give, from the trials of a search written to a
+real MLflow store (SQLite), as compare reads them."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from matplotlib import pyplot as plt
 
-from psmsearch.plot_labels import group_labels, key_lines, short_name, trial_list
+from psmsearch.plot_labels import (KEY_LINES, LABEL_CHARS, LABEL_LINES, KeyEntry, cut_middle, cut_words, group_label,
+                                   group_labels, key_lines, short_keys, short_name, trial_list, trial_params)
 from psmsearch.report import (LENGTH_METRIC, MEMORY_METRIC, PEAK_MEMORY_METRIC, TrialRow, curves_figure, format_bytes,
-                              objectives_figure, objectives_from_parent, rank, rows_from_runs, stop_note,
+                              objectives_figure, objectives_from_parent, plot_params, rank, rows_from_runs, stop_note,
                               wants_log_scale, write_plots)
 from psmsearch.space import Objective
 
@@ -178,27 +181,43 @@ def trial_metrics(number: int) -> dict[str, float]:
     return {"acc_1x": 1.0, "acc_2x": (1 + acc) / 2, "acc_4x": acc, "peak_state_bytes_1k": memory, "peak_state_bytes_4k": memory}
 
 
+TWO_OBJECTIVES = [{"metric": "acc_4x", "direction": "maximize"}, {"metric": "peak_state_bytes_4k", "direction": "minimize"}]
+Trial = tuple[dict[str, Any], dict[str, float], str]  # a trial's logged params, its metrics and its status
+
+
+def tracked_search(path: Path, name: str, trials: list[Trial], objectives: list[dict[str, str]] = TWO_OBJECTIVES
+                   ) -> tuple[list[TrialRow], list[Objective]]:
+    """Write a search's trials (numbered in order) to an MLflow store at ``path`` as a search does, and
+    read them back as compare does: ranked rows and the search's objectives."""
+    from psmsearch.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{path / 'mlflow.db'}", name)
+    parent = tracker.parent_run(name, {}, {"objectives": objectives})
+    for number, (params, metrics, status) in enumerate(trials):
+        run = tracker.trial_run(parent, name, number, params, {})
+        tracker.log_metrics(run, metrics)
+        pruned = {"psmsearch.error": "pruned at step 200 with acc_4x=0.2 (median rule)"} if status == "pruned" else {}
+        tracker.set_tags(run, {"psmsearch.status": status, **pruned})
+        tracker.finish(run)
+    tracker.finish(parent)
+    [search] = tracker.runs(name, kind="search")
+    read_objectives = objectives_from_parent(search)
+    rows = rows_from_runs(tracker.runs(name, parent=search.info.run_id))
+    assert len(rows) == len(trials)
+    return rank(rows, read_objectives), read_objectives
+
+
 @pytest.fixture(scope="module")
 def crowded(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[TrialRow], list[Objective]]:
     """The search's trials as compare reads them back from MLflow (ranked), and its objectives."""
-    from psmsearch.tracking import Tracker
+    return tracked_search(tmp_path_factory.mktemp("mlflow"), SEARCH, [
+        ({"search.model.chunk_size": chunk_size(number)}, trial_metrics(number), "pruned" if number == PRUNED else "complete")
+        for number in [*range(40), PRUNED]])
 
-    tracker = Tracker(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}", SEARCH)
-    objectives = [{"metric": "acc_4x", "direction": "maximize"}, {"metric": "peak_state_bytes_4k", "direction": "minimize"}]
-    parent = tracker.parent_run(SEARCH, {}, {"objectives": objectives})
-    for number in [*range(40), PRUNED]:
-        run = tracker.trial_run(parent, SEARCH, number, {"search.model.chunk_size": 2 + number % 3}, {})
-        tracker.log_metrics(run, trial_metrics(number))
-        pruned = number == PRUNED
-        tracker.set_tags(run, {"psmsearch.status": "pruned" if pruned else "complete",
-                               **({"psmsearch.error": "pruned at step 200 with acc_4x=0.2 (median rule)"} if pruned else {})})
-        tracker.finish(run)
-    tracker.finish(parent)
-    [search] = tracker.runs(SEARCH, kind="search")
-    read_objectives = objectives_from_parent(search)
-    rows = rows_from_runs(tracker.runs(SEARCH, parent=search.info.run_id))
-    assert len(rows) == 41
-    return rank(rows, read_objectives), read_objectives
+
+def chunk_size(number: int) -> int:
+    """The crowded search's one parameter, which tells apart trials that share a point."""
+    return 2 + number % 3
 
 
 def only(rows: list[TrialRow], numbers: list[int]) -> list[TrialRow]:
@@ -232,6 +251,11 @@ def assert_nothing_off_the_figure(fig: Any) -> None:
         f"drawn over {drawn.bounds} (inches), the figure is {width} x {height}"
 
 
+def assert_bounded(label: str, longest: int = LONGEST_LABEL) -> None:
+    lines = label.split("\n")
+    assert len(lines) <= LABEL_LINES and all(len(line) <= longest for line in lines), label
+
+
 def named_trials(texts: list[str]) -> set[int]:
     """The trial numbers the texts name: ``trial 4``, ``trials 0, 2–4, 6`` (a key entry wrapped over
     lines included); ``(+N more)`` names none."""
@@ -262,7 +286,7 @@ def test_objectives_plot_keeps_its_size_when_many_trials_share_a_point(crowded, 
     renderer = fig.canvas.get_renderer()
     boxes = [label.get_window_extent(renderer) for label in ax.texts]
     for label, box in zip(ax.texts, boxes):
-        assert len(label.get_text()) <= LONGEST_LABEL, label.get_text()
+        assert_bounded(label.get_text())
         assert_inside(box, ax.get_window_extent(renderer), repr(label.get_text()))
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "labels overlap"
 
@@ -276,7 +300,13 @@ def test_every_trial_on_the_objectives_plot_is_named_on_its_point_or_in_the_key(
     key, _, shown = crowded_label.partition(": ")
     assert re.fullmatch(r"[A-Z]", key) and re.fullmatch(r"trials [\d, –]+ \(\+\d+ more\)", shown), crowded_label
     [key_text] = figure_texts(fig)
-    assert named_trials([key_text]) == set(COINCIDING) and key_text.startswith(f"{key}: trials 0, 2–4, 6–8,"), key_text
+    assert named_trials([key_text]) == set(COINCIDING), key_text
+    assert key_text.startswith(f"{key}: trials 0, 3, 6, 12,"), "the key lists the point's trials by chunk size"
+    parts = re.sub(r"\n\s+", " ", key_text).removeprefix(f"{key}: ").split("; ")
+    assert sorted(part.rpartition(": ")[2] for part in parts) == ["c=2", "c=3", "c=4"], parts
+    for part in parts:
+        trials, _, params = part.rpartition(": ")
+        assert {f"c={chunk_size(n)}" for n in named_trials([trials])} == {params}, part
 
 
 @pytest.mark.parametrize("coinciding", [12, 30])
@@ -298,10 +328,11 @@ def test_curves_keep_the_plot_clear_and_its_size_when_many_trials_share_a_curve(
     legend = ax.get_legend()
     assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1, "the legend covers the plot"
     entries = [text.get_text() for text in legend.get_texts()]
-    assert all(len(entry) <= LONGEST_LABEL for entry in entries), entries
+    for entry in entries:
+        assert_bounded(entry)
     drawn = set(SPREAD + COINCIDING[:coinciding]) | ({PRUNED} if pattern is LENGTH_METRIC else set())
     assert named_trials(entries + figure_texts(fig)) == drawn
-    assert f"trial {PRUNED} (pruned at step 200)" in entries or pattern is not LENGTH_METRIC
+    assert f"trial {PRUNED}: c=3 (pruned at step 200)" in entries or pattern is not LENGTH_METRIC
 
 
 def test_curves_keep_the_best_distinct_curves_and_name_every_trial_on_them(crowded) -> None:
@@ -355,10 +386,242 @@ def test_a_label_names_its_trials_in_bounded_text() -> None:
 
 
 def test_the_key_shares_its_bounded_lines_among_its_entries() -> None:
-    many = [f"s-trial-{i}" for i in range(0, 2000, 3)]
-    lines = key_lines([("A", many), ("B", many[:5]), ("no room for their labels", many[:40])], width=60)
-    assert len(lines) <= 6 and all(len(line) <= 60 for line in lines), lines
-    assert [line[:3] for line in lines if not line.startswith(" ")] == ["A: ", "B: ", "no "]
-    assert lines[0].startswith("A: trials 0, 3, 6,") and "more)" in lines[1]
-    overflowing = key_lines([(chr(65 + i), many[:3]) for i in range(9)], width=60)
+    many = tuple(f"s-trial-{i}" for i in range(0, 2000, 3))
+    lines = key_lines([KeyEntry("A", many), KeyEntry("B", many[:5]), KeyEntry("no room for their labels", many[:40])],
+                      width=60)
+    assert lines == [  # one line each, then one more in turn to those that need more, while lines are left
+        "A: trials 0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36,",
+        "   39, 42, 45, 48, 51, 54, 57, 60, 63, 66, 69, 72, 75, 78,",
+        "   81, 84, 87, 90, 93, 96, 99, 102, 105, 108 (+630 more)",
+        "B: trials 0, 3, 6, 9, 12",
+        "no room for their labels: trials 0, 3, 6, 9, 12, 15, 18, 21,",
+        "    24, 27, 30, 33, 36, 39, 42, 45, 48, 51, 54 (+21 more)"]
+    overflowing = key_lines([KeyEntry(chr(65 + i), many[:3]) for i in range(9)], width=60)
     assert len(overflowing) == 6 and overflowing[-1].startswith("… 4 more:"), overflowing
+
+
+def test_a_trial_is_described_by_the_parameters_that_tell_it_apart() -> None:
+    """Only what differs among the trials given, names shortened, components by name where that is
+    unambiguous, components first; a parameter a trial lacks (a GPT's chunk size) differs too."""
+    grid = {f"s-trial-{i}": {"model.aggregator": aggregator, "model.chunk_size": size, "train.lr": "0.003"}
+            for i, (aggregator, size) in enumerate([("attention", "16"), ("mlp", "16"), ("attention", "4")])}
+    assert trial_params(grid) == {"s-trial-0": "attention c=16", "s-trial-1": "mlp c=16", "s-trial-2": "attention c=4"}
+    assert trial_params({"a": {"model.kind": "gpt"}, "b": {"model.kind": "psm", "model.chunk_size": "4"}}) == \
+        {"a": "gpt", "b": "psm c=4"}
+    # "attention" could be the aggregator or the head: both are named
+    assert trial_params({"a": {"model.aggregator": "attention", "model.head": "linear"},
+                         "b": {"model.aggregator": "mlp", "model.head": "attention"}}) == \
+        {"a": "aggregator=attention head=linear", "b": "aggregator=mlp head=attention"}
+    assert trial_params({"a": {"model.encoder": "linear_readout_diag", "task.path": "/data/x"},
+                         "b": {"model.encoder": "linear_readout_dense", "task.path": "/data/y"}}) == \
+        {"a": "linear_r…ut_diag path=/data/x", "b": "linear_r…t_dense path=/data/y"}
+    assert trial_params({"only": {"model.chunk_size": "4"}}) == {"only": ""}
+
+
+def test_parameter_names_are_short_and_distinct() -> None:
+    keys = ["model.n_layers", "model.aggregator.attention.layers", "model.head.attention.layers", "model.chunk_size",
+            "train.lr", "model.d_model", "seed"]
+    assert short_keys(keys) == {"model.n_layers": "n_layers", "model.aggregator.attention.layers": "aggregator.layers",
+                                "model.head.attention.layers": "head.layers", "model.chunk_size": "c", "train.lr": "lr",
+                                "model.d_model": "d", "seed": "seed"}
+    assert short_keys(["model.n_layers", "train.lr"]) == {"model.n_layers": "layers", "train.lr": "lr"}
+
+
+def test_values_and_parameters_are_cut_around_an_ellipsis() -> None:
+    assert cut_middle("linear_readout_diag", 16) == "linear_r…ut_diag" and cut_middle("attention", 16) == "attention"
+    assert cut_words("psm pool aggregator=affine_dense head=attention", 20) == "psm pool …"
+    assert cut_words("aggregator=affine_dense", 10) == "aggregato…" and cut_words("c=4", 10) == "c=4"
+
+
+def test_a_label_gives_its_trials_parameters_in_bounded_text() -> None:
+    params = {"s-trial-0": "attention c=16", "s-trial-1": "mlp c=4", "s-trial-2": "mlp c=4",
+              "s-trial-3": "psm gla aggregator=affine_dense head=linear_readout c=2 lr=0.003",
+              **{f"s-trial-{i}": f"c={i % 3}" for i in range(4, 40)}}
+
+    def label(numbers: list[int], lines: int = LABEL_LINES) -> tuple[str, str, list[str]]:
+        """The label's text, its key letter and the key's lines for it."""
+        made = group_label([f"s-trial-{i}" for i in numbers], "A", params=params, lines=lines)
+        return made.text, made.key, key_lines([made.entry] if made.entry else [], width=60)
+
+    assert label([0]) == ("trial 0: attention c=16", "", [])
+    assert label([1, 2]) == ("trials 1, 2: mlp c=4", "", [])
+    assert label([0, 1]) == ("trial 0: attention c=16\ntrial 1: mlp c=4", "", [])  # a line each
+    whole = ["trial 3: psm gla aggregator=affine_dense head=linear_readout", "    c=2 lr=0.003"]
+    assert label([3]) == ("trial 3\npsm gla …", "", whole)  # cut on the plot, whole in the key
+    assert label([3], lines=1) == ("trial 3: psm gla …", "", whole)
+    assert label([0, 1, 2]) == ("A: trials 0–2", "A", ["A: trial 0: attention c=16; trials 1, 2: mlp c=4"])
+    assert label([*range(4, 40, 2), 1]) == ("A: trials 1, 4, 6, 8 (+15 more)", "A", [
+        "A: trials 4, 10, 16, 22, 28, 34: c=1; trials 6, 12, 18, 24,",
+        "   30, 36: c=0; trials 8, 14, 20, 26, 32, 38: c=2;",
+        "   trial 1: mlp c=4"])
+    assert label([*range(4, 40, 3)]) == ("A: trials 4, 7, 10, 13 (+8 more)\nc=1", "A",
+                                         ["A: trials 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37: c=1"])
+
+
+def test_a_key_entry_cut_to_its_lines_says_so() -> None:
+    names = tuple(f"s-trial-{i}" for i in range(30))
+    entry = KeyEntry("A", names, {name: f"psm gla aggregator=affine_dense head=linear_readout lr=0.00{i}"
+                                  for i, name in enumerate(names)})
+    assert key_lines([entry], width=60, max_lines=1) == ["A: trial 0: psm gla aggregator=affine_dense …; (+29 more)"]
+    assert key_lines([entry], width=60, max_lines=2) == ["A: trial 0: psm gla aggregator=affine_dense",
+                                                         "   head=linear_readout lr=0.000; (+29 more)"]
+
+
+# A grid search in a real MLflow store, logged as a search logs it: every trial's flat parameters and
+# the searched ones (search.*). Trial n is GRID[n]. The three at chunk size 64 stay at chance with one
+# state size and share a point and a curve; so do trials 6 and 10 (mlp and gla at 16).
+AGGREGATORS = ("attention", "mlp", "gla")
+GRID = [(aggregator, size) for aggregator in AGGREGATORS for size in (1, 4, 16, 64)]
+AT_CHANCE = [3, 7, 11]
+PAIR = [6, 10]
+SINGLE = [n for n in range(12) if n not in AT_CHANCE + PAIR]
+
+
+def grid_trial(number: int) -> Trial:
+    aggregator, size = GRID[number]
+    if size == 64:
+        acc, memory = 0.2, 65536.0
+    elif number in PAIR:
+        acc, memory = 0.5, 16384.0
+    else:
+        acc, memory = 0.96 - 0.05 * number, 512.0 * size * (1 + AGGREGATORS.index(aggregator))
+    params = {"task": "group", "model.d_model": 64, "train.lr": 0.003, "model.aggregator": aggregator,
+              "model.chunk_size": size, "search.model.aggregator": aggregator, "search.model.chunk_size": size}
+    return params, {"acc_1x": 1.0, "acc_2x": (1 + acc) / 2, "acc_4x": acc, "peak_state_bytes_1k": memory,
+                    "peak_state_bytes_4k": memory}, "complete"
+
+
+def described(number: int) -> str:
+    """How the grid's plots name trial ``number`` among all twelve."""
+    aggregator, size = GRID[number]
+    return f"trial {number}: {aggregator} c={size}"
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[TrialRow], list[Objective]]:
+    return tracked_search(tmp_path_factory.mktemp("grid"), "grid", [grid_trial(n) for n in range(12)])
+
+
+def all_texts(fig: Any) -> list[str]:
+    """Every text a figure writes about its trials: point labels, legend entries, bar names and the key."""
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    legend = [text.get_text() for text in ax.get_legend().get_texts()] if ax.get_legend() else []
+    return [text.get_text() for text in ax.texts] + legend + tick_labels(ax.xaxis) + figure_texts(fig)
+
+
+def assert_only_what_differs(texts: list[str]) -> None:
+    """Parameters every trial shares (task, d_model, lr) and the search.* / model.* paths are never shown."""
+    joined = "\n".join(texts)
+    for absent in ("group", "d=", "d_model", "lr", "0.003", "search", "model.", "aggregator=", "chunk_size"):
+        assert absent not in joined, (absent, texts)
+
+
+def test_plot_params_takes_the_searched_parameters_as_the_table_formats_them(grid) -> None:
+    rows, _ = grid
+    params = plot_params(rows)
+    assert {params[f"grid-trial-{n}"] for n in (0, 11)} == {"attention c=1", "gla c=64"}
+    floats = [TrialRow(f"s-trial-{i}", "s", "complete", {"search.train.lr": lr, "model.d_model": "64"}, {})
+              for i, lr in enumerate(["0.0035065754", "0.001"])]
+    assert plot_params(floats) == {"s-trial-0": "lr=0.003507", "s-trial-1": "lr=0.001"}
+    unsearched = [TrialRow(f"s-trial-{i}", "s", "complete", {"model.chunk_size": size, "seed": "0"}, {})
+                  for i, size in enumerate(["4", "8"])]
+    assert plot_params(unsearched) == {"s-trial-0": "c=4", "s-trial-1": "c=8"}
+
+
+def test_the_objectives_plot_says_what_each_trial_is(grid) -> None:
+    """Points were labelled ``trial 3`` only: which aggregator and chunk size it was took the table."""
+    rows, objectives = grid
+    fig = objectives_figure(rows, objectives)
+    labels = [text.get_text() for text in fig.axes[0].texts]
+    [key] = figure_texts(fig)
+    assert_only_what_differs(labels + [key])
+    named = "\n".join(labels + [key])
+    assert all(described(n) in named for n in SINGLE), (labels, key)
+    assert "trial 6: mlp c=16\ntrial 10: gla c=16" in labels, "two coinciding trials, a line each"
+    # three coinciding trials that differ: a key letter on the point, the key says what each is
+    assert "A: trials 3, 7, 11" in labels
+    assert key == "A: trial 3: attention c=64; trial 7: mlp c=64; trial 11: gla c=64", key
+    for label in labels:
+        assert_bounded(label, LABEL_CHARS)
+
+
+def test_the_curves_legend_says_what_each_trial_is(grid) -> None:
+    rows, _ = grid
+    for pattern, bytes_y in ((LENGTH_METRIC, False), (PEAK_MEMORY_METRIC, True)):
+        fig = curves_figure(rows, pattern, "n", "y", bytes_y)
+        entries = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+        assert_only_what_differs(entries + figure_texts(fig))
+        assert entries == [*(described(n) for n in SINGLE), "trial 6: mlp c=16\ntrial 10: gla c=16", "A: trials 3, 7, 11"]
+        assert figure_texts(fig) == ["A: trial 3: attention c=64; trial 7: mlp c=64; trial 11: gla c=64"]
+
+
+def test_a_parameter_the_trials_on_a_plot_share_is_left_out(grid) -> None:
+    """What differs among the trials one plot shows: the curves of the trials of one chunk size name
+    their aggregators only, those of one aggregator their chunk sizes only."""
+    rows, _ = grid
+    one_size = curves_figure(only(rows, [1, 5, 9]), LENGTH_METRIC, "n", "y", False)
+    assert [t.get_text() for t in one_size.axes[0].get_legend().get_texts()] == \
+        ["trial 1: attention", "trial 5: mlp", "trial 9: gla"]
+    one_aggregator = curves_figure(only(rows, [4, 5, 6, 7]), LENGTH_METRIC, "n", "y", False)
+    assert [t.get_text() for t in one_aggregator.axes[0].get_legend().get_texts()] == \
+        ["trial 4: c=1", "trial 5: c=4", "trial 6: c=16", "trial 7: c=64"]
+    best_two = curves_figure(rows, LENGTH_METRIC, "n", "y", False, top=2)  # trials 0 and 1: attention both
+    assert [t.get_text() for t in best_two.axes[0].get_legend().get_texts()] == ["trial 0: c=1", "trial 1: c=4"]
+
+
+def test_the_bars_of_one_objective_say_what_each_trial_is_and_keep_the_plots_height(grid) -> None:
+    rows, objectives = grid
+    fig = objectives_figure(rows, objectives[:1])
+    names = tick_labels(fig.axes[0].xaxis)
+    assert sorted(names) == sorted(described(n) for n in range(12))
+    baseline = objectives_figure([replace(row, params={}) for row in rows], objectives[:1])
+    assert tick_labels(baseline.axes[0].xaxis)[0] == "trial 0"
+    assert axes_inches(fig) == pytest.approx(axes_inches(baseline), rel=0.01)
+    assert_nothing_off_the_figure(fig)
+
+
+# Many trials with many parameters and long values (plugin components): 40 trials, 20 of them on one
+# point and one curve.
+LONG_NAMES = ("my_lab_gated_linear_attention_v2", "my_lab_gated_linear_attention_v3", "attention")
+
+
+def sprawling_trial(number: int) -> Trial:
+    acc, memory = (0.2, 4096.0) if number % 2 else (0.3 + 0.015 * number, 1024.0 + 64 * number)
+    params = {"model.aggregator": LONG_NAMES[number % 3], "model.head": LONG_NAMES[(number // 3) % 3],
+              "model.encoder": ("embed", "gla", "deltanet")[number % 3 - 1], "model.chunk_size": 2 ** (number % 4),
+              "model.aggregator.attention.layers": 1 + number % 2, "train.lr": 0.001 + number * 1.37e-5,
+              "task.path": f"/data/corpora/wikitext-{number % 5}/wiki.train.tokens"}
+    return ({f"search.{key}": value for key, value in params.items()},
+            {"acc_1x": 1.0, "acc_2x": (1 + acc) / 2, "acc_4x": acc, "peak_state_bytes_1k": memory,
+             "peak_state_bytes_4k": memory}, "complete")
+
+
+@pytest.fixture(scope="module")
+def sprawling(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[TrialRow], list[Objective]]:
+    return tracked_search(tmp_path_factory.mktemp("sprawling"), "sprawling", [sprawling_trial(n) for n in range(40)])
+
+
+@pytest.mark.parametrize("plot", ["objectives", "one objective", "accuracy_vs_length", "memory_vs_n"])
+def test_labels_and_key_stay_bounded_with_many_parameters_and_long_values(sprawling, plot: str) -> None:
+    rows, objectives = sprawling
+
+    def figure(shown: list[TrialRow]) -> Any:
+        if plot.startswith("o"):
+            return objectives_figure(shown, objectives if plot == "objectives" else objectives[:1])
+        pattern = LENGTH_METRIC if plot == "accuracy_vs_length" else PEAK_MEMORY_METRIC
+        return curves_figure(shown, pattern, "n", "y", pattern is PEAK_MEMORY_METRIC)
+
+    fig = figure(rows)
+    assert axes_inches(fig) == pytest.approx(axes_inches(figure([replace(row, params={}) for row in rows])), rel=0.01)
+    assert_nothing_off_the_figure(fig)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts() if t.get_text() != "Pareto front"] \
+        if ax.get_legend() else []
+    labels = [t.get_text() for t in ax.texts] + legend + tick_labels(ax.xaxis)
+    for label in labels:
+        assert_bounded(label, LABEL_CHARS)
+    assert any("…" in label for label in labels), "long parameters are cut on the plot"
+    key = figure_texts(fig)
+    assert len(key) == 1 and len(key[0].split("\n")) <= KEY_LINES, key
+    assert "my_lab_g…tion_v2" in "\n".join(labels + key), "a long value keeps its start and its end"
