@@ -441,7 +441,7 @@ def _text_column(dataset: str, split: str, table: Any) -> Any:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has columns {table.column_names}; "
                           "the lm task reads a column named 'text'", field="task.dataset")
     column = table.column("text")
-    if pa.types.is_string_view(column.type):
+    if getattr(pa.types, "is_string_view", lambda _type: False)(column.type):  # pyarrow >= 16 has views
         column = column.cast(pa.large_string())
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ConfigError(f"dataset {dataset!r} split {split!r}: column 'text' holds {column.type}, "
@@ -461,6 +461,8 @@ def _value_bytes(array: Any) -> memoryview:
     data buffer (no copy), read from the array's offsets so a sliced array gives only its rows."""
     import pyarrow as pa  # noqa: PLC0415
 
+    if len(array) == 0:  # its offsets buffer may be empty (Arrow allows it for no rows)
+        return memoryview(b"")
     _, offsets, data = array.buffers()
     code, width = ("=q", 8) if pa.types.is_large_string(array.type) else ("=i", 4)
     (first,) = struct.unpack_from(code, offsets, array.offset * width)

@@ -14,6 +14,7 @@ exception of its own (Ctrl-C, SIGTERM, a callback that prunes) stops every worke
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import os
@@ -172,15 +173,19 @@ def _worker(rank_: int, fn: Callable[..., Any], world_size_: int, port: int, bac
 
 
 def _exit_after_success() -> None:
-    """End a worker whose work is done and whose process group is destroyed, skipping the interpreter's
-    finalisation and C++'s static destructors.
+    """End a worker whose work is done and whose process group is destroyed: run the ``atexit``
+    hooks, flush standard output and error, and leave with status 0, skipping the interpreter's
+    teardown (modules cleared, objects freed) and C++'s static destructors.
 
     A worker that had returned and torn down its group still aborted at exit, twice in CI over many
     runs ("terminate called without an active exception": a C++ thread object destroyed while still
-    joinable), which failed a finished trial; its results were already written. Nothing is left to
-    finalise: results travel through files closed by now and through a pipe written synchronously
-    (:func:`send`), so standard output and error are flushed and the process leaves with status 0.
+    joinable), which failed a finished trial; its results were already written. psmsearch's own
+    results travel through files closed by now and through a pipe written synchronously
+    (:func:`send`). Plugin code keeps the clean-ups Python documents for exit (``atexit``,
+    ``weakref.finalize``, ``logging.shutdown``); what is lost is only what relies on objects being
+    freed at teardown, such as an unclosed file object held by a module.
     """
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -67,7 +67,7 @@ class UnknownComponentError(PSMSearchError, KeyError):
         allowed = ", ".join(known) or "none registered"
         self.kind, self.name, self.known = kind, name, known
         plugins = "" if kind == "component kind" else " " + PLUGIN_HINT.format(kind=kind)
-        super().__init__(f"unknown {kind} {name!r}.{hint} Registered {kind}s: {allowed}.{plugins}")
+        super().__init__(f"unknown {kind} {name!r}.{hint} Registered {kind}s: {allowed}.{plugins}{'.' if plugins else ''}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]

@@ -116,11 +116,16 @@ class Registry:
             return self.components[kind][name]
         except (KeyError, TypeError):
             error = UnknownComponentError(kind, name, self.components[kind])
-        if self.failures:  # the name may be one that a plugin which failed to load would have registered
-            plugins = ", ".join(dict.fromkeys(repr(failure.plugin) for failure in self.failures))
-            error.args = (f"{error.args[0]} These plugins failed to load, and {name!r} may be one of theirs: "
-                          f"{plugins} (`psmsearch plugins` says why).",)
+        error.args = (error.args[0] + self.failed_plugins_hint(name),)
         raise error
+
+    def failed_plugins_hint(self, name: str) -> str:
+        """What an unknown-name error adds when plugins failed: the name may be one of theirs."""
+        if not self.failures:
+            return ""
+        plugins = ", ".join(dict.fromkeys(repr(failure.plugin) for failure in self.failures))
+        return (f" These plugins failed to load or register something, and {name!r} may be one of theirs: "
+                f"{plugins} (`psmsearch plugins` says why).")
 
     def names(self, kind: str) -> list[str]:
         """Registered names of one kind, sorted."""
@@ -256,7 +261,8 @@ class _Loader:
         self.registry.failures.append(PluginFailure(label, error, detail, source))
 
     def add_module(self, label: str, load: Callable[[], Any], source: str = "named") -> None:
-        self.sources.setdefault(label, source)
+        if source == "named" or label not in self.sources:  # a plugin the user named is theirs, whatever else shares its label
+            self.sources[label] = source
         try:
             module = load()
         except BaseException as err:  # noqa: BLE001 - a broken plugin must not stop the others
@@ -333,9 +339,14 @@ class _Loader:
             self.add_module(spec, lambda: importlib.import_module(spec))
 
     def collect(self) -> None:
+        """Call every plugin's hooks, plugins in the order they were loaded (built-ins, installed
+        packages, named plugins), so that a name registered twice stays with the first to load.
+        pluggy's own order puts ``trylast`` implementations first: an installed package marked so
+        took ``attention`` from the built-ins, which were then blamed for registering it twice."""
+        loaded = {label: index for index, label in enumerate(self.registry.plugins)}
         for kind in KINDS:
             hook = getattr(self.manager.hook, HOOK_FOR_KIND[kind])
-            for impl in hook.get_hookimpls():
+            for impl in sorted(hook.get_hookimpls(), key=lambda impl: loaded.get(impl.plugin_name, len(loaded))):
                 if "register" not in impl.argnames:
                     self.record(
                         impl.plugin_name, f"{HOOK_FOR_KIND[kind]}() takes no register argument, so it cannot register "

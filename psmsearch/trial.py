@@ -43,11 +43,11 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 class UnknownTaskError(UnknownComponentError, ConfigError):
     """An unregistered task name: a ConfigError (file and field) with close-match suggestions."""
 
-    def __init__(self, name: str, known: Sequence[str], source: str | None) -> None:
+    def __init__(self, name: str, known: Sequence[str], source: str | None, hint: str = "") -> None:
         UnknownComponentError.__init__(self, "task", name, known)
-        self.source, self.field = source, "task.name"
+        self.source, self.field, self.detail = source, "task.name", f"{self.args[0]}{hint}"
         where = f"{source}: task.name" if source else "task.name"
-        self.args = (f"{where}: {self.args[0]}",)
+        self.args = (f"{where}: {self.detail}",)
 
 
 PLUGIN_FIELDS = ("task", "model.encoder", "model.aggregator", "model.head")
@@ -176,7 +176,8 @@ def make_task(config: TrialConfig, registry: Registry | None = None, source: str
     try:
         info = registry.get("task", config.task.name)
     except UnknownComponentError:
-        raise UnknownTaskError(config.task.name, registry.names("task"), source) from None
+        raise UnknownTaskError(config.task.name, registry.names("task"), source,
+                               registry.failed_plugins_hint(config.task.name)) from None
     try:
         return info.cls(seed=config.seed, **config.task.params)
     except ConfigError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,12 +92,17 @@ version = "0.1.0"
 [project.entry-points.psmsearch]
 broken = "psmsearch_broken_import"
 duplicate = "psmsearch_duplicate"
+psmsearch_also_named = "psmsearch_also_named"
 
 [tool.setuptools]
-py-modules = ["psmsearch_broken_import", "psmsearch_duplicate"]
+py-modules = ["psmsearch_broken_import", "psmsearch_duplicate", "psmsearch_also_named"]
 """,
     "psmsearch_broken_import.py": 'raise RuntimeError("this package is broken on purpose")\n',
-    "psmsearch_duplicate.py": (Path(__file__).parent / "fixtures" / "duplicate_name.py").read_text(),
+    # trylast: pluggy lists such hooks first, which once let the package take `attention` from the built-ins
+    "psmsearch_duplicate.py": (Path(__file__).parent / "fixtures" / "duplicate_name.py").read_text().replace(
+        "@hookimpl\n", "@hookimpl(trylast=True)\n"),
+    # an entry point named as its module, so that `--plugin psmsearch_also_named` loads it under the same label
+    "psmsearch_also_named.py": 'raise RuntimeError("this module is broken on purpose")\n',
 }
 
 
@@ -121,7 +127,7 @@ def test_an_installed_packages_failures_are_listed_as_installed(broken_site: Pat
     result = run_cli("plugins", "--json", env=_env(broken_site))
     assert result.returncode == 0, result.stderr
     failures = {f["plugin"]: f for f in json.loads(result.stdout)["failures"]}
-    assert set(failures) == {"broken", "duplicate"}
+    assert set(failures) == {"broken", "duplicate", "psmsearch_also_named"}
     assert all(f["source"] == "installed" for f in failures.values())
     assert "RuntimeError: this package is broken on purpose" in failures["broken"]["error"]
     assert "aggregator 'attention' is registered twice" in failures["duplicate"]["error"]
@@ -142,7 +148,7 @@ def test_a_broken_installed_package_does_not_stop_search_or_train(broken_site: P
     result = run_cli(*args, env=_env(broken_site), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: plugin ")]
-    assert len(warnings) == 2, result.stderr
+    assert len(warnings) == 3, result.stderr
     assert any("'broken' (installed package): RuntimeError: this package is broken on purpose" in w for w in warnings)
     assert any("'duplicate' (installed package): aggregator 'attention' is registered twice" in w
                and "keeping the one from 'psmsearch.plugins." in w for w in warnings)
@@ -154,14 +160,33 @@ def test_a_broken_installed_package_does_not_stop_search_or_train(broken_site: P
         assert [t["status"] for t in output["trials"]] == ["complete", "complete"], output
 
 
+@pytest.mark.parametrize("kind", ["aggregator", "task"])
 def test_a_component_a_broken_installed_package_would_provide_is_unknown_naming_the_package(
-        broken_site: Path, tmp_path: Path) -> None:
+        broken_site: Path, tmp_path: Path, kind: str) -> None:
     from searchhelpers import TINY_SPACE
 
     trial = {k: TINY_SPACE[k] for k in ("task", "train")}
     trial["model"] = {**TINY_SPACE["model"], "chunk_size": 2, "aggregator": "brokenagg"}
+    if kind == "task":
+        trial["model"]["aggregator"] = "mlp"
+        trial["task"] = {"name": "brokenagg"}
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump(trial))
     result = run_cli("train", "trial.yaml", env=_env(broken_site), cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "unknown aggregator 'brokenagg'" in result.stderr
-    assert "These plugins failed to load, and 'brokenagg' may be one of theirs: 'broken', 'duplicate'" in result.stderr
+    assert f"unknown {kind} 'brokenagg'" in result.stderr
+    hint = re.search(rf"or an installed package's entry point\. These plugins failed to load or register something, "
+                     r"and 'brokenagg' may be one of theirs: (.*) \(`psmsearch plugins` says why\)\.$", result.stderr.strip())
+    assert hint and sorted(hint.group(1).split(", ")) == ["'broken'", "'duplicate'", "'psmsearch_also_named'"], result.stderr
+
+
+def test_a_named_plugin_that_is_also_installed_still_stops_the_run(broken_site: Path, tmp_path: Path) -> None:
+    """``--plugin M`` where an installed entry point is also called M: the named load took the entry
+    point's source, so the broken plugin the user named was only a warning and training went on."""
+    from searchhelpers import TINY_SPACE
+
+    trial = {k: TINY_SPACE[k] for k in ("task", "train")}
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(trial))
+    result = run_cli("--plugin", "psmsearch_also_named", "train", "trial.yaml", env=_env(broken_site), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: 1 plugin failed to load, so training would run without its components" in result.stderr
+    assert "plugin 'psmsearch_also_named': RuntimeError: this module is broken on purpose" in result.stderr
