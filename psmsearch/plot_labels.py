@@ -149,13 +149,25 @@ def trial_params(params: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
     keys = _varying_keys(params)
     short = short_keys(keys)
     bare = _bare_keys(keys, params)
-    return {trial: " ".join(_param_text(short[key], values[key], key in bare) for key in keys if key in values)
+    limits = {key: _distinct_cut_limit({values[key] for values in params.values() if key in values}) for key in keys}
+    return {trial: " ".join(_param_text(short[key], cut_middle(values[key], limits[key]), key in bare)
+                            for key in keys if key in values)
             for trial, values in params.items()}
+
+
+def _distinct_cut_limit(values: set[str]) -> int:
+    """The fewest characters, :data:`VALUE_CHARS` at least, to which :func:`cut_middle` cuts ``values``
+    and keeps them apart: ``/data/wikitext-2/wiki.train.tokens`` and ``…-103/…`` differ only in their
+    middle, and cut alike they labelled two trials as sharing one value the table shows as two."""
+    limit = VALUE_CHARS
+    longest = max(map(len, values), default=0)
+    while limit < longest and len({cut_middle(value, limit) for value in values}) < len(values):
+        limit += 1
+    return limit
 
 
 def _param_text(name: str, value: str, bare: bool) -> str:
     """One parameter as a label shows it: ``c=16``, or the value alone (``attention``)."""
-    value = cut_middle(value, VALUE_CHARS)
     return value if bare else f"{name}={value}"
 
 

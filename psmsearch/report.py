@@ -49,13 +49,17 @@ def format_param(text: str) -> str:
 
 def plot_params(rows: Sequence[TrialRow]) -> dict[str, str]:
     """Each trial's parameters that differ among ``rows``, the trials one plot shows, as its labels
-    write them (:func:`psmsearch.plot_labels.trial_params`: ``attention c=16``). Only the searched
-    ones (``search.*``, as the table lists them) where the trials have any: the others follow from
-    them (an mlp aggregator's ``mlp_ratio``) or are the same for all. Values read as in the table."""
-    searched = any(key.startswith("search.") for row in rows for key in row.params)
-    return trial_params({row.name: {key.removeprefix("search."): format_param(value)
-                                    for key, value in row.params.items() if key.startswith("search.") or not searched}
-                         for row in rows})
+    write them (:func:`psmsearch.plot_labels.trial_params`: ``attention c=16``). Of each trial, the
+    parameters the table lists: its searched ones (``search.*``) where it has any, the others
+    following from them (an mlp aggregator's ``mlp_ratio``) or being the same for all, else all of
+    them. Values read as in the table (any value as its text)."""
+    return trial_params({row.name: _table_params(row) for row in rows})
+
+
+def _table_params(row: TrialRow) -> dict[str, str]:
+    """The parameters of ``row`` the table shows, by name without ``search.``, formatted as there."""
+    searched = {key.removeprefix("search."): value for key, value in row.params.items() if key.startswith("search.")}
+    return {key: format_param(str(value)) for key, value in (searched or row.params).items()}
 
 
 def pareto_front(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[bool]:

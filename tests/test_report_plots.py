@@ -529,6 +529,26 @@ def test_plot_params_takes_the_searched_parameters_as_the_table_formats_them(gri
     assert plot_params(unsearched) == {"s-trial-0": "c=4", "s-trial-1": "c=8"}
 
 
+def test_plot_params_of_trials_with_and_without_searched_parameters_follow_the_table() -> None:
+    """Each row as the table lists it: a trial of another search, with no ``search.*`` parameters, was
+    labelled with nothing because another row had some. Values that are not text (API callers) read as text."""
+    rows = [TrialRow("a-trial-0", "a", "complete", {"search.model.chunk_size": "4", "model.d_model": "64"}, {}),
+            TrialRow("b-trial-0", "b", "complete", {"model.chunk_size": 8, "seed": None}, {})]
+    assert plot_params(rows) == {"a-trial-0": "c=4", "b-trial-0": "c=8 seed=None"}
+
+
+def test_values_that_differ_only_in_their_middle_stay_apart() -> None:
+    """Cut to the same text, two paths made two trials read as sharing one value the table shows as two."""
+    params = {"s-trial-0": {"task.path": "/data/corpora/wikitext-2/wiki.train.tokens"},
+              "s-trial-1": {"task.path": "/data/corpora/wikitext-103/wiki.train.tokens"},
+              "s-trial-2": {"task.path": "/data/tiny.txt"}}
+    assert trial_params(params) == {"s-trial-0": "path=/data/corpora/wikit…2/wiki.train.tokens",
+                                    "s-trial-1": "path=/data/corpora/wikit…3/wiki.train.tokens",
+                                    "s-trial-2": "path=/data/tiny.txt"}
+    alike = {f"s-trial-{i}": {"model.aggregator": f"my_lab_gated_v{i}_linear_attention"} for i in (2, 3)}
+    assert trial_params(alike) == {"s-trial-2": "my_lab_gated_v2…near_attention", "s-trial-3": "my_lab_gated_v3…near_attention"}
+
+
 def test_the_objectives_plot_says_what_each_trial_is(grid) -> None:
     """Points were labelled ``trial 3`` only: which aggregator and chunk size it was took the table."""
     rows, objectives = grid
