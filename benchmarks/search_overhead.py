@@ -17,8 +17,8 @@ metrics off) into a fresh MLflow database. Per trial:
 The steady-state overhead of a trial is ``(run - compute + gap) / (run + gap)``; the end-to-end
 figure also counts the one-off start (interpreter, imports, a local Ray cluster) over the whole
 search. To measure ``run_trial`` inside the trial process (an in-process Optuna trial or a Ray
-worker), this file doubles as a psmsearch plugin: loaded with ``--plugin`` it registers nothing and
-times ``run_trial``.
+worker), this file doubles as a psmsearch plugin: loaded with ``--plugin``, its ``register_tasks``
+hook registers nothing and times ``run_trial`` in the process that calls it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from psmsearch import hookimpl
 
 COMPUTE_METRIC = "bench_compute_seconds"
 SPACE = """\
@@ -77,7 +79,11 @@ def _instrument() -> None:
         psmsearch.trial.run_trial = _timed(psmsearch.trial.run_trial)
 
 
-if __name__ != "__main__":
+@hookimpl
+def register_tasks(register: Callable[..., None]) -> None:
+    """The plugin's hook, called wherever psmsearch loads its plugins (the search, each Ray worker):
+    it registers nothing and instruments ``run_trial`` there. (A plugin without a hook is reported
+    as a failure, and a failed ``--plugin`` stops the search.)"""
     _instrument()
 
 

@@ -165,12 +165,33 @@ def make_sampler(space: SearchSpace, trials_before: int = 0) -> optuna.samplers.
     seed = settings.seed + trials_before
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if settings.sampler == "grid":  # never reseeded: see ResumableGridSampler
+        return ResumableGridSampler(space.grid(), seed=settings.seed)
     if settings.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     # TPE handles one objective and, as MOTPE, several.
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials)
+
+
+class ResumableGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, for a study that is resumed.
+
+    Two things broke an interrupted grid search run again with ``--resume`` (``make demo``'s own
+    command): the grid's order is shuffled by the seed and each trial records its point as an index
+    in that order, so the resumed sampler, reseeded as the others are (:func:`make_sampler`), read
+    the recorded indices as other points, ran some points twice and others never; and the
+    interrupted trial, enqueued again with its parameters, has no index of its own, which Optuna's
+    ``after_trial`` read when one point was left (``KeyError: 'grid_id'``, seen with ``--jobs 2``).
+    This sampler is always made with the space's seed, and a trial without an index stops the study
+    only when no point is left unvisited, as Optuna does for the others.
+    """
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
+            super().after_trial(study, trial, state, values)
+        elif not self._get_unvisited_grid_ids(study):
+            study.stop()
 
 
 def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:

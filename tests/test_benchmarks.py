@@ -242,3 +242,18 @@ def test_train_step_benchmark_runs(tmp_path: Path) -> None:
     assert all(("speedup" in r) == r["model"].startswith("T-PSM") for r in rows)
     assert all(r["speedup"] == pytest.approx(r["full_rows_ms"] / r["ms"]) for r in rows if "speedup" in r)
     assert result["threads"] == 1 and result["rounds"] == 1
+
+
+def test_the_search_overhead_benchmark_loads_as_a_plugin_and_times_run_trial(fresh_registry) -> None:
+    """It passes itself as --plugin; once plugins without a hook were failures (and a failed --plugin
+    stops a search), it failed under both drivers before measuring anything."""
+    import psmsearch.trial
+
+    original = psmsearch.trial.run_trial
+    try:
+        registry = fresh_registry.load_registry(extra_plugins=[str(BENCHMARKS / "search_overhead.py")])
+        assert registry.failures == []
+        assert getattr(psmsearch.trial.run_trial, "__wrapped_for_benchmark__", False)
+        assert psmsearch.trial.run_trial.__wrapped__ is original
+    finally:
+        psmsearch.trial.run_trial = original

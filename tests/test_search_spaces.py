@@ -95,6 +95,39 @@ def test_quick_space_has_a_complete_grid() -> None:
     assert space.header.driver.trials == 6
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_resumed_grid_search_runs_every_point_once(tmp_path: Path, seed: int) -> None:
+    """``make demo``'s quick grid, interrupted after four trials and resumed as the driver resumes it (a
+    new sampler, the interrupted trial enqueued again). The resumed sampler was reseeded, which reshuffles
+    the grid the trials' recorded indices refer to: points ran twice, others never. And the re-queued
+    trial, finishing with one point left, had no index for Optuna to read (KeyError: 'grid_id')."""
+    from optuna.trial import TrialState
+
+    from psmsearch.optuna_driver import INTERRUPTED, _requeue_interrupted, make_sampler
+
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "quick.yaml", smoke_samples=1)
+    space.header.driver.seed = seed
+    storage = f"sqlite:///{tmp_path / 'grid.db'}"
+
+    def objective(trial: optuna.Trial) -> float:
+        space.sample(trial)
+        return 0.0
+
+    study = optuna.create_study(storage=storage, study_name="quick", sampler=make_sampler(space))
+    study.optimize(objective, n_trials=4)
+    interrupted = study.ask()
+    space.sample(interrupted)
+    interrupted.set_user_attr("state", INTERRUPTED)  # as the driver marks a trial the stop cut short
+    study.tell(interrupted, state=TrialState.FAIL)
+
+    resumed = optuna.load_study(study_name="quick", storage=storage, sampler=make_sampler(space, len(study.trials)))
+    assert _requeue_interrupted(resumed, None) == 1
+    resumed.optimize(objective, n_trials=2)  # the budget left: 6 trials, 4 counted
+    points = sorted((t.params["model.chunk_size"], t.params["model.aggregator"])
+                    for t in resumed.trials if t.state == TrialState.COMPLETE)
+    assert points == sorted((c, a) for c in (1, 4, 16) for a in ("attention", "mlp")), points
+
+
 def test_grid_refuses_continuous_dimensions() -> None:
     from psmsearch.errors import ConfigError
 
