@@ -325,7 +325,8 @@ def _latest_experiment(uri: str, search_name: str | None = None) -> str:
     runs = retry_locked(lambda: client.search_runs(ids, filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])) if ids else []
     if not runs:
         what = f"search {search_name!r}" if search_name else "psmsearch search"
-        raise ConfigError(f"no {what} has been tracked at {uri}; run `psmsearch search SPACE.yaml` first", field="--experiment")
+        raise ConfigError(f"no {what} has been tracked at {uri}; run `psmsearch search SPACE.yaml` first",
+                          field="--search" if search_name else "--experiment")
     return client.get_experiment(runs[0].info.experiment_id).name
 
 

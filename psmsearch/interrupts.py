@@ -85,8 +85,8 @@ def _handle(signum: int, _frame: Any) -> None:
         _interrupt(name)
         return
     if _signals_seen == 2:
-        print(f"{name}: stopping; running trials are being closed as interrupted (once more to exit at once)",
-              file=sys.stderr, flush=True)
+        print(f"{name}: stopping; what is running is being closed (a search marks its trials interrupted; "
+              "once more to exit at once)", file=sys.stderr, flush=True)
         return
     print(f"{name}: exiting now; --resume recovers trials left running", file=sys.stderr, flush=True)
     os._exit(130)

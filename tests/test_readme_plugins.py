@@ -19,17 +19,17 @@ def plugin_section_blocks() -> list[str]:
 
 
 def test_the_readme_aggregators_pass_the_contract_suite(tmp_path: Path) -> None:
-    """The first block is a whole plugin (GatedSum and its hook); the associative example is a class,
-    registered here as a reader would. Both must pass every check, or the README teaches a broken plugin
-    (its first associative example, a log-sum-exp with a -inf identity, failed 8 of 11 checks)."""
+    """Both blocks are whole plugins (imports, class and hook; the associative one was a bare class, which
+    a reader had to complete). Both must pass every check, or the README teaches a broken plugin (its
+    first associative example, a log-sum-exp with a -inf identity, failed 8 of 11 checks)."""
     blocks = plugin_section_blocks()
     whole = next(block for block in blocks if "@hookimpl" in block)
     associative = next(block for block in blocks if "associative = True" in block)
     name = re.search(r'name = "(\w+)"', associative).group(1)
     cls = re.search(r"class (\w+)\(Aggregator\)", associative).group(1)
     (tmp_path / "my_agg.py").write_text(whole)
-    (tmp_path / "my_assoc.py").write_text("import torch\nfrom psmsearch import Aggregator, hookimpl\n\n" + associative
-                                          + f"\n\n@hookimpl\ndef register_aggregators(register):\n    register({cls})\n")
+    assert f"register({cls})" in associative
+    (tmp_path / "my_assoc.py").write_text(associative)
     result = run_cli("--plugin", "my_agg.py", "--plugin", "my_assoc.py", "check", "gated_sum", name, cwd=tmp_path,
                      timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

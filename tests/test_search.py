@@ -633,6 +633,10 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert "search sa (experiment e1), search sb (experiment e2): ranked together" in table.stdout
     assert sorted(row[:2] for row in table_rows(table.stdout)) == [["sa", "sa-trial-0"], ["sb", "sb-trial-0"]]
 
+    missing = compare("--search", "nosuch")  # the option at fault is --search (it said --experiment)
+    assert missing.exit_code == 2
+    assert f"error: --search: no search 'nosuch' has been tracked at {uri}" in missing.stderr
+
     twice = compare("--search", "sa", "--search", "sb", "--search", "sa")
     assert twice.exit_code == 2
     assert "error: --search: search 'sa' is named twice; name each search once" in twice.stderr
