@@ -335,7 +335,7 @@ def run_optuna_search(space: SearchSpace, options: SearchOptions) -> SearchResul
     _record_objectives(study, space)
     study.set_user_attr("mlflow_parent_run", parent or "")
     result = SearchResult(study_name, storage_url, tracker.experiment if tracker else None, parent)
-    with SearchProgress(space, options.trials, enabled=options.progress) as progress:
+    with SearchProgress(space, options.trials, enabled=options.progress, name=study_name) as progress:
         if options.resume and not exists:
             progress.console.print(f"--resume: no study {study_name!r} in {storage_url} yet; starting it",
                                    highlight=False, markup=False)

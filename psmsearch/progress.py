@@ -34,8 +34,9 @@ class SearchProgress:
     that counts it; otherwise it would show the counts from before the trial.
     """
 
-    def __init__(self, space: SearchSpace, total: int, enabled: bool = True) -> None:
+    def __init__(self, space: SearchSpace, total: int, enabled: bool = True, name: str | None = None) -> None:
         self.space = space
+        self.name = name or space.name  # the search's name (--study), which its lines and bar show
         self.total = total
         self.console = Console(stderr=True)
         self.console.soft_wrap = not self.console.is_terminal  # a logged message stays one line, not cut at 80 columns
@@ -55,7 +56,7 @@ class SearchProgress:
     def __enter__(self) -> "SearchProgress":
         if self.live:
             self._progress.start()
-            self._task = self._progress.add_task(self.space.name, total=self.total, status="")
+            self._task = self._progress.add_task(self.name, total=self.total, status="")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -72,7 +73,7 @@ class SearchProgress:
             self._progress.update(self._task, completed=sum(self.counts.values()), status=self._status())
 
     def _line(self, text: str) -> None:
-        self.console.print(f"[{self.space.name}] {text}", highlight=False, markup=False)
+        self.console.print(f"[{self.name}] {text}", highlight=False, markup=False)
 
     def _log_end(self, outcome: Any) -> None:
         """The one log line of an ended trial: what came out of it, then where the search stands."""

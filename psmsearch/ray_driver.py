@@ -1022,7 +1022,7 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
         plugin_labels=shipped_plugin_labels(env_plugin_specs()),
     )
     result = SearchResult(name, str(experiment), tracker.experiment if tracker else None, parent)
-    with SearchProgress(space, options.trials, enabled=options.progress) as progress:
+    with SearchProgress(space, options.trials, enabled=options.progress, name=name) as progress:
         book = _Book(space, options, tracker, parent, progress)
         _ACTIVE.append(book)
         connected = False

@@ -723,16 +723,17 @@ def test_ranking_breaks_ties_by_trial_number_whatever_the_input_order() -> None:
 
 
 def test_piped_progress_is_one_line_per_started_and_per_ended_trial(tmp_path: Path) -> None:
+    """Each line names the search, the study (``--study``): they named the space, which the table does not."""
     space = write_space(tmp_path)
-    result = run_cli("search", str(space), "--resume", cwd=tmp_path)
+    result = run_cli("search", str(space), "--resume", "--study", "tinier", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    [note] = [line for line in lines if line.startswith("--resume: no study 'tiny'")]
+    [note] = [line for line in lines if line.startswith("--resume: no study 'tinier'")]
     assert len(note) > 80 and note.endswith("yet; starting it"), "a piped message is one line, not cut at 80 columns"
-    logged = [line for line in lines if line.startswith("[tiny] ")]
+    logged = [line for line in lines if line.startswith("[tinier] ")]
     for number in range(3):
-        assert logged.count(f"[tiny] trial {number} started") == 1, result.stderr
-        assert sum(line.startswith(f"[tiny] trial {number} complete: acc_2x=") for line in logged) == 1, result.stderr
+        assert logged.count(f"[tinier] trial {number} started") == 1, result.stderr
+        assert sum(line.startswith(f"[tinier] trial {number} complete: acc_2x=") for line in logged) == 1, result.stderr
     assert len(logged) == 6, result.stderr
     assert "  [3/3  done 3  pruned 0  failed 0  running 0  best acc_2x=" in logged[-1], "counted once the study has it"
 
