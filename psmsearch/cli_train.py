@@ -82,8 +82,9 @@ def train(
     trial = load_trial_config(config, overrides, warn=lambda message: click.echo(f"warning: {message}", err=True))
     if resume and not checkpoint.is_file():
         click.echo(f"no checkpoint at {checkpoint} yet: training from step 0", err=True)
-    elif resume:
-        click.echo(f"resuming from step {checkpoint_step(checkpoint)} ({checkpoint})", err=True)
+
+    def resumed(step: int) -> None:  # said once the file is checked: a refused file said "resuming" first
+        click.echo(f"resuming from step {step} ({checkpoint})", err=True)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         if eval_log:
@@ -92,9 +93,11 @@ def train(
 
     try:
         if nproc > 1:
-            metrics = run_trial_data_parallel(trial, nproc, checkpoint_path=checkpoint, resume=resume, callback=log)
+            metrics = run_trial_data_parallel(trial, nproc, checkpoint_path=checkpoint, resume=resume, callback=log,
+                                              on_resume=resumed)
         else:
-            metrics = run_trial(trial, log, progress=progress, checkpoint_path=checkpoint, resume=resume)
+            metrics = run_trial(trial, log, progress=progress, checkpoint_path=checkpoint, resume=resume,
+                                on_resume=resumed)
     except TrialStopped as err:
         click.echo(f"trial stopped: {err}", err=True)
         sys.exit(1)

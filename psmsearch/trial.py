@@ -378,6 +378,7 @@ def run_trial(
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     registry: Registry | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train and evaluate one trial; returns every metric as a flat ``{name: float}``.
 
@@ -387,13 +388,15 @@ def run_trial(
     ``callback(step, metrics)`` receives each periodic evaluation (never a ``test_`` metric) and may raise
     :class:`~psmsearch.trainer.TrialPruned`; a diverging run raises
     :class:`~psmsearch.trainer.TrialDiverged`. With ``checkpoint_path`` (and
-    ``train.checkpoint_every``) checkpoints are written; ``resume=True`` continues from one.
+    ``train.checkpoint_every``) checkpoints are written; ``resume=True`` continues from one, and
+    ``on_resume(step)`` is told the step once the file has been checked and loaded (a file written by
+    another trial raises first).
     """
     if config.threads is not None and torch.get_num_threads() != config.threads:
         # Process-wide, and deliberately not restored: trials run as threads of one process
         # (``--jobs N``) would otherwise reset each other's setting mid-run.
         torch.set_num_threads(config.threads)
-    return _run(config, callback, progress, checkpoint_path, resume, registry)
+    return _run(config, callback, progress, checkpoint_path, resume, registry, on_resume)
 
 
 def _run(
@@ -403,6 +406,7 @@ def _run(
     checkpoint_path: str | Path | None,
     resume: bool,
     registry: Registry | None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     from psmsearch.model import build_model  # the model module pulls in the composer and plugins
 
@@ -418,6 +422,8 @@ def _run(
     )
     if resume and checkpoint_path and Path(checkpoint_path).is_file():
         trainer.load_checkpoint(checkpoint_path)
+        if on_resume is not None:
+            on_resume(trainer.step)
     with _phase("training and evaluation", {}):
         result = trainer.fit()
     metrics = dict(result.metrics)
@@ -472,7 +478,8 @@ def resume_identity(config: TrialConfig) -> dict[str, Any]:
 
 
 def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_path: str | Path | None = None,
-                            resume: bool = False, callback: Callback | None = None) -> dict[str, float]:
+                            resume: bool = False, callback: Callback | None = None,
+                            on_resume: Callable[[int], None] | None = None) -> dict[str, float]:
     """:func:`run_trial` in ``world_size`` local data-parallel processes; rank 0's metrics.
 
     Gloo on CPU, NCCL on CUDA (rank ``r`` uses ``cuda:r``). The global batch is ``train.batch_size``
@@ -487,7 +494,9 @@ def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_pat
     """
     backend = dist.default_backend(resolve_device(config.device))
     if resume and checkpoint_path and Path(checkpoint_path).is_file():
-        _check_checkpoint(config, checkpoint_path)  # a bad file is reported here, not as a worker traceback
+        step = _check_checkpoint(config, checkpoint_path)  # a bad file is reported here, not as a worker traceback
+        if on_resume is not None:
+            on_resume(step)
     checkpoint = str(Path(checkpoint_path).resolve()) if checkpoint_path else None
 
     def on_message(message: tuple[str, int, dict[str, float]]) -> None:
@@ -504,8 +513,8 @@ def run_trial_data_parallel(config: TrialConfig, world_size: int, checkpoint_pat
         return json.loads(result.read_text())
 
 
-def _check_checkpoint(config: TrialConfig, checkpoint_path: str | Path) -> None:
-    """Load ``checkpoint_path`` into a throwaway trainer for ``config``: raises its ConfigError if it does not fit."""
+def _check_checkpoint(config: TrialConfig, checkpoint_path: str | Path) -> int:
+    """Load ``checkpoint_path`` into a throwaway trainer for ``config``: its step, or its ConfigError if it does not fit."""
     from psmsearch.model import build_model
 
     task = make_task(config)
@@ -513,6 +522,7 @@ def _check_checkpoint(config: TrialConfig, checkpoint_path: str | Path) -> None:
                       identity=resume_identity(config))
     with torch.random.fork_rng(devices=[]):
         trainer.load_checkpoint(checkpoint_path)
+    return trainer.step
 
 
 def _report_to_parent(step: int, metrics: dict[str, float]) -> None:

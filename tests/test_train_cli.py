@@ -276,6 +276,7 @@ def test_checkpoint_mistakes_are_clear_errors(tmp_path: Path) -> None:
                                    "--no-progress"])
     assert isinstance(result.exception, ConfigError)
     assert "was written by a different trial: model.d_model: 16 in the checkpoint, 32 now" in str(result.exception)
+    assert "resuming" not in result.stderr  # it announced "resuming from step 6" before refusing the file
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"not a checkpoint")
     result = runner.invoke(train, [str(path), "--checkpoint", str(damaged), "--resume", "--no-progress"])
