@@ -240,8 +240,8 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         if not err.field or err.source != source:
             raise
         hint = recorded_plugin_hint(raw, err.field, source, registry)
-        if hint:
-            err.detail = f"{err.detail.rstrip('.')}. {hint}"
+        if hint:  # in place of the registry's suggestions: a close name there ("did you mean 'gated'?") misleads
+            err.detail = hint
         origin = _origin(err.field, overrides, lines)
         err.located(origin)
         if origin == f"--set {err.field}":  # "--set task.path: ..." names the field once, not twice
@@ -265,8 +265,9 @@ def _named_component(raw: dict[str, Any], key: str) -> str | None:
 
 
 def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry | None = None) -> str:
-    """What to do when the task or component at ``field`` is not registered and the config's ``plugins``
-    record (written into a search trial's ``trial_config.yaml``) names the plugin it came from; else ``""``.
+    """The error for a task or component at ``field`` that is not registered when the config's ``plugins``
+    record (written into a search trial's ``trial_config.yaml``) names the plugin it came from, saying
+    what to do; else ``""``.
 
     ``train`` never loads a plugin a config names (a file could run any code): it says which
     ``--plugin`` to pass.
@@ -290,7 +291,8 @@ def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry |
     else:
         action = (f"install the package that provides it, or, if it is a module on the Python path, run "
                   f"psmsearch --plugin {plugin} train {source}")
-    return f"This config's plugins field records that {kind} {name!r} came from the plugin {plugin!r}: {action}"
+    return (f"unknown {kind} {name!r}. This config's plugins field records that {kind} {name!r} came from the "
+            f"plugin {plugin!r}: {action}")
 
 
 def other_plugins(config: TrialConfig, registry: Registry | None = None) -> list[tuple[str, str]]:
