@@ -1,4 +1,4 @@
-"""Associative (affine) PSM components: linear attention, RetNet, Mamba2, mLSTM, GLA and DeltaNet.
+"""Associative (affine) PSM components: linear attention, RetNet, Mamba2, mLSTM, GLA, Mamba and DeltaNet.
 
 Every model here keeps, per head, a matrix state ``S ∈ R^{d_k × d_v}`` updated token by token as
 ``S_t = E_t ▷ S_{t-1} + k_t v_tᵀ`` (DeltaNet: ``+ β_t k_t v_tᵀ``) and read out as ``o_t = S_tᵀ q_t``.
@@ -14,7 +14,7 @@ state kind          encoders               ``E_t``           aggregator         
                     ``retnet``, ``mamba2``
 ``affine-scalar-``  ``mlstm``              ``f_t I``         ``affine_scalar_``   ``linear_readout_``
 ``normalized``                                               ``normalized``       ``normalized``
-``affine-diag``     ``gla``                ``diag(α_t)``     ``affine_diag``      ``linear_readout_diag``
+``affine-diag``     ``gla``, ``mamba``     ``diag(α_t)``     ``affine_diag``      ``linear_readout_diag``
 ``affine-dense``    ``deltanet``           ``I - β k kᵀ``    ``affine_dense``     ``linear_readout_dense``
 ==================  =====================  ================  ===================  ======================
 
@@ -263,7 +263,7 @@ class _AffineEncoder(Encoder):
     """Per-head query/key/value projections shared by every gate type.
 
     ``features`` is token-local (``offset`` is unused: these models carry no positions); the
-    subclass's ``_transition`` adds the token's gate and may rescale its key (Mamba2's ``Δ``).
+    subclass's ``_transition`` adds the token's gate and may rescale its key (Mamba's and Mamba2's ``Δ``).
     Queries are scaled by ``d_k^-1/2``.
     """
 
@@ -420,19 +420,72 @@ class Mamba2Encoder(_DecayEncoder):
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
-        dt_min, dt_max = self.hparams["dt_min"], self.hparams["dt_max"]
-        if dt_min > dt_max:
-            raise ValueError(f"encoder 'mamba2': dt_min={dt_min} exceeds dt_max={dt_max}")
+        dt_min, dt_max = _step_range(self.name, self.hparams)
         self.dt_proj = nn.Linear(context.d_model, self.heads)
         with torch.no_grad():
-            dt = torch.exp(torch.empty(self.heads).uniform_(math.log(dt_min), math.log(dt_max)))  # [H]
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+            self.dt_proj.bias.copy_(_initial_step_bias(self.heads, dt_min, dt_max))  # [H]
             self.dt_proj.weight.mul_(0.1)
         self.a_log = nn.Parameter(torch.empty(self.heads).uniform_(1.0, 16.0).log())  # [H]
 
     def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dt = F.softplus(self.dt_proj(x)).unsqueeze(-1)  # [*, c', H, 1]
         return k * dt, -dt * self.a_log.exp()[:, None]  # [*, c', H, dk], [*, c', H, 1]
+
+
+def _step_range(encoder: str, hparams: dict[str, Any]) -> tuple[float, float]:
+    """``(dt_min, dt_max)`` of a Mamba-style encoder, refused where the range is empty."""
+    dt_min, dt_max = hparams["dt_min"], hparams["dt_max"]
+    if dt_min > dt_max:
+        raise ValueError(f"encoder {encoder!r}: dt_min={dt_min} exceeds dt_max={dt_max}")
+    return dt_min, dt_max
+
+
+def _initial_step_bias(count: int, dt_min: float, dt_max: float) -> torch.Tensor:
+    """``softplus⁻¹(Δ)`` for ``count`` steps ``Δ`` drawn log-uniformly in ``[dt_min, dt_max]`` (Mamba's init)."""
+    dt = torch.exp(torch.empty(count).uniform_(math.log(dt_min), math.log(dt_max)))  # [count]
+    return dt + torch.log(-torch.expm1(-dt))  # [count]
+
+
+class MambaEncoder(_DecayEncoder):
+    """Mamba (S6) selective decay, one step ``Δ`` per key channel: a data-dependent diagonal gate.
+
+    ``Δ_t = softplus(W₂ W₁ x_t + b)`` per head and key channel (``W₁`` of rank ``dt_rank``),
+    ``log α_t = -Δ_t ⊙ exp(A_log)`` with a learned ``A_log [H, dk]``, and the key discretised as
+    ``Δ_t ⊙ k_t`` (``k`` plays ``B``, ``q`` plays ``C``, the key channel is Mamba's state index).
+    As in Mamba, ``A`` starts at the S4D-real ``1, 2, ..., d_k`` in every head, ``W₂`` uniform in
+    ``±dt_rank^-1/2`` and ``b`` at softplus⁻¹ of a log-uniform ``Δ`` in ``[dt_min, dt_max]``.
+
+    One difference from Mamba, so that ``E`` stays diagonal in the key channel: Mamba's ``Δ`` varies
+    over the value channel (its ``d``), which makes the decay ``exp(Δ_d A_dn)`` differ over both axes
+    of the ``[d_k, d_v]`` state; here ``Δ`` varies over the key channel and is shared by the values.
+    The block's convolution and output gate are not part of this sequence mixer.
+    """
+
+    name = "mamba"
+    state_kind = DIAG
+    diagonal = True
+    hyperparameters = (
+        *SHARED_HYPERPARAMETERS,
+        HyperParameter("dt_rank", "int", 16, low=1, high=128, log=True, help="rank of the step projection W₂ W₁"),
+        # Disjoint ranges, so that every point a search can sample is valid (dt_min <= dt_max).
+        HyperParameter("dt_min", "float", 1e-3, low=1e-4, high=1e-2, log=True, help="smallest initial step Δ"),
+        HyperParameter("dt_max", "float", 1e-1, low=1e-2, high=1.0, log=True, help="largest initial step Δ"),
+    )
+
+    def __init__(self, context: ComponentContext, **hparams: Any) -> None:
+        super().__init__(context, **hparams)
+        dt_min, dt_max = _step_range(self.name, self.hparams)
+        rank, channels = self.hparams["dt_rank"], self.heads * self.key_dim
+        self.dt_proj = nn.Sequential(nn.Linear(context.d_model, rank, bias=False), nn.Linear(rank, channels))
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj[1].weight, -(rank**-0.5), rank**-0.5)
+            self.dt_proj[1].bias.copy_(_initial_step_bias(channels, dt_min, dt_max))  # [H*dk]
+        s4d_real = torch.arange(1, self.key_dim + 1, dtype=torch.get_default_dtype()).log()  # [dk]
+        self.a_log = nn.Parameter(s4d_real.repeat(self.heads, 1))  # [H, dk]
+
+    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = F.softplus(self._split_heads(self.dt_proj(x), self.key_dim))  # [*, c', H, dk]
+        return k * dt, -dt * self.a_log.exp()  # [*, c', H, dk] each
 
 
 class GLAEncoder(_DecayEncoder):
@@ -656,7 +709,7 @@ class AffineScalarNormalizedAggregator(_DecayAggregator):
 
 
 class AffineDiagAggregator(_DecayAggregator):
-    """⊕ for per-key-channel decays (GLA): state ``(log α [H, dk], S)``."""
+    """⊕ for per-key-channel decays (GLA, Mamba): state ``(log α [H, dk], S)``."""
 
     name = "affine_diag"
     state_kind = DIAG
@@ -832,7 +885,7 @@ class NormalizedReadoutHead(_DecayReadoutHead):
 
 
 class DiagReadoutHead(_DecayReadoutHead):
-    """Readout for per-key-channel decays (GLA); exact intra-chunk decay masks in 16-step sub-blocks."""
+    """Readout for per-key-channel decays (GLA, Mamba); exact intra-chunk decay masks in 16-step sub-blocks."""
 
     name = "linear_readout_diag"
     state_kind = DIAG
@@ -879,7 +932,8 @@ class DenseReadoutHead(_ReadoutHead):
 
 @hookimpl
 def register_encoders(register: Callable[..., None]) -> None:
-    for cls in (LinearAttentionEncoder, RetNetEncoder, Mamba2Encoder, MLSTMEncoder, GLAEncoder, DeltaNetEncoder):
+    for cls in (LinearAttentionEncoder, RetNetEncoder, Mamba2Encoder, MLSTMEncoder, GLAEncoder, MambaEncoder,
+                DeltaNetEncoder):
         register(cls)
 
 

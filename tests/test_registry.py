@@ -45,7 +45,7 @@ def test_a_hyperparameter_error_survives_pickling_and_copying() -> None:
     ("atention", ["attention", "linear_attention"]),
     ("gal", ["gla"]),
     ("linear", ["linear_attention", "linear_readout_dense", "linear_readout_diag"]),
-    ("mamba", ["mamba2"]),
+    ("mamba3", ["mamba", "mamba2"]),
     ("typohook", []),  # was 'pool': a loose ratio suggested unrelated names
 ])
 def test_suggestions_are_typos_or_abbreviations_of_registered_names(fresh_registry, typed: str,

@@ -37,6 +37,7 @@ TRIPLES = {
     "mamba2": ("affine_scalar", "linear_readout_scalar", "affine-scalar"),
     "mlstm": ("affine_scalar_normalized", "linear_readout_normalized", "affine-scalar-normalized"),
     "gla": ("affine_diag", "linear_readout_diag", "affine-diag"),
+    "mamba": ("affine_diag", "linear_readout_diag", "affine-diag"),
     "deltanet": ("affine_dense", "linear_readout_dense", "affine-dense"),
 }
 ENCODERS = list(TRIPLES)
@@ -182,10 +183,11 @@ def test_hyperparameters_are_declared_and_validated() -> None:
     for encoder in ENCODERS:
         names = {hp.name for hp in registry.get("encoder", encoder).hyperparameters}
         assert {"heads", "key_dim", "value_dim", "feature_map"} <= names
-    bad = config("mamba2", 4).model_dump()
-    bad["encoder"]["params"].update(dt_min=0.05, dt_max=0.01)
-    with pytest.raises(ConfigError, match="dt_min"):
-        PSMLayer.from_config(ModelConfig(**bad))
+    for encoder in ("mamba2", "mamba"):
+        bad = config(encoder, 4).model_dump()
+        bad["encoder"]["params"].update(dt_min=0.05, dt_max=0.01)
+        with pytest.raises(ConfigError, match=f"encoder '{encoder}' hyperparameter 'dt_min': 0.05 is out of range"):
+            PSMLayer.from_config(ModelConfig(**bad))
 
 
 # --- gate semantics ---------------------------------------------------------------------------
@@ -198,11 +200,12 @@ def test_gates_have_their_documented_form() -> None:
     retnet = make_layer("retnet", 4).encoder
     expected = torch.log(1 - 2.0 ** -(5.0 + torch.arange(SMALL["heads"])))  # [H]
     torch.testing.assert_close(retnet.features(x)[3][0, 0, :, 0], expected)
-    for name in ("mamba2", "mlstm", "gla"):
+    for name in ("mamba2", "mlstm", "gla", "mamba"):
         log_a = make_layer(name, 4).encoder.features(x)[3]
         assert bool((log_a < 0).all()), f"{name}: decays must lie in (0, 1)"
-    gla_gate = make_layer("gla", 4).encoder.features(x)[3]
-    assert gla_gate.shape == (BATCH, 5, SMALL["heads"], SMALL["key_dim"])
+    for name in ("gla", "mamba"):
+        diagonal_gate = make_layer(name, 4).encoder.features(x)[3]
+        assert diagonal_gate.shape == (BATCH, 5, SMALL["heads"], SMALL["key_dim"]), name
     q, k, _, beta, no_gate = make_layer("deltanet", 4).encoder.features(x)
     assert no_gate.shape == (BATCH, 5, SMALL["heads"], 0), "output_gate off: an empty gate"
     torch.testing.assert_close(k.norm(dim=-1), torch.ones_like(k.norm(dim=-1)))
@@ -214,7 +217,8 @@ def test_data_dependent_gates_follow_their_formulas_from_the_parameters() -> Non
     gate that ignored ``Δ``'s scaling of the key, ``A``, GLA's temperature or DeltaNet's
     ``negative_eigenvalues`` passed. Here every gate is recomputed from the module's weights:
     Mamba2 ``log a = -softplus(w·x + b) exp(A_log)`` and key ``Δ k``; mLSTM
-    ``log f = logsigmoid(f̃)``, key ``e^ĩ k`` and a column of ones after the values; GLA
+    ``log f = logsigmoid(f̃)``, key ``e^ĩ k`` and a column of ones after the values; Mamba
+    ``log α = -softplus(W₂ W₁ x + b) ⊙ exp(A_log)`` per key channel and key ``Δ ⊙ k``; GLA
     ``log α = logsigmoid(W₂ W₁ x + b) / τ``; DeltaNet ``β = sigmoid(w·x + b)``, doubled with
     ``negative_eigenvalues``."""
     x = inputs(5)  # [B, T, d]
@@ -229,6 +233,13 @@ def test_data_dependent_gates_follow_their_formulas_from_the_parameters() -> Non
     raw_k = linear(mamba.k_proj, x).unflatten(-1, (heads, dk))  # [B, T, H, dk]
     torch.testing.assert_close(log_a[..., 0], -dt * mamba.a_log.exp())
     torch.testing.assert_close(k, raw_k * dt[..., None])
+    mamba = PSMLayer.from_config(config("mamba", 4, encoder_params={"dt_rank": 3})).encoder
+    with torch.no_grad():
+        mamba.a_log.add_(torch.randn(heads, dk, generator=torch.Generator().manual_seed(2)))  # A differs per channel
+    _, k, _, log_a, _ = mamba.features(x)
+    dt = torch.log1p(torch.exp(linear(mamba.dt_proj[1], linear(mamba.dt_proj[0], x)))).unflatten(-1, (heads, dk))
+    torch.testing.assert_close(log_a, -dt * mamba.a_log.exp())  # [B, T, H, dk]
+    torch.testing.assert_close(k, linear(mamba.k_proj, x).unflatten(-1, (heads, dk)) * dt)
     temperature = 4.0
     gla = PSMLayer.from_config(config("gla", 4, encoder_params={"gate_temperature": temperature})).encoder
     logits = linear(gla.gate_proj[1], linear(gla.gate_proj[0], x)).unflatten(-1, (heads, dk))  # [B, T, H, dk]
@@ -243,6 +254,23 @@ def test_data_dependent_gates_follow_their_formulas_from_the_parameters() -> Non
         delta = PSMLayer.from_config(config("deltanet", 4, encoder_params={"negative_eigenvalues": negative})).encoder
         beta = delta.features(x)[3]  # [B, T, H]
         torch.testing.assert_close(beta, factor * torch.sigmoid(linear(delta.beta_proj, x)))
+
+
+def test_mamba_starts_from_mambas_initialisation() -> None:
+    """S4D-real ``A = 1..d_k`` in every head, initial steps ``softplus(b)`` inside ``[dt_min, dt_max]``
+    (log-uniform, so not all at one end), ``W₂`` within ``±dt_rank^-1/2``; Mamba2's steps likewise."""
+    heads, dk = SMALL["heads"], SMALL["key_dim"]
+    dt_min, dt_max = 2e-3, 5e-2
+    mamba = PSMLayer.from_config(config("mamba", 4, encoder_params={"dt_rank": 4, "dt_min": dt_min,
+                                                                    "dt_max": dt_max})).encoder
+    torch.testing.assert_close(mamba.a_log.exp(), torch.arange(1.0, dk + 1).expand(heads, dk))
+    assert mamba.dt_proj[1].weight.abs().max().item() <= 4**-0.5
+    mamba2 = PSMLayer.from_config(config("mamba2", 4, encoder_params={"dt_min": dt_min, "dt_max": dt_max})).encoder
+    for name, bias in (("mamba", mamba.dt_proj[1].bias), ("mamba2", mamba2.dt_proj.bias)):
+        steps = torch.nn.functional.softplus(bias.detach().double())  # [H*dk] or [H]
+        assert bool(((steps >= dt_min * (1 - 1e-5)) & (steps <= dt_max * (1 + 1e-5))).all()), f"{name}: {steps}"
+    spread = torch.nn.functional.softplus(mamba.dt_proj[1].bias.detach().double()).log()  # [H*dk]
+    assert spread.max() - spread.min() > 0.5 * (torch.tensor(dt_max / dt_min).log()), "steps drawn log-uniformly"
 
 
 # --- the layer against the naive recurrence ---------------------------------------------------
@@ -583,13 +611,14 @@ def test_streaming_state_bytes_constant_and_accounted(encoder: str, output_gate:
     stream = layer.stream(BATCH)
     measured = []
     with torch.no_grad():
-        for total in (16, 64, 256):
+        # 1, 3, 7 and 15 chunks: where a non-associative binary counter holds 1, 2, 3 and 4 roots
+        for total in (16, 48, 112, 240):
             stream.feed(inputs(total - stream.tokens_seen, seed=total))
             assert stream.state_nbytes() == stream.expected_nbytes(), f"{encoder} after {total} tokens"
-            assert stream.scan.num_roots == 1
+            assert stream.scan.num_roots == 1, f"{encoder} after {total} tokens"
             measured.append(stream.state_nbytes())
     expected = layer.encoder.state_nbytes(BATCH)
-    assert measured == [expected] * 3, f"{encoder}: retained bytes {measured}, one state is {expected}"
+    assert measured == [expected] * 4, f"{encoder}: retained bytes {measured}, one state is {expected}"
 
 
 # --- the aggregators --------------------------------------------------------------------------

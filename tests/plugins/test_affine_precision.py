@@ -16,6 +16,7 @@ from psmsearch.config import ModelConfig
 
 TRIPLES = {
     "gla": ("affine_diag", "linear_readout_diag"),
+    "mamba": ("affine_diag", "linear_readout_diag"),
     "mamba2": ("affine_scalar", "linear_readout_scalar"),
     "mlstm": ("affine_scalar_normalized", "linear_readout_normalized"),
     "retnet": ("affine_scalar", "linear_readout_scalar"),
@@ -36,6 +37,7 @@ def decay_layer(encoder: str, chunk_size: int, d_model: int = 32, **encoder_para
 @pytest.mark.parametrize(("encoder", "params"), [
     ("gla", {"gate_temperature": 1.0}),  # strong per-channel decays: the cumulative gates reach -100s
     ("gla", {}),
+    ("mamba", {}),
     ("mamba2", {}),
     ("mlstm", {}),
     ("retnet", {}),
