@@ -76,7 +76,9 @@ def chunk_gated_linear_attention(
             everything) included. Values below :data:`LOG_GATE_FLOOR` count as
             the floor, and their gradient is 0.
         chunk_size: steps per chunk; ``T`` need not be a multiple. The Triton
-            backend needs a power of two from 16 to 128.
+            backend needs a power of two from 16 to 128: with ``backend=None`` and
+            no ``PSMSEARCH_KERNEL_BACKEND``, other sizes run on the reference (also
+            on CUDA), while an explicit ``triton`` request with them is a ``ValueError``.
         initial_state: optional ``[B, H, dk, dv]`` state before step 0.
         scale: multiplies the output; default ``dk ** -0.5``.
         output_final_state: also return the state after the last step.
@@ -95,6 +97,8 @@ def chunk_gated_linear_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = [t for t in (q, k, v, log_gate, initial_state) if t is not None]
     chosen = _dispatch.select_backend(backend, *tensors, kernel=KERNEL)
+    if chosen == "triton" and chunk_size not in TRITON_CHUNK_SIZES and _dispatch.requested_backend(backend) is None:
+        chosen = "reference"  # the default serves any chunk size; an explicit Triton request is reported below
     if chosen == "triton" and is_in_torch_dispatch_mode():  # make_fx, torch.export: PyTorch ops only
         _dispatch.refuse_untraceable_backend(KERNEL, backend)
         chosen = "reference"

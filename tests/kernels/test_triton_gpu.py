@@ -154,3 +154,18 @@ def test_chunk_traced_by_default_records_the_reference() -> None:
     traced = make_fx(lambda *x: chunk_gated_linear_attention(*x, chunk_size=16)[0])(q, k, v, log_gate)
     want = chunk_gated_linear_attention(q, k, 2 * v, log_gate, chunk_size=16, backend="reference")[0]
     torch.testing.assert_close(traced(q, k, 2 * v, log_gate), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_default_takes_the_reference_where_triton_cannot_take_the_chunk_size(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing requested a CUDA call at c = 8 ran Triton's kernel, which refused the size; it now
+    runs the reference (the same values as asking for it). Asking for Triton at c = 8 stays an error."""
+    from psmsearch.kernels import chunk_gated_linear_attention
+
+    monkeypatch.delenv("PSMSEARCH_KERNEL_BACKEND", raising=False)
+    q, k, v, log_gate, _ = chunk_inputs("cuda", 40, True, False)
+    got = chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=8)[0]
+    want = chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=8, backend="reference")[0]
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_gated_linear_attention(q, k, v, log_gate, chunk_size=8, backend="triton")
