@@ -107,6 +107,9 @@ def test_scan_benchmark_runs_and_reprints_its_json(tmp_path: Path) -> None:
     assert "loop/numba" in table and "ref/numba" in table and "loop/(a+b)" in table
     assert "loop/(a+b streamed)" in table and "the memory floor in this run" in table
     assert "Targets at (512, 16384): loop/numba" in table
+    assert "the PyTorch reference itself is at loop/ref" in table and "assoc_scan/ref" in table
+    assert all(r["assoc_scan_over_reference"] == pytest.approx(r["assoc_scan_ms"] / r["reference_ms"])
+               for r in result["cpu"] if r["assoc_scan_ms"] is not None)
     assert result["cpu_clean_caches"] is True and "caches left clean before each timed call" in table
 
 
