@@ -103,7 +103,7 @@ def component_plugins(config: Any, registry: Registry, plugin_labels: Mapping[st
 
     ``plugin_labels`` maps the name a plugin was loaded under to the one to record: Ray workers
     import a shipped plugin file by its bare module name (``my_agg``, see
-    :func:`psmsearch.ray_driver.worker_runtime_env`), while the search named ``/path/my_agg.py``,
+    :func:`psmsearch.ray_cluster.worker_runtime_env`), while the search named ``/path/my_agg.py``,
     as the Optuna driver's tags and ``trial_config.yaml`` say.
     """
     labels = plugin_labels or {}

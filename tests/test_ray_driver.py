@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from clihelpers import run_cli
-from psmsearch.ray_driver import DEFAULT_RESULTS_DIR as DEFAULT_RESULTS
+from psmsearch.ray_experiment import DEFAULT_RESULTS_DIR as DEFAULT_RESULTS
 
 PLUGIN = '''
 """A test plugin: the MLP aggregator under a new name."""
@@ -385,7 +385,7 @@ def test_a_ray_search_already_being_started_is_refused_and_a_tracking_error_give
     from mlflow.tracking import MlflowClient
     from searchhelpers import write_space
 
-    from psmsearch.ray_driver import CLAIM_FILE
+    from psmsearch.ray_experiment import CLAIM_FILE
 
     space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
     experiment = tmp_path / DEFAULT_RESULTS / "tiny"
@@ -416,7 +416,9 @@ def test_a_ray_search_another_process_is_driving_is_refused_with_or_without_resu
     from searchhelpers import write_space
 
     from psmsearch.errors import ConfigError
-    from psmsearch.ray_driver import LOCK_FILE, QUIET_ENV, run_ray_search
+    from psmsearch.ray_cluster import QUIET_ENV
+    from psmsearch.ray_driver import run_ray_search
+    from psmsearch.ray_experiment import LOCK_FILE
     from psmsearch.search import SearchOptions
     from psmsearch.space import load_space
 
@@ -446,7 +448,8 @@ def test_a_ray_search_the_grid_sampler_refuses_creates_nothing(tmp_path: Path, m
     from searchhelpers import MIXED_MODEL, write_space
 
     from psmsearch.errors import ConfigError
-    from psmsearch.ray_driver import QUIET_ENV, run_ray_search
+    from psmsearch.ray_cluster import QUIET_ENV
+    from psmsearch.ray_driver import run_ray_search
     from psmsearch.search import SearchOptions
     from psmsearch.space import load_space
 
@@ -468,14 +471,14 @@ def test_a_file_system_that_cannot_lock_runs_the_search_with_a_warning(tmp_path:
     """flock failing with ENOLCK (NFS mounted nolock) stopped every Ray search with a bare OSError."""
     import errno
 
-    from psmsearch import ray_driver
+    from psmsearch import ray_experiment
 
     def no_locks(fd: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(ray_driver.fcntl, "flock", no_locks)
+    monkeypatch.setattr(ray_experiment.fcntl, "flock", no_locks)
     ran = False
-    with ray_driver._driving(tmp_path / "tiny"):
+    with ray_experiment._driving(tmp_path / "tiny"):
         ran = True
     assert ran
     assert "warning: cannot lock" in capsys.readouterr().err
@@ -515,7 +518,7 @@ OLD_FORMAT = Path(__file__).parent / "fixtures" / "ray_pre_9e2c35e" / "tiny"
 
 def test_an_experiment_saved_before_resume_could_add_trials_is_recognised(tmp_path: Path) -> None:
     """Its tuner.pkl holds a plain OptunaSearch; every later one refers to the budgeted search."""
-    from psmsearch.ray_driver import saved_with_fixed_budget
+    from psmsearch.ray_experiment import saved_with_fixed_budget
 
     assert saved_with_fixed_budget(OLD_FORMAT)
     assert not saved_with_fixed_budget(tmp_path), "no saved Tuner: nothing to tell"
@@ -554,7 +557,9 @@ def test_a_ray_resume_with_other_objectives_is_refused_before_anything_runs(
     from searchhelpers import write_space
 
     from psmsearch.errors import ConfigError
-    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, run_ray_search
+    from psmsearch.ray_cluster import QUIET_ENV
+    from psmsearch.ray_driver import run_ray_search
+    from psmsearch.ray_experiment import CLAIM_FILE
     from psmsearch.search import SearchOptions
     from psmsearch.space import load_space
 
@@ -581,7 +586,9 @@ def test_a_ray_resume_with_a_changed_search_space_is_refused_before_anything_run
     from searchhelpers import TINY_SPACE, write_space
 
     from psmsearch.errors import ConfigError
-    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, _check_new_or_resumed, run_ray_search
+    from psmsearch.ray_cluster import QUIET_ENV
+    from psmsearch.ray_driver import run_ray_search
+    from psmsearch.ray_experiment import CLAIM_FILE, _check_new_or_resumed
     from psmsearch.search import SearchOptions
     from psmsearch.space import load_space
 
@@ -617,7 +624,8 @@ def test_a_ray_resume_with_other_training_is_refused_as_an_optuna_one_is(tmp_pat
     from searchhelpers import TINY_SPACE, write_space
 
     from psmsearch.errors import ConfigError
-    from psmsearch.ray_driver import CLAIM_FILE, QUIET_ENV, _check_new_or_resumed
+    from psmsearch.ray_cluster import QUIET_ENV
+    from psmsearch.ray_experiment import CLAIM_FILE, _check_new_or_resumed
     from psmsearch.search import SearchOptions
     from psmsearch.space import load_space
 
@@ -725,7 +733,7 @@ def test_the_workers_get_the_directory_the_command_started_in(tmp_path: Path, mo
     """A relative ``task.path`` is looked for in ``PSMSEARCH_LAUNCH_DIR``; a private local cluster inherits it
     from the driver, but workers of a cluster joined with ``--address`` do not: the job's runtime_env
     carries it, beside the shipped plugins."""
-    from psmsearch.ray_driver import worker_runtime_env
+    from psmsearch.ray_cluster import worker_runtime_env
     from psmsearch.tasks import LAUNCH_DIR_ENV
 
     monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path))

@@ -1,0 +1,144 @@
+"""Reaching the Ray cluster a search runs on: connecting, and the runtime environment (plugins,
+start directory) shipped to its workers.
+
+Without ``--address`` a private local cluster is started and bound to the loopback interface; with
+a loopback ``--address`` (``127.0.0.1:PORT``) the driver joins a single-machine cluster started with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address=127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from psmsearch.errors import ConfigError
+from psmsearch.progress import SearchProgress
+from psmsearch.registry import ENV_VAR as PLUGINS_ENV_VAR
+from psmsearch.registry import env_plugin_specs
+from psmsearch.search import SearchOptions
+from psmsearch.tasks import LAUNCH_DIR_ENV
+
+
+# Ray's single-machine mode: node address 127.0.0.1 and every Ray server bound to loopback. Read when
+# ``ray`` is imported, so it is set before the first import.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for no address (a private local cluster) and for ``127.x.x.x:PORT`` / ``localhost:PORT``."""
+    if address is None:
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def worker_runtime_env(specs: list[str]) -> dict[str, Any]:
+    """The job's ``runtime_env``: plugin files and folders uploaded as ``py_modules``, named by module.
+
+    A module name passes through unchanged: it must be installed on the cluster (as entry-point
+    plugins are). Workers record the plugins by the names given here (:func:`shipped_plugin_labels`
+    maps them back). The directory the command started in goes along (``PSMSEARCH_LAUNCH_DIR``): a
+    Ray trial runs in a working directory of its own, and workers of a cluster joined with
+    ``--address`` do not inherit the driver's environment, so a relative ``task.path`` is looked for
+    there (it must exist on every node).
+    """
+    modules: list[str] = []
+    names: list[str] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.exists():
+            path = path.resolve()
+            modules.append(str(path))
+            names.append(_shipped_name(path))
+        else:
+            names.append(spec)
+    env_vars = {LAUNCH_DIR_ENV: os.environ.get(LAUNCH_DIR_ENV) or os.getcwd()}
+    if names:
+        env_vars[PLUGINS_ENV_VAR] = ",".join(names)
+    env: dict[str, Any] = {"env_vars": env_vars}
+    if modules:
+        env["py_modules"] = modules
+    return env
+
+
+def _shipped_name(path: Path) -> str:
+    """The module name a worker imports a shipped plugin file or folder under: ``my_agg`` for ``/x/my_agg.py``."""
+    return path.stem if path.is_file() else path.name
+
+
+def shipped_plugin_labels(specs: list[str]) -> dict[str, str]:
+    """For each plugin file or folder shipped to the workers, its module name there -> the path the user
+    gave (absolute), so that a trial's plugin tags and ``trial_config.yaml`` name the file under either
+    driver: the Optuna driver's registry knows it by its path, a Ray worker's by its module name."""
+    labels: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.exists():
+            labels[_shipped_name(path.resolve())] = spec
+    return labels
+
+
+def _prepare_environment(options: SearchOptions) -> None:
+    """Quiet Ray and, for a local cluster, keep it on loopback; must run before ``ray`` is imported."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if is_loopback(options.address):
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
+def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
+    """Join ``options.address`` or start a private loopback cluster; True when this call connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = worker_runtime_env(env_plugin_specs())
+    common: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if options.address:
+            progress.note(f"joining the Ray cluster at {options.address}")
+            ray.init(address=options.address, **common)
+        else:
+            progress.note("starting a local Ray cluster (loopback only)")
+            # "local" always starts a new cluster; no address would join the one Ray's temp dir names
+            # (ray_current_cluster, left by `ray start` or by a dead head) or RAY_ADDRESS.
+            ray.init(address="local", include_dashboard=False, **common)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+        hint = (
+            "; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for `ray start`"
+        )
+        raise ConfigError(f"cannot reach a Ray cluster at {options.address!r}: {err}{hint}", field="--address") from None
+    return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A TCP connection to ``HOST:PORT`` (or ``ray://HOST:PORT``) within ``timeout`` seconds.
+
+    Ray itself retries an unreachable GCS for minutes, printing only its own warnings. Addresses
+    without a port (``auto``, ``local``) are left to Ray.
+    """
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot reach a Ray cluster at {address!r} within {timeout:g} s ({err.strerror or err}); "
+                          "start it with `ray start --head` or check the address", field="--address") from None
