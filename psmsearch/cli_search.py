@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +14,7 @@ from psmsearch import jsonout
 from psmsearch.errors import ConfigError
 from psmsearch.report import TrialRow, format_param, objectives_from_parent, rank, rows_from_runs, write_plots
 from psmsearch.search import SearchOptions
+from psmsearch.search_picking import PickedSearch, label_searches, others_line, pick_search, refuse_repeats
 from psmsearch.space import Objective
 
 
@@ -156,8 +157,9 @@ def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title:
 @click.command("compare")
 @click.option("--experiment", default=None, help="MLflow experiment (default: the most recent psmsearch search's; "
               "with --search, each named search's own).")
-@click.option("--search", "search_names", multiple=True, metavar="NAME",
-              help="Only trials of this search (study) name; repeat it to rank several searches together.")
+@click.option("--search", "search_names", multiple=True, metavar="NAME|RUN_ID",
+              help="Only trials of this search: its name (study; the latest search of that name) or its parent "
+                   "run's ID (any search); repeat it to rank several searches together.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db).")
 @click.option("--objective", "objective_specs", multiple=True, metavar="METRIC:max|min", help="Override the objectives logged by the search.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("psmsearch_compare"), help="Where to write the PNG plots.")
@@ -183,10 +185,14 @@ def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: s
     if repeated:
         raise ConfigError(f"search {repeated[0]!r} is named twice; name each search once (repeat --search to "
                           "compare several searches)", field="--search")
-    picked = [_pick_search(uri, experiment, name) for name in (search_names or [None])]
+    given = list(search_names) or [None]
+    picked = [pick_search(uri, experiment, name) for name in given]
+    refuse_repeats(picked, given)
+    label_searches(picked)
     objectives = [_parse_objective(s) for s in objective_specs] or _shared_objectives(picked)
-    names = [p.name for p in picked]
-    trials = [row for p in picked for row in rows_from_runs(p.tracker.runs(p.name, parent=p.parent.info.run_id))]
+    names = [p.label for p in picked]
+    trials = [replace(row, search=p.label)
+              for p in picked for row in rows_from_runs(p.tracker.runs(p.name, parent=p.parent.info.run_id))]
     if objective_specs:
         _check_reported(objectives, trials, names)
     rows = rank(trials, objectives)
@@ -199,60 +205,37 @@ def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: s
     if as_json:
         click.echo(jsonout.dumps({
             "experiment": experiments[0] if len(experiments) == 1 else None, "search": None if several else names[0],
-            "searches": [{"search": p.name, "experiment": p.experiment, "parent_run": p.parent.info.run_id} for p in picked],
+            "searches": [{"search": p.name, "label": p.label, "experiment": p.experiment,
+                          "parent_run": p.parent.info.run_id, "searches_of_this_name": p.count} for p in picked],
             "objectives": [o.model_dump() for o in objectives],
             "trials": [{**_row_json(r, objectives), "search": r.search} for r in rows], "plots": [str(p) for p in plots],
         }))
         return
     if several:
-        title = f"{', '.join(f'search {p.name} (experiment {p.experiment})' for p in picked)}: ranked together"
+        title = f"{', '.join(f'search {p.label} (experiment {p.experiment})' for p in picked)}: ranked together"
     else:
         (only,) = picked
-        latest = f" (the latest of {only.count} searches{'' if search_names else ' here; --search NAME picks one'})" \
-            if only.count > 1 else ""
+        which = f"run {only.parent.info.run_id}, one of" if only.by_run_id else "the latest of"
+        latest = f" ({which} {only.count} searches of this name)" if only.count > 1 else ""
         title = f"experiment {only.experiment}, search {only.name}{latest}"
     print_rows(rows, objectives, title=title, show_search=several)
     for row in rows:
         if row.error:
             click.echo(f"{row.name} {row.status}: {row.error}")
+    for line in filter(None, map(others_line, picked)):
+        click.echo(line)
     for path in plots:
         click.echo(f"plot: {path}")
 
 
-@dataclass
-class _Picked:
-    """One search ``compare`` shows: its name, experiment, tracker, latest parent run and how many it has."""
-
-    name: str
-    experiment: str
-    tracker: Any
-    parent: Any
-    count: int
-
-
-def _pick_search(uri: str, experiment: str | None, search_name: str | None) -> _Picked:
-    """The latest search named ``search_name`` (any search when None) in ``experiment``, or, without
-    one, in the experiment where such a search ran last."""
-    from psmsearch.tracking import Tracker
-
-    found_in = experiment or _latest_experiment(uri, search_name)
-    tracker = Tracker(uri, found_in, create=False)
-    parents = sorted(tracker.runs(search_name, kind="search"), key=lambda run: run.info.start_time, reverse=True)
-    if not parents:
-        what = f"search {search_name!r}" if search_name else "psmsearch search"
-        raise ConfigError(f"no {what} found in experiment {found_in!r} at {uri}", field="--experiment")
-    name = parents[0].data.tags.get("psmsearch.search", "?")
-    return _Picked(name, found_in, tracker, parents[0], len(parents))
-
-
-def _shared_objectives(picked: Sequence[_Picked]) -> list[Objective]:
+def _shared_objectives(picked: Sequence[PickedSearch]) -> list[Objective]:
     """The objectives the searches logged, which must be the same for them to be ranked together."""
     logged = [objectives_from_parent(p.parent) for p in picked]
     if not logged[0]:
         raise ConfigError(f"the search {picked[0].name!r} in experiment {picked[0].experiment!r} logged no objectives; "
                           "pass --objective METRIC:max|min", field="--objective")
     if any(objectives != logged[0] for objectives in logged[1:]):
-        listed = "; ".join(f"{p.name}: {_shown_objectives(o)}" for p, o in zip(picked, logged))
+        listed = "; ".join(f"{p.label}: {_shown_objectives(o)}" for p, o in zip(picked, logged))
         raise ConfigError(f"the searches were run with other objectives ({listed}); pass --objective METRIC:max|min "
                           "(repeatable) to rank them together on the same ones", field="--objective")
     return logged[0]
@@ -309,25 +292,6 @@ def _parse_objective(spec: str) -> Objective:
     if not metric or direction not in names:
         raise ConfigError(f"{spec!r} is not METRIC:max or METRIC:min", field="--objective")
     return Objective(metric=metric, direction=names[direction])  # type: ignore[arg-type]
-
-
-def _latest_experiment(uri: str, search_name: str | None = None) -> str:
-    """The experiment of the latest search tracked at ``uri`` (of the search named ``search_name``)."""
-    from mlflow.tracking import MlflowClient
-
-    from psmsearch.tracking import KIND_TAG, SEARCH_TAG, quiet_schema_setup, retry_locked, sqlite_init_lock
-
-    with sqlite_init_lock(uri), quiet_schema_setup():
-        client = MlflowClient(tracking_uri=uri)
-    experiments = retry_locked(lambda: client.search_experiments())
-    ids = [e.experiment_id for e in experiments]
-    query = f"tags.`{KIND_TAG}` = 'search'" + (f" and tags.`{SEARCH_TAG}` = '{search_name}'" if search_name else "")
-    runs = retry_locked(lambda: client.search_runs(ids, filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])) if ids else []
-    if not runs:
-        what = f"search {search_name!r}" if search_name else "psmsearch search"
-        raise ConfigError(f"no {what} has been tracked at {uri}; run `psmsearch search SPACE.yaml` first",
-                          field="--search" if search_name else "--experiment")
-    return client.get_experiment(runs[0].info.experiment_id).name
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -196,6 +196,53 @@ def test_studies_of_one_name_are_separate_searches_and_compare_shows_the_latest(
         assert report["search"] == "mystudy" and len(report["trials"]) == 1
     latest_trial = next(r for r in trials if r.data.tags["mlflow.parentRunId"] == latest.info.run_id)
     assert report["trials"][0]["run_id"] == latest_trial.info.run_id
+    _compare_picks_searches_of_one_name_by_run_id(tmp_path, parents, trials)
+
+
+def _compare_picks_searches_of_one_name_by_run_id(tmp_path: Path, parents: list[Any], trials: list[Any]) -> None:
+    """By name compare shows the latest search and lists the others' run IDs; ``--search RUN_ID`` picks
+    any of them (alone, or beside another of its name, each then labelled ``NAME@RUNID8``)."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    older, latest = sorted(parents, key=lambda run: run.info.start_time)
+    trial_of = {r.data.tags["mlflow.parentRunId"]: r.info.run_id for r in trials}
+
+    def compare(*args: str) -> Any:
+        return CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--out", str(tmp_path / "plots"), *args])
+
+    shown = compare("--search", "mystudy")
+    assert shown.exit_code == 0, shown.output
+    assert "the latest of 2 searches of this name" in shown.output
+    assert f"other searches named 'mystudy' in experiment 'tiny' (the latest is shown; --search RUN_ID picks one): " \
+           f"{older.info.run_id} (started " in shown.output
+    assert f"storage sqlite:///{tmp_path / 'first.db'}" in shown.output
+    result = compare("--search", older.info.run_id, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [t["run_id"] for t in report["trials"]] == [trial_of[older.info.run_id]]
+    assert report["searches"] == [{"search": "mystudy", "label": "mystudy", "experiment": "tiny",
+                                   "parent_run": older.info.run_id, "searches_of_this_name": 2}]
+    result = compare("--search", "mystudy", "--search", older.info.run_id, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    labels = [f"mystudy@{run.info.run_id[:8]}" for run in (latest, older)]
+    assert [s["label"] for s in report["searches"]] == labels
+    assert sorted((t["search"], t["run_id"]) for t in report["trials"]) == sorted(
+        (f"mystudy@{run.info.run_id[:8]}", trial_of[run.info.run_id]) for run in (latest, older))
+    assert (tmp_path / "plots").is_dir()
+    refused = compare("--search", "mystudy", "--search", latest.info.run_id)
+    assert refused.exit_code == 2
+    assert f"--search 'mystudy' and --search '{latest.info.run_id}' are one search" in refused.output
+    refused = compare("--search", trial_of[older.info.run_id])
+    assert refused.exit_code == 2 and "is a psmsearch trial run, not a search's parent run" in refused.output
+    unknown = "0" * 32
+    refused = compare("--search", unknown)
+    assert refused.exit_code == 2 and f"no search '{unknown}' has been tracked" in refused.output
+    refused = compare("--search", older.info.run_id, "--experiment", "elsewhere")
+    assert refused.exit_code == 2 and "is in experiment 'tiny', not 'elsewhere'" in refused.output
 
 
 @pytest.mark.parametrize(("uri", "message"), [
