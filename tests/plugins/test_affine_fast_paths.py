@@ -28,7 +28,7 @@ from test_affine import (  # noqa: E402
 )
 
 from psmsearch import Head  # noqa: E402
-from psmsearch.plugins import affine  # noqa: E402
+from psmsearch.plugins import affine_heads, affine_math  # noqa: E402
 
 STEPS = 63
 
@@ -100,7 +100,7 @@ def test_forward_last_of_strong_decays_stays_finite() -> None:
 def test_a_head_that_overrides_the_readout_gets_the_default_forward_last() -> None:
     """The one-row formula belongs to the built-in readout; a replaced readout must be honoured."""
     layer = make_layer("gla", 7)
-    doubled = staticmethod(lambda memory, f: 2 * affine._decay_readout(memory, f))
+    doubled = staticmethod(lambda memory, f: 2 * affine_math._decay_readout(memory, f))
     layer.head.__class__ = type("Doubled", (type(layer.head),), {"readout": doubled})
     with torch.no_grad():
         f = layer.encoder.features(inputs(5))  # [B, 5, ...]
@@ -131,8 +131,15 @@ def test_deltanet_fused_pass_matches_naive_recurrence_and_generic_path(chunk_siz
 def test_deltanet_fused_pass_solves_each_chunk_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The generic path solves the WY/UT system in summarize and again in the readout."""
     calls = []
-    wy = affine._wy
-    monkeypatch.setattr(affine, "_wy", lambda *args: calls.append(1) or wy(*args))
+    wy = affine_math._wy
+
+    def counted(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return wy(*args)
+
+    # _wy is looked up in two modules: by the head's fused pass, and by the generic path's summaries and readouts.
+    for module in (affine_heads, affine_math):
+        monkeypatch.setattr(module, "_wy", counted)
     layer = make_layer("deltanet", 8)
     layer(inputs(), fused=None).sum().backward()
     assert len(calls) == 1
