@@ -1,5 +1,7 @@
 """Built-in psmsearch plugins, installed as ``psmsearch.plugins``.
 
-Each module here is an ordinary plugin: it defines ``@hookimpl`` functions and is loaded through the
-same mechanism as a third-party package (``psmsearch.registry.DEFAULT_PLUGINS``).
+Each plugin module here (``token_state``, ``tasks``, ``affine``: ``psmsearch.registry.DEFAULT_PLUGINS``)
+is an ordinary plugin: it defines ``@hookimpl`` functions and is loaded through the same mechanism as a
+third-party package. The other modules are helpers those plugins import (the tasks of ``tasks`` live
+in ``group_words``, ``mqar`` and ``byte_lm``); they define no hooks and are not loaded as plugins.
 """
