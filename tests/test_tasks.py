@@ -586,7 +586,7 @@ def test_joined_rows_matches_the_reference_across_chunks_blocks_and_slices(monke
     pa = pytest.importorskip("pyarrow")
     import random
 
-    from psmsearch.plugins import tasks
+    from psmsearch.plugins import hf_text
 
     rng = random.Random(0)
     pieces = ["a", "é", "€", "😀", "\n", " "]
@@ -601,20 +601,20 @@ def test_joined_rows_matches_the_reference_across_chunks_blocks_and_slices(monke
         column = pa.chunked_array([padded.slice(1 + a, b - a) for a, b in zip(bounds, bounds[1:])], type=arrow_type)
         if rng.random() < 0.25 and hasattr(pa, "string_view"):  # pyarrow >= 16
             column = column.cast(pa.string_view())
-        monkeypatch.setattr(tasks, "_JOIN_BLOCK_ROWS", rng.choice([1, 2, 5, 1 << 16]))
-        text = tasks._joined_rows(tasks._text_column("random", "train", pa.table({"text": column})))
+        monkeypatch.setattr(hf_text, "_JOIN_BLOCK_ROWS", rng.choice([1, 2, 5, 1 << 16]))
+        text = hf_text._joined_rows(hf_text._text_column("random", "train", pa.table({"text": column})))
         assert isinstance(text, bytearray) and bytes(text) == reference_text(rows), rows
 
 
 def test_joined_rows_takes_a_chunk_of_no_rows_without_an_offsets_buffer() -> None:
     """Arrow allows an empty array with no offsets buffer at all; reading its offsets raised struct.error."""
     pa = pytest.importorskip("pyarrow")
-    from psmsearch.plugins import tasks
+    from psmsearch.plugins import hf_text
 
     empty = pa.Array.from_buffers(pa.string(), 0, [None, pa.py_buffer(b""), pa.py_buffer(b"")])
     empty.validate(full=True)
     column = pa.chunked_array([pa.array(["a\n", ""]), empty, pa.array(["b\n"])])
-    assert bytes(tasks._joined_rows(tasks._text_column("empty chunk", "train", pa.table({"text": column})))) == b"a\n\nb\n"
+    assert bytes(hf_text._joined_rows(hf_text._text_column("empty chunk", "train", pa.table({"text": column})))) == b"a\n\nb\n"
 
 
 @needs_text
