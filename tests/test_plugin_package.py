@@ -174,7 +174,7 @@ def test_a_component_a_broken_installed_package_would_provide_is_unknown_naming_
     result = run_cli("train", "trial.yaml", env=_env(broken_site), cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"unknown {kind} 'brokenagg'" in result.stderr
-    hint = re.search(rf"or an installed package's entry point\. These plugins failed to load or register something, "
+    hint = re.search(r"or an installed package's entry point\. These plugins failed to load or register something, "
                      r"and 'brokenagg' may be one of theirs: (.*) \(`psmsearch plugins` says why\)\.$", result.stderr.strip())
     assert hint and sorted(hint.group(1).split(", ")) == ["'broken'", "'duplicate'", "'psmsearch_also_named'"], result.stderr
 
