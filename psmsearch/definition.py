@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 
 from psmsearch.errors import ConfigError, PSMSearchError
-from psmsearch.space import (COMPONENT_KINDS, SearchSpace, _component_options, _declared_dimension, is_dimension,
-                             parse_dimension)
+from psmsearch.space import SearchSpace
+from psmsearch.space_components import COMPONENT_KINDS, _component_options, _declared_dimension
+from psmsearch.space_dimensions import is_dimension, parse_dimension
 
 DEFINITION_ATTR = "psmsearch_definition"
 """The Optuna study user attribute that holds the definition (a JSON object)."""
