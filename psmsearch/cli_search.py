@@ -12,7 +12,8 @@ from rich.table import Table
 
 from psmsearch import jsonout
 from psmsearch.errors import ConfigError
-from psmsearch.report import TrialRow, format_param, objectives_from_parent, rank, rows_from_runs, write_plots
+from psmsearch.report import TrialRow, format_param, objectives_from_parent, rank, rows_from_runs
+from psmsearch.report_plots import write_plots
 from psmsearch.search import SearchOptions
 from psmsearch.search_picking import PickedSearch, label_searches, others_line, pick_search, refuse_repeats
 from psmsearch.space import Objective

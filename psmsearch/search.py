@@ -289,7 +289,7 @@ def _best_effort(number: int, what: str, action: Callable[[], Any]) -> None:
 
 def _log_curves(tracker: Tracker, run_id: str, history: list[tuple[int, dict[str, float]]], objectives: list[str]) -> None:
     """Plot the trial's evaluations (objectives first, then every accuracy) and attach the PNG."""
-    from psmsearch.report import write_learning_curves
+    from psmsearch.report_plots import write_learning_curves
 
     names = list(dict.fromkeys([*objectives, *sorted(k for k in history[-1][1] if k.startswith("acc"))]))
     with tempfile.TemporaryDirectory() as directory:

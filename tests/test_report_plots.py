@@ -14,9 +14,9 @@ from matplotlib import pyplot as plt
 
 from psmsearch.plot_labels import (KEY_LINES, LABEL_CHARS, LABEL_LINES, KeyEntry, cut_middle, cut_words, group_label,
                                    group_labels, key_lines, short_keys, short_name, trial_list, trial_params)
-from psmsearch.report import (LENGTH_METRIC, MEMORY_METRIC, PEAK_MEMORY_METRIC, TrialRow, curves_figure, format_bytes,
-                              objectives_figure, objectives_from_parent, plot_params, rank, rows_from_runs, stop_note,
-                              wants_log_scale, write_plots)
+from psmsearch.report import (LENGTH_METRIC, MEMORY_METRIC, PEAK_MEMORY_METRIC, TrialRow, objectives_from_parent,
+                              plot_params, rank, rows_from_runs)
+from psmsearch.report_plots import curves_figure, format_bytes, objectives_figure, stop_note, wants_log_scale, write_plots
 from psmsearch.space import Objective
 
 BYTES = "peak_state_bytes_4k"

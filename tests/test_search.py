@@ -738,7 +738,8 @@ def test_compare_plots_label_their_points_and_tell_coinciding_curves_apart() -> 
     exactly on top of each other, showing one line for several legend entries."""
     from matplotlib import pyplot as plt
 
-    from psmsearch.report import MEMORY_METRIC, TrialRow, curves_figure, objectives_figure, rank
+    from psmsearch.report import MEMORY_METRIC, TrialRow, rank
+    from psmsearch.report_plots import curves_figure, objectives_figure
     from psmsearch.space import Objective
 
     objectives = [Objective(metric="acc_2x"), Objective(metric="state_bytes_64", direction="minimize")]
