@@ -242,6 +242,7 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
         hint = recorded_plugin_hint(raw, err.field, source, registry)
         if hint:  # in place of the registry's suggestions: a close name there ("did you mean 'gated'?") misleads
             err.detail = hint
+        err.field = _as_written(err.field, raw)
         origin = _origin(err.field, overrides, lines)
         err.located(origin)
         if origin == f"--set {err.field}":  # "--set task.path: ..." names the field once, not twice
@@ -274,7 +275,9 @@ def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry |
     """
     plugins = raw.get("plugins") if isinstance(raw, dict) else None
     key = "task" if field in ("task", "task.name") else field
-    entry = plugins.get(key) if isinstance(plugins, dict) and key in PLUGIN_FIELDS else None
+    if key not in PLUGIN_FIELDS:
+        return ""  # an error about no one component (model: incompatible state kinds, ...)
+    entry = plugins.get(key) if isinstance(plugins, dict) else None
     name = _named_component(raw, key)
     if not isinstance(entry, dict) or not isinstance(entry.get("plugin"), str) or entry.get("name") != name:
         return ""  # nothing recorded for the component the config names now (a --set may have changed it)
@@ -351,6 +354,23 @@ def _refuse_a_search_space(raw: dict[str, Any], source: str, lines: SourceMap) -
             f"`psmsearch search {source}`; `psmsearch train` takes one trial (task, model, train, ...; "
             "see examples/configs/)", source=lines.where(header[0]),
         )
+
+
+def _as_written(field: str, raw: Any) -> str:
+    """A component hyperparameter's field as the config spells it: ``model.encoder.params.heads`` where
+    the component is written ``{name: ..., params: {...}}`` (as a search trial's ``trial_config.yaml``
+    is), ``model.encoder.heads`` where it is written flat (``{name: ..., heads: 4}``).
+
+    Validation names it flat, as a search space writes it; the spelling in the config is the key a
+    ``--set`` must give and the line to show.
+    """
+    match = re.fullmatch(r"model\.(encoder|aggregator|head)\.([^.]+)", field)
+    if match is None or match.group(2) in ("name", "params"):
+        return field
+    model = raw.get("model") if isinstance(raw, dict) else None
+    node = model.get(match.group(1)) if isinstance(model, dict) else None
+    nested = isinstance(node, dict) and isinstance(node.get("params"), dict)
+    return f"model.{match.group(1)}.params.{match.group(2)}" if nested else field
 
 
 def _origin(field: str, overrides: Sequence[str], lines: SourceMap) -> str:

@@ -173,6 +173,32 @@ def test_a_bad_component_hyperparameter_from_set_is_blamed_on_its_set(tmp_path: 
         load_trial_config(path, ["model.aggregator={name: attention, depth: 2}"])
 
 
+def test_a_hyperparameter_under_params_is_named_and_located_as_written(tmp_path: Path) -> None:
+    """A trial_config.yaml writes components as ``{name, params: {...}}``: an out-of-range value there was
+    reported as ``model.aggregator.layers`` at the ``aggregator:`` line, and a ``--set
+    model.aggregator.params.layers=99`` was blamed on the file, not the --set."""
+    nested = {**TINY, "model": {**TINY["model"], "aggregator": {"name": "attention", "params": {"layers": 99, "heads": 2}}}}
+    path = write(tmp_path, nested)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith("layers:"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: model\.aggregator\.params\.layers: .*99 is out of range"):
+        load_trial_config(path)
+    nested["model"]["aggregator"]["params"]["layers"] = 1
+    path = write(tmp_path, nested)
+    with pytest.raises(ConfigError, match=r"^--set model\.aggregator\.params\.layers: .*99 is out of range"):
+        load_trial_config(path, ["model.aggregator.params.layers=99"])
+
+
+def test_components_of_different_state_kinds_are_a_config_error_not_a_crash(tmp_path: Path) -> None:
+    """The error's field is ``model`` (no one component), which the recorded-plugin hint read as a
+    component field and crashed on with an IndexError (exit 1, a traceback)."""
+    mixed = {**TINY, "model": {**TINY["model"], "encoder": "gla", "aggregator": "mlp"}}
+    with pytest.raises(ConfigError, match=r"model: incompatible components: encoder 'gla' has state_kind 'affine-diag'"):
+        load_trial_config(write(tmp_path, mixed))
+    result = CliRunner().invoke(train, [str(write(tmp_path, TINY)), "--set", "model.encoder=gla"])
+    assert isinstance(result.exception, ConfigError), result.exception  # the CLI's main turns it into exit 2
+    assert "model: incompatible components: encoder 'gla'" in str(result.exception)
+
+
 def test_a_bad_task_parameter_from_set_is_blamed_on_its_set(tmp_path: Path) -> None:
     """--set task.pth=x was reported as the YAML file's error."""
     path = write(tmp_path, TINY)
