@@ -56,11 +56,14 @@ class _AffineEncoder(Encoder):
     """Per-head query/key/value projections shared by every gate type.
 
     ``features`` is token-local (``offset`` is unused: these models carry no positions); the
-    subclass's ``_transition`` adds the token's gate and may rescale its key (Mamba's and Mamba2's ``Δ``).
+    subclass's ``transition`` adds the token's gate and may rescale its key (Mamba's and Mamba2's
+    ``Δ``). ``transition`` is the extension point for a new gate: a plugin subclasses a built-in
+    encoder of the state kind it wants and overrides it (README, "A new gate for the affine family").
     Queries are scaled by ``d_k^-1/2``.
     """
 
     hyperparameters = SHARED_HYPERPARAMETERS
+    chunk_size_invariant = True  # every gate type is an exact token recurrence, split into chunks of any c
 
     def __init__(self, context: ComponentContext, **hparams: Any) -> None:
         super().__init__(context, **hparams)
@@ -84,15 +87,19 @@ class _AffineEncoder(Encoder):
         k = self.feature_map(self._split_heads(self.k_proj(x), self.key_dim))  # [*, c', H, dk]
         return q, k
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(key, gate)`` of each token; the gate's meaning is the state kind's."""
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key, gate)`` of each token from its input ``x [*, c', d]`` and mapped key ``k [*, c', H, dk]``.
+
+        The gate's meaning is the state kind's: a log-decay ``<= 0`` of shape ``[*, c', H, 1]`` (scalar
+        kinds) or ``[*, c', H, dk]`` (diagonal), DeltaNet's ``β [*, c', H]``.
+        """
         raise NotImplementedError
 
     def features(self, x: torch.Tensor, offset: int = 0) -> Features:
         """``x[*, c', d] -> (q, k, v, gate, out_gate)``, each with the chunk axis after the batch dims."""
         q, k = self._queries_keys(x)  # [*, c', H, dk] each
         v = self._split_heads(self.v_proj(x), self.value_dim)  # [*, c', H, dv]
-        k, gate = self._transition(x, k)  # [*, c', H, dk], [*, c', H, ...]
+        k, gate = self.transition(x, k)  # [*, c', H, dk], [*, c', H, ...]
         if self.out_gate_proj is None:
             out_gate = x.new_zeros(*x.shape[:-1], self.heads, 0)  # [*, c', H, 0]: no gate
         else:
@@ -132,7 +139,7 @@ class LinearAttentionEncoder(_DecayEncoder):
     name = "linear_attention"
     state_kind = SCALAR
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k, k.new_zeros(*k.shape[:-1], 1)  # [*, c', H, dk], [*, c', H, 1]
 
 
@@ -174,7 +181,7 @@ class RetNetEncoder(_DecayEncoder):
         residual = exact - exact.float().double()  # [H]: what float32's log_decay lacks
         self.log_decay_residual = residual.to(device=self.log_decay.device, dtype=self.log_decay.dtype)
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed decays as ``log_decay + log_decay_residual`` in the module's dtype.
 
         ``log_decay`` alone is float32-rounded, so a ``.double()`` layer computed with decays 2e-9
@@ -220,7 +227,7 @@ class Mamba2Encoder(_DecayEncoder):
             self.dt_proj.weight.mul_(0.1)
         self.a_log = nn.Parameter(torch.empty(self.heads).uniform_(1.0, 16.0).log())  # [H]
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dt = F.softplus(self.dt_proj(x)).unsqueeze(-1)  # [*, c', H, 1]
         return k * dt, -dt * self.a_log.exp()[:, None]  # [*, c', H, dk], [*, c', H, 1]
 
@@ -276,7 +283,7 @@ class MambaEncoder(_DecayEncoder):
         s4d_real = torch.arange(1, self.key_dim + 1, dtype=torch.get_default_dtype()).log()  # [dk]
         self.a_log = nn.Parameter(s4d_real.repeat(self.heads, 1))  # [H, dk]
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dt = F.softplus(self._split_heads(self.dt_proj(x), self.key_dim))  # [*, c', H, dk]
         return k * dt, -dt * self.a_log.exp()  # [*, c', H, dk] each
 
@@ -306,7 +313,7 @@ class GLAEncoder(_DecayEncoder):
             nn.Linear(self.hparams["gate_rank"], self.heads * self.key_dim),
         )
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._split_heads(self.gate_proj(x), self.key_dim)  # [*, c', H, dk]
         return k, F.logsigmoid(logits) / self.hparams["gate_temperature"]  # [*, c', H, dk] each
 
@@ -363,7 +370,7 @@ class MLSTMEncoder(_DecayEncoder):
         capped = cap * torch.tanh(self._split_heads(F.linear(x.to(dtype), weight, bias), 2) / cap)  # [*, c', H, 2]
         return capped[..., 0], capped[..., 1]
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         input_pre, forget_pre = self.gates(x)  # [*, c', H] each, float32 at least
         key = (k * input_pre.exp().unsqueeze(-1)).to(k.dtype)  # [*, c', H, dk]
         return key, F.logsigmoid(forget_pre).unsqueeze(-1).to(k.dtype)  # [*, c', H, dk], [*, c', H, 1]
@@ -407,7 +414,7 @@ class DeltaNetEncoder(_AffineEncoder):
         eps = max(1e-12, torch.finfo(k.dtype).tiny)
         return F.normalize(q, dim=-1, eps=eps), F.normalize(k, dim=-1, eps=eps)
 
-    def _transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transition(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k, self.beta_scale * torch.sigmoid(self.beta_proj(x))  # [*, c', H, dk], [*, c', H]
 
     def summarize(self, f: Features) -> AffineState:

@@ -218,7 +218,7 @@ def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: s
         (only,) = picked
         which = f"run {only.parent.info.run_id}, one of" if only.by_run_id else "the latest of"
         latest = f" ({which} {only.count} searches of this name)" if only.count > 1 else ""
-        title = f"experiment {only.experiment}, search {only.name}{latest}"
+        title = f"experiment {only.experiment}, search {only.name}, run {only.parent.info.run_id}{latest}"
     print_rows(rows, objectives, title=title, show_search=several)
     for row in rows:
         if row.error:

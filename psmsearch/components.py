@@ -209,6 +209,12 @@ class Encoder(Component):
     """
 
     kind: ClassVar[str] = "encoder"
+    chunk_size_invariant: ClassVar[bool] = False
+    """True where the layers this encoder feeds compute an exact token-by-token recurrence whose outputs
+    do not depend on the chunk size ``c`` (the affine family: ``c`` only decides how the work is split).
+    The contract suite then checks that a layer's outputs agree at several chunk sizes, which catches a
+    chunk summary that disagrees with the head's intra-chunk readout (streaming and the parallel pass
+    share both, so they agree with each other all the same)."""
 
     def features(self, x: torch.Tensor, offset: int = 0) -> Any:
         raise NotImplementedError(_missing(self, "features"))

@@ -1,6 +1,7 @@
 """Contract checks of a whole layer, run for every kind of component: streaming == parallel, each
-sequence of a batch computed on its own, the layer in float64, built on the meta device, and
-``state_nbytes`` matching the bytes streaming really holds.
+sequence of a batch computed on its own, the layer in float64, built on the meta device,
+``state_nbytes`` matching the bytes streaming really holds, and, where the encoder declares it, the
+same outputs at every chunk size.
 
 These are properties no single component shows alone: a component may pass its own checks and still
 break the layer it is part of (a mean over the batch, a tensor made in the default dtype, a buffer
@@ -34,6 +35,36 @@ def _layer_stream_equals_parallel(a: _Assembly) -> str:
     diff = (parallel - chunked).abs().max().item()
     _require(diff <= ATOL, f"T={length}: chunk-wise streaming differs from the parallel forward by {diff:.3g}")
     return f"T={length}, c={CHUNK}"
+
+
+CHUNK_SIZES = (1, 3, CHUNK, 2 * CHUNK + 1)
+"""The chunk sizes a ``chunk_size_invariant`` encoder's layer is run at: one token, an odd size, the
+suite's own and one past twice it (all partial chunks at the suite's length)."""
+
+
+def _layer_chunk_size_invariance(a: _Assembly) -> str:
+    """Where the encoder declares ``chunk_size_invariant``, the layer's outputs at every chunk size
+    agree (float64): summaries, scan and the head's intra-chunk readout are one recurrence. A summary
+    that drops a decay term, or a readout that applies it twice, still streams exactly as it runs in
+    parallel (both paths use them), so only changing ``c`` shows it. The components are shared by the
+    layers at each ``c``: the same weights, split differently."""
+    if not type(a.encoder).chunk_size_invariant:
+        return "not claimed by the encoder"
+    model = copy.deepcopy(a.layer).double()
+    generator = torch.Generator().manual_seed(64)
+    length = 3 * CHUNK + 3
+    x = torch.randn(BATCH, length, D_MODEL, generator=generator, dtype=torch.float64)  # [B, T, d]
+    with torch.no_grad():
+        outputs = {c: PSMLayer(model.encoder, model.aggregator, model.head, c).eval()(x) for c in CHUNK_SIZES}
+    reference = outputs[1]  # [B, T, d]: one token per chunk, the recurrence itself
+    scale = max(reference.abs().max().item(), 1.0)
+    for c, y in outputs.items():
+        diff = (y - reference).abs().max().item()
+        _require(diff <= 1e-8 * scale, f"T={length}: outputs at c={c} differ from those at c=1 by {diff:.3g} "
+                                       f"(float64, the same weights); the encoder declares chunk_size_invariant, so "
+                                       f"summarize, the aggregator and the head's readout must describe one "
+                                       f"recurrence (or set chunk_size_invariant = False on {type(a.encoder).__name__})")
+    return f"T={length}, c in {', '.join(map(str, CHUNK_SIZES))} against c=1, float64"
 
 
 def _layer_batch_independent(a: _Assembly) -> str:

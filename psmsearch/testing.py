@@ -47,8 +47,9 @@ from psmsearch.contract_checks_aggregator import (_aggregator_associativity, _ag
 from psmsearch.contract_checks_encoder import _encoder_gradients, _encoder_shapes, _encoder_token_local
 from psmsearch.contract_checks_head import (_head_causal, _head_chunk_local, _head_forward_last, _head_fused_equals_generic,
                                             _head_gradients, _head_partial, _head_shapes)
-from psmsearch.contract_checks_layer import (CHUNK_COUNTS, _layer_batch_independent, _layer_float64, _layer_meta_build,
-                                             _layer_state_nbytes, _layer_stream_equals_parallel)
+from psmsearch.contract_checks_layer import (CHUNK_COUNTS, _layer_batch_independent, _layer_chunk_size_invariance,
+                                             _layer_float64, _layer_meta_build, _layer_state_nbytes,
+                                             _layer_stream_equals_parallel)
 from psmsearch.contract_measures import tuple_requires_grad
 from psmsearch.errors import where_raised
 from psmsearch.registry import ComponentInfo, Registry, get_registry
@@ -106,6 +107,7 @@ LAYER_CHECKS: list[tuple[str, Check]] = [
     ("float64", _layer_float64),
     ("state_nbytes_matches_streaming", _layer_state_nbytes),
     ("meta_build", _layer_meta_build),
+    ("chunk_size_invariance", _layer_chunk_size_invariance),
 ]
 
 

@@ -106,6 +106,23 @@ def test_batch_check_catches_a_leak_that_runs_one_way(registry) -> None:
     assert "moved to the other slot" in _layer_batch_independent(healthy)
 
 
+def test_chunk_size_check_catches_a_summary_that_disagrees_with_the_readout(registry) -> None:
+    """``zz_summary_without_decay`` drops the decay from its chunk summaries only: streaming equals the
+    parallel pass (both use the summary) and every other check passes, but the layer is no recurrence.
+    An encoder that declares ``chunk_size_invariant`` (the affine family) must give one output at every
+    chunk size; one that does not is not checked. The check runs alone here."""
+    from psmsearch.testing import ContractViolation, _assemble, _layer_chunk_size_invariance
+
+    assembly = _assemble(registry.get("encoder", "zz_summary_without_decay").cls, registry, seed=0)
+    with pytest.raises(ContractViolation, match=r"T=15: outputs at c=3 differ from those at c=1 by .*the encoder "
+                                                r"declares chunk_size_invariant"):
+        _layer_chunk_size_invariance(assembly)
+    healthy = _assemble(registry.get("encoder", "gla").cls, registry, seed=0)
+    assert _layer_chunk_size_invariance(healthy) == "T=15, c in 1, 3, 4, 9 against c=1, float64"
+    tokens = _assemble(registry.get("encoder", "embed").cls, registry, seed=0)
+    assert _layer_chunk_size_invariance(tokens) == "not claimed by the encoder"
+
+
 def test_state_bytes_check_streams_partial_chunks(registry) -> None:
     """``zz_pins_wide_projection``'s buffered features keep a buffer twice their size alive; whole-chunk
     feeds (all the check streamed) never buffer features, so it passed. The check runs alone here."""

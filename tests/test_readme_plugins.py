@@ -33,4 +33,18 @@ def test_the_readme_aggregators_pass_the_contract_suite(tmp_path: Path) -> None:
     result = run_cli("--plugin", "my_agg.py", "--plugin", "my_assoc.py", "check", "gated_sum", name, cwd=tmp_path,
                      timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "22 passed, 0 failed", result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "24 passed, 0 failed", result.stdout
+
+
+def test_the_readme_affine_gate_passes_the_contract_suite_with_the_builtin_partners(tmp_path: Path) -> None:
+    """The README's "new gate for the affine family" block, as written, is a whole plugin: its encoder
+    passes every check beside the built-in affine_scalar aggregator and linear_readout_scalar head,
+    chunk-size invariance included (which it claims by subclassing a built-in affine encoder)."""
+    block = next(block for block in plugin_section_blocks() if "def transition" in block)
+    name = re.search(r'name = "(\w+)"', block).group(1)
+    (tmp_path / "gate.py").write_text(block)
+    result = run_cli("--plugin", "gate.py", "check", name, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"PASS  encoder:{name}" in result.stdout and "chunk_size_invariance: T=15, c in 1, 3, 4, 9" in result.stdout
+    assert "with aggregator 'affine_scalar', head 'linear_readout_scalar'" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].endswith("passed, 0 failed"), result.stdout

@@ -215,7 +215,8 @@ def _compare_picks_searches_of_one_name_by_run_id(tmp_path: Path, parents: list[
 
     shown = compare("--search", "mystudy")
     assert shown.exit_code == 0, shown.output
-    assert "the latest of 2 searches of this name" in shown.output
+    title = " ".join(shown.output.split())  # the table's title, wrapped at the terminal's width
+    assert f"search mystudy, run {latest.info.run_id} (the latest of 2 searches of this name)" in title
     assert f"other searches named 'mystudy' in experiment 'tiny' (the latest is shown; --search RUN_ID picks one): " \
            f"{older.info.run_id} (started " in shown.output
     assert f"storage sqlite:///{tmp_path / 'first.db'}" in shown.output
