@@ -160,7 +160,8 @@ def print_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective], title:
               "with --search, each named search's own).")
 @click.option("--search", "search_names", multiple=True, metavar="NAME|RUN_ID",
               help="Only trials of this search: its name (study; the latest search of that name) or its parent "
-                   "run's ID (any search); repeat it to rank several searches together.")
+                   "run's ID or the ID's first 8+ characters (any search); repeat it to rank several searches "
+                   "together.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db).")
 @click.option("--objective", "objective_specs", multiple=True, metavar="METRIC:max|min", help="Override the objectives logged by the search.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("psmsearch_compare"), help="Where to write the PNG plots.")

@@ -4,7 +4,7 @@ A search is one parent run in MLflow (tag ``psmsearch.kind = search``) with its 
 it. One name can cover several searches: a study of that name in another Optuna storage, an Optuna
 and a Ray search of one name, a study made again after its storage was deleted. By name, ``compare``
 takes the latest of them; the others are listed with their run IDs, and ``--search RUN_ID`` picks
-any one of them. Where the searches picked share a name, each is labelled ``NAME@RUNID8`` so that
+any one of them (or the first 8 or more characters of the ID, where no search has that name). Where the searches picked share a name, each is labelled ``NAME@RUNID8`` so that
 the table, the JSON and the plots tell them apart.
 """
 
@@ -19,6 +19,8 @@ from psmsearch.errors import ConfigError
 
 RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 """An MLflow run ID: 32 lower-case hexadecimal digits (a search name of that form is looked up as a run first)."""
+RUN_PREFIX_PATTERN = re.compile(r"[0-9a-f]{8,31}")
+"""The start of a run ID, as ``NAME@RUNID8`` labels show it: looked up where no search has that name."""
 
 LISTED_OTHERS = 5
 """At most this many other searches of a name are listed under the table."""
@@ -44,20 +46,27 @@ class PickedSearch:
 
 
 def pick_search(uri: str, experiment: str | None, search: str | None) -> PickedSearch:
-    """The search ``search`` names: a parent run ID, or else the latest search of that name (any
-    search when None) in ``experiment`` or, without one, in the experiment where it ran last."""
+    """The search ``search`` names: a parent run ID, else the latest search of that name (any search
+    when None) in ``experiment`` or, without one, in the experiment where it ran last, else (no search
+    has that name) the search whose run ID starts with it (8 characters or more)."""
     from psmsearch.tracking import Tracker
 
     if search is not None and RUN_ID_PATTERN.fullmatch(search):
         found = _search_run(uri, search)
         if found is not None:
             return _picked_by_run_id(uri, experiment, *found)
-    found_in = experiment or latest_experiment(uri, search)
-    tracker = Tracker(uri, found_in, create=False)
-    parents = _newest_first(tracker.runs(search, kind="search"))
-    if not parents:
-        what = f"search {search!r}" if search else "psmsearch search"
-        raise ConfigError(f"no {what} found in experiment {found_in!r} at {uri}", field="--experiment")
+    try:
+        found_in = experiment or latest_experiment(uri, search)
+        tracker = Tracker(uri, found_in, create=False)
+        parents = _newest_first(tracker.runs(search, kind="search"))
+        if not parents:
+            what = f"search {search!r}" if search else "psmsearch search"
+            raise ConfigError(f"no {what} found in experiment {found_in!r} at {uri}", field="--experiment")
+    except ConfigError:
+        by_prefix = _search_run_by_prefix(uri, search) if search and RUN_PREFIX_PATTERN.fullmatch(search) else None
+        if by_prefix is None:
+            raise
+        return _picked_by_run_id(uri, experiment, *by_prefix)
     name = parents[0].data.tags.get("psmsearch.search", "?")
     others = parents[1:] if search else _newest_first(tracker.runs(name, kind="search"))[1:]
     return PickedSearch(name, found_in, tracker, parents[0], others)
@@ -134,6 +143,28 @@ def _search_run(uri: str, run_id: str) -> tuple[Any, str] | None:
         raise ConfigError(f"run {run_id} is {what}, not a search's parent run; pass a search name or the parent "
                           "run ID a search prints (parent_run in search --json)", field="--search")
     return run, retry_locked(lambda: client.get_experiment(run.info.experiment_id)).name
+
+
+def _search_run_by_prefix(uri: str, prefix: str) -> tuple[Any, str] | None:
+    """The search parent run whose ID starts with ``prefix`` and its experiment's name, None where
+    none does; refused, listing them, where several do."""
+    from mlflow.tracking import MlflowClient
+
+    from psmsearch.tracking import KIND_TAG, quiet_schema_setup, retry_locked, sqlite_init_lock
+
+    with sqlite_init_lock(uri), quiet_schema_setup():
+        client = MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in retry_locked(lambda: client.search_experiments())]
+    runs = retry_locked(lambda: client.search_runs(ids, filter_string=f"tags.`{KIND_TAG}` = 'search'",
+                                                   max_results=50000)) if ids else []
+    matches = [run for run in runs if run.info.run_id.startswith(prefix)]
+    if len(matches) > 1:
+        listed = "; ".join(_described(run) for run in _newest_first(matches)[:LISTED_OTHERS])
+        raise ConfigError(f"{len(matches)} searches have run IDs starting {prefix!r}: {listed}; give more of "
+                          "the ID", field="--search")
+    if not matches:
+        return None
+    return matches[0], retry_locked(lambda: client.get_experiment(matches[0].info.experiment_id)).name
 
 
 def _picked_by_run_id(uri: str, experiment: str | None, parent: Any, found_in: str) -> PickedSearch:

@@ -226,6 +226,15 @@ def _compare_picks_searches_of_one_name_by_run_id(tmp_path: Path, parents: list[
     assert [t["run_id"] for t in report["trials"]] == [trial_of[older.info.run_id]]
     assert report["searches"] == [{"search": "mystudy", "label": "mystudy", "experiment": "tiny",
                                    "parent_run": older.info.run_id, "searches_of_this_name": 2}]
+    short = compare("--search", older.info.run_id[:8], "--json")  # as a NAME@RUNID8 label shows it
+    assert short.exit_code == 0, short.output
+    assert json.loads(short.stdout)["searches"][0]["parent_run"] == older.info.run_id
+    from psmsearch.errors import ConfigError
+    from psmsearch.search_picking import _search_run_by_prefix
+
+    with pytest.raises(ConfigError, match=rf"2 searches have run IDs starting '': {latest.info.run_id} \(started .*; "
+                                          rf"{older.info.run_id} \(started .*; give more of the ID"):
+        _search_run_by_prefix(uri, "")
     result = compare("--search", "mystudy", "--search", older.info.run_id, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
