@@ -122,7 +122,14 @@ class SearchSpace:
         encoders = _component_options(model, "encoder", self.source)
         state_kinds = {self.registry.get("encoder", o[0]).state_kind for o in encoders}
         if len(state_kinds) > 1:
-            raise self.source.error("model.encoder", "sampler 'grid' needs encoders of a single state kind")
+            by_kind: dict[str, list[str]] = {}
+            for name, _, _ in encoders:
+                by_kind.setdefault(self.registry.get("encoder", name).state_kind, []).append(name)
+            shown = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(by_kind.items()))
+            raise self.source.error("model.encoder", f"sampler 'grid' needs encoders of a single state kind, and these "
+                                                     f"have {len(by_kind)} ({shown}): each kind pairs with other "
+                                                     "aggregators and heads, so the grid is no product of lists; "
+                                                     "use sampler 'random' or 'tpe', or one grid search per state kind")
         (state_kind,) = state_kinds
         for kind in COMPONENT_KINDS:
             # exactly the options sampling can pick: those of the encoders' state kind
