@@ -12,7 +12,7 @@ from rich.table import Table
 
 from psmsearch import jsonout
 from psmsearch.errors import ConfigError
-from psmsearch.report import TrialRow, format_param, objectives_from_parent, rank, rows_from_runs
+from psmsearch.report import TrialRow, fixed_differences, format_param, objectives_from_parent, rank, rows_from_runs
 from psmsearch.report_plots import write_plots
 from psmsearch.search import SearchOptions
 from psmsearch.search_picking import PickedSearch, label_searches, others_line, pick_search, refuse_repeats
@@ -204,6 +204,7 @@ def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: s
         for path in plots:
             p.tracker.log_artifact(p.parent.info.run_id, path, "compare_" + "+".join(names) if several else None)
     experiments = list(dict.fromkeys(p.experiment for p in picked))
+    differences = fixed_differences(trials) if several else {}
     if as_json:
         click.echo(jsonout.dumps({
             "experiment": experiments[0] if len(experiments) == 1 else None, "search": None if several else names[0],
@@ -211,6 +212,7 @@ def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: s
                           "parent_run": p.parent.info.run_id, "searches_of_this_name": p.count} for p in picked],
             "objectives": [o.model_dump() for o in objectives],
             "trials": [{**_row_json(r, objectives), "search": r.search} for r in rows], "plots": [str(p) for p in plots],
+            "fixed_differences": differences,
         }))
         return
     if several:
@@ -226,6 +228,11 @@ def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: s
             click.echo(f"{row.name} {row.status}: {row.error}")
     for line in filter(None, map(others_line, picked)):
         click.echo(line)
+    if differences:
+        shown = "; ".join(f"{key}: {', '.join(f'{s} {format_param(v)}' for s, v in held.items())}"
+                          for key, held in differences.items())
+        click.echo(f"note: the searches held settings they do not search at different values, so their trials "
+                   f"differ in more than their parameters: {shown}", err=True)
     for path in plots:
         click.echo(f"plot: {path}")
 

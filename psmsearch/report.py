@@ -135,3 +135,33 @@ def trial_number(name: str) -> int:
     """The number at the end of a trial's name (``trial-3``, ``tiny-trial-3``); -1 if there is none."""
     match = re.search(r"(\d+)$", name)
     return int(match.group(1)) if match else -1
+
+
+ENVIRONMENT_PARAMS = frozenset({"device", "threads"})
+"""Trial params that say where a trial ran, not what it trained: never reported as a difference."""
+
+
+def fixed_differences(rows: Sequence[TrialRow]) -> dict[str, dict[str, str]]:
+    """Settings that several searches ranked together each held fixed, at different values:
+    ``{param: {search: value}}``.
+
+    Ranking two searches side by side compares their trials as if only the searched parameters
+    differed; one trained for 150 steps and the other for 500 is no such comparison. A param counts
+    where it is searched by none of the searches (no ``search.`` copy in any row), takes one value in
+    every trial of each search, and not the same value in all of them.
+    """
+    searched = {key.removeprefix("search.") for row in rows for key in row.params if key.startswith("search.")}
+    values: dict[str, dict[str, set[str]]] = {}
+    for row in rows:
+        for key, value in row.params.items():
+            if key.startswith("search.") or key in searched or key in ENVIRONMENT_PARAMS:
+                continue
+            values.setdefault(key, {}).setdefault(row.search, set()).add(value)
+    searches = list(dict.fromkeys(row.search for row in rows))
+    differences = {}
+    for key, per_search in values.items():
+        if len(per_search) < len(searches) or any(len(held) > 1 for held in per_search.values()):
+            continue  # missing in a search, or not held fixed within one
+        if len({next(iter(held)) for held in per_search.values()}) > 1:
+            differences[key] = {search: next(iter(per_search[search])) for search in searches}
+    return dict(sorted(differences.items()))

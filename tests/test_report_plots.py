@@ -14,8 +14,8 @@ from matplotlib import pyplot as plt
 
 from psmsearch.plot_labels import (KEY_LINES, LABEL_CHARS, LABEL_LINES, KeyEntry, cut_middle, cut_words, group_label,
                                    group_labels, key_lines, short_keys, short_name, trial_list, trial_params)
-from psmsearch.report import (LENGTH_METRIC, MEMORY_METRIC, PEAK_MEMORY_METRIC, TrialRow, objectives_from_parent,
-                              plot_params, rank, rows_from_runs)
+from psmsearch.report import (LENGTH_METRIC, MEMORY_METRIC, PEAK_MEMORY_METRIC, TrialRow, fixed_differences,
+                              objectives_from_parent, plot_params, rank, rows_from_runs)
 from psmsearch.report_plots import curves_figure, format_bytes, objectives_figure, stop_note, wants_log_scale, write_plots
 from psmsearch.space import Objective
 
@@ -645,3 +645,23 @@ def test_labels_and_key_stay_bounded_with_many_parameters_and_long_values(sprawl
     key = figure_texts(fig)
     assert len(key) == 1 and len(key[0].split("\n")) <= KEY_LINES, key
     assert "my_lab_g…tion_v2" in "\n".join(labels + key), "a long value keeps its start and its end"
+
+
+def test_fixed_differences_name_settings_two_searches_held_at_different_values() -> None:
+    """Two searches ranked together, one trained 150 steps and the other 500: the table compared their
+    trials as if only the searched parameters differed. Reported: a setting each search holds fixed, at
+    different values. Not reported: a searched one (in either search), one that varies within a search,
+    one a search lacks, one equal in both, and where a trial ran (device, threads)."""
+    def row(search: str, number: int, **params: str) -> TrialRow:
+        return TrialRow(name=f"{search}-trial-{number}", search=search, status="complete", params=params, metrics={})
+
+    rows = [
+        row("a", 0, **{"train.steps": "150", "train.lr": "0.01", "search.train.lr": "0.01", "seed": "0",
+                       "task.seq_len": "32", "device": "cpu", "model.d_model": "64", "model.n_layers": "2"}),
+        row("a", 1, **{"train.steps": "150", "train.lr": "0.02", "search.train.lr": "0.02", "seed": "1",
+                       "task.seq_len": "32", "device": "cpu", "model.d_model": "64", "model.n_layers": "2"}),
+        row("b", 0, **{"train.steps": "500", "train.lr": "0.005", "seed": "0", "task.seq_len": "32",
+                       "device": "cuda", "model.d_model": "64"}),
+    ]
+    assert fixed_differences(rows) == {"train.steps": {"a": "150", "b": "500"}}
+    assert fixed_differences(rows[:2]) == {}, "one search alone differs from nothing"

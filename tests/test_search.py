@@ -238,6 +238,7 @@ def _compare_picks_searches_of_one_name_by_run_id(tmp_path: Path, parents: list[
     result = compare("--search", "mystudy", "--search", older.info.run_id, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["fixed_differences"] == {}, "one space: nothing held fixed differs"
     labels = [f"mystudy@{run.info.run_id[:8]}" for run in (latest, older)]
     assert [s["label"] for s in report["searches"]] == labels
     assert sorted((t["search"], t["run_id"]) for t in report["trials"]) == sorted(
@@ -658,7 +659,8 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert not (tmp_path / "mlflow.db").exists(), "compare only reads"
     driver = {"trials": 1, "startup_trials": 1, "pruner": "none"}
     first = write_space(tmp_path, name="a.yaml", driver={**driver, "study": "sa"}, tracking={"experiment": "e1"})
-    second = write_space(tmp_path, name="b.yaml", driver={**driver, "study": "sb"}, tracking={"experiment": "e2"})
+    second = write_space(tmp_path, name="b.yaml", driver={**driver, "study": "sb"}, tracking={"experiment": "e2"},
+                         train={**TINY_SPACE["train"], "steps": 3})  # trained shorter: a setting held differently
     for space in (first, second):
         assert run_cli("search", str(space), "--no-progress", cwd=tmp_path).returncode == 0
     result = run_cli("compare", "--search", "sa", "--json", "--out", str(tmp_path / "plots"), cwd=tmp_path)
@@ -680,6 +682,7 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert sorted((t["search"], t["name"]) for t in report["trials"]) == [("sa", "sa-trial-0"), ("sb", "sb-trial-0")]
     values = [t["objectives"]["acc_2x"] for t in report["trials"]]
     assert values == sorted(values, reverse=True) and report["trials"][0]["pareto"]
+    assert report["fixed_differences"] == {"train.steps": {"sa": "6", "sb": "3"}}
     client = MlflowClient(tracking_uri=uri)
     for entry in report["searches"]:
         logged = {a.path for a in client.list_artifacts(entry["parent_run"], "compare_sa+sb")}
@@ -689,6 +692,8 @@ def test_compare_finds_a_named_search_in_any_experiment_and_never_creates_a_stor
     assert table.exit_code == 0, table.output
     assert "search sa (experiment e1), search sb (experiment e2): ranked together" in table.stdout
     assert sorted(row[:2] for row in table_rows(table.stdout)) == [["sa", "sa-trial-0"], ["sb", "sb-trial-0"]]
+    assert ("note: the searches held settings they do not search at different values, so their trials differ in "
+            "more than their parameters: train.steps: sa 6, sb 3") in table.stderr
 
     missing = compare("--search", "nosuch")  # the option at fault is --search (it said --experiment)
     assert missing.exit_code == 2
