@@ -122,7 +122,7 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
     """A trial's ``trial_config.yaml``: its resolved configuration, which ``psmsearch train`` runs again.
 
     Components and a task that are not built in are recorded in the ``plugins`` field (field ->
-    ``{name, plugin}``), and a comment header says which ``--plugin`` to pass: without the plugin
+    ``{name, plugin, sha256}``, the digest where the plugin is a file or folder here), and a comment header says which ``--plugin`` to pass: without the plugin
     ``train`` knows no such aggregator, and its error names the recorded plugin.
     """
     from psmsearch.registry import DEFAULT_PLUGINS
@@ -130,7 +130,10 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
     names = {"task": config.task.name}
     if config.model.kind == "psm":
         names.update({f"model.{kind}": getattr(config.model, kind).name for kind in ("encoder", "aggregator", "head")})
-    plugins = {field_name: {"name": names[field_name], "plugin": plugin}
+    from psmsearch.trial import plugin_digest
+
+    plugins = {field_name: {"name": names[field_name], "plugin": plugin,
+                            **({"sha256": digest} if (digest := plugin_digest(plugin)) else {})}
                for field_name, plugin in component_plugins(config, registry, plugin_labels).items()
                if plugin not in DEFAULT_PLUGINS}
     text = yaml.safe_dump(config.model_validate({**config.model_dump(), "plugins": plugins}).resolved(), sort_keys=False)

@@ -15,6 +15,7 @@ is what the Optuna and Ray drivers call. Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -56,12 +57,36 @@ PLUGIN_FIELDS = ("task", "model.encoder", "model.aggregator", "model.head")
 
 class PluginRecord(BaseModel):
     """Where the task or component a trial config names at one field came from: ``{name: my_agg,
-    plugin: /path/my_agg.py}`` (a plugin file or folder as given, or a module or entry-point name)."""
+    plugin: /path/my_agg.py, sha256: ...}`` (a plugin file or folder as given, or a module or
+    entry-point name; ``sha256`` is the digest of a file's or folder's code when the trial ran, see
+    :func:`plugin_digest`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     plugin: str
+    sha256: str | None = None
+
+
+def plugin_digest(plugin: str) -> str | None:
+    """SHA-256 of a plugin file, or of a plugin folder's ``.py`` files (their paths and bytes, in
+    sorted order); None for a module or entry-point name, or a path that is not there.
+
+    Recorded in a trial's ``trial_config.yaml``, so that ``train`` can say when the code it is about
+    to run is no longer the code the trial ran.
+    """
+    path = Path(plugin)
+    try:
+        if path.is_file():
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for file in sorted(path.rglob("*.py")):
+                digest.update(str(file.relative_to(path)).encode() + b"\0" + file.read_bytes() + b"\0")
+            return digest.hexdigest()
+    except OSError:
+        return None
+    return None
 
 
 class TaskSpec(ComponentSpec):
@@ -114,6 +139,9 @@ class TrialConfig(BaseModel):
         data["model"] = {k: v for k, v in data["model"].items() if k in KIND_FIELDS[self.model.kind]}
         if not data["plugins"]:
             del data["plugins"]
+        else:  # a module or entry point has no digest: no sha256 line rather than "sha256: null"
+            data["plugins"] = {field: {k: v for k, v in entry.items() if v is not None}
+                               for field, entry in data["plugins"].items()}
         return data
 
     def flat_params(self) -> dict[str, Any]:
@@ -300,7 +328,8 @@ def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry |
 
 def other_plugins(config: TrialConfig, registry: Registry | None = None) -> list[tuple[str, str]]:
     """``(field, why)`` for each entry of ``config.plugins`` whose task or component is registered here
-    from another plugin than the one recorded: the same name may be another implementation. Entries
+    from another plugin than the one recorded (the same name may be another implementation), or from
+    the recorded plugin file or folder whose code changed since (its ``sha256`` differs). Entries
     for a name the config no longer gives there (a ``--set`` changed it) say nothing."""
     registry = registry or get_registry()
     found = []
@@ -310,9 +339,16 @@ def other_plugins(config: TrialConfig, registry: Registry | None = None) -> list
         kind = "task" if key == "task" else key.split(".")[1]
         name = config.task.name if key == "task" else getattr(config.model, kind).name
         current = registry.get(kind, name).plugin
-        if recorded.name == name and current != recorded.plugin:
+        if recorded.name != name:
+            continue
+        if current != recorded.plugin:
             found.append((key, f"the trial ran {kind} {name!r} from the plugin {recorded.plugin!r}; here {name!r} "
                                f"comes from {current!r}, which may be another implementation"))
+            continue
+        now = plugin_digest(current) if recorded.sha256 else None
+        if now is not None and now != recorded.sha256:
+            found.append((key, f"the plugin {current!r} changed since the trial ran (sha256 {recorded.sha256[:12]}... "
+                               f"then, {now[:12]}... now): {kind} {name!r} runs as the plugin is now"))
     return found
 
 

@@ -6,6 +6,7 @@ terminating that process (never ``ray stop``, which would stop every Ray cluster
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -171,7 +172,9 @@ def test_ray_search_on_a_cluster_tracks_nested_runs_and_ships_plugins(cluster: C
         assert run.data.tags["psmsearch.plugin.aggregator"] == plugin
         config = Path(client.download_artifacts(run.info.run_id, "trial_config.yaml", str(tmp_path / run.info.run_id)))
         assert f"# Run it again with: psmsearch --plugin {plugin} train trial_config.yaml" in config.read_text()
-        assert yaml.safe_load(config.read_text())["plugins"] == {"model.aggregator": {"name": "shipped_mlp", "plugin": plugin}}
+        digest = hashlib.sha256(Path(plugin).read_bytes()).hexdigest()  # the file as the worker ran it
+        assert yaml.safe_load(config.read_text())["plugins"] == {
+            "model.aggregator": {"name": "shipped_mlp", "plugin": plugin, "sha256": digest}}
 
 
 FAILS_ONCE_PLUGIN = '''

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -1008,7 +1009,8 @@ def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_wh
     assert text.startswith("# Trial 0 of search 'tiny', as it ran.\n")
     assert f"#   model.aggregator 'my_mlp': --plugin {plugin}\n" in text
     assert f"# Run it again with: psmsearch --plugin {plugin} train trial_config.yaml\n" in text
-    recorded = {"model.aggregator": {"name": "my_mlp", "plugin": plugin}}
+    digest = hashlib.sha256(PLUGIN_FILE.read_bytes()).hexdigest()
+    recorded = {"model.aggregator": {"name": "my_mlp", "plugin": plugin, "sha256": digest}}
     assert yaml.safe_load(text)["plugins"] == recorded  # built-in components are not listed
 
     bare = run_cli("train", str(config), "--no-progress", cwd=tmp_path)
@@ -1030,6 +1032,13 @@ def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_wh
     assert warnings == [f"{config}:{text.splitlines().index('  model.aggregator:') + 1}: plugins.model.aggregator: the "
                         f"trial ran aggregator 'my_mlp' from the plugin '{plugin}'; here 'my_mlp' comes from "
                         f"'{tmp_path / 'copy.py'}', which may be another implementation"]
+    edited = tmp_path / "edited_trial_config.yaml"  # as if the plugin file changed after the trial ran
+    edited.write_text(text.replace(digest, "f" * 64))
+    warnings.clear()
+    load_trial_config(edited, registry=load_registry(extra_plugins=[plugin]), warn=warnings.append)
+    assert warnings == [f"{edited}:{text.splitlines().index('  model.aggregator:') + 1}: plugins.model.aggregator: "
+                        f"the plugin '{plugin}' changed since the trial ran (sha256 ffffffffffff... then, "
+                        f"{digest[:12]}... now): aggregator 'my_mlp' runs as the plugin is now"]
 
 
 def test_resume_refuses_a_changed_space_naming_each_field_and_allows_what_may_change(tmp_path: Path) -> None:
