@@ -158,7 +158,9 @@ CHECKED_KINDS = ("encoder", "aggregator", "head")
 @click.argument("names", nargs=-1)
 @click.option("--all", "check_all", is_flag=True, help="Check every registered encoder, aggregator and head.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
+@click.option("--traceback", "show_traceback", is_flag=True,
+              help="Under a check that failed on an unexpected exception, print its full traceback.")
+def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_traceback: bool) -> None:
     """Run the contract suite on components (NAME or KIND:NAME); exit 0 only if all pass.
 
     A plugin that failed to load counts as a failed check: the component meant to be tested may be
@@ -208,6 +210,8 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool) -> None:
         for result in results:
             style = "green" if result.passed else "bold red"
             Console().print(f"[{style}]{escape(result.line())}[/]", highlight=False, soft_wrap=True)
+            if show_traceback and result.traceback:
+                click.echo(result.traceback.rstrip("\n"))
     failed = sum(not r.passed for r in results)
     click.echo(f"{len(results) - failed} passed, {failed} failed", err=as_json)
     sys.exit(1 if failed else 0)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from traceback import format_exception
 from typing import Callable, Iterable
 
 import torch
@@ -63,12 +64,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One check of one component: passed or not, and why."""
+    """One check of one component: passed or not, and why; ``traceback`` is the full traceback where
+    the check failed on an exception it did not expect (``psmsearch check --traceback`` prints it)."""
 
     component: str
     check: str
     passed: bool
     message: str = ""
+    traceback: str = ""
 
     def line(self) -> str:
         status = "PASS" if self.passed else "FAIL"
@@ -132,22 +135,28 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
                                    f"{type(err).__name__}: {err}; every check also runs on a copy with randomised "
                                    "parameters, so a component must be deep-copyable (as torch modules are)"))
     for check_name, check in CHECKS[cls.kind] + LAYER_CHECKS:
-        passed, message = _run_check(check, assembly)
+        passed, message, trace = _run_check(check, assembly)
         if passed and randomised is not None:
-            passed, failure = _run_check(check, randomised)
+            passed, failure, trace = _run_check(check, randomised)
             if not passed:
                 message = f"with randomised parameters: {failure}"
-        results.append(CheckResult(label, check_name, passed, message))
+        results.append(CheckResult(label, check_name, passed, message, trace))
     return results
 
 
-def _run_check(check: Check, assembly: _Assembly) -> tuple[bool, str]:
+def _run_check(check: Check, assembly: _Assembly) -> tuple[bool, str, str]:
+    """``(passed, message, traceback)``: the traceback of an exception the check did not expect, else ``""``.
+
+    Such an exception's message names the innermost line of plugin code it came through (``at
+    FILE:LINE in FUNCTION``), a built-in plugin's included, so that a shape error raised inside torch
+    says which component's code made the call.
+    """
     try:
-        return True, check(assembly)
+        return True, check(assembly), ""
     except ContractViolation as err:
-        return False, str(err)
+        return False, str(err), ""
     except Exception as err:  # noqa: BLE001 - report, do not crash the suite
-        return False, f"raised {type(err).__name__}: {err}"
+        return False, f"raised {type(err).__name__}: {err}{where_raised(err)}", "".join(format_exception(err))
 
 
 def _randomise_parameters(component: Component, seed: int) -> None:

@@ -71,6 +71,16 @@ def test_check_fails_with_evidence_and_exit_1() -> None:
     assert "PASS  aggregator:mlp" in result.stdout
 
 
+def test_check_traceback_prints_the_traceback_of_a_check_that_raised() -> None:
+    args = ("--plugin", str(FIXTURES / "broken_components.py"), "check", "zz_cat_mismatch")
+    plain = run_cli(*args)
+    assert plain.returncode == 1 and "raised RuntimeError: Sizes of tensors must match" in plain.stdout
+    assert "broken_components.py:" in plain.stdout and "Traceback" not in plain.stdout
+    traced = run_cli(*args, "--traceback")
+    assert traced.returncode == 1
+    assert "Traceback (most recent call last)" in traced.stdout and "in forward" in traced.stdout, traced.stdout
+
+
 def test_check_fails_when_a_plugin_did_not_load() -> None:
     """The component meant to be checked may be the one missing, or a built-in of the same name may stand
     in for it: a plugin author's CI must not go green either way."""

@@ -78,6 +78,20 @@ def test_broken_component_fails_the_right_check(registry, kind, name, failing_ch
     assert results["build"].passed
 
 
+def test_an_unexpected_exception_names_the_plugin_line_it_came_through(registry) -> None:
+    """A shape error raised inside torch said only "raised RuntimeError: Sizes of tensors must match...":
+    the failure now names the innermost line of plugin code on the way (here the fixture's forward), and
+    the result keeps the full traceback (``psmsearch check --traceback`` prints it)."""
+    lines = (FIXTURES / "broken_components.py").read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if "torch.cat([older, newer[..., :1, :]]" in text)
+    results = {r.check: r for r in check_component(registry.get("aggregator", "zz_cat_mismatch"), registry)}
+    shapes = results["shapes"]
+    assert not shapes.passed and shapes.message.startswith("raised RuntimeError: Sizes of tensors must match")
+    assert shapes.message.endswith(f"(at {FIXTURES / 'broken_components.py'}:{line} in forward)"), shapes.message
+    assert shapes.traceback.startswith("Traceback (most recent call last)") and "RuntimeError" in shapes.traceback
+    assert results["build"].traceback == "" and not [r for r in results.values() if r.passed and r.traceback]
+
+
 def test_assert_component_ok_raises_with_the_failed_checks(registry) -> None:
     with pytest.raises(AssertionError, match="FAIL  aggregator:zz_nan +finite_outputs"):
         assert_component_ok(registry.get("aggregator", "zz_nan").cls, registry)
