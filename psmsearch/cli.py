@@ -154,13 +154,34 @@ def _describe_param(param: dict[str, Any]) -> str:
 CHECKED_KINDS = ("encoder", "aggregator", "head")
 
 
+def _partners(specs: Sequence[str], registry: Any) -> dict[str, str]:
+    """``--partner KIND:NAME`` options as ``{kind: name}``, each checked: a kind the suite takes, given
+    once, and a registered name."""
+    partners: dict[str, str] = {}
+    for spec in specs:
+        kind, colon, name = spec.partition(":")
+        if not colon or kind not in CHECKED_KINDS or not name:
+            raise click.BadParameter(f"{spec!r}: expected KIND:NAME with KIND one of {', '.join(CHECKED_KINDS)}",
+                                     param_hint="--partner")
+        if kind in partners:
+            raise click.BadParameter(f"{kind} given twice ({partners[kind]!r} and {name!r}); one partner per kind",
+                                     param_hint="--partner")
+        registry.get(kind, name)  # an unknown name: the registry's error, with its suggestions
+        partners[kind] = name
+    return partners
+
+
 @main.command("check")
 @click.argument("names", nargs=-1)
 @click.option("--all", "check_all", is_flag=True, help="Check every registered encoder, aggregator and head.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--traceback", "show_traceback", is_flag=True,
               help="Under a check that failed on an unexpected exception, print its full traceback.")
-def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_traceback: bool) -> None:
+@click.option("--partner", "partner_specs", multiple=True, metavar="KIND:NAME",
+              help="Run beside this registered component of KIND (encoder, aggregator, head) instead of the first "
+                   "of the state kind; repeatable, one per kind.")
+def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_traceback: bool,
+                  partner_specs: Sequence[str]) -> None:
     """Run the contract suite on components (NAME or KIND:NAME); exit 0 only if all pass.
 
     A plugin that failed to load counts as a failed check: the component meant to be tested may be
@@ -170,6 +191,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_tra
     from psmsearch.testing import CheckResult, check_components
 
     registry = get_registry()
+    partners = _partners(partner_specs, registry)
     missing: list[CheckResult] = []  # named components that are not registered while a plugin failed to load
     if check_all:
         infos = [info for info in registry.all() if info.kind in ("encoder", "aggregator", "head")]
@@ -203,7 +225,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_tra
         raise click.UsageError("name at least one component, or pass --all")
     load_failures = [CheckResult(f"plugin {failure.plugin}", "load", False, failure.error)
                      for failure in registry.failures]
-    results = load_failures + missing + check_components(infos, registry)
+    results = load_failures + missing + check_components(infos, registry, partners)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
     else:

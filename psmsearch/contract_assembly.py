@@ -2,7 +2,8 @@
 
 A check exercises a component inside a whole layer, so it needs an encoder, an aggregator and a head
 that fit together: :func:`_assemble` builds the class under test at its default hyperparameters and
-takes each other kind from the registry (the first by name with the same ``state_kind``), at the
+takes each other kind from the registry (the one ``check --partner`` names, else the first by name
+with the same ``state_kind``), at the
 suite's small sizes (``D_MODEL``, ``CHUNK``, ``BATCH``). A check that finds evidence of a broken
 contract raises :class:`ContractViolation` (through :func:`_require`), which the runner in
 :mod:`psmsearch.testing` reports as a failed check.
@@ -11,7 +12,7 @@ contract raises :class:`ContractViolation` (through :func:`_require`), which the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -67,10 +68,26 @@ def _partner(registry: Registry, kind: str, state_kind: str) -> type[Component]:
                             f"{suggest(state_kind, kinds)}")
 
 
-def _assemble(cls: type[Component], registry: Registry, seed: int) -> _Assembly:
+def _chosen_partner(registry: Registry, kind: str, name: str, state_kind: str) -> type[Component]:
+    """The partner of ``kind`` named by the user (``check --partner KIND:NAME``), of the state kind under test."""
+    info = registry.get(kind, name)
+    if info.state_kind != state_kind:
+        raise ContractViolation(f"--partner {kind}:{name} has state_kind {info.state_kind!r}, and the component under "
+                                f"test {state_kind!r}; a partner must share it")
+    return info.cls
+
+
+def _assemble(cls: type[Component], registry: Registry, seed: int,
+              partners: Mapping[str, str] | None = None) -> _Assembly:
+    """``cls`` built beside a partner of each other kind: the one ``partners`` names (kind -> name), else
+    the first registered of its state kind."""
     torch.manual_seed(seed)
     state_kind = cls.state_kind
-    classes = {kind: _partner(registry, kind, state_kind) if kind != cls.kind else cls for kind in ("encoder", "aggregator", "head")}
+    chosen = partners or {}
+    classes = {kind: cls if kind == cls.kind else
+               _chosen_partner(registry, kind, chosen[kind], state_kind) if kind in chosen else
+               _partner(registry, kind, state_kind)
+               for kind in ("encoder", "aggregator", "head")}
     context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK)
     encoder = classes["encoder"](context)
     context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from traceback import format_exception
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -114,15 +114,20 @@ LAYER_CHECKS: list[tuple[str, Check]] = [
 ]
 
 
-def check_component(component: type[Component] | ComponentInfo, registry: Registry | None = None, seed: int = 0) -> list[CheckResult]:
-    """Run every contract check for one encoder, aggregator or head class; never raises."""
+def check_component(component: type[Component] | ComponentInfo, registry: Registry | None = None, seed: int = 0,
+                    partners: Mapping[str, str] | None = None) -> list[CheckResult]:
+    """Run every contract check for one encoder, aggregator or head class; never raises.
+
+    ``partners`` (kind -> registered name) chooses the components it runs beside; by default each is the
+    first registered of its state kind. A partner of the component's own kind is not used.
+    """
     registry = registry or get_registry()
     cls = component.cls if isinstance(component, ComponentInfo) else component
     if not (isinstance(cls, type) and issubclass(cls, (Encoder, Aggregator, Head))):
         return [CheckResult(repr(cls), "build", False, "not a subclass of psmsearch.Encoder, Aggregator or Head")]
     label = f"{cls.kind}:{cls.name or cls.__name__}"
     try:
-        assembly = _assemble(cls, registry, seed)
+        assembly = _assemble(cls, registry, seed, partners)
     except Exception as err:  # noqa: BLE001 - report, do not crash the suite
         return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}{where_raised(err)}")]
     results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}")]
@@ -182,10 +187,11 @@ def _partners(a: _Assembly, cls: type[Component]) -> str:
     return ", ".join(f"{k} {c.name!r}" for k, c in parts)
 
 
-def check_components(infos: Iterable[ComponentInfo], registry: Registry | None = None) -> list[CheckResult]:
-    """Run the suite for several registered components."""
+def check_components(infos: Iterable[ComponentInfo], registry: Registry | None = None,
+                     partners: Mapping[str, str] | None = None) -> list[CheckResult]:
+    """Run the suite for several registered components (beside ``partners``, see :func:`check_component`)."""
     registry = registry or get_registry()
-    return [result for info in infos for result in check_component(info, registry)]
+    return [result for info in infos for result in check_component(info, registry, partners=partners)]
 
 
 def assert_component_ok(component: type[Component], registry: Registry | None = None) -> None:

@@ -81,6 +81,26 @@ def test_check_traceback_prints_the_traceback_of_a_check_that_raised() -> None:
     assert "Traceback (most recent call last)" in traced.stdout and "in forward" in traced.stdout, traced.stdout
 
 
+def test_check_partner_chooses_the_components_a_component_runs_beside() -> None:
+    """``check`` took each partner as the first registered of the state kind (for a diagonal head, always
+    gla); ``--partner KIND:NAME`` chooses it, and one of another state kind fails the build by name."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    chosen = CliRunner().invoke(main, ["check", "linear_readout_diag", "--partner", "encoder:mamba"])
+    assert chosen.exit_code == 0, chosen.output
+    assert "build: with encoder 'mamba', aggregator 'affine_diag'" in chosen.output
+    mismatched = CliRunner().invoke(main, ["check", "head:attention", "--partner", "encoder:gla"])
+    assert mismatched.exit_code == 1
+    assert ("FAIL  head:attention               build: ContractViolation: --partner encoder:gla has state_kind "
+            "'affine-diag', and the component under test 'tokens'; a partner must share it") in mismatched.output
+    for spec, message in (("enc:gla", "expected KIND:NAME with KIND one of encoder, aggregator, head"),
+                          ("encoder:glx", "unknown encoder 'glx'. Did you mean 'gla'?")):
+        refused = CliRunner().invoke(main, ["check", "attention", "--partner", spec])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
 def test_check_fails_when_a_plugin_did_not_load() -> None:
     """The component meant to be checked may be the one missing, or a built-in of the same name may stand
     in for it: a plugin author's CI must not go green either way."""
