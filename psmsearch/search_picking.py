@@ -49,8 +49,12 @@ def pick_search(uri: str, experiment: str | None, search: str | None) -> PickedS
     """The search ``search`` names: a parent run ID, else the latest search of that name (any search
     when None) in ``experiment`` or, without one, in the experiment where it ran last, else (no search
     has that name) the search whose run ID starts with it (8 characters or more)."""
+    from psmsearch.space_header import NAME_PATTERN
     from psmsearch.tracking import Tracker
 
+    if search is not None and not re.fullmatch(NAME_PATTERN, search):  # it goes into MLflow filter strings
+        raise ConfigError(f"{search!r} is no search name or run ID: names use letters, digits, '_', '.' and '-'",
+                          field="--search")
     if search is not None and RUN_ID_PATTERN.fullmatch(search):
         found = _search_run(uri, search)
         if found is not None:
@@ -138,6 +142,9 @@ def _search_run(uri: str, run_id: str) -> tuple[Any, str] | None:
     except MlflowException:
         return None
     kind = run.data.tags.get(KIND_TAG)
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"run {run_id} is deleted (in MLflow's trash); restore it (mlflow runs restore --run-id "
+                          f"{run_id}) to compare it", field="--search")
     if kind != "search":
         what = f"a psmsearch {kind} run" if kind else "not a psmsearch run"
         raise ConfigError(f"run {run_id} is {what}, not a search's parent run; pass a search name or the parent "

@@ -405,7 +405,9 @@ def _as_written(field: str, raw: Any) -> str:
         return field
     model = raw.get("model") if isinstance(raw, dict) else None
     node = model.get(match.group(1)) if isinstance(model, dict) else None
-    nested = isinstance(node, dict) and isinstance(node.get("params"), dict)
+    params = node.get("params") if isinstance(node, dict) else None
+    # only a key that is written under params (and not beside it, where a flat --set put it)
+    nested = isinstance(params, dict) and match.group(2) in params and match.group(2) not in node
     return f"model.{match.group(1)}.params.{match.group(2)}" if nested else field
 
 

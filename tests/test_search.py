@@ -255,6 +255,13 @@ def _compare_picks_searches_of_one_name_by_run_id(tmp_path: Path, parents: list[
     assert refused.exit_code == 2 and f"no search '{unknown}' has been tracked" in refused.output
     refused = compare("--search", older.info.run_id, "--experiment", "elsewhere")
     assert refused.exit_code == 2 and "is in experiment 'tiny', not 'elsewhere'" in refused.output
+    refused = compare("--search", "a'b")  # went into an MLflow filter string: a traceback
+    assert refused.exit_code == 2 and """"a'b" is no search name or run ID""" in refused.output, refused.output
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).delete_run(older.info.run_id)  # in MLflow's trash: found by ID only
+    refused = compare("--search", older.info.run_id)
+    assert refused.exit_code == 2 and f"run {older.info.run_id} is deleted (in MLflow's trash)" in refused.output
 
 
 @pytest.mark.parametrize(("uri", "message"), [

@@ -186,6 +186,9 @@ def test_a_hyperparameter_under_params_is_named_and_located_as_written(tmp_path:
     path = write(tmp_path, nested)
     with pytest.raises(ConfigError, match=r"^--set model\.aggregator\.params\.layers: .*99 is out of range"):
         load_trial_config(path, ["model.aggregator.params.layers=99"])
+    # a flat key set beside params is that key's error, at its --set (not renamed into params, not the file's)
+    with pytest.raises(ConfigError, match=r"^--set model\.aggregator\.layers: unknown field 'layers'; allowed: name, params"):
+        load_trial_config(path, ["model.aggregator.layers=99"])
 
 
 def test_components_of_different_state_kinds_are_a_config_error_not_a_crash(tmp_path: Path) -> None:
