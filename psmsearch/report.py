@@ -137,8 +137,21 @@ def trial_number(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-ENVIRONMENT_PARAMS = frozenset({"device", "threads"})
-"""Trial params that say where a trial ran, not what it trained: never reported as a difference."""
+ENVIRONMENT_PARAMS = frozenset({"device", "threads", "train.checkpoint_every"})
+"""Trial params that say where or how a trial ran, not what it trained: never reported as a difference
+(nor are ``metrics.*``, which choose what is measured after training)."""
+
+
+def searched_param(key: str) -> str:
+    """The trial param a searched one (``search.`` removed) is recorded as: a component hyperparameter's
+    search key names its component (``model.aggregator.mlp.mlp_ratio``) and a component choice of a
+    space with several state kinds its kind (``model.aggregator-affine-diag``); the trial's own param
+    is ``model.aggregator.mlp_ratio``, ``model.aggregator``."""
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] != "model" or parts[1].split("-", 1)[0] not in ("encoder", "aggregator", "head"):
+        return key
+    rest = parts[2:]
+    return ".".join(["model", parts[1].split("-", 1)[0], *(rest[1:] if len(rest) >= 2 else rest)])
 
 
 def fixed_differences(rows: Sequence[TrialRow]) -> dict[str, dict[str, str]]:
@@ -150,11 +163,12 @@ def fixed_differences(rows: Sequence[TrialRow]) -> dict[str, dict[str, str]]:
     where it is searched by none of the searches (no ``search.`` copy in any row), takes one value in
     every trial of each search, and not the same value in all of them.
     """
-    searched = {key.removeprefix("search.") for row in rows for key in row.params if key.startswith("search.")}
+    searched = {searched_param(key.removeprefix("search.")) for row in rows for key in row.params
+                if key.startswith("search.")}
     values: dict[str, dict[str, set[str]]] = {}
     for row in rows:
         for key, value in row.params.items():
-            if key.startswith("search.") or key in searched or key in ENVIRONMENT_PARAMS:
+            if key.startswith(("search.", "metrics.")) or key in searched or key in ENVIRONMENT_PARAMS:
                 continue
             values.setdefault(key, {}).setdefault(row.search, set()).add(value)
     searches = list(dict.fromkeys(row.search for row in rows))

@@ -665,3 +665,12 @@ def test_fixed_differences_name_settings_two_searches_held_at_different_values()
     ]
     assert fixed_differences(rows) == {"train.steps": {"a": "150", "b": "500"}}
     assert fixed_differences(rows[:2]) == {}, "one search alone differs from nothing"
+    # searched under another key: a component's hyperparameter names its component, a choice over several
+    # state kinds its kind; metrics.* choose what is measured, not what is trained
+    rows = [row("a", 0, **{"search.model.aggregator.mlp.mlp_ratio": "2", "model.aggregator.mlp_ratio": "2",
+                           "search.model.encoder-tokens": "embed", "model.encoder": "embed",
+                           "metrics.memory_lengths": "[64]"}),
+            row("b", 0, **{"search.model.aggregator.mlp.mlp_ratio": "4", "model.aggregator.mlp_ratio": "4",
+                           "search.model.encoder-affine-diag": "gla", "model.encoder": "gla",
+                           "metrics.memory_lengths": "[1024]"})]
+    assert fixed_differences(rows) == {}
