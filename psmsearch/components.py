@@ -214,7 +214,9 @@ class Encoder(Component):
     do not depend on the chunk size ``c`` (the affine family: ``c`` only decides how the work is split).
     The contract suite then checks that a layer's outputs agree at several chunk sizes, which catches a
     chunk summary that disagrees with the head's intra-chunk readout (streaming and the parallel pass
-    share both, so they agree with each other all the same)."""
+    share both, so they agree with each other all the same). It checks the aggregator and head beside
+    such an encoder too, unless the aggregator is not associative or the aggregator or head sets
+    ``chunk_size_invariant = False`` itself (one not meant to keep the recurrence exact)."""
 
     def features(self, x: torch.Tensor, offset: int = 0) -> Any:
         raise NotImplementedError(_missing(self, "features"))

@@ -39,32 +39,67 @@ def _layer_stream_equals_parallel(a: _Assembly) -> str:
 
 CHUNK_SIZES = (1, 3, CHUNK, 2 * CHUNK + 1)
 """The chunk sizes a ``chunk_size_invariant`` encoder's layer is run at: one token, an odd size, the
-suite's own and one past twice it (all partial chunks at the suite's length)."""
+suite's own and one past twice it (at the check's length, T = 15, c = 4 and 9 end in a partial chunk)."""
 
 
 def _layer_chunk_size_invariance(a: _Assembly) -> str:
     """Where the encoder declares ``chunk_size_invariant``, the layer's outputs at every chunk size
     agree (float64): summaries, scan and the head's intra-chunk readout are one recurrence. A summary
     that drops a decay term, or a readout that applies it twice, still streams exactly as it runs in
-    parallel (both paths use them), so only changing ``c`` shows it. The components are shared by the
-    layers at each ``c``: the same weights, split differently."""
-    if not type(a.encoder).chunk_size_invariant:
+    parallel (both paths use them), so only changing ``c`` shows it.
+
+    The layer at each ``c`` is built again for it, as the suite builds components, and given the
+    assembly's parameter values: the same weights, split differently (a buffer sized by ``c``, such as
+    a mask, is made for it). Not checked where the aggregator is not associative (a combine that is no
+    monoid makes no exact recurrence), or where the aggregator or head sets ``chunk_size_invariant =
+    False`` (one not meant to keep the recurrence exact).
+    """
+    encoder, aggregator, head = type(a.encoder), type(a.aggregator), type(a.head)
+    if not encoder.chunk_size_invariant:
         return "not claimed by the encoder"
-    model = copy.deepcopy(a.layer).double()
+    if not aggregator.associative:
+        return f"not checked: aggregator {aggregator.name!r} is not associative"
+    for kind, cls in (("aggregator", aggregator), ("head", head)):
+        if getattr(cls, "chunk_size_invariant", None) is False:
+            return f"not checked: {kind} {cls.name!r} sets chunk_size_invariant = False"
     generator = torch.Generator().manual_seed(64)
     length = 3 * CHUNK + 3
     x = torch.randn(BATCH, length, D_MODEL, generator=generator, dtype=torch.float64)  # [B, T, d]
-    with torch.no_grad():
-        outputs = {c: PSMLayer(model.encoder, model.aggregator, model.head, c).eval()(x) for c in CHUNK_SIZES}
-    reference = outputs[1]  # [B, T, d]: one token per chunk, the recurrence itself
+    outputs = {}
+    for c in CHUNK_SIZES:
+        layer = _layer_at(a, c)
+        if isinstance(layer, str):
+            return layer
+        with torch.no_grad():
+            outputs[c] = layer.double()(x)  # [B, T, d]
+    reference = outputs[1]  # one token per chunk: the recurrence itself
     scale = max(reference.abs().max().item(), 1.0)
     for c, y in outputs.items():
         diff = (y - reference).abs().max().item()
-        _require(diff <= 1e-8 * scale, f"T={length}: outputs at c={c} differ from those at c=1 by {diff:.3g} "
-                                       f"(float64, the same weights); the encoder declares chunk_size_invariant, so "
-                                       f"summarize, the aggregator and the head's readout must describe one "
-                                       f"recurrence (or set chunk_size_invariant = False on {type(a.encoder).__name__})")
+        _require(diff <= 1e-8 * scale,
+                 f"T={length}: outputs at c={c} differ from those at c=1 by {diff:.3g} (float64, the same weights); "
+                 f"encoder {encoder.name!r} declares chunk_size_invariant, so its summarize, aggregator "
+                 f"{aggregator.name!r} and head {head.name!r} must make one recurrence at any c. An encoder whose "
+                 f"features or summary depend on c sets chunk_size_invariant = False; so does an aggregator or head "
+                 f"not meant to keep the recurrence exact")
     return f"T={length}, c in {', '.join(map(str, CHUNK_SIZES))} against c=1, float64"
+
+
+def _layer_at(a: _Assembly, chunk: int) -> PSMLayer | str:
+    """The assembly's components built again for chunk size ``chunk`` with its parameter values, or why
+    they cannot be (a parameter whose shape depends on ``c``)."""
+    context = ComponentContext(d_model=D_MODEL, chunk_size=chunk)
+    encoder = type(a.encoder)(context)
+    context = ComponentContext(d_model=D_MODEL, chunk_size=chunk, encoder=encoder)
+    layer = PSMLayer(encoder, type(a.aggregator)(context), type(a.head)(context), chunk)
+    values = dict(a.layer.named_parameters())
+    with torch.no_grad():
+        for name, parameter in layer.named_parameters():
+            value = values.get(name)
+            if value is None or value.shape != parameter.shape:
+                return f"not comparable: parameter {name!r} is not the same at c={chunk} as at c={CHUNK}"
+            parameter.copy_(value)
+    return layer.eval()
 
 
 def _layer_batch_independent(a: _Assembly) -> str:

@@ -128,13 +128,43 @@ def test_chunk_size_check_catches_a_summary_that_disagrees_with_the_readout(regi
     from psmsearch.testing import ContractViolation, _assemble, _layer_chunk_size_invariance
 
     assembly = _assemble(registry.get("encoder", "zz_summary_without_decay").cls, registry, seed=0)
-    with pytest.raises(ContractViolation, match=r"T=15: outputs at c=3 differ from those at c=1 by .*the encoder "
-                                                r"declares chunk_size_invariant"):
+    with pytest.raises(ContractViolation, match=r"T=15: outputs at c=3 differ from those at c=1 by .*encoder "
+                                                r"'zz_summary_without_decay' declares chunk_size_invariant, so its "
+                                                r"summarize, aggregator 'affine_diag' and head 'linear_readout_diag'"):
         _layer_chunk_size_invariance(assembly)
     healthy = _assemble(registry.get("encoder", "gla").cls, registry, seed=0)
     assert _layer_chunk_size_invariance(healthy) == "T=15, c in 1, 3, 4, 9 against c=1, float64"
     tokens = _assemble(registry.get("encoder", "embed").cls, registry, seed=0)
     assert _layer_chunk_size_invariance(tokens) == "not claimed by the encoder"
+
+    from psmsearch.plugins.affine import AffineDiagAggregator, DiagReadoutHead
+
+    class MaskedHead(DiagReadoutHead):  # exact, with a buffer sized by c (as the attention head's mask)
+        name = "masked_diag_head"
+
+        def __init__(self, context, **hparams):
+            super().__init__(context, **hparams)
+            self.register_buffer("mask", torch.ones(context.chunk_size))
+
+        def forward(self, prefix, f):
+            return super().forward(prefix, f) * self.mask[: f[0].shape[-3], None]  # [B, N, c, d]
+
+    masked = _assemble(MaskedHead, registry, seed=0)
+    assert _layer_chunk_size_invariance(masked) == "T=15, c in 1, 3, 4, 9 against c=1, float64", "built again per c"
+
+    class NotAMonoid(AffineDiagAggregator):
+        name = "clipped_diag"
+        associative = False
+
+    assert _layer_chunk_size_invariance(_assemble(NotAMonoid, registry, seed=0)) == \
+        "not checked: aggregator 'clipped_diag' is not associative"
+
+    class Approximate(DiagReadoutHead):
+        name = "approximate_diag"
+        chunk_size_invariant = False
+
+    assert _layer_chunk_size_invariance(_assemble(Approximate, registry, seed=0)) == \
+        "not checked: head 'approximate_diag' sets chunk_size_invariant = False"
 
 
 def test_state_bytes_check_streams_partial_chunks(registry) -> None:
