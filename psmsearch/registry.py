@@ -32,6 +32,7 @@ import pluggy
 from psmsearch import hookspecs
 from psmsearch.components import COMPONENT_KINDS, HyperParameter
 from psmsearch.errors import PluginError, UnknownComponentError
+from psmsearch.plugin_digest import module_digest, plugin_digest
 
 PROJECT = "psmsearch"
 ENV_VAR = "PSMSEARCH_PLUGINS"
@@ -107,6 +108,9 @@ class Registry:
     plugins: list[str] = field(default_factory=list)
     failures: list[PluginFailure] = field(default_factory=list)
     local_plugins: list[str] = field(default_factory=list)
+    plugin_digests: dict[str, str] = field(default_factory=dict)
+    """Plugin label -> SHA-256 of its code when it was loaded (plugins named for the run, that are files,
+    folders or modules with a file): what a trial records as the code it ran."""
 
     def get(self, kind: str, name: str) -> ComponentInfo:
         """The component ``name`` of ``kind``; an unknown name raises with close-match suggestions."""
@@ -333,10 +337,16 @@ class _Loader:
                 self.fail(spec, FileNotFoundError(f"no such plugin file or folder: {path}{hint}"))
                 return
             self.registry.local_plugins.append(str(path.resolve()))
+            digest = plugin_digest(str(path))  # read as it is imported: the code this process runs
             self.add_module(str(path), lambda: _import_path(path))
+            label = str(path)
         else:
             self.registry.local_plugins.append(spec)
+            digest = module_digest(spec)
             self.add_module(spec, lambda: importlib.import_module(spec))
+            label = spec
+        if digest is not None and label in self.registry.plugins:
+            self.registry.plugin_digests[label] = digest
 
     def collect(self) -> None:
         """Call every plugin's hooks, plugins in the order they were loaded (built-ins, installed

@@ -122,7 +122,8 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
     """A trial's ``trial_config.yaml``: its resolved configuration, which ``psmsearch train`` runs again.
 
     Components and a task that are not built in are recorded in the ``plugins`` field (field ->
-    ``{name, plugin, sha256}``, the digest where the plugin is a file or folder here), and a comment header says which ``--plugin`` to pass: without the plugin
+    ``{name, plugin, sha256}``: the digest of the plugin's code as this process loaded it, where it is a
+    file, folder or module with a file), and a comment header says which ``--plugin`` to pass: without the plugin
     ``train`` knows no such aggregator, and its error names the recorded plugin.
     """
     from psmsearch.registry import DEFAULT_PLUGINS
@@ -130,10 +131,9 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
     names = {"task": config.task.name}
     if config.model.kind == "psm":
         names.update({f"model.{kind}": getattr(config.model, kind).name for kind in ("encoder", "aggregator", "head")})
-    from psmsearch.trial import plugin_digest
-
+    loaded = component_plugins(config, registry)  # as this process loaded them (a Ray worker: by module)
     plugins = {field_name: {"name": names[field_name], "plugin": plugin,
-                            **({"sha256": digest} if (digest := plugin_digest(plugin)) else {})}
+                            **({"sha256": digest} if (digest := registry.plugin_digests.get(loaded[field_name])) else {})}
                for field_name, plugin in component_plugins(config, registry, plugin_labels).items()
                if plugin not in DEFAULT_PLUGINS}
     text = yaml.safe_dump(config.model_validate({**config.model_dump(), "plugins": plugins}).resolved(), sort_keys=False)

@@ -15,7 +15,6 @@ is what the Optuna and Ray drivers call. Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -32,6 +31,7 @@ from psmsearch.composer import validate_model_config
 from psmsearch.config import KIND_FIELDS, ComponentSpec, ModelConfig, model_at, unknown_field_message, unread_model_field_message
 from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError, where_raised
 from psmsearch.metrics import MetricsConfig, inference_metrics
+from psmsearch.plugin_digest import plugin_digest
 from psmsearch.registry import Registry, get_registry
 from psmsearch.tasks import TEST_PREFIX, Task
 from psmsearch.trainer import Callback, TrainConfig, Trainer, TrialStopped, seeded_global_rng
@@ -58,35 +58,14 @@ PLUGIN_FIELDS = ("task", "model.encoder", "model.aggregator", "model.head")
 class PluginRecord(BaseModel):
     """Where the task or component a trial config names at one field came from: ``{name: my_agg,
     plugin: /path/my_agg.py, sha256: ...}`` (a plugin file or folder as given, or a module or
-    entry-point name; ``sha256`` is the digest of a file's or folder's code when the trial ran, see
-    :func:`plugin_digest`)."""
+    entry-point name; ``sha256`` is the digest of a file's or folder's code as the trial's process
+    loaded it, see :mod:`psmsearch.plugin_digest`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     plugin: str
     sha256: str | None = None
-
-
-def plugin_digest(plugin: str) -> str | None:
-    """SHA-256 of a plugin file, or of a plugin folder's ``.py`` files (their paths and bytes, in
-    sorted order); None for a module or entry-point name, or a path that is not there.
-
-    Recorded in a trial's ``trial_config.yaml``, so that ``train`` can say when the code it is about
-    to run is no longer the code the trial ran.
-    """
-    path = Path(plugin)
-    try:
-        if path.is_file():
-            return hashlib.sha256(path.read_bytes()).hexdigest()
-        if path.is_dir():
-            digest = hashlib.sha256()
-            for file in sorted(path.rglob("*.py")):
-                digest.update(str(file.relative_to(path)).encode() + b"\0" + file.read_bytes() + b"\0")
-            return digest.hexdigest()
-    except OSError:
-        return None
-    return None
 
 
 class TaskSpec(ComponentSpec):
@@ -345,7 +324,7 @@ def other_plugins(config: TrialConfig, registry: Registry | None = None) -> list
             found.append((key, f"the trial ran {kind} {name!r} from the plugin {recorded.plugin!r}; here {name!r} "
                                f"comes from {current!r}, which may be another implementation"))
             continue
-        now = plugin_digest(current) if recorded.sha256 else None
+        now = (registry.plugin_digests.get(current) or plugin_digest(current)) if recorded.sha256 else None
         if now is not None and now != recorded.sha256:
             found.append((key, f"the plugin {current!r} changed since the trial ran (sha256 {recorded.sha256[:12]}... "
                                f"then, {now[:12]}... now): {kind} {name!r} runs as the plugin is now"))

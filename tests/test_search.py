@@ -1048,6 +1048,34 @@ def test_a_plugin_components_trial_records_its_plugin_as_given_and_train_says_wh
                         f"{digest[:12]}... now): aggregator 'my_mlp' runs as the plugin is now"]
 
 
+def test_a_trial_records_the_digest_of_the_plugin_code_it_loaded(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digest was taken when each trial's config was written: a plugin file edited during a long
+    search was recorded as code the trial never ran, and train then found nothing changed. It is taken
+    when the plugin is loaded, for a file and for a plugin named as a module (as Ray workers load a
+    shipped file)."""
+    from psmsearch.registry import load_registry
+    from psmsearch.search import trial_config_text
+    from psmsearch.trial import load_trial_config
+
+    plugin = tmp_path / "my_plugin_mod.py"
+    plugin.write_text(PLUGIN_FILE.read_text())
+    loaded = hashlib.sha256(plugin.read_bytes()).hexdigest()
+    registry = load_registry(extra_plugins=[str(plugin)])
+    assert registry.plugin_digests == {str(plugin): loaded}
+    trial = {"task": {"name": "group", "group": "Z5", "train_length": 4, "eval_max_multiple": 2, "eval_samples": 16},
+             "model": {"kind": "psm", "d_model": 16, "chunk_size": 2, "aggregator": {"name": "my_mlp", "mlp_ratio": 1},
+                       "head": {"name": "attention", "layers": 1, "heads": 2}}}
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(trial))
+    config = load_trial_config(tmp_path / "trial.yaml", registry=registry)
+    plugin.write_text(plugin.read_text() + "\n# edited while the search runs\n")
+    recorded = yaml.safe_load(trial_config_text(config, registry))["plugins"]["model.aggregator"]
+    assert recorded == {"name": "my_mlp", "plugin": str(plugin), "sha256": loaded}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    by_module = load_registry(extra_plugins=["my_plugin_mod"])
+    assert by_module.plugin_digests == {"my_plugin_mod": hashlib.sha256(plugin.read_bytes()).hexdigest()}
+
+
 def test_resume_refuses_a_changed_space_naming_each_field_and_allows_what_may_change(tmp_path: Path) -> None:
     """``--resume`` with another ``train.steps`` trained the study's later trials otherwise than its first
     ones, silently. The study records what defines the search; a resume that changes it is refused before
