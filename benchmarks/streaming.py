@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), help="comma-separated n values")
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=1, help="model depth (T-PSM is one layer in the paper)")
-    parser.add_argument("--latency-tokens", type=int, default=16, help="steps timed at each n (median reported)")
+    parser.add_argument("--latency-tokens", type=int, default=16, help="steps timed at each n (their mean is reported)")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON object")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of bytes and latency against n")
     args = parser.parse_args(argv)

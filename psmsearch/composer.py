@@ -22,7 +22,7 @@ from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
 from psmsearch.config import ComponentSpec, ModelConfig
 from psmsearch.errors import ConfigError, HyperParameterError, IncompatibleComponentsError, PSMSearchError
 from psmsearch.registry import Registry, get_registry
-from psmsearch.scan import OnlineScan, checked_initial_state, prefix_scan
+from psmsearch.scan import OnlineScan, check_mode, checked_initial_state, prefix_scan
 
 
 def check_compatible(registry: Registry, encoder: str, aggregator: str, head: str) -> None:
@@ -95,8 +95,12 @@ class PSMLayer(nn.Module):
         of real tokens, so finite wherever the real ones are; causality keeps them out of every
         real output).
         """
+        check_mode(scan_mode)
         if fused and scan_mode != "auto":
             raise ValueError(f"fused=True replaces the prefix scan, so scan_mode must be 'auto', got {scan_mode!r}")
+        if fused and not self._head_may_fuse():
+            raise self._no_fused_path()
+        self.check_input(x, "forward", tokens=True)
         batch, length, d = x.shape
         if length == 0:  # no chunk to scan; the stream's feed answers an empty input the same way
             return x.new_empty(batch, 0, d)  # [B, 0, d]
@@ -109,13 +113,46 @@ class PSMLayer(nn.Module):
             if y is not None:
                 return y[:, :length]  # [B, T, d]
             if fused:
-                raise PSMSearchError(
-                    f"head {self.head.name!r} has no fused training path for encoder {self.encoder.name!r} "
-                    f"and aggregator {self.aggregator.name!r} (a head fuses only the components it "
-                    "recognises, never subclasses that override what its kernel computes); "
-                    "use fused=None or fused=False"
-                )
+                raise self._no_fused_path()
         return self._scanned(f, tail_f, batch, scan_mode)
+
+    def _no_fused_path(self) -> PSMSearchError:
+        return PSMSearchError(
+            f"head {self.head.name!r} has no fused training path for encoder {self.encoder.name!r} "
+            f"and aggregator {self.aggregator.name!r} (a head fuses only the components it "
+            "recognises, never subclasses that override what its kernel computes); "
+            "use fused=None or fused=False"
+        )
+
+    def check_input(self, x: Any, call: str, tokens: bool, batch_size: int | None = None) -> None:
+        """Raise the error of an input the layer cannot read, naming what it expected.
+
+        ``x`` must be a floating tensor ``[B, T, d_model]`` (``tokens``) or ``[B, d_model]`` (one
+        token), on the device of the layer's parameters and in a dtype one of them has (any under
+        autocast); a stream also fixes ``B``. Without this a wrong width or dtype failed inside a
+        component's first matmul, with a torch message blamed on that component.
+        """
+        d_model = self.encoder.context.d_model
+        batch = "B" if batch_size is None else str(batch_size)
+        layout = f"[{batch}, T, {d_model}] (batch, tokens, d_model)" if tokens else f"[{batch}, {d_model}] (batch, d_model)"
+        where = f"PSMLayer.{call}"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: x must be a tensor {layout}, got a {type(x).__name__}")
+        rank_ok = x.dim() == (3 if tokens else 2)
+        if not rank_ok or x.shape[-1] != d_model or (batch_size is not None and x.shape[0] != batch_size):
+            raise ValueError(f"{where}: x must be {layout}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{where}: x must be a floating tensor (token embeddings), got {x.dtype}")
+        first = next((p for p in self.parameters() if p.is_floating_point()), None)  # streaming: per token
+        if first is None:
+            return
+        if x.device != first.device:
+            raise ValueError(f"{where}: x is on {x.device}, the layer's parameters on {first.device}; "
+                             "move one to the other")
+        if (x.dtype != first.dtype and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype not in {p.dtype for p in self.parameters()}):
+            raise ValueError(f"{where}: x is {x.dtype}, the layer's parameters {first.dtype}; "
+                             f"cast x (x.to({first.dtype})) or the layer")
 
     def _head_may_fuse(self) -> bool:
         """Whether the head overrides :meth:`Head.fused_forward` (else trying it would only cost time)."""
@@ -209,6 +246,10 @@ class LayerStream:
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One token ``x[B, d] -> y[B, d]``."""
+        self.layer.check_input(x, "stream(...).step", tokens=False, batch_size=self.batch_size)
+        return self._step(x)
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
         f_token = self.layer.encoder.features(x[:, None, :], offset=self.position)  # [B, 1, ...]
         self.buffer = f_token if self.buffer is None else S.cat([self.buffer, f_token], dim=1)
         y = self.layer.head.forward_last(self.prefix, self.buffer)  # [B, d]
@@ -220,6 +261,7 @@ class LayerStream:
 
     def feed(self, x: torch.Tensor) -> torch.Tensor:
         """Many tokens ``x[B, m, d] -> y[B, m, d]``; whole aligned chunks go through in one call."""
+        self.layer.check_input(x, "stream(...).feed", tokens=True, batch_size=self.batch_size)
         c = self.layer.chunk_size
         outputs, start, m = [], 0, x.shape[1]
         if m == 0:
@@ -233,7 +275,7 @@ class LayerStream:
                 self._complete_chunk(f)
                 start += c
             else:
-                outputs.append(self.step(x[:, start])[:, None])  # [B, 1, d]
+                outputs.append(self._step(x[:, start])[:, None])  # [B, 1, d]
                 start += 1
         return torch.cat(outputs, dim=1)
 

@@ -154,9 +154,40 @@ def shape_checked(agg: Callable[[State, State], State]) -> Callable[[State, Stat
             )
             error.names_its_origin = bool(origin)
             raise error
+        mismatch = _kind_mismatch(out, newer)
+        if mismatch:
+            origin = _component_origin(agg, "forward", (older, newer))
+            error = StateShapeError(
+                f"aggregator {_name_of(agg)!r}{origin} returned {mismatch}; agg(older, newer) must return a "
+                "state of newer's dtype and device (what the head that reads the prefix was built for)"
+            )
+            error.names_its_origin = bool(origin)
+            raise error
         return out
 
     return combine
+
+
+def _kind_mismatch(out: State, like: State) -> str:
+    """How ``out``'s tensors differ from ``like``'s in dtype or device (``""`` where they do not).
+
+    Under autocast a dtype may change between ops by design, so only the device is compared then.
+    """
+    for index, (got, want) in enumerate(zip(S.leaves(out), S.leaves(like))):
+        if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
+            continue
+        where = "" if isinstance(like, torch.Tensor) else f" in tensor {index} of the state"
+        if got.device != want.device:
+            return f"a tensor on {got.device}{where} for inputs on {want.device}"
+        if got.dtype != want.dtype and not torch.is_autocast_enabled(want.device.type):
+            return f"{got.dtype}{where} for inputs of {want.dtype}"
+    return ""
+
+
+def check_mode(mode: str) -> None:
+    """Raise the ValueError of a scan mode that is not one of :data:`ScanMode`'s."""
+    if mode not in ("auto", "tree", "sequential"):
+        raise ValueError(f"prefix_scan mode {mode!r} is not allowed; use 'auto', 'tree' or 'sequential'")
 
 
 def _batch_shape(states: State) -> tuple[int, ...]:
@@ -167,7 +198,15 @@ def _with_initial(agg: AggregatorLike, prefixes: State | None, states: State) ->
     """Prepend ``initial_state`` (the prefix of chunk 0) to the prefixes of chunks 1..N-1 of ``states``."""
     batch_shape = _batch_shape(states)
     want = [batch_shape + tuple(leaf.shape[2:]) for leaf in S.leaves(states)]
-    first = S.unsqueeze(checked_initial_state(agg, batch_shape, want), 1)  # [B, 1, ...]
+    initial = checked_initial_state(agg, batch_shape, want)
+    mismatch = _kind_mismatch(initial, states)  # dtype and device only
+    if mismatch:
+        origin = _component_origin(agg, "initial_state", (batch_shape,))
+        error = StateShapeError(f"aggregator {_name_of(agg)!r}{origin}: initial_state({batch_shape}) returned "
+                                f"{mismatch}; it must return a state of the chunk states' dtype and device")
+        error.names_its_origin = bool(origin)
+        raise error
+    first = S.unsqueeze(initial, 1)  # [B, 1, ...]
     if prefixes is None:
         return first
     return S.cat([first, prefixes], dim=1)
@@ -259,8 +298,8 @@ def prefix_scan(agg: AggregatorLike, states: State, mode: ScanMode = "auto", *, 
     the prefixes of ``N + 1`` chunks whose last state is not needed. A layer uses it for its last
     chunk, whose summary no prefix reads and which may be partial (``N = 0`` is allowed then).
     """
-    if mode not in ("auto", "tree", "sequential"):
-        raise ValueError(f"prefix_scan mode {mode!r} is not allowed; use 'auto', 'tree' or 'sequential'")
+    check_mode(mode)
+    _check_chunk_layout(states)
     n = S.size(states, 1)
     if n < 1 and not total:
         raise ValueError(f"prefix_scan needs at least one chunk; got states of shape {S.describe(states)}")
@@ -273,6 +312,21 @@ def prefix_scan(agg: AggregatorLike, states: State, mode: ScanMode = "auto", *, 
     engine = _sequential_scan if mode == "sequential" else _tree_scan
     read = states if total else S.take(states, 1, slice(0, n - 1))  # [B, N or N-1, ...]
     return _with_initial(agg, engine(shape_checked(agg), read), states)
+
+
+def _check_chunk_layout(states: State) -> None:
+    """Raise the ValueError of chunk states that are not tensors (or arrays) of shape ``[B, N, ...]``."""
+    leaves = S.leaves(states) if isinstance(states, (tuple, *_LEAF_TYPES)) else [states]
+    for leaf in leaves:
+        if not isinstance(leaf, _LEAF_TYPES):
+            raise TypeError(f"prefix_scan: chunk states must be tensors or tuples of tensors [B, N, ...]; "
+                            f"got a {type(leaf).__name__}")
+        if leaf.ndim < 2:
+            raise ValueError(f"prefix_scan: chunk states must be [B, N, ...] (batch, then chunk index); got a "
+                             f"tensor of shape {tuple(leaf.shape)}")
+    if len({leaf.shape[:2] for leaf in leaves}) > 1:
+        raise ValueError(f"prefix_scan: every tensor of the chunk states must share [B, N]; got shapes "
+                         f"{[tuple(leaf.shape) for leaf in leaves]}")
 
 
 def _check_own_scan(agg: AggregatorLike, prefixes: Any, states: State) -> None:
@@ -328,9 +382,21 @@ class OnlineScan:
         self.count = 0
 
     def push(self, state: State) -> None:
-        """Append the state of the next complete chunk (leading dims: batch only)."""
+        """Append the state of the next complete chunk (leading dims: batch only).
+
+        Every state must have the batch shape of the first (or of ``batch_shape``). The first push
+        also checks ``initial_state`` against it, as :func:`prefix_scan` does, so that the prefix
+        returned before any push has the shapes every later one has.
+        """
+        batch = tuple(S.leaves(state)[0].shape[:1]) if isinstance(state, (tuple, *_LEAF_TYPES)) else None
         if self.batch_shape is None:
-            self.batch_shape = tuple(S.leaves(state)[0].shape[:1])
+            self.batch_shape = batch
+        elif batch != tuple(self.batch_shape):
+            raise ValueError(f"OnlineScan: pushed a state with batch dims {batch}, but this scan is for batch "
+                             f"shape {tuple(self.batch_shape)} (a new batch needs a new scan)")
+        if self.count == 0:
+            want = [tuple(leaf.shape) for leaf in S.leaves(state)]
+            checked_initial_state(self.agg, tuple(self.batch_shape), want)  # type: ignore[arg-type]
         self.count += 1
         if self.associative:
             self.running = state if self.running is None else self._combine(self.running, state)
@@ -355,11 +421,26 @@ class OnlineScan:
         if self.count == 0:
             if self.batch_shape is None:
                 raise ValueError("OnlineScan.prefix() before any push needs batch_shape at construction")
-            return self.agg.initial_state(self.batch_shape)
+            return self._checked_batch(self.agg.initial_state(self.batch_shape))
         if self.associative:
             return self.running  # type: ignore[return-value]
         lowest = next(k for k, root in enumerate(self.roots) if root is not None)
         return self.folds[lowest]  # type: ignore[return-value]
+
+    def _checked_batch(self, state: State) -> State:
+        """``initial_state``'s result, refused where its leading dims are not the batch shape (before
+        any push the chunk states' other dims are not known yet; the first push checks those)."""
+        batch = tuple(self.batch_shape)  # type: ignore[arg-type]
+        got = _leaf_shapes(state)
+        if got is None or any(shape[:len(batch)] != batch for shape in got):
+            shown = "a " + type(state).__name__ if got is None else f"shapes {got}"
+            origin = _component_origin(self.agg, "initial_state", (batch,))
+            error = StateShapeError(f"aggregator {_name_of(self.agg)!r}{origin}: initial_state({batch}) returned "
+                                    f"{shown}; initial_state must return a state whose leading dims are the "
+                                    "batch shape")
+            error.names_its_origin = bool(origin)
+            raise error
+        return state
 
     @property
     def num_roots(self) -> int:

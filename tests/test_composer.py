@@ -366,3 +366,62 @@ def test_the_head_reads_bitwise_the_same_prefixes_in_training_and_streaming() ->
                 streamed = torch.stack(seen[::chunk], 1)  # the head runs once per token; one prefix per chunk
                 assert torch.equal(trained, streamed), (chunks, extra, mode)
                 assert torch.equal(y, streamed_y), (chunks, extra, mode)
+
+
+def _small_attention_layer() -> PSMLayer:
+    return PSMLayer.from_config(ModelConfig(d_model=8, chunk_size=4, encoder="pool", aggregator="mlp",
+                                            head={"name": "attention", "heads": 2}))
+
+
+def test_an_input_the_layer_cannot_read_is_refused_naming_what_it_expected() -> None:
+    """A wrong width, rank or dtype failed in a component's first matmul ("mat1 and mat2 shapes cannot be
+    multiplied"), or unpacking x.shape ("not enough values to unpack")."""
+    layer = _small_attention_layer()
+    with pytest.raises(ValueError, match=r"PSMLayer\.forward: x must be \[B, T, 8\] \(batch, tokens, d_model\), "
+                                         r"got shape \(2, 7, 5\)"):
+        layer(torch.randn(2, 7, 5))
+    with pytest.raises(ValueError, match=r"got shape \(7, 8\)"):
+        layer(torch.randn(7, 8))
+    with pytest.raises(ValueError, match=r"x is torch\.float64, the layer's parameters torch\.float32; cast x "
+                                         r"\(x\.to\(torch\.float32\)\) or the layer"):
+        layer(torch.randn(2, 7, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x must be a floating tensor \(token embeddings\), got torch\.int64"):
+        layer(torch.ones(2, 7, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"x is on meta, the layer's parameters on cpu"):
+        layer(torch.empty(2, 7, 8, device="meta"))
+    with pytest.raises(TypeError, match=r"x must be a tensor \[B, T, 8\] .* got a list"):
+        layer([[0.0] * 8])  # type: ignore[arg-type]
+    assert layer.double()(torch.randn(2, 7, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_a_stream_refuses_tokens_of_another_batch_size_or_width() -> None:
+    """It failed in the head ("Sizes of tensors must match ... Expected size 2 but got size 3"), saying
+    nothing of the stream's batch size; nothing the stream holds changes on a refused input."""
+    layer = _small_attention_layer().eval()
+    stream = layer.stream(2)
+    stream.feed(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"stream\(\.\.\.\)\.feed: x must be \[2, T, 8\] \(batch, tokens, d_model\), "
+                                         r"got shape \(3, 7, 8\)"):
+        stream.feed(torch.randn(3, 7, 8))
+    with pytest.raises(ValueError, match=r"stream\(\.\.\.\)\.step: x must be \[2, 8\] \(batch, d_model\), got shape "
+                                         r"\(3, 8\)"):
+        stream.step(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"step: x must be \[2, 8\] .* got shape \(2, 1, 8\)"):
+        stream.step(torch.randn(2, 1, 8))
+    assert stream.tokens_seen == 5 and stream.scan.count == 1 and stream.position == 1
+    assert stream.step(torch.randn(2, 8)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("length", [0, 3, 4, 9])
+def test_bad_scan_arguments_are_refused_whatever_the_sequence_length(length: int) -> None:
+    """A bad scan_mode was refused only once a whole chunk reached the scan (T >= c), and fused=True
+    with a head that has no fused path only when T > 0."""
+    from psmsearch.errors import PSMSearchError
+
+    layer = _small_attention_layer()
+    x = torch.randn(2, length, 8)
+    with pytest.raises(ValueError, match="prefix_scan mode 'bogus' is not allowed; use 'auto', 'tree' or 'sequential'"):
+        layer(x, scan_mode="bogus")
+    with pytest.raises(PSMSearchError, match="head 'attention' has no fused training path"):
+        layer(x, fused=True)
+    assert layer(x, scan_mode="tree").shape == (2, length, 8)

@@ -556,3 +556,117 @@ def test_an_own_scan_is_used_only_when_the_aggregator_is_associative(total: bool
     for n in (1, 2, 5, 8):
         prefixes = prefix_scan(NonAssociativeWithAScan(), symbols(n), total=total)
         assert list(prefixes[0]) == [expected_prefix(i) for i in range(n + total)]
+
+
+class Widened(Twisted):
+    """Right shapes, wrong dtype: the plugin bug of a ``.double()`` left in ``forward``."""
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        return super().forward(older, newer).double()
+
+
+@pytest.mark.parametrize("mode", ["tree", "sequential", "online"])
+def test_an_aggregator_returning_another_dtype_is_named_where_it_happens(mode: str) -> None:
+    """Shapes alone were compared, so a float64 result from float32 inputs failed in the head that
+    read the prefix ("mixed dtype (CPU)"), blamed on the head's line."""
+    from psmsearch.scan import StateShapeError
+    from psmsearch.trial import where_raised
+
+    states = torch.randn(2, 5, 3)  # [B, N, width], float32
+    pattern = (r"aggregator 'Widened' \(forward at .*test_scan\.py:\d+\) returned torch\.float64 for inputs of "
+               r"torch\.float32; agg\(older, newer\) must return a state of newer's dtype and device")
+    with pytest.raises(StateShapeError, match=pattern) as caught:
+        if mode == "online":
+            scan = OnlineScan(Widened(3))
+            for i in range(5):
+                scan.push(states[:, i])
+        else:
+            prefix_scan(Widened(3), states, mode=mode)
+    assert where_raised(caught.value) == ""
+
+
+class Elsewhere(Twisted):
+    """Right shapes on the wrong device (the meta device stands in for a GPU here)."""
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        return torch.empty(newer.shape, dtype=newer.dtype, device="meta")
+
+
+def test_an_aggregator_returning_a_tensor_on_another_device_is_named() -> None:
+    from psmsearch.scan import StateShapeError
+
+    with pytest.raises(StateShapeError, match=r"'Elsewhere' .* returned a tensor on meta for inputs on cpu"):
+        prefix_scan(Elsewhere(3), torch.randn(2, 5, 3, dtype=torch.float64), mode="tree")
+
+
+def test_an_initial_state_of_another_dtype_is_named() -> None:
+    from psmsearch.scan import StateShapeError
+
+    class SingleStart(Twisted):
+        def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.zeros(*batch_shape, self.width, dtype=torch.float32)
+
+    with pytest.raises(StateShapeError, match=r"initial_state\(\(2,\)\) returned torch\.float32 for inputs of "
+                                              r"torch\.float64; it must return a state of the chunk states' dtype"):
+        prefix_scan(SingleStart(3), torch.randn(2, 5, 3, dtype=torch.float64), mode="tree")
+
+
+def test_autocast_may_change_a_states_dtype() -> None:
+    """Under autocast a matmul in ``agg`` returns bfloat16 for float32 inputs by design: not refused."""
+
+    class Matmul(Twisted):
+        def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+            return older @ torch.eye(self.width, dtype=older.dtype) + newer
+
+        def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.zeros(*batch_shape, self.width)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefix_scan(Matmul(3), torch.randn(2, 5, 3), mode="tree")
+    assert out.shape == (2, 5, 3)
+
+
+def test_chunk_states_without_a_chunk_dim_are_refused_naming_the_layout() -> None:
+    """A 1-D tensor raised IndexError from deep inside the states module."""
+    with pytest.raises(ValueError, match=r"chunk states must be \[B, N, \.\.\.\] \(batch, then chunk index\); got a "
+                                         r"tensor of shape \(5,\)"):
+        prefix_scan(Twisted(3), torch.randn(5))
+    with pytest.raises(ValueError, match=r"must share \[B, N\]; got shapes \[\(2, 5, 3\), \(2, 4, 3\)\]"):
+        prefix_scan(Twisted(3), (torch.randn(2, 5, 3), torch.randn(2, 4, 3)))
+    with pytest.raises(TypeError, match="tensors or tuples of tensors .* got a list"):
+        prefix_scan(Twisted(3), [torch.randn(2, 5, 3)])  # type: ignore[arg-type]
+
+
+def test_an_online_scan_refuses_a_state_of_another_batch_shape() -> None:
+    """It failed inside the aggregator, with a torch size error and no word of the scan's batch."""
+    scan = OnlineScan(Twisted(3))
+    scan.push(torch.randn(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"batch dims \(2,\), but this scan is for batch shape \(3,\)"):
+        scan.push(torch.randn(2, 3, dtype=torch.float64))
+    assert scan.count == 1  # the refused state was not counted
+    with pytest.raises(ValueError, match=r"batch dims \(3,\), but this scan is for batch shape \(2,\)"):
+        OnlineScan(Twisted(3), (2,)).push(torch.randn(3, 3, dtype=torch.float64))
+
+
+class WrongStart(Twisted):
+    """Its ``initial_state`` has the batch dims but the wrong state shape."""
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(*batch_shape, 2, 4, dtype=torch.float64)
+
+
+def test_the_online_scan_checks_the_initial_state_as_the_tree_does() -> None:
+    """Before any push it returned initial_state unchecked where prefix_scan refused it: the three
+    paths must agree (DESIGN §2). A batchless one is refused at once; one of the wrong state shape at
+    the first push, the first time the chunk states' shape is known."""
+    from psmsearch.scan import StateShapeError
+
+    with pytest.raises(StateShapeError, match=r"initial_state\(\(2,\)\) returned shapes \[\(3,\)\]; initial_state "
+                                              r"must return a state whose leading dims are the batch shape"):
+        OnlineScan(BatchlessStart(3), (2,)).prefix()
+    message = r"'WrongStart' \(initial_state at .*\): initial_state\(\(3,\)\) returned shapes \[\(3, 2, 4\)\], but " \
+              r"the chunk states have shapes \[\(3, 3\)\]"
+    with pytest.raises(StateShapeError, match=message):
+        prefix_scan(WrongStart(3), torch.randn(3, 2, 3, dtype=torch.float64), mode="tree")
+    with pytest.raises(StateShapeError, match=message):
+        OnlineScan(WrongStart(3), (3,)).push(torch.randn(3, 3, dtype=torch.float64))
