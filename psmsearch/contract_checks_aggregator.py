@@ -31,7 +31,21 @@ def _aggregator_shapes(a: _Assembly) -> str:
     if _shapes(init) != expected:
         raise ContractViolation(f"initial_state((B,)){_component_origin(a.aggregator, 'initial_state', ((BATCH,),))} "
                                 f"has shapes {_shapes(init)}, expected {expected}")
-    return f"{_shapes(out)}"
+    for what, state, method, args in (("agg(older, newer)", out, "forward", (older, newer)),
+                                      ("initial_state((B,))", init, "initial_state", ((BATCH,),))):
+        got = _dtypes_and_devices(state)
+        if got != _dtypes_and_devices(newer):
+            raise ContractViolation(f"{what}{_component_origin(a.aggregator, method, args)} returned {got}, the chunk "
+                                    f"states are {_dtypes_and_devices(newer)}: an aggregator must keep its inputs' "
+                                    "dtype and device (no .float(), .double() or .to(...) on the result; make new "
+                                    "tensors from an input or a parameter, as new_zeros does)")
+    return f"{_shapes(out)}, {_dtypes_and_devices(out)}"
+
+
+def _dtypes_and_devices(state: Any) -> str:
+    """``"float32 on cpu"`` (each distinct pair of a state's tensors, in order of first appearance)."""
+    pairs = dict.fromkeys(f"{str(leaf.dtype).removeprefix('torch.')} on {leaf.device}" for leaf in S.leaves(state))
+    return ", ".join(pairs)
 
 
 def _aggregator_finite(a: _Assembly) -> str:

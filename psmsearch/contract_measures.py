@@ -77,6 +77,10 @@ def _gradcheck(component: Component, compute: Callable[..., Any], inputs: list[A
     directions = [torch.randn(a.shape, generator=generator, dtype=torch.float64) if a.requires_grad else None
                   for a in arguments]
     base = outputs(arguments)
+    rounded = sorted({str(out.dtype) for out in base if out.is_floating_point() and out.dtype != torch.float64})
+    _require(not rounded, f"{what}: in float64 (inputs and parameters) it returned {', '.join(rounded)}, so its "
+                          "derivative cannot be checked: a cast in it (.float(), .to(dtype)) rounds every result; "
+                          "make new tensors in the dtype of an input or a parameter")
     kept = [i for i, out in enumerate(base) if out.requires_grad and out.numel()]  # constant gates, empty slots: no
     weights = {i: torch.randn(base[i].shape, generator=generator, dtype=torch.float64) for i in kept}
     wrt = [a for a in arguments if a.requires_grad]

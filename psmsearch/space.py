@@ -29,7 +29,8 @@ from psmsearch.space_dimensions import (DIMENSION_HELP, DIMENSION_KEYS, DIMENSIO
                                         is_dimension, not_a_dimension, parse_dimension)
 # Ray experiments pickle the header models; those saved before the split name them psmsearch.space.<name>
 from psmsearch.space_header import NAME_PATTERN, DriverSettings, Objective, SpaceHeader, TrackingSettings
-from psmsearch.space_validation import (_contrary_directions, _pydantic_error, _test_set_objectives,
+from psmsearch.space_validation import (_chunk_sizes_without_aggregation, _contrary_directions, _pydantic_error,
+                                        _test_set_objectives,
                                         _validate_choice_types, _validate_components, _validate_model_kinds,
                                         _validate_objectives, smoke_sample, validate_sample)
 from psmsearch.yamlio import SourceMap, load_yaml
@@ -293,6 +294,8 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
     space.check_sampler()
     drawn = smoke_sample(space, smoke_samples)
     if drawn:
-        space.warnings.extend(_contrary_directions(space, validate_sample(space, drawn[0])))
+        config = validate_sample(space, drawn[0])
+        space.warnings.extend(_contrary_directions(space, config))
+        space.warnings.extend(_chunk_sizes_without_aggregation(space, config))
     space.warnings.extend(_test_set_objectives(space))
     return space

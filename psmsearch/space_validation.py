@@ -39,6 +39,47 @@ def _test_set_objectives(space: SearchSpace) -> list[str]:
     ]
 
 
+def _chunk_sizes_without_aggregation(space: SearchSpace, sampled: Any) -> list[str]:
+    """The chunk sizes the space can draw that leave under 3 chunks in a training sequence (see
+    :func:`~psmsearch.trial.unused_aggregator_message`), as one warning located at ``model.chunk_size``.
+
+    ``sampled`` is a validated trial config of the space, whose task gives the training length (a
+    searched length is taken as that sample drew it).
+    """
+    from psmsearch.trial import make_task, unused_aggregator_message
+
+    model = space.template.get("model")
+    if not isinstance(model, dict) or "psm" not in _model_kinds(model):
+        return []
+    length = make_task(sampled, space.registry).train_sequence_length
+    if length is None:
+        return []
+    value = model.get("chunk_size", _default_chunk_size())
+    if is_dimension(value):
+        dim = parse_dimension("model.chunk_size", value, space.source)
+        sizes = [c for c in dim.choices if isinstance(c, int)] if dim.kind == "choice" else \
+            list(range(int(dim.low), int(dim.high) + 1))
+    else:
+        sizes = [value] if isinstance(value, int) else []
+    message = unused_aggregator_message(sizes, *length)
+    return [f"{space.source.where('model.chunk_size')}: model.chunk_size: {message}"] if message else []
+
+
+def _model_kinds(model: dict[str, Any]) -> list[Any]:
+    """The model kinds a space's model can take (``psm`` unless it says otherwise)."""
+    kind = model.get("kind", "psm")
+    if is_dimension(kind):
+        return list(kind.get("choice", [])) if isinstance(kind, dict) else list(kind)
+    return [kind]
+
+
+def _default_chunk_size() -> int:
+    """The chunk size a model that names none gets (:class:`~psmsearch.config.ModelConfig`'s default)."""
+    from psmsearch.config import ModelConfig
+
+    return ModelConfig.model_fields["chunk_size"].default
+
+
 def _validate_objectives(header: SpaceHeader, where: SourceMap) -> None:
     """A metric may be an objective once: listed twice (say, once per direction) every trial is Pareto-optimal."""
     first: dict[str, int] = {}

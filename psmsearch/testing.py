@@ -9,7 +9,7 @@ fail with the evidence. In a plugin's test suite::
     def test_my_aggregator_keeps_the_contract():
         assert_component_ok(MyAggregator)
 
-Checks: shapes, finite outputs, gradients (and a float64 ``gradcheck`` of each component's own
+Checks: determinism (two calls on identical inputs agree bitwise), shapes and dtypes, finite outputs, gradients (and a float64 ``gradcheck`` of each component's own
 backward against finite differences), token-locality of encoder features, causality, chunk
 locality and partial chunks of heads, tree == sequential == online scans, associativity where
 claimed (and the fast ``scan`` against the tree, outputs and gradients, from 1 to 65 chunks),
@@ -45,6 +45,7 @@ from psmsearch.contract_assembly import (ATOL, BATCH, CHUNK, D_MODEL, FAST_SCAN_
                                          _assemble)
 from psmsearch.contract_checks_aggregator import (_aggregator_associativity, _aggregator_finite, _aggregator_gradients,
                                                   _aggregator_scan_paths, _aggregator_shapes)
+from psmsearch.contract_checks_determinism import _aggregator_deterministic, _encoder_deterministic, _head_deterministic
 from psmsearch.contract_checks_encoder import _encoder_gradients, _encoder_shapes, _encoder_token_local
 from psmsearch.contract_checks_head import (_head_causal, _head_chunk_local, _head_forward_last, _head_fused_equals_generic,
                                             _head_gradients, _head_partial, _head_shapes)
@@ -83,11 +84,13 @@ Check = Callable[[_Assembly], str]
 
 CHECKS: dict[str, list[tuple[str, Check]]] = {
     "encoder": [
+        ("deterministic", _encoder_deterministic),
         ("shapes", _encoder_shapes),
         ("token_local_features", _encoder_token_local),
         ("gradients", _encoder_gradients),
     ],
     "aggregator": [
+        ("deterministic", _aggregator_deterministic),
         ("shapes", _aggregator_shapes),
         ("finite_outputs", _aggregator_finite),
         ("gradients", _aggregator_gradients),
@@ -95,6 +98,7 @@ CHECKS: dict[str, list[tuple[str, Check]]] = {
         ("associativity", _aggregator_associativity),
     ],
     "head": [
+        ("deterministic", _head_deterministic),
         ("shapes_and_finite", _head_shapes),
         ("causal_within_chunk", _head_causal),
         ("chunk_local", _head_chunk_local),
@@ -139,12 +143,16 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
         results.append(CheckResult(label, "randomised_copy", False, f"copy.deepcopy of the component raised "
                                    f"{type(err).__name__}: {err}; every check also runs on a copy with randomised "
                                    "parameters, so a component must be deep-copyable (as torch modules are)"))
+    nondeterministic = False
     for check_name, check in CHECKS[cls.kind] + LAYER_CHECKS:
         passed, message, trace = _run_check(check, assembly)
         if passed and randomised is not None:
             passed, failure, trace = _run_check(check, randomised)
             if not passed:
                 message = f"with randomised parameters: {failure}"
+        if not passed and nondeterministic:
+            message += " (this component is not deterministic, see 'deterministic': fix that first)"
+        nondeterministic |= check_name == "deterministic" and not passed and not trace  # differed, did not raise
         results.append(CheckResult(label, check_name, passed, message, trace))
     return results
 

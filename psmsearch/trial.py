@@ -177,6 +177,32 @@ class TrialConfig(BaseModel):
             raise ConfigError(str(err), source=source, field="model") from None
 
 
+def chunks_per_sequence(chunk_size: int, length: int) -> int:
+    """Chunks of ``chunk_size`` tokens in a sequence of ``length`` (the last one may be partial)."""
+    return -(-length // chunk_size)
+
+
+def unused_aggregator_message(chunk_sizes: Sequence[int], length: int, length_field: str) -> str | None:
+    """Why the chunk sizes among ``chunk_sizes`` that leave under 3 chunks in a training sequence train no
+    aggregator, or None where every one leaves 3 or more.
+
+    The aggregator first combines two chunk states for the prefix of the third chunk (``p_2 = x_0 x_1``;
+    ``p_1`` is ``x_0`` itself): with fewer chunks it is never called, its parameters get no gradient, and
+    trials that differ only in it compute the same function.
+    """
+    unused = sorted({c for c in chunk_sizes if chunks_per_sequence(c, length) < 3})
+    if not unused:
+        return None
+    shown = ", ".join(map(str, unused))
+    sizes = "chunk size " + shown if len(unused) == 1 else "chunk sizes " + shown
+    largest = (length - 1) // 2
+    fix = f"chunk sizes up to {largest} give 3 chunks or more" if largest >= 1 else "no chunk size gives 3 chunks"
+    return (f"{sizes} leave{'s' if len(unused) == 1 else ''} fewer than 3 chunks in a training sequence of {length} "
+            f"tokens (task.{length_field}), so the aggregator is never called in training (it first combines chunks "
+            f"0 and 1, for the prefix of chunk 2): its parameters get no gradient, and trials that differ only in "
+            f"the aggregator compute the same function; {fix}")
+
+
 def make_task(config: TrialConfig, registry: Registry | None = None, source: str | None = None) -> Task:
     """Instantiate the config's task (cheap: data loads lazily); a bad parameter's error keeps its field."""
     registry = registry or get_registry()
@@ -261,6 +287,12 @@ def load_trial_config(path: str | Path, overrides: Sequence[str] = (), registry:
             warn(f"{origin}: {message}" if origin.startswith("--set") else f"{origin}: model.{key}: {message}")
         for key, message in other_plugins(config, registry):
             warn(f"{lines.where(f'plugins.{key}')}: plugins.{key}: {message}")
+        length = make_task(config, registry, source).train_sequence_length
+        unused = None if config.model.kind != "psm" or length is None else \
+            unused_aggregator_message([config.model.chunk_size], *length)
+        if unused:
+            origin = _origin("model.chunk_size", overrides, lines)
+            warn(f"{origin}: {unused}" if origin.startswith("--set") else f"{origin}: model.chunk_size: {unused}")
     return config
 
 

@@ -9,7 +9,7 @@ import yaml
 
 TINY_SPACE: dict[str, Any] = {
     "name": "tiny",
-    "task": {"name": "group", "group": "Z5", "train_length": 8, "eval_max_multiple": 2, "eval_samples": 16, "curriculum": False},
+    "task": {"name": "group", "group": "Z5", "train_length": 9, "eval_max_multiple": 2, "eval_samples": 16, "curriculum": False},
     "model": {
         "kind": "psm",
         "d_model": 16,

@@ -244,6 +244,23 @@ def test_a_test_set_objective_is_warned_before_anything_runs(tmp_path: Path) -> 
     assert "optimise 'acc_2x' and report 'test_acc_2x' instead" in output
 
 
+def test_chunk_sizes_that_train_no_aggregator_are_warned_before_anything_runs(tmp_path: Path) -> None:
+    """At train_length 9, c = 8 leaves 2 chunks: no prefix needs the aggregator, so those trials
+    compared aggregators that were never called (a walkthrough's bit-identical results)."""
+    space = copy.deepcopy(TINY_SPACE)
+    space["model"]["chunk_size"] = {"choice": [1, 5, 2, 8]}
+    path = tmp_path / "wide-chunks.yaml"
+    text = yaml.safe_dump(space, sort_keys=False)
+    path.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "chunk_size" in row)
+    (tmp_path / "a-file").write_text("")
+    unreachable = f"sqlite:///{tmp_path / 'a-file' / 'y.db'}"  # stops the search right after loading the space
+    output = " ".join(_run(["search", str(path), "--storage", unreachable]).output.split())
+    assert (f"warning: {path}:{line}: model.chunk_size: chunk sizes 5, 8 leave fewer than 3 chunks in a training "
+            "sequence of 9 tokens (task.train_length), so the aggregator is never called in training") in output
+    assert "chunk sizes up to 4 give 3 chunks or more" in output
+
+
 def test_missing_file(tmp_path: Path) -> None:
     _assert_clean_error(_run(["search", str(tmp_path / "nope.yaml")]), ["no such file", "nope.yaml"])
 

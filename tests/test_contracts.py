@@ -243,7 +243,58 @@ class _NarrowOutput(AttentionHead):
         return super().forward(prefix, f)[..., :-1]
 
 
+class _DropsInEval(MLPAggregator):
+    """``F.dropout(x, p)`` without ``training=self.training``: it drops in eval() mode too."""
+
+    name = "zz_drops_in_eval"
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(super().forward(older, newer), 0.1)
+
+
+class _NoisyFeatures(EmbedEncoder):
+    name = "zz_noisy_features"
+
+    def features(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        f = super().features(x, offset)
+        return f + 0.01 * torch.randn_like(f)
+
+
+class _NoisyHead(AttentionHead):
+    name = "zz_noisy_head"
+
+    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        y = super().forward(prefix, f)
+        return y + 0.01 * torch.randn_like(y)
+
+
+class _ReturnsFloat64(MLPAggregator):
+    """A ``.double()`` left on the result: the head that reads it failed with "mixed dtype"."""
+
+    name = "zz_returns_float64"
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        return super().forward(older, newer).double()
+
+
+class _ReturnsFloat32(MLPAggregator):
+    """A ``.float()`` on the result: harmless in float32, it rounds every float64 result."""
+
+    name = "zz_returns_float32"
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        return super().forward(older, newer).float()
+
+
 @pytest.mark.parametrize(("cls", "check", "evidence"), [
+    (_DropsInEval, "_aggregator_deterministic", "two calls of agg(older, newer) (forward at "),
+    (_DropsInEval, "_aggregator_deterministic", "F.dropout(x, p) without training=self.training"),
+    (_NoisyFeatures, "_encoder_deterministic", "two calls of features(x) (features at "),
+    (_NoisyHead, "_head_deterministic", "two calls of head(prefix, f) (forward at "),
+    (_ReturnsFloat64, "_aggregator_shapes", "returned float64 on cpu, the chunk states are float32 on cpu: an "
+                                            "aggregator must keep its inputs' dtype and device"),
+    (_ReturnsFloat32, "_aggregator_gradients", "agg(older, newer): in float64 (inputs and parameters) it returned "
+                                               "torch.float32, so its derivative cannot be checked"),
     (_MixesTokens, "_encoder_token_local", "features of token 0 alone (offset=0) differ from the whole chunk's"),
     (_PromisesOtherShape, "_encoder_shapes", "state_shape promises"),
     (_MixesPairs, "_aggregator_scan_paths", "tree and sequential prefixes differ"),
@@ -260,3 +311,17 @@ def test_each_check_without_a_failing_fixture_above_catches_its_bug(registry, cl
     with pytest.raises(testing.ContractViolation) as caught:
         getattr(testing, check)(testing._assemble(cls, registry, seed=0))
     assert evidence in str(caught.value)
+
+
+def test_failures_after_a_failed_determinism_check_point_back_to_it(registry) -> None:
+    """A component that draws random numbers fails every check that compares two computations, each
+    message pointing elsewhere (a mixed batch, a buffer left uninitialised); each now says to fix the
+    determinism first."""
+    results = check_component(_DropsInEval, registry)
+    failed = [r for r in results if not r.passed]
+    assert failed[0].check == "deterministic"
+    assert len(failed) >= 3 and {"tree_equals_online", "batch_independent"} <= {r.check for r in failed}
+    assert all(r.message.endswith("(this component is not deterministic, see 'deterministic': fix that first)")
+               for r in failed[1:])
+    deterministic = check_component(MLPAggregator, registry)
+    assert all(r.passed for r in deterministic) and deterministic[1].check == "deterministic"

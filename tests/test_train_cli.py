@@ -18,7 +18,7 @@ from psmsearch.trial import TrialConfig, load_trial_config, metric_directions, r
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
 TINY = {
-    "task": {"name": "group", "group": "Z5", "train_length": 4, "eval_max_multiple": 2, "eval_samples": 16},
+    "task": {"name": "group", "group": "Z5", "train_length": 6, "eval_max_multiple": 2, "eval_samples": 16},
     "model": {
         "kind": "psm", "d_model": 16, "chunk_size": 2,
         "aggregator": {"name": "attention", "layers": 1, "heads": 2}, "head": {"name": "attention", "layers": 1, "heads": 2},
@@ -448,3 +448,38 @@ def test_validation_reports_a_rejected_argument_and_leaves_other_constructor_fai
     validate_model_config(ModelConfig(d_model=16, chunk_size=2, aggregator="buildfails"))  # the trial reports it
     with pytest.raises(ConfigError, match=r"model.aggregator: mlp_ratio 4 needs d_model >= 64$"):
         validate_model_config(ModelConfig(d_model=16, chunk_size=2, aggregator="rejects"))
+
+
+def test_a_chunk_size_that_leaves_under_3_chunks_warns_that_the_aggregator_is_never_trained(tmp_path: Path) -> None:
+    """With 1 or 2 chunks per training sequence no prefix needs agg (p_1 is x_0 itself): the aggregator's
+    parameters got no gradient, silently, and trials differing only in it trained the same function."""
+    path = write(tmp_path, TINY)
+    warnings: list[str] = []
+    load_trial_config(path, ["model.chunk_size=3"], warn=warnings.append)
+    assert warnings == ["--set model.chunk_size: chunk size 3 leaves fewer than 3 chunks in a training sequence of 6 "
+                        "tokens (task.train_length), so the aggregator is never called in training (it first combines "
+                        "chunks 0 and 1, for the prefix of chunk 2): its parameters get no gradient, and trials that "
+                        "differ only in the aggregator compute the same function; chunk sizes up to 2 give 3 chunks or "
+                        "more"]
+    warnings.clear()
+    load_trial_config(path, warn=warnings.append)  # chunk_size 2: three chunks
+    assert warnings == []
+
+
+@pytest.mark.parametrize("length", range(1, 14))
+def test_the_unused_aggregator_rule_matches_the_calls_a_layer_makes(length: int) -> None:
+    """Against an independent count: the aggregator calls of a real layer's training pass."""
+    import torch
+
+    from psmsearch.composer import PSMLayer
+    from psmsearch.config import ModelConfig
+    from psmsearch.trial import unused_aggregator_message
+
+    for chunk_size in range(1, length + 1):
+        layer = PSMLayer.from_config(ModelConfig(d_model=8, chunk_size=chunk_size, encoder="embed", aggregator="mlp",
+                                                 head={"name": "attention", "heads": 2}))
+        calls = []
+        layer.aggregator.register_forward_hook(lambda module, args, out: calls.append(1))
+        layer(torch.randn(1, length, 8), scan_mode="tree")
+        warned = unused_aggregator_message([chunk_size], length, "train_length") is not None
+        assert warned == (not calls), (length, chunk_size, len(calls))
