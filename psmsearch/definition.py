@@ -5,7 +5,8 @@ definition of a search is its resolved space, flattened to ``{field path: value}
 template with every default filled in (the trial schema's, each task's and each component's
 declared ones), each search dimension as it draws (``{choice: [...]}``, ``{float: [lo, hi], log:
 true}``), the component choices with each option's hyperparameters, the objectives and how trials
-are sampled and pruned (``driver.seed``, ``sampler``, ``pruner``, ``startup_trials``).
+are sampled and pruned (``driver.seed``, ``sampler``, ``pruner``, ``startup_trials``,
+``pruner_warmup_steps``).
 
 Left out, because they change neither how a trial is trained nor how the next one is drawn, are
 :data:`RESUMABLE_FIELDS`: the space's name and description, how many trials run, how many at once,

@@ -198,7 +198,8 @@ def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
     settings = space.header.driver
     if settings.pruner == "none" or len(space.objectives) > 1:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=0)
+    return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
+                                       n_warmup_steps=settings.pruner_warmup_steps)
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:

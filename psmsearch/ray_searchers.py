@@ -92,8 +92,21 @@ def _scheduler(space: SearchSpace) -> Any:
     objective = space.objectives[0]
     return startup_asha(
         settings.startup_trials, metric=objective.metric, mode="max" if objective.direction == "maximize" else "min",
-        max_t=_max_reports(space), grace_period=1, reduction_factor=3, stop_last_trials=False,
+        max_t=_max_reports(space), grace_period=_grace_reports(space), reduction_factor=3, stop_last_trials=False,
     )
+
+
+def _grace_reports(space: SearchSpace) -> int:
+    """The first report ASHA may stop a trial at: the first evaluation at or after ``driver.pruner_warmup_steps``
+    (evaluations every ``train.eval_every`` steps; where that is searched, its smallest value counts)."""
+    warmup = space.header.driver.pruner_warmup_steps
+    if warmup == 0:
+        return 1
+    every: Any = space.template.get("train", {}).get("eval_every", 200)
+    searched = next((dim for dim in space.dimensions() if dim.path == "train.eval_every"), None)
+    if searched is not None:  # reports come fastest at the shortest interval: no trial may be stopped earlier
+        every = min(searched.choices) if searched.kind == "choice" else searched.low
+    return max(1, math.ceil(warmup / max(1, int(every))))
 
 
 def startup_asha(startup_trials: int, **asha: Any) -> Any:

@@ -39,6 +39,7 @@ class DriverSettings(BaseModel):
     sampler: Literal["tpe", "random", "nsga2", "grid"] = "tpe"
     pruner: Literal["median", "none"] = "median"
     startup_trials: int = Field(4, ge=0, description="trials before TPE and pruning kick in")
+    pruner_warmup_steps: int = Field(0, ge=0, description="training steps before which no evaluation prunes a trial")
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     address: str | None = None

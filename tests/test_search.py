@@ -404,6 +404,44 @@ def test_a_pruned_trial_shows_its_last_evaluation_in_optuna_mlflow_the_summary_a
         assert compare_rows[run.info.run_id]["objectives"]["score"] == pytest.approx(first_evaluation)
 
 
+def test_no_evaluation_before_the_pruner_warmup_prunes_a_trial(tmp_path: Path) -> None:
+    """``driver.pruner_warmup_steps``: the step-3 evaluation (inside the warmup of 4) of the weaker trial
+    may not prune it, the step-6 one does. Without it the median pruner stopped trials at their first
+    evaluation, inside the learning-rate warmup, with no way to wait."""
+    space = write_space(
+        tmp_path,
+        task={"name": "scripted_score", "train_length": 9, "eval_max_multiple": 2, "eval_samples": 16, "curriculum": False,
+              "quality": {"choice": [0.2, 0.8]}},
+        model={**TINY_SPACE["model"], "chunk_size": 2, "aggregator": {"name": "mlp", "mlp_ratio": 1}},
+        objectives=[{"metric": "score", "direction": "maximize"}],
+        driver={"trials": 4, "startup_trials": 1, "pruner": "median", "sampler": "random", "seed": 0,
+                "pruner_warmup_steps": 4},
+    )
+    result = run_cli("--plugin", str(FIXTURES / "scripted_score.py"), "search", str(space), "--json", "--no-progress",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pruned = [t for t in optuna_trials(tmp_path / "psmsearch.db") if t.state == TrialState.PRUNED]
+    assert pruned and all(t.params["task.quality"] == 0.2 for t in pruned)
+    assert all(t.user_attrs["metrics"]["score"] == pytest.approx(0.4) for t in pruned)  # its second evaluation
+    assert all(t.user_attrs["reason"].startswith("pruned at step 6 ") for t in pruned), [t.user_attrs for t in pruned]
+
+
+def test_ray_asha_waits_for_the_pruner_warmup_in_evaluations() -> None:
+    """ASHA counts reports (one per evaluation), so the warmup in steps becomes the first evaluation at
+    or after it; a searched eval_every counts at its shortest interval."""
+    from psmsearch.ray_searchers import _grace_reports
+    from psmsearch.space import space_from_data
+    from psmsearch.yamlio import SourceMap
+
+    def grace(warmup: int, eval_every: object) -> int:
+        data = {**TINY_SPACE, "train": {**TINY_SPACE["train"], "eval_every": eval_every},
+                "driver": {**TINY_SPACE["driver"], "pruner_warmup_steps": warmup}}
+        return _grace_reports(space_from_data(data, SourceMap("space.yaml", {}), smoke_samples=1))
+
+    assert [grace(0, 3), grace(3, 3), grace(4, 3), grace(7, 3)] == [1, 1, 2, 3]
+    assert grace(4, {"choice": [3, 2]}) == 2 and grace(5, {"int": [2, 4]}) == 3
+
+
 def test_a_new_study_in_a_recreated_storage_gets_its_own_parent_run(tmp_path: Path) -> None:
     """Deleting the Optuna database and searching again is a new search: its trials must not join
     the old search's parent run (trial names would repeat and compare would mix the two)."""
