@@ -217,7 +217,10 @@ def execute_trial(
     except TrialDiverged as err:
         outcome = TrialOutcome(number, "failed", {}, dict(params), error=str(err), run_id=run_id)
     except KeyboardInterrupt:
-        _close(tracker, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": "interrupted by the user"})
+        # its run's latest metrics are those of its last evaluation: say which step they are from
+        reason = (f"interrupted by the user after step {history[-1][0]}; the values shown are that evaluation's"
+                  if history else "interrupted by the user before its first evaluation")
+        _close(tracker, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": reason})
         raise
     except TrialPhaseError as err:  # the phase and place are named; what it measured before is kept
         outcome = TrialOutcome(number, "failed", err.metrics, dict(params), error=str(err), run_id=run_id)

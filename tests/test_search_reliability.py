@@ -168,7 +168,19 @@ def test_resume_after_the_search_process_is_killed(tmp_path: Path, sig: signal.S
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert [int(r.data.tags["psmsearch.trial"]) for r in killed] == [interrupted.number]
     assert killed[0].data.tags["psmsearch.status"] == "interrupted"
+    if sig != signal.SIGKILL:  # its latest metrics are its last evaluation's: compare shows them, so the step is named
+        error = killed[0].data.tags["psmsearch.error"]
+        evaluated = client_history_steps(tmp_path / "mlflow.db", killed[0].info.run_id)
+        assert error == (f"interrupted by the user after step {max(evaluated)}; the values shown are that evaluation's"
+                         if evaluated else "interrupted by the user before its first evaluation"), error
     assert len([r for r in mlflow_runs(tmp_path / "mlflow.db") if r.data.tags.get("psmsearch.kind") == "search"]) == 1
+
+
+def client_history_steps(db: Path, run_id: str) -> list[int]:
+    """The steps at which the run logged its evaluation metrics (acc_2x, the objective)."""
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(f"sqlite:///{db}").get_metric_history(run_id, "acc_2x")]
 
 
 SIGNALS_TWICE = """
