@@ -20,7 +20,7 @@ from torch import nn
 from psmsearch import states as S
 from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
 from psmsearch.config import ComponentSpec, ModelConfig
-from psmsearch.errors import ConfigError, HyperParameterError, IncompatibleComponentsError, PSMSearchError
+from psmsearch.errors import ConfigError, HyperParameterError, IncompatibleComponentsError, PSMSearchError, where_raised
 from psmsearch.registry import Registry, get_registry
 from psmsearch.scan import OnlineScan, check_mode, checked_initial_state, prefix_scan
 
@@ -55,6 +55,14 @@ def _build(registry: Registry, kind: str, spec: ComponentSpec, context: Componen
         return info.cls(context, **spec.params)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err), field=f"model.{kind}") from None
+    except AssertionError as err:  # an assert on the arguments (torch's MultiheadAttention: heads must divide the width)
+        raise ConfigError(_failed_assertion(err), field=f"model.{kind}") from None
+
+
+def _failed_assertion(err: AssertionError) -> str:
+    """``AssertionError: MESSAGE (at FILE:LINE in FUNCTION)``: a bare ``assert`` has no message, so its line says
+    what was checked."""
+    return f"AssertionError{': ' + str(err) if str(err) else ''}{where_raised(err)}"
 
 
 class PSMLayer(nn.Module):
@@ -327,8 +335,8 @@ def validate_model_config(config: ModelConfig, registry: Registry | None = None)
     """Check names, hyperparameters and compatibility, and build the layer on the meta device.
 
     Raises a :class:`PSMSearchError` naming the field, the value and what is allowed. A component
-    that rejects its arguments (``ValueError``, ``TypeError``) makes a configuration error with its
-    message. Any other exception in a constructor (a plugin's bug, or an operation the meta
+    that rejects its arguments (``ValueError``, ``TypeError``, or a failed ``assert``, as torch's own
+    modules check theirs) makes a configuration error with its message. Any other exception in a constructor (a plugin's bug, or an operation the meta
     device lacks) is not the configuration's fault: it is left to the trial, whose "building the
     model" phase reports it with its plugin line (``train`` exits 1, a search fails that trial only).
     """
@@ -358,5 +366,7 @@ def validate_model_config(config: ModelConfig, registry: Registry | None = None)
             raise
         except (ValueError, TypeError) as err:  # a component rejecting its arguments
             raise ConfigError(f"{type(err).__name__}: {err}", field="model") from None
+        except AssertionError as err:  # an assert on them
+            raise ConfigError(_failed_assertion(err), field="model") from None
         except Exception:  # noqa: BLE001, S110 - not the configuration's fault: see the docstring
             pass

@@ -639,6 +639,9 @@ def _config_error(err: ValidationError, source: str) -> ConfigError:
     if first["type"] == "extra_forbidden":
         parent = model_at(TrialConfig, loc[:-1])
         message = unknown_field_message(loc[-1], list(parent.model_fields) if parent else [])
+        if parent is ComponentSpec:  # a component written {name, params: {...}} takes its hyperparameters under params
+            message += (f" Its hyperparameters go under params: {'.'.join([*loc[:-1], 'params', loc[-1]])} "
+                        "(this component is written with a params mapping, as a search trial's config is)")
     elif first["type"] == "missing":
         message = "this field is required"
     else:

@@ -425,3 +425,35 @@ def test_bad_scan_arguments_are_refused_whatever_the_sequence_length(length: int
     with pytest.raises(PSMSearchError, match="head 'attention' has no fused training path"):
         layer(x, fused=True)
     assert layer(x, scan_mode="tree").shape == (2, length, 8)
+
+
+def test_a_constructor_assert_on_its_arguments_is_a_configuration_error(tmp_path) -> None:
+    """torch's MultiheadAttention checks its width with ``assert``: a plugin built on it with heads that do
+    not divide d_model failed only at trial time ("building the model"), where built-in components
+    are refused before anything trains."""
+    from psmsearch.registry import load_registry
+
+    plugin = tmp_path / "mha_agg.py"
+    plugin.write_text(
+        "import torch\n"
+        "from psmsearch import Aggregator, HyperParameter, hookimpl\n\n"
+        "class MHA(Aggregator):\n"
+        "    name = 'zz_mha'\n"
+        "    state_kind = 'tokens'\n"
+        "    hyperparameters = (HyperParameter('heads', 'int', 2, low=1, high=8),)\n\n"
+        "    def __init__(self, context, **hparams):\n"
+        "        super().__init__(context, **hparams)\n"
+        "        self.attn = torch.nn.MultiheadAttention(context.d_model, self.hparams['heads'])\n\n"
+        "    def forward(self, older, newer):\n"
+        "        return newer\n\n"
+        "    def initial_state(self, batch_shape):\n"
+        "        raise NotImplementedError\n\n"
+        "@hookimpl\n"
+        "def register_aggregators(register):\n"
+        "    register(MHA)\n"
+    )
+    registry = load_registry(extra_plugins=[str(plugin)])
+    with pytest.raises(ConfigError, match=r"^model\.aggregator: AssertionError: embed_dim must be divisible by num_heads "
+                                          r"\(at .*mha_agg\.py:11 in __init__\)"):
+        validate_model_config(ModelConfig(d_model=30, aggregator={"name": "zz_mha", "heads": 4}), registry)
+    validate_model_config(ModelConfig(d_model=32, aggregator={"name": "zz_mha", "heads": 4}), registry)

@@ -483,3 +483,14 @@ def test_the_unused_aggregator_rule_matches_the_calls_a_layer_makes(length: int)
         layer(torch.randn(1, length, 8), scan_mode="tree")
         warned = unused_aggregator_message([chunk_size], length, "train_length") is not None
         assert warned == (not calls), (length, chunk_size, len(calls))
+
+
+def test_a_flat_set_on_a_component_written_with_params_points_under_params(tmp_path: Path) -> None:
+    """A trial's recorded config writes {name, params: {...}}; ``--set model.aggregator.heads=1`` then said only
+    "unknown field 'heads'; allowed: name, params"."""
+    nested = {**TINY, "model": {**TINY["model"], "aggregator": {"name": "attention", "params": {"layers": 1, "heads": 2}}}}
+    path = write(tmp_path, nested)
+    with pytest.raises(ConfigError, match=r"^--set model\.aggregator\.heads: unknown field 'heads'; allowed: name, "
+                                          r"params\. Its hyperparameters go under params: model\.aggregator\.params\.heads"):
+        load_trial_config(path, ["model.aggregator.heads=1"])
+    assert load_trial_config(path, ["model.aggregator.params.heads=1"]).model.aggregator.params["heads"] == 1
