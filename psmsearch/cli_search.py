@@ -14,7 +14,7 @@ from psmsearch import jsonout
 from psmsearch.errors import ConfigError
 from psmsearch.report import TrialRow, fixed_differences, format_param, objectives_from_parent, rank, rows_from_runs
 from psmsearch.report_plots import write_plots
-from psmsearch.search import SearchOptions
+from psmsearch.search import SearchOptions, repeated_trials_note
 from psmsearch.search_picking import PickedSearch, label_searches, others_line, pick_search, refuse_repeats
 from psmsearch.space import Objective
 
@@ -91,6 +91,9 @@ def search(space_file: Path, driver: str | None, trials: int | None, jobs: int |
         for row in ranked:
             if row.error and row.status != "failed":  # a failure's error went to stderr once, as it happened
                 click.echo(f"{row.name} {row.status}: {row.error}")
+    repeats = repeated_trials_note(result.outcomes, space)
+    if repeats:
+        click.echo(f"note: {repeats}", err=True)
     if result.outcomes and not any(o.state == "complete" for o in result.outcomes):
         click.echo(f"error: {none_completed(result, tracking_uri)}", err=True)
         sys.exit(1)

@@ -15,11 +15,11 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from psmsearch.errors import ConfigError
+from psmsearch.errors import ConfigError, PSMSearchError
 from psmsearch.registry import Registry
 from psmsearch.space import SearchSpace
 from psmsearch.tracking import ParamsRefused, Tracker, absolute_uri, check_tracking_uri, default_tracking_uri
@@ -58,6 +58,36 @@ class TrialOutcome:
     params: dict[str, Any]
     error: str = ""
     run_id: str | None = None
+
+
+def repeated_trials_note(outcomes: Sequence[TrialOutcome], space: SearchSpace) -> str | None:
+    """Which trials drew the parameters of an earlier completed trial again, or None where none did.
+
+    A trial's training is a function of its parameters (its seed among them), so such a repeat
+    spends its budget on a result the search already holds; samplers such as TPE draw repeats
+    readily in small spaces of choices. Says how many distinct configurations a space of choices
+    has and that ``sampler: grid`` trains each once.
+    """
+    first_complete: dict[str, int] = {}
+    repeats: list[tuple[int, int]] = []
+    for outcome in sorted(outcomes, key=lambda o: o.number):
+        key = repr(sorted((k, str(v)) for k, v in outcome.params.items()))
+        if key in first_complete:
+            repeats.append((outcome.number, first_complete[key]))
+        elif outcome.state == "complete":
+            first_complete[key] = outcome.number
+    if not repeats:
+        return None
+    pairs = ", ".join(f"trial {number} those of trial {earlier}" for number, earlier in repeats)
+    note = (f"{len(repeats)} trial{'s' if len(repeats) > 1 else ''} drew the parameters of an earlier completed "
+            f"trial again ({pairs}): a trial's training follows from its parameters, seed included, so a repeat adds "
+            "no result")
+    try:
+        points = math.prod(len(values) for values in space.grid().values())
+    except PSMSearchError:
+        return note
+    return (f"{note}; this space has {points} distinct configuration{'s' if points != 1 else ''}, and "
+            "driver.sampler: grid trains each once")
 
 
 def objective_problem(space: SearchSpace, metrics: Mapping[str, float]) -> str | None:

@@ -426,6 +426,29 @@ def test_no_evaluation_before_the_pruner_warmup_prunes_a_trial(tmp_path: Path) -
     assert all(t.user_attrs["reason"].startswith("pruned at step 6 ") for t in pruned), [t.user_attrs for t in pruned]
 
 
+def test_a_trial_that_repeats_a_completed_ones_parameters_is_noted(tmp_path: Path) -> None:
+    """TPE on a small space of choices drew trained configurations again (a walkthrough's 5 trials held 3
+    distinct ones, each pair bit-identical): the search now says which, and how many distinct ones there are."""
+    from psmsearch.search import TrialOutcome, repeated_trials_note
+    from psmsearch.space import load_space
+
+    space = write_space(tmp_path, model={**TINY_SPACE["model"], "chunk_size": {"choice": [2]},
+                                         "aggregator": {"name": "mlp", "mlp_ratio": 1}},
+                        driver={"trials": 2, "startup_trials": 1, "pruner": "none"})
+    result = run_cli("search", str(space), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("note: 1 trial drew the parameters of an earlier completed trial again (trial 1 those of trial 0): a "
+            "trial's training follows from its parameters, seed included, so a repeat adds no result; this space has "
+            "1 distinct configuration, and driver.sampler: grid trains each once") in " ".join(result.stderr.split())
+
+    outcome = lambda number, state, chunk: TrialOutcome(number, state, {}, {"model.chunk_size": chunk})  # noqa: E731
+    loaded = load_space(space)
+    assert repeated_trials_note([outcome(0, "failed", 2), outcome(1, "complete", 2), outcome(2, "pruned", 4)],
+                                loaded) is None  # a failed trial's parameters may be drawn again
+    note = repeated_trials_note([outcome(3, "complete", 2), outcome(0, "complete", 2), outcome(1, "pruned", 2)], loaded)
+    assert note is not None and "(trial 1 those of trial 0, trial 3 those of trial 0)" in note
+
+
 def test_ray_asha_waits_for_the_pruner_warmup_in_evaluations() -> None:
     """ASHA counts reports (one per evaluation), so the warmup in steps becomes the first evaluation at
     or after it; a searched eval_every counts at its shortest interval."""
