@@ -674,3 +674,42 @@ def test_fixed_differences_name_settings_two_searches_held_at_different_values()
                            "search.model.encoder-affine-diag": "gla", "model.encoder": "gla",
                            "metrics.memory_lengths": "[1024]"})]
     assert fixed_differences(rows) == {}
+
+
+def test_bars_of_values_close_together_get_a_zoomed_axis_and_their_values_written() -> None:
+    """bpc 4.494 against 4.567 looked equal on an axis from 0 (a walkthrough's plot); the axis now starts
+    near the values and says so, and each bar carries its value. Values far apart keep the axis from 0."""
+    objectives = [Objective(metric="bpc", direction="minimize")]
+    ax = figure_axes([(0.0, 4.494), (0.0, 4.567), (0.0, 4.498)], objectives)
+    low, high = ax.get_ylim()
+    assert 4.4 < low < 4.494 and 4.567 < high < 4.7
+    assert ax.get_ylabel() == "bpc (minimize), axis not from 0"
+    assert sorted(text.get_text() for text in ax.texts) == ["4.494", "4.498", "4.567"]
+    wide = figure_axes([(0.0, 0.2), (0.0, 0.99)], [Objective(metric="acc_4x", direction="maximize")])
+    assert wide.get_ylim()[0] <= 0 and wide.get_ylabel() == "acc_4x (maximize)"
+
+
+def test_a_label_is_not_placed_against_another() -> None:
+    """Two labels side by side abutted and read as one ("trial 1: xattn_gate c=16trial 4: mlp c=16", a
+    walkthrough's plot): here a second label whose first choice of side would start 1 point after the
+    first label ends must go elsewhere."""
+    from psmsearch.report_plots import LABEL_OFFSET_POINTS, _place_label
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken: list[Any] = []
+    assert _place_label(ax, (0.05, 0.5), "trial 1: xattn_gate c=16", taken, renderer)
+    first = ax.texts[0].get_window_extent(renderer)
+    points = fig.dpi / 72
+    start = first.x1 + 1 * points - LABEL_OFFSET_POINTS * points  # display x of a point whose label would start there
+    second_point = ax.transData.inverted().transform((start, ax.transData.transform((0.05, 0.5))[1]))
+    assert second_point[0] < 0.5  # its label's first choice is to the right, at the same height
+    _place_label(ax, tuple(second_point), "trial 4: mlp c=16", taken, renderer)
+    if len(ax.texts) == 2:
+        second = ax.texts[1].get_window_extent(renderer)
+        horizontal = max(first.x0, second.x0) - min(first.x1, second.x1)
+        vertical = max(first.y0, second.y0) - min(first.y1, second.y1)
+        assert max(horizontal, vertical) >= 2 * points, (first, second)
