@@ -144,8 +144,13 @@ class ByteLM(Task):
     def _missing_file(self) -> ConfigError:
         path = resolve_text_path(self.settings["path"])
         if path.is_dir():
-            problem = f"is a directory ({path})"
-        elif Path(self.settings["path"]).expanduser().is_absolute():
+            return ConfigError(
+                f"text file {self.settings['path']!r} is a directory ({path}); task.path takes one text file, whose "
+                "last val_fraction is held out; a folder of split files (train, valid or validation, and test: "
+                ".txt, .raw or .tokens) goes in task.dataset instead",
+                field="task.path",
+            )
+        if Path(self.settings["path"]).expanduser().is_absolute():
             problem = "not found"
         else:
             repo_root = Path(__file__).resolve().parent.parent

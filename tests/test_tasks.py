@@ -349,7 +349,9 @@ def test_lm_metrics_of_a_uniform_model() -> None:
 def test_lm_missing_file_and_dataset_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"task\.path.*no/such\.txt"):
         ByteLM(path="no/such.txt").check()
-    with pytest.raises(ConfigError, match=rf"task\.path: text file '{tmp_path}' is a directory"):
+    with pytest.raises(ConfigError, match=rf"task\.path: text file '{tmp_path}' is a directory \(.*\); task\.path "
+                                          r"takes one text file, .*; a folder of split files \(train, valid or "
+                                          r"validation, and test: \.txt, \.raw or \.tokens\) goes in task\.dataset"):
         ByteLM(path=str(tmp_path)).check()  # was "not found", which sent the user looking for a missing file
     with pytest.raises(ConfigError, match=rf"no/such\.txt' not found \(tried {re.escape(str(Path.cwd()))}, the "
                                           r"repository root\)" if Path.cwd() != REPO_ROOT else
