@@ -22,7 +22,7 @@ from psmsearch.components import Aggregator, ComponentContext, Encoder, Head
 from psmsearch.config import ComponentSpec, ModelConfig
 from psmsearch.errors import ConfigError, HyperParameterError, IncompatibleComponentsError, PSMSearchError, where_raised
 from psmsearch.registry import Registry, get_registry
-from psmsearch.scan import OnlineScan, check_mode, checked_initial_state, prefix_scan
+from psmsearch.scan import OnlineScan, autocast_on, check_mode, checked_initial_state, prefix_scan
 
 
 def check_compatible(registry: Registry, encoder: str, aggregator: str, head: str) -> None:
@@ -157,8 +157,8 @@ class PSMLayer(nn.Module):
         if x.device != first.device:
             raise ValueError(f"{where}: x is on {x.device}, the layer's parameters on {first.device}; "
                              "move one to the other")
-        if (x.dtype != first.dtype and not torch.is_autocast_enabled(x.device.type)
-                and x.dtype not in {p.dtype for p in self.parameters()}):
+        if (x.dtype != first.dtype and x.dtype not in {p.dtype for p in self.parameters()}
+                and not autocast_on(x.device.type)):
             raise ValueError(f"{where}: x is {x.dtype}, the layer's parameters {first.dtype}; "
                              f"cast x (x.to({first.dtype})) or the layer")
 
@@ -207,10 +207,13 @@ class PSMLayer(nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, T, d]
 
     def initial_prefix(self, batch: int) -> S.State:
-        """The aggregator's ``initial_state((batch,))``, checked against the encoder's ``state_shape``."""
+        """The aggregator's ``initial_state((batch,))``, checked against the encoder's ``state_shape`` and,
+        where the encoder has floating parameters, their dtype and device (those of the chunk states it
+        makes): it is the prefix the head reads first, before any chunk state exists to compare with."""
         shape = self.encoder.state_shape
         shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
-        return checked_initial_state(self.aggregator, (batch,), [(batch, *s) for s in shapes])
+        like = next((p for p in self.encoder.parameters() if p.is_floating_point()), None)
+        return checked_initial_state(self.aggregator, (batch,), [(batch, *s) for s in shapes], like=like)
 
     def stream(self, batch_size: int) -> "LayerStream":
         """A fresh streaming state for ``batch_size`` sequences."""

@@ -23,16 +23,19 @@ _CAUSES = ("in eval() mode; a random op in it (torch.randn*, torch.rand*, torch.
 
 
 def _largest_difference(first: Any, second: Any) -> float:
-    """The largest element-wise difference of two states, NaN where both are NaN counting as equal."""
+    """The largest element-wise difference of two states; equal elements (infinities included) and
+    elements NaN in both count as no difference, any other NaN or infinity as an infinite one."""
     largest = 0.0
     for x, y in zip(S.leaves(first), S.leaves(second)):
         x, y = x.detach(), y.detach()
         if x.shape != y.shape:
             return float("inf")
-        both_nan = torch.isnan(x) & torch.isnan(y) if x.is_floating_point() else torch.zeros_like(x, dtype=torch.bool)
-        diff = (x.double() - y.double()).abs().masked_fill(both_nan, 0.0)
+        same = x == y
+        if x.is_floating_point():
+            same |= torch.isnan(x) & torch.isnan(y)
+        diff = (x.double() - y.double()).abs().masked_fill(same, 0.0)
         if diff.numel():
-            largest = max(largest, float(diff.nan_to_num(nan=float("inf")).max()))
+            largest = max(largest, float(diff.nan_to_num(nan=float("inf"), posinf=float("inf")).max()))
     return largest
 
 

@@ -92,7 +92,8 @@ def _scheduler(space: SearchSpace) -> Any:
     objective = space.objectives[0]
     return startup_asha(
         settings.startup_trials, metric=objective.metric, mode="max" if objective.direction == "maximize" else "min",
-        max_t=_max_reports(space), grace_period=_grace_reports(space), reduction_factor=3, stop_last_trials=False,
+        max_t=_max_reports(space), grace_period=min(_grace_reports(space), _max_reports(space)), reduction_factor=3,
+        stop_last_trials=False,
     )
 
 

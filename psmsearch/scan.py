@@ -110,12 +110,14 @@ def _name_of(agg: Any) -> str:
 
 
 def checked_initial_state(agg: AggregatorLike, batch_shape: tuple[int, ...],
-                          want: list[tuple[int, ...]]) -> State:
-    """``agg.initial_state(batch_shape)``, refused unless its tensors have the shapes ``want``.
+                          want: list[tuple[int, ...]], like: Any = None) -> State:
+    """``agg.initial_state(batch_shape)``, refused unless its tensors have the shapes ``want`` and, where
+    ``like`` is given (a state, or a tensor standing for every leaf), its dtypes and devices.
 
     ``want`` is the shape of a chunk state with ``batch_shape`` in front (the head reads the initial
     state where it reads every other prefix). A plugin whose ``initial_state`` left out the batch
-    dims otherwise failed in the head, with a torch error blamed on the head's line.
+    dims, or made its state in another dtype, otherwise failed in the head, with a torch error blamed
+    on the head's line.
     """
     state = agg.initial_state(batch_shape)
     got = _leaf_shapes(state)
@@ -129,6 +131,15 @@ def checked_initial_state(agg: AggregatorLike, batch_shape: tuple[int, ...],
         )
         error.names_its_origin = bool(origin)
         raise error
+    if like is not None:
+        reference = S.tree_map(lambda _: like, state) if isinstance(like, torch.Tensor) else like
+        mismatch = _kind_mismatch(state, reference)
+        if mismatch:
+            origin = _component_origin(agg, "initial_state", (batch_shape,))
+            error = StateShapeError(f"aggregator {_name_of(agg)!r}{origin}: initial_state({batch_shape}) returned "
+                                    f"{mismatch}; it must return a state of the chunk states' dtype and device")
+            error.names_its_origin = bool(origin)
+            raise error
     return state
 
 
@@ -179,9 +190,18 @@ def _kind_mismatch(out: State, like: State) -> str:
         where = "" if isinstance(like, torch.Tensor) else f" in tensor {index} of the state"
         if got.device != want.device:
             return f"a tensor on {got.device}{where} for inputs on {want.device}"
-        if got.dtype != want.dtype and not torch.is_autocast_enabled(want.device.type):
+        if got.dtype != want.dtype and not autocast_on(want.device.type):
             return f"{got.dtype}{where} for inputs of {want.dtype}"
     return ""
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for a device type autocast does not know, as
+    ``meta``, for which ``torch.is_autocast_enabled`` raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def check_mode(mode: str) -> None:
@@ -198,15 +218,7 @@ def _with_initial(agg: AggregatorLike, prefixes: State | None, states: State) ->
     """Prepend ``initial_state`` (the prefix of chunk 0) to the prefixes of chunks 1..N-1 of ``states``."""
     batch_shape = _batch_shape(states)
     want = [batch_shape + tuple(leaf.shape[2:]) for leaf in S.leaves(states)]
-    initial = checked_initial_state(agg, batch_shape, want)
-    mismatch = _kind_mismatch(initial, states)  # dtype and device only
-    if mismatch:
-        origin = _component_origin(agg, "initial_state", (batch_shape,))
-        error = StateShapeError(f"aggregator {_name_of(agg)!r}{origin}: initial_state({batch_shape}) returned "
-                                f"{mismatch}; it must return a state of the chunk states' dtype and device")
-        error.names_its_origin = bool(origin)
-        raise error
-    first = S.unsqueeze(initial, 1)  # [B, 1, ...]
+    first = S.unsqueeze(checked_initial_state(agg, batch_shape, want, like=states), 1)  # [B, 1, ...]
     if prefixes is None:
         return first
     return S.cat([first, prefixes], dim=1)
@@ -341,6 +353,13 @@ def _check_own_scan(agg: AggregatorLike, prefixes: Any, states: State) -> None:
         )
         error.names_its_origin = bool(origin)
         raise error
+    mismatch = _kind_mismatch(prefixes, states)
+    if mismatch:
+        origin = _component_origin(agg, "scan", (states,))
+        error = StateShapeError(f"aggregator {_name_of(agg)!r}{origin}: scan returned {mismatch}; it must return "
+                                "the exclusive prefixes in the chunk states' dtype and device")
+        error.names_its_origin = bool(origin)
+        raise error
 
 
 def _append_total(agg: AggregatorLike, prefixes: State, states: State) -> State:
@@ -396,7 +415,7 @@ class OnlineScan:
                              f"shape {tuple(self.batch_shape)} (a new batch needs a new scan)")
         if self.count == 0:
             want = [tuple(leaf.shape) for leaf in S.leaves(state)]
-            checked_initial_state(self.agg, tuple(self.batch_shape), want)  # type: ignore[arg-type]
+            checked_initial_state(self.agg, tuple(self.batch_shape), want, like=state)  # type: ignore[arg-type]
         self.count += 1
         if self.associative:
             self.running = state if self.running is None else self._combine(self.running, state)

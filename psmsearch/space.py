@@ -29,8 +29,8 @@ from psmsearch.space_dimensions import (DIMENSION_HELP, DIMENSION_KEYS, DIMENSIO
                                         is_dimension, not_a_dimension, parse_dimension)
 # Ray experiments pickle the header models; those saved before the split name them psmsearch.space.<name>
 from psmsearch.space_header import NAME_PATTERN, DriverSettings, Objective, SpaceHeader, TrackingSettings
-from psmsearch.space_validation import (_chunk_sizes_without_aggregation, _contrary_directions, _pydantic_error,
-                                        _test_set_objectives,
+from psmsearch.space_validation import (_chunk_sizes_without_aggregation, _contrary_directions,
+                                        _pruner_warmup_past_training, _pydantic_error, _test_set_objectives,
                                         _validate_choice_types, _validate_components, _validate_model_kinds,
                                         _validate_objectives, smoke_sample, validate_sample)
 from psmsearch.yamlio import SourceMap, load_yaml
@@ -298,4 +298,5 @@ def space_from_data(data: Any, where: SourceMap, registry: Registry | None = Non
         space.warnings.extend(_contrary_directions(space, config))
         space.warnings.extend(_chunk_sizes_without_aggregation(space, config))
     space.warnings.extend(_test_set_objectives(space))
+    space.warnings.extend(_pruner_warmup_past_training(space))
     return space

@@ -58,11 +58,25 @@ def _chunk_sizes_without_aggregation(space: SearchSpace, sampled: Any) -> list[s
     if is_dimension(value):
         dim = parse_dimension("model.chunk_size", value, space.source)
         sizes = [c for c in dim.choices if isinstance(c, int)] if dim.kind == "choice" else \
-            list(range(int(dim.low), int(dim.high) + 1))
+            list(range(int(dim.low), int(dim.high) + 1, int(dim.step or 1)))  # what suggest_int can draw
     else:
         sizes = [value] if isinstance(value, int) else []
     message = unused_aggregator_message(sizes, *length)
     return [f"{space.source.where('model.chunk_size')}: model.chunk_size: {message}"] if message else []
+
+
+def _pruner_warmup_past_training(space: SearchSpace) -> list[str]:
+    """A ``driver.pruner_warmup_steps`` at or past ``train.steps``: no evaluation is ever early enough to
+    prune, so the pruner is in effect off (Ray's ASHA would not even start with such a grace period)."""
+    driver = space.header.driver
+    steps = space.template.get("train", {}).get("steps")
+    if driver.pruner != "median" or len(space.objectives) > 1 or not driver.pruner_warmup_steps:
+        return []
+    if not isinstance(steps, int) or driver.pruner_warmup_steps < steps:
+        return []
+    return [f"{space.source.where('driver.pruner_warmup_steps')}: driver.pruner_warmup_steps: "
+            f"{driver.pruner_warmup_steps} is not before train.steps {steps}, so no evaluation can prune a trial: "
+            "the median pruner is in effect off (pruner: none says so)"]
 
 
 def _model_kinds(model: dict[str, Any]) -> list[Any]:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from psmsearch import distributed as dist
 from psmsearch.composer import validate_model_config
 from psmsearch.config import KIND_FIELDS, ComponentSpec, ModelConfig, model_at, unknown_field_message, unread_model_field_message
-from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError, where_raised
+from psmsearch.errors import ConfigError, PSMSearchError, UnknownComponentError, suggest, where_raised
 from psmsearch.metrics import MetricsConfig, inference_metrics
 from psmsearch.plugin_digest import plugin_digest
 from psmsearch.registry import Registry, get_registry
@@ -187,8 +187,8 @@ def unused_aggregator_message(chunk_sizes: Sequence[int], length: int, length_fi
     aggregator, or None where every one leaves 3 or more.
 
     The aggregator first combines two chunk states for the prefix of the third chunk (``p_2 = x_0 x_1``;
-    ``p_1`` is ``x_0`` itself): with fewer chunks it is never called, its parameters get no gradient, and
-    trials that differ only in it compute the same function.
+    ``p_1`` is ``x_0`` itself): with fewer chunks it is never called, what it computes gets no gradient
+    (only ``initial_state`` is read), and trials that differ only in it train the same function.
     """
     unused = sorted({c for c in chunk_sizes if chunks_per_sequence(c, length) < 3})
     if not unused:
@@ -199,8 +199,9 @@ def unused_aggregator_message(chunk_sizes: Sequence[int], length: int, length_fi
     fix = f"chunk sizes up to {largest} give 3 chunks or more" if largest >= 1 else "no chunk size gives 3 chunks"
     return (f"{sizes} leave{'s' if len(unused) == 1 else ''} fewer than 3 chunks in a training sequence of {length} "
             f"tokens (task.{length_field}), so the aggregator is never called in training (it first combines chunks "
-            f"0 and 1, for the prefix of chunk 2): its parameters get no gradient, and trials that differ only in "
-            f"the aggregator compute the same function; {fix}")
+            f"0 and 1, for the prefix of chunk 2): what agg computes gets no gradient (only its initial_state, the "
+            f"prefix of chunk 0, is read), and trials that differ only in the aggregator train the same function; "
+            f"{fix}")
 
 
 def make_task(config: TrialConfig, registry: Registry | None = None, source: str | None = None) -> Task:
@@ -639,7 +640,8 @@ def _config_error(err: ValidationError, source: str) -> ConfigError:
     if first["type"] == "extra_forbidden":
         parent = model_at(TrialConfig, loc[:-1])
         message = unknown_field_message(loc[-1], list(parent.model_fields) if parent else [])
-        if parent is ComponentSpec:  # a component written {name, params: {...}} takes its hyperparameters under params
+        if parent is ComponentSpec and not suggest(loc[-1], list(parent.model_fields)):  # not a typo of name/params:
+            # a hyperparameter, which a component written {name, params: {...}} takes under params
             message += (f" Its hyperparameters go under params: {'.'.join([*loc[:-1], 'params', loc[-1]])} "
                         "(this component is written with a params mapping, as a search trial's config is)")
     elif first["type"] == "missing":

@@ -259,6 +259,10 @@ def test_chunk_sizes_that_train_no_aggregator_are_warned_before_anything_runs(tm
     assert (f"warning: {path}:{line}: model.chunk_size: chunk sizes 5, 8 leave fewer than 3 chunks in a training "
             "sequence of 9 tokens (task.train_length), so the aggregator is never called in training") in output
     assert "chunk sizes up to 4 give 3 chunks or more" in output
+    space["model"]["chunk_size"] = {"int": [2, 8], "step": 3}  # draws 2, 5, 8 only
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    output = " ".join(_run(["search", str(path), "--storage", unreachable]).output.split())
+    assert "model.chunk_size: chunk sizes 5, 8 leave fewer than 3 chunks" in output
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -457,3 +457,43 @@ def test_a_constructor_assert_on_its_arguments_is_a_configuration_error(tmp_path
                                           r"\(at .*mha_agg\.py:11 in __init__\)"):
         validate_model_config(ModelConfig(d_model=30, aggregator={"name": "zz_mha", "heads": 4}), registry)
     validate_model_config(ModelConfig(d_model=32, aggregator={"name": "zz_mha", "heads": 4}), registry)
+
+
+class _Float64Start(MLPAggregator):
+    """``initial_state`` made in float64 for a float32 layer."""
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return super().initial_state(batch_shape).double()
+
+
+@pytest.mark.parametrize("path", ["one partial chunk", "streaming", "whole chunks"])
+def test_an_initial_state_of_another_dtype_is_named_on_every_path(path: str) -> None:
+    """Only the scan checked it: with T < c, and in streaming, the head read it first ("mixed dtype")."""
+    from psmsearch.scan import StateShapeError
+
+    built = _small_attention_layer()
+    layer = PSMLayer(built.encoder, _Float64Start(built.aggregator.context), built.head, 4)
+    with pytest.raises(StateShapeError, match=r"initial_state\(\(2,\)\) returned torch\.float64 .*for inputs of "
+                                              r"torch\.float32; it must return a state of the chunk states' dtype"):
+        if path == "streaming":
+            layer.stream(2)
+        else:
+            layer(torch.randn(2, 3 if path == "one partial chunk" else 13, 8))
+
+
+def test_a_layer_runs_under_autocast_and_on_the_meta_device() -> None:
+    """Autocast changes dtypes between ops by design, and torch.is_autocast_enabled raises for the meta
+    device: neither may turn the input checks into a refusal."""
+    layer = _small_attention_layer().eval()
+    x = torch.randn(2, 9, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).shape == (2, 9, 8)
+        assert layer(x.to(torch.bfloat16)).shape == (2, 9, 8)
+        assert layer.stream(2).feed(x.to(torch.bfloat16)).shape == (2, 9, 8)
+    with pytest.raises(ValueError, match=r"x is torch\.bfloat16, the layer's parameters torch\.float32"):
+        layer(x.to(torch.bfloat16))  # outside autocast
+    with torch.device("meta"):
+        meta = _small_attention_layer()
+    assert meta(torch.empty(2, 9, 8, device="meta")).device.type == "meta"
+    with pytest.raises(ValueError, match=r"x is torch\.float64, the layer's parameters torch\.float32"):
+        meta(torch.empty(2, 9, 8, device="meta", dtype=torch.float64))

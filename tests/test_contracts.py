@@ -325,3 +325,14 @@ def test_failures_after_a_failed_determinism_check_point_back_to_it(registry) ->
                for r in failed[1:])
     deterministic = check_component(MLPAggregator, registry)
     assert all(r.passed for r in deterministic) and deterministic[1].check == "deterministic"
+
+
+def test_equal_infinities_are_no_difference_to_the_determinism_check() -> None:
+    """inf - inf is NaN: a deterministic component with infinite outputs was called nondeterministic."""
+    from psmsearch.contract_checks_determinism import _largest_difference
+
+    x = torch.tensor([0.0, -float("inf"), float("nan"), 1.0])
+    assert _largest_difference(x, x.clone()) == 0.0
+    assert _largest_difference(x, torch.tensor([0.0, float("inf"), float("nan"), 1.0])) == float("inf")
+    assert _largest_difference(x, torch.tensor([0.0, -float("inf"), 0.0, 1.5])) == float("inf")  # NaN against a number
+    assert _largest_difference(x, torch.tensor([0.0, -float("inf"), float("nan"), 1.5])) == 0.5

@@ -564,6 +564,9 @@ class Widened(Twisted):
     def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         return super().forward(older, newer).double()
 
+    def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(*batch_shape, self.width)  # float32, as the chunk states here
+
 
 @pytest.mark.parametrize("mode", ["tree", "sequential", "online"])
 def test_an_aggregator_returning_another_dtype_is_named_where_it_happens(mode: str) -> None:
@@ -616,14 +619,43 @@ def test_autocast_may_change_a_states_dtype() -> None:
 
     class Matmul(Twisted):
         def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
-            return older @ torch.eye(self.width, dtype=older.dtype) + newer
+            return (older + newer) @ torch.eye(self.width, dtype=older.dtype)  # bfloat16 under autocast
 
         def initial_state(self, batch_shape: tuple[int, ...]) -> torch.Tensor:
             return torch.zeros(*batch_shape, self.width)
 
+    states = torch.randn(2, 5, 3)  # [B, N, width], float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = prefix_scan(Matmul(3), torch.randn(2, 5, 3), mode="tree")
+        assert Matmul(3)(states[:, 0], states[:, 1]).dtype == torch.bfloat16
+        out = prefix_scan(Matmul(3), states, mode="tree")
     assert out.shape == (2, 5, 3)
+    from psmsearch.scan import StateShapeError
+
+    class Rounding(Matmul):
+        def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+            return super().forward(older, newer).to(torch.bfloat16)
+
+    with pytest.raises(StateShapeError, match=r"returned torch\.bfloat16 for inputs of torch\.float32"):
+        prefix_scan(Rounding(3), states, mode="tree")  # outside autocast the same result is refused
+
+
+class CastingOwnScan(Twisted):
+    """Associative in name, with its own ``scan`` returning float64 prefixes of float32 states."""
+
+    associative = True
+
+    def scan(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1).double()
+
+
+def test_an_own_scan_of_another_dtype_is_named() -> None:
+    """The own-scan path (the default for the affine aggregators) compared shapes only."""
+    from psmsearch.scan import StateShapeError
+
+    with pytest.raises(StateShapeError, match=r"'CastingOwnScan' \(scan at .*test_scan\.py:\d+\): scan returned "
+                                              r"torch\.float64 for inputs of torch\.float32; it must return the "
+                                              r"exclusive prefixes in the chunk states' dtype and device"):
+        prefix_scan(CastingOwnScan(3), torch.randn(2, 5, 3))
 
 
 def test_chunk_states_without_a_chunk_dim_are_refused_naming_the_layout() -> None:

@@ -465,6 +465,20 @@ def test_ray_asha_waits_for_the_pruner_warmup_in_evaluations() -> None:
     assert grace(4, {"choice": [3, 2]}) == 2 and grace(5, {"int": [2, 4]}) == 3
 
 
+def test_a_pruner_warmup_past_training_is_warned_and_ray_still_starts() -> None:
+    """Ray's ASHA asserts grace_period <= max_t: a warmup past the last evaluation crashed the Ray search."""
+    from psmsearch.ray_searchers import _scheduler
+    from psmsearch.space import space_from_data
+    from psmsearch.yamlio import SourceMap
+
+    data = {**TINY_SPACE, "driver": {**TINY_SPACE["driver"], "pruner": "median", "pruner_warmup_steps": 12}}
+    space = space_from_data(data, SourceMap("space.yaml", {}), smoke_samples=1)
+    assert space.warnings == ["space.yaml: driver.pruner_warmup_steps: 12 is not before train.steps 6, so no "
+                              "evaluation can prune a trial: the median pruner is in effect off (pruner: none says so)"]
+    scheduler = _scheduler(space)  # steps 6, eval_every 3: 3 reports; it raised AssertionError here
+    assert scheduler._max_t == 3 and all(milestone >= 3 for milestone, _ in scheduler._brackets[0]._rungs)
+
+
 def test_a_new_study_in_a_recreated_storage_gets_its_own_parent_run(tmp_path: Path) -> None:
     """Deleting the Optuna database and searching again is a new search: its trials must not join
     the old search's parent run (trial names would repeat and compare would mix the two)."""

@@ -452,15 +452,15 @@ def test_validation_reports_a_rejected_argument_and_leaves_other_constructor_fai
 
 def test_a_chunk_size_that_leaves_under_3_chunks_warns_that_the_aggregator_is_never_trained(tmp_path: Path) -> None:
     """With 1 or 2 chunks per training sequence no prefix needs agg (p_1 is x_0 itself): the aggregator's
-    parameters got no gradient, silently, and trials differing only in it trained the same function."""
+    combining parameters got no gradient, silently, and trials differing only in it trained the same function."""
     path = write(tmp_path, TINY)
     warnings: list[str] = []
     load_trial_config(path, ["model.chunk_size=3"], warn=warnings.append)
     assert warnings == ["--set model.chunk_size: chunk size 3 leaves fewer than 3 chunks in a training sequence of 6 "
                         "tokens (task.train_length), so the aggregator is never called in training (it first combines "
-                        "chunks 0 and 1, for the prefix of chunk 2): its parameters get no gradient, and trials that "
-                        "differ only in the aggregator compute the same function; chunk sizes up to 2 give 3 chunks or "
-                        "more"]
+                        "chunks 0 and 1, for the prefix of chunk 2): what agg computes gets no gradient (only its "
+                        "initial_state, the prefix of chunk 0, is read), and trials that differ only in the aggregator "
+                        "train the same function; chunk sizes up to 2 give 3 chunks or more"]
     warnings.clear()
     load_trial_config(path, warn=warnings.append)  # chunk_size 2: three chunks
     assert warnings == []
@@ -494,3 +494,5 @@ def test_a_flat_set_on_a_component_written_with_params_points_under_params(tmp_p
                                           r"params\. Its hyperparameters go under params: model\.aggregator\.params\.heads"):
         load_trial_config(path, ["model.aggregator.heads=1"])
     assert load_trial_config(path, ["model.aggregator.params.heads=1"]).model.aggregator.params["heads"] == 1
+    with pytest.raises(ConfigError, match=r"unknown field 'nmae'; allowed: name, params\. Did you mean 'name'\?$"):
+        load_trial_config(path, ["model.aggregator.nmae=mlp"])  # a typo of name gets no word of params
