@@ -45,8 +45,8 @@ class ByteLM(Task):
     each predicted once (every position of every window scored, the context never reaching outside
     the part) and the rest of the part is not scored. ``eval_tokens`` thus bounds both, and both
     score the same number of bytes when the parts are large enough; an ``eval_tokens`` of at least
-    the part's size (its maximum, 2**30, always is) scores the whole part up to its last partial
-    window. Validation and test bytes are disjoint from each other and from every training window.
+    the part's size (its maximum, 2**30, always is) scores every whole window of the part: all of it
+    but its first byte and its last partial window (fewer than ``seq_len`` bytes). Validation and test bytes are disjoint from each other and from every training window.
 
     ``bpc`` is bits per *byte* (``loss / ln 2``): the model predicts UTF-8 bytes, so for ASCII text
     such as tinyshakespeare it is bits per character, and for other text it is not (a character of
@@ -57,7 +57,7 @@ class ByteLM(Task):
     hyperparameters = (
         HyperParameter("seq_len", "int", 256, low=8, high=65536, log=True, help="training window (tokens)"),
         HyperParameter("val_fraction", "float", 0.1, low=0.01, high=0.5, help="held-out tail of the file: first half validation, second half test"),
-        HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="tokens scored per evaluation (validation) and by the final test metrics (test): the first this many of each part (rounded down to whole windows); 2**30 scores all"),
+        HyperParameter("eval_tokens", "int", 65536, low=256, high=2**30, log=True, help="tokens scored per evaluation (validation) and by the final test metrics (test): the first this many of each part, rounded down to whole windows of seq_len (at least one); 2**30 scores every whole window"),
     )
     options = {"path": DEFAULT_TEXT, "dataset": None}
     option_types = {"dataset": str}
