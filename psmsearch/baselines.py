@@ -220,6 +220,13 @@ class AttentionStream:
         """``tokens[B] -> logits[B, V]``."""
         return self.feed(tokens[:, None])[:, 0]
 
+    @property
+    def step_period(self) -> int:
+        """Steps after which the cost of a step repeats: a growing cache reallocates once per
+        :attr:`KVCache.BLOCK` tokens, so a latency averaged over fewer steps that include that one
+        overstates it (and one that misses it understates it); a ring buffer never reallocates."""
+        return 1 if self.model.window is not None else KVCache.BLOCK
+
     def retained(self) -> list[Any]:
         return [t for cache in self.caches for t in cache.tensors()]
 

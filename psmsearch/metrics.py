@@ -16,8 +16,9 @@ since no per-token outputs are needed) and then asked what it holds:
   measured ``c - 1`` tokens past each of those chunk counts, which makes the peak the worst case a
   deployment must provision for, where every chunk state has the same size (every built-in);
 * ``latency_ms_<n>`` and ``latency_max_ms_<n>``: mean and slowest wall time of one ``step`` after
-  ``n``, over whole chunks (at least ``latency_tokens`` steps), on a second stream, so the timed
-  steps never move where memory is measured;
+  ``n``, over whole periods of the stream's step cost (at least ``latency_tokens`` steps): a PSM's
+  chunk, a growing KV cache's block of 256 slots (it reallocates once per block), on a second
+  stream, so the timed steps never move where memory is measured;
 * ``peak_alloc_bytes_<n>`` (CUDA only): the allocator's peak while streaming up to ``n``. PyTorch
   keeps one peak per device and process, so it includes the weights, and under ``--jobs`` > 1 on one
   GPU (trials are threads of one process) whatever concurrent trials allocated meanwhile: compare
@@ -29,6 +30,7 @@ Lengths are counted as in :func:`psmsearch.tasks.count_tag` (``65536 -> 64k``).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Annotated, Iterable
@@ -52,7 +54,7 @@ class MetricsConfig(BaseModel):
     latency_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1024],
                                                                description="n for per-token latency")
     latency_tokens: int = Field(16, ge=1, le=4096,
-                                description="steps timed per latency length, rounded up to whole chunks")
+                                description="steps timed per latency length, rounded up to whole periods of the step cost (a PSM chunk, a KV-cache block)")
     feed_chunk: int = Field(256, ge=1, description="tokens per feed call while advancing the stream")
 
 
@@ -154,15 +156,18 @@ def _measure_latency(
     A window of whole chunks times every position of a chunk equally often: the cheap early
     positions, the late ones whose head reads a longer partial chunk, and the completing step that
     runs the encoder and the aggregator. A window shorter than a chunk would leave the aggregator
-    out. A timed window past one latency length moves the next one's start to where it ended.
+    out. A stream whose step cost repeats with another period says so (``step_period``: a GPT's
+    KV cache reallocates once per 256 tokens, and 16 steps from n = 1024 weighted that one step
+    1/16 instead of 1/256: 1.11 ms against 0.27 ms for the others); the window is whole periods of
+    both. A timed window past one latency length moves the next one's start to where it ended.
     """
     if not lengths:
         return {}
     generator = torch.Generator().manual_seed(seed)
     stream = model.stream(1)
     chunk = _aligned_chunk(model, feed_chunk)
-    c = _chunk_size(model)
-    steps = -(-latency_tokens // c) * c
+    period = math.lcm(_chunk_size(model), getattr(stream, "step_period", 1))  # a KV cache grows in blocks
+    steps = -(-latency_tokens // period) * period
     out: dict[str, float] = {}
     seen = 0
     for n in lengths:

@@ -175,3 +175,30 @@ def test_latency_and_params_reported() -> None:
     assert out["latency_max_ms_32"] >= out["latency_ms_32"] and out["latency_max_ms_64"] >= out["latency_ms_64"]
     assert "state_bytes_64" in out
     assert set(inference_metrics(model, VOCAB, MetricsConfig(enabled=False))) == {"params"}
+
+
+def test_a_growing_kv_cache_is_timed_over_a_whole_block_of_steps() -> None:
+    """A GPT's cache reallocates once per 256 tokens; 16 steps from n = 1024 (a block edge) weighted that
+    step 1/16 instead of 1/256. The window is now whole blocks: counted here by the steps it runs."""
+    from psmsearch.baselines import AttentionStream, KVCache
+    from psmsearch.config import ModelConfig
+    from psmsearch.model import build_model
+
+    steps = {"n": 0}
+    original = AttentionStream.step
+
+    def counting(self: AttentionStream, tokens: torch.Tensor) -> torch.Tensor:
+        steps["n"] += 1
+        return original(self, tokens)
+
+    gpt = build_model(ModelConfig(kind="gpt", d_model=16, n_heads=2, n_layers=1), vocab_size=VOCAB).eval()
+    swa = build_model(ModelConfig(kind="swa", d_model=16, n_heads=2, n_layers=1, window=8), vocab_size=VOCAB).eval()
+    AttentionStream.step = counting  # type: ignore[method-assign]
+    try:
+        measure_streaming(gpt, VOCAB, memory_lengths=[], latency_lengths=[256], latency_tokens=16, feed_chunk=64)
+        timed_gpt, steps["n"] = steps["n"], 0
+        measure_streaming(swa, VOCAB, memory_lengths=[], latency_lengths=[256], latency_tokens=16, feed_chunk=64)
+    finally:
+        AttentionStream.step = original  # type: ignore[method-assign]
+    assert timed_gpt == KVCache.BLOCK == 256
+    assert steps["n"] == 16  # a ring buffer never reallocates: the window stays as asked
