@@ -22,19 +22,25 @@ from psmsearch.contract_assembly import ATOL, BATCH, CHUNK, D_MODEL, _Assembly, 
 
 
 def _layer_stream_equals_parallel(a: _Assembly) -> str:
+    """Streaming, token by token and chunk-wise, equals the parallel pass, at the suite's batch and at
+    batch 1: the batch every memory and latency metric streams at, where a component's "fast path"
+    for a single sequence would otherwise go unchecked."""
     generator = torch.Generator().manual_seed(60)
     length = 9 * CHUNK + 2  # 10 chunks: past a power of two, so the scans' block edges are crossed
-    x = torch.randn(BATCH, length, D_MODEL, generator=generator)  # [B, T, d]
-    with torch.no_grad():
-        parallel = a.layer(x)
-        stream = a.layer.stream(BATCH)
-        streamed = torch.stack([stream.step(x[:, t]) for t in range(length)], dim=1)
-        chunked = a.layer.stream(BATCH).feed(x)
-    diff = (parallel - streamed).abs().max().item()
-    _require(diff <= ATOL, f"T={length}: token-by-token streaming differs from the parallel forward by {diff:.3g}")
-    diff = (parallel - chunked).abs().max().item()
-    _require(diff <= ATOL, f"T={length}: chunk-wise streaming differs from the parallel forward by {diff:.3g}")
-    return f"T={length}, c={CHUNK}"
+    for batch in (BATCH, 1):
+        x = torch.randn(batch, length, D_MODEL, generator=generator)  # [B, T, d]
+        with torch.no_grad():
+            parallel = a.layer(x)
+            stream = a.layer.stream(batch)
+            streamed = torch.stack([stream.step(x[:, t]) for t in range(length)], dim=1)
+            chunked = a.layer.stream(batch).feed(x)
+        diff = (parallel - streamed).abs().max().item()
+        _require(diff <= ATOL, f"B={batch}, T={length}: token-by-token streaming differs from the parallel forward "
+                               f"by {diff:.3g}")
+        diff = (parallel - chunked).abs().max().item()
+        _require(diff <= ATOL, f"B={batch}, T={length}: chunk-wise streaming differs from the parallel forward by "
+                               f"{diff:.3g}")
+    return f"B={BATCH} and 1, T={length}, c={CHUNK}"
 
 
 CHUNK_SIZES = (1, 3, CHUNK, 2 * CHUNK + 1)

@@ -396,6 +396,16 @@ REQUIRED_METHODS: dict[str, tuple[tuple[str, str], ...]] = {
     "encoder": (("features", "features(x, offset)"), ("summarize", "summarize(f)"), ("state_shape", "state_shape")),
     "aggregator": (("forward", "forward(older, newer)"), ("initial_state", "initial_state(batch_shape)")),
     "head": (("forward", "forward(prefix, f)"),),
+    "task": (("vocab_size", "vocab_size"), ("train_batch", "train_batch(step, batch_size, generator)"),
+             ("evaluate", "evaluate(model, device, batch_size)"), ("metric_directions", "metric_directions()")),
+}
+
+# Names a hyperparameter may not take: the fields a config writes beside them. A component's
+# hyperparameters sit beside ``name`` (and under ``params``, and ``search: all`` in a space); a task's
+# beside ``name`` and ``params``, and it is built as ``Task(seed=..., **params)``.
+RESERVED_HYPERPARAMETERS: dict[str, frozenset[str]] = {
+    "component": frozenset({"name", "params", "search"}),
+    "task": frozenset({"name", "params", "seed"}),
 }
 
 
@@ -417,12 +427,15 @@ def _describe(kind: str, cls: type, plugin: str, name: str | None) -> ComponentI
     state_kind = getattr(cls, "state_kind", None) if kind in COMPONENT_KINDS else None
     if kind in COMPONENT_KINDS and not state_kind:
         raise PluginError(f"{kind} {name!r} declares no state_kind")
-    if kind in COMPONENT_KINDS:
-        missing = [signature for method, signature in REQUIRED_METHODS[kind]
-                   if getattr(cls, method, None) is getattr(COMPONENT_KINDS[kind], method)]
-        if missing:
-            raise PluginError(f"{kind} {name!r} does not define {' or '.join(missing)}, which every {kind} must "
-                              f"(see the docstring of psmsearch.{COMPONENT_KINDS[kind].__name__})")
+    from psmsearch.tasks import Task
+
+    base = COMPONENT_KINDS.get(kind, Task)
+    missing = [signature for method, signature in REQUIRED_METHODS[kind]
+               if getattr(cls, method, None) is getattr(base, method)]
+    if missing:
+        where = f"psmsearch.{base.__name__}" if kind in COMPONENT_KINDS else "psmsearch.tasks.Task"
+        raise PluginError(f"{kind} {name!r} does not define {' or '.join(missing)}, which every {kind} must "
+                          f"(see the docstring of {where})")
     associative = bool(getattr(cls, "associative", False)) if kind == "aggregator" else None
     doc = (getattr(cls, "description", "") or (cls.__doc__ or "")).strip().splitlines()
     return ComponentInfo(name, kind, plugin, cls, state_kind, associative, hyperparameters, doc[0] if doc else "")
@@ -452,6 +465,14 @@ def _declared_hyperparameters(kind: str, name: str, declared: Any) -> tuple[Hype
             raise error
         if hp.name in seen:
             raise PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r} is declared twice")
+        reserved = RESERVED_HYPERPARAMETERS["task" if kind == "task" else "component"]
+        if hp.name in reserved:
+            error = PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r} has a reserved name: a config writes "
+                                f"{', '.join(sorted(reserved))} beside the hyperparameters of "
+                                f"{'a task' if kind == 'task' else 'a component'}, so this one could never be set; "
+                                "rename it")
+            error.location = f" (at {hp.origin[0]}:{hp.origin[1]})" if hp.origin else ""
+            raise error
         seen.add(hp.name)
     return hyperparameters
 

@@ -13,8 +13,9 @@ Checks: determinism (two calls on identical inputs agree bitwise), shapes and dt
 backward against finite differences), token-locality of encoder features, causality, chunk
 locality and partial chunks of heads, tree == sequential == online scans, associativity where
 claimed (and the fast ``scan`` against the tree, outputs and gradients, from 1 to 65 chunks),
-streaming == parallel for a whole layer, sequences of a batch computed independently, the layer in
-float64, and ``state_nbytes`` matching the bytes streaming really holds. Components are checked in
+streaming == parallel for a whole layer (at batch 2 and 1), sequences of a batch computed
+independently, the layer in float64, ``state_nbytes`` matching the bytes streaming really holds,
+causality in ``train()`` mode, and no tensors a component keeps of its own growing as it runs. Components are checked in
 ``eval()`` mode, so dropout does not make equal paths differ.
 
 Every check runs twice: on the component as it is built, and again after its parameters have been
@@ -52,6 +53,7 @@ from psmsearch.contract_checks_head import (_head_causal, _head_chunk_local, _he
 from psmsearch.contract_checks_layer import (CHUNK_COUNTS, _layer_batch_independent, _layer_chunk_size_invariance,
                                              _layer_float64, _layer_meta_build, _layer_state_nbytes,
                                              _layer_stream_equals_parallel)
+from psmsearch.contract_checks_leaks import _layer_causal_in_training, _layer_no_hidden_state
 from psmsearch.contract_measures import tuple_requires_grad
 from psmsearch.errors import where_raised
 from psmsearch.registry import ComponentInfo, Registry, get_registry
@@ -114,6 +116,8 @@ LAYER_CHECKS: list[tuple[str, Check]] = [
     ("float64", _layer_float64),
     ("state_nbytes_matches_streaming", _layer_state_nbytes),
     ("meta_build", _layer_meta_build),
+    ("causal_in_training", _layer_causal_in_training),
+    ("no_hidden_state", _layer_no_hidden_state),
     ("chunk_size_invariance", _layer_chunk_size_invariance),
 ]
 

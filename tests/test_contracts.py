@@ -286,7 +286,50 @@ class _ReturnsFloat32(MLPAggregator):
         return super().forward(older, newer).float()
 
 
+def _next_token(f: torch.Tensor) -> torch.Tensor:
+    """Each position's next token's features, zero at the chunk's last: a read of the future."""
+    return torch.cat([f[..., 1:, :], torch.zeros_like(f[..., :1, :])], dim=-2)
+
+
+class _LeaksWhileTraining(AttentionHead):
+    """Reads the next token only when ``self.training``: every eval()-mode check passes it."""
+
+    name = "zz_leaks_while_training"
+
+    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        y = super().forward(prefix, f)
+        return y + _next_token(f) if self.training else y
+
+
+class _SingleSequenceShortcut(AttentionHead):
+    """``forward_last`` drops the prefix for one sequence: a wrong fast path only batch 1 takes."""
+
+    name = "zz_single_sequence_shortcut"
+
+    def forward_last(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return super().forward_last(torch.zeros_like(prefix) if f.shape[0] == 1 else prefix, f)
+
+
+class _Hoards(MLPAggregator):
+    """Keeps every state it makes (say, for plotting): memory that grows outside the stream's states."""
+
+    name = "zz_hoards"
+
+    def __init__(self, context, **hparams) -> None:  # noqa: ANN001, ANN003
+        super().__init__(context, **hparams)
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        out = super().forward(older, newer)
+        self.history.append(out.detach())
+        return out
+
+
 @pytest.mark.parametrize(("cls", "check", "evidence"), [
+    (_LeaksWhileTraining, "_layer_causal_in_training", "in train() mode, changing token 1 changed outputs at "
+                                                       "positions < 1"),
+    (_SingleSequenceShortcut, "_layer_stream_equals_parallel", "B=1, T=38: token-by-token streaming differs"),
+    (_Hoards, "_layer_no_hidden_state", "the aggregator holds"),
     (_DropsInEval, "_aggregator_deterministic", "two calls of agg(older, newer) (forward at "),
     (_DropsInEval, "_aggregator_deterministic", "F.dropout(x, p) without training=self.training"),
     (_NoisyFeatures, "_encoder_deterministic", "two calls of features(x) (features at "),

@@ -33,7 +33,7 @@ def test_the_readme_aggregators_pass_the_contract_suite(tmp_path: Path) -> None:
     result = run_cli("--plugin", "my_agg.py", "--plugin", "my_assoc.py", "check", "gated_sum", name, cwd=tmp_path,
                      timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "26 passed, 0 failed", result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "30 passed, 0 failed", result.stdout
 
 
 def test_the_readme_affine_gate_passes_the_contract_suite_with_the_builtin_partners(tmp_path: Path) -> None:
