@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 import click
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
@@ -180,8 +181,11 @@ def _partners(specs: Sequence[str], registry: Any) -> dict[str, str]:
 @click.option("--partner", "partner_specs", multiple=True, metavar="KIND:NAME",
               help="Run beside this registered component of KIND (encoder, aggregator, head) instead of the first "
                    "of the state kind; repeatable, one per kind.")
+@click.option("--set", "hyperparameter_specs", multiple=True, metavar="NAME=VALUE",
+              help="Check the named component at this value of one of its hyperparameters (VALUE read as YAML) "
+                   "instead of its declared default; repeatable; with one component named.")
 def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_traceback: bool,
-                  partner_specs: Sequence[str]) -> None:
+                  partner_specs: Sequence[str], hyperparameter_specs: Sequence[str]) -> None:
     """Run the contract suite on components (NAME or KIND:NAME); exit 0 only if all pass.
 
     A plugin that failed to load counts as a failed check: the component meant to be tested may be
@@ -223,9 +227,10 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_tra
             infos.extend(found)
     else:
         raise click.UsageError("name at least one component, or pass --all")
+    hyperparameters = _hyperparameters(hyperparameter_specs, infos)
     load_failures = [CheckResult(f"plugin {failure.plugin}", "load", False, failure.error)
                      for failure in registry.failures]
-    results = load_failures + missing + check_components(infos, registry, partners)
+    results = load_failures + missing + check_components(infos, registry, partners, hyperparameters)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
     else:
@@ -237,6 +242,31 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_tra
     failed = sum(not r.passed for r in results)
     click.echo(f"{len(results) - failed} passed, {failed} failed", err=as_json)
     sys.exit(1 if failed else 0)
+
+
+def _hyperparameters(specs: Sequence[str], infos: Sequence[Any]) -> dict[str, Any]:
+    """``--set NAME=VALUE`` options as ``{name: value}`` (values read as YAML, as ``train --set`` reads
+    them), each validated against the one component named: its declared hyperparameters and ranges."""
+    if not specs:
+        return {}
+    if len(infos) != 1:
+        raise click.UsageError(f"--set takes one component to check, and {len(infos)} are named; name one "
+                               "(as KIND:NAME where a name is registered for two kinds)")
+    given: dict[str, Any] = {}
+    for spec in specs:
+        name, equals, text = spec.partition("=")
+        if not equals or not name:
+            raise click.BadParameter(f"{spec!r}: expected NAME=VALUE (e.g. heads=4)", param_hint="--set")
+        try:
+            given[name] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise click.BadParameter(f"{spec!r}: the value is not YAML: {err}", param_hint="--set") from None
+    (info,) = infos
+    try:
+        info.cls.resolve_hyperparameters(given)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--set") from None
+    return given
 
 
 def _not_registered(name: str, registry: Registry) -> CheckResult:

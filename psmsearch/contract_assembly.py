@@ -78,9 +78,10 @@ def _chosen_partner(registry: Registry, kind: str, name: str, state_kind: str) -
 
 
 def _assemble(cls: type[Component], registry: Registry, seed: int,
-              partners: Mapping[str, str] | None = None) -> _Assembly:
+              partners: Mapping[str, str] | None = None, hyperparameters: Mapping[str, Any] | None = None) -> _Assembly:
     """``cls`` built beside a partner of each other kind: the one ``partners`` names (kind -> name), else
-    the first registered of its state kind."""
+    the first registered of its state kind. ``cls`` takes ``hyperparameters`` (``check --set``), its
+    declared defaults for the rest; the partners take their defaults."""
     torch.manual_seed(seed)
     state_kind = cls.state_kind
     chosen = partners or {}
@@ -89,9 +90,10 @@ def _assemble(cls: type[Component], registry: Registry, seed: int,
                _partner(registry, kind, state_kind)
                for kind in ("encoder", "aggregator", "head")}
     context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK)
-    encoder = classes["encoder"](context)
+    given = dict(hyperparameters or {})
+    encoder = classes["encoder"](context, **(given if cls.kind == "encoder" else {}))
     context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
-    aggregator = classes["aggregator"](context)
-    head = classes["head"](context)
+    aggregator = classes["aggregator"](context, **(given if cls.kind == "aggregator" else {}))
+    head = classes["head"](context, **(given if cls.kind == "head" else {}))
     layer = PSMLayer(encoder, aggregator, head, CHUNK).eval()  # dropout off: the checks compare paths exactly
     return _Assembly(encoder, aggregator, head, layer, registry)

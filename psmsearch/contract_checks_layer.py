@@ -95,9 +95,10 @@ def _layer_at(a: _Assembly, chunk: int) -> PSMLayer | str:
     """The assembly's components built again for chunk size ``chunk`` with its parameter values, or why
     they cannot be (a parameter whose shape depends on ``c``)."""
     context = ComponentContext(d_model=D_MODEL, chunk_size=chunk)
-    encoder = type(a.encoder)(context)
+    encoder = type(a.encoder)(context, **a.encoder.hparams)
     context = ComponentContext(d_model=D_MODEL, chunk_size=chunk, encoder=encoder)
-    layer = PSMLayer(encoder, type(a.aggregator)(context), type(a.head)(context), chunk)
+    layer = PSMLayer(encoder, type(a.aggregator)(context, **a.aggregator.hparams),
+                     type(a.head)(context, **a.head.hparams), chunk)
     values = dict(a.layer.named_parameters())
     with torch.no_grad():
         for name, parameter in layer.named_parameters():

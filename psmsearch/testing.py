@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from traceback import format_exception
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -123,11 +123,14 @@ LAYER_CHECKS: list[tuple[str, Check]] = [
 
 
 def check_component(component: type[Component] | ComponentInfo, registry: Registry | None = None, seed: int = 0,
-                    partners: Mapping[str, str] | None = None) -> list[CheckResult]:
+                    partners: Mapping[str, str] | None = None,
+                    hyperparameters: Mapping[str, Any] | None = None) -> list[CheckResult]:
     """Run every contract check for one encoder, aggregator or head class; never raises.
 
     ``partners`` (kind -> registered name) chooses the components it runs beside; by default each is the
     first registered of its state kind. A partner of the component's own kind is not used.
+    ``hyperparameters`` are the component's own (``check --set``; its declared defaults for the rest): a
+    contract may hold at the defaults and break at another value a search draws.
     """
     registry = registry or get_registry()
     cls = component.cls if isinstance(component, ComponentInfo) else component
@@ -135,7 +138,7 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
         return [CheckResult(repr(cls), "build", False, "not a subclass of psmsearch.Encoder, Aggregator or Head")]
     label = f"{cls.kind}:{cls.name or cls.__name__}"
     try:
-        assembly = _assemble(cls, registry, seed, partners)
+        assembly = _assemble(cls, registry, seed, partners, hyperparameters)
     except Exception as err:  # noqa: BLE001 - report, do not crash the suite
         return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}{where_raised(err)}")]
     results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}")]
@@ -200,10 +203,13 @@ def _partners(a: _Assembly, cls: type[Component]) -> str:
 
 
 def check_components(infos: Iterable[ComponentInfo], registry: Registry | None = None,
-                     partners: Mapping[str, str] | None = None) -> list[CheckResult]:
-    """Run the suite for several registered components (beside ``partners``, see :func:`check_component`)."""
+                     partners: Mapping[str, str] | None = None,
+                     hyperparameters: Mapping[str, Any] | None = None) -> list[CheckResult]:
+    """Run the suite for several registered components (beside ``partners``, with ``hyperparameters``,
+    see :func:`check_component`)."""
     registry = registry or get_registry()
-    return [result for info in infos for result in check_component(info, registry, partners=partners)]
+    return [result for info in infos
+            for result in check_component(info, registry, partners=partners, hyperparameters=hyperparameters)]
 
 
 def assert_component_ok(component: type[Component], registry: Registry | None = None) -> None:

@@ -101,6 +101,53 @@ def test_check_partner_chooses_the_components_a_component_runs_beside() -> None:
         assert refused.exit_code == 2 and message in refused.output, refused.output
 
 
+PEEKING_HEAD = """
+import torch
+from psmsearch import HyperParameter, hookimpl
+from psmsearch.plugins.token_state import AttentionHead
+
+
+class PeekingHead(AttentionHead):
+    name = "zz_peeking_at_one"
+    hyperparameters = AttentionHead.hyperparameters + (HyperParameter("peek", "int", 0, low=0, high=1),)
+
+    def forward(self, prefix, f):
+        y = super().forward(prefix, f)
+        if self.hparams["peek"]:  # reads the next token: non-causal, at a value a search draws
+            y = y + torch.cat([f[..., 1:, :], torch.zeros_like(f[..., :1, :])], dim=-2)
+        return y
+
+
+@hookimpl
+def register_heads(register):
+    register(PeekingHead)
+"""
+
+
+def test_check_set_checks_a_component_at_another_hyperparameter_value(tmp_path) -> None:
+    """The suite built a component at its defaults only: a head causal at peek=0 and not at peek=1 (which
+    `search: all` draws) passed. ``--set NAME=VALUE`` checks it there."""
+    from click.testing import CliRunner
+
+    from psmsearch.cli import main
+
+    plugin = tmp_path / "peeking.py"
+    plugin.write_text(PEEKING_HEAD)
+    default = run_cli("--plugin", str(plugin), "check", "zz_peeking_at_one")
+    assert default.returncode == 0, default.stdout + default.stderr
+    peeking = run_cli("--plugin", str(plugin), "check", "zz_peeking_at_one", "--set", "peek=1")
+    assert peeking.returncode == 1
+    assert "FAIL  head:zz_peeking_at_one       causal_within_chunk: changing chunk token 1 changed outputs at " \
+           "positions < 1" in peeking.stdout
+    at_four = CliRunner().invoke(main, ["check", "aggregator:attention", "--set", "heads=4", "--set", "layers=2"])
+    assert at_four.exit_code == 0, at_four.output
+    out_of_range = CliRunner().invoke(main, ["check", "aggregator:attention", "--set", "layers=9"])
+    assert out_of_range.exit_code == 2
+    assert "hyperparameter 'layers': 9 is out of range; expected int in [1, 6]" in out_of_range.output
+    two = CliRunner().invoke(main, ["check", "attention", "--set", "heads=2"])  # an aggregator and a head
+    assert two.exit_code == 2 and "--set takes one component to check, and 2 are named" in two.output
+
+
 def test_check_fails_when_a_plugin_did_not_load() -> None:
     """The component meant to be checked may be the one missing, or a built-in of the same name may stand
     in for it: a plugin author's CI must not go green either way."""
