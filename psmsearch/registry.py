@@ -22,6 +22,7 @@ import inspect
 import os
 import sys
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -110,7 +111,10 @@ class Registry:
     local_plugins: list[str] = field(default_factory=list)
     plugin_digests: dict[str, str] = field(default_factory=dict)
     """Plugin label -> SHA-256 of its code when it was loaded (plugins named for the run, that are files,
-    folders or modules with a file): what a trial records as the code it ran."""
+    folders or modules with a file, and installed packages' modules): what a trial records as the code it ran."""
+    distributions: dict[str, str] = field(default_factory=dict)
+    """Installed plugin label -> ``NAME==VERSION`` of the distribution that provides its entry point:
+    what a trial records so that its config says which package to install to run it again."""
 
     def get(self, kind: str, name: str) -> ComponentInfo:
         """The component ``name`` of ``kind``; an unknown name raises with close-match suggestions."""
@@ -484,8 +488,19 @@ def load_registry(extra_plugins: Sequence[str] = (), defaults: Iterable[str] = D
     for module_name in defaults:
         loader.trusted.add(module_name)
         loader.add_module(module_name, lambda m=module_name: importlib.import_module(m))
-    for entry_point in importlib.metadata.entry_points(group=PROJECT):
-        loader.add_module(entry_point.name, entry_point.load, source="installed")
+    installed = list(importlib.metadata.entry_points(group=PROJECT))
+    names = Counter(entry_point.name for entry_point in installed)
+    for entry_point in installed:
+        dist = entry_point.dist
+        # two packages' entry points of one name would share a label, and pluggy keeps only the first
+        label = f"{dist.name}:{entry_point.name}" if names[entry_point.name] > 1 and dist is not None else entry_point.name
+        loader.add_module(label, entry_point.load, source="installed")
+        if label in registry.plugins:
+            if dist is not None:
+                registry.distributions[label] = f"{dist.name}=={dist.version}"
+            digest = module_digest(entry_point.module)
+            if digest is not None:
+                registry.plugin_digests[label] = digest
     for spec in [*env_plugin_specs(), *extra_plugins]:
         loader.add_spec(spec)
     loader.check_hooks()

@@ -152,8 +152,9 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
     """A trial's ``trial_config.yaml``: its resolved configuration, which ``psmsearch train`` runs again.
 
     Components and a task that are not built in are recorded in the ``plugins`` field (field ->
-    ``{name, plugin, sha256}``: the digest of the plugin's code as this process loaded it, where it is a
-    file, folder or module with a file), and a comment header says which ``--plugin`` to pass: without the plugin
+    ``{name, plugin, sha256, distribution}``: the digest of the plugin's code as this process loaded it,
+    where it is a file, folder or module with a file, and for an installed package's entry point the
+    package's ``NAME==VERSION``), and a comment header says which ``--plugin`` to pass: without the plugin
     ``train`` knows no such aggregator, and its error names the recorded plugin.
     """
     from psmsearch.registry import DEFAULT_PLUGINS
@@ -163,7 +164,8 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
         names.update({f"model.{kind}": getattr(config.model, kind).name for kind in ("encoder", "aggregator", "head")})
     loaded = component_plugins(config, registry)  # as this process loaded them (a Ray worker: by module)
     plugins = {field_name: {"name": names[field_name], "plugin": plugin,
-                            **({"sha256": digest} if (digest := registry.plugin_digests.get(loaded[field_name])) else {})}
+                            **({"sha256": digest} if (digest := registry.plugin_digests.get(loaded[field_name])) else {}),
+                            **({"distribution": dist} if (dist := registry.distributions.get(loaded[field_name])) else {})}
                for field_name, plugin in component_plugins(config, registry, plugin_labels).items()
                if plugin not in DEFAULT_PLUGINS}
     text = yaml.safe_dump(config.model_validate({**config.model_dump(), "plugins": plugins}).resolved(), sort_keys=False)
@@ -174,7 +176,9 @@ def trial_config_text(config: Any, registry: Registry, plugin_labels: Mapping[st
              "# Components that are not built in, from these plugins (the plugins field below):"]
     for field_name, entry in plugins.items():
         plugin = entry["plugin"]
-        how = f"--plugin {plugin}" if plugin in local else f"the installed plugin package {plugin!r} (entry point)"
+        how = (f"--plugin {plugin}" if plugin in local else
+               f"the installed package {entry['distribution']} (entry point {plugin!r})" if "distribution" in entry else
+               f"the installed plugin package {plugin!r} (entry point)")
         lines.append(f"#   {field_name} {entry['name']!r}: {how}")
     passed = " ".join(f"--plugin {p}" for p in dict.fromkeys(e["plugin"] for e in plugins.values()) if p in local)
     lines.append(f"# Run it again with: psmsearch {passed + ' ' if passed else ''}train trial_config.yaml")

@@ -66,6 +66,9 @@ class PluginRecord(BaseModel):
     name: str
     plugin: str
     sha256: str | None = None
+    distribution: str | None = None
+    """``NAME==VERSION`` of the installed package whose entry point the plugin is (None for a file,
+    folder or module named for the run)."""
 
 
 class TaskSpec(ComponentSpec):
@@ -328,6 +331,11 @@ def recorded_plugin_hint(raw: Any, field: str, source: str, registry: Registry |
     except UnknownComponentError:
         pass
     plugin = entry["plugin"]
+    distribution = entry.get("distribution")
+    if isinstance(distribution, str) and distribution:
+        return (f"unknown {kind} {name!r}. This config's plugins field records that {kind} {name!r} came from the "
+                f"installed package {distribution} (entry point {plugin!r}): install it (pip install "
+                f"{distribution}) and run it again")
     if "/" in plugin or plugin.endswith(".py") or Path(plugin).exists():
         missing = "" if Path(plugin).exists() else " (no such file or folder here: pass the plugin's path on this machine)"
         action = f"run psmsearch --plugin {plugin} train {source}{missing}"

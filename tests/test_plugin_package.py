@@ -190,3 +190,72 @@ def test_a_named_plugin_that_is_also_installed_still_stops_the_run(broken_site: 
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: 1 plugin failed to load, so training would run without its components" in result.stderr
     assert "plugin 'psmsearch_also_named': RuntimeError: this module is broken on purpose" in result.stderr
+
+
+RECORD_A_TRIAL = """
+from psmsearch.registry import get_registry
+from psmsearch.search import trial_config_text
+from psmsearch.trial import TrialConfig
+config = TrialConfig.from_dict({
+    "task": {"name": "group", "group": "Z5", "train_length": 6, "eval_max_multiple": 2, "eval_samples": 16},
+    "model": {"d_model": 16, "chunk_size": 2, "aggregator": "gated", "head": {"name": "attention", "heads": 2}},
+    "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 2},
+    "metrics": {"memory_lengths": [8], "latency_lengths": [8], "latency_tokens": 2},
+})
+print(trial_config_text(config, get_registry()))
+"""
+
+
+def test_a_trial_records_the_installed_package_its_component_came_from(site: Path, tmp_path: Path) -> None:
+    """An installed plugin was recorded by its entry point's name alone: without the package, ``train``
+    said "install the package that provides it" without naming it. The record now names the package and
+    version, and the digest of its code (an editable install edited since is then warned about)."""
+    env = {**os.environ, **_env(site)}
+    result = subprocess.run([sys.executable, "-c", RECORD_A_TRIAL], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    recorded = yaml.safe_load(result.stdout)["plugins"]["model.aggregator"]
+    assert recorded["name"] == "gated" and recorded["plugin"] == "gated"
+    assert recorded["distribution"] == "psmsearch-gated==0.1.0" and len(recorded["sha256"]) == 64
+    assert "#   model.aggregator 'gated': the installed package psmsearch-gated==0.1.0 (entry point 'gated')" in \
+        result.stdout
+    config = tmp_path / "trial_config.yaml"
+    config.write_text(result.stdout)
+    without = run_cli("train", str(config), cwd=tmp_path)
+    assert without.returncode == 2
+    assert ("came from the installed package psmsearch-gated==0.1.0 (entry point 'gated'): install it (pip install "
+            "psmsearch-gated==0.1.0)") in " ".join(without.stderr.split())
+
+
+@pytest.fixture(scope="module")
+def fork_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second package whose entry point is also called ``gated`` (another module, another distribution)."""
+    root = tmp_path_factory.mktemp("fork")
+    source = root / "psmsearch-gated-fork"
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    (source / "src" / "psmsearch_gated").rename(source / "src" / "psmsearch_gated_fork")
+    pyproject = source / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('name = "psmsearch-gated"', 'name = "psmsearch-gated-fork"')
+                         .replace('gated = "psmsearch_gated"', 'gated = "psmsearch_gated_fork"'))
+    target = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        check=True,
+        timeout=300,
+    )
+    return target
+
+
+def test_two_installed_packages_with_one_entry_point_name_both_load(site: Path, fork_site: Path) -> None:
+    """Both were labelled by the entry point's name, so pluggy refused the second ("Plugin name already
+    registered: gated=<module ...>") and dropped all it held. Each is now labelled by its distribution;
+    the component name they share is then reported as registered twice, naming both."""
+    env = {"PYTHONPATH": os.pathsep.join([str(site), str(fork_site), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    gated = [r for r in listing["components"] if r["name"] == "gated"]
+    assert len(gated) == 1 and gated[0]["plugin"] in ("psmsearch-gated:gated", "psmsearch-gated-fork:gated")
+    errors = [f["error"] for f in listing["failures"]]
+    assert any("aggregator 'gated' is registered twice: by plugin 'psmsearch-gated" in e and
+               "and by plugin 'psmsearch-gated" in e for e in errors), errors
+    assert not any("already registered" in e for e in errors), errors
