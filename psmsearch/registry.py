@@ -374,10 +374,12 @@ class _Loader:
 
     def _register_callback(self, kind: str, plugin: str) -> Callable[..., None]:
         def register(cls: type, name: str | None = None) -> None:
+            caller = sys._getframe(1)  # the plugin's register(...) line: where a thing that is no class was given
+            call_site = f" (at {caller.f_code.co_filename}:{caller.f_lineno})"
             try:
                 info = _describe(kind, cls, plugin, name)
-            except PluginError as err:  # located at the declaration it names, else at the class
-                location = getattr(err, "location", "") or _defined_at(cls)
+            except PluginError as err:  # located at the declaration it names, else at the class, else the call
+                location = getattr(err, "location", "") or (_defined_at(cls) if isinstance(cls, type) else "") or call_site
                 self.record(plugin, f"{err}{location}")
                 return
             except Exception as err:  # noqa: BLE001 - one bad class must not cost the plugin's others
@@ -386,8 +388,9 @@ class _Loader:
                 return
             existing = self.registry.components[kind].get(info.name)
             if existing is not None:
-                self.record(plugin, f"{kind} {info.name!r} is registered twice: by plugin {existing.plugin!r} "
-                                    f"and by plugin {plugin!r}; keeping the one from {existing.plugin!r}")
+                self.record(plugin, f"{kind} {info.name!r} is registered twice: by plugin {existing.plugin!r}"
+                                    f"{_defined_at(existing.cls)} and by plugin {plugin!r}{_defined_at(cls)}; keeping "
+                                    f"the one from {existing.plugin!r}")
                 return
             self.registry.components[kind][info.name] = info
 
