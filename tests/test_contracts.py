@@ -379,3 +379,27 @@ def test_equal_infinities_are_no_difference_to_the_determinism_check() -> None:
     assert _largest_difference(x, torch.tensor([0.0, float("inf"), float("nan"), 1.0])) == float("inf")
     assert _largest_difference(x, torch.tensor([0.0, -float("inf"), 0.0, 1.5])) == float("inf")  # NaN against a number
     assert _largest_difference(x, torch.tensor([0.0, -float("inf"), float("nan"), 1.5])) == 0.5
+
+
+class _CachesAMaskPerWidth(AttentionHead):
+    """A bounded cache: one causal mask per chunk width it has seen (at most c of them)."""
+
+    name = "zz_caches_masks"
+
+    def __init__(self, context, **hparams) -> None:  # noqa: ANN001, ANN003
+        super().__init__(context, **hparams)
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def forward(self, prefix: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        width = f.shape[-2]
+        self._masks.setdefault(width, torch.ones(width, width).tril())
+        return super().forward(prefix, f)
+
+
+def test_a_bounded_cache_is_no_hidden_state(registry) -> None:
+    """Masks cached per chunk width stop growing once every width was seen; only what keeps growing fails."""
+    from psmsearch import testing
+
+    assembly = testing._assemble(_CachesAMaskPerWidth, registry, seed=0)
+    assert "no growth" in testing._layer_no_hidden_state(assembly)
+    assert assembly.head._masks == {}  # the check ran on a copy
