@@ -141,7 +141,8 @@ def check_component(component: type[Component] | ComponentInfo, registry: Regist
         assembly = _assemble(cls, registry, seed, partners, hyperparameters)
     except Exception as err:  # noqa: BLE001 - report, do not crash the suite
         return [CheckResult(label, "build", False, f"{type(err).__name__}: {err}{where_raised(err)}")]
-    results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}")]
+    given = "".join(f", {key}={value}" for key, value in (hyperparameters or {}).items())
+    results = [CheckResult(label, "build", True, f"with {_partners(assembly, cls)}" + (f"; at {given[2:]}" if given else ""))]
     try:
         randomised: _Assembly | None = copy.deepcopy(assembly, {id(assembly.registry): assembly.registry})
         _randomise_parameters(getattr(randomised, cls.kind), seed)

@@ -130,17 +130,19 @@ def test_check_set_checks_a_component_at_another_hyperparameter_value(tmp_path) 
     from click.testing import CliRunner
 
     from psmsearch.cli import main
+    from psmsearch.registry import load_registry
+    from psmsearch.testing import check_component
 
     plugin = tmp_path / "peeking.py"
     plugin.write_text(PEEKING_HEAD)
-    default = run_cli("--plugin", str(plugin), "check", "zz_peeking_at_one")
-    assert default.returncode == 0, default.stdout + default.stderr
-    peeking = run_cli("--plugin", str(plugin), "check", "zz_peeking_at_one", "--set", "peek=1")
-    assert peeking.returncode == 1
-    assert "FAIL  head:zz_peeking_at_one       causal_within_chunk: changing chunk token 1 changed outputs at " \
-           "positions < 1" in peeking.stdout
+    registry = load_registry(extra_plugins=[str(plugin)])
+    head = registry.get("head", "zz_peeking_at_one")
+    assert all(r.passed for r in check_component(head, registry))
+    failed = {r.check: r for r in check_component(head, registry, hyperparameters={"peek": 1}) if not r.passed}
+    assert "changing chunk token 1 changed outputs at positions < 1" in failed["causal_within_chunk"].message
     at_four = CliRunner().invoke(main, ["check", "aggregator:attention", "--set", "heads=4", "--set", "layers=2"])
     assert at_four.exit_code == 0, at_four.output
+    assert "build: with encoder 'embed', head 'attention'; at heads=4, layers=2" in at_four.output
     out_of_range = CliRunner().invoke(main, ["check", "aggregator:attention", "--set", "layers=9"])
     assert out_of_range.exit_code == 2
     assert "hyperparameter 'layers': 9 is out of range; expected int in [1, 6]" in out_of_range.output
