@@ -227,8 +227,8 @@ def compare(experiment: str | None, search_names: Sequence[str], tracking_uri: s
         title = f"experiment {only.experiment}, search {only.name}, run {only.parent.info.run_id}{latest}"
     print_rows(rows, objectives, title=title, show_search=several)
     for row in rows:
-        if row.error:
-            click.echo(f"{row.name} {row.status}: {row.error}")
+        if row.error:  # ranked together, two searches' trials may share a name: the table's search column says which
+            click.echo(f"{row.name}{f' ({row.search})' if several else ''} {row.status}: {row.error}")
     for line in filter(None, map(others_line, picked)):
         click.echo(line)
     if differences:

@@ -113,8 +113,12 @@ class _Book:
         for trial_id, number in self.started.items():
             if number in self.outcomes:
                 continue
-            run_id = str(_flat(self.last.get(trial_id) or {}).get(RUN_KEY) or "") or None
-            self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": "search stopped"})
+            last = _flat(self.last.get(trial_id) or {})
+            run_id = str(last.get(RUN_KEY) or "") or None
+            step = last.get(STEP_KEY)  # its last evaluation's, whose values the run shows (as the Optuna driver says)
+            reason = (f"interrupted by the user after step {step}; the values shown are that evaluation's"
+                      if step is not None else "interrupted by the user before its first evaluation")
+            self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": reason})
 
     def close_stale(self) -> int:
         """Close this search's trial runs still RUNNING as KILLED (``interrupted``); returns how many.

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from psmsearch.errors import ConfigError
 from psmsearch.progress import SearchProgress
@@ -79,6 +79,26 @@ def _shipped_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def check_shipped_names(specs: list[str]) -> None:
+    """Raise the ConfigError of two plugin files or folders that would ship under one module name.
+
+    A worker imports a shipped plugin by its file's stem (``a/agg.py`` and ``b/agg.py`` both as
+    ``agg``), so one of them would stand for both and every trial using the other's components fail
+    with "unknown aggregator", where the Optuna driver, which loads each by its path, runs them.
+    """
+    seen: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            continue
+        name, resolved = _shipped_name(path.resolve()), str(path.resolve())
+        if name in seen and seen[name] != resolved:
+            raise ConfigError(f"plugins {seen[name]} and {resolved} would both reach the Ray workers as the module "
+                              f"{name!r} (a worker imports a shipped plugin by its file or folder name); rename one",
+                              field="--plugin")
+        seen[name] = resolved
+
+
 def shipped_plugin_labels(specs: list[str]) -> dict[str, str]:
     """For each plugin file or folder shipped to the workers, its module name there -> the path the user
     gave (absolute), so that a trial's plugin tags and ``trial_config.yaml`` name the file under either
@@ -99,43 +119,75 @@ def _prepare_environment(options: SearchOptions) -> None:
         os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
-def _connect(options: SearchOptions, progress: SearchProgress) -> bool:
-    """Join ``options.address`` or start a private loopback cluster; True when this call connected."""
+def _connect(options: SearchOptions, progress: SearchProgress | None) -> bool:
+    """Join ``options.address`` or start a private loopback cluster; True when this call connected.
+
+    Then the cluster must be able to hold one trial: Tune waits for the resources a trial asks for
+    without end (and its warning is hidden), so a GPU asked of a CPU-only machine hung the search
+    silently. A private cluster is this machine, so asking more of it is an error; a remote one may
+    grow (an autoscaler), so that is a warning.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     runtime_env = worker_runtime_env(env_plugin_specs())
     common: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": False, "logging_level": logging.WARNING}
+    note = progress.note if progress is not None else (lambda message: None)
     try:
         if options.address:
-            progress.note(f"joining the Ray cluster at {options.address}")
+            note(f"joining the Ray cluster at {options.address}")
             ray.init(address=options.address, **common)
         else:
-            progress.note("starting a local Ray cluster (loopback only)")
+            note("starting a local Ray cluster (loopback only)")
             # "local" always starts a new cluster; no address would join the one Ray's temp dir names
             # (ray_current_cluster, left by `ray start` or by a dead head) or RAY_ADDRESS.
             ray.init(address="local", include_dashboard=False, **common)
-    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+    except (ConnectionError, ValueError, ray.exceptions.AuthenticationError) as err:
         hint = (
             "; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and "
             "RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for `ray start`"
-        )
+        ) if not isinstance(err, ValueError) else ""
         raise ConfigError(f"cannot reach a Ray cluster at {options.address!r}: {err}{hint}", field="--address") from None
+    try:
+        _check_resources(options, private=not options.address, note=note)
+    except BaseException:
+        ray.shutdown()
+        raise
     return True
+
+
+def _check_resources(options: SearchOptions, private: bool, note: Callable[[str], None]) -> None:
+    """Raise (a private cluster) or note (a remote one) a trial's request the cluster cannot hold."""
+    import ray
+
+    total = ray.cluster_resources()
+    for key, asked, flag in (("CPU", options.cpus_per_trial, "--cpus-per-trial"),
+                             ("GPU", options.gpus_per_trial, "--gpus-per-trial")):
+        have = float(total.get(key, 0.0))
+        if asked <= have:
+            continue
+        message = f"{flag} {asked:g}: the Ray cluster has {have:g} {key}s in all, so no trial could start"
+        if private:
+            raise ConfigError(f"{message} (the private cluster is this machine); ask for at most {have:g}",
+                              field=flag)
+        note(f"warning: {message} until it grows (an autoscaler may add nodes); trials wait for it")
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
     """A TCP connection to ``HOST:PORT`` (or ``ray://HOST:PORT``) within ``timeout`` seconds.
 
-    Ray itself retries an unreachable GCS for minutes, printing only its own warnings. Addresses
-    without a port (``auto``, ``local``) are left to Ray.
+    Ray itself retries an unreachable GCS for minutes, printing only its own warnings. ``auto`` and
+    ``local`` are left to Ray; anything else without a host and a numeric port is refused.
     """
     import socket
 
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if address in ("auto", "local"):
         return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit():
+        raise ConfigError(f"{address!r} is not a Ray cluster address; expected HOST:PORT (the head's GCS port, "
+                          "6379 by default), ray://HOST:PORT (Ray Client) or auto", field="--address")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass

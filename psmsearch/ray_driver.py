@@ -19,8 +19,11 @@ trial and moves on). The summary lists every trial of the experiment, earlier se
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
+import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -30,7 +33,8 @@ import optuna
 from psmsearch.optuna_driver import SearchResult
 from psmsearch.progress import SearchProgress
 from psmsearch.ray_bookkeeping import _ACTIVE, _Book, make_bridge
-from psmsearch.ray_cluster import _check_reachable, _connect, _prepare_environment, shipped_plugin_labels
+from psmsearch.ray_cluster import (_check_reachable, _connect, _prepare_environment, check_shipped_names,
+                                   shipped_plugin_labels)
 from psmsearch.ray_experiment import (_check_new_or_resumed, _driving, _fixed_budget_error, _release_claim, results_dir,
                                       saved_with_fixed_budget)
 from psmsearch.ray_searchers import _scheduler, _searcher
@@ -82,12 +86,16 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: TrialContext, ex
 def _quiet_tune() -> Iterator[None]:
     """Tune logs each failed trial's traceback; the progress line and MLflow's ``error.txt`` say it instead."""
     tune_logger = logging.getLogger("ray.tune")
-    level = tune_logger.level
+    # but not that a trial waits for resources the cluster lacks (a remote cluster may never grow)
+    waiting_logger = logging.getLogger("ray.tune.execution.insufficient_resources_manager")
+    levels = tune_logger.level, waiting_logger.level
     tune_logger.setLevel(logging.CRITICAL)
+    waiting_logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        tune_logger.setLevel(level)
+        tune_logger.setLevel(levels[0])
+        waiting_logger.setLevel(levels[1])
 
 
 def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
@@ -95,11 +103,28 @@ def run_ray_search(space: SearchSpace, options: SearchOptions) -> SearchResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space.check_sampler()  # before the experiment's folder, its claim and the MLflow run exist
     _prepare_environment(options)
+    check_shipped_names(env_plugin_specs())
     if options.address:
         _check_reachable(options.address)  # before anything is created for the search
+    options = capped_to_grid(space, options)
     experiment = results_dir(options) / (options.study or space.name)
     with _driving(experiment):
         return _drive(space, options, experiment)
+
+
+def capped_to_grid(space: SearchSpace, options: SearchOptions) -> SearchOptions:
+    """``options`` with at most one trial per point of a grid search's space (said on stderr where it
+    cuts): Optuna's grid sampler stops its study when every point ran, while Tune would go on sampling,
+    and the grid sampler then trains points again."""
+    if space.header.driver.sampler != "grid":
+        return options
+    points = math.prod(len(values) for values in space.grid().values())
+    if options.trials <= points:
+        return options
+    if options.progress:
+        print(f"sampler grid: the space has {points} points, so {points} trials run, not {options.trials}",
+              file=sys.stderr)
+    return dataclasses.replace(options, trials=points)
 
 
 def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> SearchResult:
@@ -113,6 +138,16 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
         if not restore:
             _release_claim(experiment)
         raise
+    try:
+        connected = _connect(options, SearchProgress(space, options.trials, enabled=options.progress, name=name))
+    except BaseException:  # a search that could not start keeps no claim on its name and leaves no parent run
+        if not restore:
+            _release_claim(experiment)
+            if tracker is not None and parent is not None:
+                tracker.client.delete_run(parent)
+        elif tracker is not None and parent is not None:
+            tracker.finish(parent, "KILLED")
+        raise
     context = TrialContext(
         PortableSpace(space), tracker.tracking_uri if tracker else None, tracker.experiment if tracker else None,
         parent, space.objectives[0].metric if len(space.objectives) == 1 else None, resumed=restore, search=name,
@@ -122,12 +157,10 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
     with SearchProgress(space, options.trials, enabled=options.progress, name=name) as progress:
         book = _Book(space, options, tracker, parent, progress)
         _ACTIVE.append(book)
-        connected = False
         status = "KILLED"
         try:
             if options.resume and (stale := book.close_stale()):
                 progress.note(f"closed {stale} trial run(s) left RUNNING by a killed search (KILLED, interrupted)")
-            connected = _connect(options, progress)
             with _quiet_tune():
                 tuner = _tuner(space, options, context, experiment, restore)
                 if restore:

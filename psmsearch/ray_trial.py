@@ -120,9 +120,9 @@ def ray_trial(config: dict[str, Any], context: TrialContext) -> None:
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             tune.report({metric: float(metrics[metric]), METRICS_KEY: numeric, STEP_KEY: step, NUMBER_KEY: number, RUN_KEY: run.get("id", "")})
 
-    sampled = space.sample(optuna.trial.FixedTrial(params))
-    outcome = execute_trial(
-        space, sampled, number, params, tracker, context.parent_run, "ray", report,
+    outcome = execute_trial(  # sampled inside: a trial whose configuration cannot be built still gets its run
+        space, lambda: space.sample(optuna.trial.FixedTrial(params)), number, params, tracker, context.parent_run,
+        "ray", report,
         on_run=lambda run_id: run.update(id=run_id), search=context.search, plugin_labels=context.plugin_labels,
     )
     if outcome.state != "complete":

@@ -194,7 +194,7 @@ def build_trial_config(space: SearchSpace, sampled: dict[str, Any]) -> Any:
 
 def execute_trial(
     space: SearchSpace,
-    sampled: dict[str, Any],
+    sampled: dict[str, Any] | Callable[[], dict[str, Any]],
     number: int,
     params: Mapping[str, Any],
     tracker: Tracker | None,
@@ -212,7 +212,10 @@ def execute_trial(
     as KILLED, so the caller can stop the search and resume later. ``search`` names the search in the
     trial's MLflow run (the study name, ``--study``; default the space's name), as the parent run is named.
     ``plugin_labels`` maps the names plugins were loaded under here to the ones the search gave
-    (:func:`component_plugins`), for the run's plugin tags and ``trial_config.yaml``.
+    (:func:`component_plugins`), for the run's plugin tags and ``trial_config.yaml``. ``sampled`` may be
+    a function that samples the configuration, so that a failure there is the trial's too. A trial
+    that fails before its run exists (its configuration cannot be sampled or built) gets a FAILED run
+    with its parameters and error all the same: the search's summary and ``compare`` read MLflow.
     """
     from psmsearch.trainer import TrialDiverged, TrialPruned
     from psmsearch.trial import TrialPhaseError, run_trial, where_raised
@@ -221,7 +224,7 @@ def execute_trial(
     history: list[tuple[int, dict[str, float]]] = []
     failure_trace = ""
     try:
-        config = build_trial_config(space, sampled)
+        config = build_trial_config(space, sampled() if callable(sampled) else sampled)
         if tracker is not None and parent_run is not None:
             run_id, refused = _open_run(tracker, parent_run, search or space.name, number,
                                         {**config.flat_params(), **_prefixed(params)},
@@ -263,6 +266,14 @@ def execute_trial(
         message = f"{type(err).__name__}: {err}{where_raised(err)}"
         outcome = TrialOutcome(number, "failed", {}, dict(params), error=message, run_id=run_id)
         failure_trace = traceback.format_exc()
+    if tracker is not None and parent_run is not None and run_id is None and outcome.state == "failed":
+        def open_failed() -> None:
+            opened, _ = _open_run(tracker, parent_run, search or space.name, number, _prefixed(params),
+                                  {"psmsearch.driver": driver})
+            outcome.run_id = opened
+
+        _best_effort(number, "record its failure", open_failed)
+        run_id = outcome.run_id
     if tracker is not None and run_id is not None:
         _finish_run(tracker, run_id, outcome, history, [o.metric for o in space.objectives], failure_trace)
     return outcome

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -749,3 +750,65 @@ def test_the_workers_get_the_directory_the_command_started_in(tmp_path: Path, mo
     monkeypatch.delenv(LAUNCH_DIR_ENV)
     monkeypatch.chdir(tmp_path)
     assert worker_runtime_env([])["env_vars"][LAUNCH_DIR_ENV] == str(tmp_path), "library use: the working directory"
+
+
+@pytest.mark.parametrize("address", ["bogus", "127.0.0.1", ":6379", "ray://nohost"])
+def test_a_malformed_cluster_address_is_refused_naming_the_forms(address: str) -> None:
+    """Without a port the probe was skipped and Ray raised "Invalid address format" (a traceback, exit 1)."""
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_cluster import _check_reachable
+
+    with pytest.raises(ConfigError, match=rf"--address: '{re.escape(address)}' is not a Ray cluster address; expected "
+                                          r"HOST:PORT .*, ray://HOST:PORT \(Ray Client\) or auto"):
+        _check_reachable(address)
+    _check_reachable("auto")  # left to Ray
+
+
+def test_two_plugin_files_of_one_name_are_refused_for_the_ray_workers(tmp_path: Path) -> None:
+    """Both shipped as the module ``agg``: every trial using the second's components failed "unknown aggregator"."""
+    from psmsearch.errors import ConfigError
+    from psmsearch.ray_cluster import check_shipped_names
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "agg.py").write_text("")
+    check_shipped_names([str(tmp_path / "a" / "agg.py"), str(tmp_path / "a" / "agg.py"), "some_module"])
+    with pytest.raises(ConfigError, match=r"--plugin: plugins .*a/agg\.py and .*b/agg\.py would both reach the Ray "
+                                          r"workers as the module 'agg' .*; rename one"):
+        check_shipped_names([str(tmp_path / "a" / "agg.py"), str(tmp_path / "b" / "agg.py")])
+
+
+def test_a_grid_search_runs_each_point_once_whatever_trials_ask(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Tune went on sampling past the grid (Optuna's grid sampler stops its study there): a point trained twice."""
+    from searchhelpers import write_space
+
+    from psmsearch.ray_driver import capped_to_grid
+    from psmsearch.search import SearchOptions
+    from psmsearch.space import load_space
+
+    space = load_space(write_space(tmp_path, driver={"trials": 9, "sampler": "grid", "pruner": "none"}), smoke_samples=1)
+    capped = capped_to_grid(space, SearchOptions(trials=9))
+    assert capped.trials == 6  # chunk sizes 1, 2, 4 x two aggregators
+    assert "sampler grid: the space has 6 points, so 6 trials run, not 9" in capsys.readouterr().err
+    assert capped_to_grid(space, SearchOptions(trials=4)).trials == 4
+
+
+@pytest.mark.slow
+def test_resources_a_private_cluster_lacks_are_refused_and_leave_nothing(tmp_path: Path) -> None:
+    """A GPU asked of a CPU-only machine hung the search silently (Tune waits for resources, its warning
+    hidden); the failed start also kept the name and left a parent run that compare listed."""
+    from searchhelpers import write_space
+
+    from psmsearch.ray_experiment import CLAIM_FILE
+
+    space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
+    result = run_cli("search", str(space), "--driver", "ray", "--gpus-per-trial", "1", "--no-progress", cwd=tmp_path,
+                     timeout=180)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--gpus-per-trial: --gpus-per-trial 1: the Ray cluster has 0 GPUs in all, so no trial could start" in \
+        result.stderr
+    assert not (tmp_path / DEFAULT_RESULTS / "tiny" / CLAIM_FILE).exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []

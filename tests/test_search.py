@@ -449,6 +449,30 @@ def test_a_trial_that_repeats_a_completed_ones_parameters_is_noted(tmp_path: Pat
     assert note is not None and "(trial 1 those of trial 0, trial 3 those of trial 0)" in note
 
 
+def test_a_trial_that_fails_before_its_run_exists_still_gets_a_failed_run(tmp_path: Path) -> None:
+    """A Ray trial whose configuration could not be sampled on its worker left no MLflow run, while the
+    search's last line sent the user to compare and MLflow, which showed an empty table."""
+    from mlflow.tracking import MlflowClient
+
+    from psmsearch.search import SearchOptions, execute_trial, open_tracking
+    from psmsearch.space import load_space
+
+    space = load_space(write_space(tmp_path), smoke_samples=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker, parent = open_tracking(space, SearchOptions(trials=1, tracking_uri=uri), "ray", storage="here",
+                                    fresh=lambda: True)
+
+    def unsampleable() -> dict:
+        raise KeyError("model.aggregator")
+
+    outcome = execute_trial(space, unsampleable, 3, {"model.chunk_size": 2}, tracker, parent, "ray")
+    assert outcome.state == "failed" and outcome.error.startswith("KeyError: 'model.aggregator'")
+    run = MlflowClient(uri).get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["psmsearch.trial"] == "3" and run.data.tags["psmsearch.status"] == "failed"
+    assert run.data.tags["psmsearch.error"] == outcome.error and run.data.params == {"search.model.chunk_size": "2"}
+
+
 def test_ray_asha_waits_for_the_pruner_warmup_in_evaluations() -> None:
     """ASHA counts reports (one per evaluation), so the warmup in steps becomes the first evaluation at
     or after it; a searched eval_every counts at its shortest interval."""
