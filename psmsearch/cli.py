@@ -227,7 +227,7 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_tra
             infos.extend(found)
     else:
         raise click.UsageError("name at least one component, or pass --all")
-    hyperparameters = _hyperparameters(hyperparameter_specs, infos)
+    hyperparameters = _hyperparameters(hyperparameter_specs, infos, len(missing))
     load_failures = [CheckResult(f"plugin {failure.plugin}", "load", False, failure.error)
                      for failure in registry.failures]
     results = load_failures + missing + check_components(infos, registry, partners, hyperparameters)
@@ -244,14 +244,18 @@ def check_command(names: Sequence[str], check_all: bool, as_json: bool, show_tra
     sys.exit(1 if failed else 0)
 
 
-def _hyperparameters(specs: Sequence[str], infos: Sequence[Any]) -> dict[str, Any]:
+def _hyperparameters(specs: Sequence[str], infos: Sequence[Any], missing: int) -> dict[str, Any]:
     """``--set NAME=VALUE`` options as ``{name: value}`` (values read as YAML, as ``train --set`` reads
-    them), each validated against the one component named: its declared hyperparameters and ranges."""
+    them), each validated against the one component named: its declared hyperparameters and ranges.
+    Where that component is ``missing`` (its plugin failed to load), the failures are what the run
+    reports, and nothing is validated."""
     if not specs:
         return {}
-    if len(infos) != 1:
-        raise click.UsageError(f"--set takes one component to check, and {len(infos)} are named; name one "
-                               "(as KIND:NAME where a name is registered for two kinds)")
+    if len(infos) + missing != 1:
+        raise click.UsageError(f"--set takes one component to check, and {len(infos) + missing} are named; name "
+                               "one (as KIND:NAME where a name is registered for two kinds)")
+    if missing:
+        return {}
     given: dict[str, Any] = {}
     for spec in specs:
         name, equals, text = spec.partition("=")

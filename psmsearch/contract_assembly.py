@@ -11,7 +11,7 @@ contract raises :class:`ContractViolation` (through :func:`_require`), which the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -47,6 +47,13 @@ class _Assembly:
     head: Head
     layer: PSMLayer
     registry: Registry
+    built_with: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """The hyperparameters each kind was built with (``check --set``'s for the component under test, none
+    for its partners): what a check that builds the layer again passes, never the resolved ``hparams``,
+    to which a component may have added keys of its own."""
+
+    def rebuilt_kwargs(self, kind: str) -> dict[str, Any]:
+        return dict(self.built_with.get(kind, {}))
 
     def inputs(self, n_chunks: int, seed: int, width: int | None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -96,4 +103,5 @@ def _assemble(cls: type[Component], registry: Registry, seed: int,
     aggregator = classes["aggregator"](context, **(given if cls.kind == "aggregator" else {}))
     head = classes["head"](context, **(given if cls.kind == "head" else {}))
     layer = PSMLayer(encoder, aggregator, head, CHUNK).eval()  # dropout off: the checks compare paths exactly
-    return _Assembly(encoder, aggregator, head, layer, registry)
+    built_with = {kind: (given if kind == cls.kind else {}) for kind in ("encoder", "aggregator", "head")}
+    return _Assembly(encoder, aggregator, head, layer, registry, built_with)

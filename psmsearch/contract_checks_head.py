@@ -167,8 +167,8 @@ def _head_fused_equals_generic(a: _Assembly) -> str:
             skipped.append(f"{name} ({type(err).__name__}: {err})")
             continue
         context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
-        layer = PSMLayer(encoder, type(a.aggregator)(context, **a.aggregator.hparams),
-                         type(a.head)(context, **a.head.hparams), CHUNK).eval()
+        layer = PSMLayer(encoder, type(a.aggregator)(context, **a.rebuilt_kwargs("aggregator")),
+                         type(a.head)(context, **a.rebuilt_kwargs("head")), CHUNK).eval()
         try:
             f = encoder.features(a.inputs(3, 52))  # [B, 3, c, ...]
             if layer.head.fused_forward(layer.encoder, layer.aggregator, f, required=True) is None:

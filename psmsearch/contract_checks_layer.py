@@ -95,10 +95,10 @@ def _layer_at(a: _Assembly, chunk: int) -> PSMLayer | str:
     """The assembly's components built again for chunk size ``chunk`` with its parameter values, or why
     they cannot be (a parameter whose shape depends on ``c``)."""
     context = ComponentContext(d_model=D_MODEL, chunk_size=chunk)
-    encoder = type(a.encoder)(context, **a.encoder.hparams)
+    encoder = type(a.encoder)(context, **a.rebuilt_kwargs("encoder"))
     context = ComponentContext(d_model=D_MODEL, chunk_size=chunk, encoder=encoder)
-    layer = PSMLayer(encoder, type(a.aggregator)(context, **a.aggregator.hparams),
-                     type(a.head)(context, **a.head.hparams), chunk)
+    layer = PSMLayer(encoder, type(a.aggregator)(context, **a.rebuilt_kwargs("aggregator")),
+                     type(a.head)(context, **a.rebuilt_kwargs("head")), chunk)
     values = dict(a.layer.named_parameters())
     with torch.no_grad():
         for name, parameter in layer.named_parameters():
@@ -167,10 +167,10 @@ def _layer_meta_build(a: _Assembly) -> str:
     materialising fills every tensor with NaN (booleans False) instead of leaving uninitialised memory."""
     with torch.device("meta"):
         context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK)
-        encoder = type(a.encoder)(context, **a.encoder.hparams)
+        encoder = type(a.encoder)(context, **a.rebuilt_kwargs("encoder"))
         context = ComponentContext(d_model=D_MODEL, chunk_size=CHUNK, encoder=encoder)
-        layer = PSMLayer(encoder, type(a.aggregator)(context, **a.aggregator.hparams),
-                         type(a.head)(context, **a.head.hparams), CHUNK)
+        layer = PSMLayer(encoder, type(a.aggregator)(context, **a.rebuilt_kwargs("aggregator")),
+                         type(a.head)(context, **a.rebuilt_kwargs("head")), CHUNK)
     layer._apply(_poisoned_like)  # to_empty(device="cpu"), with its memory made visibly wrong
     layer.load_state_dict(a.layer.state_dict())
     layer.eval()

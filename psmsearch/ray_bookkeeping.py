@@ -108,16 +108,23 @@ class _Book:
         or the experiment holds fewer ended trials than were asked for."""
         return self.unfinished() or len(self.outcomes) < trials
 
-    def close_unfinished(self) -> None:
-        """Runs of trials that started but never ended here (an interrupted search) become KILLED."""
+    def close_unfinished(self, by_user: bool) -> None:
+        """Runs of trials that started but never ended here (an interrupted search) become KILLED, saying
+        the step their shown values are from where the user stopped the search (``by_user``), else only
+        that the search stopped (an error ended it)."""
         for trial_id, number in self.started.items():
             if number in self.outcomes:
                 continue
             last = _flat(self.last.get(trial_id) or {})
             run_id = str(last.get(RUN_KEY) or "") or None
             step = last.get(STEP_KEY)  # its last evaluation's, whose values the run shows (as the Optuna driver says)
-            reason = (f"interrupted by the user after step {step}; the values shown are that evaluation's"
-                      if step is not None else "interrupted by the user before its first evaluation")
+            if not by_user:
+                reason = "search stopped" + (f" after step {step}; the values shown are that evaluation's"
+                                             if step is not None else "")
+            elif step is not None:
+                reason = f"interrupted by the user after step {step}; the values shown are that evaluation's"
+            else:
+                reason = "interrupted by the user before its first evaluation"
             self._close_runs(number, run_id, "KILLED", {"psmsearch.status": "interrupted", "psmsearch.error": reason})
 
     def close_stale(self) -> int:

@@ -134,8 +134,9 @@ def _connect(options: SearchOptions, progress: SearchProgress | None) -> bool:
     runtime_env = worker_runtime_env(env_plugin_specs())
     common: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": False, "logging_level": logging.WARNING}
     note = progress.note if progress is not None else (lambda message: None)
+    private = options.address in (None, "", "local")  # "local" starts a new cluster on this machine, as no address does
     try:
-        if options.address:
+        if not private:
             note(f"joining the Ray cluster at {options.address}")
             ray.init(address=options.address, **common)
         else:
@@ -150,7 +151,7 @@ def _connect(options: SearchOptions, progress: SearchProgress | None) -> bool:
         ) if not isinstance(err, ValueError) else ""
         raise ConfigError(f"cannot reach a Ray cluster at {options.address!r}: {err}{hint}", field="--address") from None
     try:
-        _check_resources(options, private=not options.address, note=note)
+        _check_resources(options, private=private, note=note)
     except BaseException:
         ray.shutdown()
         raise

@@ -158,6 +158,7 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
         book = _Book(space, options, tracker, parent, progress)
         _ACTIVE.append(book)
         status = "KILLED"
+        by_user = False
         try:
             if options.resume and (stale := book.close_stale()):
                 progress.note(f"closed {stale} trial run(s) left RUNNING by a killed search (KILLED, interrupted)")
@@ -176,10 +177,14 @@ def _drive(space: SearchSpace, options: SearchOptions, experiment: Path) -> Sear
                 status = "FINISHED"  # the search ran all it could; the command asked for more than it can give
                 raise _fixed_budget_error(experiment, len(book.outcomes), options.trials)
             if book.interrupted(options.trials):
+                by_user = True  # Tune returns normally on Ctrl-C
                 raise KeyboardInterrupt
             status = "FINISHED"
+        except KeyboardInterrupt:
+            by_user = True
+            raise
         finally:
-            book.close_unfinished()
+            book.close_unfinished(by_user)
             _ACTIVE.remove(book)
             if tracker is not None and parent is not None:
                 tracker.finish(parent, status)

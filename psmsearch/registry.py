@@ -407,12 +407,15 @@ REQUIRED_METHODS: dict[str, tuple[tuple[str, str], ...]] = {
              ("evaluate", "evaluate(model, device, batch_size)"), ("metric_directions", "metric_directions()")),
 }
 
-# Names a hyperparameter may not take: the fields a config writes beside them. A component's
-# hyperparameters sit beside ``name`` (and under ``params``, and ``search: all`` in a space); a task's
-# beside ``name`` and ``params``, and it is built as ``Task(seed=..., **params)``.
-RESERVED_HYPERPARAMETERS: dict[str, frozenset[str]] = {
-    "component": frozenset({"name", "params", "search"}),
-    "task": frozenset({"name", "params", "seed"}),
+# Names a hyperparameter (or a task's option) may not take, each with why it could never be set: a
+# config writes ``name`` and ``params`` beside them (and a space ``search: all``), a component is built
+# as ``cls(context, **hyperparameters)`` and a task as ``Task(seed=..., **params)``.
+RESERVED_HYPERPARAMETERS: dict[str, dict[str, str]] = {
+    "component": {"name": "a config writes the component's name there", "params": "a config nests them under params",
+                  "search": "a space writes search: all beside them",
+                  "context": "a component is built as cls(context, **hyperparameters)"},
+    "task": {"name": "a config writes the task's name there", "params": "a config nests them under params",
+             "seed": "a task is built as Task(seed=..., **params), with the trial's seed"},
 }
 
 
@@ -443,6 +446,12 @@ def _describe(kind: str, cls: type, plugin: str, name: str | None) -> ComponentI
         where = f"psmsearch.{base.__name__}" if kind in COMPONENT_KINDS else "psmsearch.tasks.Task"
         raise PluginError(f"{kind} {name!r} does not define {' or '.join(missing)}, which every {kind} must "
                           f"(see the docstring of {where})")
+    if kind == "task":
+        for option in getattr(cls, "options", {}) or {}:
+            reason = RESERVED_HYPERPARAMETERS["task"].get(option)
+            if reason:
+                raise PluginError(f"task {name!r}: option {option!r} has a reserved name ({reason}), so it could "
+                                  "never be set; rename it")
     associative = bool(getattr(cls, "associative", False)) if kind == "aggregator" else None
     doc = (getattr(cls, "description", "") or (cls.__doc__ or "")).strip().splitlines()
     return ComponentInfo(name, kind, plugin, cls, state_kind, associative, hyperparameters, doc[0] if doc else "")
@@ -472,12 +481,10 @@ def _declared_hyperparameters(kind: str, name: str, declared: Any) -> tuple[Hype
             raise error
         if hp.name in seen:
             raise PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r} is declared twice")
-        reserved = RESERVED_HYPERPARAMETERS["task" if kind == "task" else "component"]
-        if hp.name in reserved:
-            error = PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r} has a reserved name: a config writes "
-                                f"{', '.join(sorted(reserved))} beside the hyperparameters of "
-                                f"{'a task' if kind == 'task' else 'a component'}, so this one could never be set; "
-                                "rename it")
+        reason = RESERVED_HYPERPARAMETERS["task" if kind == "task" else "component"].get(hp.name)
+        if reason:
+            error = PluginError(f"{kind} {name!r}: hyperparameter {hp.name!r} has a reserved name ({reason}), so "
+                                "it could never be set; rename it")
             error.location = f" (at {hp.origin[0]}:{hp.origin[1]})" if hp.origin else ""
             raise error
         seen.add(hp.name)

@@ -271,6 +271,8 @@ def execute_trial(
             opened, _ = _open_run(tracker, parent_run, search or space.name, number, _prefixed(params),
                                   {"psmsearch.driver": driver})
             outcome.run_id = opened
+            if on_run is not None:  # the Optuna driver records the run on the study through it
+                on_run(opened)
 
         _best_effort(number, "record its failure", open_failed)
         run_id = outcome.run_id

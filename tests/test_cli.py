@@ -148,6 +148,9 @@ def test_check_set_checks_a_component_at_another_hyperparameter_value(tmp_path) 
     assert "hyperparameter 'layers': 9 is out of range; expected int in [1, 6]" in out_of_range.output
     two = CliRunner().invoke(main, ["check", "attention", "--set", "heads=2"])  # an aggregator and a head
     assert two.exit_code == 2 and "--set takes one component to check, and 2 are named" in two.output
+    broken = run_cli("--plugin", str(FIXTURES / "broken_import.py"), "check", "my_missing_agg", "--set", "ratio=2")
+    assert broken.returncode == 1, broken.stdout + broken.stderr  # the plugin's failure, not a usage error
+    assert "FAIL  plugin" in broken.stdout and "load: ModuleNotFoundError" in broken.stdout
 
 
 def test_check_fails_when_a_plugin_did_not_load() -> None:

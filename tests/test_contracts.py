@@ -403,3 +403,21 @@ def test_a_bounded_cache_is_no_hidden_state(registry) -> None:
     assembly = testing._assemble(_CachesAMaskPerWidth, registry, seed=0)
     assert "no growth" in testing._layer_no_hidden_state(assembly)
     assert assembly.head._masks == {}  # the check ran on a copy
+
+
+def test_a_component_that_adds_to_its_hparams_is_rebuilt_from_what_it_was_given(registry) -> None:
+    """The checks that build the layer again passed the resolved hparams back to the constructor, so a
+    component that records a derived value there ("d_head") failed them with "has no hyperparameter"."""
+    from psmsearch import testing
+    from psmsearch.plugins.affine import GLAEncoder
+
+    class RecordsItsHeadWidth(GLAEncoder):
+        name = "zz_records_head_width"
+
+        def __init__(self, context, **hparams) -> None:  # noqa: ANN001, ANN003
+            super().__init__(context, **hparams)
+            self.hparams["d_head"] = context.d_model // self.hparams["heads"]
+
+    assembly = testing._assemble(RecordsItsHeadWidth, registry, seed=0)
+    assert "against c=1" in testing._layer_chunk_size_invariance(assembly)
+    assert "equal" in testing._layer_meta_build(assembly)

@@ -794,19 +794,21 @@ def test_a_grid_search_runs_each_point_once_whatever_trials_ask(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_resources_a_private_cluster_lacks_are_refused_and_leave_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("address", [[], ["--address", "local"]], ids=["private", "local"])
+def test_resources_a_private_cluster_lacks_are_refused_and_leave_nothing(tmp_path: Path, address: list[str]) -> None:
     """A GPU asked of a CPU-only machine hung the search silently (Tune waits for resources, its warning
-    hidden); the failed start also kept the name and left a parent run that compare listed."""
+    hidden); the failed start also kept the name and left a parent run that compare listed. ``--address
+    local`` starts a cluster on this machine too."""
     from searchhelpers import write_space
 
     from psmsearch.ray_experiment import CLAIM_FILE
 
     space = write_space(tmp_path, driver={"trials": 1, "startup_trials": 1, "pruner": "none"})
-    result = run_cli("search", str(space), "--driver", "ray", "--gpus-per-trial", "1", "--no-progress", cwd=tmp_path,
-                     timeout=180)
+    result = run_cli("search", str(space), "--driver", "ray", *address, "--gpus-per-trial", "1000", "--no-progress",
+                     cwd=tmp_path, timeout=180)  # more than any machine has, GPU or not
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "--gpus-per-trial: --gpus-per-trial 1: the Ray cluster has 0 GPUs in all, so no trial could start" in \
-        result.stderr
+    assert re.search(r"--gpus-per-trial: --gpus-per-trial 1000: the Ray cluster has \d+ GPUs in all, so no trial "
+                     r"could start \(the private cluster is this machine\)", result.stderr), result.stderr
     assert not (tmp_path / DEFAULT_RESULTS / "tiny" / CLAIM_FILE).exists()
     from mlflow.tracking import MlflowClient
 

@@ -135,13 +135,17 @@ def test_each_bad_declaration_is_named_and_the_plugins_other_classes_still_load(
         "aggregator 'low_above_high': hyperparameter 'width': low=4 is greater than high=1",
         "aggregator 'no_trailing_comma': hyperparameters must be a sequence of psmsearch.HyperParameter, got a "
         "single HyperParameter (a one-element tuple needs a trailing comma: (HyperParameter(...),))",
-        "aggregator 'reserved_name': hyperparameter 'params' has a reserved name: a config writes name, params, "
-        "search beside the hyperparameters of a component, so this one could never be set; rename it",
+        "aggregator 'reserved_context': hyperparameter 'context' has a reserved name (a component is built as "
+        "cls(context, **hyperparameters)), so it could never be set; rename it",
+        "aggregator 'reserved_name': hyperparameter 'params' has a reserved name (a config nests them under params), "
+        "so it could never be set; rename it",
         "aggregator 'unknown_type': hyperparameter 'eps': type 'double' is not one of int, float, categorical, bool",
         "task 'no_evaluate' does not define evaluate(model, device, batch_size), which every task must (see the "
         "docstring of psmsearch.tasks.Task)",
-        "task 'seeded_task': hyperparameter 'seed' has a reserved name: a config writes name, params, seed beside "
-        "the hyperparameters of a task, so this one could never be set; rename it",
+        "task 'seed_option': option 'seed' has a reserved name (a task is built as Task(seed=..., **params), with "
+        "the trial's seed), so it could never be set; rename it",
+        "task 'seeded_task': hyperparameter 'seed' has a reserved name (a task is built as Task(seed=..., "
+        "**params), with the trial's seed), so it could never be set; rename it",
     ]
     assert errors == expected, registry.failures
     assert registry.get("aggregator", "good_sum").plugin == path

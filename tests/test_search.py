@@ -465,12 +465,46 @@ def test_a_trial_that_fails_before_its_run_exists_still_gets_a_failed_run(tmp_pa
     def unsampleable() -> dict:
         raise KeyError("model.aggregator")
 
-    outcome = execute_trial(space, unsampleable, 3, {"model.chunk_size": 2}, tracker, parent, "ray")
+    seen: list[str] = []
+    outcome = execute_trial(space, unsampleable, 3, {"model.chunk_size": 2}, tracker, parent, "ray", on_run=seen.append)
     assert outcome.state == "failed" and outcome.error.startswith("KeyError: 'model.aggregator'")
+    assert seen == [outcome.run_id]  # the Optuna driver records a trial's run on the study through on_run
     run = MlflowClient(uri).get_run(outcome.run_id)
     assert run.info.status == "FAILED" and run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["psmsearch.trial"] == "3" and run.data.tags["psmsearch.status"] == "failed"
     assert run.data.tags["psmsearch.error"] == outcome.error and run.data.params == {"search.model.chunk_size": "2"}
+
+
+@pytest.mark.parametrize("by_user", [True, False])
+def test_a_ray_trial_left_running_says_why_and_from_which_step(tmp_path: Path, by_user: bool) -> None:
+    """Its run holds metrics up to its last evaluation: the closing tag names that step, and says the
+    user stopped the search only where the user did (an error in the driver is not an interruption)."""
+    from mlflow.tracking import MlflowClient
+
+    from psmsearch.progress import SearchProgress
+    from psmsearch.ray_bookkeeping import _Book
+    from psmsearch.ray_trial import RUN_KEY, STEP_KEY
+    from psmsearch.search import SearchOptions, open_tracking
+    from psmsearch.space import load_space
+
+    space = load_space(write_space(tmp_path), smoke_samples=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = SearchOptions(trials=2, tracking_uri=uri)
+    tracker, parent = open_tracking(space, options, "ray", storage="here", fresh=lambda: True)
+    assert tracker is not None and parent is not None
+    evaluated = tracker.trial_run(parent, "tiny", 0, {}, {})
+    silent = tracker.trial_run(parent, "tiny", 1, {}, {})
+    book = _Book(space, options, tracker, parent, SearchProgress(space, 2, enabled=False, name="tiny"),
+                 started={"a": 0, "b": 1}, last={"a": {RUN_KEY: evaluated, STEP_KEY: 6}, "b": {RUN_KEY: silent}})
+    book.close_unfinished(by_user)
+    client = MlflowClient(uri)
+    errors = [client.get_run(run).data.tags["psmsearch.error"] for run in (evaluated, silent)]
+    if by_user:
+        assert errors == ["interrupted by the user after step 6; the values shown are that evaluation's",
+                          "interrupted by the user before its first evaluation"]
+    else:
+        assert errors == ["search stopped after step 6; the values shown are that evaluation's", "search stopped"]
+    assert {client.get_run(run).info.status for run in (evaluated, silent)} == {"KILLED"}
 
 
 def test_ray_asha_waits_for_the_pruner_warmup_in_evaluations() -> None:
