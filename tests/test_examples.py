@@ -47,6 +47,7 @@ def test_mlflow_ui_serves_the_search_and_stops() -> None:
     assert "MLflow UI stopped" in result.stdout
 
 
+@pytest.mark.slow  # about 9 s; test_custom_aggregator_search_trains_the_plugin_aggregator runs the same example
 def test_run_examples_reports_each_example() -> None:
     result = run(str(EXAMPLES / "run_examples.py"), "--smoke-test", "--only", "custom_aggregator_search")
     assert result.returncode == 0, result.stdout[-3000:]

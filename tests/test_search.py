@@ -404,6 +404,29 @@ def test_a_pruned_trial_shows_its_last_evaluation_in_optuna_mlflow_the_summary_a
         assert compare_rows[run.info.run_id]["objectives"]["score"] == pytest.approx(first_evaluation)
 
 
+def test_the_median_pruner_waits_for_the_warmup_steps() -> None:
+    """``driver.pruner_warmup_steps`` reaches Optuna's median pruner: a trial far below the median is not
+    pruned at an evaluation before the warmup's step, and is at the first one from it (a real study)."""
+    from psmsearch.optuna_driver import make_pruner
+    from psmsearch.space import space_from_data
+    from psmsearch.yamlio import SourceMap
+
+    data = {**TINY_SPACE, "driver": {**TINY_SPACE["driver"], "pruner": "median", "startup_trials": 1,
+                                      "pruner_warmup_steps": 4}}
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(space_from_data(data, SourceMap("s.yaml", {}),
+                                                                                          smoke_samples=1)))
+    good = study.ask()
+    for step in (3, 6):
+        good.report(1.0, step)
+    study.tell(good, 1.0)
+    weak = study.ask()
+    weak.report(0.1, 3)
+    assert not weak.should_prune()  # step 3 < 4: inside the warmup
+    weak.report(0.1, 6)
+    assert weak.should_prune()
+
+
+@pytest.mark.slow  # about 10 s; test_the_median_pruner_waits_for_the_warmup_steps checks the pruner in the default run
 def test_no_evaluation_before_the_pruner_warmup_prunes_a_trial(tmp_path: Path) -> None:
     """``driver.pruner_warmup_steps``: the step-3 evaluation (inside the warmup of 4) of the weaker trial
     may not prune it, the step-6 one does. Without it the median pruner stopped trials at their first
